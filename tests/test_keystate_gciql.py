@@ -1,0 +1,503 @@
+"""Tests for keystate_gciql.py: rule compiler (valid + hostile), key-state sampling vs a slow loop, GCIQL losses vs a
+hand computation, bad inputs, and end-to-end smoke runs (rules file; real SmolLM2 relabeler) on a pointmaze dataset
+built offline by tests/keystate_data.py."""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from keystate_data import build_pointmaze  # noqa: E402
+
+SCRIPT = "keystate_gciql.py"
+# Small but real: a tiny network keeps the smoke runs inside the CI budget; everything else is the script's default path.
+SMALL = ["--env-name", "pointmaze-medium-navigate-v0", "--total-steps", "60", "--batch-size", "64",
+         "--hidden-dims", "32", "32", "--log-interval", "20", "--eval-interval", "0", "--eval-episodes", "1",
+         "--eval-tasks", "2", "--eval-max-episode-steps", "40", "--adapt-interval", "10", "--td-hist-interval", "20"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("keystate_gciql", REPO / SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def ks():
+    return load_script()
+
+
+@pytest.fixture(scope="module")
+def pointmaze_npz(tmp_path_factory):
+    return build_pointmaze(tmp_path_factory.mktemp("pm") / "pointmaze-medium-navigate-v0.npz", episodes=12,
+                           episode_steps=201, seed=0)
+
+
+def toy_features(ks, max_lag=5):
+    """Two episodes of 5 and 4 rows; x = row index, y = 10 * row index."""
+    obs = np.stack([np.arange(9.0), 10 * np.arange(9.0)], 1).astype(np.float32)
+    term = np.array([0, 0, 0, 0, 1, 0, 0, 0, 1], np.float32)
+    ds = ks.to_compact(obs, np.zeros((9, 2), np.float32), term)
+    start, end = ks.episode_index(ds)
+    return ks.Features(ds.observations, start, end, {"x": 0, "y": 1}, max_lag), ds
+
+
+# ---------------------------------------------------------------------------------------------------------------- help
+def test_help(run_script):
+    r = run_script(SCRIPT, "--help", timeout=60)
+    assert "--relabel" in r.output and "--p-keystate" in r.output and "--rules-path" in r.output
+
+
+# ------------------------------------------------------------------------------------------------------------ compiler
+def test_compiler_accepts_valid_rules(ks):
+    feats, ds = toy_features(ks)
+    assert list(ks.episode_index(ds)[1]) == [4, 4, 4, 4, 4, 8, 8, 8, 8]
+    # goals never go past an episode's last *valid* row, as OGBench's terminal_locs
+    assert list(np.asarray(ks.make_goal_data(ds, None).final_idxs)) == [3, 3, 3, 3, 3, 7, 7, 7, 7]
+    x = np.arange(9.0)
+    # prev/next are clamped to the row's own episode (rows 0-4 and 5-8).
+    prev2 = np.array([0, 0, 0, 1, 2, 5, 5, 5, 6], float)
+    next1 = np.array([1, 2, 3, 4, 4, 6, 7, 8, 8], float)
+    np.testing.assert_array_equal(ks.compile_condition("prev(x, 2) >= 0", feats)(), np.ones(9, bool))
+    np.testing.assert_array_equal(ks.compile_condition("x - prev(x, 2) == 2", feats)(), x - prev2 == 2)
+    np.testing.assert_array_equal(ks.compile_condition("delta(x, 2) == 2", feats)(), x - prev2 == 2)
+    np.testing.assert_array_equal(ks.compile_condition("next(x, 1) > x", feats)(), next1 > x)
+    # nested lags compose inside the episode: next(prev(x, 2), 1) at row i reads row clamp(clamp(i + 1) - 2)
+    nested = np.array([0, 0, 1, 2, 2, 5, 5, 6, 6], float)
+    np.testing.assert_array_equal(ks.compile_condition("next(prev(x, 2), 1) == s0 - 1", feats)(), nested == x - 1)
+    np.testing.assert_array_equal(ks.compile_condition("norm(x, y) > 50", feats)(), np.sqrt(101) * x > 50)
+    np.testing.assert_array_equal(ks.compile_condition("2 < x <= 6 and not y == 50", feats)(),
+                                  (2 < x) & (x <= 6) & ~(10 * x == 50))
+    np.testing.assert_array_equal(ks.compile_condition("t == 0 or t_left == 0", feats)(),
+                                  np.isin(np.arange(9), [0, 4, 5, 8]))
+    np.testing.assert_array_equal(ks.compile_condition("abs(x - 4) ** 2 < 2 or max(x, 7) == x", feats)(),
+                                  ((x - 4) ** 2 < 2) | (x >= 7))
+
+
+@pytest.mark.parametrize("expr", [
+    "__import__('os').system('echo pwned') > 0",  # call of a non-whitelisted name
+    "x.__class__ > 0",  # attribute access
+    "().__class__.__bases__[0] > 0",
+    "__builtins__ > 0",  # dunder name
+    "_x > 0",
+    "open('/etc/passwd') > 0",
+    "eval('1') > 0",
+    "x[0] > 0",  # subscript
+    "[v for v in x] > 0",  # comprehension
+    "(lambda: 1)() > 0",
+    "x ** 1000 > 0",  # huge exponent
+    "2 ** 10 ** 10 > 0",
+    "x ** y > 0",  # non-constant exponent
+    "'a' < 'b'",  # strings
+    "prev(x, 1000) > 0",  # lag out of bounds
+    "prev(x, y) > 0",  # lag not a literal
+    "abs(x, y) > 0",  # wrong arity
+    "sqrt(x=1) > 0",  # keywords
+    "import os",  # statements do not parse as an expression
+    "unknown_feature > 1",
+    "x + 1",  # not boolean
+    "(x := 3) > 0",  # walrus
+    "x if x else y",
+    "x > 0 " + "+ 1 " * 200,  # too long / too complex
+    "... > 0",  # Ellipsis constant
+    "x > 1" + "0" * 380,  # integer literal beyond float range
+    "x > 1e999",  # infinite literal
+    "x > 1j",  # complex literal
+    "(" * 250 + "x" + ")" * 250 + " > 0",  # nesting beyond the parser's limit (and the length bound)
+    "x > 0 and y > 0 or f'{x}' > ''",
+])
+def test_compiler_rejects_hostile_rules(ks, expr, capfd):
+    feats, _ = toy_features(ks)
+    with pytest.raises(ks.RuleError):
+        ks.compile_condition(expr, feats)()
+    assert "pwned" not in capfd.readouterr().out  # nothing was executed
+
+
+def test_rule_json_extraction(ks):
+    txt = 'Sure! ```json\n{"rules": [{"name": "a", "condition": "x > 1"}]}\n``` hope it helps'
+    assert ks.extract_rules_json(txt) == [{"name": "a", "condition": "x > 1"}]
+    assert ks.extract_rules_json('noise {"bad": 1} then {"rules": [{"name": "b", "condition": "y < 2"}]}')[0]["name"] == "b"
+    # a truncated answer (as SmolLM2 gives): complete objects are kept, then bare "condition" fields are salvaged
+    cut = '{"rules": [{"name": "a", "condition": "x > 1"}, {"name": "b", "description": "d", "condition": "y < 2", "na'
+    assert [r["name"] for r in ks.extract_rules_json(cut)] == ["a"]
+    cut = '```json\n{"rules": [{"name": "a", "description": "d", "condition": "x > 1", "name": "b", "condition": "y'
+    assert ks.extract_rules_json(cut) == [{"name": "a", "condition": "x > 1", "description": "d"}]
+    for bad in ["no json here", '{"rules": "x > 1"}', "{" * 5000]:
+        with pytest.raises(ks.RuleError):
+            ks.extract_rules_json(bad)
+
+
+def test_compile_time_self_check_calibrates_fire_rate(ks):
+    feats, ds = toy_features(ks)
+    args = ks.Args(rule_min_fire=0.1, rule_max_fire=0.5)
+    rules = [{"name": "ok", "condition": "x >= 5"}, {"name": "always", "condition": "x >= 0"},
+             {"name": "never", "condition": "x > 100"}, {"name": "broken", "condition": "x >"}]
+    good, bad = ks.check_rules(rules, feats, ds.valids > 0, args)
+    assert [g["name"] for g in good] == ["ok"] and good[0]["fire_rate"] == pytest.approx(3 / 7)
+    reasons = {b["name"]: b["error"] for b in bad}
+    assert "outside" in reasons["always"] and "outside" in reasons["never"] and "syntax" in reasons["broken"]
+
+
+def test_compiler_speed_1m_states(ks):
+    """Issue target: 1M states in under 2 s on CPU (here with a margin for the shared CI box)."""
+    import time
+
+    rng = np.random.default_rng(0)
+    n = 1_000_000
+    term = np.zeros(n, np.float32)
+    term[999::1000] = 1
+    ds = ks.to_compact(rng.normal(size=(n, 2)).astype(np.float32), np.zeros((n, 2), np.float32), term)
+    start, end = ks.episode_index(ds)
+    feats = ks.Features(ds.observations, start, end, {"x": 0, "y": 1}, 20)
+    disc = ks.compile_condition("abs(delta(x, 5) * delta(next(y, 5), 5) - delta(y, 5) * delta(next(x, 5), 5)) > 0.5"
+                                " or norm(delta(x, 3), delta(y, 3)) < 0.15", feats)
+    t0 = time.time()
+    mask = disc()
+    seconds = time.time() - t0
+    assert mask.shape == (n,) and 0 < mask.mean() < 1
+    assert seconds < 4.0, f"1M states took {seconds:.2f}s"
+
+
+# ------------------------------------------------------------------------------------------------------------ sampling
+def slow_sample_goal(rng, idx, valid_idxs, final_idxs, key_set, p_cur, p_traj, discount, p_key, window):
+    """The obvious per-sample loop: OGBench's mixture, future branch replaced by a key state w.p. p_key."""
+    if rng.random() < p_cur:
+        return idx, "cur"
+    if rng.random() < p_traj / (1 - p_cur):
+        final = final_idxs[idx]
+        keys = [k for k in range(idx + 1, min(idx + window, final) + 1) if k in key_set]
+        if keys and rng.random() < p_key:
+            return keys[rng.integers(len(keys))], "key"
+        return min(idx + rng.geometric(1 - discount), final), "her"
+    return valid_idxs[rng.integers(len(valid_idxs))], "random"
+
+
+def test_keystate_sampling_matches_slow_loop(ks):
+    import jax
+    import jax.numpy as jnp
+
+    # 3 episodes of 40 rows; key states at a few rows of episodes 1 and 2 only.
+    n_ep, ep_len = 3, 40
+    term = np.zeros(n_ep * ep_len, np.float32)
+    term[ep_len - 1::ep_len] = 1
+    obs = np.arange(n_ep * ep_len, dtype=np.float32)[:, None]
+    ds = ks.to_compact(obs, np.zeros_like(obs), term)
+    key_mask = np.zeros(len(obs), bool)
+    key_mask[[5, 12, 13, 30, 38, 39, 50, 70]] = True
+    data = ks.make_goal_data(ds, key_mask)
+    valid_idxs, final_idxs = np.asarray(data.valid_idxs), np.asarray(data.final_idxs)
+    key_set = set(np.nonzero(key_mask & (ds.valids > 0))[0].tolist())  # row 39 is an episode's last row: no goal
+    assert 39 not in key_set and final_idxs[10] == 38
+    p_cur, p_traj, discount, p_key, window = 0.2, 0.5, 0.9, 0.7, 20
+    n = 40_000
+    sample = jax.jit(lambda k, i: ks.sample_goals(k, data, i, p_cur, p_traj, True, discount, p_key, True, window))
+    slow_rng = np.random.default_rng(0)
+    for idx in [3, 11, 29, 45, 90]:  # keys in window / several keys / window cut at episode end / none / none
+        goals, is_key, is_her = map(np.asarray, sample(jax.random.PRNGKey(idx), jnp.full((n,), idx, jnp.int32)))
+        slow = [slow_sample_goal(slow_rng, idx, valid_idxs, final_idxs, key_set, p_cur, p_traj, discount, p_key,
+                                 window) for _ in range(n)]
+        slow_goals = np.array([g for g, _ in slow])
+        fast_hist = np.bincount(goals, minlength=len(obs)) / n
+        slow_hist = np.bincount(slow_goals, minlength=len(obs)) / n
+        tv = 0.5 * np.abs(fast_hist - slow_hist).sum()
+        assert tv < 0.03, (idx, tv)
+        kinds = np.array([k for _, k in slow])
+        assert abs(is_key.mean() - (kinds == "key").mean()) < 0.01, idx
+        assert abs(is_her.mean() - (kinds == "her").mean()) < 0.01, idx
+        assert set(goals[is_key].tolist()) <= key_set and (goals[is_key] > idx).all()
+        assert (goals[is_key] <= min(idx + window, final_idxs[idx])).all()
+    # no key state anywhere -> exactly OGBench's HER mixture (no key-state goal ever)
+    data_none = ks.make_goal_data(ds, np.zeros(len(obs), bool))
+    _, is_key, _ = ks.sample_goals(jax.random.PRNGKey(0), data_none, jnp.full((1000,), 3, jnp.int32), p_cur, p_traj,
+                                   True, discount, 1.0, True, window)
+    assert not np.asarray(is_key).any()
+
+
+def test_batch_rewards_and_masks(ks):
+    import jax
+
+    n_ep, ep_len = 4, 30
+    term = np.zeros(n_ep * ep_len, np.float32)
+    term[ep_len - 1::ep_len] = 1
+    obs = np.random.default_rng(0).normal(size=(n_ep * ep_len, 3)).astype(np.float32)
+    ds = ks.to_compact(obs, np.ones((len(obs), 2), np.float32), term)
+    data = ks.make_goal_data(ds, None)
+    cfg = ks.GoalConfig(0.99, 0.2, 0.5, 0.3, 1.0, 0.0, False, 50, True)
+    b = ks.sample_batch(jax.random.PRNGKey(0), data, 4096, cfg, 0.0)
+    same = np.all(np.asarray(b["value_goals"]) == np.asarray(b["observations"]), axis=1)
+    np.testing.assert_array_equal(np.asarray(b["rewards"]), same.astype(np.float32) - 1.0)
+    np.testing.assert_array_equal(np.asarray(b["masks"]), 1.0 - same)
+    assert 0.17 < same.mean() < 0.3  # p_curgoal 0.2 plus the odd future goal that lands on t itself
+    # next_observations are the following row of the same episode (never across an episode boundary)
+    nxt = np.asarray(b["next_observations"])
+    rows = np.array([np.nonzero((obs == o).all(1))[0][0] for o in np.asarray(b["observations"])[:200]])
+    np.testing.assert_array_equal(nxt[:200], obs[rows + 1])
+    assert not np.isin(rows, np.arange(ep_len - 1, len(obs), ep_len)).any()
+
+
+# -------------------------------------------------------------------------------------------------------------- losses
+def np_mlp(params, x, layer_norm, activate_final):
+    """Hand forward pass of OGBench's MLP: Dense -> GELU (tanh approx., flax default) -> LayerNorm."""
+    def gelu(z):
+        return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+
+    n = len([k for k in params if k.startswith("Dense_")])
+    for i in range(n):
+        d = params[f"Dense_{i}"]
+        x = x @ np.asarray(d["kernel"]) + np.asarray(d["bias"])
+        if i + 1 < n or activate_final:
+            x = gelu(x)
+            if layer_norm:
+                ln = params[f"LayerNorm_{i}"]
+                mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+                x = (x - mu) / np.sqrt(var + 1e-6) * np.asarray(ln["scale"]) + np.asarray(ln["bias"])
+    return x
+
+
+def test_gciql_losses_match_hand_computation(ks):
+    import jax
+
+    args = ks.resolve_presets(ks.Args(env_name="pointmaze-medium-navigate-v0", hidden_dims=(8, 8)))
+    assert args.alpha == 0.003 and args.discount == 0.99
+    ob_dim, act_dim, b = 3, 2, 6
+    nets, tx, state = ks.make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(1)
+    batch = {k: rng.normal(size=(b, ob_dim)).astype(np.float32)
+             for k in ["observations", "next_observations", "value_goals", "actor_goals"]}
+    batch["actions"] = rng.uniform(-1, 1, size=(b, act_dim)).astype(np.float32)
+    batch["masks"] = np.array([1, 1, 0, 1, 1, 0], np.float32)
+    batch["rewards"] = batch["masks"] - 1.0
+    p = jax.tree_util.tree_map(np.asarray, state.params)
+    # perturb the target critic so that it differs from the online one
+    target = jax.tree_util.tree_map(lambda a: np.asarray(a) + 0.1, p["critic"])
+
+    def V(x, g):
+        return np_mlp(p["value"]["MLP_0"], np.concatenate([x, g], 1), True, False)[:, 0]
+
+    def Q(cp, x, g, a):
+        inp = np.concatenate([x, g, a], 1)
+        return [np_mlp(jax.tree_util.tree_map(lambda t: t[e], cp["VmapMLP_0"]), inp, True, False)[:, 0]
+                for e in range(2)]
+
+    # value: expectile 0.9 regression of V towards min of the target critics
+    q = np.minimum(*Q(target, batch["observations"], batch["value_goals"], batch["actions"]))
+    diff = q - V(batch["observations"], batch["value_goals"])
+    want_v = np.mean(np.where(diff >= 0, 0.9, 0.1) * diff**2)
+    got_v, _ = ks.value_loss(state.params["value"], target, batch, nets, 0.9)
+    assert float(got_v) == pytest.approx(want_v, rel=1e-4)
+    # critic: both heads regress to r + gamma * mask * V(s', g)
+    y = batch["rewards"] + 0.99 * batch["masks"] * V(batch["next_observations"], batch["value_goals"])
+    q1, q2 = Q(p["critic"], batch["observations"], batch["value_goals"], batch["actions"])
+    want_c = np.mean((q1 - y) ** 2 + (q2 - y) ** 2)
+    got_c, info = ks.critic_loss(state.params["critic"], state.params["value"], batch, nets, 0.99)
+    assert float(got_c) == pytest.approx(want_c, rel=1e-4)
+    np.testing.assert_allclose(np.asarray(info["td_abs"]), np.abs(y - (q1 + q2) / 2), rtol=1e-4, atol=1e-6)
+    # actor, DDPG+BC with constant unit std: -Q(s, g, clip(mu)) / mean|Q| - alpha * log N(a; mu, I)
+    h = np_mlp(p["actor"]["MLP_0"], np.concatenate([batch["observations"], batch["actor_goals"]], 1), False, True)
+    mu = h @ p["actor"]["Dense_0"]["kernel"] + p["actor"]["Dense_0"]["bias"]
+    qa = np.minimum(*Q(p["critic"], batch["observations"], batch["actor_goals"], np.clip(mu, -1, 1)))
+    logp = np.sum(-0.5 * (batch["actions"] - mu) ** 2 - 0.5 * np.log(2 * np.pi), 1)
+    want_a = -qa.mean() / (np.abs(qa).mean() + 1e-6) - (0.003 * logp).mean()
+    got_a, _ = ks.actor_loss(state.params["actor"], state.params["critic"], state.params["value"], batch, nets,
+                             0.003, "ddpgbc", True, jax.random.PRNGKey(0))
+    assert float(got_a) == pytest.approx(want_a, rel=1e-4)
+    # actor, AWR: -min(exp(alpha * (minQ - V)), 100) * log pi
+    adv = np.minimum(*Q(p["critic"], batch["observations"], batch["actor_goals"], batch["actions"])) - V(
+        batch["observations"], batch["actor_goals"])
+    want_awr = -np.mean(np.minimum(np.exp(3.0 * adv), 100.0) * logp)
+    got_awr, _ = ks.actor_loss(state.params["actor"], state.params["critic"], state.params["value"], batch, nets,
+                               3.0, "awr", True, jax.random.PRNGKey(0))
+    assert float(got_awr) == pytest.approx(want_awr, rel=1e-4)
+
+
+def test_update_soft_target_and_learning(ks):
+    import jax
+    import jax.numpy as jnp
+
+    args = ks.resolve_presets(ks.Args(env_name="pointmaze-medium-navigate-v0", hidden_dims=(16, 16), batch_size=32))
+    n = 200
+    term = np.zeros(n, np.float32)
+    term[49::50] = 1
+    obs = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
+    ds = ks.to_compact(obs, np.zeros((n, 2), np.float32), term)
+    data = ks.make_goal_data(ds, None)
+    cfg = ks.GoalConfig(args.discount, 0.2, 0.5, 0.3, 1.0, 0.0, False, 50, True)
+    nets, tx, state = ks.make_agent(args, 2, 2, jax.random.PRNGKey(0))
+    update = ks.make_update(args, nets, tx, cfg)
+    old = jax.tree_util.tree_map(np.array, state)  # host copy: the update donates (reuses) the old state's buffers
+    # target <- tau * critic(before the step) + (1 - tau) * target, as OGBench's gciql.py
+    want = jax.tree_util.tree_map(lambda c, t: 0.005 * c + 0.995 * t, old.params["critic"], old.target_critic)
+    new, info, _ = update(state, data, jnp.float32(0.0))
+    state = old
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new.target_critic, want)
+    assert not np.allclose(new.params["value"]["MLP_0"]["Dense_0"]["kernel"],
+                           state.params["value"]["MLP_0"]["Dense_0"]["kernel"])
+    assert int(info["relabel/td_key_count"]) == 0  # HER arm: no key-state goals
+
+
+# ----------------------------------------------------------------------------------------------------------- bad input
+def test_bad_inputs_give_clear_errors(run_script, ks, pointmaze_npz, tmp_path):
+    # end to end, as a user sees it: an unknown environment name is one clear line, not a traceback
+    r = run_script(SCRIPT, "--env-name", "nosuchmaze-large-navigate-v0", "--relabel", "her",
+                   "--run-dir", tmp_path / "runs", check=False, timeout=120)
+    assert r.returncode != 0 and "unknown OGBench environment" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "runs").exists()  # nothing is written for a run that never started
+    # dataset files with wrong keys / shapes / no terminal on the last row
+    cases = [({"obs": np.zeros((10, 2)), "actions": np.zeros((10, 2))}, "lacks keys"),
+             ({"observations": np.zeros((10, 3)), "actions": np.zeros((10, 2)), "terminals": np.ones(10)}, "shape"),
+             ({"observations": np.zeros((10, 2)), "actions": np.zeros((9, 2)), "terminals": np.ones(10)}, "shape"),
+             ({"observations": np.zeros((10, 2)), "actions": np.zeros((10, 2)), "terminals": np.zeros(10)},
+              "terminals must mark")]
+    for i, (arrays, msg) in enumerate(cases):
+        path = tmp_path / f"bad{i}.npz"
+        np.savez(path, **arrays)
+        with pytest.raises(SystemExit, match=msg):
+            ks.load_ogbench_npz(str(path), 2, 2)
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(SystemExit, match="cannot read"):
+        ks.load_ogbench_npz(str(tmp_path / "junk.npz"), 2, 2)
+    # a rules file that does not parse, or has the wrong shape
+    rules = tmp_path / "rules.json"
+    rules.write_text("{'rules': [ this is not json")
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        ks.load_rules_file(str(rules))
+    rules.write_text('{"rules": "x > 1"}')
+    with pytest.raises(SystemExit, match="must hold an object"):
+        ks.load_rules_file(str(rules))
+    # an environment family without a layout description, with key-state relabeling and no rules file
+    with pytest.raises(SystemExit, match="no observation-layout description"):
+        ks.layout_file_for("scene-play-v0", REPO / "prompts")
+    # an LLM endpoint that does not answer: a clear error, not a hang or a deep traceback
+    args = ks.Args(llm_backend="openai", llm_base_url="http://127.0.0.1:9/v1", llm_timeout=2, llm_max_retries=0)
+    with pytest.raises(SystemExit, match="no OpenAI-compatible server answered"):
+        ks.make_llm(args)("hello")
+
+
+# --------------------------------------------------------------------------------------------------------- smoke runs
+def check_smoke_output(out: str, run_root: Path, expect_keystate: bool = True):
+    steps = [int(s) for s in re.findall(r"^step=(\d+) SPS=", out, re.M)]
+    assert steps and max(steps) >= 1, "no gradient step was logged"
+    evals = re.findall(r"^eval step=\d+ .*overall_success=([0-9.]+)", out, re.M)
+    assert evals, "no evaluation happened"
+    key_goals = [int(k) for k in re.findall(r"keystate_goals_in_batch=(\d+)", out)]
+    if expect_keystate:
+        assert sum(key_goals) > 0, "no key-state goal was sampled"
+    run_dir = next(run_root.iterdir())
+    saved = json.loads((run_dir / "rules.json").read_text())
+    td = np.load(run_dir / "td_errors.npz")
+    assert (run_dir / "td_errors.png").stat().st_size > 0
+    if expect_keystate:
+        assert len(td["td_keystate"]) > 0 and len(td["td_her"]) > 0
+    return saved, run_dir
+
+
+def test_smoke_with_rules_file(run_script, pointmaze_npz, tmp_path):
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"rules": [
+        {"name": "turning_event", "description": "direction of motion changes",
+         "condition": "abs(delta(x, 5) * delta(next(y, 5), 5) - delta(y, 5) * delta(next(x, 5), 5)) > 0.5"},
+        {"name": "stop", "description": "nearly at rest", "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15"},
+        {"name": "hostile", "description": "must be rejected", "condition": "__import__('os').system('echo pwned')"},
+    ]}))
+    r = run_script(SCRIPT, *SMALL, "--dataset-path", pointmaze_npz, "--rules-path", rules,
+                   "--run-dir", tmp_path / "runs", timeout=180)
+    assert "pwned" not in r.output and "rejected hostile" in r.output
+    saved, run_dir = check_smoke_output(r.output, tmp_path / "runs")
+    assert [x["name"] for x in saved["rules"]] == ["turning_event", "stop"]  # saved with the run (--rules-path)
+    assert "accepted turning_event" in r.output and "p_keystate=" in r.output
+    assert (run_dir / "final_eval.json").exists() and (run_dir / "params.msgpack").stat().st_size > 0
+
+
+def test_smoke_with_smollm2_relabeler(run_script, pointmaze_npz, smollm2_dir, tmp_path):
+    """The real SmolLM2-135M-Instruct writes the rules (greedy, so the outcome is deterministic). Its answer is poor
+    (cut off mid-object, duplicated keys); the parser salvages the complete "condition" fields and the self-check
+    keeps only rules that compile and fire on a calibrated fraction of states."""
+    r = run_script(SCRIPT, *SMALL, "--dataset-path", pointmaze_npz, "--llm-backend", "transformers",
+                   "--llm-model", smollm2_dir, "--llm-max-new-tokens", "120", "--max-repair-rounds", "1",
+                   "--run-dir", tmp_path / "runs", timeout=240, env={"OMP_NUM_THREADS": "1"})
+    assert "[rules] LLM round 0 answered" in r.output
+    assert "[rules] accepted" in r.output and "falling back" not in r.output, r.output[-3000:]
+    saved, _ = check_smoke_output(r.output, tmp_path / "runs", expect_keystate=True)
+    assert saved["rules"] and all(0.001 <= x["fire_rate"] <= 0.3 for x in saved["rules"])
+
+
+def test_no_valid_rule_falls_back_to_her(ks, pointmaze_npz, tmp_path):
+    """Compile-time self-check with nothing valid left: logged rejections, a warning, and no key-state mask (HER)."""
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"rules": [{"name": "always", "condition": "x > -1000"},
+                                           {"name": "attr", "condition": "x.real > 0"}]}))
+    args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
+    ds = ks.load_ogbench_npz(str(pointmaze_npz), 2, 2)
+    logs = []
+    mask, accepted = ks.build_keystate_mask(args, ds, REPO / "prompts", tmp_path, logs.append)
+    assert mask is None and accepted == []
+    assert any("rejected always" in m and "outside" in m for m in logs)
+    assert any("rejected attr" in m for m in logs) and any("falling back to HER" in m for m in logs)
+    assert json.loads((tmp_path / "rules.json").read_text())["rules"] == []
+    # with no mask, the sampler never produces a key-state goal
+    import jax
+
+    data = ks.make_goal_data(ds, mask)
+    cfg = ks.GoalConfig(0.99, 0.2, 0.5, 0.3, 1.0, 0.0, True, 200, True)
+    b = ks.sample_batch(jax.random.PRNGKey(0), data, 512, cfg, 1.0)
+    assert not np.asarray(b["value_goal_is_key"]).any()
+
+
+def test_saved_rules_roundtrip(ks, pointmaze_npz, tmp_path):
+    """The rule set saved with a run can be passed back with --rules-path and gives the same key states."""
+    rules = tmp_path / "in.json"
+    rules.write_text(json.dumps({"rules": [{"name": "stop", "description": "rest",
+                                            "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15"}]}))
+    ds = ks.load_ogbench_npz(str(pointmaze_npz), 2, 2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
+    mask_a, _ = ks.build_keystate_mask(args, ds, REPO / "prompts", tmp_path / "a", lambda m: None)
+    args.rules_path = str(tmp_path / "a" / "rules.json")
+    mask_b, rules_b = ks.build_keystate_mask(args, ds, REPO / "prompts", tmp_path / "b", lambda m: None)
+    assert mask_a is not None and mask_a.any() and np.array_equal(mask_a, mask_b)
+    assert rules_b[0]["name"] == "stop" and 0.001 <= rules_b[0]["fire_rate"] <= 0.3
+
+
+def test_layout_descriptions_match_environments(ks, tmp_path):
+    """The feature -> state-dimension maps in prompts/keystate/layout_*.md agree with the real observations."""
+    from keystate_data import build_cube_single
+
+    def layout(name):
+        return ks.parse_layout((REPO / "prompts" / "keystate" / name).read_text())[1]
+
+    # pointmaze: (x, y) is the point's position
+    env = ks.make_env("pointmaze-medium-navigate-v0")
+    ob, _ = env.reset(seed=0, options=dict(task_id=1))
+    f = layout("layout_pointmaze.md")
+    np.testing.assert_allclose(ob[[f["x"], f["y"]]], env.unwrapped.get_xy(), atol=1e-5)
+    assert ks.layout_file_for("pointmaze-giant-stitch-v0", REPO / "prompts").name == "layout_pointmaze.md"
+    # antmaze: torso x, y, unit quaternion
+    env = ks.make_env("antmaze-large-navigate-v0")
+    ob, _ = env.reset(seed=0, options=dict(task_id=1))
+    f = layout("layout_antmaze.md")
+    assert ob.shape == (29,) and max(f.values()) < 29
+    np.testing.assert_allclose(ob[[f["x"], f["y"]]], env.unwrapped.get_xy(), atol=1e-5)
+    for _ in range(3):  # reset noise leaves the quaternion unnormalised; MuJoCo normalises it on the first step
+        ob, *_ = env.step(env.action_space.sample())
+    assert np.linalg.norm(ob[[f["qw"], f["qx"], f["qy"], f["qz"]]]) == pytest.approx(1, abs=1e-3)
+    np.testing.assert_allclose(ob[[f[k] for k in ("vx", "vy", "vz", "wx", "wy", "wz")]],
+                               env.unwrapped.data.qvel[:6], atol=1e-5)
+    # cube-single: a short oracle episode (OGBench's CubePlanOracle); cube starts resting on the table
+    path = build_cube_single(tmp_path / "cube-single-play-v0.npz", episodes=1, episode_steps=60, val_episodes=0)
+    obs = np.load(path)["observations"]
+    f = layout("layout_cube_single.md")
+    assert obs.shape[1] == 28 and max(f.values()) < 28
+    assert 0.15 < obs[0, f["cube_z"]] < 0.25
+    np.testing.assert_allclose(np.linalg.norm(obs[:, [f["cube_qw"], f["cube_qx"], f["cube_qy"], f["cube_qz"]]], axis=1),
+                               1, atol=1e-3)
+    np.testing.assert_allclose(obs[:, f["ee_cos_yaw"]] ** 2 + obs[:, f["ee_sin_yaw"]] ** 2, 1, atol=1e-3)
+    np.testing.assert_allclose(obs[:, f["cube_cos_yaw"]] ** 2 + obs[:, f["cube_sin_yaw"]] ** 2, 1, atol=1e-3)
+    assert np.all((obs[:, f["grip_contact"]] >= 0) & (obs[:, f["grip_contact"]] <= 1))
