@@ -1,0 +1,1777 @@
+"""HSL combined with DPO (ETO-style exploration) for an LLM agent on ALFWorld: the DPO and DPO+HSL rows of Table 1.
+
+Papers: "Spinning Straw into Gold: Relabeling LLM Agent Trajectories in Hindsight for Successful Demonstrations"
+(HSL), Sections 3.2-3.4, 4.1 ("Baselines"), Appendix C and F; "Trial and Error: Exploration-Based Trajectory
+Optimization of LLM Agents" (ETO, Song et al. 2024), which applies DPO to agent trajectories.
+
+A sibling of hsl_sft.py: the shared sections are the same, in the same order, with the same names (`diff` shows the
+DPO phase). Pipeline, all of it in this file (Appendix F: "we first fine-tuned the agent with HSL, then continued
+fine-tuning with DPO", following ETO's way of combining SFT and DPO):
+  1. SFT on ground-truth demonstrations (ALFWorld's hand-coded expert, or an ETO-format JSON file).
+  2. HSL (as in hsl_sft.py: rollouts, relabeling with the goals actually achieved, buffer D', Eq. 3-4);
+     `--hsl-steps 0` skips it, which gives the plain DPO (ETO) baseline from the same file.
+  3. ETO, for --dpo-iterations rounds: explore the train tasks with the current agent, pair every failed trajectory with
+     the ground-truth demonstration of the same task (chosen = demonstration, rejected = failure, same prompt), and
+     train with the DPO sigmoid loss on summed action-token log-probabilities against the round's frozen start policy.
+  4. Evaluation on valid_seen / valid_unseen after each phase, so one run prints SFT, SFT+HSL and DPO+HSL side by side.
+The ALFWorld environment, agent, rollouts, relabelers (LLM and oracle) and logging are those of hsl_sft.py.
+
+Quick start (the paper's setting needs `alfworld-download`, a GPU for the agent and a served relabeler):
+    export ALFWORLD_DATA=~/.cache/alfworld            # after `alfworld-download`
+    vllm serve meta-llama/Llama-3.3-70B-Instruct --tensor-parallel-size 8 --port 8000   # the relabeler (Section 4.1)
+    python hsl_dpo.py --model-name meta-llama/Llama-3.2-1B-Instruct --num-demos 800 --rollout-backend vllm --use-lora \\
+        --relabeler llm --llm-backend openai --llm-base-url http://localhost:8000/v1 --llm-model meta-llama/Llama-3.3-70B-Instruct
+    python hsl_dpo.py --relabeler oracle --num-demos 800                  # DPO+HSL with the oracle relabeler (no LLM needed)
+    python hsl_dpo.py --hsl-steps 0 --num-demos 800                       # the DPO (ETO) baseline: SFT, then ETO rounds
+CPU check in minutes on tiny real games (built offline by the test helper), a small agent picking admissible commands:
+    python tests/alfworld_games.py /tmp/alfworld_tiny
+    python hsl_dpo.py --data-dir /tmp/alfworld_tiny --model-name PATH_TO_SMALL_HF_MODEL --relabeler oracle \\
+        --action-mode score --score-normalization mean --num-demos 6 --batch-size 2 --micro-batch-size 1 --sft-epochs 1 \\
+        --hsl-steps 3 --rollouts-per-step 2 --max-env-steps 20 --dpo-iterations 1 --dpo-batch-size 2 --dpo-epochs 1
+"""
+
+# ======================================================================================================================
+# Imports
+# ======================================================================================================================
+import collections
+import concurrent.futures
+import copy
+import json
+import math
+import os
+import random
+import re
+import shutil
+import string
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm.auto import tqdm
+
+# transformers, peft, accelerate, alfworld/textworld, openai and vllm are imported inside the functions that need them,
+# so that `--help` stays fast.
+
+TASK_TYPES = ["pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
+              "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place"]
+# Short names used by Figure 5 of the paper.
+TASK_SHORT = {"pick_and_place_simple": "put", "look_at_obj_in_light": "examine", "pick_clean_then_place_in_recep": "clean",
+              "pick_heat_then_place_in_recep": "heat", "pick_cool_then_place_in_recep": "cool",
+              "pick_two_obj_and_place": "puttwo"}
+
+
+# ======================================================================================================================
+# Args
+# ======================================================================================================================
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 42
+    """seed of the experiment (the paper uses 42, 123 and 2026)"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "llm-relabeling"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    output_dir: str = "runs"
+    """TensorBoard logs, checkpoints and summary.json go to {output_dir}/{run_name}"""
+    run_name: Optional[str] = None
+    """run name (default: {exp_name}__{seed}__{unix time})"""
+    prompts_dir: Optional[str] = None
+    """folder holding hsl/*.md prompt files (default: prompts/ next to this script)"""
+
+    # --- environment (ALFWorld) ---
+    data_dir: Optional[str] = None
+    """ALFWorld data root holding json_2.1.1/{train,valid_seen,valid_unseen} (default: $ALFWORLD_DATA)"""
+    max_env_steps: int = 40
+    """episode step limit T (Section 4.1: T = 40 on ALFWorld)"""
+    num_train_games: int = -1
+    """cap on train games used for rollouts and expert demos (-1: all)"""
+    num_eval_games: int = -1
+    """cap on games per evaluation split (-1: all; ETO's splits have 140 seen / 134 unseen)"""
+    eval_splits: tuple[str, ...] = ("valid_seen", "valid_unseen")
+    """splits to evaluate on"""
+
+    # --- demonstrations ---
+    num_demos: int = 3200
+    """cap on ground-truth demonstrations (the paper's sample-efficiency study uses 800 to 3,200)"""
+    demos_path: Optional[str] = None
+    """ETO-format (ShareGPT) JSON of demonstrations; default: generate them with ALFWorld's hand-coded expert"""
+    expert_max_steps: int = 60
+    """the hand-coded expert gets this many steps to win a train game, else the game gives no demo"""
+    keep_thoughts: bool = True
+    """keep "Thought:" lines of loaded demonstrations in the assistant turns"""
+
+    # --- agent ---
+    model_name: str = "meta-llama/Llama-3.2-1B-Instruct"
+    """agent model: hub id or local Hugging Face folder (Appendix F: Llama-3.2-1B-Instruct)"""
+    use_lora: bool = False
+    """LoRA (peft) instead of full fine-tuning"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA alpha"""
+    lora_dropout: float = 0.05
+    """LoRA dropout"""
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the agent's weights (auto: bfloat16 on GPU, float32 on CPU)"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory on long trajectories"""
+    max_seq_len: int = 4096
+    """training sequences are cut to this many tokens; rollout prompts drop their oldest turns to fit"""
+    action_mode: Literal["generate", "score"] = "generate"
+    """generate: the agent writes its action; score: it picks among the admissible commands by likelihood"""
+    max_action_tokens: int = 64
+    """max new tokens per agent turn in generate mode"""
+    rollout_temperature: float = 1.0
+    """sampling temperature of training rollouts (a_t ~ pi_theta, Section 3.2); 0 = greedy"""
+    rollout_backend: Literal["transformers", "vllm"] = "transformers"
+    """agent generation engine for rollouts and evaluation (vllm: GPU, generate mode only)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """fraction of GPU memory the in-process vLLM engine of the agent may take (training shares the GPU)"""
+    score_batch_size: int = 64
+    """candidate sequences per forward pass in score mode"""
+    score_normalization: Literal["sum", "mean"] = "sum"
+    """score mode: rank commands by their total log-likelihood or by the mean per token (length-normalised)"""
+    generation_batch_size: int = 18
+    """prompts per generate() call with transformers"""
+
+    # --- SFT (Appendix F, following ETO) ---
+    learning_rate: float = 2e-5
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    batch_size: int = 32
+    """ground-truth demonstrations per optimisation step"""
+    micro_batch_size: int = 4
+    """sequences per forward/backward pass (gradient accumulation up to the batch)"""
+    sft_epochs: float = 3.0
+    """epochs of SFT on the ground-truth demonstrations before HSL"""
+    warmup_ratio: float = 0.03
+    """linear warm-up fraction of each phase (ETO/FastChat default; the paper is silent)"""
+    lr_scheduler: Literal["cosine", "constant"] = "cosine"
+    """learning-rate schedule of each phase after warm-up"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    loss_normalization: Literal["action", "token"] = "action"
+    """action: Eq. 3-4 literally, (1/T) sum_t z_t * -log P(a_t) per trajectory; token: mean over action tokens (TRL)"""
+
+    # --- HSL (Sections 3.2-3.4, 4.1) ---
+    hsl_steps: int = -1
+    """HSL optimisation steps (-1: hsl_epochs passes over the ground-truth demos at batch_size; 0: no HSL, plain ETO)"""
+    hsl_epochs: float = 3.0
+    """length of the HSL phase in epochs of the ground-truth demonstrations when hsl_steps = -1"""
+    rollouts_per_step: int = 18
+    """b: train instructions rolled out and relabeled per HSL step"""
+    buffer_size: int = 100
+    """N: the relabeled buffer D' is a FIFO queue of this size"""
+    hsl_batch_size: int = 32
+    """relabeled demonstrations drawn from D' per optimisation step"""
+    hsl_lambda: float = 0.3
+    """lambda in Eq. 4: weight of L_D' against L_SFT"""
+    hsl_alpha: float = 0.8
+    """alpha in w_d = (n_d / T_d)^alpha * n_d"""
+    ablation: Literal["none", "relabel_failure", "uniform_weight", "no_mask"] = "none"
+    """Figure 4: relabel only the final goal of failed trajectories / uniform buffer weights / no irrelevant-action masking"""
+
+    # --- ETO exploration + DPO (Song et al. 2024; their run_eto.sh) ---
+    dpo_iterations: int = 3
+    """ETO rounds of explore -> build pairs -> DPO (run_eto.sh runs 3); 0: stop after HSL"""
+    dpo_explore_games: int = -1
+    """train tasks explored per round (-1: every train task with a demonstration, as ETO)"""
+    dpo_explore_temperature: float = 0.0
+    """sampling temperature of exploration (run_eto.sh explores with its greedy `fastchat` agent config)"""
+    dpo_beta: float = 0.1
+    """beta of the DPO loss in the first round (ETO: 0.1)"""
+    dpo_later_beta: float = 0.5
+    """beta in rounds 2+ (ETO: 0.5)"""
+    dpo_learning_rate: float = 1e-6
+    """AdamW learning rate of the first round (ETO: 1e-6)"""
+    dpo_later_learning_rate: float = 5e-7
+    """learning rate in rounds 2+ (ETO: 5e-7)"""
+    dpo_epochs: float = 3.0
+    """epochs over each round's preference pairs (ETO: 3)"""
+    dpo_batch_size: int = 32
+    """preference pairs per optimisation step (ETO: 32)"""
+    dpo_micro_batch_size: int = 2
+    """pairs per forward/backward pass (2x sequences: chosen and rejected in one batch; ETO: 2)"""
+    dpo_warmup_ratio: float = 0.1
+    """linear warm-up fraction of each round, then a constant learning rate (ETO: constant_with_warmup, 0.1)"""
+    dpo_nll_coef: float = 0.0
+    """weight of an NLL term on the chosen side (token mean, as TRL's loss_type "sft" / RPO); ETO: 0"""
+
+    # --- relabeling ---
+    relabeler: Literal["llm", "oracle"] = "llm"
+    """llm: the auxiliary LLM of Section 3.3; oracle: goals and relevance from the PDDL facts (beyond the paper)"""
+    relevance_fallback: Literal["drop", "all_relevant"] = "drop"
+    """what to do with a goal whose relevance answer is unusable (bad JSON, wrong length): drop it or keep z = 1"""
+    llm_backend: Literal["openai", "vllm", "transformers"] = "openai"
+    """relabeling LLM engine"""
+    llm_model: str = "meta-llama/Llama-3.3-70B-Instruct"
+    """relabeling model: served name (openai), hub id / folder (vllm, transformers) or a .gguf file (transformers)"""
+    llm_base_url: str = "http://localhost:8000/v1"
+    """OpenAI-compatible endpoint (e.g. `vllm serve MODEL --tensor-parallel-size 8`)"""
+    llm_api_key: Optional[str] = None
+    """API key (default: $OPENAI_API_KEY or "EMPTY")"""
+    llm_timeout: float = 600.0
+    """seconds per request"""
+    llm_max_retries: int = 2
+    """retries per request"""
+    llm_max_new_tokens: int = 4096
+    """max tokens per relabeler answer (Figure 8 writes one JSON object per step)"""
+    llm_temperature: float = 0.0
+    """relabeler sampling temperature (greedy by default)"""
+    llm_concurrency: int = 18
+    """parallel requests to the OpenAI-compatible endpoint"""
+    llm_batch_size: int = 4
+    """prompts per generate() call with the transformers backend"""
+    llm_tensor_parallel_size: int = 1
+    """tensor parallelism of the in-process vLLM relabeler"""
+    llm_vllm_enforce_eager: bool = False
+    """vllm backend: run eagerly, no CUDA graphs / torch.compile (much faster start-up; use on CPU)"""
+    llm_vllm_dtype: str = "auto"
+    """vllm backend: weight/activation dtype (auto, float32, bfloat16, ...; float32 on CPU)"""
+    llm_vllm_max_model_len: Optional[int] = None
+    """vllm backend: context length to reserve KV cache for (default: the model's; e.g. 2048 on CPU)"""
+
+    # --- evaluation, logging, checkpoints ---
+    eval_every: int = 50
+    """evaluate every this many HSL steps; the evaluations after SFT, HSL and DPO always run"""
+    save_every: int = 50
+    """checkpoint every this many HSL steps; 0: only at the end"""
+    resume: Optional[str] = None
+    """checkpoint folder to resume from ({output_dir}/{run_name}/checkpoints/...)"""
+    log_trajectories: int = 2
+    """print this many relabeled trajectories per step (for eyeballing the relabeler)"""
+
+
+# ======================================================================================================================
+# Environment (ALFWorld)
+# ======================================================================================================================
+def alfworld_config(data_dir: str, max_env_steps: int) -> dict:
+    """AlfredTWEnv's config, built in code (the alfworld wheel ships no configs/base_config.yaml)."""
+    from alfworld.info import ALFRED_PDDL_PATH, ALFRED_TWL2_PATH
+
+    root = os.path.join(data_dir, "json_2.1.1")
+    return {
+        "dataset": {"data_path": os.path.join(root, "train"), "eval_id_data_path": os.path.join(root, "valid_seen"),
+                    "eval_ood_data_path": os.path.join(root, "valid_unseen"), "num_train_games": -1, "num_eval_games": -1},
+        "logic": {"domain": ALFRED_PDDL_PATH, "grammar": ALFRED_TWL2_PATH},
+        "env": {"type": "AlfredTWEnv", "domain_randomization": False, "task_types": [1, 2, 3, 4, 5, 6],
+                "expert_timeout_steps": 150, "expert_type": "handcoded", "goal_desc_human_anns_prob": 0.0},
+        "general": {"training_method": "dagger"},
+        "dagger": {"training": {"max_nb_steps_per_episode": max_env_steps}},
+        "rl": {"training": {"max_nb_steps_per_episode": max_env_steps}},
+    }
+
+
+def resolve_data_dir(data_dir: Optional[str]) -> str:
+    """--data-dir, else $ALFWORLD_DATA; a clear error when neither holds the json_2.1.1 games."""
+    path = data_dir or os.environ.get("ALFWORLD_DATA")
+    if not path:
+        raise SystemExit("ALFWorld data not found: set $ALFWORLD_DATA (run `alfworld-download` first) or pass --data-dir")
+    if not os.path.isdir(os.path.join(path, "json_2.1.1")):
+        raise SystemExit(f"ALFWorld data not found: {path}/json_2.1.1 does not exist "
+                         "(run `alfworld-download`, or pass --data-dir pointing at the folder that holds json_2.1.1)")
+    return path
+
+
+def list_games(data_dir: str, split: str, max_env_steps: int, limit: int = -1) -> list[str]:
+    """Game files of one split, collected and filtered (solvable, six task types) by alfworld's own AlfredTWEnv."""
+    from alfworld.agents.environment.alfred_tw_env import AlfredTWEnv
+
+    train_eval = {"train": "train", "valid_seen": "eval_in_distribution", "valid_unseen": "eval_out_of_distribution"}[split]
+    env = AlfredTWEnv(alfworld_config(data_dir, max_env_steps), train_eval=train_eval)
+    games = sorted(env.game_files)  # os.walk order is filesystem-dependent; sort for reproducibility
+    return games[:limit] if limit > 0 else games
+
+
+def game_task_type(gamefile: str) -> str:
+    """Task type from the traj_data.json next to the game file."""
+    try:
+        return json.loads(Path(gamefile).with_name("traj_data.json").read_text())["task_type"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        return "unknown"
+
+
+def to_dialect(cmd: str, legacy_put: bool) -> str:
+    """Map a put command to the game's dialect: alfworld>=0.4 says "move X to Y", older data "put X in/on Y"."""
+    if legacy_put:
+        m = re.match(r"^move (.+?) to (.+)$", cmd)
+        if m:
+            return f"put {m.group(1)} in/on {m.group(2)}"
+        m = re.match(r"^put (.+?) (?:in|on|into|onto) (.+)$", cmd)
+        return f"put {m.group(1)} in/on {m.group(2)}" if m and " in/on " not in cmd else cmd
+    m = re.match(r"^put (.+?) (?:in/on|in|on|into|onto) (.+)$", cmd)
+    return f"move {m.group(1)} to {m.group(2)}" if m else cmd
+
+
+def summarize_facts(facts) -> dict:
+    """Compact, JSON-able view of the PDDL state (demangled names, e.g. "mug 1") used by the oracle relabeler."""
+    s = {"otype": {}, "rtype": {}, "inrec": [], "hot": [], "cool": [], "clean": [], "holds": [], "toggled": [],
+         "agent_loc": None, "rloc": {}}
+    for p in facts:
+        args = [a.name.strip() for a in p.arguments]
+        name = p.name.lower()
+        if name == "objecttype":
+            s["otype"][args[0]] = args[1].replace("type", "").strip()
+        elif name == "receptacletype":
+            s["rtype"][args[0]] = args[1].replace("type", "").strip()
+        elif name == "inreceptacle":
+            s["inrec"].append(args)
+        elif name in ("ishot", "iscool", "isclean", "istoggled"):
+            s[{"ishot": "hot", "iscool": "cool", "isclean": "clean", "istoggled": "toggled"}[name]].append(args[0])
+        elif name == "holds":
+            s["holds"].append(args[1])
+        elif name == "atlocation" and args[0].startswith("agent"):
+            s["agent_loc"] = args[1]
+        elif name == "receptacleatlocation":
+            s["rloc"][args[0]] = args[1]
+    return s
+
+
+class ALFWorldGame:
+    """One ALFWorld game with the wrapper stack of AlfredTWEnv.init_env (AlfredDemangler, AlfredInfos, AlfredExpert).
+
+    AlfredTWEnv.init_env registers a gym batch env that requests only `won` and `admissible_commands`; the oracle needs
+    the PDDL facts too, so we build the same wrappers around a textworld PddlEnv per game ourselves (same game files,
+    same demangled names, same text).
+    """
+
+    def __init__(self, gamefile: str, expert: bool = False):
+        import textworld
+        from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredInfos
+        from textworld.envs import PddlEnv
+
+        self.gamefile = gamefile
+        self.task_type = game_task_type(gamefile)
+        env = PddlEnv(textworld.EnvInfos(admissible_commands=True, won=True, facts=True, extras=["gamefile"]))
+        env = AlfredInfos(AlfredDemangler(env, shuffle=False))
+        self.env = AlfredExpert(env, expert_type="handcoded") if expert else env
+        self.env.load(gamefile)
+        self.legacy_put = 'template :: "put {o} in/on {r}"' in json.loads(Path(gamefile).read_text())["grammar"]
+
+    def reset(self):
+        gs = self.env.reset()
+        text = gs["feedback"].replace("-= Welcome to TextWorld, ALFRED! =-", "").strip()
+        intro, _, task = text.partition("Your task is to:")
+        self.state = gs
+        return intro.strip(), task.strip().rstrip("."), gs
+
+    def step(self, cmd: str):
+        gs, _, done = self.env.step(cmd)
+        self.state = gs
+        return gs["feedback"].strip(), bool(gs["won"]), bool(done), gs
+
+
+class GamePool:
+    """Loaded games are reused across rollouts (loading parses the PDDL, ~0.5 s); one instance per parallel episode."""
+
+    def __init__(self):
+        self.free = collections.defaultdict(list)
+
+    def get(self, gamefile: str) -> ALFWorldGame:
+        return self.free[gamefile].pop() if self.free[gamefile] else ALFWorldGame(gamefile)
+
+    def put(self, game: ALFWorldGame):
+        if len(self.free[game.gamefile]) < 4:
+            self.free[game.gamefile].append(game)
+
+
+# ======================================================================================================================
+# Demonstrations
+# ======================================================================================================================
+# A demonstration / trajectory is a plain dict (JSON-able, so the buffer can be checkpointed):
+#   intro (room description), instruction, actions [T], observations [T] (o_{t+1} after a_t), thoughts [T] or None,
+#   z [T] relevance labels (1 for ground truth), task_type, source ("expert" / "eto" / "hindsight").
+def expert_demo(gamefile: str, max_steps: int) -> Optional[dict]:
+    """Play a train game with ALFWorld's hand-coded expert (AlfredExpert, HANDCODED); None when it does not win."""
+    game = ALFWorldGame(gamefile, expert=True)
+    intro, instruction, gs = game.reset()
+    actions, observations = [], []
+    for _ in range(max_steps):
+        action = to_dialect(gs["extra.expert_plan"][0], game.legacy_put)  # the 0.4.2 expert only says "move X to Y"
+        obs, won, done, gs = game.step(action)
+        actions.append(action)
+        observations.append(obs)
+        if won:
+            return {"intro": intro, "instruction": instruction, "actions": actions, "observations": observations,
+                    "thoughts": None, "z": [1] * len(actions), "task_type": game.task_type, "source": "expert",
+                    "gamefile": gamefile}
+        if done:
+            break
+    return None
+
+
+def demo_to_eto(demo: dict) -> dict:
+    """ETO/ShareGPT format (human task, then gpt "Thought/Action", human "Observation"), so saved demos reload."""
+    conv = [{"from": "human", "value": f"{demo['intro']}\nYour task is to: {demo['instruction']}."}]
+    for t, (a, o) in enumerate(zip(demo["actions"], demo["observations"])):
+        th = (demo.get("thoughts") or [None] * len(demo["actions"]))[t]
+        conv.append({"from": "gpt", "value": (f"Thought: {th}\n" if th else "") + f"Action: {a}"})
+        conv.append({"from": "human", "value": f"Observation: {o}"})
+    return {"id": Path(demo.get("gamefile", "demo")).parent.parent.name, "conversations": conv}
+
+
+def load_eto_demos(path: str, keep_thoughts: bool) -> list[dict]:
+    """Load ETO's alfworld_sft.json (ShareGPT: human/gpt turns) into demonstrations; clear errors on a wrong format.
+
+    ETO's file opens with a long human instruction and a gpt "OK"; then the task turn ("... Your task is to: ..."),
+    then gpt "Thought: ...\\nAction: ..." and human "Observation: ..." alternate.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--demos-path {path}: cannot read a JSON file ({e})")
+    if not isinstance(data, list) or not data:
+        raise SystemExit(f"--demos-path {path}: expected a non-empty JSON list of {{'id', 'conversations'}} (ETO format)")
+    demos, skipped = [], 0
+    for i, item in enumerate(data):
+        conv = item.get("conversations") if isinstance(item, dict) else None
+        if not isinstance(conv, list) or not all(isinstance(m, dict) and "from" in m and "value" in m for m in conv):
+            raise SystemExit(f"--demos-path {path}: item {i} has no 'conversations' list of {{'from', 'value'}} turns "
+                             "(expected ETO's ShareGPT format)")
+        # the task turn: the human turn right before the first gpt turn with an action (ETO's instruction turn is
+        # answered by a plain "OK")
+        first_act = next((k for k, m in enumerate(conv) if m["from"] == "gpt" and re.search(r"action\s*:", m["value"], re.I)), None)
+        start = first_act - 1 if first_act else None
+        if start is None or conv[start]["from"] != "human" or "Your task is to:" not in conv[start]["value"]:
+            skipped += 1
+            continue
+        intro, _, task = conv[start]["value"].partition("Your task is to:")
+        intro = re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S)
+        actions, observations, thoughts = [], [], []
+        for k in range(start + 1, len(conv), 2):
+            if conv[k]["from"] != "gpt":
+                break
+            thought, action = parse_agent_output(conv[k]["value"])
+            obs = conv[k + 1]["value"] if k + 1 < len(conv) else ""
+            actions.append(action)
+            thoughts.append(thought if keep_thoughts else None)
+            observations.append(re.sub(r"^Observation:\s*", "", obs.strip()))
+        if not actions:
+            skipped += 1
+            continue
+        demos.append({"intro": intro.strip(), "instruction": task.strip().split("\n")[0].rstrip("."), "actions": actions,
+                      "observations": observations, "thoughts": thoughts if any(thoughts) else None,
+                      "z": [1] * len(actions), "task_type": item.get("id", "unknown"), "source": "eto"})
+    if not demos:
+        raise SystemExit(f"--demos-path {path}: no item has a human turn with 'Your task is to:' (not ALFWorld ETO data?)")
+    if skipped:
+        tqdm.write(f"[demos] skipped {skipped} items of {path} without a task turn or actions")
+    return demos
+
+
+# ======================================================================================================================
+# Agent: model, chat format, action parsing
+# ======================================================================================================================
+def read_prompt(prompts_dir: Path, name: str) -> str:
+    """Prompt body after the header's `---` line (prompt file convention of this repository)."""
+    path = prompts_dir / "hsl" / name
+    if not path.exists():
+        raise SystemExit(f"prompt file {path} is missing (pass --prompts-dir to the folder that holds hsl/)")
+    text = path.read_text()
+    if "\n---\n" not in text:
+        raise SystemExit(f"prompt file {path} has no header/body separator line '---'")
+    return text.split("\n---\n", 1)[1].strip()
+
+
+def parse_agent_output(text: str) -> tuple[Optional[str], str]:
+    """(thought, action) from what the agent wrote; tolerant of small models (no "Action:", quotes, trailing text)."""
+    text = text.strip()
+    thought = None
+    m = re.search(r"thought\s*:\s*(.+?)(?:\n|$)", text, re.I)
+    if m:
+        thought = m.group(1).strip()
+    m = re.search(r"action\s*:\s*(.+?)(?:\n|$)", text, re.I)
+    if m:
+        line = m.group(1)
+    else:  # no "Action:" -> the first line that is not a thought
+        lines = [ln for ln in text.split("\n") if ln.strip() and not re.match(r"\s*thought\s*:", ln, re.I)]
+        line = lines[0] if lines else ""
+    line = re.split(r"observation\s*:", line, flags=re.I)[0]
+    action = re.sub(r"\s+", " ", line.strip().strip("\"'`").rstrip(".").strip().lower())
+    return thought, action
+
+
+def demo_messages(system_prompt: str, demo: dict, upto: Optional[int] = None, with_last_obs: bool = False) -> list[dict]:
+    """Chat messages for a (possibly partial) trajectory: system, task, then alternating Action / Observation turns."""
+    msgs = [{"role": "system", "content": system_prompt},
+            {"role": "user", "content": f"{demo['intro']}\n\nYour task is to: {demo['instruction']}."}]
+    T = len(demo["actions"]) if upto is None else upto
+    thoughts = demo.get("thoughts") or [None] * len(demo["actions"])
+    for t in range(T):
+        msgs.append({"role": "assistant",
+                     "content": (f"Thought: {thoughts[t]}\n" if thoughts[t] else "") + f"Action: {demo['actions'][t]}"})
+        if t < T - 1 or with_last_obs:
+            msgs.append({"role": "user", "content": f"Observation: {demo['observations'][t]}"})
+    return msgs
+
+
+def encode_demo(tokenizer, messages: list[dict], z: list[float], max_len: int) -> dict:
+    """Token ids + per-token weights: tokens of action t (content and end-of-turn marker) get z_t, all others 0.
+
+    Action spans are found by rendering the chat template on message prefixes, so any prefix-stable template works
+    (ChatML, Llama 3); the fast tokenizer's offsets map characters to tokens.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(upto) and upto.startswith(prefix)):
+            raise ValueError("the agent's chat template is not prefix-stable; cannot locate action tokens")
+        spans.append((len(prefix), len(upto.rstrip())))  # content + end-of-turn marker, not the trailing newline
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    weights = [0.0] * len(ids)
+    k = 0
+    for j, (s, _) in enumerate(offsets):
+        while k < len(spans) and s >= spans[k][1]:
+            k += 1
+        if k < len(spans) and spans[k][0] <= s < spans[k][1]:
+            weights[j] = float(z[k])
+    return {"input_ids": ids[:max_len], "weights": weights[:max_len], "num_actions": len(spans)}
+
+
+def collate(batch: list[dict], pad_id: int, device) -> dict:
+    """Right-pad a list of encoded demos into tensors."""
+    L = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(batch), L), dtype=torch.long)
+    w = torch.zeros((len(batch), L), dtype=torch.float32)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        attn[i, :n] = 1
+        w[i, :n] = torch.tensor(b["weights"])
+    T = torch.tensor([max(b["num_actions"], 1) for b in batch], dtype=torch.float32)
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "weights": w.to(device), "num_actions": T.to(device)}
+
+
+def load_agent(args: Args, resume: Optional[str]):
+    """Tokenizer + causal LM (full fine-tuning or LoRA through peft)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resume if (resume and not args.use_lora) else args.model_name
+    tokenizer = AutoTokenizer.from_pretrained(resume or args.model_name)
+    if not tokenizer.is_fast:
+        raise SystemExit("the agent needs a fast tokenizer (offsets locate the action tokens)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if args.torch_dtype == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    else:
+        dtype = getattr(torch, args.torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if args.use_lora:  # frozen embeddings: make checkpointed activations require grad so LoRA weights get gradients
+            model.enable_input_require_grads()
+    if args.use_lora:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if resume:
+            model = PeftModel.from_pretrained(model, resume, is_trainable=True)
+        else:
+            cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                             target_modules="all-linear", task_type="CAUSAL_LM")
+            model = get_peft_model(model, cfg)
+    return tokenizer, model
+
+
+def fit_prompt(tokenizer, messages: list[dict], max_tokens: int) -> tuple[str, list[int]]:
+    """Prompt text/ids with the generation header; drops the oldest (action, observation) pairs until it fits."""
+    msgs = list(messages)
+    while True:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens or len(msgs) <= 3:
+            return text, ids[-max_tokens:]
+        del msgs[2:4]  # keep system + task turn
+
+
+@torch.no_grad()
+def generate_actions(model, tokenizer, prompts: list[list[int]], temperature: float, args: Args) -> list[str]:
+    """Batched transformers generate (left padding); returns the raw text of each agent turn."""
+    outs = []
+    device = next(model.parameters()).device
+    for i in range(0, len(prompts), args.generation_batch_size):
+        chunk = prompts[i: i + args.generation_batch_size]
+        L = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), L), tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for j, p in enumerate(chunk):
+            ids[j, L - len(p):] = torch.tensor(p)
+            attn[j, L - len(p):] = 1
+        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=args.max_action_tokens,
+                             pad_token_id=tokenizer.pad_token_id, **kw)
+        outs += tokenizer.batch_decode(gen[:, L:], skip_special_tokens=True)
+    return outs
+
+
+@torch.no_grad()
+def score_actions(model, tokenizer, prompts: list[list[int]], candidates: list[list[str]], temperature: float,
+                  args: Args, rng: np.random.Generator) -> list[str]:
+    """Action mode "score": log P("Action: c" + end-of-turn | prompt) for every admissible command c, then argmax
+    (temperature 0) or a softmax sample. An agent that cannot yet write valid commands still acts validly.
+
+    The prompt is encoded once; its KV cache is repeated for the candidates (a prompt of ~1-2k tokens per candidate
+    would otherwise dominate the cost).
+    """
+    device = next(model.parameters()).device
+    eot = tokenizer.eos_token or ""
+    picks = []
+    for p, cands in zip(prompts, candidates):
+        conts = [tokenizer(f"Action: {c}{eot}", add_special_tokens=False)["input_ids"] for c in cands]
+        out = model(input_ids=torch.tensor([p], device=device), use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts each candidate's first token
+        scores = []
+        for s in range(0, len(conts), args.score_batch_size):
+            chunk = conts[s: s + args.score_batch_size]
+            L = max(len(c) for c in chunk)
+            ids = torch.full((len(chunk), L), tokenizer.pad_token_id, dtype=torch.long, device=device)
+            mask = torch.zeros((len(chunk), L), dtype=torch.float32, device=device)
+            for j, c in enumerate(chunk):
+                ids[j, : len(c)] = torch.tensor(c)
+                mask[j, : len(c)] = 1
+            cache = copy.deepcopy(out.past_key_values)
+            cache.batch_repeat_interleave(len(chunk))
+            attn = torch.cat([torch.ones((len(chunk), len(p)), dtype=torch.long, device=device), mask.long()], 1)
+            logits = model(input_ids=ids, attention_mask=attn, past_key_values=cache).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (chunk, L-1)
+            tok_logp = torch.cat([first[ids[:, 0]].unsqueeze(1), logp], 1) * mask  # (chunk, L)
+            total = tok_logp.sum(1)
+            scores += (total / mask.sum(1) if args.score_normalization == "mean" else total).tolist()
+        sc = np.array(scores, dtype=np.float64)
+        if temperature > 0:
+            q = np.exp((sc - sc.max()) / temperature)
+            picks.append(cands[int(rng.choice(len(cands), p=q / q.sum()))])
+        else:
+            picks.append(cands[int(sc.argmax())])
+    return picks
+
+
+class VLLMAgent:
+    """Agent generation with in-process vLLM (GPU; `pip install vllm`, imported lazily). Untested on this CPU machine.
+
+    The agent changes every step. With --use-lora we save the adapter after each optimisation step and pass a new
+    LoRARequest (vLLM loads adapters per request: cheap). With full fine-tuning we save the weights and rebuild the
+    engine from them (correct but slow: prefer LoRA with vLLM).
+    """
+
+    def __init__(self, args: Args, run_dir: Path):
+        import vllm  # noqa: F401
+
+        self.args, self.run_dir, self.version, self.lora = args, run_dir, -1, None
+        self.llm = None
+        self.path = args.model_name
+
+    def sync(self, model, tokenizer, step: int):
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        if step == self.version:
+            return
+        path = self.run_dir / "vllm_sync" / f"step_{step}"
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        if self.args.use_lora:
+            if self.llm is None:
+                self.llm = LLM(model=self.args.model_name, enable_lora=True, max_lora_rank=self.args.lora_r,
+                               gpu_memory_utilization=self.args.vllm_gpu_memory_utilization, seed=self.args.seed)
+            self.lora = LoRARequest(f"agent_{step}", step + 2, str(path))
+        else:
+            if self.llm is not None:
+                del self.llm
+                torch.cuda.empty_cache()
+            self.llm = LLM(model=str(path), gpu_memory_utilization=self.args.vllm_gpu_memory_utilization, seed=self.args.seed)
+        self.version = step
+
+    def generate(self, messages: list[list[dict]], temperature: float) -> list[str]:
+        from vllm import SamplingParams
+
+        sp = SamplingParams(temperature=temperature, max_tokens=self.args.max_action_tokens)
+        outs = self.llm.chat(messages, sp, lora_request=self.lora, use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+
+
+# ======================================================================================================================
+# Rollouts
+# ======================================================================================================================
+def rollout(gamefiles: list[str], model, tokenizer, system_prompt: str, args: Args, temperature: float,
+            pool: GamePool, rng: np.random.Generator, vllm_agent: Optional[VLLMAgent] = None, desc: str = "rollout") -> list[dict]:
+    """Play the games in parallel with the current agent (one batched generation per step), up to max_env_steps.
+
+    Each trajectory keeps the PDDL state after every step (for the oracle and the precision/recall judge).
+    """
+    games = [pool.get(g) for g in gamefiles]
+    trajs = []
+    for game in games:
+        intro, instruction, gs = game.reset()
+        trajs.append({"intro": intro, "instruction": instruction, "actions": [], "observations": [], "thoughts": [],
+                      "raw": [], "task_type": game.task_type, "gamefile": game.gamefile, "won": False, "invalid": 0,
+                      "states": [summarize_facts(gs["facts"])], "admissible": gs["admissible_commands"], "done": False})
+    max_prompt = args.max_seq_len - args.max_action_tokens
+    for _ in tqdm(range(args.max_env_steps), desc=desc, leave=False, disable=None):
+        active = [i for i, t in enumerate(trajs) if not t["done"]]
+        if not active:
+            break
+        msgs = []
+        for i in active:
+            t = trajs[i]
+            m = demo_messages(system_prompt, {**t, "thoughts": None}, with_last_obs=True)
+            for j, raw in enumerate(t["raw"]):  # the agent sees its own earlier turns as it wrote them
+                m[2 + 2 * j]["content"] = raw
+            msgs.append(m)
+        if vllm_agent is not None:
+            outputs = vllm_agent.generate(msgs, temperature)
+        else:
+            prompts = [fit_prompt(tokenizer, m, max_prompt)[1] for m in msgs]
+            if args.action_mode == "score":
+                cands = [[c for c in trajs[i]["admissible"] if c != "help"] for i in active]
+                outputs = [f"Action: {c}" for c in score_actions(model, tokenizer, prompts, cands, temperature, args, rng)]
+            else:
+                outputs = generate_actions(model, tokenizer, prompts, temperature, args)
+        for i, out in zip(active, outputs):
+            t, game = trajs[i], games[i]
+            thought, action = parse_agent_output(out)
+            action = to_dialect(action, game.legacy_put)
+            t["invalid"] += action not in t["admissible"]
+            obs, won, done, gs = game.step(action)
+            t["actions"].append(action)
+            t["thoughts"].append(thought)
+            t["raw"].append((f"Thought: {thought}\n" if thought else "") + f"Action: {action}")
+            t["observations"].append(obs)
+            t["states"].append(summarize_facts(gs["facts"]))
+            t["admissible"] = gs["admissible_commands"]
+            t["won"] = won
+            t["done"] = won or done or len(t["actions"]) >= args.max_env_steps
+    for game in games:
+        pool.put(game)
+    for t in trajs:
+        t["thoughts"] = t["thoughts"] if any(t["thoughts"]) else None
+    return trajs
+
+
+# ======================================================================================================================
+# LLM client + relabeling (goal inference, segmentation, relevance, template validation, oracle)
+# ======================================================================================================================
+class LLMClient:
+    """One chat interface over three backends: an OpenAI-compatible endpoint, in-process vLLM, or transformers.
+
+    `chat(conversations)` returns one string per conversation, or None where a request failed after its retries
+    (timeouts and server errors are counted by the caller; one bad trajectory never stops training).
+    """
+
+    def __init__(self, args: Args):
+        self.args, self.backend = args, args.llm_backend
+        self.failures = 0
+        if self.backend == "openai":
+            from openai import OpenAI
+
+            key = args.llm_api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+            self.client = OpenAI(base_url=args.llm_base_url, api_key=key, timeout=args.llm_timeout,
+                                 max_retries=args.llm_max_retries)
+            try:  # fail fast with a clear message when nothing answers
+                self.client.with_options(timeout=min(args.llm_timeout, 30.0), max_retries=1).models.list()
+            except Exception as e:
+                raise SystemExit(f"no OpenAI-compatible server answers at {args.llm_base_url} ({type(e).__name__}: {e}); "
+                                 "start one (e.g. `vllm serve MODEL`) or use --llm-backend transformers/vllm")
+        elif self.backend == "vllm":
+            from vllm import LLM  # optional dependency: `pip install vllm` on a GPU machine
+
+            self.llm = LLM(model=args.llm_model, tensor_parallel_size=args.llm_tensor_parallel_size, seed=args.seed,
+                           enforce_eager=args.llm_vllm_enforce_eager, dtype=args.llm_vllm_dtype,
+                           max_model_len=args.llm_vllm_max_model_len)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            p = Path(args.llm_model)
+            kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
+            src = str(p.parent) if kw else args.llm_model
+            self.tok = AutoTokenizer.from_pretrained(src, **kw)
+            self.tok.padding_side = "left"
+            if self.tok.pad_token is None:
+                self.tok.pad_token = self.tok.eos_token
+            self.model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", **kw).to("cuda" if torch.cuda.is_available() else "cpu")
+            self.model.eval()
+
+    def chat(self, conversations: list[list[dict]]) -> list[Optional[str]]:
+        a = self.args
+        if self.backend == "openai":
+            def one(msgs):
+                try:
+                    r = self.client.chat.completions.create(model=a.llm_model, messages=msgs, temperature=a.llm_temperature,
+                                                            max_tokens=a.llm_max_new_tokens, seed=a.seed)
+                    return r.choices[0].message.content or ""
+                except Exception as e:  # timeouts, 5xx after retries: a counted skip
+                    tqdm.write(f"[relabel] request failed: {type(e).__name__}: {str(e)[:200]}")
+                    return None
+
+            with concurrent.futures.ThreadPoolExecutor(max(1, a.llm_concurrency)) as ex:
+                outs = list(ex.map(one, conversations))
+        elif self.backend == "vllm":
+            from vllm import SamplingParams
+
+            sp = SamplingParams(temperature=a.llm_temperature, max_tokens=a.llm_max_new_tokens, seed=a.seed)
+            outs = [o.outputs[0].text for o in self.llm.chat(conversations, sp, use_tqdm=False)]
+        else:
+            outs = []
+            for i in range(0, len(conversations), a.llm_batch_size):
+                texts = [self.tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                         for c in conversations[i: i + a.llm_batch_size]]
+                enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+                kw = dict(do_sample=True, temperature=a.llm_temperature) if a.llm_temperature > 0 else dict(do_sample=False)
+                with torch.no_grad():
+                    gen = self.model.generate(**enc, max_new_tokens=a.llm_max_new_tokens, pad_token_id=self.tok.pad_token_id, **kw)
+                outs += self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        self.failures += sum(o is None for o in outs)
+        return outs
+
+
+def extract_json_list(text: Optional[str]) -> Optional[list]:
+    """The JSON list in an LLM answer (code fences, prose around it, or an answer cut off by the token limit).
+
+    Never evaluates anything: json.loads only. For a truncated answer, the list is closed after its last complete
+    object. Returns None when nothing parses.
+    """
+    if not text:
+        return None
+    text = re.sub(r"```(?:json)?", "", text)
+    start = text.find("[")
+    if start < 0:
+        return None
+    end = text.rfind("]")
+    if end > start:
+        try:
+            out = json.loads(text[start: end + 1])
+            return out if isinstance(out, list) else None
+        except json.JSONDecodeError:
+            pass
+    body = text[start:]
+    cuts = [m.start() for m in re.finditer(r"\}", body)][::-1][:64]  # bounded number of attempts
+    for c in cuts:
+        try:
+            out = json.loads(body[: c + 1] + "]")
+            return out if isinstance(out, list) else None
+        except json.JSONDecodeError:
+            continue
+    return None
+
+
+# The six goal templates of ALFWorld (both phrasings each, as in alfworld/gen/goal_library.py and Figure 8).
+# Order matters: the specific templates are tried before plain pick-and-place.
+_W = r"([a-z][a-z ]*?)"
+GOAL_PATTERNS = [
+    ("pick_two_obj_and_place", rf"^(?:put|place) two {_W}s? (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
+    ("pick_two_obj_and_place", rf"^find two {_W}s? and put them (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
+    ("pick_clean_then_place_in_recep", rf"^put (?:a |an |some |the )?clean {_W} (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
+    ("pick_clean_then_place_in_recep", rf"^clean (?:a |an |some |the )?{_W} and put it (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
+    ("pick_heat_then_place_in_recep", rf"^put (?:a |an |some |the )?hot {_W} (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
+    ("pick_heat_then_place_in_recep", rf"^heat (?:a |an |some |the )?{_W} and put it (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
+    ("pick_cool_then_place_in_recep", rf"^put (?:a |an |some |the )?(?:cool|cold) {_W} (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
+    ("pick_cool_then_place_in_recep", rf"^cool (?:a |an |some |the )?{_W} and put it (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
+    ("look_at_obj_in_light", rf"^look at (?:a |an |some |the )?{_W} under (?:the |a |an )?{_W}$"),
+    ("look_at_obj_in_light", rf"^examine (?:a |an |some |the )?{_W} (?:with|under) (?:the |a |an )?{_W}$"),
+    ("pick_and_place_simple", rf"^put (?:a |an |some |the )?{_W} (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
+]
+GOAL_TEXT = {"pick_and_place_simple": "put a {obj} in {recep}", "look_at_obj_in_light": "look at {obj} under the {recep}",
+             "pick_clean_then_place_in_recep": "put a clean {obj} in {recep}",
+             "pick_heat_then_place_in_recep": "put a hot {obj} in {recep}",
+             "pick_cool_then_place_in_recep": "put a cool {obj} in {recep}",
+             "pick_two_obj_and_place": "put two {obj} in {recep}"}
+LAMPS = ("desklamp", "floorlamp")
+
+
+def goal_text(goal: tuple) -> str:
+    """Instruction text of a canonical goal (task_type, obj, recep), in the first template phrasing."""
+    return GOAL_TEXT[goal[0]].format(obj=goal[1], recep=goal[2])
+
+
+def trajectory_names(traj: dict) -> set[str]:
+    """Type names ("mug", "sinkbasin") of every numbered entity ("mug 1") the trajectory mentions."""
+    text = " ".join([traj["intro"]] + traj["actions"] + traj["observations"]).lower()
+    return {m.group(1) for m in re.finditer(r"\b([a-z]+) \d+\b", text)}
+
+
+def validate_goal(goal: str, names: set[str]) -> Optional[tuple]:
+    """Match a relabeled goal against the six templates; its object and receptacle must occur in the trajectory.
+
+    Returns the canonical (task_type, obj, recep) or None (not a template, or a hallucinated name). Tolerates ids
+    ("mug 1"), plurals and spaces inside ALFRED names ("desk lamp" -> "desklamp").
+    """
+    if not isinstance(goal, str):
+        return None
+    g = re.sub(r"\s+", " ", re.sub(r"\b\d+\b", "", goal.lower())).strip().strip(".\"' ")
+    for task_type, pat in GOAL_PATTERNS:
+        m = re.match(pat, g)
+        if not m:
+            continue
+        canon = []
+        for part in (m.group(1), m.group(2)):
+            word = part.replace(" ", "")
+            if word not in names and word.endswith("s") and word[:-1] in names:
+                word = word[:-1]
+            canon.append(word)
+        obj, recep = canon
+        if obj not in names or recep not in names:
+            return None
+        if task_type == "look_at_obj_in_light" and recep not in LAMPS:
+            return None
+        return (task_type, obj, recep)
+    return None
+
+
+def achieved_goals(state: dict) -> set[tuple]:
+    """All goals (task_type, obj, recep) that hold in one PDDL state, by ALFWorld's goal library definitions."""
+    otype, rtype = state["otype"], state["rtype"]
+    goals, count = set(), collections.Counter()
+    for o, r in state["inrec"]:
+        if o not in otype or r not in rtype:
+            continue
+        ot, rt = otype[o], rtype[r]
+        goals.add(("pick_and_place_simple", ot, rt))
+        count[(ot, r)] += 1
+        for key, tt in (("clean", "pick_clean_then_place_in_recep"), ("hot", "pick_heat_then_place_in_recep"),
+                        ("cool", "pick_cool_then_place_in_recep")):
+            if o in state[key]:
+                goals.add((tt, ot, rt))
+    for (ot, r), n in count.items():
+        if n >= 2:
+            goals.add(("pick_two_obj_and_place", ot, rtype[r]))
+    for o in state["holds"]:  # examine: holding the object next to a lamp that is switched on
+        for lamp in state["toggled"]:
+            lamp_recep = next((r for oo, r in state["inrec"] if oo == lamp), None)
+            if o in otype and lamp in otype and state["rloc"].get(lamp_recep) == state["agent_loc"] is not None:
+                goals.add(("look_at_obj_in_light", otype[o], otype[lamp]))
+    return goals
+
+
+def oracle_goals(traj: dict) -> list[tuple[tuple, int]]:
+    """(goal, S(goal)) for every goal newly achieved along the trajectory, S = first step where it becomes true.
+
+    "Newly": true after action t and false before it, so goals that already held in the initial state (a mug that
+    starts on the shelf) do not count unless the agent re-achieves them.
+    """
+    seen, out = set(), []
+    prev = achieved_goals(traj["states"][0])
+    for t in range(1, len(traj["states"])):
+        cur = achieved_goals(traj["states"][t])
+        for g in sorted(cur - prev):
+            if g not in seen:
+                seen.add(g)
+                out.append((g, t))
+        prev = cur
+    return out
+
+
+def oracle_relevance(traj: dict, goal: tuple, S: int) -> list[int]:
+    """Oracle z_{1:S}: an action is relevant if it acts on the goal's objects (those that satisfy the goal at step S),
+    or it is the last navigation/opening before such an action. Our heuristic (beyond the paper), not a planner:
+    exploration that found nothing is irrelevant."""
+    state, actions = traj["states"][S], traj["actions"][:S]
+    otype = state["otype"]
+    key = {o for o, r in state["inrec"] if otype.get(o) == goal[1] and state["rtype"].get(r) == goal[2]}
+    if goal[0] == "look_at_obj_in_light":
+        key = {o for o in state["holds"] if otype.get(o) == goal[1]} | {o for o in state["toggled"] if otype.get(o) == goal[2]}
+    key = {k for k in key if any(re.search(rf"\b{re.escape(k)}\b", a) for a in actions)}
+    z = [0] * S
+    for u, a in enumerate(actions):
+        if any(re.search(rf"\b{re.escape(k)}\b", a) for k in key):
+            z[u] = 1
+            target = re.findall(r"(?:from|to|in/on|with) ([a-z]+ \d+)$", a)  # the receptacle this action happens at
+            for v in range(u - 1, -1, -1):  # the last walk there, and opening the receptacle after arriving
+                if actions[v].startswith("open") and (not target or target[0] in actions[v]):
+                    z[v] = 1
+                if actions[v].startswith("go to"):
+                    z[v] = 1
+                    break
+    return z
+
+
+def format_trajectory(traj: dict, S: Optional[int] = None, labels: Optional[list[dict]] = None) -> str:
+    """Text of a trajectory (segment) for the relabeler: initial observation, then Step k: Action / Observation."""
+    T = len(traj["actions"]) if S is None else S
+    lines = [f"Initial observation: {traj['intro']}"]
+    for t in range(T):
+        lines.append(f"\nStep {t + 1}:\nAction: {traj['actions'][t]}\nObservation: {traj['observations'][t]}")
+        if labels is not None and t < len(labels) and isinstance(labels[t], dict):
+            lines.append(f"Location: {labels[t].get('location', '')}\nInventory: {labels[t].get('inventory', [])}")
+    return "\n".join(lines)
+
+
+def segment_goals(steps: list, T: int, names: set[str], counters: collections.Counter) -> list[tuple[tuple, int]]:
+    """Segmentation at S(I'_k) from the goal-inference answer: the first step whose running `reached_goals` list
+    holds the goal. Goals failing template/trajectory validation are dropped and counted."""
+    out, seen = [], set()
+    for pos, st in enumerate(steps):
+        if not isinstance(st, dict):
+            continue
+        step = st.get("step", pos + 1)
+        step = step if isinstance(step, int) and 1 <= step <= T else pos + 1
+        reached = st.get("reached_goals") or []
+        if isinstance(reached, str):
+            reached = [reached]
+        if not isinstance(reached, list):
+            continue
+        for g in reached:
+            canon = validate_goal(g, names)
+            if canon is None:
+                if (pos, str(g)) not in seen:
+                    counters["goal_invalid"] += 1
+                    seen.add((pos, str(g)))
+                continue
+            if canon not in {c for c, _ in out}:
+                if step > T:
+                    counters["goal_bad_step"] += 1
+                    continue
+                out.append((canon, step))
+    return out
+
+
+def parse_relevance(text: Optional[str], S: int) -> Optional[list[int]]:
+    """z_{1:S} from a Figure 9 answer; None unless it is a list of exactly S steps with yes/no labels."""
+    items = extract_json_list(text)
+    if items is None or len(items) != S:
+        return None
+    z = []
+    for it in items:
+        v = it.get("is_relevant_to_goal") if isinstance(it, dict) else None
+        if isinstance(v, bool):
+            z.append(int(v))
+        elif isinstance(v, str) and v.strip().lower() in ("yes", "no", "true", "false"):
+            z.append(int(v.strip().lower() in ("yes", "true")))
+        else:
+            return None
+    return z
+
+
+def precision_recall(judge: collections.Counter) -> tuple[float, float]:
+    """Precision and recall of the LLM's validated goals against the oracle's (NaN when undefined)."""
+    tp, fp, fn = judge["tp"], judge["fp"], judge["fn"]
+    return (tp / (tp + fp) if tp + fp else float("nan"), tp / (tp + fn) if tp + fn else float("nan"))
+
+
+def make_hindsight_demo(traj: dict, goal: tuple, S: int, z: list[int], text: Optional[str] = None) -> dict:
+    """(tau_{S(k)}, I'_k, z_{1:S(k)}): the segment up to S, relabeled with the goal (Section 3.3). The agent's thoughts
+    are dropped: they reasoned about the original instruction."""
+    return {"intro": traj["intro"], "instruction": text or goal_text(goal), "actions": traj["actions"][:S],
+            "observations": traj["observations"][:S], "thoughts": None, "z": list(z), "task_type": goal[0],
+            "goal": list(goal), "source": "hindsight", "gamefile": traj.get("gamefile")}
+
+
+def relabel_failure_filter(traj: dict, goals: list[tuple[tuple, int]]) -> list[tuple[tuple, int]]:
+    """Ablation RELABELFAILURE (Figure 4): only failed trajectories, only their final achieved goal."""
+    if traj["won"] or not goals:
+        return []
+    return [max(goals, key=lambda gs: gs[1])]
+
+
+def relabel_oracle(trajs: list[dict], args: Args, counters: collections.Counter) -> list[list[dict]]:
+    """Oracle relabeler: goals newly achieved in the PDDL facts, S from the facts, z from oracle_relevance."""
+    out = []
+    for traj in trajs:
+        goals = oracle_goals(traj)
+        if args.ablation == "relabel_failure":
+            goals = relabel_failure_filter(traj, goals)
+        counters["goals_found"] += len(goals)
+        counters["trajectories_without_goal"] += not goals
+        out.append([make_hindsight_demo(traj, g, S, oracle_relevance(traj, g, S)) for g, S in goals])
+    return out
+
+
+def relabel_llm(trajs: list[dict], client: LLMClient, prompts: dict, args: Args, counters: collections.Counter,
+                judge: collections.Counter) -> list[list[dict]]:
+    """Section 3.3 with the auxiliary LLM M: one goal-inference pass per trajectory (Figure 8), segmentation at
+    S(I'_k), one relevance pass per goal (Figure 9). Every malformed answer is a counted skip; the oracle's goals
+    score the LLM's goals (precision/recall) without influencing them."""
+    convs = [[{"role": "system", "content": prompts["goal_system"]},
+              {"role": "user", "content": string.Template(prompts["goal_user"]).substitute(trajectory=format_trajectory(t))}]
+             for t in trajs]
+    answers = client.chat(convs)
+    if args.log_trajectories and answers:
+        tqdm.write(f"  [relabeler answer, goal inference] {str(answers[0])[:300]!r}")
+    found, step_labels = [], []
+    for traj, ans in zip(trajs, answers):
+        counters["goal_inference_calls"] += 1
+        steps = extract_json_list(ans) if ans is not None else None
+        if ans is None:
+            counters["goal_inference_failed_request"] += 1
+        elif steps is None:
+            counters["goal_inference_bad_json"] += 1
+        goals = segment_goals(steps or [], len(traj["actions"]), trajectory_names(traj), counters)
+        if args.ablation == "relabel_failure":
+            goals = relabel_failure_filter(traj, goals)
+        truth = {g for g, _ in oracle_goals(traj)}
+        if args.ablation == "relabel_failure":
+            truth = {g for g, _ in relabel_failure_filter(traj, oracle_goals(traj))}
+        pred = {g for g, _ in goals}
+        judge["tp"] += len(pred & truth)
+        judge["fp"] += len(pred - truth)
+        judge["fn"] += len(truth - pred)
+        counters["goals_found"] += len(goals)
+        counters["trajectories_without_goal"] += not goals
+        found.append(goals)
+        step_labels.append(steps or [])
+    # relevance labeling, one request per (trajectory, goal)
+    jobs = [(i, g, S) for i, goals in enumerate(found) for g, S in goals]
+    convs = [[{"role": "system", "content": prompts["rel_system"]},
+              {"role": "user", "content": string.Template(prompts["rel_user"]).substitute(
+                  goal=goal_text(g), num_steps=S, trajectory=format_trajectory(trajs[i], S, step_labels[i]))}]
+             for i, g, S in jobs]
+    answers = client.chat(convs) if convs else []
+    out = [[] for _ in trajs]
+    for (i, g, S), ans in zip(jobs, answers):
+        counters["relevance_calls"] += 1
+        z = parse_relevance(ans, S)
+        if z is None:
+            counters["relevance_unusable"] += 1
+            if args.relevance_fallback == "drop":
+                continue
+            z = [1] * S
+        out[i].append(make_hindsight_demo(trajs[i], g, S, z))
+    return out
+
+
+# ======================================================================================================================
+# Hindsight buffer D'
+# ======================================================================================================================
+def demo_weight(z: list[int], alpha: float) -> float:
+    """w_d = (n_d / T_d)^alpha * n_d (Section 3.4): n_d relevant actions out of T_d; optimality x difficulty."""
+    n, T = float(sum(z)), float(len(z))
+    return (n / T) ** alpha * n if T > 0 else 0.0
+
+
+class HindsightBuffer:
+    """D': FIFO queue of size N (Section 4.1); sampling with P(d) = w_d / sum w (Eq. 3), uniform under the ablation."""
+
+    def __init__(self, size: int, alpha: float, uniform: bool):
+        self.items = collections.deque(maxlen=size)
+        self.alpha, self.uniform = alpha, uniform
+
+    def push(self, demo: dict) -> bool:
+        """Append (dropping the oldest when full). Demos with no relevant action (w_d = 0) can never be drawn: skip."""
+        if sum(demo["z"]) == 0 or not demo["actions"]:
+            return False
+        demo["weight"] = 1.0 if self.uniform else demo_weight(demo["z"], self.alpha)
+        self.items.append(demo)
+        return True
+
+    def probabilities(self) -> np.ndarray:
+        w = np.array([d["weight"] for d in self.items], dtype=np.float64)
+        return w / w.sum()
+
+    def sample(self, k: int, rng: np.random.Generator) -> list[dict]:
+        idx = rng.choice(len(self.items), size=k, replace=True, p=self.probabilities())
+        return [self.items[i] for i in idx]
+
+    def __len__(self):
+        return len(self.items)
+
+
+# ======================================================================================================================
+# Losses (masked SFT, HSL)
+# ======================================================================================================================
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """-log P(x_{j+1} | x_{<=j}) at every position, shifted so that it aligns with input_ids[:, 1:]."""
+    logits = logits[:, :-1].float()  # (batch, seq-1, vocab)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1),
+                           reduction="none").view(input_ids.size(0), -1)  # (batch, seq-1)
+
+
+def masked_sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor, num_actions: torch.Tensor,
+                    normalization: str, denom: float, prefix: str = "sft") -> tuple[torch.Tensor, dict]:
+    """Masked SFT loss of Eq. 3 (and, with z = 1, the SFT term of Eq. 4).
+
+    weights (batch, seq): z_t on the tokens of action a_t, 0 elsewhere (prompt, observations, masked actions).
+    "action": sum_b (1/T_b) sum_t z_t * -log P(a_t | ...) / denom, with denom = the full batch size, log P(a_t) the sum
+              over the action's tokens, T_b the number of actions of demo b (Eq. 3).
+    "token":  sum of z-weighted token NLL / denom, with denom = the total weight of the full batch (TRL / FastChat).
+    Dividing by the *full* batch's denominator lets gradient-accumulated micro-batches add up to the batch loss.
+    """
+    nll = token_nll(logits, input_ids)  # (batch, seq-1)
+    w = weights[:, 1:]  # the label of position j+1 is predicted at j
+    per_seq = (nll * w).sum(-1)  # (batch,)
+    if normalization == "action":
+        loss = (per_seq / num_actions).sum() / denom
+    else:
+        loss = per_seq.sum() / max(denom, 1e-8)
+    info = {f"{prefix}/nll_per_token": ((nll * w).sum() / w.sum().clamp_min(1e-8)).item(),
+            f"{prefix}/tokens": w.gt(0).sum().item()}
+    return loss, info
+
+
+def accumulate_loss(model, batch: list[dict], coef: float, args: Args, accelerator, prefix: str, pad_id: int) -> dict:
+    """Forward/backward one logical batch in micro-batches; gradients of coef * loss accumulate in .grad."""
+    if args.loss_normalization == "action":
+        denom = float(len(batch))
+    else:
+        denom = float(sum(sum(b["weights"][1:]) for b in batch))
+    total, info = 0.0, collections.defaultdict(float)
+    for i in range(0, len(batch), args.micro_batch_size):
+        mb = collate(batch[i: i + args.micro_batch_size], pad_id, accelerator.device)
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        loss, inf = masked_sft_loss(logits, mb["input_ids"], mb["weights"], mb["num_actions"], args.loss_normalization,
+                                    denom, prefix)
+        accelerator.backward(coef * loss)
+        total += loss.item()
+        for k, v in inf.items():
+            info[k] += v * (len(mb["input_ids"]) / len(batch)) if k.endswith("per_token") else v
+    info[f"{prefix}/loss"] = total
+    return dict(info)
+
+
+# ======================================================================================================================
+# ETO exploration pairs and DPO (Song et al. 2024)
+# ======================================================================================================================
+def prompt_key(traj: dict) -> tuple:
+    """What the agent is prompted with (room description + task): a pair's two sides must share it."""
+    return (traj["intro"].strip(), traj["instruction"].strip().rstrip("."))
+
+
+def build_dpo_pairs(trajs: list[dict], demos: list[dict], counters: collections.Counter) -> list[dict]:
+    """ETO's trajectory preference pairs (Song et al. 2024; the ALFWorld branch of their construct_preference.py).
+
+    Every *failed* exploration trajectory is paired with the ground-truth demonstration of the same task:
+    chosen y_w = the demonstration, rejected y_l = the failure, both answering the same prompt x (system instruction +
+    room description + task). ETO keys pairs by game file; we key by the prompt itself, which also works for demos
+    loaded from an ETO JSON file, and guarantees the shared x. Successful trajectories tie with the demonstration
+    (binary reward) and give no pair, as in ETO. Both sides end on an agent turn (the last observation is not part of
+    y), and ETO does not truncate failed ALFWorld trajectories (it does for WebShop), so neither do we.
+    """
+    by_key = {}
+    for d in demos:
+        by_key.setdefault(prompt_key(d), d)
+    pairs = []
+    for t in trajs:
+        if t["won"]:
+            counters["pairs_skipped_success"] += 1
+            continue
+        demo = by_key.get(prompt_key(t))
+        if demo is None:
+            counters["pairs_skipped_no_demo"] += 1
+            continue
+        if not t["actions"]:
+            counters["pairs_skipped_empty"] += 1
+            continue
+        pairs.append({"chosen": demo, "rejected": t})
+        counters["pairs_built"] += 1
+    return pairs
+
+
+def encode_pair(tokenizer, system_prompt: str, pair: dict, max_len: int) -> dict:
+    """Token ids + action weights of both sides; every agent turn counts (z = 1), observations are context only."""
+    c, r = pair["chosen"], pair["rejected"]
+    return {"chosen": encode_demo(tokenizer, demo_messages(system_prompt, c), [1] * len(c["actions"]), max_len),
+            "rejected": encode_demo(tokenizer, demo_messages(system_prompt, r), [1] * len(r["actions"]), max_len)}
+
+
+def sequence_action_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(y | x) summed over each sequence's action tokens (weights > 0), and their number. (batch,), (batch,)
+
+    The LM head runs only at positions that predict an action token in some row (`logits_to_keep` with indices): most
+    ALFWorld tokens are observations, and the (seq, vocab) logits of a 128k-vocabulary model dominate memory.
+    """
+    mask = weights[:, 1:] > 0  # (batch, seq-1): the token at j+1 is an action token, predicted at position j
+    keep = mask.any(0).nonzero(as_tuple=True)[0]  # (K,)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits  # (batch, K, vocab)
+    labels = input_ids[:, 1:].index_select(1, keep)  # (batch, K)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (batch, K)
+    m = mask.index_select(1, keep).to(logp.dtype)
+    return (logp * m).sum(-1), m.sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, chosen_tokens: torch.Tensor, beta: float, nll_coef: float = 0.0,
+             num_pairs: Optional[float] = None, num_chosen_tokens: Optional[float] = None) -> tuple[torch.Tensor, dict]:
+    """DPO with the sigmoid loss (Rafailov et al. 2023, Eq. 7), as ETO applies it to whole trajectories:
+
+        L_DPO = -E_(x, y_w, y_l) log sigmoid( beta * [ log pi(y_w|x) / pi_ref(y_w|x) - log pi(y_l|x) / pi_ref(y_l|x) ] )
+        L     = L_DPO + nll_coef * ( -sum_pairs log pi(y_w|x) / #action tokens of the y_w )
+
+    log pi(y|x) is summed over the agent's action tokens only (observations are the environment's, not the policy's).
+    The optional NLL term on the chosen side (token mean, TRL's loss_type "sft" / RPO) is off in ETO (nll_coef = 0).
+    All inputs (batch,). num_pairs / num_chosen_tokens: denominators of the *full* batch, so that gradient-accumulated
+    micro-batches add up to the batch loss (default: this batch's).
+    """
+    num_pairs = float(policy_chosen.numel()) if num_pairs is None else num_pairs
+    num_chosen_tokens = float(chosen_tokens.sum().clamp_min(1)) if num_chosen_tokens is None else num_chosen_tokens
+    chosen_logratio = policy_chosen - ref_chosen  # (batch,)
+    rejected_logratio = policy_rejected - ref_rejected
+    losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))  # (batch,)
+    loss_dpo = losses.sum() / num_pairs
+    nll = -policy_chosen.sum() / num_chosen_tokens
+    loss = loss_dpo + nll_coef * nll if nll_coef else loss_dpo
+    r_c, r_r = beta * chosen_logratio.detach(), beta * rejected_logratio.detach()  # implicit rewards
+    info = {"dpo/loss": loss_dpo.item(), "dpo/nll_chosen": nll.item(),
+            "dpo/rewards_chosen": r_c.sum().item() / num_pairs, "dpo/rewards_rejected": r_r.sum().item() / num_pairs,
+            "dpo/reward_accuracy": (r_c > r_r).float().sum().item() / num_pairs,
+            "dpo/reward_margin": (r_c - r_r).sum().item() / num_pairs,
+            "dpo/logps_chosen": policy_chosen.detach().sum().item() / num_pairs,
+            "dpo/logps_rejected": policy_rejected.detach().sum().item() / num_pairs}
+    return loss, info
+
+
+def pair_batch(pairs: list[dict], pad_id: int, device) -> dict:
+    """The chosen sides then the rejected sides in one padded batch (2B rows): one forward for both."""
+    return collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id, device)
+
+
+@torch.no_grad()
+def reference_logps(model, encoded_pairs: list[dict], micro_batch_size: int, pad_id: int, device) -> None:
+    """pi_ref log-probs of every pair, computed once per ETO round with the round's starting policy and stored in the pair.
+
+    ETO's reference is the model the round starts from (run_eto.sh: --ref_model_name_or_path = current model); a frozen
+    copy evaluated at every step gives exactly these numbers, so we compute them once: no second model in memory, and
+    one forward per pair instead of one per pair and epoch. Under LoRA this is the merged adapter of the round start,
+    i.e. what "the adapter switched off" means when the round starts from a fresh adapter.
+    """
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(encoded_pairs), micro_batch_size):
+        chunk = encoded_pairs[i: i + micro_batch_size]
+        mb = pair_batch(chunk, pad_id, device)
+        logps, _ = sequence_action_logps(model, mb["input_ids"], mb["attention_mask"], mb["weights"])
+        for p, c, r in zip(chunk, logps[: len(chunk)].tolist(), logps[len(chunk):].tolist()):
+            p["ref_chosen"], p["ref_rejected"] = c, r
+    model.train(was_training)
+
+
+def accumulate_dpo_loss(model, batch: list[dict], beta: float, nll_coef: float, micro_batch_size: int, accelerator,
+                        pad_id: int) -> dict:
+    """Forward/backward one logical batch of pairs in micro-batches (gradients accumulate in .grad)."""
+    num_pairs = float(len(batch))
+    num_tokens = float(max(sum(sum(w > 0 for w in p["chosen"]["weights"][1:]) for p in batch), 1))
+    info = collections.defaultdict(float)
+    for i in range(0, len(batch), micro_batch_size):
+        chunk = batch[i: i + micro_batch_size]
+        mb = pair_batch(chunk, pad_id, accelerator.device)
+        logps, ntok = sequence_action_logps(model, mb["input_ids"], mb["attention_mask"], mb["weights"])
+        B = len(chunk)
+        ref_c = torch.tensor([p["ref_chosen"] for p in chunk], dtype=logps.dtype, device=logps.device)
+        ref_r = torch.tensor([p["ref_rejected"] for p in chunk], dtype=logps.dtype, device=logps.device)
+        loss, inf = dpo_loss(logps[:B], logps[B:], ref_c, ref_r, ntok[:B], beta, nll_coef, num_pairs, num_tokens)
+        accelerator.backward(loss)
+        for k, v in inf.items():
+            info[k] += v
+    info["dpo/total_loss"] = info["dpo/loss"] + nll_coef * info["dpo/nll_chosen"]
+    return dict(info)
+
+
+# ======================================================================================================================
+# Training
+# ======================================================================================================================
+def make_scheduler(optimizer, args: Args, num_steps: int):
+    from transformers import get_scheduler
+
+    name = "cosine" if args.lr_scheduler == "cosine" else "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=int(args.warmup_ratio * num_steps),
+                         num_training_steps=max(num_steps, 1))
+
+
+def optimizer_step(model, optimizer, scheduler, args: Args, accelerator) -> float:
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state: dict, buffer: HindsightBuffer, accelerator):
+    """save_pretrained (adapter only with LoRA) + optimizer/scheduler/RNG + the buffer D' and the counters."""
+    if not accelerator.is_main_process:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.unwrap_model(model).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
+               tmp / "trainer_state.pt")
+    (tmp / "hsl_state.json").write_text(json.dumps({**state, "buffer": list(buffer.items)}))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    tqdm.write(f"[ckpt] saved {path}")
+
+
+# ======================================================================================================================
+# Evaluation
+# ======================================================================================================================
+def evaluate(games_by_split: dict, model, tokenizer, system_prompt: str, args: Args, pool: GamePool,
+             rng: np.random.Generator, vllm_agent=None) -> dict:
+    """Success rate (greedy, max_env_steps) on each evaluation split, overall and per task type (Figure 5)."""
+    results = {}
+    was_training = model.training
+    model.eval()
+    for split, games in games_by_split.items():
+        per_type = collections.defaultdict(list)
+        for i in range(0, len(games), args.rollouts_per_step):
+            for t in rollout(games[i: i + args.rollouts_per_step], model, tokenizer, system_prompt, args, 0.0, pool, rng,
+                             vllm_agent, desc=f"eval {split}"):
+                per_type[t["task_type"]].append(float(t["won"]))
+        allw = [w for ws in per_type.values() for w in ws]
+        results[f"{split}/success"] = float(np.mean(allw)) if allw else float("nan")
+        results[f"{split}/episodes"] = len(allw)
+        for tt, ws in sorted(per_type.items()):
+            results[f"{split}/success_{TASK_SHORT.get(tt, tt)}"] = float(np.mean(ws))
+    model.train(was_training)
+    return results
+
+
+# ======================================================================================================================
+# Main
+# ======================================================================================================================
+def main():
+    args = tyro.cli(Args)
+    if min(args.dpo_batch_size, args.dpo_micro_batch_size) < 1 or args.dpo_iterations < 0 or args.dpo_beta <= 0:
+        raise SystemExit("--dpo-batch-size and --dpo-micro-batch-size must be >= 1, --dpo-iterations >= 0, --dpo-beta > 0")
+    from accelerate import Accelerator
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_name = args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.output_dir) / run_name
+    prompts_dir = Path(args.prompts_dir) if args.prompts_dir else Path(__file__).resolve().parent / "prompts"
+    accelerator = Accelerator()
+
+    # seeding: Python, NumPy, torch; the environments are deterministic given the actions
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed + accelerator.process_index)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("OMP_NUM_THREADS", "1")))))
+
+    # --- prompts and data (fail early, before loading any model) ---
+    system_prompt = read_prompt(prompts_dir, "alfworld_agent.md")
+    prompts = {}
+    if args.relabeler == "llm":
+        prompts = {"goal_system": read_prompt(prompts_dir, "alfworld_goal_inference.md"),
+                   "goal_user": read_prompt(prompts_dir, "alfworld_goal_inference_user.md"),
+                   "rel_system": read_prompt(prompts_dir, "alfworld_action_relevance.md"),
+                   "rel_user": read_prompt(prompts_dir, "alfworld_action_relevance_user.md")}
+    data_dir = resolve_data_dir(args.data_dir)
+    train_games = list_games(data_dir, "train", args.max_env_steps, args.num_train_games)
+    eval_games = {s: list_games(data_dir, s, args.max_env_steps, args.num_eval_games) for s in args.eval_splits}
+    if not train_games:
+        raise SystemExit(f"no train games under {data_dir}/json_2.1.1/train")
+
+    writer = SummaryWriter(str(run_dir)) if accelerator.is_main_process else None
+    if args.track and accelerator.is_main_process:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)
+    if writer:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    def log(metrics: dict, step: int):
+        if writer:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+                    writer.add_scalar(k, v, step)
+
+    # --- ground-truth demonstrations D_train ---
+    if args.demos_path:
+        demos = load_eto_demos(args.demos_path, args.keep_thoughts)[: args.num_demos]
+    else:
+        demos, failed = [], 0
+        for g in tqdm(train_games[: args.num_demos], desc="expert demos", disable=None):
+            d = expert_demo(g, args.expert_max_steps)
+            failed += d is None
+            if d is not None:
+                demos.append(d)
+        tqdm.write(f"[demos] hand-coded expert won {len(demos)} of {len(demos) + failed} train games")
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "expert_demos.json").write_text(json.dumps([demo_to_eto(d) for d in demos]))
+    if not demos:
+        raise SystemExit("no ground-truth demonstrations (the expert won no game and --demos-path was not given)")
+
+    # the relabeler first: an unreachable endpoint should fail now, not after hours of SFT
+    client = LLMClient(args) if args.relabeler == "llm" else None
+
+    # --- agent, optimiser, state ---
+    tokenizer, model = load_agent(args, args.resume)
+    model.train()
+    encoded = [encode_demo(tokenizer, demo_messages(system_prompt, d), d["z"], args.max_seq_len) for d in demos]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
+    sft_steps = int(round(args.sft_epochs * steps_per_epoch))
+    hsl_steps = args.hsl_steps if args.hsl_steps >= 0 else int(round(args.hsl_epochs * steps_per_epoch))
+    buffer = HindsightBuffer(args.buffer_size, args.hsl_alpha, uniform=args.ablation == "uniform_weight")
+    state = {"sft_step": 0, "hsl_step": 0, "counters": {}, "judge": {}, "evals": 0, "relabeled_pushed": 0,
+             "dpo_iter": 0, "dpo_step": 0, "pairs_built": 0, "results": {}}
+    ckpt_trainer = None
+    if args.resume:
+        hs = json.loads((Path(args.resume) / "hsl_state.json").read_text())
+        for d in hs.pop("buffer"):
+            buffer.push(d)
+        state.update(hs)
+        ckpt_trainer = torch.load(Path(args.resume) / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(ckpt_trainer["optimizer"])
+        random.setstate(ckpt_trainer["rng"]["python"])
+        np.random.set_state(ckpt_trainer["rng"]["numpy"])
+        torch.set_rng_state(ckpt_trainer["rng"]["torch"])
+        tqdm.write(f"[resume] {args.resume}: sft_step {state['sft_step']}, hsl_step {state['hsl_step']}, buffer {len(buffer)}")
+    counters = collections.Counter(state["counters"])
+    judge = collections.Counter(state["judge"])
+    pool = GamePool()
+    vllm_agent = VLLMAgent(args, run_dir) if args.rollout_backend == "vllm" else None
+    if vllm_agent is not None and args.action_mode == "score":
+        raise SystemExit("--action-mode score needs --rollout-backend transformers")
+
+    def run_eval(step: int, tag: str):
+        if vllm_agent is not None:
+            vllm_agent.sync(unwrapped, tokenizer, step)
+        t0 = time.time()
+        res = evaluate(eval_games, unwrapped, tokenizer, system_prompt, args, pool, rng, vllm_agent)
+        state["evals"] += 1
+        log({f"eval/{k}": v for k, v in res.items()}, step)
+        tqdm.write(f"[eval {tag}] step {step} ({time.time() - t0:.1f}s): "
+              + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+        return res
+
+    # ---------------- phase 1: SFT on D_train (Appendix F) ----------------
+    sched = make_scheduler(optimizer, args, sft_steps)
+    if ckpt_trainer is not None and state["hsl_step"] == 0 and state["sft_step"] < sft_steps:
+        sched.load_state_dict(ckpt_trainer["scheduler"])
+    order_rng = np.random.default_rng(args.seed)
+    orders = [order_rng.permutation(len(encoded)) for _ in range(math.ceil(args.sft_epochs) + 1)]
+    t_start = time.time()
+    if state["sft_step"] < sft_steps and state["hsl_step"] == 0:
+        first = state["sft_step"]
+        bar = tqdm(range(first, sft_steps), desc="sft", disable=None if accelerator.is_main_process else True)
+        for step in bar:
+            ep, k = divmod(step, steps_per_epoch)
+            batch = [encoded[i] for i in orders[ep][k * args.batch_size: (k + 1) * args.batch_size]]
+            info = accumulate_loss(model, batch, 1.0, args, accelerator, "sft", tokenizer.pad_token_id)
+            info["sft/grad_norm"] = optimizer_step(model, optimizer, sched, args, accelerator)
+            info["charts/learning_rate"] = sched.get_last_lr()[0]
+            state["sft_step"] = step + 1
+            log(info, step + 1)
+            bar.set_postfix(loss=f"{info['sft/loss']:.3f}")
+            if step == 0 or (step + 1) % max(1, steps_per_epoch) == 0 or step + 1 == sft_steps:
+                tqdm.write(f"[sft] step {step + 1}/{sft_steps} loss {info['sft/loss']:.4f} "
+                      f"({(step + 1 - first) / (time.time() - t_start):.2f} steps/s)")
+        save_checkpoint(run_dir / "checkpoints" / "sft", model, tokenizer, optimizer, sched, state, buffer, accelerator)
+    if "SFT" not in state["results"]:  # (a resumed run keeps the results of its finished phases)
+        state["results"]["SFT"] = run_eval(0, "after sft")
+
+    # ---------------- phase 2: HSL (Sections 3.2-3.4) ----------------
+    sched = make_scheduler(optimizer, args, hsl_steps)
+    if ckpt_trainer is not None and state["hsl_step"] > 0:
+        sched.load_state_dict(ckpt_trainer["scheduler"])
+    sft_order = np.random.default_rng(args.seed + 1)
+    sft_queue = []
+    t_hsl = time.time()
+    first_hsl = state["hsl_step"]
+    bar = tqdm(range(first_hsl, hsl_steps), desc="hsl", disable=None if accelerator.is_main_process else True)
+    for step in bar:
+        # 1) trajectory collection: b train instructions, a_t ~ pi_theta
+        t0 = time.time()
+        if vllm_agent is not None:
+            vllm_agent.sync(unwrapped, tokenizer, step)
+        picked = [train_games[i] for i in rng.choice(len(train_games), size=args.rollouts_per_step,
+                                                     replace=len(train_games) < args.rollouts_per_step)]
+        model.eval()
+        trajs = rollout(picked, unwrapped, tokenizer, system_prompt, args, args.rollout_temperature, pool, rng, vllm_agent)
+        model.train()
+        t1 = time.time()
+        # 2) relabeling with the goals actually achieved (Section 3.3)
+        step_counts, step_judge = collections.Counter(), collections.Counter()
+        if args.relabeler == "oracle":
+            relabeled = relabel_oracle(trajs, args, step_counts)
+        else:
+            relabeled = relabel_llm(trajs, client, prompts, args, step_counts, step_judge)
+        pushed = 0
+        for demos_k in relabeled:
+            for d in demos_k:
+                ok = buffer.push(d)
+                pushed += ok
+                step_counts["pushed" if ok else "dropped_no_relevant_action"] += 1
+        counters.update(step_counts)
+        judge.update(step_judge)
+        state["relabeled_pushed"] += pushed
+        for traj, demos_k in list(zip(trajs, relabeled))[: args.log_trajectories]:
+            tqdm.write(f"  [traj] '{traj['instruction']}' won={traj['won']} steps={len(traj['actions'])} -> "
+                  + ("; ".join(f"'{d['instruction']}' S={len(d['actions'])} z={''.join(map(str, d['z']))}" for d in demos_k)
+                     or "no goal"))
+        t2 = time.time()
+        # 3) optimisation: L_HSL = lambda L_D' + (1 - lambda) L_SFT (Eq. 4)
+        while len(sft_queue) < args.batch_size:
+            sft_queue += list(sft_order.permutation(len(encoded)))
+        sft_batch = [encoded[i] for i in sft_queue[: args.batch_size]]
+        del sft_queue[: args.batch_size]
+        info = {}
+        if len(buffer):
+            drawn = buffer.sample(args.hsl_batch_size, rng)
+            no_mask = args.ablation == "no_mask"
+            hs_batch = [encode_demo(tokenizer, demo_messages(system_prompt, d), [1] * len(d["z"]) if no_mask else d["z"],
+                                    args.max_seq_len) for d in drawn]
+            info.update(accumulate_loss(model, hs_batch, args.hsl_lambda, args, accelerator, "hsl", tokenizer.pad_token_id))
+            sft_coef = 1.0 - args.hsl_lambda
+        else:  # nothing relabeled yet: a plain SFT step (our choice; Eq. 4 is undefined with an empty D')
+            sft_coef = 1.0
+        info.update(accumulate_loss(model, sft_batch, sft_coef, args, accelerator, "sft", tokenizer.pad_token_id))
+        info["losses/hsl_total"] = sft_coef * info["sft/loss"] + (args.hsl_lambda * info["hsl/loss"] if "hsl/loss" in info else 0.0)
+        info["hsl/grad_norm"] = optimizer_step(model, optimizer, sched, args, accelerator)
+        t3 = time.time()
+        state["hsl_step"] = step + 1
+        # logging: the paper reports 11.5 / 62.0 / 24.0 s for rollout / relabel / optimise (Appendix F)
+        p, r = precision_recall(judge)
+        info.update({"time/rollout": t1 - t0, "time/relabel": t2 - t1, "time/optimise": t3 - t2,
+                     "charts/rollout_success": float(np.mean([t["won"] for t in trajs])),
+                     "charts/invalid_action_rate": sum(t["invalid"] for t in trajs) / max(sum(len(t["actions"]) for t in trajs), 1),
+                     "charts/learning_rate": sched.get_last_lr()[0], "charts/steps_per_second": (step + 1 - first_hsl) / (t3 - t_hsl),
+                     "buffer/size": len(buffer), "buffer/pushed": pushed,
+                     **{f"relabel/{k}": v for k, v in step_counts.items()}})
+        for tt in TASK_TYPES:
+            info[f"buffer/frac_{TASK_SHORT[tt]}"] = sum(d["task_type"] == tt for d in buffer.items) / max(len(buffer), 1)
+        if args.relabeler == "llm":
+            sp, sr = precision_recall(step_judge)
+            info.update({"relabel/precision_vs_oracle": sp, "relabel/recall_vs_oracle": sr,
+                         "relabel/precision_vs_oracle_cum": p, "relabel/recall_vs_oracle_cum": r})
+        log(info, step + 1)
+        bar.set_postfix(buf=len(buffer), loss=f"{info['losses/hsl_total']:.3f}")
+        tqdm.write(f"[hsl] step {step + 1}/{hsl_steps} | rollout {t1 - t0:.1f}s relabel {t2 - t1:.1f}s optimise {t3 - t2:.1f}s | "
+              f"{info['charts/steps_per_second']:.3f} steps/s | "
+              f"success {info['charts/rollout_success']:.2f} | relabeled +{pushed} buffer {len(buffer)} | "
+              f"loss {info['losses/hsl_total']:.4f}" + (f" (L_D' {info['hsl/loss']:.4f}, L_SFT {info['sft/loss']:.4f})" if "hsl/loss" in info else " (D' empty: SFT only)")
+              + (f" | precision {sp:.2f} recall {sr:.2f} (cum {p:.2f}/{r:.2f}) | "
+                 f"skips: bad_json {counters['goal_inference_bad_json']} failed_request {counters['goal_inference_failed_request']} "
+                 f"invalid_goal {counters['goal_invalid']} bad_relevance {counters['relevance_unusable']}"
+                 if args.relabeler == "llm" else ""))
+        state["counters"], state["judge"] = dict(counters), dict(judge)
+        if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < hsl_steps:
+            run_eval(step + 1, "hsl")
+        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < hsl_steps:
+            save_checkpoint(run_dir / "checkpoints" / f"hsl_{step + 1}", model, tokenizer, optimizer, sched, state, buffer, accelerator)
+
+    state["counters"], state["judge"] = dict(counters), dict(judge)
+    if hsl_steps > 0 and "SFT+HSL" not in state["results"]:
+        state["results"]["SFT+HSL"] = run_eval(state["hsl_step"], "after hsl")
+        save_checkpoint(run_dir / "checkpoints" / "hsl", model, tokenizer, optimizer, sched, state, buffer, accelerator)
+
+    # ---------------- phase 3: ETO exploration + DPO (Song et al. 2024) ----------------
+    # ETO explores the train tasks that have a ground-truth demonstration; demos loaded from a file without game files
+    # are matched to explored games by their prompt instead (build_dpo_pairs).
+    demo_games = sorted({d["gamefile"] for d in demos if d.get("gamefile")})
+    explore_games = demo_games if len(demo_games) == len(demos) else train_games
+    if args.dpo_explore_games > 0:
+        explore_games = explore_games[: args.dpo_explore_games]
+    dpo_tag = "DPO+HSL" if hsl_steps > 0 else "DPO"
+    t_dpo = time.time()
+    from transformers import get_scheduler
+
+    for it in range(state["dpo_iter"], args.dpo_iterations):
+        beta = args.dpo_beta if it == 0 else args.dpo_later_beta
+        lr = args.dpo_learning_rate if it == 0 else args.dpo_later_learning_rate
+        # 1) exploration with the current agent, in batches of b games
+        t0 = time.time()
+        if vllm_agent is not None:
+            vllm_agent.sync(unwrapped, tokenizer, state["hsl_step"] + state["dpo_step"])
+        model.eval()
+        trajs = []
+        for i in range(0, len(explore_games), args.rollouts_per_step):
+            trajs += rollout(explore_games[i: i + args.rollouts_per_step], unwrapped, tokenizer, system_prompt, args,
+                             args.dpo_explore_temperature, pool, rng, vllm_agent, desc=f"eto explore {it + 1}")
+        model.train()
+        # 2) preference pairs: chosen = demonstration, rejected = failure on the same task
+        pair_counts = collections.Counter()
+        pairs = build_dpo_pairs(trajs, demos, pair_counts)
+        enc_pairs = [encode_pair(tokenizer, system_prompt, p, args.max_seq_len) for p in pairs]
+        # a prompt longer than --max-seq-len leaves a side without action tokens: no preference to learn, skip and count
+        kept = [e for e in enc_pairs if all(max(e[k]["weights"][1:], default=0) > 0 for k in ("chosen", "rejected"))]
+        pair_counts["pairs_skipped_truncated"] += len(enc_pairs) - len(kept)
+        enc_pairs = kept
+        state["pairs_built"] += len(enc_pairs)
+        counters.update(pair_counts)
+        t1 = time.time()
+        explore_success = float(np.mean([t["won"] for t in trajs])) if trajs else float("nan")
+        tqdm.write(f"[eto] iteration {it + 1}/{args.dpo_iterations}: explored {len(trajs)} train tasks in {t1 - t0:.1f}s "
+                   f"(success {explore_success:.2f}) -> {len(enc_pairs)} pairs (skipped: success "
+                   f"{pair_counts['pairs_skipped_success']}, no demo {pair_counts['pairs_skipped_no_demo']}, "
+                   f"empty {pair_counts['pairs_skipped_empty']}, truncated {pair_counts['pairs_skipped_truncated']}) | "
+                   f"beta {beta} lr {lr:g}")
+        log({"eto/explore_success": explore_success, "eto/pairs": len(enc_pairs), "time/explore": t1 - t0},
+            state["dpo_step"])
+        if not enc_pairs:  # the agent solved every explored task: nothing to prefer (ETO would also stop here)
+            state["dpo_iter"] = it + 1
+            continue
+        # 3) pi_ref: the policy this round starts from (ETO: --ref_model_name_or_path = the current model)
+        reference_logps(unwrapped, enc_pairs, args.dpo_micro_batch_size, tokenizer.pad_token_id, accelerator.device)
+        # 4) DPO: a fresh AdamW and constant-with-warmup schedule per round, as ETO trains each round from scratch
+        dpo_optimizer = accelerator.prepare(torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr,
+                                                              weight_decay=args.weight_decay))
+        per_epoch = math.ceil(len(enc_pairs) / args.dpo_batch_size)
+        round_steps = max(1, int(round(args.dpo_epochs * per_epoch)))
+        dpo_sched = get_scheduler("constant_with_warmup", dpo_optimizer,
+                                  num_warmup_steps=int(args.dpo_warmup_ratio * round_steps), num_training_steps=round_steps)
+        order_rng = np.random.default_rng(args.seed + 1000 + it)
+        queue, t2 = [], time.time()
+        for s in tqdm(range(round_steps), desc=f"dpo {it + 1}", disable=not accelerator.is_main_process):
+            if len(queue) < min(args.dpo_batch_size, len(enc_pairs)):
+                queue += list(order_rng.permutation(len(enc_pairs)))
+            batch = [enc_pairs[k] for k in queue[: args.dpo_batch_size]]
+            del queue[: args.dpo_batch_size]
+            info = accumulate_dpo_loss(model, batch, beta, args.dpo_nll_coef, args.dpo_micro_batch_size, accelerator,
+                                       tokenizer.pad_token_id)
+            info["dpo/grad_norm"] = optimizer_step(model, dpo_optimizer, dpo_sched, args, accelerator)
+            state["dpo_step"] += 1
+            elapsed = time.time() - t2
+            info.update({"charts/dpo_learning_rate": dpo_sched.get_last_lr()[0], "charts/dpo_iteration": it + 1,
+                         "charts/dpo_pairs_per_second": (s + 1) * len(batch) / elapsed})
+            log(info, state["dpo_step"])
+            if s == 0 or (s + 1) % max(1, per_epoch) == 0 or s + 1 == round_steps:
+                tqdm.write(f"[dpo] iteration {it + 1} step {s + 1}/{round_steps} loss {info['dpo/total_loss']:.4f} "
+                           f"reward acc {info['dpo/reward_accuracy']:.2f} margin {info['dpo/reward_margin']:.4f} "
+                           f"({(s + 1) / elapsed:.2f} steps/s, {info['charts/dpo_pairs_per_second']:.2f} pairs/s)")
+        state["dpo_iter"] = it + 1
+        state["counters"] = dict(counters)
+        save_checkpoint(run_dir / "checkpoints" / f"dpo_iter_{it + 1}", model, tokenizer, dpo_optimizer, dpo_sched, state,
+                        buffer, accelerator)
+    if args.dpo_iterations > 0:
+        state["results"][dpo_tag] = run_eval(state["hsl_step"] + state["dpo_step"], "after dpo")
+
+    # ---------------- final summary: SFT / SFT+HSL / DPO+HSL side by side ----------------
+    save_checkpoint(run_dir / "checkpoints" / "final", model, tokenizer, optimizer, sched, state, buffer, accelerator)
+    if accelerator.is_main_process:
+        cols = [s for s in args.eval_splits]
+        tqdm.write("[results] success rate | " + " | ".join(cols))
+        for tag, res in state["results"].items():
+            tqdm.write(f"[results] {tag:<8} | " + " | ".join(f"{res.get(f'{c}/success', float('nan')):.3f}" for c in cols))
+        summary = {"sft_steps": state["sft_step"], "hsl_steps": state["hsl_step"], "buffer_size": len(buffer),
+                   "relabeled_pushed": state["relabeled_pushed"], "evaluations": state["evals"], "counters": dict(counters),
+                   "precision_vs_oracle": precision_recall(judge)[0] if args.relabeler == "llm" else None,
+                   "recall_vs_oracle": precision_recall(judge)[1] if args.relabeler == "llm" else None,
+                   "dpo_iterations": state["dpo_iter"], "dpo_steps": state["dpo_step"], "pairs_built": state["pairs_built"],
+                   "dpo_seconds": time.time() - t_dpo, "results": state["results"],
+                   "final_eval": list(state["results"].values())[-1] if state["results"] else None,
+                   "num_demos": len(demos), "args": asdict(args)}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        tqdm.write(f"[done] {run_dir}/summary.json: sft_steps {state['sft_step']}, hsl_steps {state['hsl_step']}, "
+              f"relabeled_pushed {state['relabeled_pushed']}, dpo_steps {state['dpo_step']}, pairs_built "
+              f"{state['pairs_built']}, evaluations {state['evals']}")
+    if writer:
+        writer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Tests of hsl_dpo.py: the DPO loss against TRL's DPOTrainer, ETO pair construction, and smoke runs on real ALFWorld games.
+
+The shared sections (environment, demonstrations, agent, rollouts, relabeling, HSL) are those of hsl_sft.py and are tested
+in tests/test_hsl_sft.py; here we test what hsl_dpo.py adds. TRL is a test dependency only (requirements-test.txt):
+the script never imports it.
+"""
+
+import collections
+import copy
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alfworld_games import PUT_SPLITS, build_games
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dpo():
+    spec = importlib.util.spec_from_file_location("hsl_dpo", REPO / "hsl_dpo.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["hsl_dpo"] = mod
+    spec.loader.exec_module(mod)
+    torch.set_num_threads(1)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def put_games(tmp_path_factory):
+    return build_games(tmp_path_factory.mktemp("alfworld_put_dpo"), PUT_SPLITS)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_lm_dir):
+    """(tokenizer, reference model, policy model): the policy is the reference with its weights perturbed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    policy = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return tok, ref, policy
+
+
+def traj(room: int, actions: list[str], won: bool = False, thoughts=None) -> dict:
+    """A hand-built demonstration / trajectory in the scripts' dict format."""
+    return {"intro": f"You are in the middle of a room {room}. Looking quickly around you, you see a shelf 1.",
+            "instruction": f"put some mug on shelf {room}", "actions": actions,
+            "observations": [f"You see nothing {k}." for k in range(len(actions))], "thoughts": thoughts,
+            "z": [1] * len(actions), "won": won, "gamefile": f"/games/{room}/game.tw-pddl", "task_type": "pick_and_place_simple"}
+
+
+SYSTEM = "Interact with a household to solve a task."
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------------
+def test_help(run_script):
+    r = run_script("hsl_dpo.py", "--help", timeout=60)
+    for flag in ("--dpo-iterations", "--dpo-beta", "--dpo-nll-coef", "--dpo-learning-rate", "--hsl-steps", "--hsl-lambda",
+                 "--relabeler", "--resume"):
+        assert flag in r.output
+    assert r.seconds < 30
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ETO pair construction
+# ----------------------------------------------------------------------------------------------------------------------
+def test_build_dpo_pairs_hand_built(dpo, tiny):
+    tok = tiny[0]
+    demos = [traj(1, ["go to countertop 1", "take mug 1 from countertop 1", "go to shelf 1", "move mug 1 to shelf 1"],
+                  won=True, thoughts=["find the mug", None, None, None]),
+             traj(2, ["go to shelf 1"], won=True)]
+    failed = traj(1, ["go to shelf 1", "look", "go to countertop 1"])
+    trajs = [failed, traj(2, ["go to shelf 1"], won=True), traj(3, ["look"]), traj(1, [])]
+    counts = collections.Counter()
+    pairs = dpo.build_dpo_pairs(trajs, demos, counts)
+    assert counts == {"pairs_built": 1, "pairs_skipped_success": 1, "pairs_skipped_no_demo": 1, "pairs_skipped_empty": 1}
+    assert len(pairs) == 1 and pairs[0]["chosen"] is demos[0] and pairs[0]["rejected"] is failed
+
+    enc = dpo.encode_pair(tok, SYSTEM, pairs[0], 4096)
+    c, r = enc["chosen"], enc["rejected"]
+    first_c = next(j for j, w in enumerate(c["weights"]) if w > 0)
+    first_r = next(j for j, w in enumerate(r["weights"]) if w > 0)
+    # same prompt x: system + room description + task, token for token, and nothing of it is trained on
+    assert first_c == first_r and c["input_ids"][:first_c] == r["input_ids"][:first_r]
+    prompt = tok.decode(c["input_ids"][:first_c])
+    assert "Your task is to: put some mug on shelf 1." in prompt and SYSTEM in prompt
+
+    def action_text(e):
+        return tok.decode([i for i, w in zip(e["input_ids"], e["weights"]) if w > 0])
+
+    # only the agent's turns carry weight: y_w is the demonstration, y_l the failure; observations are context only
+    assert action_text(c) == ("Thought: find the mug\nAction: go to countertop 1<|im_end|>"
+                              "Action: take mug 1 from countertop 1<|im_end|>Action: go to shelf 1<|im_end|>"
+                              "Action: move mug 1 to shelf 1<|im_end|>")
+    assert action_text(r) == "Action: go to shelf 1<|im_end|>Action: look<|im_end|>Action: go to countertop 1<|im_end|>"
+    assert "You see nothing 0." in tok.decode(r["input_ids"]) and "You see nothing 0." not in action_text(r)
+    # the last observation is not part of y (ETO drops a trailing human turn)
+    assert "You see nothing 2." not in tok.decode(r["input_ids"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# log-probabilities and the DPO loss
+# ----------------------------------------------------------------------------------------------------------------------
+def test_sequence_action_logps_matches_slow_loop(dpo, tiny):
+    tok, _, policy = tiny
+    pair = {"chosen": traj(1, ["go to shelf 1", "take mug 1 from shelf 1"]), "rejected": traj(1, ["look", "look", "inventory"])}
+    enc = dpo.encode_pair(tok, SYSTEM, pair, 4096)
+    mb = dpo.pair_batch([enc], tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        fast, ntok = dpo.sequence_action_logps(policy, mb["input_ids"], mb["attention_mask"], mb["weights"])
+        for b, e in enumerate([enc["chosen"], enc["rejected"]]):
+            ids = torch.tensor([e["input_ids"]])
+            logp = torch.log_softmax(policy(input_ids=ids).logits[0].double(), -1)
+            slow = sum(logp[j - 1, e["input_ids"][j]] for j in range(1, len(e["input_ids"])) if e["weights"][j] > 0)
+            assert abs(fast[b].item() - slow.item()) < 1e-3 * max(1.0, abs(slow.item()))
+            assert ntok[b].item() == sum(w > 0 for w in e["weights"][1:])
+
+
+@pytest.mark.parametrize("nll_coef", [0.0, 0.5])
+def test_dpo_loss_matches_trl(dpo, tiny, nll_coef, tmp_path):
+    """Same tiny model, same token batch: our loss equals TRL 1.16 DPOTrainer's (loss_type sigmoid, + "sft" for the NLL)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tok, ref, policy = tiny
+    # single-turn pairs, so that TRL's completion (everything after the prompt) is exactly the agent's action tokens
+    pairs = [{"chosen": traj(k, [f"go to shelf {k}"]), "rejected": traj(k, ["look" * (k + 1)])} for k in range(3)]
+    enc = [dpo.encode_pair(tok, SYSTEM, p, 4096) for p in pairs]
+    B = len(enc)
+    mb = dpo.pair_batch(enc, tok.pad_token_id, "cpu")
+    dpo.reference_logps(ref, enc, 2, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        logps, ntok = dpo.sequence_action_logps(policy, mb["input_ids"], mb["attention_mask"], mb["weights"])
+    ref_c = torch.tensor([e["ref_chosen"] for e in enc])
+    ref_r = torch.tensor([e["ref_rejected"] for e in enc])
+    ours, info = dpo.dpo_loss(logps[:B], logps[B:], ref_c, ref_r, ntok[:B], beta=0.1, nll_coef=nll_coef)
+
+    def split(e):
+        nz = [j for j, w in enumerate(e["weights"]) if w > 0]
+        assert nz == list(range(nz[0], nz[-1] + 1))  # one contiguous action span
+        return e["input_ids"][: nz[0]], e["input_ids"][nz[0]: nz[-1] + 1]
+
+    examples = []
+    for e in enc:
+        (pc, yc), (pr, yr) = split(e["chosen"]), split(e["rejected"])
+        assert pc == pr
+        examples.append({"prompt_ids": pc, "chosen_ids": yc, "rejected_ids": yr})
+    # bf16=False: TRL otherwise runs the reference model under bf16 autocast on CPUs that support it
+    cfg = DPOConfig(output_dir=str(tmp_path), report_to=[], beta=0.1, per_device_train_batch_size=B, use_cpu=True, bf16=False,
+                    max_length=None, loss_type=["sigmoid", "sft"] if nll_coef else ["sigmoid"],
+                    loss_weights=[1.0, nll_coef] if nll_coef else None)
+    trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=cfg, processing_class=tok,
+                         train_dataset=Dataset.from_list([{"prompt": "x", "chosen": "y", "rejected": "z"}]))
+    trainer.model.eval()
+    with torch.no_grad():
+        theirs = trainer.compute_loss(trainer.model, trainer.data_collator(examples))
+    assert abs(ours.item() - theirs.item()) < 1e-5, (ours.item(), theirs.item())
+    assert abs(ours.item() - 0.6931) > 1e-3  # the policy differs from the reference: not the trivial log 2
+
+
+def test_accumulated_micro_batches_equal_one_batch(dpo, tiny):
+    """Gradient accumulation over micro-batches gives the full batch's loss and gradient (NLL term included)."""
+    from accelerate import Accelerator
+
+    tok, ref, policy = tiny
+    pairs = [{"chosen": traj(k, ["go to shelf 1", f"take mug {k} from shelf 1"]), "rejected": traj(k, ["look"] * (k + 1))}
+             for k in range(3)]
+    enc = [dpo.encode_pair(tok, SYSTEM, p, 4096) for p in pairs]
+    dpo.reference_logps(ref, enc, 3, tok.pad_token_id, "cpu")
+    grads, losses = [], []
+    for micro in (3, 1):
+        model = copy.deepcopy(policy)
+        info = dpo.accumulate_dpo_loss(model, enc, 0.1, 0.3, micro, Accelerator(cpu=True), tok.pad_token_id)
+        losses.append(info["dpo/total_loss"])
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert abs(losses[0] - losses[1]) < 1e-5
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4) and grads[0].abs().sum() > 0
+
+
+def test_dpo_steps_raise_the_preference_margin(dpo, tiny):
+    """A few optimisation steps of the loss make the policy prefer y_w over y_l more than the reference does."""
+    from accelerate import Accelerator
+
+    tok, ref, _ = tiny
+    model = copy.deepcopy(ref).train()
+    pairs = [{"chosen": traj(k, ["go to shelf 1"]), "rejected": traj(k, ["inventory"])} for k in range(2)]
+    enc = [dpo.encode_pair(tok, SYSTEM, p, 4096) for p in pairs]
+    dpo.reference_logps(model, enc, 2, tok.pad_token_id, "cpu")  # pi_ref = the starting policy
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(5):
+        info = dpo.accumulate_dpo_loss(model, enc, 0.1, 0.0, 2, Accelerator(cpu=True), tok.pad_token_id)
+        first = info if first is None else first
+        opt.step()
+        opt.zero_grad()
+    assert abs(first["dpo/loss"] - 0.693147) < 1e-4 and abs(first["dpo/reward_margin"]) < 1e-6  # policy == reference
+    assert info["dpo/reward_margin"] > 0.05 and info["dpo/loss"] < first["dpo/loss"] and info["dpo/reward_accuracy"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Smoke runs (end to end, as a user runs the script)
+# ----------------------------------------------------------------------------------------------------------------------
+SMOKE = ["--relabeler", "oracle", "--action-mode", "score", "--score-normalization", "mean", "--num-demos", "2",
+         "--batch-size", "2", "--micro-batch-size", "2", "--sft-epochs", "1", "--hsl-batch-size", "2",
+         "--rollouts-per-step", "4", "--max-env-steps", "12", "--learning-rate", "1e-3", "--max-seq-len", "2048",
+         "--eval-every", "0", "--save-every", "0", "--dpo-batch-size", "2", "--dpo-epochs", "1",
+         "--dpo-learning-rate", "1e-4", "--seed", "1"]
+EVAL = r"\[eval after {}\] step \d+ .*valid_seen/success ([0-9.]+).*valid_unseen/success ([0-9.]+)"
+
+
+def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, tmp_path):
+    out = tmp_path / "runs"
+    r = run_script("hsl_dpo.py", "--data-dir", put_games, "--model-name", tiny_lm_dir, "--hsl-steps", "2",
+                   "--dpo-iterations", "1", "--output-dir", out, "--run-name", "dpo_hsl", *SMOKE, timeout=180)
+    assert re.search(r"\[sft\] step 1/1 loss [0-9.]+", r.output)
+    assert re.search(r"\[hsl\] step 2/2 .*loss [0-9.]+", r.output)
+    m = re.search(r"\[eto\] iteration 1/1: explored (\d+) train tasks .* -> (\d+) pairs", r.output)
+    assert m and int(m.group(1)) == 2 and int(m.group(2)) >= 1, r.output[-3000:]
+    assert re.search(r"\[dpo\] iteration 1 step 1/\d+ loss [0-9.]+ reward acc [0-9.]+ margin -?[0-9.]+", r.output)
+    for phase in ("sft", "hsl", "dpo"):  # the three evaluations: SFT, SFT+HSL, DPO+HSL
+        assert re.search(EVAL.format(phase), r.output), phase
+    assert re.search(r"\[results\] SFT +\| [0-9.]+ \| [0-9.]+", r.output)
+    assert re.search(r"\[results\] SFT\+HSL +\| [0-9.]+ \| [0-9.]+", r.output)
+    assert re.search(r"\[results\] DPO\+HSL +\| [0-9.]+ \| [0-9.]+", r.output)
+    summary = json.loads((out / "dpo_hsl" / "summary.json").read_text())
+    assert summary["pairs_built"] >= 1 and summary["dpo_steps"] >= 1 and summary["evaluations"] == 3
+    assert list(summary["results"]) == ["SFT", "SFT+HSL", "DPO+HSL"]
+    assert summary["hsl_steps"] == 2 and summary["relabeled_pushed"] >= 1
+    assert (out / "dpo_hsl" / "checkpoints" / "dpo_iter_1" / "model.safetensors").exists()
+    assert list((out / "dpo_hsl").glob("events.out.tfevents.*"))
+
+    # resume from the end of HSL: neither SFT nor HSL runs again, the ETO round does
+    ckpt = out / "dpo_hsl" / "checkpoints" / "hsl"
+    r2 = run_script("hsl_dpo.py", "--data-dir", put_games, "--model-name", tiny_lm_dir, "--hsl-steps", "2",
+                    "--dpo-iterations", "1", "--resume", ckpt, "--output-dir", out, "--run-name", "resumed", *SMOKE,
+                    timeout=150)
+    assert "[sft] step" not in r2.output and "[hsl] step" not in r2.output
+    assert "[eto] iteration 1/1" in r2.output and re.search(EVAL.format("dpo"), r2.output)
+    assert re.search(r"\[results\] SFT\+HSL +\|", r2.output)  # earlier results come back from the checkpoint
+
+
+def test_smoke_eto_baseline_without_hsl(run_script, put_games, tiny_lm_dir, tmp_path):
+    """--hsl-steps 0: the plain DPO (ETO) baseline from the same file: SFT, then ETO rounds."""
+    out = tmp_path / "runs"
+    r = run_script("hsl_dpo.py", "--data-dir", put_games, "--model-name", tiny_lm_dir, "--hsl-steps", "0",
+                   "--dpo-iterations", "1", "--dpo-nll-coef", "0.2", "--output-dir", out, "--run-name", "eto", *SMOKE,
+                   timeout=150)
+    assert "[hsl] step" not in r.output and not re.search(EVAL.format("hsl"), r.output)
+    assert re.search(r"\[eto\] iteration 1/1: .* -> [1-9]\d* pairs", r.output)
+    assert re.search(EVAL.format("sft"), r.output) and re.search(EVAL.format("dpo"), r.output)
+    summary = json.loads((out / "eto" / "summary.json").read_text())
+    assert list(summary["results"]) == ["SFT", "DPO"] and summary["dpo_steps"] >= 1 and summary["hsl_steps"] == 0
