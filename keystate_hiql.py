@@ -164,6 +164,12 @@ class Args:
     """maximum new tokens per LLM answer"""
     llm_temperature: float = 0.0
     """sampling temperature (0 = greedy)"""
+    llm_vllm_enforce_eager: bool = False
+    """vllm backend: run eagerly, no CUDA graphs / torch.compile (much faster start-up; use on CPU)"""
+    llm_vllm_dtype: str = "auto"
+    """vllm backend: weight/activation dtype (auto, float32, bfloat16, ...; float32 on CPU)"""
+    llm_vllm_max_model_len: Optional[int] = None
+    """vllm backend: context length to reserve KV cache for (default: the model's; e.g. 2048 on CPU)"""
 
     # --- HIQL agent (agent-specific; OGBench impls/agents/hiql.py defaults) -------------------------------------------
     lr: float = 3e-4
@@ -337,7 +343,8 @@ def make_llm(args: Args) -> Callable[[str], str]:
             import vllm  # optional install, imported here only
         except ImportError:
             raise SystemExit("error: --llm-backend vllm needs `pip install vllm` (or use openai / transformers)") from None
-        llm = vllm.LLM(model=args.llm_model, seed=args.seed)
+        llm = vllm.LLM(model=args.llm_model, seed=args.seed, enforce_eager=args.llm_vllm_enforce_eager,
+                       dtype=args.llm_vllm_dtype, max_model_len=args.llm_vllm_max_model_len)
         params = vllm.SamplingParams(temperature=args.llm_temperature, max_tokens=args.llm_max_new_tokens)
 
         def chat(prompt: str) -> str:
