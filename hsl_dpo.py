@@ -687,6 +687,7 @@ class VLLMAgent:
         from vllm import LLM
 
         a = self.args
+        tqdm.write(f"[vllm] building the rollout engine from {model}")
         return LLM(model=model, gpu_memory_utilization=a.vllm_gpu_memory_utilization, seed=a.seed,
                    enforce_eager=a.vllm_enforce_eager, dtype=a.vllm_dtype, max_model_len=a.vllm_max_model_len, **kw)
 

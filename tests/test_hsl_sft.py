@@ -463,7 +463,7 @@ def test_smoke_vllm_rollouts_lora(run_script, put_games, tiny_lm_dir, tmp_path):
     # one LoRA sync per agent version: before HSL step 1 (version 0), step 2 (version 1), the final eval (version 2)
     synced = re.findall(r"\[vllm\] agent synced at step (\d+) \(LoRA adapter", r.output)
     assert synced == ["0", "1", "2"], r.output[-3000:]
-    assert r.output.count("Initializing a V1 LLM engine") == 1, "LoRA sync must reuse the engine"
+    assert r.output.count("[vllm] building the rollout engine") == 1, "LoRA sync must reuse the engine"
     assert re.search(r"\[sft\] step 1/1 loss [0-9.]+", r.output)
     assert re.search(r"\[hsl\] step 1/2 .*loss [0-9.]+", r.output) and re.search(r"\[hsl\] step 2/2 .*loss [0-9.]+", r.output)
     assert len(re.findall(r"\[traj\] '.+' won=(True|False) steps=\d+", r.output)) == 4  # 2 steps x 2 vLLM rollouts
