@@ -220,6 +220,11 @@ class Args:
     """what to do with a goal whose relevance answer is unusable (bad JSON, wrong length): drop it or keep z = 1"""
     llm_backend: Literal["openai", "vllm", "transformers"] = "openai"
     """relabeling LLM engine"""
+    # choice (beyond the paper) is for small local relabelers that cannot write Figure 8's JSON: the script writes each
+    # step's known fields (step, action, observation) and the model picks, by constrained decoding, the step's newly
+    # reached goal (a template goal over the names seen so far, or none) and the yes/no relevance label.
+    llm_decoding: Literal["free", "choice"] = "free"
+    """free: the relabeler writes the whole Figure 8/9 answer (paper); choice: it picks each step's labels (vllm/transformers)"""
     llm_model: str = "meta-llama/Llama-3.3-70B-Instruct"
     """relabeling model: served name (openai), hub id / folder (vllm, transformers) or a .gguf file (transformers)"""
     llm_base_url: str = "http://localhost:8000/v1"
@@ -801,6 +806,9 @@ class LLMClient:
     def __init__(self, args: Args):
         self.args, self.backend = args, args.llm_backend
         self.failures = 0
+        if args.llm_decoding == "choice" and self.backend == "openai":
+            raise SystemExit("--llm-decoding choice needs token-level control of the decoder: use --llm-backend vllm or "
+                             "transformers (an OpenAI-compatible endpoint only returns free text)")
         if self.backend == "openai":
             from openai import OpenAI
 
@@ -830,6 +838,8 @@ class LLMClient:
                 self.tok.pad_token = self.tok.eos_token
             self.model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", **kw).to("cuda" if torch.cuda.is_available() else "cpu")
             self.model.eval()
+            self._kv = []  # KV caches of conversations that choice decoding continues (see _choose_transformers)
+            self._gen = torch.Generator().manual_seed(args.seed)
 
     def chat(self, conversations: list[list[dict]]) -> list[Optional[str]]:
         a = self.args
@@ -862,6 +872,84 @@ class LLMClient:
                 outs += self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         self.failures += sum(o is None for o in outs)
         return outs
+
+    def choose(self, conversations: list[list[dict]], prefixes: list[str], options: list[list[str]]) -> list[Optional[int]]:
+        """Constrained decoding (--llm-decoding choice): continue each conversation's assistant answer `prefixes[i]` with
+        exactly one of `options[i]`, decoded token by token under the constraint (greedy at temperature 0, like vLLM's
+        structured-output `choice`). Returns the chosen option's index, or None where the engine gave something else."""
+        a = self.args
+        convs = [c + [{"role": "assistant", "content": p}] for c, p in zip(conversations, prefixes)]
+        if self.backend == "vllm":
+            from vllm import SamplingParams
+            from vllm.sampling_params import StructuredOutputsParams
+
+            # the grammar may spell an option in other tokens than its own tokenization; no token is shorter than a byte
+            sps = [SamplingParams(temperature=a.llm_temperature, seed=a.seed, structured_outputs=StructuredOutputsParams(choice=opts),
+                                  max_tokens=max(len(o.encode()) for o in opts) + 1) for opts in options]
+            outs = self.llm.chat(convs, sps, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)
+            texts = [o.outputs[0].text for o in outs]
+            picks = [opts.index(t) if t in opts else None for t, opts in zip(texts, options)]
+        else:
+            picks = self._choose_transformers(convs, options)
+        self.failures += sum(p is None for p in picks)
+        return picks
+
+    def _choose_transformers(self, convs: list[list[dict]], options: list[list[str]]) -> list[Optional[int]]:
+        """Constrained decoding over a token trie of each conversation's options, one conversation at a time.
+
+        Choice decoding only ever appends to an answer, so each conversation's KV cache is kept from one call to the
+        next and a call encodes only the new text (vLLM gets the same from its prefix cache). Caches not continued by
+        this call are freed. The options are tokenized on their own and fed as such.
+        """
+        a, tok = self.args, self.tok
+        from transformers import DynamicCache
+
+        pool, kept, picks = self._kv, [], []
+        for conv, opts in zip(convs, options):
+            text = tok.apply_chat_template(conv, tokenize=False, continue_final_message=True)
+            entry = max((e for e in pool if text.startswith(e["text"])), key=lambda e: len(e["text"]), default=None)
+            if entry is None:
+                entry = {"text": "", "cache": DynamicCache(), "logits": None}
+            else:
+                pool.remove(entry)  # one conversation per cache, also when two conversations are identical
+            kept.append(entry)
+            if len(text) > len(entry["text"]):
+                self._feed(entry, tok(text[len(entry["text"]):], add_special_tokens=False)["input_ids"])
+            entry["text"] = text
+            trie = {}  # token -> child node; the key None marks where an option ends (its index)
+            for k, o in enumerate(opts):
+                node = trie
+                for t in tok(o, add_special_tokens=False)["input_ids"]:
+                    node = node.setdefault(t, {})
+                node[None] = k
+            node = trie
+            while any(t is not None for t in node):
+                allowed = [t for t in node if t is not None] + ([tok.eos_token_id] if None in node else [])
+                scores = entry["logits"][allowed].float()
+                if a.llm_temperature > 0:
+                    probs = torch.softmax(scores / a.llm_temperature, -1).cpu()
+                    choice = int(torch.multinomial(probs, 1, generator=self._gen))
+                else:
+                    choice = int(scores.argmax())
+                t = allowed[choice]
+                if t == tok.eos_token_id and None in node:
+                    break
+                node = node[t]
+                self._feed(entry, [t])
+            picks.append(node.get(None))
+            if picks[-1] is None:
+                kept.remove(entry)
+            else:
+                entry["text"] += opts[picks[-1]]
+        self._kv = kept
+        return picks
+
+    def _feed(self, entry: dict, ids: list[int]):
+        """Run `ids` through the model on top of the entry's KV cache; keep the next-token logits."""
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([ids], device=self.model.device), past_key_values=entry["cache"],
+                             use_cache=True)
+        entry["cache"], entry["logits"] = out.past_key_values, out.logits[0, -1]
 
 
 def extract_json_list(text: Optional[str]) -> Optional[list]:
@@ -1030,7 +1118,7 @@ def format_trajectory(traj: dict, S: Optional[int] = None, labels: Optional[list
     lines = [f"Initial observation: {traj['intro']}"]
     for t in range(T):
         lines.append(f"\nStep {t + 1}:\nAction: {traj['actions'][t]}\nObservation: {traj['observations'][t]}")
-        if labels is not None and t < len(labels) and isinstance(labels[t], dict):
+        if labels is not None and t < len(labels) and isinstance(labels[t], dict) and "location" in labels[t]:
             lines.append(f"Location: {labels[t].get('location', '')}\nInventory: {labels[t].get('inventory', [])}")
     return "\n".join(lines)
 
@@ -1115,6 +1203,68 @@ def relabel_oracle(trajs: list[dict], args: Args, counters: collections.Counter)
     return out
 
 
+def candidate_goals(traj: dict, upto: int) -> list[str]:
+    """The goals --llm-decoding choice may pick at step `upto`: every template goal (canonical phrasing) over the names
+    seen so far. Receptacles are the entities the initial observation lists; objects are the other named entities met
+    in the first `upto` steps; the examine template takes a lamp. A vocabulary, not a hint: most candidates are false."""
+    name = lambda text: {m.group(1) for m in re.finditer(r"\b([a-z]+) \d+\b", text.lower())}
+    receps = name(traj["intro"])
+    objs = name(" ".join(traj["actions"][:upto] + traj["observations"][:upto])) - receps
+    return [goal_text((tt, o, r)) for tt in TASK_TYPES for o in sorted(objs)
+            for r in sorted(objs & set(LAMPS) if tt == "look_at_obj_in_light" else receps) if o != r]
+
+
+def choice_goal_answers(trajs: list[dict], convs: list[list[dict]], client: LLMClient,
+                        counters: collections.Counter) -> list[str]:
+    """--llm-decoding choice, goal inference: the Figure 8 answer built step by step. The script writes each step's
+    known fields (step, action, observation) and the model continues `"reached_goals": [<running list>` with `]`
+    (nothing new) or one new candidate goal; the running list carries over to later steps, as Figure 8 asks. Figure 8's
+    free-text fields (reasoning, location, inventory) are left out: they are what a small model cannot write. One
+    batched constrained call per step across the trajectories; the answer then goes through the same parser."""
+    answers, running = ["["] * len(trajs), [[] for _ in trajs]
+    for t in tqdm(range(max((len(tr["actions"]) for tr in trajs), default=0)), desc="goal inference (choice)",
+                  leave=False, disable=None):
+        rows = [i for i, tr in enumerate(trajs) if t < len(tr["actions"])]
+        prefixes, options = [], []
+        for i in rows:
+            tr = trajs[i]
+            prefixes.append(answers[i] + ("," if t else "") + f'\n  {{"step": {t + 1}, "action": {json.dumps(tr["actions"][t])}, '
+                            f'"observation": {json.dumps(tr["observations"][t])}, "reached_goals": ['
+                            + ", ".join(json.dumps(g) for g in running[i]))
+            sep = ", " if running[i] else ""
+            options.append(["]"] + [sep + json.dumps(g) + "]" for g in candidate_goals(tr, t + 1) if g not in running[i]])
+        for i, prefix, opts, k in zip(rows, prefixes, options, client.choose([convs[i] for i in rows], prefixes, options)):
+            if k is None:  # the engine returned something outside the options: nothing new at this step
+                counters["choice_failed"] += 1
+                k = 0
+            if k:
+                running[i].append(json.loads(opts[k].lstrip(", ")[:-1]))
+            answers[i] = prefix + opts[k] + "}"
+    return [a + "\n]" for a in answers]
+
+
+def choice_relevance_answers(jobs: list[tuple[int, tuple, int]], trajs: list[dict], convs: list[list[dict]],
+                             client: LLMClient, counters: collections.Counter) -> list[Optional[str]]:
+    """--llm-decoding choice, relevance: the Figure 9 answer built step by step; the model picks "yes" or "no" for
+    `is_relevant_to_goal` of each of the S steps (the reasoning field is left out). None where a pick failed."""
+    answers, failed = ["["] * len(jobs), set()
+    for u in tqdm(range(max((S for _, _, S in jobs), default=0)), desc="relevance (choice)", leave=False, disable=None):
+        rows = [j for j, (_, _, S) in enumerate(jobs) if u < S and j not in failed]
+        prefixes = []
+        for j in rows:
+            tr = trajs[jobs[j][0]]
+            prefixes.append(answers[j] + ("," if u else "") + f'\n  {{"step": {u + 1}, "action": {json.dumps(tr["actions"][u])}, '
+                            f'"observation": {json.dumps(tr["observations"][u])}, "is_relevant_to_goal":')
+        opts = [' "yes"', ' "no"']
+        for j, prefix, k in zip(rows, prefixes, client.choose([convs[j] for j in rows], prefixes, [opts] * len(rows))):
+            if k is None:
+                counters["choice_failed"] += 1
+                failed.add(j)
+            else:
+                answers[j] = prefix + opts[k] + "}"
+    return [None if j in failed else a + "\n]" for j, a in enumerate(answers)]
+
+
 def relabel_llm(trajs: list[dict], client: LLMClient, prompts: dict, args: Args, counters: collections.Counter,
                 judge: collections.Counter) -> list[list[dict]]:
     """Section 3.3 with the auxiliary LLM M: one goal-inference pass per trajectory (Figure 8), segmentation at
@@ -1123,7 +1273,7 @@ def relabel_llm(trajs: list[dict], client: LLMClient, prompts: dict, args: Args,
     convs = [[{"role": "system", "content": prompts["goal_system"]},
               {"role": "user", "content": string.Template(prompts["goal_user"]).substitute(trajectory=format_trajectory(t))}]
              for t in trajs]
-    answers = client.chat(convs)
+    answers = client.chat(convs) if args.llm_decoding == "free" else choice_goal_answers(trajs, convs, client, counters)
     if args.log_trajectories and answers:
         tqdm.write(f"  [relabeler answer, goal inference] {str(answers[0])[:300]!r}")
     found, step_labels = [], []
@@ -1154,7 +1304,12 @@ def relabel_llm(trajs: list[dict], client: LLMClient, prompts: dict, args: Args,
               {"role": "user", "content": string.Template(prompts["rel_user"]).substitute(
                   goal=goal_text(g), num_steps=S, trajectory=format_trajectory(trajs[i], S, step_labels[i]))}]
              for i, g, S in jobs]
-    answers = client.chat(convs) if convs else []
+    if not convs:
+        answers = []
+    elif args.llm_decoding == "free":
+        answers = client.chat(convs)
+    else:
+        answers = choice_relevance_answers(jobs, trajs, convs, client, counters)
     out = [[] for _ in trajs]
     for (i, g, S), ans in zip(jobs, answers):
         counters["relevance_calls"] += 1
@@ -1681,6 +1836,7 @@ def main():
               + (f" | precision {sp:.2f} recall {sr:.2f} (cum {p:.2f}/{r:.2f}) | "
                  f"skips: bad_json {counters['goal_inference_bad_json']} failed_request {counters['goal_inference_failed_request']} "
                  f"invalid_goal {counters['goal_invalid']} bad_relevance {counters['relevance_unusable']}"
+                 + (f" choice_failed {counters['choice_failed']}" if args.llm_decoding == "choice" else "")
                  if args.relabeler == "llm" else ""))
         state["counters"], state["judge"] = dict(counters), dict(judge)
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < hsl_steps:

@@ -313,6 +313,121 @@ def test_llm_relabeler_over_openai_endpoint(hsl, openai_server):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# --llm-decoding choice (beyond the paper): step-by-step Figure 8/9 answers, constrained decoding with kept KV caches
+# ----------------------------------------------------------------------------------------------------------------------
+CHOICE_TRAJ = {"intro": "You are in the middle of a room. Looking quickly around you, you see a countertop 1, and a shelf 1.",
+               "actions": ["go to countertop 1", "take mug 1 from countertop 1", "go to shelf 1", "move mug 1 to shelf 1"],
+               "observations": ["On the countertop 1, you see a mug 1, and a desklamp 1.",
+                                "You pick up the mug 1 from the countertop 1.", "On the shelf 1, you see nothing.",
+                                "You move the mug 1 to the shelf 1."]}
+
+
+@pytest.fixture(scope="module", params=["hsl_sft", "hsl_dpo"])
+def relabeling_script(request):
+    """hsl_sft.py, then hsl_dpo.py: the sibling scripts carry the same relabeler code (each script stands alone)."""
+    spec = importlib.util.spec_from_file_location(request.param, REPO / f"{request.param}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[request.param] = mod
+    spec.loader.exec_module(mod)
+    torch.set_num_threads(1)
+    return mod
+
+
+def test_candidate_goals_vocabulary(relabeling_script):
+    hsl = relabeling_script
+    assert hsl.candidate_goals(CHOICE_TRAJ, 0) == []  # no object seen yet
+    c = hsl.candidate_goals(CHOICE_TRAJ, 1)
+    assert "put a mug in shelf" in c and "put a hot desklamp in countertop" in c and "look at mug under the desklamp" in c
+    assert not any("shelf" in g.split(" in ")[0] for g in c if g.startswith("put"))  # receptacles are not objects
+    assert "look at desklamp under the desklamp" not in c
+    assert len(c) == 2 * 2 * 5 + 1  # 2 objects x 2 receptacles x 5 place templates + (mug, desklamp) examine
+    for g in c:  # every candidate passes the same template validation as free answers
+        assert hsl.validate_goal(g, hsl.trajectory_names(CHOICE_TRAJ)) is not None, g
+
+
+class ScriptedChooser:
+    """Test double for the engine in LLMClient.choose: picks a given option text (else the first option), and records
+    what the scaffold asked. Tests the step-by-step answer construction only; real engines are tested below."""
+
+    def __init__(self, want: dict):
+        self.want, self.calls = want, []
+
+    def choose(self, convs, prefixes, options):
+        self.calls.append((prefixes, options))
+        out = []
+        for prefix, opts in zip(prefixes, options):
+            step = int(re.findall(r'"step": (\d+)', prefix)[-1])
+            w = self.want.get(step)
+            out.append(next((k for k, o in enumerate(opts) if w is not None and w in o), 0))
+        return out
+
+
+def test_choice_answers_parse_into_goals_and_relevance(relabeling_script):
+    hsl = relabeling_script
+    c = collections.Counter()
+    chooser = ScriptedChooser({2: '"put a hot mug in shelf"', 4: '"put a mug in shelf"'})
+    (ans,) = hsl.choice_goal_answers([CHOICE_TRAJ], [[{"role": "user", "content": "x"}]], chooser, c)
+    steps = hsl.extract_json_list(ans)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4] and steps[3]["action"] == "move mug 1 to shelf 1"
+    assert steps[0]["reached_goals"] == [] and steps[2]["reached_goals"] == ["put a hot mug in shelf"]
+    assert steps[3]["reached_goals"] == ["put a hot mug in shelf", "put a mug in shelf"]  # the running list carries over
+    got = hsl.segment_goals(steps, 4, hsl.trajectory_names(CHOICE_TRAJ), c)
+    assert got == [(("pick_heat_then_place_in_recep", "mug", "shelf"), 2), (("pick_and_place_simple", "mug", "shelf"), 4)]
+    # a goal already in the running list is not offered again; every step offers "nothing new" first
+    prefixes, options = chooser.calls[3]
+    assert options[0][0] == "]" and not any("put a hot mug in shelf" in o for o in options[0])
+    assert prefixes[0].endswith('"reached_goals": ["put a hot mug in shelf"')
+    # relevance: one yes/no pick per step of each segment; the answer goes through the paper path's parser
+    chooser = ScriptedChooser({1: "no", 2: "yes", 3: "no", 4: "yes"})
+    jobs = [(0, got[0][0], 2), (0, got[1][0], 4)]
+    answers = hsl.choice_relevance_answers(jobs, [CHOICE_TRAJ], [[{"role": "user", "content": "x"}]] * 2, chooser, c)
+    assert [hsl.parse_relevance(a, S) for a, (_, _, S) in zip(answers, jobs)] == [[0, 1], [0, 1, 0, 1]]
+    assert c["choice_failed"] == 0
+
+
+def brute_force_choice(model, tok, conv, options):
+    """Reference for LLMClient.choose: greedy over the options' token trie, every step a full forward pass from scratch."""
+    ids = tok(tok.apply_chat_template(conv, tokenize=False, continue_final_message=True), add_special_tokens=False)["input_ids"]
+    seqs = [tok(o, add_special_tokens=False)["input_ids"] for o in options]
+    out = []
+    while True:
+        alive = [s for s in seqs if s[:len(out)] == out]
+        if any(len(s) == len(out) for s in alive):
+            return seqs.index(out)
+        allowed = sorted({s[len(out)] for s in alive})
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+        out.append(allowed[int(logits[allowed].argmax())])
+
+
+def test_choose_transformers_matches_brute_force_and_reuses_cache(relabeling_script, tiny_lm_dir):
+    hsl = relabeling_script
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = hsl.Args(llm_backend="transformers", llm_model=str(tiny_lm_dir), llm_decoding="choice", llm_batch_size=2)
+    client = hsl.LLMClient(args)
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
+    convs = [[{"role": "system", "content": "Label goals."}, {"role": "user", "content": f"Trajectory {i}: took a mug."}]
+             for i in range(3)]
+    convs[2] = convs[1]  # two identical conversations must not share (and corrupt) one cache
+    prefixes = ["[", "[", "["]
+    options = [["]", '"put a mug in shelf"]', '"put a cup in shelf"]', '"put two mug in shelf"]']] * 2 + [["yes", "no"]]
+    for rnd in range(3):  # each round continues the previous answers, as choice_goal_answers does
+        picks = client.choose(convs, prefixes, options)
+        ref = [brute_force_choice(model, tok, c + [{"role": "assistant", "content": p}], o)
+               for c, p, o in zip(convs, prefixes, options)]
+        assert picks == ref, (rnd, picks, ref)
+        assert len(client._kv) == 3 and all(e["text"].endswith(o[k]) for e, o, k in zip(client._kv, options, picks))
+        prefixes = [p + o[k] + f"}}, {{step {rnd + 2}: [" for p, o, k in zip(prefixes, options, picks)]
+    fresh = hsl.LLMClient(args).choose(convs, prefixes, options)  # no kept cache: same picks
+    assert fresh == client.choose(convs, prefixes, options)
+    assert client.failures == 0
+    with pytest.raises(SystemExit, match="choice"):
+        hsl.LLMClient(hsl.Args(llm_backend="openai", llm_decoding="choice"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Bad input: clear errors
 # ----------------------------------------------------------------------------------------------------------------------
 def test_bad_inputs_give_clear_errors(hsl, tmp_path, monkeypatch):
@@ -385,6 +500,29 @@ def test_smoke_llm_relabeler_smollm2(run_script, put_games, tiny_lm_dir, smollm2
         + c.get("trajectories_without_goal", 0) >= 2
     assert summary["hsl_steps"] == 1 and summary["evaluations"] == 1
     assert summary["recall_vs_oracle"] is None or math.isnan(summary["recall_vs_oracle"]) or 0 <= summary["recall_vs_oracle"] <= 1
+
+
+def test_smoke_llm_relabeler_smollm2_choice(run_script, put_games, tiny_lm_dir, smollm2_dir, tmp_path):
+    """SmolLM2-135M as the relabeler with --llm-decoding choice: its picks become relabeled demonstrations in D' and an
+    HSL step trains on them. Whether its goals are right is not asserted (a 135M model mostly is not): precision and
+    recall against the oracle are logged for that."""
+    out = tmp_path / "runs"
+    r = run_script("hsl_sft.py", "--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "llm",
+                   "--llm-backend", "transformers", "--llm-model", smollm2_dir, "--llm-decoding", "choice",
+                   "--hsl-steps", "1", "--rollouts-per-step", "2", "--eval-every", "0", "--num-eval-games", "1",
+                   "--eval-splits", "valid_seen", "--output-dir", out, "--run-name", "choice", "--seed", "1", *SMOKE,
+                   timeout=300)
+    assert re.search(r'\[relabeler answer, goal inference\] \'\[\\n  \{"step": 1, "action": ', r.output)
+    pushes = [int(x) for x in re.findall(r"relabeled \+(\d+) buffer", r.output)]
+    assert pushes and pushes[0] >= 1, r.output[-3000:]
+    assert re.search(r"\(L_D' [0-9.]+, L_SFT [0-9.]+\)", r.output), "no HSL gradient step with a non-empty D'"
+    assert re.search(r"precision [0-9.]+ recall (nan|[0-9.]+)", r.output)  # validated goals exist, so precision is defined
+    assert re.search(r"\[eval final\] step 1 .*valid_seen/success [0-9.]+", r.output)
+    summary = json.loads((out / "choice" / "summary.json").read_text())
+    c = summary["counters"]
+    assert c["goal_inference_calls"] == 2 and c.get("goal_inference_bad_json", 0) == 0 and c.get("goal_invalid", 0) == 0
+    assert c["relevance_calls"] >= 1 and c.get("relevance_unusable", 0) == 0 and c.get("choice_failed", 0) == 0
+    assert summary["relabeled_pushed"] >= 1 and summary["hsl_steps"] == 1 and summary["evaluations"] == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------

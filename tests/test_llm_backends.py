@@ -27,6 +27,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What is the capital of France? Answer in one word."
 MAX_TOKENS = 12
+# hsl_* clients' constrained decoding (--llm-decoding choice): conversations, assistant-answer prefixes, options.
+CHOICE = ([[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+           [{"role": "user", "content": "Is the sky green? Answer yes or no."}],
+           [{"role": "system", "content": "You label trajectories."}, {"role": "user", "content": "Step 1: took a mug."}]],
+          ["The capital of France is", "Answer:", '[{"step": 1, "reached_goals": ['],
+          [[" Berlin.", " Paris.", " Madrid.", " Rome."], [" yes", " no"],
+           ["]", '"put a mug in shelf"]', '"put a clean mug in shelf"]', '"put two mug in shelf"]']])
 
 # The scripts' relabeling clients, by shape of their interface:
 #   make_llm(args) -> chat(prompt) -> str;  LLMClient(args).chat(conversations) -> [str];  LLMClient(args).generate(prompts) -> [str]
@@ -57,14 +64,15 @@ def load(path):
     return mod
 
 
-def ask(mod, kind, args, question):
+def ask(mod, kind, args, question, choice):
+    """The script client's answers to the question, and (hsl_* clients) its constrained picks for `choice`."""
     if kind == "make_llm":
         chat = mod.make_llm(args)
-        return [chat(question)]
+        return [chat(question)], None
     client = mod.LLMClient(args)
     if kind == "chat":
-        return client.chat([[{"role": "user", "content": question}]])
-    return client.generate([question])
+        return client.chat([[{"role": "user", "content": question}]]), client.choose(*choice)
+    return client.generate([question]), None
 
 
 def release_engine():
@@ -87,11 +95,12 @@ def main():
         t0 = time.time()
         try:
             mod = load(config["repo"] + f"/{name}.py")
+            kw = {"llm_decoding": "choice"} if config["kinds"][name] == "chat" else {}
             args = mod.Args(llm_backend="vllm", llm_model=config["model_dir"], llm_max_new_tokens=config["max_tokens"],
                             llm_temperature=0.0, llm_vllm_enforce_eager=True, llm_vllm_dtype="float32",
-                            llm_vllm_max_model_len=1024)
-            answers = ask(mod, config["kinds"][name], args, config["question"])
-            results[name] = {"answers": answers, "seconds": time.time() - t0}
+                            llm_vllm_max_model_len=1024, **kw)
+            answers, picks = ask(mod, config["kinds"][name], args, config["question"], config["choice"])
+            results[name] = {"answers": answers, "choice": picks, "seconds": time.time() - t0}
         except BaseException as e:  # SystemExit included: a script's own error message is the diagnosis
             results[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", "seconds": time.time() - t0}
         print(f"[driver] {name}: {results[name]}", flush=True)
@@ -172,7 +181,7 @@ def vllm_answers(smollm2_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm_backends")
     (work / "driver.py").write_text(DRIVER)
     config = {"repo": str(REPO), "model_dir": str(smollm2_dir), "scripts": VLLM_SCRIPTS, "kinds": CLIENT_KIND,
-              "question": QUESTION, "max_tokens": MAX_TOKENS}
+              "question": QUESTION, "max_tokens": MAX_TOKENS, "choice": CHOICE}
     (work / "config.json").write_text(json.dumps(config))
     out = work / "results.json"
     start = time.time()
@@ -198,6 +207,22 @@ def test_vllm_backend_through_script_client(script, vllm_answers, smollm2_dir):
     assert 1 <= n_tokens(smollm2_dir, answer) <= MAX_TOKENS, answer  # --llm-max-new-tokens reached SamplingParams
     # Greedy decoding with the model's chat template: the same text transformers' greedy generate gives (fp32 both).
     assert answer.strip() == vllm_answers["_transformers"]["answers"][0].strip()
+
+
+@pytest.mark.parametrize("script", [s for s, kind in CLIENT_KIND.items() if kind == "chat"])
+def test_vllm_choice_decoding_matches_transformers(script, vllm_answers, smollm2_dir):
+    """--llm-decoding choice: vLLM's structured-output `choice` and the script's own trie decoder (transformers backend,
+    kept KV caches) pick the same options, greedily, from the same continued assistant answers."""
+    import torch
+
+    res = vllm_answers[script]
+    assert "error" not in res, f"{script}'s vllm client failed:\n{res['error']}"
+    torch.set_num_threads(1)
+    mod = load_script(script)
+    client = mod.LLMClient(mod.Args(llm_backend="transformers", llm_model=str(smollm2_dir), llm_decoding="choice"))
+    picks = client.choose(*CHOICE)
+    assert picks[:2] == [1, 1], picks  # Paris; the sky is not green
+    assert res["choice"] == picks
 
 
 # ----------------------------------------------------------------------------------------------------------------------
