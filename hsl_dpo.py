@@ -23,6 +23,7 @@ Quick start (the paper's setting needs `alfworld-download`, a GPU for the agent 
         --relabeler llm --llm-backend openai --llm-base-url http://localhost:8000/v1 --llm-model meta-llama/Llama-3.3-70B-Instruct
     python hsl_dpo.py --relabeler oracle --num-demos 800                  # DPO+HSL with the oracle relabeler (no LLM needed)
     python hsl_dpo.py --hsl-steps 0 --num-demos 800                       # the DPO (ETO) baseline: SFT, then ETO rounds
+    accelerate launch --multi_gpu --num_processes 4 hsl_dpo.py ...        # data parallel: each process takes its share
 CPU check in minutes on tiny real games (built offline by the test helper), a small agent picking admissible commands:
     python tests/alfworld_games.py /tmp/alfworld_tiny
     python hsl_dpo.py --data-dir /tmp/alfworld_tiny --model-name PATH_TO_SMALL_HF_MODEL --relabeler oracle \\
@@ -35,7 +36,9 @@ CPU check in minutes on tiny real games (built offline by the test helper), a sm
 # ======================================================================================================================
 import collections
 import concurrent.futures
+import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -1391,22 +1394,53 @@ def masked_sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torc
     return loss, info
 
 
-def accumulate_loss(model, batch: list[dict], coef: float, args: Args, accelerator, prefix: str, pad_id: int) -> dict:
-    """Forward/backward one logical batch in micro-batches; gradients of coef * loss accumulate in .grad."""
+def shard(items: list, accelerator) -> list:
+    """This process's share of a global batch. Data parallelism (`accelerate launch`): every process draws the same
+    global batch from the same seed and works on every num_processes-th item."""
+    return items[accelerator.process_index:: accelerator.num_processes]
+
+
+def unshard(mine: list, accelerator) -> list:
+    """The inverse of shard(): every process gets the whole list, in the global order (so results do not depend on
+    the number of processes)."""
+    from accelerate.utils import gather_object
+
+    W, r = accelerator.num_processes, accelerator.process_index
+    return [x for _, x in sorted(gather_object([(r + W * i, x) for i, x in enumerate(mine)]), key=lambda t: t[0])]
+
+
+def accumulate_loss(model, batch: list[dict], coef: float, args: Args, accelerator, prefix: str, pad_id: int,
+                    sync: bool = True) -> dict:
+    """Forward/backward this process's share of one global batch in micro-batches; gradients of coef * loss accumulate
+    in .grad. The gradient all-reduce runs once, with the last micro-batch (and only if `sync`), so processes with
+    shares of different sizes stay in step. The returned loss is that of the whole global batch."""
+    W = accelerator.num_processes
     if args.loss_normalization == "action":
         denom = float(len(batch))
     else:
         denom = float(sum(sum(b["weights"][1:]) for b in batch))
+    denom /= W  # DDP averages gradients over the W processes: this makes the average the global batch's gradient
+    mine = shard(batch, accelerator)
+    chunks = [(mine[i: i + args.micro_batch_size], coef) for i in range(0, len(mine), args.micro_batch_size)]
+    chunks = chunks or [(batch[:1], 0.0)]  # an empty share still joins the all-reduce, with a zero gradient
     total, info = 0.0, collections.defaultdict(float)
-    for i in range(0, len(batch), args.micro_batch_size):
-        mb = collate(batch[i: i + args.micro_batch_size], pad_id, accelerator.device)
-        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-        loss, inf = masked_sft_loss(logits, mb["input_ids"], mb["weights"], mb["num_actions"], args.loss_normalization,
-                                    denom, prefix)
-        accelerator.backward(coef * loss)
-        total += loss.item()
-        for k, v in inf.items():
-            info[k] += v * (len(mb["input_ids"]) / len(batch)) if k.endswith("per_token") else v
+    for j, (items, c) in enumerate(chunks):
+        mb = collate(items, pad_id, accelerator.device)
+        last = j == len(chunks) - 1
+        with contextlib.nullcontext() if (sync and last) else accelerator.no_sync(model):
+            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+            loss, inf = masked_sft_loss(logits, mb["input_ids"], mb["weights"], mb["num_actions"], args.loss_normalization,
+                                        denom, prefix)
+            accelerator.backward(c * loss)
+        if c:
+            total += loss.item()
+            for k, v in inf.items():
+                info[k] += v * (len(items) / len(batch)) if k.endswith("per_token") else v
+    if W > 1:  # per-process sums -> global batch (the loss: mean of the per-process losses, see denom)
+        keys = sorted(info)
+        red = accelerator.reduce(torch.tensor([info[k] for k in keys] + [total], dtype=torch.float64,
+                                              device=accelerator.device), reduction="sum").tolist()
+        info, total = collections.defaultdict(float, zip(keys, red[:-1])), red[-1] / W
     info[f"{prefix}/loss"] = total
     return dict(info)
 
@@ -1530,21 +1564,31 @@ def reference_logps(model, encoded_pairs: list[dict], micro_batch_size: int, pad
 
 def accumulate_dpo_loss(model, batch: list[dict], beta: float, nll_coef: float, micro_batch_size: int, accelerator,
                         pad_id: int) -> dict:
-    """Forward/backward one logical batch of pairs in micro-batches (gradients accumulate in .grad)."""
-    num_pairs = float(len(batch))
-    num_tokens = float(max(sum(sum(w > 0 for w in p["chosen"]["weights"][1:]) for p in batch), 1))
+    """Forward/backward this process's share of one global batch of pairs in micro-batches (gradients accumulate in
+    .grad; one all-reduce, with the last micro-batch, as in accumulate_loss). Returns the global batch's statistics."""
+    W = accelerator.num_processes
+    num_pairs = float(len(batch)) / W  # DDP averages over processes: see accumulate_loss
+    num_tokens = float(max(sum(sum(w > 0 for w in p["chosen"]["weights"][1:]) for p in batch), 1)) / W
+    mine = shard(batch, accelerator)
+    chunks = [(mine[i: i + micro_batch_size], 1.0) for i in range(0, len(mine), micro_batch_size)] or [(batch[:1], 0.0)]
     info = collections.defaultdict(float)
-    for i in range(0, len(batch), micro_batch_size):
-        chunk = batch[i: i + micro_batch_size]
+    for j, (chunk, c) in enumerate(chunks):
         mb = pair_batch(chunk, pad_id, accelerator.device)
-        logps, ntok = sequence_action_logps(model, mb["input_ids"], mb["attention_mask"], mb["weights"])
-        B = len(chunk)
-        ref_c = torch.tensor([p["ref_chosen"] for p in chunk], dtype=logps.dtype, device=logps.device)
-        ref_r = torch.tensor([p["ref_rejected"] for p in chunk], dtype=logps.dtype, device=logps.device)
-        loss, inf = dpo_loss(logps[:B], logps[B:], ref_c, ref_r, ntok[:B], beta, nll_coef, num_pairs, num_tokens)
-        accelerator.backward(loss)
-        for k, v in inf.items():
-            info[k] += v
+        with contextlib.nullcontext() if j == len(chunks) - 1 else accelerator.no_sync(model):
+            logps, ntok = sequence_action_logps(model, mb["input_ids"], mb["attention_mask"], mb["weights"])
+            B = len(chunk)
+            ref_c = torch.tensor([p["ref_chosen"] for p in chunk], dtype=logps.dtype, device=logps.device)
+            ref_r = torch.tensor([p["ref_rejected"] for p in chunk], dtype=logps.dtype, device=logps.device)
+            loss, inf = dpo_loss(logps[:B], logps[B:], ref_c, ref_r, ntok[:B], beta, nll_coef, num_pairs, num_tokens)
+            accelerator.backward(c * loss)
+        if c:
+            for k, v in inf.items():
+                info[k] += v
+    if W > 1:  # per-process sums of terms scaled by W (the normalisers above) -> the global batch's mean
+        keys = sorted(info)
+        red = accelerator.reduce(torch.tensor([info[k] for k in keys], dtype=torch.float64, device=accelerator.device),
+                                 reduction="sum").tolist()
+        info = collections.defaultdict(float, {k: v / W for k, v in zip(keys, red)})
     info["dpo/total_loss"] = info["dpo/loss"] + nll_coef * info["dpo/nll_chosen"]
     return dict(info)
 
@@ -1591,17 +1635,21 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state: d
 # Evaluation
 # ======================================================================================================================
 def evaluate(games_by_split: dict, model, tokenizer, system_prompt: str, args: Args, pool: GamePool,
-             rng: np.random.Generator, vllm_agent=None) -> dict:
-    """Success rate (greedy, max_env_steps) on each evaluation split, overall and per task type (Figure 5)."""
+             rng: np.random.Generator, accelerator, vllm_agent=None) -> dict:
+    """Success rate (greedy, max_env_steps) on each evaluation split, overall and per task type (Figure 5).
+    With several processes each plays its share of the games; every process gets all the outcomes."""
     results = {}
     was_training = model.training
     model.eval()
     for split, games in games_by_split.items():
-        per_type = collections.defaultdict(list)
-        for i in range(0, len(games), args.rollouts_per_step):
-            for t in rollout(games[i: i + args.rollouts_per_step], model, tokenizer, system_prompt, args, 0.0, pool, rng,
+        mine, outcomes = shard(games, accelerator), []
+        for i in range(0, len(mine), args.rollouts_per_step):
+            for t in rollout(mine[i: i + args.rollouts_per_step], model, tokenizer, system_prompt, args, 0.0, pool, rng,
                              vllm_agent, desc=f"eval {split}"):
-                per_type[t["task_type"]].append(float(t["won"]))
+                outcomes.append((t["task_type"], float(t["won"])))
+        per_type = collections.defaultdict(list)
+        for tt, won in unshard(outcomes, accelerator):
+            per_type[tt].append(won)
         allw = [w for ws in per_type.values() for w in ws]
         results[f"{split}/success"] = float(np.mean(allw)) if allw else float("nan")
         results[f"{split}/episodes"] = len(allw)
@@ -1619,6 +1667,7 @@ def main():
     if min(args.dpo_batch_size, args.dpo_micro_batch_size) < 1 or args.dpo_iterations < 0 or args.dpo_beta <= 0:
         raise SystemExit("--dpo-batch-size and --dpo-micro-batch-size must be >= 1, --dpo-iterations >= 0, --dpo-beta > 0")
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
     from torch.utils.tensorboard import SummaryWriter
 
     run_name = args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -1630,7 +1679,9 @@ def main():
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed + accelerator.process_index)
+    rng = np.random.default_rng(args.seed + accelerator.process_index)  # this process's rollouts (a_t ~ pi_theta)
+    shared_rng = np.random.default_rng(args.seed + 10_000)  # the same on every process: games picked, D' batches drawn
+    say = tqdm.write if accelerator.is_main_process else (lambda *a, **k: None)  # progress lines from the main process
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("OMP_NUM_THREADS", "1")))))
 
@@ -1673,7 +1724,7 @@ def main():
             failed += d is None
             if d is not None:
                 demos.append(d)
-        tqdm.write(f"[demos] hand-coded expert won {len(demos)} of {len(demos) + failed} train games")
+        say(f"[demos] hand-coded expert won {len(demos)} of {len(demos) + failed} train games")
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "expert_demos.json").write_text(json.dumps([demo_to_eto(d) for d in demos]))
@@ -1708,7 +1759,7 @@ def main():
         random.setstate(ckpt_trainer["rng"]["python"])
         np.random.set_state(ckpt_trainer["rng"]["numpy"])
         torch.set_rng_state(ckpt_trainer["rng"]["torch"])
-        tqdm.write(f"[resume] {args.resume}: sft_step {state['sft_step']}, hsl_step {state['hsl_step']}, buffer {len(buffer)}")
+        say(f"[resume] {args.resume}: sft_step {state['sft_step']}, hsl_step {state['hsl_step']}, buffer {len(buffer)}")
     counters = collections.Counter(state["counters"])
     judge = collections.Counter(state["judge"])
     pool = GamePool()
@@ -1720,10 +1771,10 @@ def main():
         if vllm_agent is not None:
             vllm_agent.sync(unwrapped, tokenizer, step)
         t0 = time.time()
-        res = evaluate(eval_games, unwrapped, tokenizer, system_prompt, args, pool, rng, vllm_agent)
+        res = evaluate(eval_games, unwrapped, tokenizer, system_prompt, args, pool, rng, accelerator, vllm_agent)
         state["evals"] += 1
         log({f"eval/{k}": v for k, v in res.items()}, step)
-        tqdm.write(f"[eval {tag}] step {step} ({time.time() - t0:.1f}s): "
+        say(f"[eval {tag}] step {step} ({time.time() - t0:.1f}s): "
               + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
         return res
 
@@ -1747,7 +1798,7 @@ def main():
             log(info, step + 1)
             bar.set_postfix(loss=f"{info['sft/loss']:.3f}")
             if step == 0 or (step + 1) % max(1, steps_per_epoch) == 0 or step + 1 == sft_steps:
-                tqdm.write(f"[sft] step {step + 1}/{sft_steps} loss {info['sft/loss']:.4f} "
+                say(f"[sft] step {step + 1}/{sft_steps} loss {info['sft/loss']:.4f} "
                       f"({(step + 1 - first) / (time.time() - t_start):.2f} steps/s)")
         save_checkpoint(run_dir / "checkpoints" / "sft", model, tokenizer, optimizer, sched, state, buffer, accelerator)
     if "SFT" not in state["results"]:  # (a resumed run keeps the results of its finished phases)
@@ -1767,10 +1818,11 @@ def main():
         t0 = time.time()
         if vllm_agent is not None:
             vllm_agent.sync(unwrapped, tokenizer, step)
-        picked = [train_games[i] for i in rng.choice(len(train_games), size=args.rollouts_per_step,
-                                                     replace=len(train_games) < args.rollouts_per_step)]
-        model.eval()
-        trajs = rollout(picked, unwrapped, tokenizer, system_prompt, args, args.rollout_temperature, pool, rng, vllm_agent)
+        picked = [train_games[i] for i in shared_rng.choice(len(train_games), size=args.rollouts_per_step,
+                                                            replace=len(train_games) < args.rollouts_per_step)]
+        model.eval()  # b rollouts in all, each process plays its share
+        trajs = rollout(shard(picked, accelerator), unwrapped, tokenizer, system_prompt, args, args.rollout_temperature,
+                        pool, rng, vllm_agent)
         model.train()
         t1 = time.time()
         # 2) relabeling with the goals actually achieved (Section 3.3)
@@ -1779,8 +1831,12 @@ def main():
             relabeled = relabel_oracle(trajs, args, step_counts)
         else:
             relabeled = relabel_llm(trajs, client, prompts, args, step_counts, step_judge)
+        # every process pushes every process's relabeled demonstrations, in the global order: the D' copies stay identical
+        step_counts, step_judge = (sum((collections.Counter(c) for c in gather_object([dict(x)])), collections.Counter())
+                                   for x in (step_counts, step_judge))
+        outcomes = unshard([(t["won"], t["invalid"], len(t["actions"])) for t in trajs], accelerator)
         pushed = 0
-        for demos_k in relabeled:
+        for demos_k in unshard(relabeled, accelerator):
             for d in demos_k:
                 ok = buffer.push(d)
                 pushed += ok
@@ -1789,7 +1845,7 @@ def main():
         judge.update(step_judge)
         state["relabeled_pushed"] += pushed
         for traj, demos_k in list(zip(trajs, relabeled))[: args.log_trajectories]:
-            tqdm.write(f"  [traj] '{traj['instruction']}' won={traj['won']} steps={len(traj['actions'])} -> "
+            say(f"  [traj] '{traj['instruction']}' won={traj['won']} steps={len(traj['actions'])} -> "
                   + ("; ".join(f"'{d['instruction']}' S={len(d['actions'])} z={''.join(map(str, d['z']))}" for d in demos_k)
                      or "no goal"))
         t2 = time.time()
@@ -1800,11 +1856,12 @@ def main():
         del sft_queue[: args.batch_size]
         info = {}
         if len(buffer):
-            drawn = buffer.sample(args.hsl_batch_size, rng)
+            drawn = buffer.sample(args.hsl_batch_size, shared_rng)
             no_mask = args.ablation == "no_mask"
             hs_batch = [encode_demo(tokenizer, demo_messages(system_prompt, d), [1] * len(d["z"]) if no_mask else d["z"],
                                     args.max_seq_len) for d in drawn]
-            info.update(accumulate_loss(model, hs_batch, args.hsl_lambda, args, accelerator, "hsl", tokenizer.pad_token_id))
+            info.update(accumulate_loss(model, hs_batch, args.hsl_lambda, args, accelerator, "hsl", tokenizer.pad_token_id,
+                                        sync=False))  # one gradient all-reduce per optimisation step, after L_SFT
             sft_coef = 1.0 - args.hsl_lambda
         else:  # nothing relabeled yet: a plain SFT step (our choice; Eq. 4 is undefined with an empty D')
             sft_coef = 1.0
@@ -1816,8 +1873,8 @@ def main():
         # logging: the paper reports 11.5 / 62.0 / 24.0 s for rollout / relabel / optimise (Appendix F)
         p, r = precision_recall(judge)
         info.update({"time/rollout": t1 - t0, "time/relabel": t2 - t1, "time/optimise": t3 - t2,
-                     "charts/rollout_success": float(np.mean([t["won"] for t in trajs])),
-                     "charts/invalid_action_rate": sum(t["invalid"] for t in trajs) / max(sum(len(t["actions"]) for t in trajs), 1),
+                     "charts/rollout_success": float(np.mean([o[0] for o in outcomes])),
+                     "charts/invalid_action_rate": sum(o[1] for o in outcomes) / max(sum(o[2] for o in outcomes), 1),
                      "charts/learning_rate": sched.get_last_lr()[0], "charts/steps_per_second": (step + 1 - first_hsl) / (t3 - t_hsl),
                      "buffer/size": len(buffer), "buffer/pushed": pushed,
                      **{f"relabel/{k}": v for k, v in step_counts.items()}})
@@ -1829,7 +1886,7 @@ def main():
                          "relabel/precision_vs_oracle_cum": p, "relabel/recall_vs_oracle_cum": r})
         log(info, step + 1)
         bar.set_postfix(buf=len(buffer), loss=f"{info['losses/hsl_total']:.3f}")
-        tqdm.write(f"[hsl] step {step + 1}/{hsl_steps} | rollout {t1 - t0:.1f}s relabel {t2 - t1:.1f}s optimise {t3 - t2:.1f}s | "
+        say(f"[hsl] step {step + 1}/{hsl_steps} | rollout {t1 - t0:.1f}s relabel {t2 - t1:.1f}s optimise {t3 - t2:.1f}s | "
               f"{info['charts/steps_per_second']:.3f} steps/s | "
               f"success {info['charts/rollout_success']:.2f} | relabeled +{pushed} buffer {len(buffer)} | "
               f"loss {info['losses/hsl_total']:.4f}" + (f" (L_D' {info['hsl/loss']:.4f}, L_SFT {info['sft/loss']:.4f})" if "hsl/loss" in info else " (D' empty: SFT only)")
@@ -1868,11 +1925,13 @@ def main():
         if vllm_agent is not None:
             vllm_agent.sync(unwrapped, tokenizer, state["hsl_step"] + state["dpo_step"])
         model.eval()
-        trajs = []
-        for i in range(0, len(explore_games), args.rollouts_per_step):
-            trajs += rollout(explore_games[i: i + args.rollouts_per_step], unwrapped, tokenizer, system_prompt, args,
+        trajs, mine = [], shard(explore_games, accelerator)  # each process explores its share of the tasks
+        for i in range(0, len(mine), args.rollouts_per_step):
+            trajs += rollout(mine[i: i + args.rollouts_per_step], unwrapped, tokenizer, system_prompt, args,
                              args.dpo_explore_temperature, pool, rng, vllm_agent, desc=f"eto explore {it + 1}")
         model.train()
+        # every process gets every process's trajectories (PDDL states left out), in the global order: identical pairs
+        trajs = unshard([{k: v for k, v in t.items() if k not in ("states", "admissible")} for t in trajs], accelerator)
         # 2) preference pairs: chosen = demonstration, rejected = failure on the same task
         pair_counts = collections.Counter()
         pairs = build_dpo_pairs(trajs, demos, pair_counts)
@@ -1885,7 +1944,7 @@ def main():
         counters.update(pair_counts)
         t1 = time.time()
         explore_success = float(np.mean([t["won"] for t in trajs])) if trajs else float("nan")
-        tqdm.write(f"[eto] iteration {it + 1}/{args.dpo_iterations}: explored {len(trajs)} train tasks in {t1 - t0:.1f}s "
+        say(f"[eto] iteration {it + 1}/{args.dpo_iterations}: explored {len(trajs)} train tasks in {t1 - t0:.1f}s "
                    f"(success {explore_success:.2f}) -> {len(enc_pairs)} pairs (skipped: success "
                    f"{pair_counts['pairs_skipped_success']}, no demo {pair_counts['pairs_skipped_no_demo']}, "
                    f"empty {pair_counts['pairs_skipped_empty']}, truncated {pair_counts['pairs_skipped_truncated']}) | "
@@ -1896,6 +1955,7 @@ def main():
             state["dpo_iter"] = it + 1
             continue
         # 3) pi_ref: the policy this round starts from (ETO: --ref_model_name_or_path = the current model)
+        # (every process computes them for all pairs: the same numbers, as the DPO batches are drawn globally)
         reference_logps(unwrapped, enc_pairs, args.dpo_micro_batch_size, tokenizer.pad_token_id, accelerator.device)
         # 4) DPO: a fresh AdamW and constant-with-warmup schedule per round, as ETO trains each round from scratch
         dpo_optimizer = accelerator.prepare(torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr,
@@ -1920,7 +1980,7 @@ def main():
                          "charts/dpo_pairs_per_second": (s + 1) * len(batch) / elapsed})
             log(info, state["dpo_step"])
             if s == 0 or (s + 1) % max(1, per_epoch) == 0 or s + 1 == round_steps:
-                tqdm.write(f"[dpo] iteration {it + 1} step {s + 1}/{round_steps} loss {info['dpo/total_loss']:.4f} "
+                say(f"[dpo] iteration {it + 1} step {s + 1}/{round_steps} loss {info['dpo/total_loss']:.4f} "
                            f"reward acc {info['dpo/reward_accuracy']:.2f} margin {info['dpo/reward_margin']:.4f} "
                            f"({(s + 1) / elapsed:.2f} steps/s, {info['charts/dpo_pairs_per_second']:.2f} pairs/s)")
         state["dpo_iter"] = it + 1
@@ -1931,12 +1991,17 @@ def main():
         state["results"][dpo_tag] = run_eval(state["hsl_step"] + state["dpo_step"], "after dpo")
 
     # ---------------- final summary: SFT / SFT+HSL / DPO+HSL side by side ----------------
+    if accelerator.num_processes > 1:  # data parallelism must leave every process with the same model and the same D'
+        digest = (float(sum(p.detach().double().sum() for p in unwrapped.parameters())),
+                  hashlib.sha256(json.dumps(list(buffer.items), sort_keys=True, default=str).encode()).hexdigest())
+        digests = gather_object([digest])
+        say(f"[accelerate] {accelerator.num_processes} processes; model and D' identical on all: {len(set(digests)) == 1}")
     save_checkpoint(run_dir / "checkpoints" / "final", model, tokenizer, optimizer, sched, state, buffer, accelerator)
     if accelerator.is_main_process:
         cols = [s for s in args.eval_splits]
-        tqdm.write("[results] success rate | " + " | ".join(cols))
+        say("[results] success rate | " + " | ".join(cols))
         for tag, res in state["results"].items():
-            tqdm.write(f"[results] {tag:<8} | " + " | ".join(f"{res.get(f'{c}/success', float('nan')):.3f}" for c in cols))
+            say(f"[results] {tag:<8} | " + " | ".join(f"{res.get(f'{c}/success', float('nan')):.3f}" for c in cols))
         summary = {"sft_steps": state["sft_step"], "hsl_steps": state["hsl_step"], "buffer_size": len(buffer),
                    "relabeled_pushed": state["relabeled_pushed"], "evaluations": state["evals"], "counters": dict(counters),
                    "precision_vs_oracle": precision_recall(judge)[0] if args.relabeler == "llm" else None,

@@ -173,11 +173,18 @@ def run_script():
 
     `check=True` fails the test (showing the tail of the output) when the script exits non-zero.
     `timeout` is a hard wall-clock limit in seconds; the process is killed past it.
+    `processes=N` (N > 1) runs it data-parallel on the CPU as `accelerate launch --multi_gpu` would on N GPUs:
+    `python -m torch.distributed.run --standalone --nproc_per_node N` with ACCELERATE_USE_CPU=true (gloo backend).
     """
 
-    def _run(script: str, *args: str, timeout: float = 180, check: bool = True, env: dict | None = None, cwd=None):
+    def _run(script: str, *args: str, timeout: float = 180, check: bool = True, env: dict | None = None, cwd=None,
+             processes: int = 1):
         full_env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
-        cmd = [sys.executable, str(REPO / script), *map(str, args)]
+        launcher = []
+        if processes > 1:
+            launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+            full_env.update({"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+        cmd = [sys.executable, *launcher, str(REPO / script), *map(str, args)]
         start = time.time()
         try:
             proc = subprocess.run(

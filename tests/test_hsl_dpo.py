@@ -262,3 +262,26 @@ def test_smoke_eto_baseline_without_hsl(run_script, put_games, tiny_lm_dir, tmp_
     assert re.search(EVAL.format("sft"), r.output) and re.search(EVAL.format("dpo"), r.output)
     summary = json.loads((out / "eto" / "summary.json").read_text())
     assert list(summary["results"]) == ["SFT", "DPO"] and summary["dpo_steps"] >= 1 and summary["hsl_steps"] == 0
+
+
+def test_data_parallel_two_processes_match_one(run_script, put_games, tiny_lm_dir, tmp_path):
+    """SFT -> ETO/DPO with 2 CPU processes (gloo; `accelerate launch` on GPUs) gives the weights 1 process gives:
+    greedy exploration is split over the processes and gathered in order, and each DPO batch is split over them."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "runs"
+    common = [*SMOKE, "--data-dir", put_games, "--model-name", tiny_lm_dir, "--hsl-steps", "0", "--dpo-iterations", "2",
+              "--dpo-explore-temperature", "0", "--dpo-learning-rate", "1e-3", "--dpo-later-learning-rate", "1e-3",
+              "--dpo-epochs", "3", "--dpo-micro-batch-size", "1", "--micro-batch-size", "1", "--output-dir", out]  # later flags win
+    # micro-batches of one example on both sides: the only difference left is the order of the gradient sum (with
+    # larger micro-batches padding changes the float sums, and AdamW turns that noise in near-zero gradients into
+    # learning-rate-sized steps)
+    one = run_script("hsl_dpo.py", *common, "--run-name", "one", timeout=180)
+    two = run_script("hsl_dpo.py", *common, "--run-name", "two", processes=2, timeout=300)
+    assert "[accelerate] 2 processes; model and D' identical on all: True" in two.output, two.output[-3000:]
+    dpo_lines = lambda o: re.findall(r"\[dpo\] iteration \d step \d/\d loss ([0-9.]+) reward acc ([0-9.]+)", o)
+    assert dpo_lines(one.output) == dpo_lines(two.output) and len(dpo_lines(one.output)) == 6
+    weights = lambda run, ckpt: load_file(str(out / run / "checkpoints" / ckpt / "model.safetensors"))
+    a, b, sft = weights("one", "final"), weights("two", "final"), weights("one", "sft")
+    assert max((a[k] - sft[k]).abs().max().item() for k in a) > 1e-4  # DPO moved the weights ...
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # ... the same way with one process and with two

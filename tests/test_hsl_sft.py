@@ -507,11 +507,13 @@ def test_smoke_llm_relabeler_smollm2_choice(run_script, put_games, tiny_lm_dir, 
     HSL step trains on them. Whether its goals are right is not asserted (a 135M model mostly is not): precision and
     recall against the oracle are logged for that."""
     out = tmp_path / "runs"
-    r = run_script("hsl_sft.py", "--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "llm",
+    # 4 rollouts of 8 steps: SmolLM2 picked at least one goal in them with seeds 1, 2 and 3 (with 2 of 12 steps, some
+    # seeds gave none); greedy decoding makes a given seed deterministic
+    r = run_script("hsl_sft.py", *SMOKE, "--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "llm",
                    "--llm-backend", "transformers", "--llm-model", smollm2_dir, "--llm-decoding", "choice",
-                   "--hsl-steps", "1", "--rollouts-per-step", "2", "--eval-every", "0", "--num-eval-games", "1",
-                   "--eval-splits", "valid_seen", "--output-dir", out, "--run-name", "choice", "--seed", "1", *SMOKE,
-                   timeout=300)
+                   "--hsl-steps", "1", "--rollouts-per-step", "4", "--max-env-steps", "8", "--eval-every", "0",
+                   "--num-eval-games", "1", "--eval-splits", "valid_seen", "--output-dir", out, "--run-name", "choice",
+                   "--seed", "1", timeout=300)
     assert re.search(r'\[relabeler answer, goal inference\] \'\[\\n  \{"step": 1, "action": ', r.output)
     pushes = [int(x) for x in re.findall(r"relabeled \+(\d+) buffer", r.output)]
     assert pushes and pushes[0] >= 1, r.output[-3000:]
@@ -520,9 +522,41 @@ def test_smoke_llm_relabeler_smollm2_choice(run_script, put_games, tiny_lm_dir, 
     assert re.search(r"\[eval final\] step 1 .*valid_seen/success [0-9.]+", r.output)
     summary = json.loads((out / "choice" / "summary.json").read_text())
     c = summary["counters"]
-    assert c["goal_inference_calls"] == 2 and c.get("goal_inference_bad_json", 0) == 0 and c.get("goal_invalid", 0) == 0
+    assert c["goal_inference_calls"] == 4 and c.get("goal_inference_bad_json", 0) == 0 and c.get("goal_invalid", 0) == 0
     assert c["relevance_calls"] >= 1 and c.get("relevance_unusable", 0) == 0 and c.get("choice_failed", 0) == 0
     assert summary["relabeled_pushed"] >= 1 and summary["hsl_steps"] == 1 and summary["evaluations"] == 1
+
+
+def load_weights(run_dir: Path, ckpt: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "checkpoints" / ckpt / "model.safetensors"))
+
+
+def test_data_parallel_two_processes(run_script, put_games, tiny_lm_dir, tmp_path):
+    """Multi-process training through accelerate (run here on 2 CPU processes with gloo, as `accelerate launch` runs it
+    on GPUs): every process takes its share of each global batch, so SFT gives the weights one process gives; the HSL
+    loop (uneven shares: 3 rollouts and batches of 3 over 2 processes) ends with the same model and D' on both."""
+    out = tmp_path / "runs"
+    common = ["--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "oracle", "--action-mode", "score",
+              "--score-normalization", "mean", "--num-demos", "2", "--batch-size", "3", "--micro-batch-size", "1",
+              "--sft-epochs", "3", "--hsl-batch-size", "3", "--rollouts-per-step", "3", "--max-env-steps", "12",
+              "--learning-rate", "1e-3", "--max-seq-len", "2048", "--eval-every", "0", "--save-every", "0",
+              "--output-dir", out, "--seed", "1"]
+    one = run_script("hsl_sft.py", *common, "--hsl-steps", "0", "--run-name", "one", timeout=180)
+    two = run_script("hsl_sft.py", *common, "--hsl-steps", "3", "--run-name", "two", processes=2, timeout=300)
+    assert "[accelerate] 2 processes; model and D' identical on all: True" in two.output, two.output[-3000:]
+    assert len(re.findall(r"^\[hsl\] step \d/3 ", two.output, re.M)) == 3  # printed by the main process only
+    sft_losses = lambda out: re.findall(r"\[sft\] step \d/\d loss ([0-9.]+)", out)
+    assert sft_losses(one.output) == sft_losses(two.output) and len(sft_losses(one.output)) == 3
+    a, b = load_weights(out / "one", "sft"), load_weights(out / "two", "sft")
+    from safetensors.torch import load_file
+
+    init = load_file(str(Path(tiny_lm_dir) / "model.safetensors"))
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # SFT moved the weights ...
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # ... the same way with one process and with two
+    summary = json.loads((out / "two" / "summary.json").read_text())
+    assert summary["hsl_steps"] == 3 and summary["evaluations"] == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
