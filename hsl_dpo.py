@@ -254,6 +254,8 @@ class Args:
     """vllm backend: weight/activation dtype (auto, float32, bfloat16, ...; float32 on CPU)"""
     llm_vllm_max_model_len: Optional[int] = None
     """vllm backend: context length to reserve KV cache for (default: the model's; e.g. 2048 on CPU)"""
+    llm_vllm_gpu_memory_utilization: float = 0.9
+    """vllm backend: GPU memory fraction of the relabeler engine; lower it when training or rollouts share the GPU"""
 
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 50
@@ -828,7 +830,8 @@ class LLMClient:
 
             self.llm = LLM(model=args.llm_model, tensor_parallel_size=args.llm_tensor_parallel_size, seed=args.seed,
                            enforce_eager=args.llm_vllm_enforce_eager, dtype=args.llm_vllm_dtype,
-                           max_model_len=args.llm_vllm_max_model_len)
+                           max_model_len=args.llm_vllm_max_model_len,
+                           gpu_memory_utilization=args.llm_vllm_gpu_memory_utilization)
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -170,6 +170,8 @@ class Args:
     """vllm backend: weight/activation dtype (auto, float32, bfloat16, ...; float32 on CPU)"""
     llm_vllm_max_model_len: Optional[int] = None
     """vllm backend: context length to reserve KV cache for (default: the model's; e.g. 2048 on CPU)"""
+    llm_vllm_gpu_memory_utilization: float = 0.9
+    """vllm backend: GPU memory fraction of the relabeler engine; on a GPU shared with JAX, lower it and XLA_PYTHON_CLIENT_MEM_FRACTION"""
 
     # --- HIQL agent (agent-specific; OGBench impls/agents/hiql.py defaults) -------------------------------------------
     lr: float = 3e-4
@@ -344,7 +346,8 @@ def make_llm(args: Args) -> Callable[[str], str]:
         except ImportError:
             raise SystemExit("error: --llm-backend vllm needs `pip install vllm` (or use openai / transformers)") from None
         llm = vllm.LLM(model=args.llm_model, seed=args.seed, enforce_eager=args.llm_vllm_enforce_eager,
-                       dtype=args.llm_vllm_dtype, max_model_len=args.llm_vllm_max_model_len)
+                       dtype=args.llm_vllm_dtype, max_model_len=args.llm_vllm_max_model_len,
+                       gpu_memory_utilization=args.llm_vllm_gpu_memory_utilization)
         params = vllm.SamplingParams(temperature=args.llm_temperature, max_tokens=args.llm_max_new_tokens)
 
         def chat(prompt: str) -> str:

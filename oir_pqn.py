@@ -186,6 +186,8 @@ class Args:
     """vllm backend: weight/activation dtype (auto, float32, bfloat16, ...; float32 on CPU)"""
     llm_vllm_max_model_len: Optional[int] = None
     """vllm backend: context length to reserve KV cache for (default: the model's; e.g. 2048 on CPU)"""
+    llm_vllm_gpu_memory_utilization: float = 0.9
+    """vllm backend: GPU memory fraction of the relabeler engine; on a GPU shared with JAX, lower it and XLA_PYTHON_CLIENT_MEM_FRACTION"""
     llm_torch_threads: int = 0
     """torch CPU threads for the transformers backend (0 = torch default; 1 is fastest for small models on a busy CPU)"""
 
@@ -461,7 +463,8 @@ class LLMClient:
             import vllm  # optional install, imported only here
 
             self.llm = vllm.LLM(model=model, seed=args.seed, enforce_eager=args.llm_vllm_enforce_eager,
-                                dtype=args.llm_vllm_dtype, max_model_len=args.llm_vllm_max_model_len)
+                                dtype=args.llm_vllm_dtype, max_model_len=args.llm_vllm_max_model_len,
+                                gpu_memory_utilization=args.llm_vllm_gpu_memory_utilization)
             self.sampling = vllm.SamplingParams(temperature=args.llm_temperature, max_tokens=args.llm_max_new_tokens)
         else:
             import torch
