@@ -64,6 +64,8 @@ class Args:
     """the W&B entity (team)"""
     save_model: bool = True
     """save a checkpoint (network parameters + instruction buffer) to runs/{run_name}/ at the end"""
+    save_every: int = 0
+    """also save that checkpoint every this many chunks (0 = only at the end; each save replaces the previous one)"""
     prompts_dir: Optional[str] = None
     """folder holding oir/*.md prompt files (default: prompts/ next to this script)"""
 
@@ -1135,6 +1137,15 @@ def main():
     print("buffer seeds: " + ", ".join(repr(t) for t in buffer.texts()))
     start = time.time()
     global_step, steady_steps, steady_seconds, steady_cpu, relabel_seconds = 0, 0, 0.0, 0.0, 0.0
+    def save_checkpoint(step: int):
+        """Network parameters (flax msgpack) and the instruction buffer, written over the previous checkpoint."""
+        out = Path(f"runs/{run_name}")
+        (out / "oir_pqn.params").write_bytes(flax.serialization.to_bytes(ts.params))
+        (out / "instruction_buffer.json").write_text(json.dumps(
+            [dict(text=e.text, source=e.source, status=buffer.status(e), successes=e.successes, episodes=e.episodes)
+             for e in buffer.slots if e is not None], indent=1))
+        print(f"checkpoint saved to {out}/oir_pqn.params and {out}/instruction_buffer.json (step {step})")
+
     pbar = tqdm(range(num_chunks), desc="chunks")
     for chunk in pbar:
         t0, c0 = time.time(), time.process_time()
@@ -1175,6 +1186,8 @@ def main():
         if args.eval_every > 0 and (chunk + 1) % args.eval_every == 0 and chunk + 1 < num_chunks:
             rng, k = jax.random.split(rng)
             run_eval(global_step, k)
+        if args.save_model and args.save_every > 0 and (chunk + 1) % args.save_every == 0 and chunk + 1 < num_chunks:
+            save_checkpoint(global_step)
     rng, k = jax.random.split(rng)
     run_eval(global_step, k)
 
@@ -1190,12 +1203,7 @@ def main():
     entries = [e for e in buffer.slots if e is not None]
     print("final buffer: " + "; ".join(f"{e.text!r} [{buffer.status(e)}, {e.mean_return:.2f}]" for e in entries))
     if args.save_model:
-        out = Path(f"runs/{run_name}")
-        (out / "oir_pqn.params").write_bytes(flax.serialization.to_bytes(ts.params))
-        (out / "instruction_buffer.json").write_text(json.dumps(
-            [dict(text=e.text, source=e.source, status=buffer.status(e), successes=e.successes, episodes=e.episodes)
-             for e in buffer.slots if e is not None], indent=1))
-        print(f"checkpoint saved to {out}/oir_pqn.params and {out}/instruction_buffer.json")
+        save_checkpoint(global_step)
     writer.close()
 
 

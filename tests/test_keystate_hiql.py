@@ -274,11 +274,12 @@ def test_update_gradients_and_soft_target(ks):
 
 # ----------------------------------------------------------------------------------------------------------- bad input
 def test_bad_inputs_give_clear_errors(run_script, tmp_path):
-    r = run_script(SCRIPT, "--env-name", "nosuchmaze-large-navigate-v0", "--relabel", "her", check=False, timeout=120)
+    runs = ["--run-dir", tmp_path / "runs"]  # nothing written inside the repository
+    r = run_script(SCRIPT, "--env-name", "nosuchmaze-large-navigate-v0", "--relabel", "her", *runs, check=False, timeout=120)
     assert r.returncode != 0 and "unknown OGBench environment" in r.output and "Traceback" not in r.output
     bad = tmp_path / "bad.npz"
     np.savez(bad, obs=np.zeros((10, 2)), actions=np.zeros((10, 2)))
-    r = run_script(SCRIPT, *SMALL, "--dataset-path", bad, "--relabel", "her", check=False, timeout=120)
+    r = run_script(SCRIPT, *SMALL, "--dataset-path", bad, "--relabel", "her", *runs, check=False, timeout=120)
     assert r.returncode != 0 and "lacks keys" in r.output and "Traceback" not in r.output
 
 

@@ -196,7 +196,7 @@ def test_smoke_run_with_smollm2(run_script, smollm2_dir, minilm_dir, tmp_path):
         "--total-timesteps", "6144", "--num-envs", "48", "--num-steps", "8", "--chunk-updates", "8",
         "--hidden-size", "64", "--num-layers", "2", "--optimistic-reset-ratio", "8", "--relabel-log-len", "64",
         "--relabel-trajs", "6", "--relabel-k", "3", "--relabel-fraction", "0.5", "--num-minibatches", "2",
-        "--eval-every", "0", "--eval-episodes", "2", "--eval-max-steps", "30",
+        "--eval-every", "0", "--eval-episodes", "2", "--eval-max-steps", "30", "--save-every", "1",
         # JAX's persistent compilation cache (ignored by git, next to the converted models): compiling the Craftax
         # step for training and for evaluation is most of this test's time on a first run.
         timeout=300, cwd=tmp_path, env={"JAX_COMPILATION_CACHE_DIR": str(REPO / ".cache" / "tests" / "jax")},
@@ -215,6 +215,8 @@ def test_smoke_run_with_smollm2(run_script, smollm2_dir, minilm_dir, tmp_path):
     assert len(re.findall(r"eval success\s+[\d.]+\s+\[(plain|paraphrase|compound)\]", out)) == 38
     assert re.search(r"eval coverage \d+/38", out)
     assert list(tmp_path.glob("runs/*/oir_pqn.params")) and list(tmp_path.glob("runs/*/events.out.tfevents*"))
+    # --save-every 1: after the first of the 2 chunks, and at the end
+    assert re.findall(r"checkpoint saved to .* \(step (\d+)\)", out) == ["3072", "6144"], out[-3000:]
 
 
 def test_openai_backend_without_server_fails_clearly(oir):
