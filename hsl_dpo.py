@@ -923,9 +923,9 @@ class LLMClient:
                 self._feed(entry, tok(text[len(entry["text"]):], add_special_tokens=False)["input_ids"])
             entry["text"] = text
             trie = {}  # token -> child node; the key None marks where an option ends (its index)
-            for k, o in enumerate(opts):
+            for k, ids in enumerate(tok(opts, add_special_tokens=False)["input_ids"]):  # one batched call
                 node = trie
-                for t in tok(o, add_special_tokens=False)["input_ids"]:
+                for t in ids:
                     node = node.setdefault(t, {})
                 node[None] = k
             node = trie
