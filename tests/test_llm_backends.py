@@ -65,14 +65,16 @@ def load(path):
 
 
 def ask(mod, kind, args, question, choice):
-    """The script client's answers to the question, and (hsl_* clients) its constrained picks for `choice`."""
+    """The script client's answers to the question, (hsl_* clients) its constrained picks for `choice`, and (clients
+    that keep their engine as `.llm`) the engine's GPU memory fraction as vLLM configured it."""
     if kind == "make_llm":
         chat = mod.make_llm(args)
-        return [chat(question)], None
+        return [chat(question)], None, None
     client = mod.LLMClient(args)
+    mem = client.llm.llm_engine.vllm_config.cache_config.gpu_memory_utilization
     if kind == "chat":
-        return client.chat([[{"role": "user", "content": question}]]), client.choose(*choice)
-    return client.generate([question]), None
+        return client.chat([[{"role": "user", "content": question}]]), client.choose(*choice), mem
+    return client.generate([question]), None, mem
 
 
 def release_engine():
@@ -98,9 +100,9 @@ def main():
             kw = {"llm_decoding": "choice"} if config["kinds"][name] == "chat" else {}
             args = mod.Args(llm_backend="vllm", llm_model=config["model_dir"], llm_max_new_tokens=config["max_tokens"],
                             llm_temperature=0.0, llm_vllm_enforce_eager=True, llm_vllm_dtype="float32",
-                            llm_vllm_max_model_len=1024, **kw)
-            answers, picks = ask(mod, config["kinds"][name], args, config["question"], config["choice"])
-            results[name] = {"answers": answers, "choice": picks, "seconds": time.time() - t0}
+                            llm_vllm_max_model_len=1024, llm_vllm_gpu_memory_utilization=0.85, **kw)
+            answers, picks, mem = ask(mod, config["kinds"][name], args, config["question"], config["choice"])
+            results[name] = {"answers": answers, "choice": picks, "gpu_memory_utilization": mem, "seconds": time.time() - t0}
         except BaseException as e:  # SystemExit included: a script's own error message is the diagnosis
             results[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", "seconds": time.time() - t0}
         print(f"[driver] {name}: {results[name]}", flush=True)
@@ -207,6 +209,8 @@ def test_vllm_backend_through_script_client(script, vllm_answers, smollm2_dir):
     assert 1 <= n_tokens(smollm2_dir, answer) <= MAX_TOKENS, answer  # --llm-max-new-tokens reached SamplingParams
     # Greedy decoding with the model's chat template: the same text transformers' greedy generate gives (fp32 both).
     assert answer.strip() == vllm_answers["_transformers"]["answers"][0].strip()
+    if CLIENT_KIND[script] != "make_llm":  # --llm-vllm-gpu-memory-utilization reached the engine's configuration
+        assert res["gpu_memory_utilization"] == 0.85
 
 
 @pytest.mark.parametrize("script", [s for s, kind in CLIENT_KIND.items() if kind == "chat"])
