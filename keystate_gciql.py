@@ -29,7 +29,7 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Any, Callable, Dict, List, Literal, NamedTuple, Optional, Tuple
