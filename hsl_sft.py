@@ -51,7 +51,7 @@ import re
 import shutil
 import string
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -1660,7 +1660,8 @@ def main():
         if args.relabeler == "oracle":
             relabeled = relabel_oracle(trajs, args, step_counts)
         else:
-            relabeled = relabel_llm(trajs, client, prompts, args, step_counts, step_judge)
+            relabeled = relabel_llm(trajs, client, prompts, args if accelerator.is_main_process else
+                                    replace(args, log_trajectories=0), step_counts, step_judge)  # one process prints
         # every process pushes every process's relabeled demonstrations, in the global order: the D' copies stay identical
         step_counts, step_judge = (sum((collections.Counter(c) for c in gather_object([dict(x)])), collections.Counter())
                                    for x in (step_counts, step_judge))
