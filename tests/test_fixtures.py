@@ -12,7 +12,7 @@ def _generate(model_dir, messages, max_new_tokens):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, ids["input_ids"].shape[1]:]
+    new = out[0, ids["input_ids"].shape[1] :]
     return tok, new, tok.decode(new, skip_special_tokens=True)
 
 

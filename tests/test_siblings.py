@@ -1,0 +1,94 @@
+"""Siblings stay siblings, and every script carries the same LLM client.
+
+* `keystate_hiql.py` is `keystate_gciql.py` with the HIQL learner, and `hsl_dpo.py` is `hsl_sft.py` with the DPO
+  stage: every top-level function and class present in both files of a pair has identical source, except the short
+  allowlists below (the learner, and what wires it in).
+* `LLMClient` (class source) and the `llm_*` fields of `Args` (names, types, help) are identical in all five scripts.
+* Each script's PEP 723 header pins exactly the versions requirements.txt pins.
+"""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ["keystate_gciql.py", "keystate_hiql.py", "hsl_sft.py", "hsl_dpo.py", "oir_pqn.py"]
+
+# Names allowed to differ inside a pair: the learner and the code that wires it in. Keep these short.
+ALLOWED = {
+    ("keystate_gciql.py", "keystate_hiql.py"): {
+        "Args",
+        "resolve_presets",
+        "sample_batch",
+        "make_agent",
+        "update",
+        "evaluate",
+        "main",
+    },
+    ("hsl_sft.py", "hsl_dpo.py"): {"Args", "check_args", "main"},
+}
+
+
+def top_level(path: Path) -> dict:
+    src = path.read_text()
+    tree = ast.parse(src)
+    return {
+        n.name: ast.get_source_segment(src, n)
+        for n in tree.body
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+    }
+
+
+@pytest.mark.parametrize("pair", list(ALLOWED), ids=lambda p: f"{p[0]}~{p[1]}")
+def test_sibling_scripts_share_their_code(pair):
+    a, b = (top_level(REPO / f) for f in pair)
+    shared = sorted(set(a) & set(b))
+    assert len(shared) >= 10, f"the pair shares only {shared}"
+    differ = [n for n in shared if a[n] != b[n] and n not in ALLOWED[pair]]
+    assert not differ, f"{pair[0]} and {pair[1]} differ outside the allowlist in: {differ}"
+
+
+def llm_fields(path: Path) -> list:
+    src = path.read_text()
+    args = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    out = []
+    for i, node in enumerate(args.body):
+        if isinstance(node, ast.AnnAssign) and node.target.id.startswith("llm_"):
+            doc = args.body[i + 1] if i + 1 < len(args.body) else None
+            doc = doc.value.value if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) else None
+            default = ast.unparse(node.value) if node.target.id == "llm_backend" else None
+            out.append((node.target.id, ast.unparse(node.annotation), default, doc))
+    return out
+
+
+def test_one_llm_client_shape_in_all_scripts():
+    clients = {s: top_level(REPO / s).get("LLMClient") for s in SCRIPTS}
+    assert all(clients.values()), [s for s, c in clients.items() if not c]
+    assert len(set(clients.values())) == 1, "LLMClient differs between scripts"
+    fields = {s: llm_fields(REPO / s) for s in SCRIPTS}
+    names = [f[0] for f in fields[SCRIPTS[0]]]
+    assert names[:2] == ["llm_backend", "llm_model"] and "llm_base_url" in names, names
+    assert all(f == fields[SCRIPTS[0]] for f in fields.values()), fields
+
+
+def pins(text: str) -> dict:
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"""^\s*#?\s*"?([A-Za-z0-9_.\-\[\]]+)==([^"\s,]+)""", line)
+        if m:
+            out[re.sub(r"\[.*\]", "", m.group(1)).lower()] = m.group(2)
+    return out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_pep723_header_pins_equal_requirements(script):
+    text = (REPO / script).read_text()
+    m = re.search(r"^# /// script\n((?:#.*\n)+?)# ///$", text, re.M)
+    assert m, f"{script} has no PEP 723 header"
+    header = pins(m.group(1))
+    required = pins((REPO / "requirements.txt").read_text())
+    assert len(header) >= 5, header
+    wrong = {k: v for k, v in header.items() if required.get(k) != v}
+    assert not wrong, f"{script} header pins differ from requirements.txt: {wrong}"
