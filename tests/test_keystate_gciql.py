@@ -1,6 +1,7 @@
 """Tests for keystate_gciql.py: rule compiler (valid + hostile), key-state sampling vs a slow loop, GCIQL losses vs a
-hand computation, bad inputs, and end-to-end smoke runs (rules file; real SmolLM2 relabeler) on a pointmaze dataset
-built offline by tests/keystate_data.py."""
+hand computation, bad inputs, rule generation through a scripted OpenAI-compatible endpoint (good, malformed, hostile
+answers, HTTP errors), and end-to-end smoke runs (rules file; real SmolLM2 relabeler, plumbing only) on a pointmaze
+dataset built offline by tests/keystate_data.py."""
 
 import importlib.util
 import json
@@ -19,7 +20,7 @@ SCRIPT = "keystate_gciql.py"
 # Small but real: a tiny network keeps the smoke runs inside the CI budget; everything else is the script's default path.
 SMALL = ["--env-name", "pointmaze-medium-navigate-v0", "--total-steps", "60", "--batch-size", "64",
          "--hidden-dims", "32", "32", "--log-interval", "20", "--eval-interval", "0", "--eval-episodes", "1",
-         "--eval-tasks", "2", "--eval-max-episode-steps", "40", "--adapt-interval", "10", "--td-hist-interval", "20"]
+         "--eval-tasks", "2", "--adapt-interval", "10"]
 
 
 def load_script():
@@ -124,22 +125,20 @@ def test_rule_json_extraction(ks):
     txt = 'Sure! ```json\n{"rules": [{"name": "a", "condition": "x > 1"}]}\n``` hope it helps'
     assert ks.extract_rules_json(txt) == [{"name": "a", "condition": "x > 1"}]
     assert ks.extract_rules_json('noise {"bad": 1} then {"rules": [{"name": "b", "condition": "y < 2"}]}')[0]["name"] == "b"
-    # a truncated answer (as SmolLM2 gives): complete objects are kept, then bare "condition" fields are salvaged
+    # a truncated answer is a failed answer (a real relabeler finishes its JSON; nothing is salvaged)
     cut = '{"rules": [{"name": "a", "condition": "x > 1"}, {"name": "b", "description": "d", "condition": "y < 2", "na'
-    assert [r["name"] for r in ks.extract_rules_json(cut)] == ["a"]
-    cut = '```json\n{"rules": [{"name": "a", "description": "d", "condition": "x > 1", "name": "b", "condition": "y'
-    assert ks.extract_rules_json(cut) == [{"name": "a", "condition": "x > 1", "description": "d"}]
-    for bad in ["no json here", '{"rules": "x > 1"}', "{" * 5000]:
+    for bad in ["no json here", '{"rules": "x > 1"}', "{" * 5000, cut]:
         with pytest.raises(ks.RuleError):
             ks.extract_rules_json(bad)
 
 
-def test_compile_time_self_check_calibrates_fire_rate(ks):
+def test_compile_time_self_check_calibrates_fire_rate(ks, monkeypatch):
     feats, ds = toy_features(ks)
-    args = ks.Args(rule_min_fire=0.1, rule_max_fire=0.5)
+    monkeypatch.setattr(ks, "RULE_MIN_FIRE", 0.1)
+    monkeypatch.setattr(ks, "RULE_MAX_FIRE", 0.5)
     rules = [{"name": "ok", "condition": "x >= 5"}, {"name": "always", "condition": "x >= 0"},
              {"name": "never", "condition": "x > 100"}, {"name": "broken", "condition": "x >"}]
-    good, bad = ks.check_rules(rules, feats, ds.valids > 0, args)
+    good, bad = ks.check_rules(rules, feats, ds.valids > 0)
     assert [g["name"] for g in good] == ["ok"] and good[0]["fire_rate"] == pytest.approx(3 / 7)
     reasons = {b["name"]: b["error"] for b in bad}
     assert "outside" in reasons["always"] and "outside" in reasons["never"] and "syntax" in reasons["broken"]
@@ -229,7 +228,7 @@ def test_batch_rewards_and_masks(ks):
     obs = np.random.default_rng(0).normal(size=(n_ep * ep_len, 3)).astype(np.float32)
     ds = ks.to_compact(obs, np.ones((len(obs), 2), np.float32), term)
     data = ks.make_goal_data(ds, None)
-    cfg = ks.GoalConfig(0.99, 0.2, 0.5, 0.3, 1.0, 0.0, False, 50, True)
+    cfg = ks.GoalConfig(0.99, 0.0, False, 50, True)
     b = ks.sample_batch(jax.random.PRNGKey(0), data, 4096, cfg, 0.0)
     same = np.all(np.asarray(b["value_goals"]) == np.asarray(b["observations"]), axis=1)
     np.testing.assert_array_equal(np.asarray(b["rewards"]), same.astype(np.float32) - 1.0)
@@ -306,14 +305,14 @@ def test_gciql_losses_match_hand_computation(ks):
     logp = np.sum(-0.5 * (batch["actions"] - mu) ** 2 - 0.5 * np.log(2 * np.pi), 1)
     want_a = -qa.mean() / (np.abs(qa).mean() + 1e-6) - (0.003 * logp).mean()
     got_a, _ = ks.actor_loss(state.params["actor"], state.params["critic"], state.params["value"], batch, nets,
-                             0.003, "ddpgbc", True, jax.random.PRNGKey(0))
+                             0.003, "ddpgbc")
     assert float(got_a) == pytest.approx(want_a, rel=1e-4)
     # actor, AWR: -min(exp(alpha * (minQ - V)), 100) * log pi
     adv = np.minimum(*Q(p["critic"], batch["observations"], batch["actor_goals"], batch["actions"])) - V(
         batch["observations"], batch["actor_goals"])
     want_awr = -np.mean(np.minimum(np.exp(3.0 * adv), 100.0) * logp)
     got_awr, _ = ks.actor_loss(state.params["actor"], state.params["critic"], state.params["value"], batch, nets,
-                               3.0, "awr", True, jax.random.PRNGKey(0))
+                               3.0, "awr")
     assert float(got_awr) == pytest.approx(want_awr, rel=1e-4)
 
 
@@ -328,15 +327,15 @@ def test_update_soft_target_and_learning(ks):
     obs = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
     ds = ks.to_compact(obs, np.zeros((n, 2), np.float32), term)
     data = ks.make_goal_data(ds, None)
-    cfg = ks.GoalConfig(args.discount, 0.2, 0.5, 0.3, 1.0, 0.0, False, 50, True)
+    cfg = ks.GoalConfig(args.discount, 0.0, False, 50, True)
     nets, tx, state = ks.make_agent(args, 2, 2, jax.random.PRNGKey(0))
     update = ks.make_update(args, nets, tx, cfg)
     old = jax.tree_util.tree_map(np.array, state)  # host copy: the update donates (reuses) the old state's buffers
     # target <- tau * critic(before the step) + (1 - tau) * target, as OGBench's gciql.py
-    want = jax.tree_util.tree_map(lambda c, t: 0.005 * c + 0.995 * t, old.params["critic"], old.target_critic)
+    want = jax.tree_util.tree_map(lambda c, t: 0.005 * c + 0.995 * t, old.params["critic"], old.target)
     new, info, _ = update(state, data, jnp.float32(0.0))
     state = old
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new.target_critic, want)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new.target, want)
     assert not np.allclose(new.params["value"]["MLP_0"]["Dense_0"]["kernel"],
                            state.params["value"]["MLP_0"]["Dense_0"]["kernel"])
     assert int(info["relabel/td_key_count"]) == 0  # HER arm: no key-state goals
@@ -374,10 +373,19 @@ def test_bad_inputs_give_clear_errors(run_script, ks, pointmaze_npz, tmp_path):
     # an environment family without a layout description, with key-state relabeling and no rules file
     with pytest.raises(SystemExit, match="no observation-layout description"):
         ks.layout_file_for("scene-play-v0", REPO / "prompts")
-    # an LLM endpoint that does not answer: a clear error, not a hang or a deep traceback
-    args = ks.Args(llm_backend="openai", llm_base_url="http://127.0.0.1:9/v1", llm_timeout=2, llm_max_retries=0)
-    with pytest.raises(SystemExit, match="no OpenAI-compatible server answered"):
-        ks.make_llm(args)("hello")
+    # an LLM endpoint that does not answer: a clear error at start, not a hang or a deep traceback
+    args = ks.Args(llm_backend="openai", llm_base_url="http://127.0.0.1:9/v1", llm_timeout=2)
+    with pytest.raises(SystemExit, match="no OpenAI-compatible server answers"):
+        ks.LLMClient(args)
+    # usage errors: one line naming the flag, before anything heavy
+    for kw, msg in [({"dataset_fraction": 0.0}, "--dataset-fraction: must be in"),
+                    ({"p_keystate": 1.5}, "--p-keystate: must be in"), ({"batch_size": 0}, "--batch-size: must be >= 1"),
+                    ({"hidden_dims": ()}, "--hidden-dims"), ({"discount": 1.0}, "--discount"),
+                    ({"rules_path": str(tmp_path / "nope.json")}, "--rules-path: file .* does not exist")]:
+        with pytest.raises(SystemExit, match=msg):
+            ks.check_args(ks.Args(**kw))
+    r = run_script(SCRIPT, "--adapt-interval", "-1", check=False, timeout=60)
+    assert r.returncode != 0 and "error: --adapt-interval: must be >= 0" in r.output and "Traceback" not in r.output
 
 
 # --------------------------------------------------------------------------------------------------------- smoke runs
@@ -392,7 +400,6 @@ def check_smoke_output(out: str, run_root: Path, expect_keystate: bool = True):
     run_dir = next(run_root.iterdir())
     saved = json.loads((run_dir / "rules.json").read_text())
     td = np.load(run_dir / "td_errors.npz")
-    assert (run_dir / "td_errors.png").stat().st_size > 0
     if expect_keystate:
         assert len(td["td_keystate"]) > 0 and len(td["td_her"]) > 0
     return saved, run_dir
@@ -408,7 +415,7 @@ def test_smoke_with_rules_file(run_script, pointmaze_npz, tmp_path):
     ]}))
     r = run_script(SCRIPT, *SMALL, "--dataset-path", pointmaze_npz, "--rules-path", rules,
                    "--run-dir", tmp_path / "runs", timeout=180)
-    assert "pwned" not in r.output and "rejected hostile" in r.output
+    assert "pwned" not in r.output and "rejected hostile" in r.output and "1 rejected" in r.output
     saved, run_dir = check_smoke_output(r.output, tmp_path / "runs")
     assert [x["name"] for x in saved["rules"]] == ["turning_event", "stop"]  # saved with the run (--rules-path)
     assert "accepted turning_event" in r.output and "p_keystate=" in r.output
@@ -416,16 +423,59 @@ def test_smoke_with_rules_file(run_script, pointmaze_npz, tmp_path):
 
 
 def test_smoke_with_smollm2_relabeler(run_script, pointmaze_npz, smollm2_dir, tmp_path):
-    """The real SmolLM2-135M-Instruct writes the rules (greedy, so the outcome is deterministic). Its answer is poor
-    (cut off mid-object, duplicated keys); the parser salvages the complete "condition" fields and the self-check
-    keeps only rules that compile and fire on a calibrated fraction of states."""
+    """Plumbing only: the real SmolLM2-135M-Instruct (in process) gets the rule prompt and answers; whatever it writes
+    goes through the compiler and the self-check, and the run trains and evaluates (a weak model's rules may all be
+    rejected: then HER). Relabeling semantics are tested with the scripted endpoint below."""
     r = run_script(SCRIPT, *SMALL, "--dataset-path", pointmaze_npz, "--llm-backend", "transformers",
-                   "--llm-model", smollm2_dir, "--llm-max-new-tokens", "120", "--max-repair-rounds", "1",
+                   "--llm-model", smollm2_dir, "--llm-max-new-tokens", "120", "--max-repair-rounds", "0",
                    "--run-dir", tmp_path / "runs", timeout=240, env={"OMP_NUM_THREADS": "1"})
-    assert "[rules] LLM round 0 answered" in r.output
-    assert "[rules] accepted" in r.output and "falling back" not in r.output, r.output[-3000:]
-    saved, _ = check_smoke_output(r.output, tmp_path / "runs", expect_keystate=True)
-    assert saved["rules"] and all(0.001 <= x["fire_rate"] <= 0.3 for x in saved["rules"])
+    assert "[rules] LLM round 0 answered" in r.output and "failed LLM requests" in r.output
+    saved, _ = check_smoke_output(r.output, tmp_path / "runs", expect_keystate=False)
+    assert saved["llm_failures"] == 0 and all(0.001 <= x["fire_rate"] <= 0.3 for x in saved["rules"])
+
+
+STOP_RULE = {"name": "stop", "description": "nearly at rest", "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15"}
+
+
+def test_rule_generation_through_scripted_endpoint(run_script, scripted_llm, pointmaze_npz, tmp_path):
+    """Round 0: a malformed answer -> the repair prompt. Round 1: a good rule and two hostile ones (code, a literal
+    beyond float range) -> the good one is compiled and used, the hostile ones rejected and counted."""
+    hostile = [{"name": "pwn", "condition": "__import__('os').system('echo pwned') > 0"},
+               {"name": "huge", "condition": "x > 1" + "0" * 380}]
+
+    def respond(messages):
+        if len(scripted_llm.requests) == 1:
+            return "Here are the rules: x > 1 and y < 2 (sorry, no JSON)"
+        return "```json\n" + json.dumps({"rules": [STOP_RULE, *hostile]}) + "\n```"
+
+    scripted_llm.respond = respond
+    r = run_script(SCRIPT, *SMALL, "--dataset-path", pointmaze_npz, "--llm-backend", "openai", "--llm-base-url",
+                   scripted_llm.base_url, "--llm-model", "scripted", "--num-rules", "1",
+                   "--run-dir", tmp_path / "runs", timeout=180)
+    out = r.output
+    assert len(scripted_llm.requests) == 2 and "Traceback" not in out
+    assert not re.search(r"^pwned$", out, re.M)  # the answer is logged, but nothing in it was executed
+    assert "(whole answer)" in out and "x > 1 and y < 2" in scripted_llm.requests[1][0]["content"]  # repair prompt
+    assert "rejected pwn" in out and "rejected huge" in out and "accepted stop" in out
+    saved, _ = check_smoke_output(out, tmp_path / "runs")  # key-state goals were sampled: the rule is used
+    assert [x["name"] for x in saved["rules"]] == ["stop"]
+    assert saved["rejected_rules"] == 3 and saved["llm_failures"] == 0  # the malformed answer + two hostile rules
+
+
+def test_llm_http_errors_fall_back_to_her(ks, scripted_llm, pointmaze_npz, tmp_path):
+    """HTTP 500 on every request: each round is a counted failure (after the client's retries), and key-state
+    relabeling falls back to HER with a warning instead of stopping the run."""
+    scripted_llm.respond = lambda messages: 500
+    args = ks.Args(env_name="pointmaze-medium-navigate-v0", llm_backend="openai", llm_base_url=scripted_llm.base_url,
+                   llm_model="scripted", llm_timeout=10, max_repair_rounds=1)
+    ds = ks.load_ogbench_npz(str(pointmaze_npz), 2, 2)
+    logs = []
+    mask, rules = ks.build_keystate_mask(args, ds, REPO / "prompts", tmp_path, logs.append)
+    assert mask is None and rules == []
+    assert sum("failed (no answer)" in m for m in logs) == 2 and any("falling back to HER" in m for m in logs)
+    saved = json.loads((tmp_path / "rules.json").read_text())
+    assert saved["llm_failures"] == 2 and saved["rules"] == []
+    assert len(scripted_llm.requests) == 6  # two rounds, each the request and its two retries
 
 
 def test_no_valid_rule_falls_back_to_her(ks, pointmaze_npz, tmp_path):
@@ -445,7 +495,7 @@ def test_no_valid_rule_falls_back_to_her(ks, pointmaze_npz, tmp_path):
     import jax
 
     data = ks.make_goal_data(ds, mask)
-    cfg = ks.GoalConfig(0.99, 0.2, 0.5, 0.3, 1.0, 0.0, True, 200, True)
+    cfg = ks.GoalConfig(0.99, 0.0, True, 200, True)
     b = ks.sample_batch(jax.random.PRNGKey(0), data, 512, cfg, 1.0)
     assert not np.asarray(b["value_goal_is_key"]).any()
 

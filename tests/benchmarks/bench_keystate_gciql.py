@@ -73,8 +73,7 @@ def main():
     key_mask = ks.compile_condition("norm(delta(s0, 3), delta(s1, 3)) < 0.3", feats)()
     ours = {}
     for arm, mask in (("keystate", key_mask), ("her", None)):
-        cfg = ks.GoalConfig(args.discount, 0.2, 0.5, 0.3, args.actor_p_trajgoal, args.actor_p_randomgoal,
-                            mask is not None, 200, True)
+        cfg = ks.GoalConfig(args.discount, ks.actor_p_randomgoal(a.env_name), mask is not None, 200, True)
         data = ks.make_goal_data(ds, mask)
         nets, tx, state = ks.make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))
         update = ks.make_update(args, nets, tx, cfg)
