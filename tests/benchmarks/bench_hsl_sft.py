@@ -76,7 +76,7 @@ def main():
     # data: expert demonstrations on real (tiny) ALFWorld games, encoded once for both trainers
     root = build_games(tmp / "alfworld", {"train": TINY_SPLITS["train"]})
     demos = [d for g in hsl.list_games(str(root), "train", 40) if (d := hsl.expert_demo(g, 40)) is not None]
-    system = hsl.read_prompt(REPO / "prompts", "alfworld_agent.md")
+    system = hsl.read_prompt("alfworld_agent.md")
     enc = [hsl.encode_demo(tok, hsl.demo_messages(system, d), d["z"], 4096) for d in demos]
     n = a.batch_size * (a.steps + 1)
     data = [enc[i % len(enc)] for i in range(n)]
@@ -90,19 +90,19 @@ def main():
     from accelerate import Accelerator
 
     args = hsl.Args(batch_size=a.batch_size, micro_batch_size=a.batch_size, loss_normalization="token",
-                    learning_rate=2e-5, max_grad_norm=1.0, lr_scheduler="constant", warmup_ratio=0.0)
+                    learning_rate=2e-5)  # gradient clipping at 1.0 is fixed in the script
     acc = Accelerator(cpu=True)
     model = copy.deepcopy(base)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     model, opt = acc.prepare(model, opt)
-    sched = hsl.make_scheduler(opt, args, a.steps + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # constant, as TRL below
     ours_losses = []
     for s in range(a.steps + 1):
         if s == 1:
             t0, c0 = time.perf_counter(), time.process_time()
         info = hsl.accumulate_loss(model, data[s * a.batch_size:(s + 1) * a.batch_size], 1.0, args, acc, "sft", tok.pad_token_id)
-        hsl.optimizer_step(model, opt, sched, args, acc)
+        hsl.optimizer_step(model, opt, sched, acc)
         ours_losses.append(info["sft/loss"])
     ours_s, ours_cpu = time.perf_counter() - t0, time.process_time() - c0
     del model, opt
