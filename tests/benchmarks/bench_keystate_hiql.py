@@ -169,10 +169,8 @@ def main():
     if a.relabel == "keystate":
         key_mask = np.zeros(len(obs), bool)
         key_mask[::10] = True
-    goal_cfg = ks.GoalConfig(args.discount, args.value_p_curgoal, args.value_p_trajgoal, args.value_p_randomgoal,
-                             args.actor_p_trajgoal, args.actor_p_randomgoal, key_mask is not None,
-                             args.keystate_window, args.keystate_actor_goals, args.subgoal_steps,
-                             args.keystate_subgoals)
+    goal_cfg = ks.GoalConfig(args.discount, ks.actor_p_randomgoal(args.env_name), key_mask is not None,
+                             args.keystate_window, args.keystate_actor_goals)
     data = ks.make_goal_data(ds, key_mask)
     nets, tx, state = ks.make_agent(args, obs.shape[1], act.shape[1], jax.random.PRNGKey(0))
     update = ks.make_update(args, nets, tx, goal_cfg)
