@@ -90,7 +90,8 @@ def main():
         sys.exit(f"reference not found at {impls}; see the module docstring (OGBENCH_IMPLS)")
     sys.path.insert(0, str(impls))
     from agents.gciql import GCIQLAgent, get_config  # noqa: E402
-    from utils.datasets import Dataset as RefDataset, GCDataset  # noqa: E402
+    from utils.datasets import Dataset as RefDataset  # noqa: E402
+    from utils.datasets import GCDataset
 
     config = get_config()
     config["batch_size"] = a.batch_size
