@@ -586,12 +586,13 @@ class LLMClient:
     """
 
     def __init__(self, args):
-        self.args, self.failures = args, 0
+        self.args, self.failures, greedy = args, 0, args.llm_temperature == 0
         if args.llm_backend == "openai":
             from openai import OpenAI
 
             key = os.environ.get("OPENAI_API_KEY", "EMPTY")  # local servers check no key, the client wants one
             self.client = OpenAI(base_url=args.llm_base_url, api_key=key, timeout=args.llm_timeout, max_retries=2)
+            self.kw = dict(temperature=args.llm_temperature, max_tokens=args.llm_max_new_tokens, seed=args.seed)
             try:  # fail at start with one line, not after the first training phase
                 self.client.with_options(timeout=min(args.llm_timeout, 30.0)).models.list()
             except Exception as e:
@@ -609,55 +610,41 @@ class LLMClient:
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --llm-model {args.llm_model}: cannot load it with transformers ({e})") from None
         self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
+        self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
+        self.kw = dict(max_new_tokens=args.llm_max_new_tokens, do_sample=not greedy, pad_token_id=self.tok.pad_token_id)
+        self.kw.update(dict(top_p=None, top_k=None) | ({} if greedy else dict(temperature=args.llm_temperature)))
+
+    def ask(self, messages):
+        try:
+            r = self.client.chat.completions.create(model=self.args.llm_model, messages=messages, **self.kw)
+            return r.choices[0].message.content or ""
+        except Exception as e:  # timeouts, HTTP 5xx after retries, cut connections: a counted skip
+            print(f"[llm] request failed: {type(e).__name__}: {str(e)[:200]}")
+            return None
 
     def chat(self, conversations: list) -> list:
-        a = self.args
-        if a.llm_backend == "openai":
-
-            def one(messages):
-                try:
-                    r = self.client.chat.completions.create(
-                        model=a.llm_model,
-                        messages=messages,
-                        temperature=a.llm_temperature,
-                        max_tokens=a.llm_max_new_tokens,
-                        seed=a.seed,
-                    )
-                    return r.choices[0].message.content or ""
-                except Exception as e:  # timeouts, HTTP 5xx after retries, cut connections: a counted skip
-                    print(f"[llm] request failed: {type(e).__name__}: {str(e)[:200]}")
-                    return None
-
-            with concurrent.futures.ThreadPoolExecutor(a.llm_concurrency) as pool:
-                outs = list(pool.map(one, conversations))
-        else:
+        n = self.args.llm_concurrency
+        if self.args.llm_backend == "openai":
+            with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                outs = list(pool.map(self.ask, conversations))
+        else:  # in process, --llm-concurrency is the generation batch size
             import torch
 
-            outs, sample = [], a.llm_temperature > 0
-            for i in range(0, len(conversations), a.llm_concurrency):  # in process, concurrency is the batch size
+            outs = []
+            for i in range(0, len(conversations), n):
                 enc = self.tok.apply_chat_template(
-                    conversations[i : i + a.llm_concurrency],
+                    conversations[i : i + n],
                     add_generation_prompt=True,
                     padding=True,
                     return_tensors="pt",
                     return_dict=True,
                 ).to(self.model.device)
                 with torch.no_grad():
-                    gen = self.model.generate(
-                        **enc,
-                        max_new_tokens=a.llm_max_new_tokens,
-                        do_sample=sample,
-                        temperature=a.llm_temperature if sample else None,
-                        top_p=None,
-                        top_k=None,
-                        pad_token_id=self.tok.pad_token_id,
-                    )
+                    gen = self.model.generate(**enc, **self.kw)
                 outs += self.tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         self.failures += sum(o is None for o in outs)
         # bounded size even when a server ignores max_tokens (about 4 characters a token, with a wide margin)
-        return [o if o is None else o[: 16 * a.llm_max_new_tokens] for o in outs]
+        return [o if o is None else o[: 16 * self.args.llm_max_new_tokens] for o in outs]
 
 
 # ======================================================================================================================
