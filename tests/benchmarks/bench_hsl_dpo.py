@@ -113,14 +113,14 @@ def main():
         fail = random_failure(dpo, demo["gamefile"], a.failure_steps, rng)
         if fail is not None:
             pairs += dpo.build_dpo_pairs([fail], [demo], collections.Counter())
-    system = dpo.read_prompt(REPO / "prompts", "alfworld_agent.md")
+    system = dpo.read_prompt("alfworld_agent.md")
     base = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
     lr, beta = 1e-6, 0.1
 
     # ---- hsl_dpo.py: encode, reference once, DPO steps (its ETO phase) ----
     from accelerate import Accelerator
 
-    args = dpo.Args(max_grad_norm=1.0)
+    args = dpo.Args()  # gradient clipping at 1.0 is fixed in the script
     acc = Accelerator(cpu=True)
     model = copy.deepcopy(base)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -136,7 +136,7 @@ def main():
     for _ in range(a.epochs):
         for s in range(0, len(enc), a.batch_size):
             info = dpo.accumulate_dpo_loss(model, enc[s: s + a.batch_size], beta, 0.0, a.batch_size, acc, tok.pad_token_id)
-            dpo.optimizer_step(model, opt, sched, args, acc)
+            dpo.optimizer_step(model, opt, sched, acc)
             ours_losses.append(info["dpo/loss"])
     ours_s = time.perf_counter() - t0
     lens = [len(e[side]["input_ids"]) for e in enc for side in ("chosen", "rejected")]
