@@ -20,7 +20,7 @@ SCRIPT = "keystate_gciql.py"
 # Small but real: a tiny network keeps the smoke runs inside the CI budget; everything else is the script's default path.
 SMALL = ["--env-name", "pointmaze-medium-navigate-v0", "--total-steps", "60", "--batch-size", "64",
          "--hidden-dims", "32", "32", "--log-interval", "20", "--eval-interval", "0", "--eval-episodes", "1",
-         "--eval-tasks", "2", "--adapt-interval", "10"]
+         "--adapt-interval", "10"]
 
 
 def load_script():
@@ -41,13 +41,22 @@ def pointmaze_npz(tmp_path_factory):
                            episode_steps=201, seed=0)
 
 
-def toy_features(ks, max_lag=5):
+def compact(obs, act, term):
+    """A dataset as ogbench.load_dataset(compact_dataset=True) returns it."""
+    return {"observations": obs, "actions": act, "terminals": np.minimum(term + np.append(term[1:], 1), 1),
+            "valids": 1.0 - term}
+
+
+def pointmaze_dataset(ks, path):
+    return ks.make_env_and_dataset(ks.Args(env_name="pointmaze-medium-navigate-v0", dataset_path=str(path)))[1]
+
+
+def toy_features(ks):
     """Two episodes of 5 and 4 rows; x = row index, y = 10 * row index."""
     obs = np.stack([np.arange(9.0), 10 * np.arange(9.0)], 1).astype(np.float32)
     term = np.array([0, 0, 0, 0, 1, 0, 0, 0, 1], np.float32)
-    ds = ks.to_compact(obs, np.zeros((9, 2), np.float32), term)
-    start, end = ks.episode_index(ds)
-    return ks.Features(ds.observations, start, end, {"x": 0, "y": 1}, max_lag), ds
+    ds = compact(obs, np.zeros((9, 2), np.float32), term)
+    return ks.Features(ds, {"x": 0, "y": 1}), ds
 
 
 # ---------------------------------------------------------------------------------------------------------------- help
@@ -61,24 +70,24 @@ def test_compiler_accepts_valid_rules(ks):
     feats, ds = toy_features(ks)
     assert list(ks.episode_index(ds)[1]) == [4, 4, 4, 4, 4, 8, 8, 8, 8]
     # goals never go past an episode's last *valid* row, as OGBench's terminal_locs
-    assert list(np.asarray(ks.make_goal_data(ds, None).final_idxs)) == [3, 3, 3, 3, 3, 7, 7, 7, 7]
+    assert list(np.asarray(ks.make_goal_data(ds, None)["final_idxs"])) == [3, 3, 3, 3, 3, 7, 7, 7, 7]
     x = np.arange(9.0)
     # prev/next are clamped to the row's own episode (rows 0-4 and 5-8).
     prev2 = np.array([0, 0, 0, 1, 2, 5, 5, 5, 6], float)
     next1 = np.array([1, 2, 3, 4, 4, 6, 7, 8, 8], float)
-    np.testing.assert_array_equal(ks.compile_condition("prev(x, 2) >= 0", feats)(), np.ones(9, bool))
-    np.testing.assert_array_equal(ks.compile_condition("x - prev(x, 2) == 2", feats)(), x - prev2 == 2)
-    np.testing.assert_array_equal(ks.compile_condition("delta(x, 2) == 2", feats)(), x - prev2 == 2)
-    np.testing.assert_array_equal(ks.compile_condition("next(x, 1) > x", feats)(), next1 > x)
+    np.testing.assert_array_equal(ks.compile_condition("prev(x, 2) >= 0", feats), np.ones(9, bool))
+    np.testing.assert_array_equal(ks.compile_condition("x - prev(x, 2) == 2", feats), x - prev2 == 2)
+    np.testing.assert_array_equal(ks.compile_condition("delta(x, 2) == 2", feats), x - prev2 == 2)
+    np.testing.assert_array_equal(ks.compile_condition("next(x, 1) > x", feats), next1 > x)
     # nested lags compose inside the episode: next(prev(x, 2), 1) at row i reads row clamp(clamp(i + 1) - 2)
     nested = np.array([0, 0, 1, 2, 2, 5, 5, 6, 6], float)
-    np.testing.assert_array_equal(ks.compile_condition("next(prev(x, 2), 1) == s0 - 1", feats)(), nested == x - 1)
-    np.testing.assert_array_equal(ks.compile_condition("norm(x, y) > 50", feats)(), np.sqrt(101) * x > 50)
-    np.testing.assert_array_equal(ks.compile_condition("2 < x <= 6 and not y == 50", feats)(),
+    np.testing.assert_array_equal(ks.compile_condition("next(prev(x, 2), 1) == s0 - 1", feats), nested == x - 1)
+    np.testing.assert_array_equal(ks.compile_condition("norm(x, y) > 50", feats), np.sqrt(101) * x > 50)
+    np.testing.assert_array_equal(ks.compile_condition("2 < x <= 6 and not y == 50", feats),
                                   (2 < x) & (x <= 6) & ~(10 * x == 50))
-    np.testing.assert_array_equal(ks.compile_condition("t == 0 or t_left == 0", feats)(),
+    np.testing.assert_array_equal(ks.compile_condition("t == 0 or t_left == 0", feats),
                                   np.isin(np.arange(9), [0, 4, 5, 8]))
-    np.testing.assert_array_equal(ks.compile_condition("abs(x - 4) ** 2 < 2 or max(x, 7) == x", feats)(),
+    np.testing.assert_array_equal(ks.compile_condition("abs(x - 4) ** 2 < 2 or max(x, 7) == x", feats),
                                   ((x - 4) ** 2 < 2) | (x >= 7))
 
 
@@ -117,7 +126,7 @@ def test_compiler_accepts_valid_rules(ks):
 def test_compiler_rejects_hostile_rules(ks, expr, capfd):
     feats, _ = toy_features(ks)
     with pytest.raises(ks.RuleError):
-        ks.compile_condition(expr, feats)()
+        ks.compile_condition(expr, feats)
     assert "pwned" not in capfd.readouterr().out  # nothing was executed
 
 
@@ -138,7 +147,7 @@ def test_compile_time_self_check_calibrates_fire_rate(ks, monkeypatch):
     monkeypatch.setattr(ks, "RULE_MAX_FIRE", 0.5)
     rules = [{"name": "ok", "condition": "x >= 5"}, {"name": "always", "condition": "x >= 0"},
              {"name": "never", "condition": "x > 100"}, {"name": "broken", "condition": "x >"}]
-    good, bad = ks.check_rules(rules, feats, ds.valids > 0)
+    good, bad = ks.check_rules(rules, feats, ds["valids"] > 0)
     assert [g["name"] for g in good] == ["ok"] and good[0]["fire_rate"] == pytest.approx(3 / 7)
     reasons = {b["name"]: b["error"] for b in bad}
     assert "outside" in reasons["always"] and "outside" in reasons["never"] and "syntax" in reasons["broken"]
@@ -152,13 +161,11 @@ def test_compiler_speed_1m_states(ks):
     n = 1_000_000
     term = np.zeros(n, np.float32)
     term[999::1000] = 1
-    ds = ks.to_compact(rng.normal(size=(n, 2)).astype(np.float32), np.zeros((n, 2), np.float32), term)
-    start, end = ks.episode_index(ds)
-    feats = ks.Features(ds.observations, start, end, {"x": 0, "y": 1}, 20)
-    disc = ks.compile_condition("abs(delta(x, 5) * delta(next(y, 5), 5) - delta(y, 5) * delta(next(x, 5), 5)) > 0.5"
-                                " or norm(delta(x, 3), delta(y, 3)) < 0.15", feats)
+    ds = compact(rng.normal(size=(n, 2)).astype(np.float32), np.zeros((n, 2), np.float32), term)
+    feats = ks.Features(ds, {"x": 0, "y": 1})
     t0 = time.time()
-    mask = disc()
+    mask = ks.compile_condition("abs(delta(x, 5) * delta(next(y, 5), 5) - delta(y, 5) * delta(next(x, 5), 5)) > 0.5"
+                                " or norm(delta(x, 3), delta(y, 3)) < 0.15", feats)
     seconds = time.time() - t0
     assert mask.shape == (n,) and 0 < mask.mean() < 1
     assert seconds < 4.0, f"1M states took {seconds:.2f}s"
@@ -187,16 +194,16 @@ def test_keystate_sampling_matches_slow_loop(ks):
     term = np.zeros(n_ep * ep_len, np.float32)
     term[ep_len - 1::ep_len] = 1
     obs = np.arange(n_ep * ep_len, dtype=np.float32)[:, None]
-    ds = ks.to_compact(obs, np.zeros_like(obs), term)
+    ds = compact(obs, np.zeros_like(obs), term)
     key_mask = np.zeros(len(obs), bool)
     key_mask[[5, 12, 13, 30, 38, 39, 50, 70]] = True
     data = ks.make_goal_data(ds, key_mask)
-    valid_idxs, final_idxs = np.asarray(data.valid_idxs), np.asarray(data.final_idxs)
-    key_set = set(np.nonzero(key_mask & (ds.valids > 0))[0].tolist())  # row 39 is an episode's last row: no goal
+    valid_idxs, final_idxs = np.asarray(data["valid_idxs"]), np.asarray(data["final_idxs"])
+    key_set = set(np.nonzero(key_mask & (ds["valids"] > 0))[0].tolist())  # row 39 is an episode's last row: no goal
     assert 39 not in key_set and final_idxs[10] == 38
     p_cur, p_traj, discount, p_key, window = 0.2, 0.5, 0.9, 0.7, 20
     n = 40_000
-    sample = jax.jit(lambda k, i: ks.sample_goals(k, data, i, p_cur, p_traj, True, discount, p_key, True, window))
+    sample = jax.jit(lambda k, i: ks.sample_goals(k, data, i, p_cur, p_traj, True, discount, p_key, window))
     slow_rng = np.random.default_rng(0)
     for idx in [3, 11, 29, 45, 90]:  # keys in window / several keys / window cut at episode end / none / none
         goals, is_key, is_her = map(np.asarray, sample(jax.random.PRNGKey(idx), jnp.full((n,), idx, jnp.int32)))
@@ -215,7 +222,7 @@ def test_keystate_sampling_matches_slow_loop(ks):
     # no key state anywhere -> exactly OGBench's HER mixture (no key-state goal ever)
     data_none = ks.make_goal_data(ds, np.zeros(len(obs), bool))
     _, is_key, _ = ks.sample_goals(jax.random.PRNGKey(0), data_none, jnp.full((1000,), 3, jnp.int32), p_cur, p_traj,
-                                   True, discount, 1.0, True, window)
+                                   True, discount, 1.0, window)
     assert not np.asarray(is_key).any()
 
 
@@ -226,10 +233,10 @@ def test_batch_rewards_and_masks(ks):
     term = np.zeros(n_ep * ep_len, np.float32)
     term[ep_len - 1::ep_len] = 1
     obs = np.random.default_rng(0).normal(size=(n_ep * ep_len, 3)).astype(np.float32)
-    ds = ks.to_compact(obs, np.ones((len(obs), 2), np.float32), term)
+    ds = compact(obs, np.ones((len(obs), 2), np.float32), term)
     data = ks.make_goal_data(ds, None)
-    cfg = ks.GoalConfig(0.99, 0.0, False, 50, True)
-    b = ks.sample_batch(jax.random.PRNGKey(0), data, 4096, cfg, 0.0)
+    args = ks.resolve_presets(ks.Args(env_name="pointmaze-medium-navigate-v0", batch_size=4096))
+    b = ks.sample_batch(jax.random.PRNGKey(0), data, args, 0.0)
     same = np.all(np.asarray(b["value_goals"]) == np.asarray(b["observations"]), axis=1)
     np.testing.assert_array_equal(np.asarray(b["rewards"]), same.astype(np.float32) - 1.0)
     np.testing.assert_array_equal(np.asarray(b["masks"]), 1.0 - same)
@@ -289,13 +296,13 @@ def test_gciql_losses_match_hand_computation(ks):
     q = np.minimum(*Q(target, batch["observations"], batch["value_goals"], batch["actions"]))
     diff = q - V(batch["observations"], batch["value_goals"])
     want_v = np.mean(np.where(diff >= 0, 0.9, 0.1) * diff**2)
-    got_v, _ = ks.value_loss(state.params["value"], target, batch, nets, 0.9)
+    got_v, _ = ks.value_loss(state.params, target, batch, nets, 0.9)
     assert float(got_v) == pytest.approx(want_v, rel=1e-4)
     # critic: both heads regress to r + gamma * mask * V(s', g)
     y = batch["rewards"] + 0.99 * batch["masks"] * V(batch["next_observations"], batch["value_goals"])
     q1, q2 = Q(p["critic"], batch["observations"], batch["value_goals"], batch["actions"])
     want_c = np.mean((q1 - y) ** 2 + (q2 - y) ** 2)
-    got_c, info = ks.critic_loss(state.params["critic"], state.params["value"], batch, nets, 0.99)
+    got_c, info = ks.critic_loss(state.params, batch, nets, 0.99)
     assert float(got_c) == pytest.approx(want_c, rel=1e-4)
     np.testing.assert_allclose(np.asarray(info["td_abs"]), np.abs(y - (q1 + q2) / 2), rtol=1e-4, atol=1e-6)
     # actor, DDPG+BC with constant unit std: -Q(s, g, clip(mu)) / mean|Q| - alpha * log N(a; mu, I)
@@ -304,16 +311,8 @@ def test_gciql_losses_match_hand_computation(ks):
     qa = np.minimum(*Q(p["critic"], batch["observations"], batch["actor_goals"], np.clip(mu, -1, 1)))
     logp = np.sum(-0.5 * (batch["actions"] - mu) ** 2 - 0.5 * np.log(2 * np.pi), 1)
     want_a = -qa.mean() / (np.abs(qa).mean() + 1e-6) - (0.003 * logp).mean()
-    got_a, _ = ks.actor_loss(state.params["actor"], state.params["critic"], state.params["value"], batch, nets,
-                             0.003, "ddpgbc")
+    got_a, _ = ks.actor_loss(state.params, batch, nets, 0.003)
     assert float(got_a) == pytest.approx(want_a, rel=1e-4)
-    # actor, AWR: -min(exp(alpha * (minQ - V)), 100) * log pi
-    adv = np.minimum(*Q(p["critic"], batch["observations"], batch["actor_goals"], batch["actions"])) - V(
-        batch["observations"], batch["actor_goals"])
-    want_awr = -np.mean(np.minimum(np.exp(3.0 * adv), 100.0) * logp)
-    got_awr, _ = ks.actor_loss(state.params["actor"], state.params["critic"], state.params["value"], batch, nets,
-                               3.0, "awr")
-    assert float(got_awr) == pytest.approx(want_awr, rel=1e-4)
 
 
 def test_update_soft_target_and_learning(ks):
@@ -325,20 +324,20 @@ def test_update_soft_target_and_learning(ks):
     term = np.zeros(n, np.float32)
     term[49::50] = 1
     obs = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
-    ds = ks.to_compact(obs, np.zeros((n, 2), np.float32), term)
+    ds = compact(obs, np.zeros((n, 2), np.float32), term)
     data = ks.make_goal_data(ds, None)
-    cfg = ks.GoalConfig(args.discount, 0.0, False, 50, True)
     nets, tx, state = ks.make_agent(args, 2, 2, jax.random.PRNGKey(0))
-    update = ks.make_update(args, nets, tx, cfg)
+    update = ks.make_update(args, nets, tx)
     old = jax.tree_util.tree_map(np.array, state)  # host copy: the update donates (reuses) the old state's buffers
     # target <- tau * critic(before the step) + (1 - tau) * target, as OGBench's gciql.py
     want = jax.tree_util.tree_map(lambda c, t: 0.005 * c + 0.995 * t, old.params["critic"], old.target)
-    new, info, _ = update(state, data, jnp.float32(0.0))
+    new, info, (td, is_key, is_her) = update(state, data, jnp.float32(0.0))
     state = old
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new.target, want)
     assert not np.allclose(new.params["value"]["MLP_0"]["Dense_0"]["kernel"],
                            state.params["value"]["MLP_0"]["Dense_0"]["kernel"])
-    assert int(info["relabel/td_key_count"]) == 0  # HER arm: no key-state goals
+    assert not np.asarray(is_key).any() and float(info["relabel/frac_keystate_goals"]) == 0  # HER arm: no key goals
+    assert td.shape == (32,) and np.asarray(is_her).any()
 
 
 # ----------------------------------------------------------------------------------------------------------- bad input
@@ -349,30 +348,30 @@ def test_bad_inputs_give_clear_errors(run_script, ks, pointmaze_npz, tmp_path):
     assert r.returncode != 0 and "unknown OGBench environment" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "runs").exists()  # nothing is written for a run that never started
     # dataset files with wrong keys / shapes / no terminal on the last row
-    cases = [({"obs": np.zeros((10, 2)), "actions": np.zeros((10, 2))}, "lacks keys"),
+    cases = [({"obs": np.zeros((10, 2)), "actions": np.zeros((10, 2))}, "cannot read .*observations"),
              ({"observations": np.zeros((10, 3)), "actions": np.zeros((10, 2)), "terminals": np.ones(10)}, "shape"),
              ({"observations": np.zeros((10, 2)), "actions": np.zeros((9, 2)), "terminals": np.ones(10)}, "shape"),
              ({"observations": np.zeros((10, 2)), "actions": np.zeros((10, 2)), "terminals": np.zeros(10)},
-              "terminals must mark")]
+              "terminals not in OGBench's layout")]
     for i, (arrays, msg) in enumerate(cases):
         path = tmp_path / f"bad{i}.npz"
         np.savez(path, **arrays)
         with pytest.raises(SystemExit, match=msg):
-            ks.load_ogbench_npz(str(path), 2, 2)
+            pointmaze_dataset(ks, path)
     (tmp_path / "junk.npz").write_text("not a zip")
     with pytest.raises(SystemExit, match="cannot read"):
-        ks.load_ogbench_npz(str(tmp_path / "junk.npz"), 2, 2)
+        pointmaze_dataset(ks, tmp_path / "junk.npz")
     # a rules file that does not parse, or has the wrong shape
+    ds = pointmaze_dataset(ks, pointmaze_npz)
     rules = tmp_path / "rules.json"
-    rules.write_text("{'rules': [ this is not json")
-    with pytest.raises(SystemExit, match="not valid JSON"):
-        ks.load_rules_file(str(rules))
-    rules.write_text('{"rules": "x > 1"}')
-    with pytest.raises(SystemExit, match="must hold an object"):
-        ks.load_rules_file(str(rules))
-    # an environment family without a layout description, with key-state relabeling and no rules file
-    with pytest.raises(SystemExit, match="no observation-layout description"):
-        ks.layout_file_for("scene-play-v0", REPO / "prompts")
+    for text in ["{'rules': [ this is not json", '{"rules": "x > 1"}']:
+        rules.write_text(text)
+        args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
+        with pytest.raises(SystemExit, match="--rules-path .*no JSON object with a 'rules' list"):
+            ks.build_keystate_mask(args, ds, tmp_path, print)
+    # an environment family without a layout description, with key-state relabeling
+    with pytest.raises(SystemExit, match="no prompts/keystate/layout_"):
+        ks.read_layout(ks.Args(env_name="scene-play-v0"))
     # an LLM endpoint that does not answer: a clear error at start, not a hang or a deep traceback
     args = ks.Args(llm_backend="openai", llm_base_url="http://127.0.0.1:9/v1", llm_timeout=2)
     with pytest.raises(SystemExit, match="no OpenAI-compatible server answers"):
@@ -381,7 +380,7 @@ def test_bad_inputs_give_clear_errors(run_script, ks, pointmaze_npz, tmp_path):
     for kw, msg in [({"dataset_fraction": 0.0}, "--dataset-fraction: must be in"),
                     ({"p_keystate": 1.5}, "--p-keystate: must be in"), ({"batch_size": 0}, "--batch-size: must be >= 1"),
                     ({"hidden_dims": ()}, "--hidden-dims"), ({"discount": 1.0}, "--discount"),
-                    ({"rules_path": str(tmp_path / "nope.json")}, "--rules-path: file .* does not exist")]:
+                    ({"rules_path": str(tmp_path / "nope.json")}, "--rules-path: must be an existing file")]:
         with pytest.raises(SystemExit, match=msg):
             ks.check_args(ks.Args(**kw))
     r = run_script(SCRIPT, "--adapt-interval", "-1", check=False, timeout=60)
@@ -468,10 +467,9 @@ def test_llm_http_errors_fall_back_to_her(ks, scripted_llm, pointmaze_npz, tmp_p
     scripted_llm.respond = lambda messages: 500
     args = ks.Args(env_name="pointmaze-medium-navigate-v0", llm_backend="openai", llm_base_url=scripted_llm.base_url,
                    llm_model="scripted", llm_timeout=10, max_repair_rounds=1)
-    ds = ks.load_ogbench_npz(str(pointmaze_npz), 2, 2)
+    ds = pointmaze_dataset(ks, pointmaze_npz)
     logs = []
-    mask, rules = ks.build_keystate_mask(args, ds, REPO / "prompts", tmp_path, logs.append)
-    assert mask is None and rules == []
+    assert ks.build_keystate_mask(args, ds, tmp_path, logs.append) is None
     assert sum("failed (no answer)" in m for m in logs) == 2 and any("falling back to HER" in m for m in logs)
     saved = json.loads((tmp_path / "rules.json").read_text())
     assert saved["llm_failures"] == 2 and saved["rules"] == []
@@ -484,10 +482,10 @@ def test_no_valid_rule_falls_back_to_her(ks, pointmaze_npz, tmp_path):
     rules.write_text(json.dumps({"rules": [{"name": "always", "condition": "x > -1000"},
                                            {"name": "attr", "condition": "x.real > 0"}]}))
     args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
-    ds = ks.load_ogbench_npz(str(pointmaze_npz), 2, 2)
+    ds = pointmaze_dataset(ks, pointmaze_npz)
     logs = []
-    mask, accepted = ks.build_keystate_mask(args, ds, REPO / "prompts", tmp_path, logs.append)
-    assert mask is None and accepted == []
+    mask = ks.build_keystate_mask(args, ds, tmp_path, logs.append)
+    assert mask is None
     assert any("rejected always" in m and "outside" in m for m in logs)
     assert any("rejected attr" in m for m in logs) and any("falling back to HER" in m for m in logs)
     assert json.loads((tmp_path / "rules.json").read_text())["rules"] == []
@@ -495,8 +493,7 @@ def test_no_valid_rule_falls_back_to_her(ks, pointmaze_npz, tmp_path):
     import jax
 
     data = ks.make_goal_data(ds, mask)
-    cfg = ks.GoalConfig(0.99, 0.0, True, 200, True)
-    b = ks.sample_batch(jax.random.PRNGKey(0), data, 512, cfg, 1.0)
+    b = ks.sample_batch(jax.random.PRNGKey(0), data, ks.resolve_presets(ks.Args(batch_size=512)), 1.0)
     assert not np.asarray(b["value_goal_is_key"]).any()
 
 
@@ -505,34 +502,37 @@ def test_saved_rules_roundtrip(ks, pointmaze_npz, tmp_path):
     rules = tmp_path / "in.json"
     rules.write_text(json.dumps({"rules": [{"name": "stop", "description": "rest",
                                             "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15"}]}))
-    ds = ks.load_ogbench_npz(str(pointmaze_npz), 2, 2)
+    ds = pointmaze_dataset(ks, pointmaze_npz)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
-    mask_a, _ = ks.build_keystate_mask(args, ds, REPO / "prompts", tmp_path / "a", lambda m: None)
+    mask_a = ks.build_keystate_mask(args, ds, tmp_path / "a", lambda m: None)
     args.rules_path = str(tmp_path / "a" / "rules.json")
-    mask_b, rules_b = ks.build_keystate_mask(args, ds, REPO / "prompts", tmp_path / "b", lambda m: None)
+    mask_b = ks.build_keystate_mask(args, ds, tmp_path / "b", lambda m: None)
+    rules_b = json.loads((tmp_path / "b" / "rules.json").read_text())["rules"]
     assert mask_a is not None and mask_a.any() and np.array_equal(mask_a, mask_b)
     assert rules_b[0]["name"] == "stop" and 0.001 <= rules_b[0]["fire_rate"] <= 0.3
 
 
 def test_layout_descriptions_match_environments(ks, tmp_path):
     """The feature -> state-dimension maps in prompts/keystate/layout_*.md agree with the real observations."""
+    import ogbench
     from keystate_data import build_cube_single
 
-    def layout(name):
-        return ks.parse_layout((REPO / "prompts" / "keystate" / name).read_text())[1]
+    def layout(env_name):
+        return ks.read_layout(ks.Args(env_name=env_name))[1]
 
     # pointmaze: (x, y) is the point's position
-    env = ks.make_env("pointmaze-medium-navigate-v0")
+    env = ogbench.make_env_and_datasets("pointmaze-medium-navigate-v0", env_only=True)
     ob, _ = env.reset(seed=0, options=dict(task_id=1))
-    f = layout("layout_pointmaze.md")
+    f = layout("pointmaze-medium-navigate-v0")
     np.testing.assert_allclose(ob[[f["x"], f["y"]]], env.unwrapped.get_xy(), atol=1e-5)
-    assert ks.layout_file_for("pointmaze-giant-stitch-v0", REPO / "prompts").name == "layout_pointmaze.md"
+    giant = ks.read_layout(ks.Args(env_name="pointmaze-giant-stitch-v0"))
+    assert giant == ks.read_layout(ks.Args(env_name="pointmaze-medium-navigate-v0"))  # one layout per env family
     # antmaze: torso x, y, unit quaternion
-    env = ks.make_env("antmaze-large-navigate-v0")
+    env = ogbench.make_env_and_datasets("antmaze-large-navigate-v0", env_only=True)
     ob, _ = env.reset(seed=0, options=dict(task_id=1))
-    f = layout("layout_antmaze.md")
+    f = layout("antmaze-large-navigate-v0")
     assert ob.shape == (29,) and max(f.values()) < 29
     np.testing.assert_allclose(ob[[f["x"], f["y"]]], env.unwrapped.get_xy(), atol=1e-5)
     for _ in range(3):  # reset noise leaves the quaternion unnormalised; MuJoCo normalises it on the first step
@@ -543,7 +543,7 @@ def test_layout_descriptions_match_environments(ks, tmp_path):
     # cube-single: a short oracle episode (OGBench's CubePlanOracle); cube starts resting on the table
     path = build_cube_single(tmp_path / "cube-single-play-v0.npz", episodes=1, episode_steps=60, val_episodes=0)
     obs = np.load(path)["observations"]
-    f = layout("layout_cube_single.md")
+    f = layout("cube-single-play-v0")
     assert obs.shape[1] == 28 and max(f.values()) < 28
     assert 0.15 < obs[0, f["cube_z"]] < 0.25
     np.testing.assert_allclose(np.linalg.norm(obs[:, [f["cube_qw"], f["cube_qx"], f["cube_qy"], f["cube_qz"]]], axis=1),

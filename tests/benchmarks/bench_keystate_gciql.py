@@ -60,23 +60,20 @@ def main():
         a.dataset_path = str(Path("/tmp") / f"bench_pointmaze_{a.episodes}.npz")
         if not Path(a.dataset_path).exists():
             build_pointmaze(a.dataset_path, "medium", a.episodes, 1001, seed=0)
-    env = ks.make_env(a.env_name)
+    env, ds = ks.make_env_and_dataset(ks.Args(env_name=a.env_name, dataset_path=a.dataset_path))
     ob_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    ds = ks.load_ogbench_npz(a.dataset_path, ob_dim, act_dim)
-    print(f"dataset {a.dataset_path}: {len(ds.valids)} rows, ob_dim={ob_dim}, act_dim={act_dim}; "
+    print(f"dataset {a.dataset_path}: {len(ds['valids'])} rows, ob_dim={ob_dim}, act_dim={act_dim}; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}")
 
     # ---- ours: jitted update with on-device sampling (key-state arm with a fixed rule; HER arm)
     args = ks.resolve_presets(ks.Args(env_name=a.env_name, batch_size=a.batch_size, hidden_dims=(512, 512, 512)))
-    start, end = ks.episode_index(ds)
-    feats = ks.Features(ds.observations, start, end, {}, 20)
-    key_mask = ks.compile_condition("norm(delta(s0, 3), delta(s1, 3)) < 0.3", feats)()
+    feats = ks.Features(ds, {})
+    key_mask = ks.compile_condition("norm(delta(s0, 3), delta(s1, 3)) < 0.3", feats)
     ours = {}
     for arm, mask in (("keystate", key_mask), ("her", None)):
-        cfg = ks.GoalConfig(args.discount, ks.actor_p_randomgoal(a.env_name), mask is not None, 200, True)
-        data = ks.make_goal_data(ds, mask)
+        data = ks.make_goal_data(ds, mask)  # the HER arm: no key state, so the sampler is OGBench's mixture
         nets, tx, state = ks.make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))
-        update = ks.make_update(args, nets, tx, cfg)
+        update = ks.make_update(args, nets, tx)
         p_key = jnp.float32(0.5)
         t0 = time.time()
         state, info, _ = update(state, data, p_key)
@@ -137,7 +134,7 @@ def main():
 
     med = {k: float(np.median(v)) for k, v in times.items()}
     result = {
-        "dataset": a.dataset_path, "rows": int(len(ds.valids)), "batch_size": a.batch_size, "hidden": [512, 512, 512],
+        "dataset": a.dataset_path, "rows": int(len(ds["valids"])), "batch_size": a.batch_size, "hidden": [512, 512, 512],
         "steps_per_round": a.steps, "rounds": a.rounds, "median_steps_per_s": med,
         "ratio_ours_keystate_vs_reference": med["ours_keystate"] / med["reference"],
         "ratio_ours_her_vs_reference": med["ours_her"] / med["reference"],
