@@ -39,10 +39,9 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import random
 import re
 import time
-from collections import Counter, deque
+from collections import Counter, deque, namedtuple
 from pathlib import Path
 from string import Template
 from typing import Literal, Optional
@@ -76,8 +75,6 @@ class Args:
     """also save that checkpoint every this many chunks (0 = only at the end; each save replaces the previous one)"""
     prompts_dir: Optional[str] = None
     """folder holding oir/relabel.md, oir/seed_instructions.md, oir/eval_instructions.md (default: prompts/ here)"""
-
-    # Environment
     env_id: Literal["Craftax-Classic-Symbolic-v1", "Craftax-Symbolic-v1"] = "Craftax-Classic-Symbolic-v1"
     """Craftax variant (the paper uses Classic; full Craftax is an option)"""
     total_timesteps: int = 100_000_000
@@ -86,8 +83,6 @@ class Args:
     """parallel (vmapped) environments (a multiple of 16, the optimistic-reset ratio)"""
     num_steps: int = 16
     """steps per environment per update (the rollout that is relabeled and learned from)"""
-
-    # PQN learner (defaults as mttga/purejaxql pqn_craftax unless noted)
     hidden_size: int = 1024
     """width of each hidden layer"""
     num_layers: int = 4
@@ -102,8 +97,6 @@ class Args:
     """minibatches per update (choice; the reference uses 1 with 1024x1 transitions)"""
     chunk_updates: int = 16
     """updates per jitted chunk; the host relabels, logs and evaluates between chunks (raise it to call the LLM less)"""
-
-    # Instructions, semantic reward, prioritized buffer (paper Section 3)
     embed_model: str = "sentence-transformers/all-MiniLM-L6-v2"
     """sentence-transformers model for f_instr and the event texts: hub id or local folder"""
     reward: Literal["semantic", "gt"] = "semantic"
@@ -114,8 +107,6 @@ class Args:
     """B_max, the instruction buffer capacity (paper: 10)"""
     buffer_sampling: Literal["prioritized", "uniform"] = "prioritized"
     """prioritized prefers learning-boundary instructions (paper); uniform is the ablation"""
-
-    # Relabeling
     relabel: Literal["llm", "template", "none"] = "llm"
     """llm: open-ended LLM relabeling (the paper); template: achievement names as instructions (LLM-free); none: PQN"""
     relabel_k: int = 3
@@ -124,7 +115,6 @@ class Args:
     """trajectories sent to the relabeler after each chunk (one request each)"""
     relabel_fraction: float = 0.25
     """relabeled copies per update, as a fraction of num_envs (one environment's rollout with one achieved instruction)"""
-
     # --- LLM client (the same seven flags in every script) ------------------------------------------------------------
     llm_backend: Literal["openai", "transformers"] = "openai"
     """openai: any OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp, `transformers serve`, hosted; key from
@@ -141,8 +131,6 @@ class Args:
     """sampling temperature (0: greedy)"""
     llm_concurrency: int = 8
     """requests in flight (openai), or the generation batch size (transformers)"""
-
-    # Evaluation (held-out instructions, ground-truth success)
     eval_every: int = 50
     """evaluate every this many chunks (0 = only at the end)"""
     eval_episodes: int = 16
@@ -151,42 +139,32 @@ class Args:
     """steps per evaluation episode"""
 
 
-PROMPT_FILES = ("relabel.md", "seed_instructions.md", "eval_instructions.md")  # under --prompts-dir/oir/
-
-
 def num_relabel_copies(args: Args) -> int:
     return int(args.relabel_fraction * args.num_envs) if args.relabel != "none" else 0
 
 
 def check_args(args: Args, prompts: Path) -> None:
     """Every usage error up front, before anything heavy: the first one as one `error: --flag: ...` line."""
-    positive = ["total_timesteps", "num_steps", "hidden_size", "num_layers", "lr", "num_minibatches", "chunk_updates"]
-    positive += ["buffer_capacity", "relabel_k", "relabel_trajs", "eval_episodes", "eval_max_steps"]
-    positive += ["llm_timeout", "llm_max_new_tokens", "llm_concurrency"]
-    errors = [f"--{name.replace('_', '-')}: must be > 0" for name in positive if getattr(args, name) <= 0]
+    positive = "total_timesteps num_steps hidden_size num_layers lr num_minibatches chunk_updates buffer_capacity "
+    positive += "relabel_k relabel_trajs eval_episodes eval_max_steps llm_timeout llm_max_new_tokens llm_concurrency"
+    errors = [f"--{name.replace('_', '-')}: must be > 0" for name in positive.split() if getattr(args, name) <= 0]
     rows = args.num_steps * (args.num_envs + num_relabel_copies(args))  # transitions per update, split in minibatches
     rules = [
         (args.num_envs > 0 and args.num_envs % OPTIMISTIC_RESET_RATIO == 0, "--num-envs: must be a multiple of 16"),
-        (
-            rows % max(args.num_minibatches, 1) == 0,
-            f"--num-minibatches: must divide num_steps x (envs + copies) = {rows}",
-        ),
+        (rows % max(args.num_minibatches, 1) == 0, f"--num-minibatches: must divide {rows} (transitions per update)"),
         (0 <= args.gamma <= 1 and 0 <= args.q_lambda <= 1, "--gamma/--q-lambda: must be in [0, 1]"),
         (-1 < args.delta < 1, "--delta: a cosine threshold, must be in (-1, 1)"),
         (0 <= args.relabel_fraction <= 1, "--relabel-fraction: must be in [0, 1]"),
         (min(args.eval_every, args.save_every) >= 0, "--eval-every/--save-every: must be >= 0"),
     ]
     errors += [msg for ok, msg in rules if not ok]
-    errors += [
-        f"--prompts-dir: {prompts / 'oir' / f} is missing" for f in PROMPT_FILES if not (prompts / "oir" / f).is_file()
-    ]
+    files = [prompts / name for name in ("relabel.md", "seed_instructions.md", "eval_instructions.md")]
+    errors += [f"--prompts-dir: {path} is missing" for path in files if not path.is_file()]
     if errors:
         raise SystemExit(f"error: {errors[0]}")
 
 
-# ======================================================================================================================
-# Environment: Craftax with optimistic resets, and the transition events behind f_state
-# ======================================================================================================================
+# === Environment: Craftax with optimistic resets, and the transition events behind f_state ============================
 OPTIMISTIC_RESET_RATIO = 16  # environments per freshly generated world (the PQN reference's OPTIMISTIC_RESET_RATIO)
 
 # Past-tense event texts for the achievements (f_state's vocabulary, and the lines of the LLM's event log).
@@ -215,14 +193,9 @@ EVENT_TEXTS = {
     "make_iron_sword": "made an iron sword",
 }
 
-
-@dataclasses.dataclass(frozen=True)
-class EventSpec:
-    """The event vocabulary: one event per achievement, plus which events can recur after the first unlock."""
-
-    names: tuple  # achievement names, index = event id = achievement id
-    texts: tuple  # past-tense text per event
-    recurring: tuple  # (event id, "inventory field" or "player_drink")
+# The event vocabulary: achievement names (index = event id = achievement id), their past-tense texts, and the events
+# that can recur after the first unlock, as (event id, inventory field or "player_drink").
+EventSpec = namedtuple("EventSpec", "names texts recurring")
 
 
 def make_env(env_id: str):
@@ -237,16 +210,12 @@ def make_env(env_id: str):
         from craftax.craftax.constants import Achievement
         from craftax.craftax.craftax_state import Inventory
     names = tuple(a.name.lower() for a in sorted(Achievement, key=lambda a: a.value))
-    inv_fields = {f.name for f in dataclasses.fields(Inventory)}
-    recurring = []
-    for i, name in enumerate(names):
-        # Achievement flags fire once per episode; collecting and making show up again as inventory increases, so an
-        # instruction like "collect wood" can be rewarded in every instruction episode (choice; other events fire once).
-        item = name.split("_", 1)[1] if "_" in name else ""
-        if name.startswith(("collect_", "make_")) and item in inv_fields:
-            recurring.append((i, item))
-        elif name == "collect_drink":
-            recurring.append((i, "player_drink"))
+    inventory = {f.name for f in dataclasses.fields(Inventory)}
+    # Achievement flags fire once per episode; collecting and making show up again as inventory increases, so an
+    # instruction like "collect wood" can be rewarded in every instruction episode (choice; other events fire once).
+    recurring = [(i, n.split("_", 1)[1]) for i, n in enumerate(names) if n.startswith(("collect_", "make_"))]
+    recurring = [(i, item) for i, item in recurring if item in inventory]
+    recurring.append((names.index("collect_drink"), "player_drink"))
     spec = EventSpec(names, tuple(EVENT_TEXTS.get(n, n.replace("_", " ")) for n in names), tuple(recurring))
     return env, env.default_params, spec
 
@@ -259,22 +228,16 @@ def strong_types(tree):
 def transition_events(spec: EventSpec, prev_state, next_state):
     """f_state's input: which events happened in (s_t, s_t+1). Returns bool (..., num_events)."""
     events = next_state.achievements & ~prev_state.achievements  # first unlock in this episode
-    for i, field in spec.recurring:
-        if field == "player_drink":
-            before, after = prev_state.player_drink, next_state.player_drink
-        else:
-            before, after = getattr(prev_state.inventory, field), getattr(next_state.inventory, field)
-        events = events.at[..., i].set(events[..., i] | (after > before))
+    for i, field in spec.recurring:  # or, for recurring events, an increase since the previous step
+        get = lambda s: s.player_drink if field == "player_drink" else getattr(s.inventory, field)
+        events = events.at[..., i].set(events[..., i] | (get(next_state) > get(prev_state)))
     return events
 
 
 def make_vec_env_step(env, env_params, num_envs: int):
-    """Step all envs; envs that end get one of num_envs // 16 fresh worlds (optimistic resets).
-
-    Idea from purejaxql utils/craftax_wrappers.py (OptimisticResetVecEnvWrapper): generating a world is the expensive
-    part, so only a few are generated per step and handed to the envs that are done (duplicates are rare and harmless).
-    Also returns the stepped state before the reset, from which the transition's events are read.
-    """
+    """Step all envs; envs that end get one of num_envs // 16 fresh worlds (optimistic resets, from purejaxql
+    utils/craftax_wrappers.py: generating a world is the expensive part; duplicates are rare and harmless). Also returns
+    the stepped state before the reset, from which the transition's events are read."""
     num_resets = num_envs // OPTIMISTIC_RESET_RATIO
 
     def step(rng, state, action):
@@ -283,21 +246,17 @@ def make_vec_env_step(env, env_params, num_envs: int):
             jax.random.split(k_step, num_envs), state, action, env_params
         )
         obs_re, state_re = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, num_resets), env_params)
-        state_re = strong_types(state_re)
         reset_idx = jnp.arange(num_resets).repeat(OPTIMISTIC_RESET_RATIO)
         being_reset = jax.random.choice(k_pick, num_envs, (num_resets,), p=done.astype(jnp.float32), replace=False)
         reset_idx = reset_idx.at[being_reset].set(jnp.arange(num_resets))
         pick = lambda fresh, old: jnp.where(done.reshape(-1, *[1] * (old.ndim - 1)), fresh[reset_idx], old)
-        state = jax.tree_util.tree_map(pick, state_re, state_st)
-        obs = pick(obs_re, obs_st)
-        return obs, state, state_st, reward, done
+        state = jax.tree_util.tree_map(pick, strong_types(state_re), state_st)
+        return pick(obs_re, obs_st), state, state_st, reward, done
 
     return step
 
 
-# ======================================================================================================================
-# LLM relabeling (paper Section 3): trajectory -> event log -> LLM proposals -> rule-based filter -> semantic reward
-# ======================================================================================================================
+# === LLM relabeling (paper Section 3): trajectory -> event log -> LLM proposals -> filter -> semantic reward ==========
 RELABEL_LOG_LEN = 128  # steps of per-environment history kept on device for the event log (covers >= 8 rollouts of 16)
 MAX_LOG_LINES = 30  # the newest event lines sent to the LLM: short prompts, enough for K = 3 proposals
 FILTER_MAX_WORDS, FILTER_MAX_CHARS = 12, 80  # instructions are short imperative phrases; longer text is rejected
@@ -311,20 +270,14 @@ def load_prompt(path: Path) -> str:
 
 def read_table(path: Path, columns: int) -> list:
     """Rows of `a | b | ...` from a prompt-folder data file (body only, # comments skipped)."""
-    rows = []
-    for line in load_prompt(path).splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            parts = [p.strip() for p in line.split("|")]
-            assert len(parts) == columns, f"{path}: expected {columns} columns in {line!r}"
-            rows.append(parts)
+    lines = [line for line in load_prompt(path).splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    rows = [[part.strip() for part in line.split("|")] for line in lines]
     return rows
 
 
 def event_log_text(events: np.ndarray, env_done: np.ndarray, event_texts) -> str:
-    """The trajectory as text for the LLM. events (L, E) bool, env_done (L,) bool, oldest first.
-
-    Only the changes are written (one line per step with an event), so the log stays short.
-    """
+    """The trajectory as text for the LLM: one line per step with an event (only the changes, so the log stays short).
+    events (L, E) bool, env_done (L,) bool, oldest first."""
     lines = []
     for t in range(len(events)):
         happened = [event_texts[e] for e in np.flatnonzero(events[t])]
@@ -339,10 +292,6 @@ _BULLET = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d+[.):])\s*")
 _ALLOWED = re.compile(r"^[A-Za-z][A-Za-z0-9 ,'\-]*$")
 
 
-def normalize(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
-
-
 def parse_proposals(raw: str) -> list:
     """LLM answer -> candidate instructions, one per line. The answer is untrusted text: only parsed, never executed."""
     raw = re.sub(r"<think>.*?(</think>|$)", "", raw, flags=re.DOTALL)  # reasoning models (Qwen3) may think first
@@ -351,19 +300,17 @@ def parse_proposals(raw: str) -> list:
 
 
 def filter_proposals(candidates, k, observed_events, held_texts, held_embs, embed, delta: float):
-    """Rule-based filtering of LLM proposals (the paper's filtering step; the exact rules are our choice).
-
-    Keeps at most k candidates that (1) are short, plain text; (2) are not duplicates, textually or semantically, of an
-    instruction already held; (3) are grounded: their best-matching event is above delta and was observed in this
-    trajectory. Returns (accepted [(text, event id, embedding)], rejection counts by reason).
-    """
+    """Rule-based filtering of LLM proposals (the paper's filtering step; the exact rules are our choice): keeps at most
+    k candidates that (1) are short, plain text; (2) are not duplicates, textually or semantically, of an instruction
+    already held; (3) are grounded: their best-matching event is above delta and was observed in this trajectory.
+    Returns (accepted [(text, event id, embedding)], rejection counts by reason)."""
+    normalize = lambda text: " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
     rejected, accepted = Counter(), []
     seen, held = {normalize(t) for t in held_texts}, list(held_embs)
     for text in candidates:
-        words = text.split()
         if len(accepted) >= k:
             reason = "over_k"
-        elif len(text) > FILTER_MAX_CHARS or len(words) > FILTER_MAX_WORDS:
+        elif len(text) > FILTER_MAX_CHARS or len(text.split()) > FILTER_MAX_WORDS:
             reason = "too_long"
         elif not _ALLOWED.match(text):
             reason = "bad_chars"
@@ -390,7 +337,7 @@ class Embedder:
     """f_instr (and the event texts behind f_state): a sentence encoder on the host, once per new text (cached), never
     per environment step. `events` holds the embedded event vocabulary (E, D)."""
 
-    def __init__(self, model: str, event_texts=()):
+    def __init__(self, model: str, event_texts):
         from sentence_transformers import SentenceTransformer
 
         try:
@@ -398,7 +345,7 @@ class Embedder:
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --embed-model {model}: cannot load it ({e})") from None
         self.cache = {}
-        self.events = self(list(event_texts)) if event_texts else None
+        self.events = self(list(event_texts))
 
     def __call__(self, texts) -> np.ndarray:
         new = [t for t in dict.fromkeys(texts) if t not in self.cache]
@@ -423,29 +370,24 @@ def semantic_reward(events, table_mask, slot):
     return (events & table_mask[slot]).any(-1)
 
 
-def recent_trajectories(ring, ring_done, ring_pos, num: int, rng):
-    """The last RELABEL_LOG_LEN steps of `num` random environments that saw at least one event, oldest step first:
-    events (n, L, E) and env_done (n, L)."""
-    ring = np.roll(np.asarray(ring), -int(ring_pos), axis=1)
-    ring_done = np.roll(np.asarray(ring_done), -int(ring_pos), axis=1)
+def ask_relabeler(llm, prompt: str, ring, ring_done, spec: EventSpec, args: Args, rng, tally: Counter):
+    """One request per trajectory (the last RELABEL_LOG_LEN steps of relabel_trajs random environments that saw an
+    event): its event log, and K instructions the agent accomplished. Returns the trajectories' events (n, L, E) and
+    the answers, text or None (a failed request). The LLM-free template baseline answers with the events' names."""
     active = np.flatnonzero(ring.any((1, 2)))
-    envs = rng.choice(active, min(num, len(active)), replace=False)
-    return ring[envs], ring_done[envs]
-
-
-def ask_relabeler(llm, prompt: str, events, env_done, spec: EventSpec, args: Args) -> list:
-    """One request per trajectory: its event log, and K instructions the agent accomplished. Answers are text or None
-    (a failed request). The LLM-free template baseline answers with the observed achievements' names instead."""
+    envs = rng.choice(active, min(args.relabel_trajs, len(active)), replace=False)
+    events, env_done = ring[envs], ring_done[envs]
     if args.relabel == "template":
-        return ["\n".join(spec.names[e].replace("_", " ") for e in np.flatnonzero(ev.any(0))) for ev in events]
+        return events, ["\n".join(spec.names[e].replace("_", " ") for e in np.flatnonzero(ev.any(0))) for ev in events]
     logs = [event_log_text(ev, d, spec.texts) for ev, d in zip(events, env_done)]
     prompts = [Template(prompt).substitute(k=args.relabel_k, trajectory=log) for log in logs]
-    return llm.chat([[{"role": "user", "content": p}] for p in prompts])
+    answers = llm.chat([[{"role": "user", "content": p}] for p in prompts])
+    tally["requests"] += len(answers)
+    tally["llm_failures"] = llm.failures
+    return events, answers
 
 
-# ======================================================================================================================
-# Prioritized instruction buffer (statuses, sampling, eviction) and the relabeling pool
-# ======================================================================================================================
+# === Prioritized instruction buffer (statuses, sampling, eviction) and the relabeling pool ============================
 # Not published (choices): an instruction needs some episodes before its mean return says anything; old outcomes fade
 # so that a status follows the current policy; the learning boundary is sampled most, mastered tasks least.
 STATUS_LOW, STATUS_HIGH = 0.1, 0.8  # mean return below: Failing; above: Mastered; between: Learning-boundary
@@ -460,7 +402,6 @@ class Instruction:
     text: str
     emb: np.ndarray  # (D,) unit-norm f_instr
     mask: np.ndarray  # (E,) bool, events that reward it
-    source: str  # seed / llm / template
     successes: float = 0.0
     episodes: float = 0.0
 
@@ -470,21 +411,18 @@ class Instruction:
         return self.successes / max(self.episodes, 1e-9)
 
 
-def make_instruction(text: str, source: str, event_id, embed: Embedder, args: Args) -> Instruction:
+def make_instruction(text: str, event_id, embed: Embedder, args: Args) -> Instruction:
     """f_instr(i) and the events that reward i: by the semantic reward, or (--reward gt) its labelled achievement."""
     emb = embed([text])[0]
-    if args.reward == "gt":
-        return Instruction(text, emb, np.arange(len(embed.events)) == event_id, source)
-    return Instruction(text, emb, semantic_mask(emb, embed.events, args.delta), source)
+    gt = np.arange(len(embed.events)) == event_id
+    return Instruction(text, emb, gt if args.reward == "gt" else semantic_mask(emb, embed.events, args.delta))
 
 
 class InstructionBuffer:
-    """Capacity-B_max buffer with Failing / Learning-boundary / Mastered statuses (paper Section 3).
-
-    Eviction (choice, not published): a newcomer replaces the Mastered entry with the highest mean return, else the
-    Failing entry with the most episodes; Learning-boundary and untested entries are never evicted. Mastered tasks
-    leave, new ones enter: this turns the buffer into a curriculum. A newcomer with no evictable entry is dropped.
-    """
+    """Capacity-B_max buffer with Failing / Learning-boundary / Mastered statuses (paper Section 3). Eviction (choice,
+    not published): a newcomer replaces the Mastered entry with the highest mean return, else the Failing entry with the
+    most episodes; Learning-boundary and untested entries stay (a newcomer with no evictable entry is dropped). Mastered
+    tasks leave, new ones enter: this turns the buffer into a curriculum."""
 
     def __init__(self, args: Args):
         self.uniform, self.slots = args.buffer_sampling == "uniform", [None] * args.buffer_capacity
@@ -492,40 +430,32 @@ class InstructionBuffer:
     def status(self, e: Instruction) -> str:
         if e.episodes < STATUS_MIN_EPISODES:
             return "untested"
-        if e.mean_return < STATUS_LOW:
-            return "failing"
-        return "mastered" if e.mean_return > STATUS_HIGH else "boundary"
+        return "failing" if e.mean_return < STATUS_LOW else "mastered" if e.mean_return > STATUS_HIGH else "boundary"
 
     def probs(self) -> np.ndarray:
-        w = np.zeros(len(self.slots), np.float64)
-        for i, e in enumerate(self.slots):
-            if e is not None:
-                w[i] = 1.0 if self.uniform else STATUS_WEIGHTS[self.status(e)]
-        return w / w.sum()
+        w = [0.0 if e is None else 1.0 if self.uniform else STATUS_WEIGHTS[self.status(e)] for e in self.slots]
+        return np.array(w) / sum(w)
 
     def update(self, successes: np.ndarray, episodes: np.ndarray):
-        for i, e in enumerate(self.slots):
+        for e, succ, n in zip(self.slots, successes, episodes):
             if e is not None:
-                e.successes += float(successes[i])
-                e.episodes += float(episodes[i])
+                e.successes, e.episodes = e.successes + float(succ), e.episodes + float(n)
                 if e.episodes > STATUS_WINDOW:  # forget old outcomes (approximate sliding window)
-                    e.successes *= 0.5
-                    e.episodes *= 0.5
+                    e.successes, e.episodes = e.successes / 2, e.episodes / 2
 
     def add(self, entry: Instruction):
         """Returns (slot or None, evicted text or None)."""
         if None in self.slots:
-            self.slots[self.slots.index(None)] = entry
-            return self.slots.index(entry), None
-        mastered = [i for i, e in enumerate(self.slots) if self.status(e) == "mastered"]
-        failing = [i for i, e in enumerate(self.slots) if self.status(e) == "failing"]
-        if mastered:
-            victim = max(mastered, key=lambda i: self.slots[i].mean_return)
-        elif failing:
-            victim = max(failing, key=lambda i: self.slots[i].episodes)
+            victim, old = self.slots.index(None), None
         else:
-            return None, None
-        old, self.slots[victim] = self.slots[victim].text, entry
+            mastered = [i for i, e in enumerate(self.slots) if self.status(e) == "mastered"]
+            failing = [i for i, e in enumerate(self.slots) if self.status(e) == "failing"]
+            if not mastered and not failing:
+                return None, None
+            key = (lambda i: self.slots[i].mean_return) if mastered else (lambda i: self.slots[i].episodes)
+            victim = max(mastered or failing, key=key)
+            old = self.slots[victim].text
+        self.slots[victim] = entry
         return victim, old
 
     def entries(self) -> list:
@@ -544,38 +474,27 @@ def instruction_arrays(slots: list, dim: int, num_events: int):
     return emb, mask, np.array([e is not None for e in slots])
 
 
-def admit_proposals(answers, events, buffer, pool, embed, spec, args, tally: Counter) -> np.ndarray:
-    """Filter each answer against its own trajectory; accepted instructions join the relabel pool and the buffer.
-    Returns which buffer slots got a new instruction (environments following an evicted one draw again)."""
-    replaced = np.zeros(args.buffer_capacity, bool)
+def admit_proposals(answers, events, buffer, pool, embed, spec, args, tally: Counter):
+    """Filter each answer against its own trajectory; accepted instructions join the relabel pool and the buffer (a
+    newcomer also takes over the running episodes of the instruction it evicts)."""
     for answer, ev in zip(answers, events):
         if answer is None:  # a failed request, counted by the client
             continue
-        candidates = parse_proposals(answer)
-        tally["rejected_empty"] += not candidates
-        held = buffer.entries() + list(pool)
+        candidates, held = parse_proposals(answer), buffer.entries() + list(pool)
         observed = set(np.flatnonzero(ev.any(0)).tolist())
         accepted, rejected = filter_proposals(
             candidates, args.relabel_k, observed, [h.text for h in held], [h.emb for h in held], embed, args.delta
         )
-        tally.update({f"rejected_{r}": c for r, c in rejected.items()})
+        tally.update({f"rejected_{r}": c for r, c in rejected.items()}, rejected_empty=not candidates)
         for text, event_id, _ in accepted:
-            inst = make_instruction(text, args.relabel, event_id, embed, args)
-            pool.append(inst)
+            pool.append(inst := make_instruction(text, event_id, embed, args))
             slot, evicted = buffer.add(inst)
-            tally["accepted"] += 1
-            note = ""
-            if slot is not None:
-                replaced[slot] = True
-                tally["added"] += 1
-                note = f"; buffer slot {slot}" + (f" (evicted {evicted!r})" if evicted else "")
+            tally.update(accepted=1, added=slot is not None)
+            note = "" if slot is None else f"; buffer slot {slot}" + (f" (evicted {evicted!r})" if evicted else "")
             print(f"relabel: accepted {text!r} (matches event: {spec.texts[event_id]}){note}")
-    return replaced
 
 
-# ======================================================================================================================
-# LLM client: the same class, flags and errors in all five scripts
-# ======================================================================================================================
+# === LLM client: the same class, flags and errors in all five scripts =================================================
 class LLMClient:
     """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp,
     `transformers serve`, hosted APIs; key from $OPENAI_API_KEY) or an in-process transformers model (offline runs).
@@ -647,17 +566,10 @@ class LLMClient:
         return [o if o is None else o[: 16 * self.args.llm_max_new_tokens] for o in outs]
 
 
-# ======================================================================================================================
-# Network: instruction-conditioned Q-network (PQN's LayerNorm MLP)
-# ======================================================================================================================
-
-
+# === Network: instruction-conditioned Q-network (PQN's LayerNorm MLP) =================================================
 class QNetwork(nn.Module):
-    """Q(s, ., f_instr(i)): PQN's MLP (Dense -> LayerNorm -> ReLU) x num_layers on [obs, instruction embedding].
-
-    Conditioning by concatenation is our choice; the paper only states pi(a | s, f_instr(i)). The input is not
-    normalised: the reference's layer_norm body (its optional input BatchRenorm is not used).
-    """
+    """Q(s, ., f_instr(i)): PQN's MLP (Dense -> LayerNorm -> ReLU) x num_layers on [obs, instruction embedding], the
+    reference's layer_norm body (no input normalisation). Concatenation is our choice; the paper states pi(a | s, f_instr(i))."""
 
     action_dim: int
     hidden_size: int
@@ -677,10 +589,8 @@ class EnvCarry:
     obs: jnp.ndarray  # (N, obs_dim)
     slot: jnp.ndarray  # (N,) buffer slot of the instruction each env follows
     instr_t: jnp.ndarray  # (N,) steps into the current instruction episode
-    ep_return: jnp.ndarray  # (N,) Craftax's own return, for logging only
-    ring: jnp.ndarray  # (N, L, E) events of the last L steps (for the event log)
+    ring: jnp.ndarray  # (N, L, E) events of the last L steps, oldest first (for the event log)
     ring_done: jnp.ndarray  # (N, L) env episode ended at that step
-    ring_pos: jnp.ndarray  # () next ring index
 
 
 @flax.struct.dataclass
@@ -694,25 +604,17 @@ class Trajectory:
     slot: jnp.ndarray  # (T, N)
     q_val: jnp.ndarray  # (T, N, A) Q at collection time (for the lambda-returns, as the reference)
     last_obs: jnp.ndarray  # (N, obs_dim) observation after the last step
-    table_emb: jnp.ndarray  # (B, D) the buffer's embeddings when collected
-    valid: jnp.ndarray  # () False before the first rollout
 
 
-# ======================================================================================================================
-# Losses and update
-# ======================================================================================================================
+# === Losses and update ================================================================================================
 MAX_GRAD_NORM = 1.0  # global gradient-norm clip, as the reference
 EPS_START, EPS_FINISH, EPS_DECAY = 0.1, 0.005, 0.2  # epsilon-greedy, decayed linearly over 20% of the updates
-NUM_EPOCHS = 1  # one pass over each rollout (PQN learns on-line from fresh rollouts)
 INSTR_MAX_STEPS = 500  # an instruction episode without success ends with return 0 (choice: a fraction of a life)
 
 
 def lambda_returns(rewards, dones, next_q_max, gamma: float, lam: float):
-    """Peng's Q(lambda) targets computed backwards, as PQN (reference `_get_target`).
-
-    G_t = r_t + gamma (1 - d_t) [(1 - lam) max_a Q(s_t+1, a) + lam G_t+1], with G_T-1 bootstrapped from next_q_max[-1].
-    rewards, dones, next_q_max: (T, B).
-    """
+    """Peng's Q(lambda) targets computed backwards, as PQN (reference `_get_target`), rewards, dones, next_q_max (T, B):
+    G_t = r_t + gamma (1 - d_t) [(1 - lam) max_a Q(s_t+1, a) + lam G_t+1], with G_T-1 bootstrapped from next_q_max[-1]."""
 
     def body(g_next, x):
         r, d, nq = x
@@ -734,12 +636,10 @@ def q_loss(params, apply_fn, obs, instr, action, target, weight):
 
 
 def relabel_rollout(traj: Trajectory, pool_emb, pool_mask, pool_valid, num_copies: int, rng):
-    """Hindsight relabeling of the rollout with accepted instructions (paper Section 3).
-
-    Picks num_copies environments whose rollout achieved at least one pool instruction (random among them) and, for
-    each, one achieved instruction; rewards are recomputed with that instruction's event mask and its episode is cut at
-    success. Returns the copies' (obs, action, emb, reward, done, env index, valid).
-    """
+    """Hindsight relabeling of the rollout with accepted instructions (paper Section 3): num_copies environments whose
+    rollout achieved at least one pool instruction (random among them), each with one achieved instruction; rewards are
+    recomputed with that instruction's event mask and its episode is cut at success. Returns the copies' (obs, action,
+    emb, reward, done, env index, valid)."""
     k_env, k_ins = jax.random.split(rng)
     hits = jnp.einsum("tne,pe->np", traj.events.astype(jnp.float32), pool_mask.astype(jnp.float32))
     achieved = (hits > 0) & pool_valid[None]  # (N, P)
@@ -747,10 +647,8 @@ def relabel_rollout(traj: Trajectory, pool_emb, pool_mask, pool_valid, num_copie
     env_idx = jax.lax.top_k(score, num_copies)[1]  # (R,)
     ach = achieved[env_idx]  # (R, P)
     choice = jnp.argmax(jnp.where(ach, jax.random.uniform(k_ins, ach.shape), -1.0), axis=-1)  # (R,)
-    valid = ach.any(-1)
-    emb = pool_emb[choice]  # (R, D)
-    events = traj.events[:, env_idx]  # (T, R, E)
-    reward = (events & pool_mask[choice][None]).any(-1)
+    emb, valid = pool_emb[choice], ach.any(-1)  # (R, D), (R,)
+    reward = (traj.events[:, env_idx] & pool_mask[choice][None]).any(-1)  # (T, R)
     done = traj.env_done[:, env_idx] | reward  # the relabeled instruction episode ends at success
     f32 = jnp.float32
     return traj.obs[:, env_idx], traj.action[:, env_idx], emb, reward.astype(f32), done.astype(f32), env_idx, valid
@@ -764,15 +662,16 @@ def make_learn(network: QNetwork, args: Args, num_copies: int):
         q_next = jnp.concatenate([q_val[1:].max(-1), apply_fn(params, last_obs, last_instr).max(-1)[None]], axis=0)
         return lambda_returns(reward, done, q_next, args.gamma, args.q_lambda)
 
-    def learn(ts: TrainState, traj: Trajectory, pool_emb, pool_mask, pool_valid, rng):
+    def learn(ts: TrainState, traj: Trajectory, table, pool_emb, pool_mask, pool_valid, rng):
+        """One pass (the reference's NUM_EPOCHS = 1) over the rollout and its relabeled copies, in shuffled minibatches."""
         T, N = traj.action.shape
+        k, k_perm = jax.random.split(rng)
         # Instructions travel as indices into a small table (buffer slots, then one row per relabeled copy) and are
         # gathered per minibatch: cheaper than shuffling a (T, N, D) array of embeddings.
-        table, idx = traj.table_emb, traj.slot  # (B, D), (T, N)
+        idx = traj.slot  # (T, N) into table (B, D)
         target = targets(ts.params, traj.q_val, traj.last_obs, table[idx[-1]], traj.reward, traj.done)
         data, info = [traj.obs, idx, traj.action, target, jnp.ones((T, N))], {}
         if num_copies > 0:
-            rng, k = jax.random.split(rng)
             obs, act, emb, rew, done, env, valid = relabel_rollout(traj, pool_emb, pool_mask, pool_valid, num_copies, k)
             # Q of the copies under their new instruction (not available from the rollout): current params.
             q = apply_fn(ts.params, obs, jnp.broadcast_to(emb[None], (T, *emb.shape)))
@@ -781,29 +680,17 @@ def make_learn(network: QNetwork, args: Args, num_copies: int):
             weight = jnp.broadcast_to(valid[None].astype(jnp.float32), (T, num_copies))  # no achieved instruction: 0
             data = [jnp.concatenate(pair, 1) for pair in zip(data, [obs, copy_idx, act, target, weight])]
             table = jnp.concatenate([table, emb], 0)
-            info = {
-                "relabel/copies_valid": valid.sum(),
-                "relabel/copy_reward_rate": (rew * valid).sum() / jnp.maximum(valid.sum() * T, 1),
-            }
-        data = [x.reshape(-1, *x.shape[2:]) for x in data]  # (T * (N + R), ...)
-        data[3] = jax.lax.stop_gradient(data[3])
+            info = {"relabel/copies_valid": valid.sum()}
+        perm = jax.random.permutation(k_perm, T * data[0].shape[1])
+        mbs = [x.reshape(-1, *x.shape[2:])[perm].reshape(args.num_minibatches, -1, *x.shape[2:]) for x in data]
 
-        def epoch(carry, _):
-            ts, rng = carry
-            rng, k = jax.random.split(rng)
-            perm = jax.random.permutation(k, data[0].shape[0])
-            mbs = [x[perm].reshape(args.num_minibatches, -1, *x.shape[1:]) for x in data]
+        def minibatch(ts, mb):
+            obs, idx, action, target, weight = mb
+            grad_fn = jax.value_and_grad(q_loss, has_aux=True)
+            (_, minfo), grads = grad_fn(ts.params, apply_fn, obs, table[idx], action, target, weight)
+            return ts.apply_gradients(grads=grads), minfo
 
-            def minibatch(ts, mb):
-                obs, idx, action, target, weight = mb
-                grad_fn = jax.value_and_grad(q_loss, has_aux=True)
-                (_, minfo), grads = grad_fn(ts.params, apply_fn, obs, table[idx], action, target, weight)
-                return ts.apply_gradients(grads=grads), minfo
-
-            ts, minfo = jax.lax.scan(minibatch, ts, mbs)
-            return (ts, rng), minfo
-
-        (ts, _), minfo = jax.lax.scan(epoch, (ts, rng), None, NUM_EPOCHS)
+        ts, minfo = jax.lax.scan(minibatch, ts, mbs)
         return ts, {**info, **{k: v.mean() for k, v in minfo.items()}}
 
     return learn
@@ -819,223 +706,162 @@ def make_rollout(network: QNetwork, vec_step, spec: EventSpec, args: Args):
             q = network.apply(params, ec.obs, table_emb[ec.slot])  # (N, A)
             explore = jax.random.uniform(k_e, (N,)) < eps  # epsilon-greedy (PQN)
             action = jnp.where(explore, jax.random.randint(k_a, (N,), 0, q.shape[-1]), q.argmax(-1))
-            obs, env_state, state_st, env_reward, env_done = vec_step(k_env, ec.env_state, action)
+            obs, env_state, state_st, _, env_done = vec_step(k_env, ec.env_state, action)
             events = transition_events(spec, ec.env_state, state_st)  # (N, E)
             success = semantic_reward(events, table_mask, ec.slot)
             instr_t = ec.instr_t + 1
             idone = env_done | success | (instr_t >= INSTR_MAX_STEPS)
             new_slot = jax.random.categorical(k_slot, slot_logits, shape=(N,))
-            ep_return = ec.ep_return + env_reward
             tr = dict(obs=ec.obs, action=action, reward=success.astype(jnp.float32), done=idone.astype(jnp.float32))
             tr.update(env_done=env_done, events=events, slot=ec.slot, q_val=q)
-            ec = EnvCarry(
+            ec = ec.replace(
                 env_state=env_state,
                 obs=obs,
                 slot=jnp.where(idone, new_slot, ec.slot),
                 instr_t=jnp.where(idone, 0, instr_t),
-                ep_return=jnp.where(env_done, 0.0, ep_return),
-                ring=ec.ring.at[:, ec.ring_pos].set(events),
-                ring_done=ec.ring_done.at[:, ec.ring_pos].set(env_done),
-                ring_pos=(ec.ring_pos + 1) % ec.ring.shape[1],
             )
-            return (ec, rng), (tr, jnp.where(env_done, ep_return, 0.0))
+            return (ec, rng), tr
 
-        (ec, _), (tr, finished_return) = jax.lax.scan(step, (ec, rng), None, args.num_steps)
-        traj = Trajectory(**tr, last_obs=ec.obs, table_emb=table_emb, valid=jnp.array(True))
-        onehot = jax.nn.one_hot(traj.slot, table_emb.shape[0])  # (T, N, B): outcomes per buffer slot
-        stats = {"slot_success": (onehot * traj.reward[..., None]).sum((0, 1))}
-        stats["slot_episodes"] = (onehot * traj.done[..., None]).sum((0, 1))
-        stats.update(env_return=finished_return.sum(), env_episodes=traj.env_done.sum())
-        return ec, traj, stats
+        (ec, _), tr = jax.lax.scan(step, (ec, rng), None, args.num_steps)
+        # The rollout's steps enter the event-log history (the last RELABEL_LOG_LEN steps of each env).
+        window = lambda old, new: jnp.concatenate([old, new.swapaxes(0, 1)], 1)[:, -RELABEL_LOG_LEN:]
+        ec = ec.replace(ring=window(ec.ring, tr["events"]), ring_done=window(ec.ring_done, tr["env_done"]))
+        traj = Trajectory(**tr, last_obs=ec.obs)
+        per_slot = lambda x: jnp.zeros(table_emb.shape[0]).at[traj.slot].add(x)  # outcomes per buffer slot, (B,)
+        return ec, traj, dict(slot_success=per_slot(traj.reward), slot_episodes=per_slot(traj.done))
 
     return rollout
 
 
-def make_train_chunk(network, vec_step, spec, args, num_updates_total: int):
-    """chunk_updates x (learn on the previous rollout, collect the next one), all in one jitted lax.scan.
-
-    Learning lags collection by one update so that, between chunks, the host can ask the LLM about the rollout that has
-    just been collected and relabel that same rollout with the accepted instructions at the start of the next chunk
-    (Q-learning is off-policy, so a one-update lag is harmless). Also returns `rollout` (for the first, empty one).
-    """
+def make_train_chunk(network, vec_step, spec, args, num_updates: int):
+    """chunk_updates x (collect a rollout, learn on it and its relabeled copies), all in one jitted lax.scan. The host
+    relabels between chunks: the instructions it accepts relabel the following rollouts (every env that achieves one)."""
     rollout = make_rollout(network, vec_step, spec, args)
     learn = make_learn(network, args, num_relabel_copies(args))
-    eps_fn = optax.linear_schedule(EPS_START, EPS_FINISH, max(int(EPS_DECAY * num_updates_total), 1))
+    eps_fn = optax.linear_schedule(EPS_START, EPS_FINISH, max(int(EPS_DECAY * num_updates), 1))  # per update
 
     @jax.jit
-    def train_chunk(ts, ec, pending, n_updates, rng, table_emb, table_mask, slot_probs, replaced, pool):
-        logits = jnp.log(slot_probs)
-        # Envs whose instruction was just evicted draw a new one.
-        rng, k = jax.random.split(rng)
-        swap = replaced[ec.slot]
-        slot = jnp.where(swap, jax.random.categorical(k, logits, shape=ec.slot.shape), ec.slot)
-        ec = ec.replace(slot=slot, instr_t=jnp.where(swap, 0, ec.instr_t))
-
+    def train_chunk(ts, ec, rng, table_emb, table_mask, slot_probs, pool):
         def update(carry, _):
-            ts, ec, pending, n_updates, rng = carry
-            rng, k_learn, k_roll = jax.random.split(rng, 3)
-            do_learn = lambda: learn(ts, pending, *pool, k_learn)
-            # Before the first rollout there is nothing to learn from: skip, with zeroed metrics of the same shapes.
-            skip = lambda: (ts, jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(do_learn)[1]))
-            ts, info = jax.lax.cond(pending.valid, do_learn, skip)
-            eps = eps_fn(n_updates)
-            ec, traj, stats = rollout(ts.params, ec, table_emb, table_mask, logits, eps, k_roll)
-            return (ts, ec, traj, n_updates + 1, rng), {**info, **stats, "charts/epsilon": eps}
+            ts, ec, rng = carry
+            rng, k_roll, k_learn = jax.random.split(rng, 3)
+            eps = eps_fn(ts.step // args.num_minibatches)
+            ec, traj, stats = rollout(ts.params, ec, table_emb, table_mask, jnp.log(slot_probs), eps, k_roll)
+            ts, info = learn(ts, traj, table_emb, *pool, k_learn)
+            return (ts, ec, rng), {**info, **stats, "charts/epsilon": eps}
 
-        (ts, ec, pending, n_updates, _), infos = jax.lax.scan(
-            update, (ts, ec, pending, n_updates, rng), None, args.chunk_updates
-        )
-        return ts, ec, pending, n_updates, infos
+        (ts, ec, _), infos = jax.lax.scan(update, (ts, ec, rng), None, args.chunk_updates)
+        return ts, ec, infos
 
-    return train_chunk, rollout
+    return train_chunk
 
 
-def init_train(env, env_params, network, args: Args, buffer, dim: int, num_events: int, grad_steps: int, rng):
+def init_train(env, env_params, network, buffer, embed, args: Args, num_chunks: int, rng):
     """The learner's state (RAdam, clipped, linear decay to 0: the reference's optimiser) and the environments' carry."""
     k_init, k_env, k_slot = jax.random.split(rng, 3)
-    obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_env, args.num_envs), env_params)
-    params = network.init(k_init, obs[:1], jnp.zeros((1, dim)))
-    lr = optax.linear_schedule(args.lr, 1e-20, grad_steps)
+    N, L, (E, D) = args.num_envs, RELABEL_LOG_LEN, embed.events.shape
+    obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_env, N), env_params)
+    params = network.init(k_init, obs[:1], jnp.zeros((1, D)))
+    lr = optax.linear_schedule(args.lr, 1e-20, num_chunks * args.chunk_updates * args.num_minibatches)
     tx = optax.chain(optax.clip_by_global_norm(MAX_GRAD_NORM), optax.radam(learning_rate=lr))
     ts = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
-    N, L = args.num_envs, RELABEL_LOG_LEN
     slot = jax.random.categorical(k_slot, jnp.log(buffer.probs()), shape=(N,))
-    ring = jnp.zeros((N, L, num_events), bool), jnp.zeros((N, L), bool), jnp.array(0, jnp.int32)
-    return ts, EnvCarry(strong_types(env_state), obs, slot, jnp.zeros(N, jnp.int32), jnp.zeros(N), *ring)
+    ring = jnp.zeros((N, L, E), bool), jnp.zeros((N, L), bool)
+    return ts, EnvCarry(strong_types(env_state), obs, slot, jnp.zeros(N, jnp.int32), *ring)
 
 
-# ======================================================================================================================
-# Evaluation: held-out instructions, success by ground-truth achievement flags
-# ======================================================================================================================
-EVAL_EPSILON = 0.0  # greedy evaluation, as the reference (EPS_TEST: 0)
+# === Evaluation: held-out instructions, success by ground-truth achievement flags =====================================
 EVAL_SUCCESS_THRESHOLD = 0.1  # an instruction counts as covered when its success rate is above this (choice)
 
 
-def load_eval_set(path: Path, spec: EventSpec, embed: Embedder, delta: float) -> dict:
-    """Held-out instructions: kind, text, embedding, semantic mask, and the achievements that define success."""
+def make_evaluate(env, env_params, network, spec, embed: Embedder, path: Path, args: Args):
+    """The held-out instructions (kind | text | achievements that define success) and a jitted evaluation: each one
+    for eval_episodes greedy episodes (the reference's EPS_TEST: 0) from fresh worlds. Success (M, episodes): every
+    required achievement flag unlocked (ground truth, never the semantic reward)."""
     rows = read_table(path, 3)
-    emb = embed([r[1] for r in rows])
     required = np.zeros((len(rows), len(spec.names)), bool)
     for i, r in enumerate(rows):
-        for ach in r[2].split("+"):
-            required[i, spec.names.index(ach.strip())] = True
-    sem = np.stack([semantic_mask(e, embed.events, delta) for e in emb])
-    return dict(kinds=[r[0] for r in rows], texts=[r[1] for r in rows], emb=emb, sem=sem, required=required)
-
-
-def make_evaluate(env, env_params, network, spec, num_instr: int, args: Args):
-    episodes, n = args.eval_episodes, num_instr * args.eval_episodes
+        required[i, [spec.names.index(ach.strip()) for ach in r[2].split("+")]] = True
+    ev = dict(kinds=np.array([r[0] for r in rows]), texts=[r[1] for r in rows])
+    emb, req = (jnp.repeat(jnp.asarray(x), args.eval_episodes, 0) for x in (embed(ev["texts"]), required))
+    n = emb.shape[0]
 
     @jax.jit
-    def evaluate(params, instr_emb, sem_mask, required, rng):
-        """instr_emb (M, D), sem_mask (M, E), required (M, E). Returns success and semantic-fired, each (M, episodes)."""
-        emb = jnp.repeat(instr_emb, episodes, 0)
-        smask = jnp.repeat(sem_mask, episodes, 0)
-        req = jnp.repeat(required, episodes, 0)
+    def evaluate(params, rng):
         rng, k = jax.random.split(rng)
         obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k, n), env_params)
-        state = strong_types(state)
 
         def step(carry, _):
-            obs, state, alive, got, fired, rng = carry
-            rng, k_a, k_e, k_s = jax.random.split(rng, 4)
-            q = network.apply(params, obs, emb)
-            explore = jax.random.uniform(k_e, (n,)) < EVAL_EPSILON
-            action = jnp.where(explore, jax.random.randint(k_a, (n,), 0, q.shape[-1]), q.argmax(-1))
+            obs, state, alive, got, rng = carry
+            rng, k = jax.random.split(rng)
+            action = network.apply(params, obs, emb).argmax(-1)
             obs2, state2, _, done, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-                jax.random.split(k_s, n), state, action, env_params
+                jax.random.split(k, n), state, action, env_params
             )
-            events = transition_events(spec, state, state2)
             got = got | (state2.achievements & alive[:, None])  # ground truth: the environment's achievement flags
-            fired = fired | ((events & smask).any(-1) & alive)
-            return (obs2, state2, alive & ~done, got, fired, rng), None
+            return (obs2, state2, alive & ~done, got, rng), None
 
-        init = (obs, state, jnp.ones(n, bool), jnp.zeros_like(req), jnp.zeros(n, bool), rng)
-        (_, _, _, got, fired, _), _ = jax.lax.scan(step, init, None, args.eval_max_steps)
-        success = (got | ~req).all(-1)
-        return success.reshape(-1, episodes), fired.reshape(-1, episodes)
+        init = (obs, strong_types(state), jnp.ones(n, bool), jnp.zeros_like(req), rng)
+        (_, _, _, got, _), _ = jax.lax.scan(step, init, None, args.eval_max_steps)
+        return (got | ~req).all(-1).reshape(-1, args.eval_episodes)
 
-    return evaluate
-
-
-def eval_metrics(kinds, texts, success: np.ndarray, fired: np.ndarray) -> dict:
-    """Success per instruction, coverage (instructions above threshold, overall and per kind) and the semantic
-    reward's agreement with ground truth (fraction of episodes where 'fired' == 'succeeded')."""
-    rates = success.mean(1)
-    m = {f"eval/success/{t}": float(r) for t, r in zip(texts, rates)}
-    m["eval/coverage"] = int((rates > EVAL_SUCCESS_THRESHOLD).sum())
-    m["eval/mean_success"] = float(rates.mean())
-    for kind in dict.fromkeys(kinds):
-        sel = np.array([k == kind for k in kinds])
-        m[f"eval/coverage_{kind}"] = int((rates[sel] > EVAL_SUCCESS_THRESHOLD).sum())
-    m["eval/semantic_agreement"] = float((success == fired).mean())
-    return m
+    return evaluate, ev
 
 
 def evaluate_and_log(evaluate, params, ev: dict, writer, step: int, rng):
+    """Success per held-out instruction and coverage (instructions above threshold, overall and per kind)."""
     t0 = time.time()
-    success, fired = map(np.asarray, evaluate(params, *map(jnp.asarray, (ev["emb"], ev["sem"], ev["required"])), rng))
-    m = eval_metrics(ev["kinds"], ev["texts"], success, fired)
+    rates = np.asarray(evaluate(params, rng)).mean(1)
+    m = {f"eval/success/{t}": float(r) for t, r in zip(ev["texts"], rates)}
+    m["eval/coverage"] = int((rates > EVAL_SUCCESS_THRESHOLD).sum())
+    for kind in dict.fromkeys(ev["kinds"]):
+        m[f"eval/coverage_{kind}"] = int((rates[ev["kinds"] == kind] > EVAL_SUCCESS_THRESHOLD).sum())
+    m["eval/mean_success"] = float(rates.mean())
     for key, v in m.items():
         writer.add_scalar(key, v, step)
-    print(f"eval at step {step} ({time.time() - t0:.1f}s): success rate per held-out instruction")
-    for kind, text, s in zip(ev["kinds"], ev["texts"], success.mean(1)):
+    for kind, text, s in zip(ev["kinds"], ev["texts"], rates):
         print(f"  eval success {s:5.2f}  [{kind}] {text}")
     print(
-        f"eval coverage {m['eval/coverage']}/{len(ev['texts'])} (success > {EVAL_SUCCESS_THRESHOLD}), mean success "
-        f"{m['eval/mean_success']:.3f}, semantic-reward agreement with ground truth {m['eval/semantic_agreement']:.3f}"
+        f"eval coverage {m['eval/coverage']}/{len(rates)} (success > {EVAL_SUCCESS_THRESHOLD}) at step {step}, mean "
+        f"success {m['eval/mean_success']:.3f} ({time.time() - t0:.1f}s)"
     )
 
 
 def save_checkpoint(out: Path, params, buffer: InstructionBuffer, step: int):
     """Network parameters (flax msgpack) and the instruction buffer, written over the previous checkpoint."""
     (out / "oir_pqn.params").write_bytes(flax.serialization.to_bytes(params))
-    rows = [
-        dict(text=e.text, source=e.source, status=buffer.status(e), successes=e.successes, episodes=e.episodes)
-        for e in buffer.entries()
-    ]
+    keys = ("text", "successes", "episodes")
+    rows = [{**{k: getattr(e, k) for k in keys}, "status": buffer.status(e)} for e in buffer.entries()]
     (out / "instruction_buffer.json").write_text(json.dumps(rows, indent=1))
     print(f"checkpoint saved to {out}/oir_pqn.params and {out}/instruction_buffer.json (step {step})")
 
 
-def log_chunk(writer, infos: dict, buffer: InstructionBuffer, tally: Counter, chunk: int, step: int, sps: float):
+def log_chunk(writer, infos: dict, buffer: InstructionBuffer, tally: Counter, chunk: int, step: int, sps, cpu_sps):
     """TensorBoard scalars and the one printed line per chunk."""
-    succ, eps_done = infos["slot_success"].sum(), infos["slot_episodes"].sum()
-    scalars = {"charts/SPS": sps, "charts/instruction_success_rate": succ / max(eps_done, 1)}
-    scalars["charts/epsilon"] = float(infos["charts/epsilon"][-1])
-    if infos["env_episodes"].sum() > 0:
-        scalars["charts/episodic_return"] = infos["env_return"].sum() / infos["env_episodes"].sum()
-    for key in ("losses/td_loss", "losses/q_values", "relabel/copies_valid", "relabel/copy_reward_rate"):
-        if key in infos:
-            scalars[key] = float(infos[key].mean())
+    succ, tried = infos["slot_success"].sum(), infos["slot_episodes"].sum()
+    scalars = {"charts/SPS": sps, "charts/instruction_success_rate": succ / max(tried, 1)}
+    scalars["charts/epsilon"] = infos["charts/epsilon"][-1]
+    scalars.update({key: v.mean() for key, v in infos.items() if key.startswith(("losses/", "relabel/"))})
     scalars.update({f"buffer/{status}": c for status, c in buffer.counts().items()})
     scalars.update({f"relabel/{key}": c for key, c in tally.items()})
     for key, v in scalars.items():
-        writer.add_scalar(key, v, step)
+        writer.add_scalar(key, float(v), step)
     print(
-        f"chunk {chunk}: step {step}, SPS {sps:.0f}, td_loss {scalars['losses/td_loss']:.4f}, instruction success "
-        f"{succ:.0f}/{eps_done:.0f}, relabeled copies/update {scalars.get('relabel/copies_valid', 0.0):.1f}, "
-        f"buffer {buffer.counts()}"
+        f"chunk {chunk}: step {step}, SPS {sps:.0f} ({cpu_sps:.0f} per CPU-second), td_loss "
+        f"{scalars['losses/td_loss']:.4f}, instruction success {succ:.0f}/{tried:.0f}, relabeled copies/update "
+        f"{scalars.get('relabel/copies_valid', 0.0):.1f}, buffer {buffer.counts()}"
     )
 
 
-# ======================================================================================================================
-# main: rollout -> relabel via the LLM -> filter -> buffer update -> PQN update -> evaluate
-# ======================================================================================================================
-
-
+# === main: rollout -> relabel via the LLM -> filter -> buffer update -> PQN update -> evaluate ========================
 def main():
     args = tyro.cli(Args)
-    prompts = Path(args.prompts_dir) if args.prompts_dir else Path(__file__).resolve().parent / "prompts"
+    prompts = (Path(args.prompts_dir) if args.prompts_dir else Path(__file__).resolve().parent / "prompts") / "oir"
     check_args(args, prompts)
     llm = LLMClient(args) if args.relabel == "llm" else None  # a wrong --llm-base-url fails here, at start
-    N, T = args.num_envs, args.num_steps
-    num_updates = args.total_timesteps // (N * T)
-    num_chunks = max(num_updates // args.chunk_updates, 1)
+    steps_per_chunk = args.chunk_updates * args.num_envs * args.num_steps
+    num_chunks = max(args.total_timesteps // steps_per_chunk, 1)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-
-    from torch.utils.tensorboard import SummaryWriter
-
     if args.track:
         import wandb
 
@@ -1046,94 +872,68 @@ def main():
             name=run_name,
             sync_tensorboard=True,
         )
+    from torch.utils.tensorboard import SummaryWriter
+
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     )
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    np_rng = np.random.default_rng(args.seed)
-    rng = jax.random.PRNGKey(args.seed)
+    # Seeding: NumPy for the host's choices, JAX for everything on device (and the seed goes with each LLM request).
+    np_rng, rng = np.random.default_rng(args.seed), jax.random.PRNGKey(args.seed)
 
     # The method's pieces: f_state's event vocabulary, the encoder, the prioritized buffer and the relabel pool.
     env, env_params, spec = make_env(args.env_id)
     embed = Embedder(args.embed_model, spec.texts)
-    D, E = embed.events.shape[1], len(spec.names)
-    relabel_prompt = load_prompt(prompts / "oir" / "relabel.md")
-    buffer = InstructionBuffer(args)
-    for text, ach in read_table(prompts / "oir" / "seed_instructions.md", 2):
-        buffer.add(make_instruction(text, "seed", spec.names.index(ach), embed, args))
-    pool = deque(maxlen=RELABEL_POOL_SIZE)
-    eval_set = load_eval_set(prompts / "oir" / "eval_instructions.md", spec, embed, args.delta)
+    E, D = embed.events.shape
+    relabel_prompt = load_prompt(prompts / "relabel.md")
+    buffer, pool = InstructionBuffer(args), deque(maxlen=RELABEL_POOL_SIZE)
+    for text, ach in read_table(prompts / "seed_instructions.md", 2):
+        buffer.add(make_instruction(text, spec.names.index(ach), embed, args))
 
     network = QNetwork(env.action_space(env_params).n, args.hidden_size, args.num_layers)
+    vec_step = make_vec_env_step(env, env_params, args.num_envs)
+    train_chunk = make_train_chunk(network, vec_step, spec, args, num_chunks * args.chunk_updates)
     rng, k = jax.random.split(rng)
-    grad_steps = num_chunks * args.chunk_updates * NUM_EPOCHS * args.num_minibatches
-    ts, ec = init_train(env, env_params, network, args, buffer, D, E, grad_steps, k)
-    train_chunk, rollout = make_train_chunk(network, make_vec_env_step(env, env_params, N), spec, args, num_updates)
-    table = instruction_arrays(buffer.slots, D, E)[:2]
-    # An all-zero first rollout (valid=False): nothing to learn from before the first collection.
-    pending = jax.eval_shape(rollout, ts.params, ec, *table, jnp.log(buffer.probs()), 0.0, k)[1]
-    pending = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), pending)
-    evaluate = make_evaluate(env, env_params, network, spec, len(eval_set["texts"]), args)
-
+    ts, ec = init_train(env, env_params, network, buffer, embed, args, num_chunks, k)
+    evaluate, eval_set = make_evaluate(env, env_params, network, spec, embed, prompts / "eval_instructions.md", args)
     print(
-        f"OIR-PQN on {args.env_id}: {num_updates} updates in {num_chunks} chunks, {N} envs x {T} steps, "
-        f"relabel={args.relabel}, reward={args.reward}, sampling={args.buffer_sampling}"
+        f"OIR-PQN on {args.env_id}: {num_chunks * args.chunk_updates} updates in {num_chunks} chunks, {args.num_envs} "
+        f"envs x {args.num_steps} steps, relabel={args.relabel}, reward={args.reward}, sampling={args.buffer_sampling}"
     )
     print("buffer seeds: " + ", ".join(repr(e.text) for e in buffer.entries()))
-    n_updates, replaced, tally = jnp.array(0, jnp.int32), np.zeros(args.buffer_capacity, bool), Counter()
-    start, global_step, evals, relabel_seconds = time.time(), 0, 0, 0.0
-    steady = np.zeros(3)  # env steps, seconds, CPU seconds of the chunks after the first (which compiles)
-    pbar = tqdm(range(num_chunks), desc="chunks")
-    for chunk in pbar:
-        # 1. Rollout + PQN update, chunk_updates times, in one jitted call (learning one rollout behind collection).
-        t0, c0 = time.time(), time.process_time()
-        rng, k = jax.random.split(rng)
-        table = map(jnp.asarray, (*instruction_arrays(buffer.slots, D, E)[:2], buffer.probs(), replaced))
+
+    tally = Counter()
+    for chunk in tqdm(range(num_chunks), desc="chunks"):
+        t0, c0, global_step = time.time(), time.process_time(), (chunk + 1) * steps_per_chunk
+        rng, k, k_eval = jax.random.split(rng, 3)
+        # 1. Rollout + PQN update on it and its relabeled copies, chunk_updates times, in one jitted call.
+        table = (*instruction_arrays(buffer.slots, D, E)[:2], buffer.probs())
         pool_arrays = instruction_arrays(list(pool) + [None] * (RELABEL_POOL_SIZE - len(pool)), D, E)
-        ts, ec, pending, n_updates, infos = train_chunk(ts, ec, pending, n_updates, k, *table, pool_arrays)
+        ts, ec, infos = train_chunk(ts, ec, k, *table, pool_arrays)
         infos = jax.tree_util.tree_map(np.asarray, infos)
-        global_step += args.chunk_updates * N * T
-        sps = args.chunk_updates * N * T / (time.time() - t0)
         # 2. Buffer statuses from the instruction episodes that ended.
         buffer.update(infos["slot_success"].sum(0), infos["slot_episodes"].sum(0))
         # 3. Relabel: event logs of recent trajectories -> LLM proposals -> filter -> relabel pool and buffer.
-        replaced[:] = False
         if args.relabel != "none":
-            t1 = time.time()
-            events, env_done = recent_trajectories(ec.ring, ec.ring_done, ec.ring_pos, args.relabel_trajs, np_rng)
-            answers = ask_relabeler(llm, relabel_prompt, events, env_done, spec, args)
-            tally["requests"] += len(answers) if llm else 0
-            tally["llm_failures"] = llm.failures if llm else 0
-            replaced = admit_proposals(answers, events, buffer, pool, embed, spec, args, tally)
-            relabel_seconds += time.time() - t1
-        log_chunk(writer, infos, buffer, tally, chunk, global_step, sps)
-        pbar.set_postfix(sps=f"{sps:.0f}", td=f"{float(infos['losses/td_loss'].mean()):.3f}")
-        if chunk > 0:  # steady-state throughput: relabeling included, evaluation excluded
-            steady += (args.chunk_updates * N * T, time.time() - t0, time.process_time() - c0)
+            ring, ring_done = np.asarray(ec.ring), np.asarray(ec.ring_done)
+            events, answers = ask_relabeler(llm, relabel_prompt, ring, ring_done, spec, args, np_rng, tally)
+            admit_proposals(answers, events, buffer, pool, embed, spec, args, tally)
+        # Throughput of the chunk, relabeling included, evaluation excluded (the first chunk also compiles).
+        sps = (steps_per_chunk / (time.time() - t0), steps_per_chunk / (time.process_time() - c0))
+        log_chunk(writer, infos, buffer, tally, chunk, global_step, *sps)
         # 4. Evaluation and checkpoints.
-        last = chunk + 1 == num_chunks
-        if last or (args.eval_every > 0 and (chunk + 1) % args.eval_every == 0):
-            rng, k = jax.random.split(rng)
-            evaluate_and_log(evaluate, ts.params, eval_set, writer, global_step, k)
-            evals += 1
-        if args.save_model and (last or (args.save_every > 0 and (chunk + 1) % args.save_every == 0)):
+        due = lambda every: chunk + 1 == num_chunks or (every > 0 and (chunk + 1) % every == 0)
+        if due(args.eval_every):
+            evaluate_and_log(evaluate, ts.params, eval_set, writer, global_step, k_eval)
+        if args.save_model and due(args.save_every):
             save_checkpoint(Path(f"runs/{run_name}"), ts.params, buffer, global_step)
 
-    rejected = {k[len("rejected_") :]: c for k, c in tally.items() if k.startswith("rejected_") and c}
+    rejected = {key[len("rejected_") :]: c for key, c in tally.items() if key.startswith("rejected_") and c}
     print(
         f"done: {global_step} env steps, {int(ts.step)} gradient steps, {tally['accepted']} relabeled instructions "
         f"accepted ({tally['requests']} LLM requests, {tally['llm_failures']} failed; rejected: {rejected}), "
-        f"{tally['added']} entered the buffer, {evals} evaluations, overall SPS {global_step / (time.time() - start):.0f}"
+        f"{tally['added']} entered the buffer"
     )
-    if steady[1] > 0:
-        print(
-            f"steady SPS {steady[0] / steady[1]:.0f} (chunks after the first, relabeling included, evaluation "
-            f"excluded; {steady[0] / steady[2]:.0f} steps per CPU-second of this process); relabeling took "
-            f"{relabel_seconds:.1f}s in total"
-        )
     entries = buffer.entries()
     print("final buffer: " + "; ".join(f"{e.text!r} [{buffer.status(e)}, {e.mean_return:.2f}]" for e in entries))
     writer.close()

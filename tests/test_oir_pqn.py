@@ -117,7 +117,7 @@ def test_semantic_reward_matches_slow_reference(oir, embedder):
 def test_instruction_buffer_status_sampling_eviction(oir):
     assert (oir.STATUS_MIN_EPISODES, oir.STATUS_LOW, oir.STATUS_HIGH, oir.STATUS_WINDOW) == (20, 0.1, 0.8, 200)
     buf = oir.InstructionBuffer(oir.Args(buffer_capacity=4))
-    mk = lambda t: oir.Instruction(t, np.zeros(3, np.float32), np.zeros(2, bool), "test")
+    mk = lambda t: oir.Instruction(t, np.zeros(3, np.float32), np.zeros(2, bool))
     for t in ["a", "b", "c", "d"]:
         assert buf.add(mk(t))[0] is not None
     # a: mastered (18/20), b: failing (0/40), c: boundary (10/20), d: untested (1/5)
