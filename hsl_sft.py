@@ -35,14 +35,12 @@ on valid_seen / valid_unseen per task type (Figure 5). Long-form notes: docs/hsl
 import collections
 import concurrent.futures
 import contextlib
-import copy
-import hashlib
+import itertools
 import json
 import math
 import os
 import random
 import re
-import shutil
 import string
 import time
 from dataclasses import asdict, dataclass
@@ -65,14 +63,8 @@ WARMUP_RATIO, WEIGHT_DECAY, MAX_GRAD_NORM = 0.03, 0.0, 1.0  # cosine schedule af
 LORA_DROPOUT = 0.05  # LoRA alpha is 2 * rank
 EXPERT_MAX_STEPS = 60  # the hand-coded expert must win a train game within this many steps to give a demo
 MAX_ACTION_TOKENS = 64  # new tokens per agent turn ("Thought: ...\nAction: ...")
-SCORE_BATCH = 64  # candidate commands per forward pass in --action-mode score
-LOG_TRAJECTORIES = 2  # relabeled trajectories printed per HSL step (eyeballing the relabeler)
-MAX_GOAL_CHARS = 200  # a longer "goal" is not a template instance (and would slow the regexes)
 
 
-# ======================================================================================================================
-# Args
-# ======================================================================================================================
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -85,7 +77,6 @@ class Args:
     """the wandb's project name"""
     output_dir: str = "runs"
     """TensorBoard logs, checkpoints and summary.json go to {output_dir}/{run name}"""
-
     # --- environment (ALFWorld) and demonstrations ---
     data_dir: Optional[str] = None
     """ALFWorld data root holding json_2.1.1/{train,valid_seen,valid_unseen} (default: $ALFWORLD_DATA)"""
@@ -97,7 +88,6 @@ class Args:
     """cap on ground-truth demonstrations (the paper's sample-efficiency study uses 800 to 3,200)"""
     demos_path: Optional[str] = None
     """ETO-format (ShareGPT) JSON of demonstrations; default: ALFWorld's hand-coded expert plays the train games"""
-
     # --- agent ---
     model_name: str = "meta-llama/Llama-3.2-1B-Instruct"
     """agent model: hub id or local Hugging Face folder (Appendix F: Llama-3.2-1B-Instruct)"""
@@ -113,7 +103,6 @@ class Args:
     """generate: the agent writes its action (paper); score: it picks an admissible command by mean token log-prob"""
     rollout_temperature: float = 1.0
     """sampling temperature of training rollouts (a_t ~ pi_theta, Section 3.2); 0 = greedy"""
-
     # --- SFT (Appendix F, following ETO) ---
     learning_rate: float = 2e-5
     """AdamW learning rate (cosine schedule, 3% warm-up)"""
@@ -125,7 +114,6 @@ class Args:
     """epochs of SFT on the ground-truth demonstrations before HSL"""
     loss_normalization: Literal["action", "token"] = "action"
     """action: Eq. 3-4 literally, (1/T) sum_t z_t * -log P(a_t) per trajectory; token: mean over action tokens (TRL)"""
-
     # --- HSL (Sections 3.2-3.4, 4.1) ---
     hsl_steps: int = -1
     """HSL optimisation steps (-1: 3 passes over the ground-truth demos at batch_size; 0: SFT only)"""
@@ -141,7 +129,6 @@ class Args:
     """Figure 4: relabel only the final goal of failed trajectories / uniform buffer weights / no irrelevant-action masking"""
     relabeler: Literal["llm", "oracle"] = "llm"
     """llm: the auxiliary LLM of Section 3.3; oracle: goals and relevance from the PDDL facts (beyond the paper)"""
-
     # --- LLM client (the same seven flags in every script) ------------------------------------------------------------
     llm_backend: Literal["openai", "transformers"] = "openai"
     """openai: any OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp, `transformers serve`, hosted; key from
@@ -158,7 +145,6 @@ class Args:
     """sampling temperature (0: greedy)"""
     llm_concurrency: int = 18
     """requests in flight (openai), or the generation batch size (transformers)"""
-
     # --- evaluation, checkpoints ---
     eval_every: int = 50
     """evaluate and checkpoint every this many HSL steps (and after SFT); 0: only at the end"""
@@ -167,7 +153,7 @@ class Args:
 
 
 def check_args(args: Args):
-    """Usage errors, before anything heavy: one line each, no traceback."""
+    """Usage errors, before anything heavy: one line each, no traceback. Resolves --data-dir ($ALFWORLD_DATA)."""
     positive = ("max_env_steps", "num_demos", "lora_r", "max_seq_len", "batch_size", "micro_batch_size")
     positive += ("rollouts_per_step", "buffer_size", "llm_max_new_tokens", "llm_concurrency")
     for name in positive:
@@ -175,60 +161,37 @@ def check_args(args: Args):
             raise SystemExit(f"error: --{name.replace('_', '-')}: must be >= 1 (got {getattr(args, name)})")
     if not 0.0 <= args.hsl_lambda <= 1.0:
         raise SystemExit(f"error: --hsl-lambda: must lie in [0, 1] (got {args.hsl_lambda})")
-    if min(args.sft_epochs, args.hsl_alpha, args.rollout_temperature, args.llm_temperature, args.eval_every) < 0:
-        raise SystemExit(
-            "error: --sft-epochs, --hsl-alpha, --rollout-temperature, --llm-temperature, --eval-every: >= 0"
-        )
-    if args.hsl_steps < -1 or args.max_seq_len <= MAX_ACTION_TOKENS:
-        raise SystemExit(f"error: --hsl-steps must be >= -1 and --max-seq-len > {MAX_ACTION_TOKENS}")
-    for flag, path in (("--demos-path", args.demos_path), ("--resume", args.resume)):
-        if path and not os.path.exists(path):
-            raise SystemExit(f"error: {flag} {path}: does not exist")
+    if min(args.sft_epochs, args.hsl_alpha, args.rollout_temperature, args.llm_temperature) < 0:
+        raise SystemExit("error: --sft-epochs, --hsl-alpha, --rollout-temperature, --llm-temperature: must be >= 0")
+    if args.hsl_steps < -1 or args.max_seq_len <= MAX_ACTION_TOKENS or args.eval_every < 0:
+        raise SystemExit(f"error: --hsl-steps must be >= -1, --max-seq-len > {MAX_ACTION_TOKENS}, --eval-every >= 0")
+    if args.demos_path and not os.path.isfile(args.demos_path):
+        raise SystemExit(f"error: --demos-path {args.demos_path}: no such file")
     if args.resume and not os.path.exists(os.path.join(args.resume, "hsl_state.json")):
         raise SystemExit(f"error: --resume {args.resume}: not a checkpoint of this script (no hsl_state.json)")
-    resolve_data_dir(args.data_dir)
+    args.data_dir = args.data_dir or os.environ.get("ALFWORLD_DATA")
+    if not args.data_dir:
+        raise SystemExit("error: --data-dir: not given and $ALFWORLD_DATA is not set (run `alfworld-download` first)")
+    if not os.path.isdir(os.path.join(args.data_dir, "json_2.1.1")):
+        raise SystemExit(f"error: --data-dir {args.data_dir}: no json_2.1.1 folder there (run `alfworld-download`)")
 
 
 # ======================================================================================================================
 # Environment (ALFWorld)
 # ======================================================================================================================
-def alfworld_config(data_dir: str, max_env_steps: int) -> dict:
-    """AlfredTWEnv's config, built in code (the alfworld wheel ships no configs/base_config.yaml)."""
-    from alfworld.info import ALFRED_PDDL_PATH, ALFRED_TWL2_PATH
-
-    root = os.path.join(data_dir, "json_2.1.1")
-    split = {k: os.path.join(root, v) for k, v in (("data_path", "train"), ("eval_id_data_path", "valid_seen"))}
-    split["eval_ood_data_path"] = os.path.join(root, "valid_unseen")
-    env = {"type": "AlfredTWEnv", "domain_randomization": False, "task_types": [1, 2, 3, 4, 5, 6]}
-    env.update(expert_timeout_steps=150, expert_type="handcoded", goal_desc_human_anns_prob=0.0)
-    steps = {"training": {"max_nb_steps_per_episode": max_env_steps}}
-    return {
-        "dataset": {**split, "num_train_games": -1, "num_eval_games": -1},
-        "logic": {"domain": ALFRED_PDDL_PATH, "grammar": ALFRED_TWL2_PATH},
-        "env": env,
-        "general": {"training_method": "dagger"},
-        "dagger": steps,
-        "rl": steps,
-    }
-
-
-def resolve_data_dir(data_dir: Optional[str]) -> str:
-    """--data-dir, else $ALFWORLD_DATA; a clear error when neither holds the json_2.1.1 games."""
-    path = data_dir or os.environ.get("ALFWORLD_DATA")
-    if not path:
-        raise SystemExit("error: --data-dir: not given and $ALFWORLD_DATA is not set (run `alfworld-download` first)")
-    if not os.path.isdir(os.path.join(path, "json_2.1.1")):
-        raise SystemExit(f"error: --data-dir {path}: no json_2.1.1 folder there (run `alfworld-download`)")
-    return path
-
-
-def list_games(data_dir: str, split: str, max_env_steps: int, limit: int = -1) -> list[str]:
+def list_games(data_dir: str, split: str, limit: int = -1) -> list[str]:
     """Game files of one split, collected and filtered (solvable, six task types) by alfworld's own AlfredTWEnv."""
     from alfworld.agents.environment.alfred_tw_env import AlfredTWEnv
 
-    train_eval = {"train": "train", "valid_seen": "eval_in_distribution", "valid_unseen": "eval_out_of_distribution"}
-    env = AlfredTWEnv(alfworld_config(data_dir, max_env_steps), train_eval=train_eval[split])
-    games = sorted(env.game_files)  # os.walk order is filesystem-dependent; sort for reproducibility
+    # only AlfredTWEnv's file collection is used (games are played through ALFWorldGame); its config is built here,
+    # as the alfworld wheel ships no configs/base_config.yaml
+    mode = {"train": "train", "valid_seen": "eval_in_distribution", "valid_unseen": "eval_out_of_distribution"}[split]
+    key = {"train": "data_path", "valid_seen": "eval_id_data_path", "valid_unseen": "eval_ood_data_path"}[split]
+    dataset = {key: os.path.join(data_dir, "json_2.1.1", split), "num_train_games": -1, "num_eval_games": -1}
+    config = {"env": {"goal_desc_human_anns_prob": 0.0, "task_types": [1, 2, 3, 4, 5, 6]}, "dataset": dataset}
+    games = sorted(AlfredTWEnv(config, mode).game_files)  # os.walk order is filesystem-dependent: sort
+    if not games:
+        raise SystemExit(f"error: --data-dir {data_dir}: no solvable games under json_2.1.1/{split}")
     return games[:limit] if limit > 0 else games
 
 
@@ -246,8 +209,8 @@ def to_dialect(cmd: str, legacy_put: bool) -> str:
 
 def summarize_facts(facts) -> dict:
     """Compact, JSON-able view of the PDDL state (demangled names, e.g. "mug 1") used by the oracle relabeler."""
-    s = {"otype": {}, "rtype": {}, "inrec": [], "hot": [], "cool": [], "clean": [], "holds": [], "toggled": []}
-    s.update(agent_loc=None, rloc={})
+    s = {"otype": {}, "rtype": {}, "rloc": {}, "agent_loc": None}
+    s.update({k: [] for k in ("inrec", "hot", "cool", "clean", "holds", "toggled")})
     flags = {"ishot": "hot", "iscool": "cool", "isclean": "clean", "istoggled": "toggled"}
     for p in facts:
         args, name = [a.name.strip() for a in p.arguments], p.name.lower()
@@ -267,11 +230,8 @@ def summarize_facts(facts) -> dict:
 
 
 class ALFWorldGame:
-    """One ALFWorld game with the wrapper stack of AlfredTWEnv.init_env (AlfredDemangler, AlfredInfos, AlfredExpert).
-
-    AlfredTWEnv's batch env requests only `won` and `admissible_commands`; the oracle needs the PDDL facts too, so we
-    build the same wrappers around a textworld PddlEnv per game (same game files, same demangled names, same text).
-    """
+    """One ALFWorld game with the wrappers of AlfredTWEnv.init_env (AlfredDemangler, AlfredInfos, AlfredExpert) around
+    a textworld PddlEnv that also reports the PDDL facts (AlfredTWEnv's batch env does not; the oracle needs them)."""
 
     def __init__(self, gamefile: str, expert: bool = False):
         import textworld
@@ -279,41 +239,22 @@ class ALFWorldGame:
         from textworld.envs import PddlEnv
 
         self.gamefile = gamefile
-        try:
-            self.task_type = json.loads(Path(gamefile).with_name("traj_data.json").read_text())["task_type"]
-        except (OSError, KeyError, json.JSONDecodeError):
-            self.task_type = "unknown"
+        self.task_type = json.loads(Path(gamefile).with_name("traj_data.json").read_text())["task_type"]
         env = PddlEnv(textworld.EnvInfos(admissible_commands=True, won=True, facts=True, extras=["gamefile"]))
         env = AlfredInfos(AlfredDemangler(env, shuffle=False))
         self.env = AlfredExpert(env, expert_type="handcoded") if expert else env
         self.env.load(gamefile)
         self.legacy_put = 'template :: "put {o} in/on {r}"' in json.loads(Path(gamefile).read_text())["grammar"]
 
-    def reset(self):
-        gs = self.env.reset()
-        text = gs["feedback"].replace("-= Welcome to TextWorld, ALFRED! =-", "").strip()
+    def reset(self) -> tuple[str, str, dict]:  # (room description, task, game state)
+        self.state = self.env.reset()
+        text = self.state["feedback"].replace("-= Welcome to TextWorld, ALFRED! =-", "").strip()
         intro, _, task = text.partition("Your task is to:")
-        self.state = gs
-        return intro.strip(), task.strip().rstrip("."), gs
+        return intro.strip(), task.strip().rstrip("."), self.state
 
-    def step(self, cmd: str):
-        gs, _, done = self.env.step(cmd)
-        self.state = gs
-        return gs["feedback"].strip(), bool(gs["won"]), bool(done), gs
-
-
-class GamePool:
-    """Loaded games are reused across rollouts (loading parses the PDDL, ~0.5 s); one instance per parallel episode."""
-
-    def __init__(self):
-        self.free = collections.defaultdict(list)
-
-    def get(self, gamefile: str) -> ALFWorldGame:
-        return self.free[gamefile].pop() if self.free[gamefile] else ALFWorldGame(gamefile)
-
-    def put(self, game: ALFWorldGame):
-        if len(self.free[game.gamefile]) < 4:
-            self.free[game.gamefile].append(game)
+    def step(self, cmd: str) -> tuple[str, bool, bool, dict]:  # (observation, won, done, game state)
+        self.state, _, done = self.env.step(cmd)
+        return self.state["feedback"].strip(), bool(self.state["won"]), bool(done), self.state
 
 
 # ======================================================================================================================
@@ -418,11 +359,6 @@ GOAL_TEXT.update(zip(TASK_TYPES[3:], ["put a hot {o} in {r}", "put a cool {o} in
 LAMPS = ("desklamp", "floorlamp")
 
 
-def goal_text(goal: tuple) -> str:
-    """Instruction text of a canonical goal (task_type, obj, recep), in the first template phrasing."""
-    return GOAL_TEXT[goal[0]].format(o=goal[1], r=goal[2])
-
-
 def trajectory_names(traj: dict) -> set[str]:
     """Type names ("mug", "sinkbasin") of every numbered entity ("mug 1") the trajectory mentions."""
     text = " ".join([traj["intro"]] + traj["actions"] + traj["observations"]).lower()
@@ -430,26 +366,17 @@ def trajectory_names(traj: dict) -> set[str]:
 
 
 def validate_goal(goal, names: set[str]) -> Optional[tuple]:
-    """Match a relabeled goal against the six templates; its object and receptacle must occur in the trajectory.
-
-    Returns the canonical (task_type, obj, recep) or None (not a template, or a hallucinated name). Tolerates ids
-    ("mug 1"), plurals and spaces inside ALFRED names ("desk lamp" -> "desklamp").
-    """
-    if not isinstance(goal, str) or len(goal) > MAX_GOAL_CHARS:
+    """The canonical (task_type, obj, recep) of a relabeled goal that matches one of the six templates and names an
+    object and receptacle seen in the trajectory (ids, plurals and "desk lamp" for desklamp tolerated); else None."""
+    if not isinstance(goal, str) or len(goal) > 200:  # longer: no template instance (and slow regexes)
         return None
     g = re.sub(r"\s+", " ", re.sub(r"\b\d+\b", "", goal.lower())).strip().strip(".\"' ")
-    for task_type, pat in GOAL_PATTERNS:
-        m = re.match(pat, g)
-        if not m:
-            continue
-        canon = []
-        for part in m.groups():
-            word = part.replace(" ", "")
-            canon.append(word[:-1] if word not in names and word.endswith("s") and word[:-1] in names else word)
-        obj, recep = canon
-        if obj not in names or recep not in names or (task_type == "look_at_obj_in_light" and recep not in LAMPS):
-            return None
-        return (task_type, obj, recep)
+    singular = lambda w: w[:-1] if w not in names and w.endswith("s") and w[:-1] in names else w
+    for task_type, pattern in GOAL_PATTERNS:  # the first template that matches decides
+        if m := re.match(pattern, g):
+            obj, recep = (singular(part.replace(" ", "")) for part in m.groups())
+            ok = obj in names and recep in names and (task_type != "look_at_obj_in_light" or recep in LAMPS)
+            return (task_type, obj, recep) if ok else None
     return None
 
 
@@ -475,20 +402,15 @@ def achieved_goals(state: dict) -> set[tuple]:
 
 
 def oracle_goals(traj: dict) -> list[tuple[tuple, int]]:
-    """(goal, S(goal)) for every goal newly achieved along the trajectory, S = first step where it becomes true.
-
-    "Newly": true after action t and false before it, so goals that already held in the initial state (a mug that
-    starts on the shelf) do not count unless the agent re-achieves them.
-    """
-    seen, out = set(), []
-    prev = achieved_goals(traj["states"][0])
-    for t in range(1, len(traj["states"])):
-        cur = achieved_goals(traj["states"][t])
-        for g in sorted(cur - prev - seen):
-            seen.add(g)
-            out.append((g, t))
+    """(goal, S(goal)) for every goal newly achieved along the trajectory, S = the first step where it becomes true
+    (false before: a mug that starts on the shelf does not count unless the agent re-achieves it)."""
+    first, prev = {}, achieved_goals(traj["states"][0])
+    for t, state in enumerate(traj["states"][1:], 1):
+        cur = achieved_goals(state)
+        for g in sorted(cur - prev):
+            first.setdefault(g, t)
         prev = cur
-    return out
+    return list(first.items())
 
 
 def oracle_relevance(traj: dict, goal: tuple, S: int) -> list[int]:
@@ -516,43 +438,26 @@ def oracle_relevance(traj: dict, goal: tuple, S: int) -> list[int]:
     return z
 
 
-def relabel_failure_filter(traj: dict, goals: list[tuple[tuple, int]]) -> list[tuple[tuple, int]]:
-    """Ablation RELABELFAILURE (Figure 4): only failed trajectories, only their final achieved goal."""
-    return [max(goals, key=lambda gs: gs[1])] if goals and not traj["won"] else []
-
-
 def make_hindsight_demo(traj: dict, goal: tuple, S: int, z: list[int]) -> dict:
     """(tau_{S(k)}, I'_k, z_{1:S(k)}): the segment up to S, relabeled with the goal (Section 3.3). The agent's thoughts
     are dropped: they reasoned about the original instruction."""
-    d = dict(intro=traj["intro"], instruction=goal_text(goal), actions=traj["actions"][:S], thoughts=None, z=list(z))
+    d = dict(
+        intro=traj["intro"],
+        instruction=GOAL_TEXT[goal[0]].format(o=goal[1], r=goal[2]),
+        actions=traj["actions"][:S],
+        thoughts=None,
+        z=list(z),
+    )
     d.update(observations=traj["observations"][:S], task_type=goal[0], goal=list(goal), source="hindsight")
     return {**d, "gamefile": traj.get("gamefile")}
-
-
-def relabel_oracle(trajs: list[dict], args: Args, counters: collections.Counter) -> list[list[dict]]:
-    """Oracle relabeler: goals newly achieved in the PDDL facts, S from the facts, z from oracle_relevance."""
-    out = []
-    for traj in trajs:
-        goals = oracle_goals(traj)
-        if args.ablation == "relabel_failure":
-            goals = relabel_failure_filter(traj, goals)
-        counters["goals_found"] += len(goals)
-        counters["trajectories_without_goal"] += not goals
-        out.append([make_hindsight_demo(traj, g, S, oracle_relevance(traj, g, S)) for g, S in goals])
-    return out
 
 
 def extract_json_list(text: Optional[str]) -> Optional[list]:
     """The JSON list in an LLM answer: code fences stripped, json.loads of the outermost [...]; else None.
     Never evaluates anything; LLMClient already bounded the answer's size."""
-    if not text:
-        return None
-    text = re.sub(r"```(?:json)?", "", text)
-    start, end = text.find("["), text.rfind("]")
-    if start < 0 or end <= start:
-        return None
-    try:
-        out = json.loads(text[start : end + 1])
+    text = re.sub(r"```(?:json)?", "", text or "")
+    try:  # no "[...]" leaves an empty string: a JSON error too
+        out = json.loads(text[text.find("[") : text.rfind("]") + 1])
     except (ValueError, RecursionError):  # malformed, or hostile (huge numbers, deep nesting)
         return None
     return out if isinstance(out, list) else None
@@ -561,50 +466,41 @@ def extract_json_list(text: Optional[str]) -> Optional[list]:
 def format_trajectory(traj: dict, S: Optional[int] = None, labels: Optional[list] = None) -> str:
     """Text of a trajectory (segment) for the relabeler: initial observation, then Step k: Action / Observation
     (and, for Figure 9, the Location / Inventory that the goal-inference pass derived)."""
-    lines = [f"Initial observation: {traj['intro']}"]
+    text = f"Initial observation: {traj['intro']}\n"
     for t in range(len(traj["actions"]) if S is None else S):
-        lines.append(f"\nStep {t + 1}:\nAction: {traj['actions'][t]}\nObservation: {traj['observations'][t]}")
-        lab = labels[t] if labels is not None and t < len(labels) else None
-        if isinstance(lab, dict) and "location" in lab:
-            lines.append(
-                f"Location: {str(lab.get('location', ''))[:200]}\nInventory: {str(lab.get('inventory'))[:200]}"
-            )
-    return "\n".join(lines)
+        text += f"\nStep {t + 1}:\nAction: {traj['actions'][t]}\nObservation: {traj['observations'][t]}\n"
+        lab = labels[t] if labels and t < len(labels) and isinstance(labels[t], dict) else {}
+        if "location" in lab:  # the answer is untrusted: bounded, and only ever shown as text
+            text += f"Location: {str(lab['location'])[:200]}\nInventory: {str(lab.get('inventory'))[:200]}\n"
+    return text.rstrip("\n")
 
 
 def segment_goals(steps: list, T: int, names: set[str], counters: collections.Counter) -> list[tuple[tuple, int]]:
     """Segmentation at S(I'_k) from a Figure 8 answer: the first step whose running `reached_goals` list holds the
-    goal. Goals failing template/trajectory validation are dropped and counted."""
-    out, seen = [], set()
+    goal. Goals failing template/trajectory validation are dropped and counted (once per step that lists them)."""
+    first = {}
     for pos, st in enumerate(steps[:T]):
         if not isinstance(st, dict):
             continue
         step = st.get("step", pos + 1)
-        step = step if isinstance(step, int) and 1 <= step <= T else pos + 1
-        reached = st.get("reached_goals") or []
-        for g in [reached] if isinstance(reached, str) else reached if isinstance(reached, list) else []:
+        step = step if isinstance(step, int) and 1 <= step <= T else pos + 1  # else: the position in the list
+        reached = st.get("reached_goals")
+        reached = [reached] if isinstance(reached, str) else reached if isinstance(reached, list) else []
+        for g in dict.fromkeys(map(str, reached)):  # each distinct goal once per step
             canon = validate_goal(g, names)
-            if canon is None:
-                counters["goal_invalid"] += (pos, str(g)[:MAX_GOAL_CHARS]) not in seen
-                seen.add((pos, str(g)[:MAX_GOAL_CHARS]))
-            elif canon not in {c for c, _ in out}:
-                out.append((canon, step))
-    return out
+            counters["goal_invalid"] += canon is None
+            if canon is not None:
+                first.setdefault(canon, step)
+    return list(first.items())
 
 
 def parse_relevance(text: Optional[str], S: int) -> Optional[list[int]]:
     """z_{1:S} from a Figure 9 answer; None unless it is a list of exactly S steps with yes/no labels."""
-    items = extract_json_list(text)
-    if items is None or len(items) != S:
+    items = extract_json_list(text) or []
+    labels = [str(it.get("is_relevant_to_goal")).strip().lower() for it in items if isinstance(it, dict)]
+    if len(labels) != len(items) or len(items) != S or not set(labels) <= {"yes", "no", "true", "false"}:
         return None
-    z = []
-    for it in items:
-        v = it.get("is_relevant_to_goal") if isinstance(it, dict) else None
-        v = v.strip().lower() if isinstance(v, str) else v
-        if v not in (True, False, "yes", "no", "true", "false"):
-            return None
-        z.append(int(v in (True, "yes", "true")))
-    return z
+    return [int(v in ("yes", "true")) for v in labels]
 
 
 def precision_recall(judge: collections.Counter) -> tuple[float, float]:
@@ -613,45 +509,53 @@ def precision_recall(judge: collections.Counter) -> tuple[float, float]:
     return (tp / (tp + fp) if tp + fp else float("nan"), tp / (tp + fn) if tp + fn else float("nan"))
 
 
-def relabel_llm(trajs, client, prompts, args, counters, judge, verbose: bool = True) -> list[list[dict]]:
-    """Section 3.3 with the auxiliary LLM M: one goal-inference pass per trajectory (Figure 8), segmentation at
-    S(I'_k), one relevance pass per goal (Figure 9). Every failed request or unusable answer is a counted skip; the
-    oracle's goals score the LLM's goals (precision/recall) without influencing them."""
-    user = lambda name, **kw: {"role": "user", "content": string.Template(prompts[name]).substitute(**kw)}
-    system = lambda name: {"role": "system", "content": prompts[name]}
-    convs = [[system("goal_system"), user("goal_user", trajectory=format_trajectory(t))] for t in trajs]
-    answers = client.chat(convs)
-    if verbose and answers:
-        tqdm.write(f"  [relabeler answer, goal inference] {str(answers[0])[:300]!r}")
-    found, step_labels = [], []
-    for traj, ans in zip(trajs, answers):
-        counters["goal_inference_calls"] += 1
-        steps = extract_json_list(ans)
-        counters["goal_inference_failed_request" if ans is None else "goal_inference_bad_json"] += steps is None
-        goals = segment_goals(steps or [], len(traj["actions"]), trajectory_names(traj), counters)
-        truth = oracle_goals(traj)
-        if args.ablation == "relabel_failure":
-            goals, truth = relabel_failure_filter(traj, goals), relabel_failure_filter(traj, truth)
-        pred, truth = {g for g, _ in goals}, {g for g, _ in truth}
-        judge.update(tp=len(pred & truth), fp=len(pred - truth), fn=len(truth - pred))
-        counters["goals_found"] += len(goals)
-        counters["trajectories_without_goal"] += not goals
-        found.append(goals)
-        step_labels.append(steps or [])
-    # relevance labeling, one request per (trajectory, goal); an unusable answer drops the goal
-    jobs = [(i, g, S) for i, goals in enumerate(found) for g, S in goals]
-    convs = [
-        [
-            system("rel_system"),
-            user("rel_user", goal=goal_text(g), num_steps=S, trajectory=format_trajectory(trajs[i], S, step_labels[i])),
-        ]
-        for i, g, S in jobs
+def relabel(trajs, args, counters, judge, client=None, prompts=None, verbose=True) -> list[list[dict]]:
+    """Section 3.3: per trajectory, one hindsight demonstration per goal I'_k it achieved, cut at S(I'_k), masked by z.
+
+    "llm": the auxiliary LLM M, one goal-inference request per trajectory (Figure 8), segmentation at S(I'_k), one
+    relevance request per goal (Figure 9); every failed request or unusable answer is a counted skip, and the oracle's
+    goals score M's (precision/recall in `judge`) without influencing them. "oracle" (beyond the paper): PDDL facts.
+    """
+    ask = lambda name, **kw: [  # the system prompt (Figure 8 or 9), then our user turn with the trajectory
+        {"role": "system", "content": prompts[name]},
+        {"role": "user", "content": string.Template(prompts[f"{name}_user"]).substitute(**kw)},
     ]
+    if args.relabeler == "llm":
+        answers = client.chat([ask("goal_inference", trajectory=format_trajectory(t)) for t in trajs])
+        if verbose and answers:
+            tqdm.write(f"  [relabeler answer, goal inference] {str(answers[0])[:300]!r}")
+    found, step_labels = [], []
+    for i, traj in enumerate(trajs):
+        goals = truth = oracle_goals(traj)
+        if args.relabeler == "llm":
+            step_labels.append(extract_json_list(answers[i]))
+            bad = "goal_inference_failed_request" if answers[i] is None else "goal_inference_bad_json"
+            counters.update({"goal_inference_calls": 1, bad: step_labels[i] is None})
+            goals = segment_goals(step_labels[i] or [], len(traj["actions"]), trajectory_names(traj), counters)
+        if args.ablation == "relabel_failure":  # Figure 4: failed trajectories only, their final achieved goal only
+            last = lambda gs: [max(gs, key=lambda g: g[1])] if gs and not traj["won"] else []
+            goals, truth = last(goals), last(truth)
+        pred, true = {g for g, _ in goals}, {g for g, _ in truth}
+        judge.update(tp=len(pred & true), fp=len(pred - true), fn=len(true - pred))
+        counters.update(goals_found=len(goals), trajectories_without_goal=not goals)
+        found.append(goals)
+    jobs = [(i, g, S) for i, goals in enumerate(found) for g, S in goals]
+    if args.relabeler == "oracle":
+        labels = [oracle_relevance(trajs[i], g, S) for i, g, S in jobs]
+    else:  # one relevance request per (trajectory, goal); an unusable answer drops the goal
+        convs = [
+            ask(
+                "action_relevance",
+                goal=GOAL_TEXT[g[0]].format(o=g[1], r=g[2]),
+                num_steps=S,
+                trajectory=format_trajectory(trajs[i], S, step_labels[i]),
+            )
+            for i, g, S in jobs
+        ]
+        labels = [parse_relevance(ans, S) for ans, (_, _, S) in zip(client.chat(convs) if convs else [], jobs)]
+        counters.update(relevance_calls=len(labels), relevance_unusable=sum(z is None for z in labels))
     out = [[] for _ in trajs]
-    for (i, g, S), ans in zip(jobs, client.chat(convs) if convs else []):
-        counters["relevance_calls"] += 1
-        z = parse_relevance(ans, S)
-        counters["relevance_unusable"] += z is None
+    for (i, g, S), z in zip(jobs, labels):
         if z is not None:
             out[i].append(make_hindsight_demo(trajs[i], g, S, z))
     return out
@@ -681,6 +585,12 @@ class HindsightBuffer:
         self.items.append(demo)
         return True
 
+    def push_all(self, relabeled: list[list[dict]], counters: collections.Counter) -> int:
+        """Push every relabeled demonstration, in order; returns how many entered."""
+        ok = [self.push(d) for demos in relabeled for d in demos]
+        counters.update(pushed=sum(ok), dropped_no_relevant_action=len(ok) - sum(ok))
+        return sum(ok)
+
     def probabilities(self) -> np.ndarray:
         w = np.array([d["weight"] for d in self.items], dtype=np.float64)
         return w / w.sum()
@@ -693,20 +603,10 @@ class HindsightBuffer:
         return len(self.items)
 
 
-def push_relabeled(buffer: HindsightBuffer, relabeled: list[list[dict]], counters: collections.Counter) -> int:
-    """Push every relabeled demonstration into D', in order; returns how many entered."""
-    pushed = 0
-    for d in (d for demos in relabeled for d in demos):
-        ok = buffer.push(d)
-        pushed += ok
-        counters["pushed" if ok else "dropped_no_relevant_action"] += 1
-    return pushed
-
-
 # ======================================================================================================================
 # Losses and the HSL update (Eq. 3-4), data parallel through accelerate
 # ======================================================================================================================
-def masked_sft_loss(logits, input_ids, weights, num_actions, normalization: str, denom: float, prefix: str = "sft"):
+def masked_sft_loss(logits, input_ids, weights, num_actions, normalization: str, denom: float):
     """Masked SFT loss of Eq. 3 (and, with z = 1, the SFT term of Eq. 4). Returns (loss, info).
 
     weights (batch, seq): z_t on the tokens of action a_t, 0 elsewhere (prompt, observations, masked actions).
@@ -720,8 +620,7 @@ def masked_sft_loss(logits, input_ids, weights, num_actions, normalization: str,
     w = weights[:, 1:]
     per_seq = (nll * w).sum(-1)  # (batch,)
     loss = (per_seq / num_actions).sum() / denom if normalization == "action" else per_seq.sum() / max(denom, 1e-8)
-    info = {f"{prefix}/nll_per_token": ((nll * w).sum() / w.sum().clamp_min(1e-8)).item()}
-    return loss, {**info, f"{prefix}/tokens": w.gt(0).sum().item()}
+    return loss, {"tokens": w.gt(0).sum().item()}
 
 
 def shard(items: list, accelerator) -> list:
@@ -739,41 +638,40 @@ def unshard(mine: list, accelerator) -> list:
     return [x for _, x in sorted(gather_object([(r + W * i, x) for i, x in enumerate(mine)]), key=lambda t: t[0])]
 
 
-def accumulate_loss(model, batch, coef: float, args, accelerator, prefix: str, pad_id: int, sync: bool = True) -> dict:
-    """Forward/backward this process's share of one global batch in micro-batches; gradients of coef * loss accumulate
-    in .grad. The gradient all-reduce runs once, with the last micro-batch (and only if `sync`), so processes with
-    shares of different sizes stay in step. The returned loss is that of the whole global batch."""
-    W = accelerator.num_processes
-    denom = (
-        float(len(batch)) if args.loss_normalization == "action" else float(sum(sum(b["weights"][1:]) for b in batch))
-    )
-    denom /= W  # DDP averages gradients over the W processes: this makes the average the global batch's gradient
+def micro_batches(batch: list, size: int, coef: float, model, accelerator, sync: bool = True):
+    """(items, coef) for this process's share of a global batch, in micro-batches, each inside its gradient-sync
+    context: the all-reduce runs once, with the last micro-batch (and only if `sync`), so processes with shares of
+    different sizes stay in step; an empty share joins it with a zero gradient."""
     mine = shard(batch, accelerator)
-    chunks = [(mine[i : i + args.micro_batch_size], coef) for i in range(0, len(mine), args.micro_batch_size)]
-    chunks = chunks or [(batch[:1], 0.0)]  # an empty share still joins the all-reduce, with a zero gradient
-    total, info = 0.0, collections.defaultdict(float)
-    for j, (items, c) in enumerate(chunks):
-        mb = collate(items, pad_id, accelerator.device)
+    chunks = [(mine[i : i + size], coef) for i in range(0, len(mine), size)] or [(batch[:1], 0.0)]
+    for j, chunk in enumerate(chunks):
         with contextlib.nullcontext() if (sync and j == len(chunks) - 1) else accelerator.no_sync(model):
-            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-            loss, inf = masked_sft_loss(
-                logits, mb["input_ids"], mb["weights"], mb["num_actions"], args.loss_normalization, denom, prefix
-            )
-            accelerator.backward(c * loss)
-        if c:
-            total += loss.item()
-            for k, v in inf.items():
-                info[k] += v * (len(items) / len(batch)) if k.endswith("per_token") else v
-    if W > 1:  # per-process sums -> global batch (the loss: mean of the per-process losses, see denom)
-        keys = sorted(info)
-        vals = torch.tensor([info[k] for k in keys] + [total], dtype=torch.float64, device=accelerator.device)
-        red = accelerator.reduce(vals, reduction="sum").tolist()
-        info, total = collections.defaultdict(float, zip(keys, red[:-1])), red[-1] / W
-    info[f"{prefix}/loss"] = total
-    return dict(info)
+            yield chunk
+
+
+def accumulate_loss(model, batch, coef: float, args, accelerator, prefix: str, pad_id: int, sync: bool = True) -> dict:
+    """Forward/backward one global batch of demonstrations (this process's share, in micro-batches); gradients of
+    coef * loss accumulate in .grad. Returns the whole global batch's loss and number of trained action tokens."""
+    W = accelerator.num_processes
+    # DDP averages gradients over the W processes: dividing by W makes that average the global batch's gradient
+    denom = (len(batch) if args.loss_normalization == "action" else sum(sum(b["weights"][1:]) for b in batch)) / W
+    loss_sum, tokens = 0.0, 0
+    for items, c in micro_batches(batch, args.micro_batch_size, coef, model, accelerator, sync):
+        mb = collate(items, pad_id, accelerator.device)
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        loss, info = masked_sft_loss(
+            logits, mb["input_ids"], mb["weights"], mb["num_actions"], args.loss_normalization, denom
+        )
+        accelerator.backward(c * loss)
+        loss_sum, tokens = (loss_sum + loss.item(), tokens + info["tokens"]) if c else (loss_sum, tokens)
+    # per-process sums -> the global batch (each process's loss is W times its share of it, see denom)
+    stats = torch.tensor([loss_sum / W, tokens], dtype=torch.float64, device=accelerator.device)
+    stats = accelerator.reduce(stats, reduction="sum").tolist()
+    return {f"{prefix}/loss": stats[0], f"{prefix}/tokens": stats[1]}
 
 
 def optimizer_step(model, optimizer, scheduler, accelerator) -> float:
+    """Clip, step, schedule, zero; returns the gradient norm before clipping."""
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
     optimizer.step()
     scheduler.step()
@@ -782,59 +680,59 @@ def optimizer_step(model, optimizer, scheduler, accelerator) -> float:
 
 
 def hsl_update(model, optimizer, scheduler, buffer, sft_batch: list, agent: tuple, args, accelerator, rng) -> dict:
-    """One optimisation step on L_HSL = lambda * L_D' + (1 - lambda) * L_SFT (Eq. 4).
-
-    L_D' (Eq. 3): batch_size demonstrations drawn from D' with P(d) proportional to w_d, each action's loss masked by
-    its relevance z_t (all ones under the no_mask ablation). With an empty D' (nothing relabeled yet) the step is
-    plain SFT: our choice, Eq. 4 is undefined there.
-    """
+    """One optimisation step on L_HSL = lambda * L_D' + (1 - lambda) * L_SFT (Eq. 4). L_D' (Eq. 3): batch_size demos
+    drawn from D' with P(d) proportional to w_d, each action's loss masked by its relevance z_t (all ones under the
+    no_mask ablation). An empty D' gives a plain SFT step: our choice, Eq. 4 is undefined there."""
     _, tokenizer, system_prompt = agent
-    info, pad, sft_coef = {}, tokenizer.pad_token_id, 1.0
+    info, pad, sft_coef = {}, tokenizer.pad_token_id, 1.0 - args.hsl_lambda if len(buffer) else 1.0
     if len(buffer):
         z = lambda d: [1] * len(d["z"]) if args.ablation == "no_mask" else d["z"]
         drawn = buffer.sample(args.batch_size, rng)
         batch = [encode_demo(tokenizer, demo_messages(system_prompt, d), z(d), args.max_seq_len) for d in drawn]
         # sync=False: one gradient all-reduce per optimisation step, after L_SFT
         info.update(accumulate_loss(model, batch, args.hsl_lambda, args, accelerator, "hsl", pad, sync=False))
-        sft_coef = 1.0 - args.hsl_lambda
     info.update(accumulate_loss(model, sft_batch, sft_coef, args, accelerator, "sft", pad))
     info["losses/hsl_total"] = sft_coef * info["sft/loss"] + args.hsl_lambda * info.get("hsl/loss", 0.0)
     info["hsl/grad_norm"] = optimizer_step(model, optimizer, scheduler, accelerator)
     return info
 
 
-def make_scheduler(optimizer, num_steps: int):
+def make_scheduler(optimizer, num_steps: int, saved: Optional[dict] = None):
     """Linear warm-up, then cosine decay over one phase (ETO / FastChat's recipe; the paper is silent)."""
     from transformers import get_scheduler
 
-    warmup = int(WARMUP_RATIO * num_steps)
-    return get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=max(num_steps, 1))
+    sched = get_scheduler("cosine", optimizer, int(WARMUP_RATIO * num_steps), max(num_steps, 1))
+    if saved:  # resuming inside this phase
+        sched.load_state_dict(saved)
+    return sched
+
+
+def demo_batches(num_demos: int, batch_size: int, seed: int):
+    """Batches of D_train indices, epoch after epoch, each epoch in a fresh random order: the SFT phase, then the
+    L_SFT term of Eq. 4 (the last batch of an epoch may be short)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(num_demos).tolist()
+        yield from (order[i : i + batch_size] for i in range(0, num_demos, batch_size))
 
 
 # ======================================================================================================================
-# Agent: model, chat format, action tokens, generation
+# Agent: model, chat format, action tokens, generation, rollouts
 # ======================================================================================================================
 def read_prompt(name: str) -> str:
     """Prompt body after the header's `---` line (prompt file convention of this repository)."""
-    path = PROMPTS_DIR / name
-    if not path.exists() or "\n---\n" not in path.read_text():
-        raise SystemExit(f"error: prompt file {path} is missing or has no header/body separator line '---'")
-    return path.read_text().split("\n---\n", 1)[1].strip()
+    return (PROMPTS_DIR / name).read_text().split("\n---\n", 1)[1].strip()
 
 
 def parse_agent_output(text: str) -> tuple[Optional[str], str]:
     """(thought, action) from what the agent wrote; tolerant of small models (no "Action:", quotes, trailing text)."""
     text = text.strip()
-    m = re.search(r"thought\s*:\s*(.+?)(?:\n|$)", text, re.I)
-    thought = m.group(1).strip() if m else None
-    m = re.search(r"action\s*:\s*(.+?)(?:\n|$)", text, re.I)
-    if m:
-        line = m.group(1)
-    else:  # no "Action:" -> the first line that is not a thought
-        lines = [ln for ln in text.split("\n") if ln.strip() and not re.match(r"\s*thought\s*:", ln, re.I)]
-        line = lines[0] if lines else ""
+    thought, action = (re.search(rf"{key}\s*:\s*(.+)", text, re.I) for key in ("thought", "action"))
+    lines = [ln for ln in text.split("\n") if ln.strip() and not re.match(r"\s*thought\s*:", ln, re.I)]
+    line = action.group(1) if action else (lines or [""])[0]  # no "Action:": the first line that is not a thought
     line = re.split(r"observation\s*:", line, flags=re.I)[0]
-    return thought, re.sub(r"\s+", " ", line.strip().strip("\"'`").rstrip(".").strip().lower())
+    action = re.sub(r"\s+", " ", line.strip().strip("\"'`").rstrip(".").strip().lower())
+    return (thought.group(1).strip() if thought else None), action
 
 
 def demo_messages(system_prompt: str, demo: dict, with_last_obs: bool = False) -> list[dict]:
@@ -853,10 +751,8 @@ def demo_messages(system_prompt: str, demo: dict, with_last_obs: bool = False) -
 
 def encode_demo(tokenizer, messages: list[dict], z: list[float], max_len: int) -> dict:
     """Token ids + per-token weights: tokens of action t (content and end-of-turn marker) get z_t, all others 0.
-
-    Action spans are found by rendering the chat template on message prefixes, so any prefix-stable template works
-    (ChatML, Llama 3); the fast tokenizer's offsets map characters to tokens.
-    """
+    Action spans come from rendering the chat template on message prefixes (any prefix-stable template: ChatML,
+    Llama 3); the fast tokenizer's offsets map characters to tokens."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
@@ -879,30 +775,26 @@ def encode_demo(tokenizer, messages: list[dict], z: list[float], max_len: int) -
 
 def collate(batch: list[dict], pad_id: int, device) -> dict:
     """Right-pad a list of encoded demos into tensors."""
-    L = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), L), dtype=torch.long)
-    w = torch.zeros((len(batch), L), dtype=torch.float32)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n], attn[i, :n], w[i, :n] = torch.tensor(b["input_ids"]), 1, torch.tensor(b["weights"])
-    T = torch.tensor([max(b["num_actions"], 1) for b in batch], dtype=torch.float32)
-    out = {"input_ids": ids, "attention_mask": attn, "weights": w, "num_actions": T}
+    pad = lambda key, fill: torch.nn.utils.rnn.pad_sequence([torch.tensor(b[key]) for b in batch], True, fill)
+    ids, lengths = pad("input_ids", pad_id), torch.tensor([len(b["input_ids"]) for b in batch])
+    out = {"input_ids": ids, "attention_mask": (torch.arange(ids.shape[1]) < lengths[:, None]).long()}
+    out.update(
+        weights=pad("weights", 0.0).float(), num_actions=torch.tensor([max(b["num_actions"], 1.0) for b in batch])
+    )
     return {k: v.to(device) for k, v in out.items()}
 
 
-def load_agent(args: Args, resume: Optional[str]):
-    """Tokenizer + causal LM (bfloat16 on GPU, float32 on CPU), full fine-tuning or LoRA through peft."""
+def load_agent(args: Args):
+    """Tokenizer + causal LM (bfloat16 on GPU, float32 on CPU), full fine-tuning or LoRA through peft; with --resume,
+    the checkpoint's weights (or adapter)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resume or args.model_name)
+    tokenizer = AutoTokenizer.from_pretrained(args.resume or args.model_name)
     if not tokenizer.is_fast:
         raise SystemExit(f"error: --model-name {args.model_name}: needs a fast tokenizer (offsets locate the actions)")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        resume if (resume and not args.use_lora) else args.model_name, dtype=dtype
-    )
+    weights = args.resume if args.resume and not args.use_lora else args.model_name
+    model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.bfloat16 if torch.cuda.is_available() else None)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if args.use_lora:  # frozen embeddings: make checkpointed activations require grad so LoRA weights get gradients
@@ -910,12 +802,10 @@ def load_agent(args: Args, resume: Optional[str]):
     if args.use_lora:
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        if resume:
-            return tokenizer, PeftModel.from_pretrained(model, resume, is_trainable=True)
-        cfg = LoraConfig(
-            r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=LORA_DROPOUT, target_modules="all-linear"
-        )
-        model = get_peft_model(model, cfg)
+        if args.resume:
+            return tokenizer, PeftModel.from_pretrained(model, args.resume, is_trainable=True)
+        cfg = dict(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=LORA_DROPOUT, target_modules="all-linear")
+        model = get_peft_model(model, LoraConfig(**cfg))
     return tokenizer, model
 
 
@@ -933,78 +823,57 @@ def fit_prompt(tokenizer, messages: list[dict], max_tokens: int) -> list[int]:
 @torch.no_grad()
 def generate_actions(model, tokenizer, prompts: list[list[int]], temperature: float) -> list[str]:
     """One batched transformers generate (left padding); returns the raw text of each agent turn."""
-    L = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L), tokenizer.pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for j, p in enumerate(prompts):
-        ids[j, L - len(p) :], attn[j, L - len(p) :] = torch.tensor(p), 1
-    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    dev = next(model.parameters()).device
-    gen = model.generate(
-        input_ids=ids.to(dev),
-        attention_mask=attn.to(dev),
-        max_new_tokens=MAX_ACTION_TOKENS,
-        pad_token_id=tokenizer.pad_token_id,
-        **kw,
+    batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(model.device)
+    sample = (
+        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     )
-    return tokenizer.batch_decode(gen[:, L:], skip_special_tokens=True)
+    out = model.generate(**batch, max_new_tokens=MAX_ACTION_TOKENS, pad_token_id=tokenizer.pad_token_id, **sample)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 @torch.no_grad()
 def score_actions(model, tokenizer, prompts, candidates, temperature: float, rng: np.random.Generator) -> list[str]:
     """Action mode "score" (beyond the paper): mean token log P("Action: c" + end-of-turn | prompt) of every admissible
-    command c, then argmax (temperature 0) or a softmax sample. The prompt is encoded once; its KV cache is repeated
-    for the candidates (a prompt of ~1-2k tokens per candidate would otherwise dominate the cost)."""
-    device, eot, picks = next(model.parameters()).device, tokenizer.eos_token or "", []
+    command c, then argmax (temperature 0) or a softmax sample. The prompt is encoded once and its KV cache shared by
+    the candidates (a prompt of ~1-2k tokens per candidate would otherwise dominate the cost)."""
+    picks = []
     for p, cands in zip(prompts, candidates):
-        conts = [tokenizer(f"Action: {c}{eot}", add_special_tokens=False)["input_ids"] for c in cands]
-        out = model(input_ids=torch.tensor([p], device=device), use_cache=True)
-        first = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts each candidate's first token
-        scores = []
-        for s in range(0, len(conts), SCORE_BATCH):
-            chunk = conts[s : s + SCORE_BATCH]
-            L = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), L), tokenizer.pad_token_id, dtype=torch.long, device=device)
-            mask = torch.zeros((len(chunk), L), dtype=torch.float32, device=device)
-            for j, c in enumerate(chunk):
-                ids[j, : len(c)], mask[j, : len(c)] = torch.tensor(c), 1
-            cache = copy.deepcopy(out.past_key_values)
-            cache.batch_repeat_interleave(len(chunk))
-            attn = torch.cat([torch.ones((len(chunk), len(p)), dtype=torch.long, device=device), mask.long()], 1)
-            logits = model(input_ids=ids, attention_mask=attn, past_key_values=cache).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (chunk, L-1)
-            tok_logp = torch.cat([first[ids[:, 0]].unsqueeze(1), logp], 1) * mask  # (chunk, L)
-            scores += (tok_logp.sum(1) / mask.sum(1)).tolist()  # length-normalised: long names are not penalised
-        sc = np.array(scores, dtype=np.float64)
-        q = np.exp((sc - sc.max()) / max(temperature, 1e-8))
-        picks.append(cands[int(rng.choice(len(cands), p=q / q.sum())) if temperature > 0 else int(sc.argmax())])
+        conts = [tokenizer(f"Action: {c}{tokenizer.eos_token or ''}", add_special_tokens=False) for c in cands]
+        mb = tokenizer.pad(conts, padding_side="right", return_tensors="pt").to(model.device)
+        ids, mask = mb["input_ids"], mb["attention_mask"]  # (cands, L)
+        out = model(input_ids=torch.tensor([p], device=model.device))
+        out.past_key_values.batch_repeat_interleave(len(cands))
+        attn = torch.cat([mask.new_ones(len(cands), len(p)), mask], 1)
+        logits = model(input_ids=ids, attention_mask=attn, past_key_values=out.past_key_values).logits
+        # position j predicts token j: the prompt's last logits predict each candidate's first token
+        logits = torch.cat([out.logits[:, -1:].expand(len(cands), -1, -1), logits[:, :-1]], 1).float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1) * mask  # (cands, L)
+        score = (logp.sum(1) / mask.sum(1)).double().cpu().numpy()  # length-normalised: long names not penalised
+        q = np.exp((score - score.max()) / max(temperature, 1e-8))
+        picks.append(cands[int(rng.choice(len(cands), p=q / q.sum())) if temperature > 0 else int(score.argmax())])
     return picks
 
 
-def rollout(
-    gamefiles: list[str], agent: tuple, args: Args, temperature: float, pool, rng, desc="rollout"
-) -> list[dict]:
-    """Play the games in parallel with the current agent (one batched generation per step), up to max_env_steps.
-    agent = (model, tokenizer, system prompt). Each trajectory keeps the PDDL state after every step (for the oracle
-    and the precision/recall judge)."""
-    (model, tokenizer, system_prompt), games, trajs = agent, [pool.get(g) for g in gamefiles], []
+def rollout(gamefiles: list[str], agent: tuple, args: Args, temperature: float, pool, rng, desc="rollout") -> list:
+    """Play the games in parallel with agent = (model, tokenizer, system prompt), one batched generation per step; the
+    agent sees its own earlier turns as it wrote them. pool: loaded games by file, reused (loading parses the PDDL,
+    ~0.5 s). Each trajectory keeps the PDDL state after every step (for the oracle and the precision/recall judge)."""
+    (model, tokenizer, system_prompt), trajs, was_training = agent, [], agent[0].training
+    games = [pool[g].pop() if pool[g] else ALFWorldGame(g) for g in gamefiles]
+    model.eval()
     for game in games:
         intro, instruction, gs = game.reset()
-        t = dict(intro=intro, instruction=instruction, actions=[], observations=[], thoughts=[], raw=[], invalid=0)
-        t.update(task_type=game.task_type, gamefile=game.gamefile, won=False, done=False)
-        trajs.append({**t, "states": [summarize_facts(gs["facts"])], "admissible": gs["admissible_commands"]})
+        t = dict(intro=intro, instruction=instruction, actions=[], observations=[], thoughts=[], invalid=0)
+        trajs.append({**t, "task_type": game.task_type, "gamefile": game.gamefile, "won": False, "done": False})
+        trajs[-1]["states"] = [summarize_facts(gs["facts"])]
     for _ in tqdm(range(args.max_env_steps), desc=desc, leave=False, disable=None):
         active = [i for i, t in enumerate(trajs) if not t["done"]]
         if not active:
             break
-        prompts = []
-        for i in active:
-            m = demo_messages(system_prompt, {**trajs[i], "thoughts": None}, with_last_obs=True)
-            for j, raw in enumerate(trajs[i]["raw"]):  # the agent sees its own earlier turns as it wrote them
-                m[2 + 2 * j]["content"] = raw
-            prompts.append(fit_prompt(tokenizer, m, args.max_seq_len - MAX_ACTION_TOKENS))
+        msgs = [demo_messages(system_prompt, trajs[i], with_last_obs=True) for i in active]
+        prompts = [fit_prompt(tokenizer, m, args.max_seq_len - MAX_ACTION_TOKENS) for m in msgs]
         if args.action_mode == "score":
-            cands = [[c for c in trajs[i]["admissible"] if c != "help"] for i in active]
+            cands = [[c for c in games[i].state["admissible_commands"] if c != "help"] for i in active]
             outputs = [f"Action: {c}" for c in score_actions(model, tokenizer, prompts, cands, temperature, rng)]
         else:
             outputs = generate_actions(model, tokenizer, prompts, temperature)
@@ -1012,18 +881,17 @@ def rollout(
             t, game = trajs[i], games[i]
             thought, action = parse_agent_output(out)
             action = to_dialect(action, game.legacy_put)
-            t["invalid"] += action not in t["admissible"]
+            t["invalid"] += action not in game.state["admissible_commands"]
             obs, t["won"], done, gs = game.step(action)
-            t["raw"].append((f"Thought: {thought}\n" if thought else "") + f"Action: {action}")
             for key, v in (("actions", action), ("thoughts", thought), ("observations", obs)):
                 t[key].append(v)
             t["states"].append(summarize_facts(gs["facts"]))
-            t["admissible"] = gs["admissible_commands"]
             t["done"] = t["won"] or done or len(t["actions"]) >= args.max_env_steps
     for game in games:
-        pool.put(game)
+        pool[game.gamefile].append(game)
     for t in trajs:
         t["thoughts"] = t["thoughts"] if any(t["thoughts"]) else None
+    model.train(was_training)
     return trajs
 
 
@@ -1049,27 +917,24 @@ def expert_demo(gamefile: str, max_steps: int) -> Optional[dict]:
 
 def demo_to_eto(demo: dict) -> dict:
     """ETO/ShareGPT format (human task, then gpt "Thought/Action", human "Observation"), so saved demos reload."""
-    conv = [{"from": "human", "value": f"{demo['intro']}\nYour task is to: {demo['instruction']}."}]
-    thoughts = demo.get("thoughts") or [None] * len(demo["actions"])
-    for th, a, o in zip(thoughts, demo["actions"], demo["observations"]):
-        conv.append({"from": "gpt", "value": (f"Thought: {th}\n" if th else "") + f"Action: {a}"})
-        conv.append({"from": "human", "value": f"Observation: {o}"})
+    role = {"user": "human", "assistant": "gpt"}
+    conv = [{"from": role[m["role"]], "value": m["content"]} for m in demo_messages("", demo, with_last_obs=True)[1:]]
     return {"id": Path(demo.get("gamefile", "demo")).parent.parent.name, "conversations": conv}
 
 
-def load_eto_demos(path: str, keep_thoughts: bool = True) -> list[dict]:
+def load_eto_demos(path: str) -> list[dict]:
     """ETO's alfworld_sft.json (ShareGPT): an instruction turn answered by "OK", the task turn ("... Your task is to:
     ..."), then gpt "Thought: ...\\nAction: ..." and human "Observation: ..." turns. Clear errors on another format."""
     try:
         data = json.loads(Path(path).read_text())
-        assert isinstance(data, list) and data
-    except (OSError, ValueError, AssertionError) as e:
-        raise SystemExit(f"error: --demos-path {path}: not a JSON list of {{'id', 'conversations'}} (ETO format; {e})")
+    except ValueError:
+        data = None
+    turns_ok = lambda c: isinstance(c, list) and all(isinstance(m, dict) and {"from", "value"} <= m.keys() for m in c)
+    if not isinstance(data, list) or not all(isinstance(x, dict) and turns_ok(x.get("conversations")) for x in data):
+        raise SystemExit(f"error: --demos-path {path}: not ETO format (a JSON list of {{'id', 'conversations'}} items)")
     demos = []
-    for i, item in enumerate(data):
-        conv = item.get("conversations") if isinstance(item, dict) else None
-        if not isinstance(conv, list) or not all(isinstance(m, dict) and {"from", "value"} <= m.keys() for m in conv):
-            raise SystemExit(f"error: --demos-path {path}: item {i} has no 'conversations' list of {{'from', 'value'}}")
+    for item in data:
+        conv = item["conversations"]
         # the task turn: the human turn right before the first gpt turn with an action
         acts = [k for k, m in enumerate(conv) if m["from"] == "gpt" and re.search(r"action\s*:", m["value"], re.I)]
         if not acts or acts[0] == 0 or "Your task is to:" not in conv[acts[0] - 1]["value"]:
@@ -1077,16 +942,14 @@ def load_eto_demos(path: str, keep_thoughts: bool = True) -> list[dict]:
         intro, _, task = conv[acts[0] - 1]["value"].partition("Your task is to:")
         turns = [parse_agent_output(m["value"]) for m in conv[acts[0] :: 2] if m["from"] == "gpt"]
         obs = [re.sub(r"^Observation:\s*", "", m["value"].strip()) for m in conv[acts[0] + 1 :: 2]]
-        thoughts = [th if keep_thoughts else None for th, _ in turns]
-        thoughts = thoughts if any(thoughts) else None
-        d = dict(intro=re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S), thoughts=thoughts)
-        d.update(instruction=task.strip().split("\n")[0].rstrip("."), actions=[a for _, a in turns], source="eto")
         obs += [""] * (len(turns) - len(obs))  # a demonstration may end on an action
-        demos.append({**d, "observations": obs[: len(turns)], "z": [1] * len(turns), "task_type": item.get("id", "?")})
+        thoughts = [th for th, _ in turns]
+        d = dict(intro=re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S), source="eto")
+        d.update(instruction=task.strip().split("\n")[0].rstrip("."), actions=[a for _, a in turns], z=[1] * len(turns))
+        demos.append({**d, "observations": obs[: len(turns)], "thoughts": thoughts if any(thoughts) else None})
+        demos[-1]["task_type"] = item.get("id", "?")
     if not demos:
-        raise SystemExit(
-            f"error: --demos-path {path}: no item has a human turn with 'Your task is to:' (not ALFWorld?)"
-        )
+        raise SystemExit(f"error: --demos-path {path}: no item has a human 'Your task is to:' turn (not ALFWorld?)")
     return demos
 
 
@@ -1106,26 +969,26 @@ def load_demos(args: Args, train_games: list[str], run_dir: Path, accelerator) -
 
 
 # ======================================================================================================================
-# Checkpoints and evaluation
+# Logging, checkpoints and evaluation
 # ======================================================================================================================
 def make_logger(args: Args, run_dir: Path, main_proc: bool):
     """log(metrics, step) to TensorBoard in run_dir (W&B mirrors it with --track); log(None, 0) closes the writer."""
-    from torch.utils.tensorboard import SummaryWriter
-
     if not main_proc:
         return lambda metrics, step: None
-    writer = SummaryWriter(str(run_dir))
-    if args.track:
+    from torch.utils.tensorboard import SummaryWriter
+
+    if args.track:  # before the writer, so that W&B patches it
         import wandb
 
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_dir.name)
+    writer = SummaryWriter(str(run_dir))
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     )
 
     def log(metrics: Optional[dict], step: int):
         for k, v in (metrics or {}).items():
-            if not math.isnan(v):
+            if not math.isnan(v):  # undefined metrics (precision before any goal) are left out
                 writer.add_scalar(k, v, step)
         if metrics is None:
             writer.close()
@@ -1133,60 +996,48 @@ def make_logger(args: Args, run_dir: Path, main_proc: bool):
     return log
 
 
-def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state: dict, buffer, accelerator):
-    """save_pretrained (adapter only with LoRA) + optimizer/scheduler/RNG + the buffer D' and the counters."""
-    if not accelerator.is_main_process:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.unwrap_model(model).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "trainer_state.pt"
-    )
-    (tmp / "hsl_state.json").write_text(json.dumps({**state, "buffer": list(buffer.items)}))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    tqdm.write(f"[ckpt] saved {path}")
+def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state: dict, accelerator):
+    """save_pretrained (adapter only with LoRA) + optimizer/scheduler/RNGs, and the JSON state (counters, D')."""
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        rngs = [random.getstate(), np.random.get_state(), torch.get_rng_state()]
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rngs": rngs},
+            path / "trainer_state.pt",
+        )
+        (path / "hsl_state.json").write_text(json.dumps(state, default=str))
+        tqdm.write(f"[ckpt] saved {path}")
 
 
-def load_checkpoint(path: str, optimizer, buffer, state: dict) -> dict:
-    """Restore the buffer D', counters, optimizer and RNGs; returns the trainer state (the scheduler is the caller's)."""
-    saved = json.loads((Path(path) / "hsl_state.json").read_text())
-    for d in saved.pop("buffer"):
-        buffer.push(d)
-    state.update(saved)
+def load_checkpoint(path: str, optimizer, state: dict) -> dict:
+    """The inverse of save_checkpoint (load_agent loads the model): fills `state`, returns the scheduler's state."""
+    state.update(json.loads((Path(path) / "hsl_state.json").read_text()))
     trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(trainer["optimizer"])
-    random.setstate(trainer["rng"]["python"])
-    np.random.set_state(trainer["rng"]["numpy"])
-    torch.set_rng_state(trainer["rng"]["torch"])
-    return trainer
+    for set_state, saved in zip((random.setstate, np.random.set_state, torch.set_rng_state), trainer["rngs"]):
+        set_state(saved)
+    return trainer["scheduler"]
 
 
 def evaluate(games_by_split: dict, agent: tuple, args: Args, pool, rng, accelerator) -> dict:
     """Success rate (greedy, max_env_steps) on each evaluation split, overall and per task type (Figure 5).
     With several processes each plays its share of the games; every process gets all the outcomes."""
-    results, was_training = {}, agent[0].training
-    agent[0].eval()
+    results = {}
     for split, games in games_by_split.items():
-        mine, outcomes = shard(games, accelerator), []
+        mine, outcomes, won = shard(games, accelerator), [], collections.defaultdict(list)
         for i in range(0, len(mine), args.rollouts_per_step):
             trajs = rollout(mine[i : i + args.rollouts_per_step], agent, args, 0.0, pool, rng, f"eval {split}")
             outcomes += [(t["task_type"], float(t["won"])) for t in trajs]
-        per_type = collections.defaultdict(list)
-        for tt, won in unshard(outcomes, accelerator):
-            per_type[tt].append(won)
-        allw = [w for ws in per_type.values() for w in ws]
-        results[f"{split}/success"] = float(np.mean(allw)) if allw else float("nan")
-        results[f"{split}/episodes"] = len(allw)
-        results.update({f"{split}/success_{TASK_SHORT.get(tt, tt)}": float(np.mean(ws)) for tt, ws in per_type.items()})
-    agent[0].train(was_training)
+        for task_type, w in unshard(outcomes, accelerator):  # (once per split: every process joins the gather)
+            won[TASK_SHORT.get(task_type, task_type)].append(w)
+        every = sum(won.values(), [])
+        results.update({f"{split}/success": np.mean(every) if every else math.nan, f"{split}/episodes": len(every)})
+        results.update({f"{split}/success_{tt}": float(np.mean(w)) for tt, w in won.items()})
     return results
 
 
-def hsl_report(step: int, times: list, outcomes: list, pushed: int, buffer, info: dict, counters, judges, args) -> str:
+def hsl_report(progress: str, times: list, outcomes: list, pushed: int, buffer, info: dict, counters, judges, args):
     """Metrics of one HSL step (into `info`) and its progress line. times: start, rollout, relabel, optimise done
     (the paper reports 11.5 / 62.0 / 24.0 s for the three, Appendix F); judges: this step's and the cumulative."""
     dt = [b - a for a, b in zip(times, times[1:])]
@@ -1196,12 +1047,11 @@ def hsl_report(step: int, times: list, outcomes: list, pushed: int, buffer, info
     info.update({"buffer/size": len(buffer), "buffer/pushed": pushed})
     for tt in TASK_TYPES:  # what D' holds (Figure 5, top)
         info[f"buffer/frac_{TASK_SHORT[tt]}"] = sum(d["task_type"] == tt for d in buffer.items) / max(len(buffer), 1)
-    line = f"[hsl] step {step} | rollout {dt[0]:.1f}s relabel {dt[1]:.1f}s optimise {dt[2]:.1f}s | success "
-    line += f"{info['charts/rollout_success']:.2f} | relabeled +{pushed} buffer {len(buffer)} | loss {info['losses/hsl_total']:.4f}"
+    line = f"[hsl] step {progress} | rollout {dt[0]:.1f}s relabel {dt[1]:.1f}s optimise {dt[2]:.1f}s | success "
+    line += f"{info['charts/rollout_success']:.2f} | relabeled +{pushed} buffer {len(buffer)} | "
+    line += f"loss {info['losses/hsl_total']:.4f} "
     line += (
-        f" (L_D' {info['hsl/loss']:.4f}, L_SFT {info['sft/loss']:.4f})"
-        if "hsl/loss" in info
-        else " (D' empty: SFT only)"
+        f"(L_D' {info['hsl/loss']:.4f}, L_SFT {info['sft/loss']:.4f})" if "hsl/loss" in info else "(D' empty: SFT only)"
     )
     if args.relabeler == "llm":
         (sp, sr), (p, r) = (precision_recall(j) for j in judges)
@@ -1220,162 +1070,131 @@ def main():
     args = tyro.cli(Args)
     check_args(args)
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
+    from accelerate.utils import gather_object, set_seed
 
     accelerator = Accelerator()
     main_proc = accelerator.is_main_process
     run_dir = Path(args.output_dir) / gather_object([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
-    # seeding: Python, NumPy, torch; the environments are deterministic given the actions
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    set_seed(args.seed)  # Python, NumPy, torch; the environments are deterministic given the actions
     rng = np.random.default_rng(args.seed + accelerator.process_index)  # this process's rollouts (a_t ~ pi_theta)
     shared_rng = np.random.default_rng(args.seed + 10_000)  # the same on every process: games picked, D' batches drawn
     say = tqdm.write if main_proc else (lambda *a, **k: None)  # progress lines from the main process only
 
     # --- prompts, games, demonstrations, relabeler (fail early, before loading the agent) ---
-    system_prompt, prompts = read_prompt("alfworld_agent.md"), {}
-    if args.relabeler == "llm":
-        names = {"goal_system": "goal_inference", "goal_user": "goal_inference_user"}
-        names.update(rel_system="action_relevance", rel_user="action_relevance_user")
-        prompts = {k: read_prompt(f"alfworld_{n}.md") for k, n in names.items()}
-    data_dir = resolve_data_dir(args.data_dir)
-    train_games = list_games(data_dir, "train", args.max_env_steps)
-    splits = ("valid_seen", "valid_unseen")
-    eval_games = {s: list_games(data_dir, s, args.max_env_steps, args.num_eval_games) for s in splits}
-    if not train_games:
-        raise SystemExit(f"error: --data-dir {data_dir}: no train games under json_2.1.1/train")
+    system_prompt = read_prompt("alfworld_agent.md")
+    prompts = {n: read_prompt(f"alfworld_{n}.md") for n in ("goal_inference", "action_relevance")}  # Figures 8-9
+    prompts.update({f"{n}_user": read_prompt(f"alfworld_{n}_user.md") for n in ("goal_inference", "action_relevance")})
+    train_games = list_games(args.data_dir, "train")
+    eval_games = {s: list_games(args.data_dir, s, args.num_eval_games) for s in ("valid_seen", "valid_unseen")}
     log = make_logger(args, run_dir, main_proc)
     demos = load_demos(args, train_games, run_dir, accelerator)
     client = LLMClient(args) if args.relabeler == "llm" else None  # an unreachable endpoint fails now, not after SFT
 
     # --- agent, optimiser, buffer D', state (or a checkpoint's) ---
-    tokenizer, model = load_agent(args, args.resume)
+    tokenizer, model = load_agent(args)
     encoded = [encode_demo(tokenizer, demo_messages(system_prompt, d), d["z"], args.max_seq_len) for d in demos]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=WEIGHT_DECAY)
     model, optimizer = accelerator.prepare(model.train(), optimizer)
-    agent = (accelerator.unwrap_model(model), tokenizer, system_prompt)
+    agent, pad = (accelerator.unwrap_model(model), tokenizer, system_prompt), tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
-    sft_steps = int(round(args.sft_epochs * steps_per_epoch))
-    hsl_steps = args.hsl_steps if args.hsl_steps >= 0 else int(round(HSL_EPOCHS * steps_per_epoch))
+    num_sft_steps = int(round(args.sft_epochs * steps_per_epoch))
+    num_hsl_steps = args.hsl_steps if args.hsl_steps >= 0 else int(round(HSL_EPOCHS * steps_per_epoch))
     buffer = HindsightBuffer(args.buffer_size, args.hsl_alpha, uniform=args.ablation == "uniform_weight")
-    state = {"sft_step": 0, "hsl_step": 0, "counters": {}, "judge": {}, "evals": 0, "relabeled_pushed": 0}
-    trainer = load_checkpoint(args.resume, optimizer, buffer, state) if args.resume else None
-    if trainer:
-        say(f"[resume] {args.resume}: sft_step {state['sft_step']}, hsl_step {state['hsl_step']}, buffer {len(buffer)}")
-    counters, judge, pool = collections.Counter(state["counters"]), collections.Counter(state["judge"]), GamePool()
+    state = {"sft_steps": 0, "hsl_steps": 0, "evaluations": 0, "relabeled_pushed": 0, "counters": {}, "judge": {}}
+    saved_sched = load_checkpoint(args.resume, optimizer, state) if args.resume else None
+    buffer.push_all([state.pop("buffer", [])], collections.Counter())
+    if args.resume:
+        say(f"[resume] {args.resume}: sft_steps {state['sft_steps']}, hsl_steps {state['hsl_steps']}, D' {len(buffer)}")
+    counters = state["counters"] = collections.Counter(state["counters"])
+    judge = state["judge"] = collections.Counter(state["judge"])  # LLM goals vs the oracle's: tp, fp, fn
+    pool = collections.defaultdict(list)  # loaded games, reused across rollouts
+    # D_train batches for SFT and then the L_SFT term, continuing where a resumed run stopped
+    batches = demo_batches(len(encoded), args.batch_size, args.seed)
+    batches = itertools.islice(batches, state["sft_steps"] + state["hsl_steps"], None)
 
     def run_eval(step: int, tag: str) -> dict:
         t0, res = time.time(), evaluate(eval_games, agent, args, pool, rng, accelerator)
-        state["evals"] += 1
+        state["evaluations"] += 1
         log({f"eval/{k}": v for k, v in res.items()}, step)
         say(f"[eval {tag}] step {step} ({time.time() - t0:.1f}s): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
         return res
 
     def save(name: str):
-        state["counters"], state["judge"] = dict(counters), dict(judge)
-        save_checkpoint(run_dir / "checkpoints" / name, model, tokenizer, optimizer, sched, state, buffer, accelerator)
+        state_and_buffer = {**state, "buffer": list(buffer.items)}
+        save_checkpoint(
+            run_dir / "checkpoints" / name, model, tokenizer, optimizer, sched, state_and_buffer, accelerator
+        )
 
     # ---------------- phase 1: SFT on D_train (Appendix F) ----------------
-    sched = make_scheduler(optimizer, sft_steps)
-    if trainer and state["hsl_step"] == 0:
-        sched.load_state_dict(trainer["scheduler"])
-    order_rng = np.random.default_rng(args.seed)
-    orders = [order_rng.permutation(len(encoded)) for _ in range(math.ceil(args.sft_epochs) + 1)]
-    if state["sft_step"] < sft_steps and state["hsl_step"] == 0:
-        t0, first = time.time(), state["sft_step"]
-        for step in tqdm(range(first, sft_steps), desc="sft", disable=None if main_proc else True):
-            ep, k = divmod(step, steps_per_epoch)
-            batch = [encoded[i] for i in orders[ep][k * args.batch_size : (k + 1) * args.batch_size]]
-            info = accumulate_loss(model, batch, 1.0, args, accelerator, "sft", tokenizer.pad_token_id)
-            info["sft/grad_norm"] = optimizer_step(model, optimizer, sched, accelerator)
-            state["sft_step"] = step + 1
-            log({**info, "charts/learning_rate": sched.get_last_lr()[0]}, step + 1)
-            if step == 0 or (step + 1) % steps_per_epoch == 0 or step + 1 == sft_steps:
-                speed = (step + 1 - first) / (time.time() - t0)
-                say(f"[sft] step {step + 1}/{sft_steps} loss {info['sft/loss']:.4f} ({speed:.2f} steps/s)")
+    sched = make_scheduler(optimizer, num_sft_steps, saved_sched if state["hsl_steps"] == 0 else None)
+    t0, first = time.time(), state["sft_steps"]
+    for step in tqdm(range(first, num_sft_steps), desc="sft", disable=None if main_proc else True):
+        info = accumulate_loss(model, [encoded[i] for i in next(batches)], 1.0, args, accelerator, "sft", pad)
+        info["sft/grad_norm"] = optimizer_step(model, optimizer, sched, accelerator)
+        state["sft_steps"] = step + 1
+        log({**info, "charts/learning_rate": sched.get_last_lr()[0]}, step + 1)
+        if step == 0 or (step + 1) % steps_per_epoch == 0 or step + 1 == num_sft_steps:
+            speed = (step + 1 - first) / (time.time() - t0)
+            say(f"[sft] step {step + 1}/{num_sft_steps} loss {info['sft/loss']:.4f} ({speed:.2f} steps/s)")
+    if first < num_sft_steps:
         save("sft")
-    if args.eval_every > 0 and state["hsl_step"] == 0:
+    if args.eval_every > 0 and state["hsl_steps"] == 0:
         run_eval(0, "after sft")
 
     # ---------------- phase 2: HSL (Section 3.2): rollout -> relabel -> push to D' -> HSL update ----------------
-    sched = make_scheduler(optimizer, hsl_steps)
-    if trainer and state["hsl_step"] > 0:
-        sched.load_state_dict(trainer["scheduler"])
-    sft_order, sft_queue = np.random.default_rng(args.seed + 1), []
-    t_hsl, first = time.time(), state["hsl_step"]
-    for step in tqdm(range(first, hsl_steps), desc="hsl", disable=None if main_proc else True):
+    sched = make_scheduler(optimizer, num_hsl_steps, saved_sched if state["hsl_steps"] > 0 else None)
+    t_hsl, first = time.time(), state["hsl_steps"]
+    for step in tqdm(range(first, num_hsl_steps), desc="hsl", disable=None if main_proc else True):
         # 1) trajectory collection: b train instructions, a_t ~ pi_theta; each process plays its share
         t0, b = time.time(), args.rollouts_per_step
         picked = [train_games[i] for i in shared_rng.choice(len(train_games), b, replace=len(train_games) < b)]
-        model.eval()
         trajs = rollout(shard(picked, accelerator), agent, args, args.rollout_temperature, pool, rng)
-        model.train()
         t1 = time.time()
-        # 2) relabeling with the goals actually achieved (Section 3.3)
-        step_counts, step_judge = collections.Counter(), collections.Counter()
-        if args.relabeler == "oracle":
-            relabeled = relabel_oracle(trajs, args, step_counts)
-        else:
-            relabeled = relabel_llm(trajs, client, prompts, args, step_counts, step_judge, verbose=main_proc)
+        # 2) relabeling with the goals actually achieved (Section 3.3); counts summed over the processes
+        counts, step_judge = collections.Counter(), collections.Counter()
+        relabeled = relabel(trajs, args, counts, step_judge, client, prompts, verbose=main_proc)
+        gathered = gather_object([(counts, step_judge)])
+        counts, step_judge = (sum((collections.Counter(g[k]) for g in gathered), collections.Counter()) for k in (0, 1))
         # 3) push to D': every process pushes every process's demonstrations in the global order (identical copies)
-        gathered = gather_object([(dict(step_counts), dict(step_judge))])
-        step_counts, step_judge = (
-            sum((collections.Counter(g[i]) for g in gathered), collections.Counter()) for i in (0, 1)
-        )
-        pushed = push_relabeled(buffer, unshard(relabeled, accelerator), step_counts)
-        counters.update(step_counts)
+        pushed = buffer.push_all(unshard(relabeled, accelerator), counts)
+        counters.update(counts)
         judge.update(step_judge)
         state["relabeled_pushed"] += pushed
-        for traj, demos_k in list(zip(trajs, relabeled))[:LOG_TRAJECTORIES]:
-            goals = "; ".join(
-                f"'{d['instruction']}' S={len(d['actions'])} z={''.join(map(str, d['z']))}" for d in demos_k
-            )
+        for traj, new in list(zip(trajs, relabeled))[:2]:  # eyeballing the relabeler
+            goals = "; ".join(f"'{d['instruction']}' S={len(d['actions'])} z={''.join(map(str, d['z']))}" for d in new)
             say(f"  [traj] '{traj['instruction']}' won={traj['won']} steps={len(traj['actions'])} -> {goals or 'none'}")
         t2 = time.time()
         # 4) one optimisation step on L_HSL = lambda L_D' + (1 - lambda) L_SFT (Eq. 4)
-        while len(sft_queue) < args.batch_size:
-            sft_queue += list(sft_order.permutation(len(encoded)))
-        sft_batch = [encoded[i] for i in sft_queue[: args.batch_size]]
-        del sft_queue[: args.batch_size]
+        sft_batch = [encoded[i] for i in next(batches)]
         info = hsl_update(model, optimizer, sched, buffer, sft_batch, agent, args, accelerator, shared_rng)
-        state["hsl_step"] = step + 1
+        state["hsl_steps"] = step + 1
         # 5) log, evaluate, checkpoint
         outcomes = unshard([(t["won"], t["invalid"], len(t["actions"])) for t in trajs], accelerator)
-        times = [t0, t1, t2, time.time()]
-        line = hsl_report(step + 1, times, outcomes, pushed, buffer, info, counters, (step_judge, judge), args)
-        info.update(
-            {f"relabel/{k}": v for k, v in step_counts.items()}, **{"charts/learning_rate": sched.get_last_lr()[0]}
-        )
-        info["charts/steps_per_second"] = (step + 1 - first) / (time.time() - t_hsl)
-        log(info, step + 1)
-        say(line.replace(f"step {step + 1} ", f"step {step + 1}/{hsl_steps} ", 1))
-        if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < hsl_steps:
+        times, progress = [t0, t1, t2, time.time()], f"{step + 1}/{num_hsl_steps}"
+        say(hsl_report(progress, times, outcomes, pushed, buffer, info, counters, (step_judge, judge), args))
+        info.update({f"relabel/{k}": v for k, v in counts.items()}, **{"charts/learning_rate": sched.get_last_lr()[0]})
+        log({**info, "charts/steps_per_second": (step + 1 - first) / (time.time() - t_hsl)}, step + 1)
+        if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < num_hsl_steps:
             run_eval(step + 1, "hsl")
             save(f"hsl_{step + 1}")
 
     # ---------------- final evaluation, checkpoint and summary ----------------
-    final = run_eval(state["hsl_step"], "final")
+    final = run_eval(state["hsl_steps"], "final")
     if accelerator.num_processes > 1:  # data parallelism must leave every process with the same model and the same D'
         weights = float(sum(p.detach().double().sum() for p in agent[0].parameters()))
-        d_prime = hashlib.sha256(json.dumps(list(buffer.items), sort_keys=True, default=str).encode()).hexdigest()
-        same = len(set(gather_object([(weights, d_prime)]))) == 1
+        same = len(set(gather_object([(weights, json.dumps(list(buffer.items), sort_keys=True, default=str))]))) == 1
         say(f"[accelerate] {accelerator.num_processes} processes; model and D' identical on all: {same}")
     save("final")
     if main_proc:
         p, r = precision_recall(judge) if args.relabeler == "llm" else (None, None)
-        summary = dict(
-            sft_steps=state["sft_step"], hsl_steps=state["hsl_step"], buffer_size=len(buffer), final_eval=final
-        )
-        summary.update(relabeled_pushed=state["relabeled_pushed"], evaluations=state["evals"], counters=dict(counters))
-        summary.update(precision_vs_oracle=p, recall_vs_oracle=r, num_demos=len(demos), args=asdict(args))
+        summary = {**state, "buffer_size": len(buffer), "num_demos": len(demos), "final_eval": final}
+        summary.update(precision_vs_oracle=p, recall_vs_oracle=r, args=asdict(args))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        say(
-            f"[done] {run_dir}/summary.json: sft_steps {state['sft_step']}, hsl_steps {state['hsl_step']}, "
-            f"relabeled_pushed {state['relabeled_pushed']}, evaluations {state['evals']}"
-        )
+        say(f"[done] {run_dir}/summary.json: " + ", ".join(f"{k} {v}" for k, v in list(state.items())[:4]))
     log(None, 0)  # closes the writer
+    accelerator.wait_for_everyone()  # every process leaves together, then the process group is torn down cleanly
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -55,7 +55,15 @@ def put_games(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------------------------------
 def test_help(run_script):
     r = run_script("hsl_sft.py", "--help", timeout=60)
-    for flag in ("--hsl-lambda", "--hsl-alpha", "--relabeler", "--ablation", "--llm-backend", "--action-mode", "--resume"):
+    for flag in (
+        "--hsl-lambda",
+        "--hsl-alpha",
+        "--relabeler",
+        "--ablation",
+        "--llm-backend",
+        "--action-mode",
+        "--resume",
+    ):
         assert flag in r.output
     assert r.seconds < 30
 
@@ -112,16 +120,20 @@ def test_masked_loss_matches_slow_loop(hsl, normalization):
                 seq += -torch.log_softmax(logits[b, j - 1], -1)[ids[b, j]].item() * weights[b, j].item()
         total += seq / num_actions[b].item() if normalization == "action" else seq
     assert loss.item() == pytest.approx(total / denom, rel=1e-5)
-    assert info["sft/tokens"] == int((weights[:, 1:] > 0).sum())
+    assert info["tokens"] == int((weights[:, 1:] > 0).sum())
 
 
 def test_encode_demo_marks_only_action_tokens(hsl, tiny_lm_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    demo = {"intro": "You are in the middle of a room.", "instruction": "put a mug in shelf",
-            "actions": ["go to countertop 1", "take mug 1 from countertop 1", "look"],
-            "observations": ["You arrive at countertop 1.", "You pick up the mug 1.", "Nothing."], "thoughts": None}
+    demo = {
+        "intro": "You are in the middle of a room.",
+        "instruction": "put a mug in shelf",
+        "actions": ["go to countertop 1", "take mug 1 from countertop 1", "look"],
+        "observations": ["You arrive at countertop 1.", "You pick up the mug 1.", "Nothing."],
+        "thoughts": None,
+    }
     enc = hsl.encode_demo(tok, hsl.demo_messages("SYSTEM", demo), [1, 0, 1], 10_000)
     assert enc["num_actions"] == 3
     kept = tok.decode([i for i, w in zip(enc["input_ids"], enc["weights"]) if w > 0])
@@ -140,7 +152,10 @@ def test_segmentation_at_first_achievement(hsl):
     ]
     c = collections.Counter()
     got = hsl.segment_goals(steps, 5, names, c)
-    assert got == [(("pick_and_place_simple", "mug", "shelf"), 2), (("pick_and_place_simple", "apple", "countertop"), 4)]
+    assert got == [
+        (("pick_and_place_simple", "mug", "shelf"), 2),
+        (("pick_and_place_simple", "apple", "countertop"), 4),
+    ]
     assert c["goal_invalid"] == 2
     # out-of-range step numbers fall back to the position in the list
     got = hsl.segment_goals([{"step": 99, "reached_goals": ["put a mug in shelf"]}], 3, names, c)
@@ -148,8 +163,16 @@ def test_segmentation_at_first_achievement(hsl):
 
 
 def test_oracle_goals_newly_achieved(hsl):
-    base = {"otype": {"mug 1": "mug", "cup 1": "cup", "cup 2": "cup"}, "rtype": {"shelf 1": "shelf", "countertop 1": "countertop"},
-            "hot": [], "cool": [], "clean": [], "toggled": [], "agent_loc": "l0", "rloc": {}}
+    base = {
+        "otype": {"mug 1": "mug", "cup 1": "cup", "cup 2": "cup"},
+        "rtype": {"shelf 1": "shelf", "countertop 1": "countertop"},
+        "hot": [],
+        "cool": [],
+        "clean": [],
+        "toggled": [],
+        "agent_loc": "l0",
+        "rloc": {},
+    }
     s0 = {**base, "inrec": [["mug 1", "countertop 1"], ["cup 1", "shelf 1"], ["cup 2", "countertop 1"]], "holds": []}
     s1 = {**base, "inrec": [["cup 1", "shelf 1"], ["cup 2", "countertop 1"]], "holds": ["mug 1"]}
     s2 = {**base, "inrec": [["mug 1", "shelf 1"], ["cup 1", "shelf 1"], ["cup 2", "countertop 1"]], "holds": []}
@@ -161,16 +184,19 @@ def test_oracle_goals_newly_achieved(hsl):
     assert got == [(("pick_and_place_simple", "mug", "shelf"), 2), (("pick_two_obj_and_place", "cup", "shelf"), 4)]
 
 
-@pytest.mark.parametrize("text,ok", [
-    ('[{"step": 1, "reached_goals": []}]', True),
-    ('Sure! ```json\n[{"step": 1, "reached_goals": ["put a mug in shelf"]}]\n``` done', True),
-    ('[{"step": 1, "reached_goals": []}, {"step": 2, "reached_goals": ["put a mug', False),  # cut off: no salvage
-    ('[' * 50_000 + ']' * 50_000, False),  # hostile nesting: no RecursionError
-    ('no json here', False),
-    ('{"step": 1}', False),
-    ('[{"step": 1,,}', False),
-    (None, False),
-])
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        ('[{"step": 1, "reached_goals": []}]', True),
+        ('Sure! ```json\n[{"step": 1, "reached_goals": ["put a mug in shelf"]}]\n``` done', True),
+        ('[{"step": 1, "reached_goals": []}, {"step": 2, "reached_goals": ["put a mug', False),  # cut off: no salvage
+        ("[" * 50_000 + "]" * 50_000, False),  # hostile nesting: no RecursionError
+        ("no json here", False),
+        ('{"step": 1}', False),
+        ('[{"step": 1,,}', False),
+        (None, False),
+    ],
+)
 def test_extract_json_list(hsl, text, ok):
     out = hsl.extract_json_list(text)
     assert (out is not None) == ok
@@ -193,7 +219,11 @@ def test_validate_goal_templates(hsl):
     assert v("Put some mug 1 on shelf 1.", names) == ("pick_and_place_simple", "mug", "shelf")
     assert v("put a clean mug in shelf", names) == ("pick_clean_then_place_in_recep", "mug", "shelf")
     assert v("clean some mug and put it in shelf", names) == ("pick_clean_then_place_in_recep", "mug", "shelf")
-    assert v("heat some apple and put it in countertop", names) == ("pick_heat_then_place_in_recep", "apple", "countertop")
+    assert v("heat some apple and put it in countertop", names) == (
+        "pick_heat_then_place_in_recep",
+        "apple",
+        "countertop",
+    )
     assert v("put a cool apple in countertop", names) == ("pick_cool_then_place_in_recep", "apple", "countertop")
     assert v("find two cups and put them in shelf", names) == ("pick_two_obj_and_place", "cup", "shelf")
     assert v("look at book under the desk lamp", names) == ("look_at_obj_in_light", "book", "desklamp")
@@ -219,9 +249,9 @@ def test_agent_output_parsing_and_dialects(hsl):
 # Real ALFWorld games: AlfredTWEnv, expert demos, oracle relabeling, both command dialects
 # ----------------------------------------------------------------------------------------------------------------------
 def test_alfworld_expert_demos_and_oracle(hsl, tiny_games, tmp_path):
-    train = hsl.list_games(str(tiny_games), "train", 40)
+    train = hsl.list_games(str(tiny_games), "train")
     assert len(train) == len(TINY_SPLITS["train"])
-    assert len(hsl.list_games(str(tiny_games), "valid_unseen", 40)) == len(TINY_SPLITS["valid_unseen"])
+    assert len(hsl.list_games(str(tiny_games), "valid_unseen")) == len(TINY_SPLITS["valid_unseen"])
     won = [hsl.expert_demo(g, 40) for g in train]
     solved = [d for d in won if d is not None]
     assert len(solved) >= len(train) - 1  # the hand-coded expert sometimes wanders on pick-two
@@ -230,19 +260,32 @@ def test_alfworld_expert_demos_and_oracle(hsl, tiny_games, tmp_path):
     # ETO round trip: saved expert demos load back through the ETO loader
     path = tmp_path / "demos.json"
     path.write_text(json.dumps([hsl.demo_to_eto(d) for d in solved]))
-    back = hsl.load_eto_demos(str(path), keep_thoughts=True)
+    back = hsl.load_eto_demos(str(path))
     assert [b["actions"] for b in back] == [d["actions"] for d in solved]
     assert [b["instruction"] for b in back] == [d["instruction"] for d in solved]
 
     # scripted play on the mug->shelf game: an uninstructed goal first, then the instructed one
     game_file = next(g for g in train if "Mug-None-Shelf" in g)
-    args = hsl.Args(max_env_steps=40)
+    args = hsl.Args(max_env_steps=40, relabeler="oracle")
     game = hsl.ALFWorldGame(game_file)
     intro, instruction, gs = game.reset()
-    traj = {"intro": intro, "instruction": instruction, "actions": [], "observations": [],
-            "states": [hsl.summarize_facts(gs["facts"])], "won": False}
-    plan = ["go to diningtable 1", "take apple 1 from diningtable 1", "go to countertop 1", "move apple 1 to countertop 1",
-            "take mug 1 from countertop 1", "go to shelf 1", "move mug 1 to shelf 1"]
+    traj = {
+        "intro": intro,
+        "instruction": instruction,
+        "actions": [],
+        "observations": [],
+        "states": [hsl.summarize_facts(gs["facts"])],
+        "won": False,
+    }
+    plan = [
+        "go to diningtable 1",
+        "take apple 1 from diningtable 1",
+        "go to countertop 1",
+        "move apple 1 to countertop 1",
+        "take mug 1 from countertop 1",
+        "go to shelf 1",
+        "move mug 1 to shelf 1",
+    ]
     for a in plan:
         obs, won, done, gs = game.step(a)
         traj["actions"].append(a)
@@ -251,18 +294,22 @@ def test_alfworld_expert_demos_and_oracle(hsl, tiny_games, tmp_path):
         traj["won"] = won
     assert traj["won"]
     goals = hsl.oracle_goals(traj)
-    assert goals == [(("pick_and_place_simple", "apple", "countertop"), 4), (("pick_and_place_simple", "mug", "shelf"), 7)]
-    relabeled = hsl.relabel_oracle([traj], args, collections.Counter())[0]
+    assert goals == [
+        (("pick_and_place_simple", "apple", "countertop"), 4),
+        (("pick_and_place_simple", "mug", "shelf"), 7),
+    ]
+    relabeled = hsl.relabel([traj], args, collections.Counter(), collections.Counter())[0]
     assert [d["instruction"] for d in relabeled] == ["put a apple in countertop", "put a mug in shelf"]
     assert relabeled[0]["z"] == [1, 1, 1, 1]
     assert relabeled[1]["z"] == [0, 0, 1, 0, 1, 1, 1]  # the apple detour is irrelevant to the mug goal
     # the failure-only ablation keeps nothing from this successful trajectory
-    assert hsl.relabel_oracle([traj], hsl.Args(ablation="relabel_failure"), collections.Counter()) == [[]]
+    failure_only = hsl.Args(relabeler="oracle", ablation="relabel_failure")
+    assert hsl.relabel([traj], failure_only, collections.Counter(), collections.Counter()) == [[]]
 
 
 def test_alfworld_legacy_put_dialect(hsl, tmp_path):
     root = build_games(tmp_path / "legacy", {"train": PUT_SPLITS["train"][:1]}, legacy_put=True)
-    g = hsl.list_games(str(root), "train", 40)[0]
+    g = hsl.list_games(str(root), "train")[0]
     game = hsl.ALFWorldGame(g)
     assert game.legacy_put
     game.reset()
@@ -275,26 +322,35 @@ def test_alfworld_legacy_put_dialect(hsl, tmp_path):
 
 
 def test_load_eto_format(hsl, tmp_path):
-    item = {"id": "alfworld_0", "conversations": [
-        {"from": "human", "value": "Interact with a household to solve a task. Your task is to: (described below). "
-                                   "Use the format\nThought: ...\nAction: ..."},
-        {"from": "gpt", "value": "OK"},
-        {"from": "human", "value": "You are in the middle of a room. Looking quickly around you, you see a cabinet 1."
-                                   "\nYour task is to: put some mug on cabinet."},
-        {"from": "gpt", "value": "Thought: I need a mug.\nAction: go to cabinet 1"},
-        {"from": "human", "value": "Observation: On the cabinet 1, you see a mug 1."},
-        {"from": "gpt", "value": "Action: take mug 1 from cabinet 1"},
-        {"from": "human", "value": "Observation: You pick up the mug 1 from the cabinet 1."},
-        {"from": "gpt", "value": "Thought: now put it.\nAction: put mug 1 in/on cabinet 1"}]}
+    item = {
+        "id": "alfworld_0",
+        "conversations": [
+            {
+                "from": "human",
+                "value": "Interact with a household to solve a task. Your task is to: (described below). "
+                "Use the format\nThought: ...\nAction: ...",
+            },
+            {"from": "gpt", "value": "OK"},
+            {
+                "from": "human",
+                "value": "You are in the middle of a room. Looking quickly around you, you see a cabinet 1."
+                "\nYour task is to: put some mug on cabinet.",
+            },
+            {"from": "gpt", "value": "Thought: I need a mug.\nAction: go to cabinet 1"},
+            {"from": "human", "value": "Observation: On the cabinet 1, you see a mug 1."},
+            {"from": "gpt", "value": "Action: take mug 1 from cabinet 1"},
+            {"from": "human", "value": "Observation: You pick up the mug 1 from the cabinet 1."},
+            {"from": "gpt", "value": "Thought: now put it.\nAction: put mug 1 in/on cabinet 1"},
+        ],
+    }
     path = tmp_path / "eto.json"
     path.write_text(json.dumps([item]))
-    (d,) = hsl.load_eto_demos(str(path), keep_thoughts=True)
+    (d,) = hsl.load_eto_demos(str(path))
     assert d["instruction"] == "put some mug on cabinet"
     assert d["intro"].startswith("You are in the middle of a room.")
     assert d["actions"] == ["go to cabinet 1", "take mug 1 from cabinet 1", "put mug 1 in/on cabinet 1"]
     assert d["thoughts"] == ["I need a mug.", None, "now put it."]
     assert d["observations"][:2] == ["On the cabinet 1, you see a mug 1.", "You pick up the mug 1 from the cabinet 1."]
-    assert hsl.load_eto_demos(str(path), keep_thoughts=False)[0]["thoughts"] is None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -305,12 +361,27 @@ ROOM = "You are in the middle of a room. Looking quickly around you, you see a c
 
 def mug_traj(room: str = ROOM) -> dict:
     """take mug 1 from the countertop, put it on the shelf: one goal achieved at step 2 (the oracle's states too)."""
-    s0 = {"otype": {"mug 1": "mug"}, "rtype": {"shelf 1": "shelf", "countertop 1": "countertop"}, "hot": [], "cool": [],
-          "clean": [], "toggled": [], "agent_loc": "l0", "rloc": {}, "holds": [], "inrec": [["mug 1", "countertop 1"]]}
-    return {"intro": room, "instruction": "put a cup in shelf", "actions": ["take mug 1 from countertop 1",
-            "move mug 1 to shelf 1"], "observations": ["You pick up the mug 1 from the countertop 1.",
-            "You move the mug 1 to the shelf 1."], "won": False, "gamefile": "g",
-            "states": [s0, {**s0, "inrec": [], "holds": ["mug 1"]}, {**s0, "inrec": [["mug 1", "shelf 1"]]}]}
+    s0 = {
+        "otype": {"mug 1": "mug"},
+        "rtype": {"shelf 1": "shelf", "countertop 1": "countertop"},
+        "hot": [],
+        "cool": [],
+        "clean": [],
+        "toggled": [],
+        "agent_loc": "l0",
+        "rloc": {},
+        "holds": [],
+        "inrec": [["mug 1", "countertop 1"]],
+    }
+    return {
+        "intro": room,
+        "instruction": "put a cup in shelf",
+        "actions": ["take mug 1 from countertop 1", "move mug 1 to shelf 1"],
+        "observations": ["You pick up the mug 1 from the countertop 1.", "You move the mug 1 to the shelf 1."],
+        "won": False,
+        "gamefile": "g",
+        "states": [s0, {**s0, "inrec": [], "holds": ["mug 1"]}, {**s0, "inrec": [["mug 1", "shelf 1"]]}],
+    }
 
 
 def figure8(goals_at: dict, T: int) -> str:
@@ -318,8 +389,17 @@ def figure8(goals_at: dict, T: int) -> str:
     running, out = [], []
     for k in range(1, T + 1):
         running = running + goals_at.get(k, [])
-        out.append({"step": k, "action": "...", "observation": "...", "reasoning": "...", "location": "shelf 1",
-                    "inventory": [], "reached_goals": list(running)})
+        out.append(
+            {
+                "step": k,
+                "action": "...",
+                "observation": "...",
+                "reasoning": "...",
+                "location": "shelf 1",
+                "inventory": [],
+                "reached_goals": list(running),
+            }
+        )
     return "```json\n" + json.dumps(out) + "\n```"
 
 
@@ -332,23 +412,25 @@ def is_goal_inference(messages) -> bool:
 
 
 def relabel_prompts(hsl) -> dict:
-    return {k: hsl.read_prompt(f) for k, f in (
-        ("goal_system", "alfworld_goal_inference.md"), ("goal_user", "alfworld_goal_inference_user.md"),
-        ("rel_system", "alfworld_action_relevance.md"), ("rel_user", "alfworld_action_relevance_user.md"))}
+    names = ("goal_inference", "goal_inference_user", "action_relevance", "action_relevance_user")
+    return {n: hsl.read_prompt(f"alfworld_{n}.md") for n in names}
 
 
 def scripted_client(hsl, server, **kw):
-    return hsl.LLMClient(hsl.Args(llm_backend="openai", llm_base_url=server.base_url, llm_model=server.model,
-                                  llm_timeout=5, **kw))
+    return hsl.LLMClient(
+        hsl.Args(llm_backend="openai", llm_base_url=server.base_url, llm_model=server.model, llm_timeout=5, **kw)
+    )
 
 
 def test_llm_relabeling_scripted_answers_fill_d_prime(hsl, scripted_llm):
     """Figure 8/9-style answers -> the segment up to S(I'_k), relabeled with the achieved goal, masked by z, in D'."""
-    scripted_llm.respond = lambda m: figure8({2: ["put some mug 1 on shelf 1"]}, 2) if is_goal_inference(m) \
-        else figure9(["no", "yes"])
+    scripted_llm.respond = lambda m: (
+        figure8({2: ["put some mug 1 on shelf 1"]}, 2) if is_goal_inference(m) else figure9(["no", "yes"])
+    )
     counters, judge = collections.Counter(), collections.Counter()
-    (demos,) = hsl.relabel_llm([mug_traj()], scripted_client(hsl, scripted_llm), relabel_prompts(hsl), hsl.Args(),
-                               counters, judge)
+    (demos,) = hsl.relabel(
+        [mug_traj()], hsl.Args(), counters, judge, scripted_client(hsl, scripted_llm), relabel_prompts(hsl)
+    )
     (d,) = demos
     assert d["instruction"] == "put a mug in shelf" and d["actions"] == mug_traj()["actions"] and d["z"] == [0, 1]
     assert d["source"] == "hindsight" and d["thoughts"] is None
@@ -359,7 +441,7 @@ def test_llm_relabeling_scripted_answers_fill_d_prime(hsl, scripted_llm):
     assert "Goal: put a mug in shelf" in rel_msgs[1]["content"] and "each of the 2 steps" in rel_msgs[1]["content"]
     assert "Location: shelf 1" in rel_msgs[1]["content"]
     buf = hsl.HindsightBuffer(10, 0.8, uniform=False)
-    assert hsl.push_relabeled(buf, [demos], counters) == 1 and buf.items[0]["weight"] == pytest.approx(0.5 ** 0.8)
+    assert buf.push_all([demos], counters) == 1 and buf.items[0]["weight"] == pytest.approx(0.5**0.8)
 
 
 def test_llm_relabeling_bad_answers_are_counted_and_dropped(hsl, scripted_llm, capsys):
@@ -384,7 +466,7 @@ def test_llm_relabeling_bad_answers_are_counted_and_dropped(hsl, scripted_llm, c
     trajs = [mug_traj(ROOM.replace("a room", room)) for room in answers]
     client = scripted_client(hsl, scripted_llm, llm_max_new_tokens=8192, llm_concurrency=4)
     counters, judge = collections.Counter(), collections.Counter()
-    out = hsl.relabel_llm(trajs, client, relabel_prompts(hsl), hsl.Args(), counters, judge, verbose=False)
+    out = hsl.relabel(trajs, hsl.Args(), counters, judge, client, relabel_prompts(hsl), verbose=False)
     assert out == [[]] * len(answers)
     assert counters["goal_inference_calls"] == 7 and counters["goal_inference_failed_request"] == 1
     assert counters["goal_inference_bad_json"] == 4  # A, C, D, F
@@ -412,6 +494,7 @@ def figure8_from_prompt(messages) -> str:
 def test_smoke_scripted_llm_relabeler(run_script, put_games, tiny_lm_dir, scripted_llm, tmp_path):
     """The whole loop with --llm-backend openai: deterministic Figure 8/9 answers become demonstrations in D', an HSL
     step trains on them, and precision against the oracle is 1."""
+
     def respond(messages):
         if is_goal_inference(messages):
             return figure8_from_prompt(messages)
@@ -419,10 +502,37 @@ def test_smoke_scripted_llm_relabeler(run_script, put_games, tiny_lm_dir, script
 
     scripted_llm.respond = respond
     out = tmp_path / "runs"
-    r = run_script("hsl_sft.py", "--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "llm",
-                   "--llm-backend", "openai", "--llm-base-url", scripted_llm.base_url, "--llm-model", "scripted",
-                   "--hsl-steps", "3", "--rollouts-per-step", "4", "--eval-every", "0", "--num-eval-games", "1",
-                   "--output-dir", out, "--exp-name", "scripted", "--seed", "1", *SMOKE, timeout=240)
+    r = run_script(
+        "hsl_sft.py",
+        "--data-dir",
+        put_games,
+        "--model-name",
+        tiny_lm_dir,
+        "--relabeler",
+        "llm",
+        "--llm-backend",
+        "openai",
+        "--llm-base-url",
+        scripted_llm.base_url,
+        "--llm-model",
+        "scripted",
+        "--hsl-steps",
+        "3",
+        "--rollouts-per-step",
+        "4",
+        "--eval-every",
+        "0",
+        "--num-eval-games",
+        "1",
+        "--output-dir",
+        out,
+        "--exp-name",
+        "scripted",
+        "--seed",
+        "1",
+        *SMOKE,
+        timeout=240,
+    )
     assert re.search(r"\(L_D' [0-9.]+, L_SFT [0-9.]+\)", r.output), r.output[-3000:]
     assert "Traceback" not in r.output
     summary = json.loads((run_dir(out, "scripted") / "summary.json").read_text())
@@ -432,26 +542,25 @@ def test_smoke_scripted_llm_relabeler(run_script, put_games, tiny_lm_dir, script
     assert not any(k in c for k in ("goal_inference_bad_json", "goal_invalid", "relevance_unusable"))
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Bad input: clear errors
 # ----------------------------------------------------------------------------------------------------------------------
 def test_bad_inputs_give_clear_errors(hsl, tmp_path, monkeypatch):
     monkeypatch.delenv("ALFWORLD_DATA", raising=False)
     with pytest.raises(SystemExit, match="ALFWORLD_DATA"):
-        hsl.resolve_data_dir(None)
+        hsl.check_args(hsl.Args(data_dir=None))
     with pytest.raises(SystemExit, match="json_2.1.1"):
-        hsl.resolve_data_dir(str(tmp_path))
+        hsl.check_args(hsl.Args(data_dir=str(tmp_path)))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(SystemExit, match="ETO format"):
-        hsl.load_eto_demos(str(bad), True)
+        hsl.load_eto_demos(str(bad))
     bad.write_text(json.dumps([{"id": "x", "turns": []}]))
     with pytest.raises(SystemExit, match="conversations"):
-        hsl.load_eto_demos(str(bad), True)
+        hsl.load_eto_demos(str(bad))
     bad.write_text("{broken")
     with pytest.raises(SystemExit, match="ETO format"):
-        hsl.load_eto_demos(str(bad), True)
+        hsl.load_eto_demos(str(bad))
     args = hsl.Args(llm_backend="openai", llm_base_url="http://127.0.0.1:9/v1", llm_timeout=3)
     with pytest.raises(SystemExit, match="no OpenAI-compatible server answers"):
         hsl.LLMClient(args)
@@ -460,18 +569,55 @@ def test_bad_inputs_give_clear_errors(hsl, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------------
 # Smoke runs (end to end, as a user runs the script)
 # ----------------------------------------------------------------------------------------------------------------------
-SMOKE = ["--action-mode", "score", "--num-demos", "2", "--batch-size", "2",
-         "--micro-batch-size", "2", "--sft-epochs", "1", "--max-env-steps", "12",
-         "--learning-rate", "1e-3", "--max-seq-len", "2048"]
+SMOKE = [
+    "--action-mode",
+    "score",
+    "--num-demos",
+    "2",
+    "--batch-size",
+    "2",
+    "--micro-batch-size",
+    "2",
+    "--sft-epochs",
+    "1",
+    "--max-env-steps",
+    "12",
+    "--learning-rate",
+    "1e-3",
+    "--max-seq-len",
+    "2048",
+]
 
 
 def test_smoke_oracle_and_resume(run_script, put_games, tiny_lm_dir, tmp_path):
     out = tmp_path / "runs"
-    r = run_script("hsl_sft.py", "--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "oracle",
-                   "--hsl-steps", "3", "--rollouts-per-step", "4", "--eval-every", "2",
-                   "--output-dir", out, "--exp-name", "oracle", "--seed", "1", *SMOKE, timeout=180)
+    r = run_script(
+        "hsl_sft.py",
+        "--data-dir",
+        put_games,
+        "--model-name",
+        tiny_lm_dir,
+        "--relabeler",
+        "oracle",
+        "--hsl-steps",
+        "3",
+        "--rollouts-per-step",
+        "4",
+        "--eval-every",
+        "2",
+        "--output-dir",
+        out,
+        "--exp-name",
+        "oracle",
+        "--seed",
+        "1",
+        *SMOKE,
+        timeout=180,
+    )
     assert re.search(r"\[sft\] step 1/1 loss [0-9.]+", r.output)
-    assert len(re.findall(r"\[eval [a-z ]+\] step \d+ .*valid_seen/success [0-9.]+.*valid_unseen/success", r.output)) == 3
+    assert (
+        len(re.findall(r"\[eval [a-z ]+\] step \d+ .*valid_seen/success [0-9.]+.*valid_unseen/success", r.output)) == 3
+    )
     pushes = [int(x) for x in re.findall(r"relabeled \+(\d+) buffer", r.output)]
     assert len(pushes) == 3 and sum(pushes) >= 1, r.output[-3000:]
     assert re.search(r"\(L_D' [0-9.]+, L_SFT [0-9.]+\)", r.output), "no HSL gradient step with a non-empty D'"
@@ -482,19 +628,66 @@ def test_smoke_oracle_and_resume(run_script, put_games, tiny_lm_dir, tmp_path):
     # resume from the step-2 checkpoint: the buffer comes back and only step 3 runs
     ckpt = run_dir(out, "oracle") / "checkpoints" / "hsl_2"
     saved = json.loads((ckpt / "hsl_state.json").read_text())
-    r2 = run_script("hsl_sft.py", "--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "oracle",
-                    "--hsl-steps", "3", "--rollouts-per-step", "4", "--eval-every", "0", "--resume", ckpt,
-                    "--output-dir", out, "--exp-name", "resumed", "--seed", "1", *SMOKE, timeout=120)
-    assert f"[resume] {ckpt}: sft_step 1, hsl_step 2, buffer {len(saved['buffer'])}" in r2.output
+    r2 = run_script(
+        "hsl_sft.py",
+        "--data-dir",
+        put_games,
+        "--model-name",
+        tiny_lm_dir,
+        "--relabeler",
+        "oracle",
+        "--hsl-steps",
+        "3",
+        "--rollouts-per-step",
+        "4",
+        "--eval-every",
+        "0",
+        "--resume",
+        ckpt,
+        "--output-dir",
+        out,
+        "--exp-name",
+        "resumed",
+        "--seed",
+        "1",
+        *SMOKE,
+        timeout=120,
+    )
+    assert f"[resume] {ckpt}: sft_steps 1, hsl_steps 2, D' {len(saved['buffer'])}" in r2.output
     assert "[sft] step" not in r2.output and "[hsl] step 3/3" in r2.output and "[hsl] step 2/3" not in r2.output
 
 
 def test_smoke_llm_relabeler_smollm2(run_script, put_games, tiny_lm_dir, smollm2_dir, tmp_path):
     out = tmp_path / "runs"
-    r = run_script("hsl_sft.py", "--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "llm",
-                   "--llm-backend", "transformers", "--llm-model", smollm2_dir, "--llm-max-new-tokens", "24",
-                   "--hsl-steps", "1", "--rollouts-per-step", "2", "--eval-every", "0", "--num-eval-games", "1",
-                   "--output-dir", out, "--exp-name", "llm", *SMOKE, timeout=200)
+    r = run_script(
+        "hsl_sft.py",
+        "--data-dir",
+        put_games,
+        "--model-name",
+        tiny_lm_dir,
+        "--relabeler",
+        "llm",
+        "--llm-backend",
+        "transformers",
+        "--llm-model",
+        smollm2_dir,
+        "--llm-max-new-tokens",
+        "24",
+        "--hsl-steps",
+        "1",
+        "--rollouts-per-step",
+        "2",
+        "--eval-every",
+        "0",
+        "--num-eval-games",
+        "1",
+        "--output-dir",
+        out,
+        "--exp-name",
+        "llm",
+        *SMOKE,
+        timeout=200,
+    )
     assert re.search(r"\[relabeler answer, goal inference\] ", r.output)
     assert re.search(r"\[hsl\] step 1/1 .*loss [0-9.]+.*precision (nan|[0-9.]+) recall (nan|[0-9.]+)", r.output)
     assert re.search(r"\[eval final\] step 1 .*valid_seen/success [0-9.]+", r.output)
@@ -502,10 +695,19 @@ def test_smoke_llm_relabeler_smollm2(run_script, put_games, tiny_lm_dir, smollm2
     c = summary["counters"]
     assert c["goal_inference_calls"] == 2  # every trajectory went through the LLM (Figure 8 prompt)
     # whatever SmolLM2 answered was either turned into validated goals or counted as a skip
-    assert c.get("goals_found", 0) + c.get("goal_inference_bad_json", 0) + c.get("goal_invalid", 0) \
-        + c.get("trajectories_without_goal", 0) >= 2
+    assert (
+        c.get("goals_found", 0)
+        + c.get("goal_inference_bad_json", 0)
+        + c.get("goal_invalid", 0)
+        + c.get("trajectories_without_goal", 0)
+        >= 2
+    )
     assert summary["hsl_steps"] == 1 and summary["evaluations"] == 1
-    assert summary["recall_vs_oracle"] is None or math.isnan(summary["recall_vs_oracle"]) or 0 <= summary["recall_vs_oracle"] <= 1
+    assert (
+        summary["recall_vs_oracle"] is None
+        or math.isnan(summary["recall_vs_oracle"])
+        or 0 <= summary["recall_vs_oracle"] <= 1
+    )
 
 
 def load_weights(path: Path, ckpt: str) -> dict:
@@ -519,11 +721,38 @@ def test_data_parallel_two_processes(run_script, put_games, tiny_lm_dir, tmp_pat
     on GPUs): every process takes its share of each global batch, so SFT gives the weights one process gives; the HSL
     loop (uneven shares: 3 rollouts and batches of 3 over 2 processes) ends with the same model and D' on both."""
     out = tmp_path / "runs"
-    common = ["--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "oracle", "--action-mode", "score",
-              "--num-demos", "2", "--batch-size", "3", "--micro-batch-size", "1",
-              "--sft-epochs", "3", "--rollouts-per-step", "3", "--max-env-steps", "12",
-              "--learning-rate", "1e-3", "--max-seq-len", "2048", "--eval-every", "0",
-              "--output-dir", out, "--seed", "1"]
+    common = [
+        "--data-dir",
+        put_games,
+        "--model-name",
+        tiny_lm_dir,
+        "--relabeler",
+        "oracle",
+        "--action-mode",
+        "score",
+        "--num-demos",
+        "2",
+        "--batch-size",
+        "3",
+        "--micro-batch-size",
+        "1",
+        "--sft-epochs",
+        "3",
+        "--rollouts-per-step",
+        "3",
+        "--max-env-steps",
+        "12",
+        "--learning-rate",
+        "1e-3",
+        "--max-seq-len",
+        "2048",
+        "--eval-every",
+        "0",
+        "--output-dir",
+        out,
+        "--seed",
+        "1",
+    ]
     one = run_script("hsl_sft.py", *common, "--hsl-steps", "0", "--exp-name", "one", timeout=180)
     two = run_script("hsl_sft.py", *common, "--hsl-steps", "3", "--exp-name", "two", processes=2, timeout=300)
     assert "[accelerate] 2 processes; model and D' identical on all: True" in two.output, two.output[-3000:]

@@ -103,7 +103,7 @@ def main():
 
     # ---- data: (expert demonstration, random failure) on the same real ALFWorld game ----
     root = build_games(tmp / "alfworld", {"train": TINY_SPLITS["train"]})
-    games = dpo.list_games(str(root), "train", 40)
+    games = dpo.list_games(str(root), "train")
     demos = [d for g in games if (d := dpo.expert_demo(g, 40)) is not None]
     rng = random.Random(0)
     pairs, k = [], 0

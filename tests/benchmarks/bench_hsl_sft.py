@@ -75,7 +75,7 @@ def main():
 
     # data: expert demonstrations on real (tiny) ALFWorld games, encoded once for both trainers
     root = build_games(tmp / "alfworld", {"train": TINY_SPLITS["train"]})
-    demos = [d for g in hsl.list_games(str(root), "train", 40) if (d := hsl.expert_demo(g, 40)) is not None]
+    demos = [d for g in hsl.list_games(str(root), "train") if (d := hsl.expert_demo(g, 40)) is not None]
     system = hsl.read_prompt("alfworld_agent.md")
     enc = [hsl.encode_demo(tok, hsl.demo_messages(system, d), d["z"], 4096) for d in demos]
     n = a.batch_size * (a.steps + 1)
