@@ -806,7 +806,7 @@ def main(args: Args):
             for k, v in {**info, "charts/SPS": sps, "relabel/p_keystate": check.p_keystate}.items():
                 writer.add_scalar(k if k.startswith(("relabel/", "charts/")) else f"losses/{k}", float(v), step)
             n_key = int(td_batch[1].sum())
-            shown = ("value/value_loss", "critic/critic_loss", "actor/actor_loss")
+            shown = [k for k in info if k.split("/")[1] in ("value_loss", "critic_loss", "actor_loss")]
             losses = " ".join(f"{k.split('/')[0]}_loss={float(info[k]):.4f}" for k in shown)
             log(f"step={step} SPS={sps:.1f} {losses} keystate_goals_in_batch={n_key} p_keystate={check.p_keystate:.3f}")
         if (args.eval_interval and step % args.eval_interval == 0) or last:

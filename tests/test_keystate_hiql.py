@@ -20,7 +20,7 @@ SCRIPT = "keystate_hiql.py"
 # Small but real: a tiny network keeps the smoke run inside the CI budget; everything else is the script's default path.
 SMALL = ["--env-name", "pointmaze-medium-navigate-v0", "--total-steps", "60", "--batch-size", "64",
          "--hidden-dims", "32", "32", "--log-interval", "20", "--eval-interval", "0", "--eval-episodes", "1",
-         "--eval-tasks", "2", "--adapt-interval", "10"]
+         "--adapt-interval", "10"]
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +38,16 @@ def pointmaze_npz(tmp_path_factory):
 
 
 def episodes(ks, n_ep, ep_len, ob_dim=1, seed=None):
-    """n_ep episodes of ep_len rows in OGBench's compact layout; observations = row index unless seeded noise."""
+    """n_ep episodes of ep_len rows as ogbench.load_dataset(compact_dataset=True) returns them; observations = row
+    index unless seeded noise."""
     term = np.zeros(n_ep * ep_len, np.float32)
     term[ep_len - 1::ep_len] = 1
     if seed is None:
         obs = np.repeat(np.arange(n_ep * ep_len, dtype=np.float32)[:, None], ob_dim, 1)
     else:
         obs = np.random.default_rng(seed).normal(size=(n_ep * ep_len, ob_dim)).astype(np.float32)
-    return ks.to_compact(obs, np.zeros((len(obs), 2), np.float32), term)
+    return {"observations": obs, "actions": np.zeros((len(obs), 2), np.float32),
+            "terminals": np.minimum(term + np.append(term[1:], 1), 1), "valids": 1.0 - term}
 
 
 # ---------------------------------------------------------------------------------------------------------------- help
@@ -61,7 +63,10 @@ def test_presets_follow_ogbench(ks):
         "antmaze-large-navigate-v0", 25, 3.0, 3.0, 0.99, 0.7)
     assert (ks.actor_p_randomgoal(a.env_name), a.total_steps, a.batch_size, ks.REP_DIM) == (0.0, 500_000, 1024, 10)
     assert ks.actor_p_randomgoal("antmaze-large-stitch-v0") == 0.5
-    assert ks.resolve_presets(ks.Args(env_name="cube-single-play-v0")).subgoal_steps == 10
+    for env_name in ("cube-single-play-v0", "scene-play-v0", "puzzle-3x3-play-v0"):
+        assert ks.resolve_presets(ks.Args(env_name=env_name)).subgoal_steps == 10
+    humanoid = ks.resolve_presets(ks.Args(env_name="humanoidmaze-medium-navigate-v0"))
+    assert (humanoid.subgoal_steps, humanoid.discount, humanoid.high_alpha) == (100, 0.995, 3.0)
     assert ks.resolve_presets(ks.Args(env_name="antmaze-giant-navigate-v0")).discount == 0.995
     assert ks.resolve_presets(ks.Args(env_name="antmaze-large-explore-v0")).high_alpha == 10.0
     assert ks.resolve_presets(ks.Args(env_name="cube-single-play-v0", subgoal_steps=7)).subgoal_steps == 7
@@ -76,12 +81,11 @@ def test_presets_follow_ogbench(ks):
 ])
 def test_compiler_rejects_hostile_rules(ks, expr, capfd):
     ds = episodes(ks, 2, 5, ob_dim=2)
-    start, end = ks.episode_index(ds)
-    feats = ks.Features(ds.observations, start, end, {"x": 0, "y": 1}, 5)
+    feats = ks.Features(ds, {"x": 0, "y": 1})
     with pytest.raises(ks.RuleError):
-        ks.compile_condition(expr, feats)()
+        ks.compile_condition(expr, feats)
     assert "pwned" not in capfd.readouterr().out
-    mask = ks.compile_condition("delta(x, 1) == 1 and y >= 2", feats)()  # a valid rule still compiles and runs
+    mask = ks.compile_condition("delta(x, 1) == 1 and y >= 2", feats)  # a valid rule still compiles and runs
     np.testing.assert_array_equal(mask, (np.arange(10) >= 2) & ~np.isin(np.arange(10), [0, 5]))
 
 
@@ -92,11 +96,13 @@ def test_hiql_subgoals_match_slow_loop(ks):
 
     ds = episodes(ks, 3, 40)
     data = ks.make_goal_data(ds, None)
-    final = np.asarray(data.final_idxs)
+    final = np.asarray(data["final_idxs"])
     k = 7
-    for p_rand in (0.0, 1.0):  # future-state high-level goals, then random ones
-        cfg = ks.GoalConfig(0.99, p_rand, False, 20, True)
-        b = jax.tree_util.tree_map(np.asarray, ks.sample_batch(jax.random.PRNGKey(0), data, 50_000, cfg, 0.0, k, False))
+    # future-state high-level goals (navigate datasets), then random ones (explore datasets: OGBench's actor mix)
+    for env_name, p_rand in (("pointmaze-medium-navigate-v0", 0.0), ("antmaze-large-explore-v0", 1.0)):
+        args = ks.resolve_presets(ks.Args(env_name=env_name, batch_size=50_000, subgoal_steps=k))
+        assert ks.actor_p_randomgoal(env_name) == p_rand
+        b = jax.tree_util.tree_map(np.asarray, ks.sample_batch(jax.random.PRNGKey(0), data, args, 0.0))
         t = b["observations"][:, 0].astype(int)  # observation = row index
         low, goal, target = (b[key][:, 0].astype(int) for key in ("low_actor_goals", "high_actor_goals",
                                                                     "high_actor_targets"))
@@ -140,30 +146,30 @@ def test_keystate_value_goals_and_subgoal_extension_match_slow_loops(ks):
     key_mask = np.zeros(120, bool)
     key_mask[[5, 12, 13, 30, 38, 39, 50, 70]] = True
     data = ks.make_goal_data(ds, key_mask)
-    valid_idxs, final = np.asarray(data.valid_idxs), np.asarray(data.final_idxs)
-    key_set = set(np.nonzero(key_mask & (ds.valids > 0))[0].tolist())
+    valid_idxs, final = np.asarray(data["valid_idxs"]), np.asarray(data["final_idxs"])
+    key_set = set(np.nonzero(key_mask & (ds["valids"] > 0))[0].tolist())
     n, rng = 30_000, np.random.default_rng(0)
     for idx in (3, 11, 45):  # key states in the window / several / none
         goals, is_key, _ = map(np.asarray, ks.sample_goals(jax.random.PRNGKey(idx), data, jnp.full((n,), idx),
-                                                           0.2, 0.5, True, 0.9, 0.7, True, 20))
+                                                           0.2, 0.5, True, 0.9, 0.7, 20))
         slow = [slow_value_goal(rng, idx, valid_idxs, final, key_set, 0.2, 0.5, 0.9, 0.7, 20) for _ in range(n)]
         tv = 0.5 * np.abs(np.bincount(goals, minlength=120) / n - np.bincount(slow, minlength=120) / n).sum()
         assert tv < 0.03, (idx, tv)
         assert set(goals[is_key].tolist()) <= key_set
     # EXTENSION: the subgoal s_{t+k} becomes the *last* key state in (t, t+k] w.p. p_key, else it is unchanged.
     t = jnp.arange(0, 80, dtype=jnp.int32)
-    sub = jnp.minimum(t + 10, data.final_idxs[t])
+    sub = jnp.minimum(t + 10, data["final_idxs"][t])
     for p in (1.0, 0.0):
-        got, replaced = map(np.asarray, ks.keystate_subgoal(jax.random.PRNGKey(1), t, sub, data.key_idxs, p))
+        got, replaced = map(np.asarray, ks.keystate_subgoal(jax.random.PRNGKey(1), t, sub, data["key_idxs"], p))
         for i in range(80):
             keys = [j for j in range(i + 1, int(sub[i]) + 1) if j in key_set]
             want = keys[-1] if keys and p == 1.0 else int(sub[i])
             assert got[i] == want and replaced[i] == (bool(keys) and p == 1.0), i
     got, replaced = ks.keystate_subgoal(jax.random.PRNGKey(2), jnp.full((20_000,), 3), jnp.full((20_000,), 13),
-                                        data.key_idxs, 0.3)
+                                        data["key_idxs"], 0.3)
     assert abs(float(replaced.mean()) - 0.3) < 0.02 and set(np.asarray(got).tolist()) == {13}  # 13 is a key state
     got, replaced = ks.keystate_subgoal(jax.random.PRNGKey(2), jnp.full((20_000,), 14), jnp.full((20_000,), 24),
-                                        data.key_idxs, 0.3)
+                                        data["key_idxs"], 0.3)
     assert not np.asarray(replaced).any()  # no key state in (14, 24]
 
 
@@ -238,7 +244,7 @@ def test_hiql_losses_match_hand_computation(ks, monkeypatch):
     adv_l = np.mean(V(p["value"], s2, wg), 0) - np.mean(V(p["value"], s, wg), 0)
     want_l = -np.mean(np.minimum(np.exp(3.0 * adv_l), 100) * logp(actor_mean(p["low_actor"], s, phi(s, wg)),
                                                                    batch["actions"]))
-    got_l, _ = jax.jit(lambda *x: ks.low_actor_loss(*x, nets, 3.0, False))(p, batch)
+    got_l, _ = jax.jit(lambda *x: ks.low_actor_loss(*x, nets, 3.0))(p, batch)
     assert float(got_l) == pytest.approx(want_l, rel=1e-4)
     # high level: AWR toward phi([s; s_{t+k}]), weight exp(3 (V(s_{t+k}, g) - V(s, g)))
     g, st = batch["high_actor_goals"], batch["high_actor_targets"]
@@ -261,18 +267,18 @@ def test_update_gradients_and_soft_target(ks):
     args = ks.resolve_presets(ks.Args(env_name="pointmaze-medium-navigate-v0", hidden_dims=(16, 16), batch_size=32))
     ds = episodes(ks, 4, 50, ob_dim=2, seed=0)
     data = ks.make_goal_data(ds, None)
-    cfg = ks.GoalConfig(args.discount, 0.0, False, 50, True)
     nets, tx, state = ks.make_agent(args, 2, 2, jax.random.PRNGKey(0))
-    update = ks.make_update(args, nets, tx, cfg)
+    update = ks.make_update(args, nets, tx)
     old = jax.tree_util.tree_map(np.array, state)  # host copies: the update donates (reuses) the state's buffers
-    new, info, _ = update(state, data, jnp.float32(0.0))
+    new, info, (td, is_key, is_her) = update(state, data, jnp.float32(0.0))
     # target <- tau * value(before the step) + (1 - tau) * target, as OGBench's hiql.py
     want = jax.tree_util.tree_map(lambda c, t: 0.005 * c + 0.995 * t, old.params["value"], old.target)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new.target, want)
     for name in ("goal_rep", "value", "low_actor", "high_actor"):  # every module is trained
         before, after = jax.tree_util.tree_leaves(old.params[name]), jax.tree_util.tree_leaves(new.params[name])
         assert not all(np.allclose(x, y) for x, y in zip(before, after)), name
-    assert int(info["relabel/td_key_count"]) == 0 and float(info["relabel/frac_keystate_subgoals"]) == 0.0
+    assert not np.asarray(is_key).any() and float(info["relabel/frac_keystate_goals"]) == 0  # HER arm: no key goals
+    assert float(info["relabel/frac_keystate_subgoals"]) == 0.0 and td.shape == (32,) and np.asarray(is_her).any()
 
 
 # ----------------------------------------------------------------------------------------------------------- bad input
@@ -283,7 +289,7 @@ def test_bad_inputs_give_clear_errors(run_script, tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, obs=np.zeros((10, 2)), actions=np.zeros((10, 2)))
     r = run_script(SCRIPT, *SMALL, "--dataset-path", bad, "--relabel", "her", *runs, check=False, timeout=120)
-    assert r.returncode != 0 and "lacks keys" in r.output and "Traceback" not in r.output
+    assert r.returncode != 0 and "cannot read" in r.output and "Traceback" not in r.output
 
 
 # --------------------------------------------------------------------------------------------------------- smoke run

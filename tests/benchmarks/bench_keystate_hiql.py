@@ -149,7 +149,9 @@ def main():
         term = term.astype(np.float32)
     else:
         obs, act, term = synthetic_dataset(a.episodes, 1001, 29, 8)
-    ds = ks.to_compact(obs, act, term)  # the same transformation as ogbench.load_dataset(compact_dataset=True)
+    # OGBench's compact layout, as ogbench.load_dataset(compact_dataset=True) returns it
+    ds = {"observations": obs, "actions": act, "terminals": np.minimum(term + np.append(term[1:], 1), 1),
+          "valids": 1.0 - term}
     hd = tuple(a.hidden_dims)
     print(f"[bench] {jax.devices()[0].platform}, {len(obs)} rows, ob_dim={obs.shape[1]}, batch={a.batch_size}, "
           f"hidden={hd}")
@@ -157,8 +159,7 @@ def main():
     # Reference: OGBench's HIQL with its default config (antmaze-large-navigate: alphas 3.0, subgoal_steps 25).
     cfg = get_config()
     cfg.batch_size, cfg.value_hidden_dims, cfg.actor_hidden_dims = a.batch_size, hd, hd
-    ref_ds = HGCDataset(RefDataset.create(observations=ds.observations, actions=ds.actions,
-                                          terminals=ds.terminals, valids=ds.valids), cfg)
+    ref_ds = HGCDataset(RefDataset.create(**ds), cfg)
     np.random.seed(0)
     ex = ref_ds.sample(1)
     agent = HIQLAgent.create(0, ex["observations"], ex["actions"], cfg)
@@ -169,11 +170,9 @@ def main():
     if a.relabel == "keystate":
         key_mask = np.zeros(len(obs), bool)
         key_mask[::10] = True
-    goal_cfg = ks.GoalConfig(args.discount, ks.actor_p_randomgoal(args.env_name), key_mask is not None,
-                             args.keystate_window, args.keystate_actor_goals)
-    data = ks.make_goal_data(ds, key_mask)
+    data = ks.make_goal_data(ds, key_mask)  # the HER arm: no key state, so the sampler is OGBench's mixture
     nets, tx, state = ks.make_agent(args, obs.shape[1], act.shape[1], jax.random.PRNGKey(0))
-    update = ks.make_update(args, nets, tx, goal_cfg)
+    update = ks.make_update(args, nets, tx)
     p_key = jnp.float32(args.p_keystate if key_mask is not None else 0.0)
 
     # 1) Same networks, same numbers: start the script from the reference's parameters and compare.
@@ -184,7 +183,7 @@ def main():
     _, ref_info = agent.total_loss(batch, agent.network.params)
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
     mine = {"value/value_loss": ks.value_loss(params, target, jb, nets, args.discount, args.expectile)[0],
-            "low_actor/actor_loss": ks.low_actor_loss(params, jb, nets, args.low_alpha, False)[0],
+            "low_actor/actor_loss": ks.low_actor_loss(params, jb, nets, args.low_alpha)[0],
             "high_actor/actor_loss": ks.high_actor_loss(params, jb, nets, args.high_alpha)[0]}
     for k, v in mine.items():
         rel = abs(float(v) - float(ref_info[k])) / max(abs(float(ref_info[k])), 1e-8)
