@@ -577,9 +577,8 @@ def sample_batch(key, data: dict, args: Args, p_keystate):
     low_goals = jnp.minimum(idxs + k, data["final_idxs"][idxs])
     # The high-level target never overshoots its goal; for random goals it is s_{min(t+k, T)} (as OGBench).
     high_targets = jnp.where(in_traj[0] | in_traj[1], jnp.minimum(idxs + k, high_goals), low_goals)
-    p_sub = p_key * args.keystate_subgoals  # the extension, off by default
-    low_goals, low_is_key = keystate_subgoal(k_low, idxs, low_goals, data["key_idxs"], p_sub)
-    high_targets, _ = keystate_subgoal(k_high, idxs, high_targets, data["key_idxs"], p_sub)
+    low_goals, low_is_key = keystate_subgoal(k_low, idxs, low_goals, data["key_idxs"], p_key * args.keystate_subgoals)
+    high_targets, _ = keystate_subgoal(k_high, idxs, high_targets, data["key_idxs"], p_key * args.keystate_subgoals)
     successes = (idxs == value_goals).astype(jnp.float32)
     return {
         "observations": obs[idxs],
@@ -688,24 +687,13 @@ class AgentState(NamedTuple):
     rng: jax.Array
 
 
-class GoalRep(nn.Module):
-    """HIQL's subgoal representation phi([s; g]): MLP -> REP_DIM, length sqrt(REP_DIM) (OGBench's LengthNormalize)."""
-
-    hidden_dims: Tuple[int, ...]
-
-    @nn.compact
-    def __call__(self, observations, goals):
-        x = MLP((*self.hidden_dims, REP_DIM), layer_norm=True)(jnp.concatenate([observations, goals], axis=-1))
-        return x / jnp.linalg.norm(x, axis=-1, keepdims=True) * jnp.sqrt(REP_DIM)
-
-
 def make_agent(args: Args, ob_dim: int, act_dim: int, key):
     """HIQL's phi([s; g]), V1,2(s, phi), pi^l(a | s, phi([s; w])), pi^h(phi | s, g) under one Adam; V's target copy."""
     hd = tuple(args.hidden_dims)
-    nets = dict(goal_rep=GoalRep(hd), value=GCValue(hd, 2))
+    nets = dict(goal_rep=MLP((*hd, REP_DIM), layer_norm=True), value=GCValue(hd, 2))  # goal_rep: see `phi`
     nets |= dict(low_actor=GCActor(hd, act_dim), high_actor=GCActor(hd, REP_DIM))  # pi^h: Gaussian over phi-space
     ob, rep = jnp.zeros((1, ob_dim)), jnp.zeros((1, REP_DIM))
-    inputs = dict(goal_rep=(ob, ob), value=(ob, rep), low_actor=(ob, rep), high_actor=(ob, ob))  # fix the shapes
+    inputs = dict(goal_rep=(jnp.zeros((1, 2 * ob_dim)),), value=(ob, rep), low_actor=(ob, rep), high_actor=(ob, ob))
     key, *keys = jax.random.split(key, 5)
     params = {name: nets[name].init(k, *inputs[name])["params"] for name, k in zip(nets, keys)}
     tx = optax.adam(args.lr)
@@ -719,10 +707,15 @@ def expectile_loss(adv, diff, expectile):
     return jnp.where(adv >= 0, expectile, 1 - expectile) * diff**2
 
 
+def phi(nets: dict, rep_params, obs, goals):
+    """HIQL's subgoal representation phi([s; g]): MLP -> REP_DIM, length sqrt(REP_DIM) (OGBench's LengthNormalize)."""
+    x = nets["goal_rep"].apply({"params": rep_params}, jnp.concatenate([obs, goals], axis=-1))  # (batch, REP_DIM)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True) * jnp.sqrt(REP_DIM)
+
+
 def hiql_value(nets: dict, value_params, rep_params, obs, goals):
     """V1,2(s, phi([s; g])) -> (2, batch): one phi serves V and the low-level actor (OGBench's shared goal_rep)."""
-    reps = nets["goal_rep"].apply({"params": rep_params}, obs, goals)  # (batch, REP_DIM)
-    return nets["value"].apply({"params": value_params}, obs, reps)
+    return nets["value"].apply({"params": value_params}, obs, phi(nets, rep_params, obs, goals))
 
 
 def value_loss(params, target_value, batch, nets: dict, discount, expectile):
@@ -743,17 +736,16 @@ def value_loss(params, target_value, batch, nets: dict, discount, expectile):
 def awr_loss(params, nets: dict, name, alpha, obs, next_obs, goals, mean, target):
     """AWR (HIQL Eqs. 5-6): -min(exp(alpha * (V(s', g) - V(s, g))), 100) * log N(target; mean, I), V and phi frozen."""
     frozen = jax.lax.stop_gradient(params)
-    v = hiql_value(nets, frozen["value"], frozen["goal_rep"], obs, goals).mean(0)  # (batch,)
-    adv = hiql_value(nets, frozen["value"], frozen["goal_rep"], next_obs, goals).mean(0) - v
-    loss = -(jnp.minimum(jnp.exp(adv * alpha), 100.0) * log_prob(mean, target)).mean()
-    return loss, {f"{name}/actor_loss": loss, f"{name}/adv": adv.mean()}
+    v, nv = (hiql_value(nets, frozen["value"], frozen["goal_rep"], s, goals).mean(0) for s in (obs, next_obs))
+    loss = -(jnp.minimum(jnp.exp((nv - v) * alpha), 100.0) * log_prob(mean, target)).mean()  # A = nv - v: (batch,)
+    return loss, {f"{name}/actor_loss": loss, f"{name}/adv": (nv - v).mean()}
 
 
 def low_actor_loss(params, batch, nets: dict, alpha):
     """Low level (HIQL Eq. 6): AWR of pi^l(a | s, phi([s; w])) with A = V(s', w) - V(s, w), subgoal w = s_{t+k}; phi
     gets no gradient here (OGBench's low_actor_rep_grad=False for state observations)."""
     obs, w = batch["observations"], batch["low_actor_goals"]
-    reps = nets["goal_rep"].apply({"params": jax.lax.stop_gradient(params["goal_rep"])}, obs, w)
+    reps = phi(nets, jax.lax.stop_gradient(params["goal_rep"]), obs, w)
     mean = nets["low_actor"].apply({"params": params["low_actor"]}, obs, reps)  # (batch, act_dim)
     return awr_loss(params, nets, "low_actor", alpha, obs, batch["next_observations"], w, mean, batch["actions"])
 
@@ -763,7 +755,7 @@ def high_actor_loss(params, batch, nets: dict, alpha):
     actor outputs a subgoal *representation*, regressed onto the fixed phi of the target state."""
     obs, goals, targets = batch["observations"], batch["high_actor_goals"], batch["high_actor_targets"]
     mean = nets["high_actor"].apply({"params": params["high_actor"]}, obs, goals)  # (batch, REP_DIM)
-    target = nets["goal_rep"].apply({"params": jax.lax.stop_gradient(params["goal_rep"])}, obs, targets)
+    target = phi(nets, jax.lax.stop_gradient(params["goal_rep"]), obs, targets)
     return awr_loss(params, nets, "high_actor", alpha, obs, targets, goals, mean, target)
 
 

@@ -212,7 +212,7 @@ def test_hiql_losses_match_hand_computation(ks, monkeypatch):
     batch["rewards"] = batch["masks"] - 1.0
 
     def phi(s, g):
-        x = np_mlp(p["goal_rep"]["MLP_0"], np.concatenate([s, g], 1), True, False)
+        x = np_mlp(p["goal_rep"], np.concatenate([s, g], 1), True, False)
         return x / np.linalg.norm(x, axis=1, keepdims=True) * np.sqrt(3)
 
     def V(vp, s, g):  # two heads on [s, phi([s; g])]

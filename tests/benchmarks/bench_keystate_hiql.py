@@ -117,7 +117,7 @@ def synthetic_dataset(episodes: int, ep_len: int, ob_dim: int, act_dim: int, see
 
 def ref_to_script_params(p):
     """OGBench ModuleDict parameters -> the script's {goal_rep, value, low_actor, high_actor} + target value."""
-    params = {"goal_rep": {"MLP_0": p["modules_goal_rep"]["layers_0"]},
+    params = {"goal_rep": p["modules_goal_rep"]["layers_0"],  # the MLP of Sequential([MLP, LengthNormalize])
               "value": {"VmapMLP_0": p["modules_value"]["value_net"]},
               "low_actor": {"MLP_0": p["modules_low_actor"]["actor_net"], "Dense_0": p["modules_low_actor"]["mean_net"]},
               "high_actor": {"MLP_0": p["modules_high_actor"]["actor_net"],
