@@ -22,7 +22,6 @@ ALLOWED = {
         "Args",
         "resolve_presets",
         "sample_batch",
-        "Nets",
         "make_agent",
         "value_loss",
         "make_update",
