@@ -10,7 +10,7 @@ r = 1[cos(f_state(s_t, s_t+1), f_instr(i)) > delta] -> recent trajectories becom
 instructions the agent accomplished -> rule-based filter -> buffer update -> PQN update on the rollout and its relabeled
 copies -> evaluation on held-out instructions. Choices where the paper is silent: "choice" here, and docs/oir_pqn.md.
 
-    python oir_pqn.py --llm-base-url http://localhost:8000/v1 --llm-model Qwen/Qwen3-8B   # after `vllm serve Qwen/Qwen3-8B`
+    python oir_pqn.py --llm-base-url http://localhost:8000/v1 --llm-model Qwen/Qwen3-8B  # after `vllm serve <model>`
     python oir_pqn.py --relabel template --total-timesteps 1000000          # LLM-free baseline (also: --relabel none)
     python oir_pqn.py --llm-backend transformers --llm-model path/to/SmolLM2-135M-Instruct \
         --embed-model path/to/all-MiniLM-L6-v2 --total-timesteps 24576 --num-envs 64 --num-steps 8 --hidden-size 128
@@ -41,7 +41,7 @@ import json
 import os
 import re
 import time
-from collections import Counter, deque, namedtuple
+from collections import Counter, deque
 from pathlib import Path
 from string import Template
 from typing import Literal, Optional
@@ -54,6 +54,7 @@ import numpy as np
 import optax
 import tyro
 from flax.training.train_state import TrainState
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 
@@ -75,8 +76,6 @@ class Args:
     """also save that checkpoint every this many chunks (0 = only at the end; each save replaces the previous one)"""
     prompts_dir: Optional[str] = None
     """folder holding oir/relabel.md, oir/seed_instructions.md, oir/eval_instructions.md (default: prompts/ here)"""
-    env_id: Literal["Craftax-Classic-Symbolic-v1", "Craftax-Symbolic-v1"] = "Craftax-Classic-Symbolic-v1"
-    """Craftax variant (the paper uses Classic; full Craftax is an option)"""
     total_timesteps: int = 100_000_000
     """total environment steps"""
     num_envs: int = 1024
@@ -100,7 +99,7 @@ class Args:
     embed_model: str = "sentence-transformers/all-MiniLM-L6-v2"
     """sentence-transformers model for f_instr and the event texts: hub id or local folder"""
     reward: Literal["semantic", "gt"] = "semantic"
-    """semantic: r = 1[cos(f_state, f_instr) > delta] (the paper); gt: the instruction's labelled achievement (baseline)"""
+    """semantic: r = 1[cos(f_state, f_instr) > delta] (the paper); gt: the instruction's labelled achievement"""
     delta: float = 0.45
     """cosine threshold of the semantic reward (not published: choice; the paper reports it matters a lot)"""
     buffer_capacity: int = 10
@@ -114,7 +113,7 @@ class Args:
     relabel_trajs: int = 8
     """trajectories sent to the relabeler after each chunk (one request each)"""
     relabel_fraction: float = 0.25
-    """relabeled copies per update, as a fraction of num_envs (one environment's rollout with one achieved instruction)"""
+    """relabeled copies per update as a fraction of num_envs (one env's rollout with one achieved instruction)"""
     # --- LLM client (the same seven flags in every script) ------------------------------------------------------------
     llm_backend: Literal["openai", "transformers"] = "openai"
     """openai: any OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp, `transformers serve`, hosted; key from
@@ -165,9 +164,11 @@ def check_args(args: Args, prompts: Path) -> None:
 
 
 # === Environment: Craftax with optimistic resets, and the transition events behind f_state ============================
+ENV_ID = "Craftax-Classic-Symbolic-v1"  # the paper's benchmark
 OPTIMISTIC_RESET_RATIO = 16  # environments per freshly generated world (the PQN reference's OPTIMISTIC_RESET_RATIO)
 
-# Past-tense event texts for the achievements (f_state's vocabulary, and the lines of the LLM's event log).
+# Past-tense event texts for Classic's achievements (f_state's vocabulary, and the lines of the LLM's event log), in its
+# Achievement order: index = event id = achievement id.
 EVENT_TEXTS = {
     "collect_wood": "collected wood from a tree",
     "place_table": "placed a crafting table",
@@ -193,31 +194,18 @@ EVENT_TEXTS = {
     "make_iron_sword": "made an iron sword",
 }
 
-# The event vocabulary: achievement names (index = event id = achievement id), their past-tense texts, and the events
-# that can recur after the first unlock, as (event id, inventory field or "player_drink").
-EventSpec = namedtuple("EventSpec", "names texts recurring")
+EVENT_NAMES, EVENT_LINES = tuple(EVENT_TEXTS), tuple(EVENT_TEXTS.values())
+# Achievement flags fire once per episode; collecting and making show up again as inventory (or drink) increases, so
+# an instruction like "collect wood" can be rewarded in every instruction episode (choice; other events fire once).
+RECURRING = [(i, n.split("_", 1)[1]) for i, n in enumerate(EVENT_NAMES) if n.startswith(("collect_", "make_"))]
 
 
-def make_env(env_id: str):
+def make_env():
     from craftax.craftax_env import make_craftax_env_from_name
 
     # auto_reset=False: we reset optimistically ourselves (auto-reset regenerates a world every step, ~10x slower).
-    env = make_craftax_env_from_name(env_id, auto_reset=False)
-    if "Classic" in env_id:
-        from craftax.craftax_classic.constants import Achievement
-        from craftax.craftax_classic.envs.craftax_state import Inventory
-    else:
-        from craftax.craftax.constants import Achievement
-        from craftax.craftax.craftax_state import Inventory
-    names = tuple(a.name.lower() for a in sorted(Achievement, key=lambda a: a.value))
-    inventory = {f.name for f in dataclasses.fields(Inventory)}
-    # Achievement flags fire once per episode; collecting and making show up again as inventory increases, so an
-    # instruction like "collect wood" can be rewarded in every instruction episode (choice; other events fire once).
-    recurring = [(i, n.split("_", 1)[1]) for i, n in enumerate(names) if n.startswith(("collect_", "make_"))]
-    recurring = [(i, item) for i, item in recurring if item in inventory]
-    recurring.append((names.index("collect_drink"), "player_drink"))
-    spec = EventSpec(names, tuple(EVENT_TEXTS.get(n, n.replace("_", " ")) for n in names), tuple(recurring))
-    return env, env.default_params, spec
+    env = make_craftax_env_from_name(ENV_ID, auto_reset=False)
+    return env, env.default_params
 
 
 def strong_types(tree):
@@ -225,11 +213,11 @@ def strong_types(tree):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, x.dtype), tree)
 
 
-def transition_events(spec: EventSpec, prev_state, next_state):
+def transition_events(prev_state, next_state):
     """f_state's input: which events happened in (s_t, s_t+1). Returns bool (..., num_events)."""
     events = next_state.achievements & ~prev_state.achievements  # first unlock in this episode
-    for i, field in spec.recurring:  # or, for recurring events, an increase since the previous step
-        get = lambda s: s.player_drink if field == "player_drink" else getattr(s.inventory, field)
+    for i, field in RECURRING:  # or, for recurring events, an increase since the previous step
+        get = lambda s: s.player_drink if field == "drink" else getattr(s.inventory, field)
         events = events.at[..., i].set(events[..., i] | (get(next_state) > get(prev_state)))
     return events
 
@@ -268,19 +256,18 @@ def load_prompt(path: Path) -> str:
     return path.read_text().split("\n---\n", 1)[1]
 
 
-def read_table(path: Path, columns: int) -> list:
+def read_table(path: Path) -> list:
     """Rows of `a | b | ...` from a prompt-folder data file (body only, # comments skipped)."""
     lines = [line for line in load_prompt(path).splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    rows = [[part.strip() for part in line.split("|")] for line in lines]
-    return rows
+    return [[part.strip() for part in line.split("|")] for line in lines]
 
 
-def event_log_text(events: np.ndarray, env_done: np.ndarray, event_texts) -> str:
+def event_log_text(events: np.ndarray, env_done: np.ndarray) -> str:
     """The trajectory as text for the LLM: one line per step with an event (only the changes, so the log stays short).
     events (L, E) bool, env_done (L,) bool, oldest first."""
     lines = []
     for t in range(len(events)):
-        happened = [event_texts[e] for e in np.flatnonzero(events[t])]
+        happened = [EVENT_LINES[e] for e in np.flatnonzero(events[t])]
         if happened:
             lines.append(f"step {t}: " + "; ".join(happened))
         if env_done[t]:
@@ -299,14 +286,14 @@ def parse_proposals(raw: str) -> list:
     return [line for line in lines if line]
 
 
-def filter_proposals(candidates, k, observed_events, held_texts, held_embs, embed, delta: float):
+def filter_proposals(candidates, k, observed_events, held, embed, delta: float):
     """Rule-based filtering of LLM proposals (the paper's filtering step; the exact rules are our choice): keeps at most
     k candidates that (1) are short, plain text; (2) are not duplicates, textually or semantically, of an instruction
-    already held; (3) are grounded: their best-matching event is above delta and was observed in this trajectory.
+    held, as (text, embedding); (3) are grounded: their best-matching event is above delta and observed in this log.
     Returns (accepted [(text, event id, embedding)], rejection counts by reason)."""
     normalize = lambda text: " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
     rejected, accepted = Counter(), []
-    seen, held = {normalize(t) for t in held_texts}, list(held_embs)
+    seen, held = {normalize(t) for t, _ in held}, [emb for _, emb in held]
     for text in candidates:
         if len(accepted) >= k:
             reason = "over_k"
@@ -364,27 +351,41 @@ def semantic_mask(instr_emb: np.ndarray, event_embs: np.ndarray, delta: float) -
 
 
 def semantic_reward(events, table_mask, slot):
-    """r = 1[cos(f_state(s_t, s_t+1), f_instr(i)) > delta] on device: the cosine test is done once per instruction on the
-    host (semantic_mask), so a step only looks up whether one of its events is in the instruction's mask.
-    events (..., E) bool, table_mask (B, E) bool, slot (...) int -> (...) bool."""
+    """r = 1[cos(f_state(s_t, s_t+1), f_instr(i)) > delta] on device, the cosine test done once per instruction on the
+    host (semantic_mask): events (..., E) bool, table_mask (B, E) bool, slot (...) int -> (...) bool."""
     return (events & table_mask[slot]).any(-1)
 
 
-def ask_relabeler(llm, prompt: str, ring, ring_done, spec: EventSpec, args: Args, rng, tally: Counter):
-    """One request per trajectory (the last RELABEL_LOG_LEN steps of relabel_trajs random environments that saw an
-    event): its event log, and K instructions the agent accomplished. Returns the trajectories' events (n, L, E) and
-    the answers, text or None (a failed request). The LLM-free template baseline answers with the events' names."""
+def relabel(llm, prompt: str, ec, buffer, pool, embed, args: Args, rng, tally: Counter):
+    """Paper Section 3: propose (one request per trajectory: the event log of the last RELABEL_LOG_LEN steps of a random
+    env that saw an event in, K accomplished instructions out; --relabel template: the events' names) -> filter (each
+    answer against its own trajectory) -> admit (into the relabel pool and the buffer; a newcomer takes over the running
+    episodes of the instruction it evicts)."""
+    ring = np.asarray(ec.ring)
     active = np.flatnonzero(ring.any((1, 2)))
     envs = rng.choice(active, min(args.relabel_trajs, len(active)), replace=False)
-    events, env_done = ring[envs], ring_done[envs]
+    events, env_done = ring[envs], np.asarray(ec.ring_done)[envs]
     if args.relabel == "template":
-        return events, ["\n".join(spec.names[e].replace("_", " ") for e in np.flatnonzero(ev.any(0))) for ev in events]
-    logs = [event_log_text(ev, d, spec.texts) for ev, d in zip(events, env_done)]
-    prompts = [Template(prompt).substitute(k=args.relabel_k, trajectory=log) for log in logs]
-    answers = llm.chat([[{"role": "user", "content": p}] for p in prompts])
-    tally["requests"] += len(answers)
-    tally["llm_failures"] = llm.failures
-    return events, answers
+        answers = ["\n".join(EVENT_NAMES[e].replace("_", " ") for e in np.flatnonzero(ev.any(0))) for ev in events]
+    else:
+        logs = [event_log_text(ev, d) for ev, d in zip(events, env_done)]
+        prompts = [Template(prompt).substitute(k=args.relabel_k, trajectory=log) for log in logs]
+        answers = llm.chat([[{"role": "user", "content": p}] for p in prompts])
+        tally["requests"] += len(answers)
+        tally["llm_failures"] = llm.failures
+    for answer, ev in zip(answers, events):
+        if answer is None:  # a failed request, counted by the client
+            continue
+        candidates, held = parse_proposals(answer), [(h.text, h.emb) for h in buffer.entries() + list(pool)]
+        observed = set(np.flatnonzero(ev.any(0)).tolist())
+        accepted, rejected = filter_proposals(candidates, args.relabel_k, observed, held, embed, args.delta)
+        tally.update({f"rejected_{r}": c for r, c in rejected.items()}, rejected_empty=not candidates)
+        for text, event_id, _ in accepted:
+            pool.append(inst := make_instruction(text, event_id, embed, args))
+            slot, evicted = buffer.add(inst)
+            tally.update(accepted=1, added=slot is not None)
+            note = "" if slot is None else f"; buffer slot {slot}" + (f" (evicted {evicted!r})" if evicted else "")
+            print(f"relabel: accepted {text!r} (matches event: {EVENT_LINES[event_id]}){note}")
 
 
 # === Prioritized instruction buffer (statuses, sampling, eviction) and the relabeling pool ============================
@@ -419,10 +420,9 @@ def make_instruction(text: str, event_id, embed: Embedder, args: Args) -> Instru
 
 
 class InstructionBuffer:
-    """Capacity-B_max buffer with Failing / Learning-boundary / Mastered statuses (paper Section 3). Eviction (choice,
-    not published): a newcomer replaces the Mastered entry with the highest mean return, else the Failing entry with the
-    most episodes; Learning-boundary and untested entries stay (a newcomer with no evictable entry is dropped). Mastered
-    tasks leave, new ones enter: this turns the buffer into a curriculum."""
+    """Capacity-B_max buffer with Failing / Learning-boundary / Mastered statuses (paper Section 3). Eviction (choice):
+    a newcomer replaces the most successful Mastered entry, else the most-tried Failing one, else it is dropped; so
+    mastered tasks leave and new ones enter, a curriculum."""
 
     def __init__(self, args: Args):
         self.uniform, self.slots = args.buffer_sampling == "uniform", [None] * args.buffer_capacity
@@ -446,7 +446,7 @@ class InstructionBuffer:
     def add(self, entry: Instruction):
         """Returns (slot or None, evicted text or None)."""
         if None in self.slots:
-            victim, old = self.slots.index(None), None
+            victim = self.slots.index(None)
         else:
             mastered = [i for i, e in enumerate(self.slots) if self.status(e) == "mastered"]
             failing = [i for i, e in enumerate(self.slots) if self.status(e) == "failing"]
@@ -454,9 +454,8 @@ class InstructionBuffer:
                 return None, None
             key = (lambda i: self.slots[i].mean_return) if mastered else (lambda i: self.slots[i].episodes)
             victim = max(mastered or failing, key=key)
-            old = self.slots[victim].text
-        self.slots[victim] = entry
-        return victim, old
+        old, self.slots[victim] = self.slots[victim], entry
+        return victim, old.text if old else None
 
     def entries(self) -> list:
         return [e for e in self.slots if e is not None]
@@ -465,33 +464,13 @@ class InstructionBuffer:
         return {status: sum(self.status(e) == status for e in self.entries()) for status in STATUS_WEIGHTS}
 
 
-def instruction_arrays(slots: list, dim: int, num_events: int):
+def instruction_arrays(slots: list, num_events: int, dim: int):
     """The device's view of instructions (None = empty slot): embeddings (B, D), event masks (B, E), valid (B,)."""
     emb, mask = np.zeros((len(slots), dim), np.float32), np.zeros((len(slots), num_events), bool)
     for i, e in enumerate(slots):
         if e is not None:
             emb[i], mask[i] = e.emb, e.mask
     return emb, mask, np.array([e is not None for e in slots])
-
-
-def admit_proposals(answers, events, buffer, pool, embed, spec, args, tally: Counter):
-    """Filter each answer against its own trajectory; accepted instructions join the relabel pool and the buffer (a
-    newcomer also takes over the running episodes of the instruction it evicts)."""
-    for answer, ev in zip(answers, events):
-        if answer is None:  # a failed request, counted by the client
-            continue
-        candidates, held = parse_proposals(answer), buffer.entries() + list(pool)
-        observed = set(np.flatnonzero(ev.any(0)).tolist())
-        accepted, rejected = filter_proposals(
-            candidates, args.relabel_k, observed, [h.text for h in held], [h.emb for h in held], embed, args.delta
-        )
-        tally.update({f"rejected_{r}": c for r, c in rejected.items()}, rejected_empty=not candidates)
-        for text, event_id, _ in accepted:
-            pool.append(inst := make_instruction(text, event_id, embed, args))
-            slot, evicted = buffer.add(inst)
-            tally.update(accepted=1, added=slot is not None)
-            note = "" if slot is None else f"; buffer slot {slot}" + (f" (evicted {evicted!r})" if evicted else "")
-            print(f"relabel: accepted {text!r} (matches event: {spec.texts[event_id]}){note}")
 
 
 # === LLM client: the same class, flags and errors in all five scripts =================================================
@@ -568,8 +547,8 @@ class LLMClient:
 
 # === Network: instruction-conditioned Q-network (PQN's LayerNorm MLP) =================================================
 class QNetwork(nn.Module):
-    """Q(s, ., f_instr(i)): PQN's MLP (Dense -> LayerNorm -> ReLU) x num_layers on [obs, instruction embedding], the
-    reference's layer_norm body (no input normalisation). Concatenation is our choice; the paper states pi(a | s, f_instr(i))."""
+    """Q(s, ., f_instr(i)): PQN's MLP (Dense -> LayerNorm -> ReLU) x num_layers on [obs, f_instr(i)] (concatenation is
+    our choice; the paper states pi(a | s, f_instr(i))), the reference's layer_norm body (no input normalisation)."""
 
     action_dim: int
     hidden_size: int
@@ -613,8 +592,8 @@ INSTR_MAX_STEPS = 500  # an instruction episode without success ends with return
 
 
 def lambda_returns(rewards, dones, next_q_max, gamma: float, lam: float):
-    """Peng's Q(lambda) targets computed backwards, as PQN (reference `_get_target`), rewards, dones, next_q_max (T, B):
-    G_t = r_t + gamma (1 - d_t) [(1 - lam) max_a Q(s_t+1, a) + lam G_t+1], with G_T-1 bootstrapped from next_q_max[-1]."""
+    """Peng's Q(lambda) targets backwards, as PQN's `_get_target`; rewards, dones, next_q_max (T, B): G_t = r_t +
+    gamma (1 - d_t) [(1 - lam) max_a Q(s_t+1, a) + lam G_t+1], G_T-1 bootstrapped from next_q_max[-1]."""
 
     def body(g_next, x):
         r, d, nq = x
@@ -636,10 +615,9 @@ def q_loss(params, apply_fn, obs, instr, action, target, weight):
 
 
 def relabel_rollout(traj: Trajectory, pool_emb, pool_mask, pool_valid, num_copies: int, rng):
-    """Hindsight relabeling of the rollout with accepted instructions (paper Section 3): num_copies environments whose
-    rollout achieved at least one pool instruction (random among them), each with one achieved instruction; rewards are
-    recomputed with that instruction's event mask and its episode is cut at success. Returns the copies' (obs, action,
-    emb, reward, done, env index, valid)."""
+    """Hindsight relabeling with accepted instructions (paper Section 3): num_copies random envs whose rollout achieved
+    a pool instruction, each with one of them, rewards recomputed by its event mask, episodes cut at success. Returns
+    the copies' (obs, action, emb, reward, done, env index, valid)."""
     k_env, k_ins = jax.random.split(rng)
     hits = jnp.einsum("tne,pe->np", traj.events.astype(jnp.float32), pool_mask.astype(jnp.float32))
     achieved = (hits > 0) & pool_valid[None]  # (N, P)
@@ -648,10 +626,9 @@ def relabel_rollout(traj: Trajectory, pool_emb, pool_mask, pool_valid, num_copie
     ach = achieved[env_idx]  # (R, P)
     choice = jnp.argmax(jnp.where(ach, jax.random.uniform(k_ins, ach.shape), -1.0), axis=-1)  # (R,)
     emb, valid = pool_emb[choice], ach.any(-1)  # (R, D), (R,)
-    reward = (traj.events[:, env_idx] & pool_mask[choice][None]).any(-1)  # (T, R)
-    done = traj.env_done[:, env_idx] | reward  # the relabeled instruction episode ends at success
-    f32 = jnp.float32
-    return traj.obs[:, env_idx], traj.action[:, env_idx], emb, reward.astype(f32), done.astype(f32), env_idx, valid
+    reward = (traj.events[:, env_idx] & pool_mask[choice][None]).any(-1).astype(jnp.float32)  # (T, R)
+    done = jnp.maximum(traj.env_done[:, env_idx], reward)  # the relabeled instruction episode ends at success
+    return traj.obs[:, env_idx], traj.action[:, env_idx], emb, reward, done, env_idx, valid
 
 
 def make_learn(network: QNetwork, args: Args, num_copies: int):
@@ -663,7 +640,7 @@ def make_learn(network: QNetwork, args: Args, num_copies: int):
         return lambda_returns(reward, done, q_next, args.gamma, args.q_lambda)
 
     def learn(ts: TrainState, traj: Trajectory, table, pool_emb, pool_mask, pool_valid, rng):
-        """One pass (the reference's NUM_EPOCHS = 1) over the rollout and its relabeled copies, in shuffled minibatches."""
+        """One pass (the reference's NUM_EPOCHS = 1) over the rollout and its relabeled copies, shuffled minibatches."""
         T, N = traj.action.shape
         k, k_perm = jax.random.split(rng)
         # Instructions travel as indices into a small table (buffer slots, then one row per relabeled copy) and are
@@ -696,8 +673,11 @@ def make_learn(network: QNetwork, args: Args, num_copies: int):
     return learn
 
 
-def make_rollout(network: QNetwork, vec_step, spec: EventSpec, args: Args):
-    N = args.num_envs
+def make_train_chunk(network, vec_step, args, num_updates: int):
+    """chunk_updates x (collect a rollout, learn on it and its relabeled copies), in one jitted lax.scan. The host
+    relabels between chunks: the instructions it accepts relabel the following rollouts (envs that achieve one)."""
+    N, learn = args.num_envs, make_learn(network, args, num_relabel_copies(args))
+    eps_fn = optax.linear_schedule(EPS_START, EPS_FINISH, max(int(EPS_DECAY * num_updates), 1))  # per update
 
     def rollout(params, ec: EnvCarry, table_emb, table_mask, slot_logits, eps, rng):
         def step(carry, _):
@@ -707,19 +687,14 @@ def make_rollout(network: QNetwork, vec_step, spec: EventSpec, args: Args):
             explore = jax.random.uniform(k_e, (N,)) < eps  # epsilon-greedy (PQN)
             action = jnp.where(explore, jax.random.randint(k_a, (N,), 0, q.shape[-1]), q.argmax(-1))
             obs, env_state, state_st, _, env_done = vec_step(k_env, ec.env_state, action)
-            events = transition_events(spec, ec.env_state, state_st)  # (N, E)
+            events = transition_events(ec.env_state, state_st)  # (N, E)
             success = semantic_reward(events, table_mask, ec.slot)
             instr_t = ec.instr_t + 1
             idone = env_done | success | (instr_t >= INSTR_MAX_STEPS)
-            new_slot = jax.random.categorical(k_slot, slot_logits, shape=(N,))
+            slot = jnp.where(idone, jax.random.categorical(k_slot, slot_logits, shape=(N,)), ec.slot)  # draw anew
             tr = dict(obs=ec.obs, action=action, reward=success.astype(jnp.float32), done=idone.astype(jnp.float32))
             tr.update(env_done=env_done, events=events, slot=ec.slot, q_val=q)
-            ec = ec.replace(
-                env_state=env_state,
-                obs=obs,
-                slot=jnp.where(idone, new_slot, ec.slot),
-                instr_t=jnp.where(idone, 0, instr_t),
-            )
+            ec = ec.replace(env_state=env_state, obs=obs, slot=slot, instr_t=jnp.where(idone, 0, instr_t))
             return (ec, rng), tr
 
         (ec, _), tr = jax.lax.scan(step, (ec, rng), None, args.num_steps)
@@ -729,16 +704,6 @@ def make_rollout(network: QNetwork, vec_step, spec: EventSpec, args: Args):
         traj = Trajectory(**tr, last_obs=ec.obs)
         per_slot = lambda x: jnp.zeros(table_emb.shape[0]).at[traj.slot].add(x)  # outcomes per buffer slot, (B,)
         return ec, traj, dict(slot_success=per_slot(traj.reward), slot_episodes=per_slot(traj.done))
-
-    return rollout
-
-
-def make_train_chunk(network, vec_step, spec, args, num_updates: int):
-    """chunk_updates x (collect a rollout, learn on it and its relabeled copies), all in one jitted lax.scan. The host
-    relabels between chunks: the instructions it accepts relabel the following rollouts (every env that achieves one)."""
-    rollout = make_rollout(network, vec_step, spec, args)
-    learn = make_learn(network, args, num_relabel_copies(args))
-    eps_fn = optax.linear_schedule(EPS_START, EPS_FINISH, max(int(EPS_DECAY * num_updates), 1))  # per update
 
     @jax.jit
     def train_chunk(ts, ec, rng, table_emb, table_mask, slot_probs, pool):
@@ -757,7 +722,7 @@ def make_train_chunk(network, vec_step, spec, args, num_updates: int):
 
 
 def init_train(env, env_params, network, buffer, embed, args: Args, num_chunks: int, rng):
-    """The learner's state (RAdam, clipped, linear decay to 0: the reference's optimiser) and the environments' carry."""
+    """The learner's state (RAdam, clipped, linear decay to 0: the reference's optimiser) and the envs' carry."""
     k_init, k_env, k_slot = jax.random.split(rng, 3)
     N, L, (E, D) = args.num_envs, RELABEL_LOG_LEN, embed.events.shape
     obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_env, N), env_params)
@@ -774,16 +739,17 @@ def init_train(env, env_params, network, buffer, embed, args: Args, num_chunks: 
 EVAL_SUCCESS_THRESHOLD = 0.1  # an instruction counts as covered when its success rate is above this (choice)
 
 
-def make_evaluate(env, env_params, network, spec, embed: Embedder, path: Path, args: Args):
-    """The held-out instructions (kind | text | achievements that define success) and a jitted evaluation: each one
-    for eval_episodes greedy episodes (the reference's EPS_TEST: 0) from fresh worlds. Success (M, episodes): every
-    required achievement flag unlocked (ground truth, never the semantic reward)."""
-    rows = read_table(path, 3)
-    required = np.zeros((len(rows), len(spec.names)), bool)
+def make_evaluate(env, env_params, network, embed: Embedder, path: Path, args: Args):
+    """The held-out instructions (kind | text | achievements that define success), and evaluate_and_log: each one for
+    eval_episodes greedy episodes (the reference's EPS_TEST: 0) from fresh worlds, jitted. Success: every required
+    achievement flag unlocked (ground truth, never the semantic reward); coverage: instructions above the threshold,
+    overall and per kind."""
+    rows = read_table(path)
+    required = np.zeros((len(rows), len(EVENT_NAMES)), bool)
     for i, r in enumerate(rows):
-        required[i, [spec.names.index(ach.strip()) for ach in r[2].split("+")]] = True
-    ev = dict(kinds=np.array([r[0] for r in rows]), texts=[r[1] for r in rows])
-    emb, req = (jnp.repeat(jnp.asarray(x), args.eval_episodes, 0) for x in (embed(ev["texts"]), required))
+        required[i, [EVENT_NAMES.index(ach.strip()) for ach in r[2].split("+")]] = True
+    kinds, texts = np.array([r[0] for r in rows]), [r[1] for r in rows]
+    emb, req = (jnp.repeat(jnp.asarray(x), args.eval_episodes, 0) for x in (embed(texts), required))
     n = emb.shape[0]
 
     @jax.jit
@@ -803,45 +769,33 @@ def make_evaluate(env, env_params, network, spec, embed: Embedder, path: Path, a
 
         init = (obs, strong_types(state), jnp.ones(n, bool), jnp.zeros_like(req), rng)
         (_, _, _, got, _), _ = jax.lax.scan(step, init, None, args.eval_max_steps)
-        return (got | ~req).all(-1).reshape(-1, args.eval_episodes)
+        return (got | ~req).all(-1).reshape(-1, args.eval_episodes)  # (M, episodes)
 
-    return evaluate, ev
+    def evaluate_and_log(params, writer, step: int, rng):
+        t0 = time.time()
+        rates = np.asarray(evaluate(params, rng)).mean(1)
+        m = {f"eval/success/{t}": float(r) for t, r in zip(texts, rates)}
+        m["eval/coverage"] = int((rates > EVAL_SUCCESS_THRESHOLD).sum())
+        for kind in dict.fromkeys(kinds):
+            m[f"eval/coverage_{kind}"] = int((rates[kinds == kind] > EVAL_SUCCESS_THRESHOLD).sum())
+        m["eval/mean_success"] = float(rates.mean())
+        for key, v in m.items():
+            writer.add_scalar(key, v, step)
+        for kind, text, s in zip(kinds, texts, rates):
+            print(f"  eval success {s:5.2f}  [{kind}] {text}")
+        print(
+            f"eval coverage {m['eval/coverage']}/{len(rates)} (success > {EVAL_SUCCESS_THRESHOLD}) at step {step}, "
+            f"mean success {m['eval/mean_success']:.3f} ({time.time() - t0:.1f}s)"
+        )
 
-
-def evaluate_and_log(evaluate, params, ev: dict, writer, step: int, rng):
-    """Success per held-out instruction and coverage (instructions above threshold, overall and per kind)."""
-    t0 = time.time()
-    rates = np.asarray(evaluate(params, rng)).mean(1)
-    m = {f"eval/success/{t}": float(r) for t, r in zip(ev["texts"], rates)}
-    m["eval/coverage"] = int((rates > EVAL_SUCCESS_THRESHOLD).sum())
-    for kind in dict.fromkeys(ev["kinds"]):
-        m[f"eval/coverage_{kind}"] = int((rates[ev["kinds"] == kind] > EVAL_SUCCESS_THRESHOLD).sum())
-    m["eval/mean_success"] = float(rates.mean())
-    for key, v in m.items():
-        writer.add_scalar(key, v, step)
-    for kind, text, s in zip(ev["kinds"], ev["texts"], rates):
-        print(f"  eval success {s:5.2f}  [{kind}] {text}")
-    print(
-        f"eval coverage {m['eval/coverage']}/{len(rates)} (success > {EVAL_SUCCESS_THRESHOLD}) at step {step}, mean "
-        f"success {m['eval/mean_success']:.3f} ({time.time() - t0:.1f}s)"
-    )
-
-
-def save_checkpoint(out: Path, params, buffer: InstructionBuffer, step: int):
-    """Network parameters (flax msgpack) and the instruction buffer, written over the previous checkpoint."""
-    (out / "oir_pqn.params").write_bytes(flax.serialization.to_bytes(params))
-    keys = ("text", "successes", "episodes")
-    rows = [{**{k: getattr(e, k) for k in keys}, "status": buffer.status(e)} for e in buffer.entries()]
-    (out / "instruction_buffer.json").write_text(json.dumps(rows, indent=1))
-    print(f"checkpoint saved to {out}/oir_pqn.params and {out}/instruction_buffer.json (step {step})")
+    return evaluate_and_log
 
 
 def log_chunk(writer, infos: dict, buffer: InstructionBuffer, tally: Counter, chunk: int, step: int, sps, cpu_sps):
     """TensorBoard scalars and the one printed line per chunk."""
     succ, tried = infos["slot_success"].sum(), infos["slot_episodes"].sum()
     scalars = {"charts/SPS": sps, "charts/instruction_success_rate": succ / max(tried, 1)}
-    scalars["charts/epsilon"] = infos["charts/epsilon"][-1]
-    scalars.update({key: v.mean() for key, v in infos.items() if key.startswith(("losses/", "relabel/"))})
+    scalars.update({key: v.mean() for key, v in infos.items() if key.startswith(("charts/", "losses/", "relabel/"))})
     scalars.update({f"buffer/{status}": c for status, c in buffer.counts().items()})
     scalars.update({f"relabel/{key}": c for key, c in tally.items()})
     for key, v in scalars.items():
@@ -861,7 +815,7 @@ def main():
     llm = LLMClient(args) if args.relabel == "llm" else None  # a wrong --llm-base-url fails here, at start
     steps_per_chunk = args.chunk_updates * args.num_envs * args.num_steps
     num_chunks = max(args.total_timesteps // steps_per_chunk, 1)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = f"{ENV_ID}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.track:
         import wandb
 
@@ -872,8 +826,6 @@ def main():
             name=run_name,
             sync_tensorboard=True,
         )
-    from torch.utils.tensorboard import SummaryWriter
-
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
@@ -882,22 +834,21 @@ def main():
     np_rng, rng = np.random.default_rng(args.seed), jax.random.PRNGKey(args.seed)
 
     # The method's pieces: f_state's event vocabulary, the encoder, the prioritized buffer and the relabel pool.
-    env, env_params, spec = make_env(args.env_id)
-    embed = Embedder(args.embed_model, spec.texts)
-    E, D = embed.events.shape
+    env, env_params = make_env()
+    embed = Embedder(args.embed_model, EVENT_LINES)
     relabel_prompt = load_prompt(prompts / "relabel.md")
     buffer, pool = InstructionBuffer(args), deque(maxlen=RELABEL_POOL_SIZE)
-    for text, ach in read_table(prompts / "seed_instructions.md", 2):
-        buffer.add(make_instruction(text, spec.names.index(ach), embed, args))
+    for text, ach in read_table(prompts / "seed_instructions.md"):
+        buffer.add(make_instruction(text, EVENT_NAMES.index(ach), embed, args))
 
     network = QNetwork(env.action_space(env_params).n, args.hidden_size, args.num_layers)
     vec_step = make_vec_env_step(env, env_params, args.num_envs)
-    train_chunk = make_train_chunk(network, vec_step, spec, args, num_chunks * args.chunk_updates)
+    train_chunk = make_train_chunk(network, vec_step, args, num_chunks * args.chunk_updates)
     rng, k = jax.random.split(rng)
     ts, ec = init_train(env, env_params, network, buffer, embed, args, num_chunks, k)
-    evaluate, eval_set = make_evaluate(env, env_params, network, spec, embed, prompts / "eval_instructions.md", args)
+    evaluate_and_log = make_evaluate(env, env_params, network, embed, prompts / "eval_instructions.md", args)
     print(
-        f"OIR-PQN on {args.env_id}: {num_chunks * args.chunk_updates} updates in {num_chunks} chunks, {args.num_envs} "
+        f"OIR-PQN on {ENV_ID}: {num_chunks * args.chunk_updates} updates in {num_chunks} chunks, {args.num_envs} "
         f"envs x {args.num_steps} steps, relabel={args.relabel}, reward={args.reward}, sampling={args.buffer_sampling}"
     )
     print("buffer seeds: " + ", ".join(repr(e.text) for e in buffer.entries()))
@@ -907,26 +858,29 @@ def main():
         t0, c0, global_step = time.time(), time.process_time(), (chunk + 1) * steps_per_chunk
         rng, k, k_eval = jax.random.split(rng, 3)
         # 1. Rollout + PQN update on it and its relabeled copies, chunk_updates times, in one jitted call.
-        table = (*instruction_arrays(buffer.slots, D, E)[:2], buffer.probs())
-        pool_arrays = instruction_arrays(list(pool) + [None] * (RELABEL_POOL_SIZE - len(pool)), D, E)
+        table = (*instruction_arrays(buffer.slots, *embed.events.shape)[:2], buffer.probs())
+        pool_arrays = instruction_arrays(list(pool) + [None] * (RELABEL_POOL_SIZE - len(pool)), *embed.events.shape)
         ts, ec, infos = train_chunk(ts, ec, k, *table, pool_arrays)
         infos = jax.tree_util.tree_map(np.asarray, infos)
         # 2. Buffer statuses from the instruction episodes that ended.
         buffer.update(infos["slot_success"].sum(0), infos["slot_episodes"].sum(0))
         # 3. Relabel: event logs of recent trajectories -> LLM proposals -> filter -> relabel pool and buffer.
         if args.relabel != "none":
-            ring, ring_done = np.asarray(ec.ring), np.asarray(ec.ring_done)
-            events, answers = ask_relabeler(llm, relabel_prompt, ring, ring_done, spec, args, np_rng, tally)
-            admit_proposals(answers, events, buffer, pool, embed, spec, args, tally)
+            relabel(llm, relabel_prompt, ec, buffer, pool, embed, args, np_rng, tally)
         # Throughput of the chunk, relabeling included, evaluation excluded (the first chunk also compiles).
         sps = (steps_per_chunk / (time.time() - t0), steps_per_chunk / (time.process_time() - c0))
         log_chunk(writer, infos, buffer, tally, chunk, global_step, *sps)
         # 4. Evaluation and checkpoints.
         due = lambda every: chunk + 1 == num_chunks or (every > 0 and (chunk + 1) % every == 0)
         if due(args.eval_every):
-            evaluate_and_log(evaluate, ts.params, eval_set, writer, global_step, k_eval)
-        if args.save_model and due(args.save_every):
-            save_checkpoint(Path(f"runs/{run_name}"), ts.params, buffer, global_step)
+            evaluate_and_log(ts.params, writer, global_step, k_eval)
+        if args.save_model and due(args.save_every):  # network (flax msgpack) and buffer, over the previous checkpoint
+            out = Path(f"runs/{run_name}")
+            (out / "oir_pqn.params").write_bytes(flax.serialization.to_bytes(ts.params))
+            keys = ("text", "successes", "episodes")
+            rows = [{**{k: getattr(e, k) for k in keys}, "status": buffer.status(e)} for e in buffer.entries()]
+            (out / "instruction_buffer.json").write_text(json.dumps(rows, indent=1))
+            print(f"checkpoint saved to {out}/oir_pqn.params and {out}/instruction_buffer.json (step {global_step})")
 
     rejected = {key[len("rejected_") :]: c for key, c in tally.items() if key.startswith("rejected_") and c}
     print(
