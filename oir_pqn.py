@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
+from craftax.craftax_env import make_craftax_env_from_name
 from flax.training.train_state import TrainState
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
@@ -200,14 +201,6 @@ EVENT_NAMES, EVENT_LINES = tuple(EVENT_TEXTS), tuple(EVENT_TEXTS.values())
 RECURRING = [(i, n.split("_", 1)[1]) for i, n in enumerate(EVENT_NAMES) if n.startswith(("collect_", "make_"))]
 
 
-def make_env():
-    from craftax.craftax_env import make_craftax_env_from_name
-
-    # auto_reset=False: we reset optimistically ourselves (auto-reset regenerates a world every step, ~10x slower).
-    env = make_craftax_env_from_name(ENV_ID, auto_reset=False)
-    return env, env.default_params
-
-
 def strong_types(tree):
     # After reset some leaves are weakly typed, after step strongly: without this every jitted function compiles twice.
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, x.dtype), tree)
@@ -223,9 +216,8 @@ def transition_events(prev_state, next_state):
 
 
 def make_vec_env_step(env, env_params, num_envs: int):
-    """Step all envs; envs that end get one of num_envs // 16 fresh worlds (optimistic resets, from purejaxql
-    utils/craftax_wrappers.py: generating a world is the expensive part; duplicates are rare and harmless). Also returns
-    the stepped state before the reset, from which the transition's events are read."""
+    """Step all envs; envs that end get one of num_envs // 16 fresh worlds (purejaxql's optimistic resets: generating a
+    world is the expensive part). Also returns the stepped state before the reset, whose transition gives the events."""
     num_resets = num_envs // OPTIMISTIC_RESET_RATIO
 
     def step(rng, state, action):
@@ -343,9 +335,8 @@ class Embedder:
 
 
 def semantic_mask(instr_emb: np.ndarray, event_embs: np.ndarray, delta: float) -> np.ndarray:
-    """Which events reward this instruction: cos(f_state, f_instr) > delta (paper), and, as a choice, only its best
-    matching event: one global threshold alone is brittle (at 0.45 "make a wooden pickaxe" matches all three pickaxe
-    events while "drink some water" misses its own)."""
+    """Which events reward this instruction: cos(f_state, f_instr) > delta (paper) and, our choice, only its best match:
+    one threshold is brittle (at 0.45 "make a wooden pickaxe" matches 3 pickaxes, "drink some water" misses its own)."""
     sims = event_embs @ instr_emb  # (E,) cosine: both sides are unit-normalised
     return (sims > delta) & (sims >= sims.max())
 
@@ -408,8 +399,7 @@ class Instruction:
 
     @property
     def mean_return(self) -> float:
-        # The reward is binary and the instruction episode ends at success, so its return is 1 (success) or 0.
-        return self.successes / max(self.episodes, 1e-9)
+        return self.successes / max(self.episodes, 1e-9)  # an episode's return is 1 (success, the end) or 0
 
 
 def make_instruction(text: str, event_id, embed: Embedder, args: Args) -> Instruction:
@@ -645,9 +635,8 @@ def make_learn(network: QNetwork, args: Args, num_copies: int):
         k, k_perm = jax.random.split(rng)
         # Instructions travel as indices into a small table (buffer slots, then one row per relabeled copy) and are
         # gathered per minibatch: cheaper than shuffling a (T, N, D) array of embeddings.
-        idx = traj.slot  # (T, N) into table (B, D)
-        target = targets(ts.params, traj.q_val, traj.last_obs, table[idx[-1]], traj.reward, traj.done)
-        data, info = [traj.obs, idx, traj.action, target, jnp.ones((T, N))], {}
+        target = targets(ts.params, traj.q_val, traj.last_obs, table[traj.slot[-1]], traj.reward, traj.done)
+        data, info = [traj.obs, traj.slot, traj.action, target, jnp.ones((T, N))], {}  # slot (T, N): rows of table
         if num_copies > 0:
             obs, act, emb, rew, done, env, valid = relabel_rollout(traj, pool_emb, pool_mask, pool_valid, num_copies, k)
             # Q of the copies under their new instruction (not available from the rollout): current params.
@@ -740,10 +729,9 @@ EVAL_SUCCESS_THRESHOLD = 0.1  # an instruction counts as covered when its succes
 
 
 def make_evaluate(env, env_params, network, embed: Embedder, path: Path, args: Args):
-    """The held-out instructions (kind | text | achievements that define success), and evaluate_and_log: each one for
-    eval_episodes greedy episodes (the reference's EPS_TEST: 0) from fresh worlds, jitted. Success: every required
-    achievement flag unlocked (ground truth, never the semantic reward); coverage: instructions above the threshold,
-    overall and per kind."""
+    """Held-out instructions (kind | text | required achievements), each for eval_episodes greedy episodes (EPS_TEST: 0,
+    as the reference) from fresh worlds. Success: every required achievement flag unlocked (ground truth, never the
+    semantic reward); coverage: instructions above EVAL_SUCCESS_THRESHOLD, overall and per kind."""
     rows = read_table(path)
     required = np.zeros((len(rows), len(EVENT_NAMES)), bool)
     for i, r in enumerate(rows):
@@ -833,11 +821,13 @@ def main():
     # Seeding: NumPy for the host's choices, JAX for everything on device (and the seed goes with each LLM request).
     np_rng, rng = np.random.default_rng(args.seed), jax.random.PRNGKey(args.seed)
 
-    # The method's pieces: f_state's event vocabulary, the encoder, the prioritized buffer and the relabel pool.
-    env, env_params = make_env()
+    # auto_reset=False: we reset optimistically ourselves (auto-reset regenerates a world every step, ~10x slower).
+    env = make_craftax_env_from_name(ENV_ID, auto_reset=False)
+    env_params = env.default_params
+    # The method's pieces: the encoder (f_instr and f_state's event texts), the prioritized buffer, the relabel pool.
     embed = Embedder(args.embed_model, EVENT_LINES)
     relabel_prompt = load_prompt(prompts / "relabel.md")
-    buffer, pool = InstructionBuffer(args), deque(maxlen=RELABEL_POOL_SIZE)
+    buffer, pool, tally = InstructionBuffer(args), deque(maxlen=RELABEL_POOL_SIZE), Counter()
     for text, ach in read_table(prompts / "seed_instructions.md"):
         buffer.add(make_instruction(text, EVENT_NAMES.index(ach), embed, args))
 
@@ -853,7 +843,6 @@ def main():
     )
     print("buffer seeds: " + ", ".join(repr(e.text) for e in buffer.entries()))
 
-    tally = Counter()
     for chunk in tqdm(range(num_chunks), desc="chunks"):
         t0, c0, global_step = time.time(), time.process_time(), (chunk + 1) * steps_per_chunk
         rng, k, k_eval = jax.random.split(rng, 3)
@@ -888,8 +877,7 @@ def main():
         f"accepted ({tally['requests']} LLM requests, {tally['llm_failures']} failed; rejected: {rejected}), "
         f"{tally['added']} entered the buffer"
     )
-    entries = buffer.entries()
-    print("final buffer: " + "; ".join(f"{e.text!r} [{buffer.status(e)}, {e.mean_return:.2f}]" for e in entries))
+    print("final buffer:", "; ".join(f"{e.text!r} [{buffer.status(e)} {e.mean_return:.2f}]" for e in buffer.entries()))
     writer.close()
 
 

@@ -153,7 +153,8 @@ def test_event_log_from_scripted_trajectory(oir):
     import jax.numpy as jnp
     from craftax.craftax_classic.constants import Achievement, Action, BlockType
 
-    env, params = oir.make_env()
+    env = oir.make_craftax_env_from_name(oir.ENV_ID, auto_reset=False)
+    params = env.default_params
     _, state = env.reset(jax.random.PRNGKey(0), params)
     state = oir.strong_types(state)
     step = jax.jit(lambda k, s, a: env.step(k, s, a, params))
