@@ -101,8 +101,6 @@ class Args:
     """trade compute for memory on long trajectories"""
     max_seq_len: int = 4096
     """training sequences are cut to this many tokens; rollout prompts drop their oldest turns to fit"""
-    action_mode: Literal["generate", "score"] = "generate"
-    """generate: the agent writes its action (paper); score: it picks an admissible command by mean token log-prob"""
     rollout_temperature: float = 1.0
     """sampling temperature of training rollouts (a_t ~ pi_theta, Section 3.2); 0 = greedy"""
     # --- SFT (Appendix F, following ETO) ---
@@ -197,9 +195,7 @@ def check_args(args: Args):
         raise SystemExit(f"error: --data-dir {args.data_dir}: no json_2.1.1 folder there (run `alfworld-download`)")
 
 
-# ======================================================================================================================
-# Environment (ALFWorld)
-# ======================================================================================================================
+# === Environment (ALFWorld) ===========================================================================================
 def list_games(data_dir: str, split: str, limit: int = -1) -> list[str]:
     """Game files of one split, collected and filtered (solvable, six task types) by alfworld's own AlfredTWEnv."""
     from alfworld.agents.environment.alfred_tw_env import AlfredTWEnv
@@ -278,9 +274,10 @@ class ALFWorldGame:
         return self.state["feedback"].strip(), bool(self.state["won"]), bool(done), self.state
 
 
-# ======================================================================================================================
-# LLM client: the same class, flags and errors in all five scripts
-# ======================================================================================================================
+GAME_POOL = collections.defaultdict(list)  # loaded games by file, reused across rollouts (loading parses the PDDL)
+
+
+# === LLM client: the same class, flags and errors in all five scripts =================================================
 class LLMClient:
     """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp,
     `transformers serve`, hosted APIs; key from $OPENAI_API_KEY) or an in-process transformers model (offline runs).
@@ -352,9 +349,7 @@ class LLMClient:
         return [o if o is None else o[: 16 * self.args.llm_max_new_tokens] for o in outs]
 
 
-# ======================================================================================================================
-# Hindsight relabeling (Section 3.3): goal templates, segmentation at S(I'_k), relevance z, oracle, precision/recall
-# ======================================================================================================================
+# === Hindsight relabeling (Section 3.3): goals, segmentation at S(I'_k), relevance z, oracle, precision/recall ========
 # A trajectory / demonstration is a plain dict (JSON-able, so D' can be checkpointed): intro (room description),
 # instruction, actions [T], observations [T] (o_{t+1} after a_t), thoughts [T] or None, z [T] relevance labels
 # (1 for ground truth), task_type, source ("expert" / "eto" / "hindsight"); rollouts add won and the PDDL states.
@@ -378,12 +373,7 @@ GOAL_PATTERNS = [
 GOAL_TEXT = dict(zip(TASK_TYPES, ["put a {o} in {r}", "look at {o} under the {r}", "put a clean {o} in {r}"]))
 GOAL_TEXT.update(zip(TASK_TYPES[3:], ["put a hot {o} in {r}", "put a cool {o} in {r}", "put two {o} in {r}"]))
 LAMPS = ("desklamp", "floorlamp")
-
-
-def trajectory_names(traj: dict) -> set[str]:
-    """Type names ("mug", "sinkbasin") of every numbered entity ("mug 1") the trajectory mentions."""
-    text = " ".join([traj["intro"]] + traj["actions"] + traj["observations"]).lower()
-    return {m.group(1) for m in re.finditer(r"\b([a-z]+) \d+\b", text)}
+goal_text = lambda goal: GOAL_TEXT[goal[0]].format(o=goal[1], r=goal[2])  # (task_type, obj, recep) -> instruction
 
 
 def validate_goal(goal, names: set[str]) -> Optional[tuple]:
@@ -459,20 +449,6 @@ def oracle_relevance(traj: dict, goal: tuple, S: int) -> list[int]:
     return z
 
 
-def make_hindsight_demo(traj: dict, goal: tuple, S: int, z: list[int]) -> dict:
-    """(tau_{S(k)}, I'_k, z_{1:S(k)}): the segment up to S, relabeled with the goal (Section 3.3). The agent's thoughts
-    are dropped: they reasoned about the original instruction."""
-    d = dict(
-        intro=traj["intro"],
-        instruction=GOAL_TEXT[goal[0]].format(o=goal[1], r=goal[2]),
-        actions=traj["actions"][:S],
-        thoughts=None,
-        z=list(z),
-    )
-    d.update(observations=traj["observations"][:S], task_type=goal[0], goal=list(goal), source="hindsight")
-    return {**d, "gamefile": traj.get("gamefile")}
-
-
 def extract_json_list(text: Optional[str]) -> Optional[list]:
     """The JSON list in an LLM answer: code fences stripped, json.loads of the outermost [...]; else None.
     Never evaluates anything; LLMClient already bounded the answer's size."""
@@ -524,18 +500,18 @@ def parse_relevance(text: Optional[str], S: int) -> Optional[list[int]]:
     return [int(v in ("yes", "true")) for v in labels]
 
 
-def precision_recall(judge: collections.Counter) -> tuple[float, float]:
+def precision_recall(counts: collections.Counter) -> tuple[float, float]:
     """Precision and recall of the LLM's validated goals against the oracle's (NaN when undefined)."""
-    tp, fp, fn = judge["tp"], judge["fp"], judge["fn"]
+    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
     return (tp / (tp + fp) if tp + fp else float("nan"), tp / (tp + fn) if tp + fn else float("nan"))
 
 
-def relabel(trajs, args, counters, judge, client=None, prompts=None, verbose=True) -> list[list[dict]]:
+def relabel(trajs, args, counters, client=None, prompts=None, verbose=True) -> list[list[dict]]:
     """Section 3.3: per trajectory, one hindsight demonstration per goal I'_k it achieved, cut at S(I'_k), masked by z.
 
     "llm": the auxiliary LLM M, one goal-inference request per trajectory (Figure 8), segmentation at S(I'_k), one
     relevance request per goal (Figure 9); every failed request or unusable answer is a counted skip, and the oracle's
-    goals score M's (precision/recall in `judge`) without influencing them. "oracle" (beyond the paper): PDDL facts.
+    goals score M's (tp / fp / fn counts: precision, recall) without influencing them. "oracle" (beyond the paper): PDDL facts.
     """
     ask = lambda name, **kw: [  # the system prompt (Figure 8 or 9), then our user turn with the trajectory
         {"role": "system", "content": prompts[name]},
@@ -552,39 +528,41 @@ def relabel(trajs, args, counters, judge, client=None, prompts=None, verbose=Tru
             step_labels.append(extract_json_list(answers[i]))
             bad = "goal_inference_failed_request" if answers[i] is None else "goal_inference_bad_json"
             counters.update({"goal_inference_calls": 1, bad: step_labels[i] is None})
-            goals = segment_goals(step_labels[i] or [], len(traj["actions"]), trajectory_names(traj), counters)
+            text = " ".join([traj["intro"]] + traj["actions"] + traj["observations"]).lower()
+            names = {m.group(1) for m in re.finditer(r"\b([a-z]+) \d+\b", text)}  # "mug" for "mug 1": entities seen
+            goals = segment_goals(step_labels[i] or [], len(traj["actions"]), names, counters)
         if args.ablation == "relabel_failure":  # Figure 4: failed trajectories only, their final achieved goal only
             last = lambda gs: [max(gs, key=lambda g: g[1])] if gs and not traj["won"] else []
             goals, truth = last(goals), last(truth)
         pred, true = {g for g, _ in goals}, {g for g, _ in truth}
-        judge.update(tp=len(pred & true), fp=len(pred - true), fn=len(true - pred))
-        counters.update(goals_found=len(goals), trajectories_without_goal=not goals)
+        counters.update(tp=len(pred & true), fp=len(pred - true), fn=len(true - pred), goals_found=len(goals))
+        counters.update(trajectories_without_goal=not goals)
         found.append(goals)
     jobs = [(i, g, S) for i, goals in enumerate(found) for g, S in goals]
     if args.relabeler == "oracle":
         labels = [oracle_relevance(trajs[i], g, S) for i, g, S in jobs]
     else:  # one relevance request per (trajectory, goal); an unusable answer drops the goal
+        texts = [format_trajectory(trajs[i], S, step_labels[i]) for i, _, S in jobs]  # with Figure 8's labels
         convs = [
-            ask(
-                "action_relevance",
-                goal=GOAL_TEXT[g[0]].format(o=g[1], r=g[2]),
-                num_steps=S,
-                trajectory=format_trajectory(trajs[i], S, step_labels[i]),
-            )
-            for i, g, S in jobs
+            ask("action_relevance", goal=goal_text(g), num_steps=S, trajectory=x) for (_, g, S), x in zip(jobs, texts)
         ]
         labels = [parse_relevance(ans, S) for ans, (_, _, S) in zip(client.chat(convs) if convs else [], jobs)]
         counters.update(relevance_calls=len(labels), relevance_unusable=sum(z is None for z in labels))
     out = [[] for _ in trajs]
-    for (i, g, S), z in zip(jobs, labels):
-        if z is not None:
-            out[i].append(make_hindsight_demo(trajs[i], g, S, z))
+    for (i, g, S), z in zip(jobs, labels):  # (tau_{S(k)}, I'_k, z_{1:S(k)}): the segment up to S, with the goal
+        if z is None:
+            continue
+        t = trajs[i]  # the agent's thoughts are dropped: they reasoned about the original instruction
+        d = dict(intro=t["intro"], instruction=goal_text(g), thoughts=None, z=list(z), source="hindsight", goal=list(g))
+        d.update(actions=t["actions"][:S], observations=t["observations"][:S], task_type=g[0])
+        out[i].append({**d, "gamefile": t.get("gamefile")})
+    for traj, new in list(zip(trajs, out))[:2] if verbose else []:  # eyeballing the relabeler
+        goals = "; ".join(f"'{d['instruction']}' S={len(d['actions'])} z={''.join(map(str, d['z']))}" for d in new)
+        tqdm.write(f"  [traj] '{traj['instruction']}' won={traj['won']} -> {goals or 'none'}")
     return out
 
 
-# ======================================================================================================================
-# Hindsight buffer D' (Section 3.4)
-# ======================================================================================================================
+# === Hindsight buffer D' (Section 3.4) ================================================================================
 def demo_weight(z: list[int], alpha: float) -> float:
     """w_d = (n_d / T_d)^alpha * n_d (Section 3.4): n_d relevant actions out of T_d; optimality x difficulty."""
     n, T = float(sum(z)), float(len(z))
@@ -598,19 +576,15 @@ class HindsightBuffer:
         self.items = collections.deque(maxlen=size)
         self.alpha, self.uniform = alpha, uniform
 
-    def push(self, demo: dict) -> bool:
-        """Append (dropping the oldest when full). Demos with no relevant action (w_d = 0) can never be drawn: skip."""
-        if sum(demo["z"]) == 0 or not demo["actions"]:
-            return False
-        demo["weight"] = 1.0 if self.uniform else demo_weight(demo["z"], self.alpha)
-        self.items.append(demo)
-        return True
-
     def push_all(self, relabeled: list[list[dict]], counters: collections.Counter) -> int:
-        """Push every relabeled demonstration, in order; returns how many entered."""
-        ok = [self.push(d) for demos in relabeled for d in demos]
-        counters.update(pushed=sum(ok), dropped_no_relevant_action=len(ok) - sum(ok))
-        return sum(ok)
+        """Append every relabeled demonstration in order (the oldest drop out when full); returns how many entered.
+        Demos with no relevant action (w_d = 0) could never be drawn: skipped."""
+        new = [d for demos in relabeled for d in demos if sum(d["z"]) > 0]
+        for d in new:
+            d["weight"] = 1.0 if self.uniform else demo_weight(d["z"], self.alpha)
+        self.items.extend(new)
+        counters.update(pushed=len(new), dropped_no_relevant_action=sum(map(len, relabeled)) - len(new))
+        return len(new)
 
     def probabilities(self) -> np.ndarray:
         w = np.array([d["weight"] for d in self.items], dtype=np.float64)
@@ -624,12 +598,9 @@ class HindsightBuffer:
         return len(self.items)
 
 
-# ======================================================================================================================
-# Losses and the HSL update (Eq. 3-4), data parallel through accelerate
-# ======================================================================================================================
+# === Losses and the HSL update (Eq. 3-4), data parallel through accelerate ============================================
 def masked_sft_loss(logits, input_ids, weights, num_actions, normalization: str, denom: float):
     """Masked SFT loss of Eq. 3 (and, with z = 1, the SFT term of Eq. 4). Returns (loss, info).
-
     weights (batch, seq): z_t on the tokens of action a_t, 0 elsewhere (prompt, observations, masked actions).
     "action": sum_b (1/T_b) sum_t z_t * -log P(a_t | ...) / denom, with denom = the full batch size, log P(a_t) the sum
               over the action's tokens, T_b the number of actions of demo b (Eq. 3).
@@ -645,14 +616,12 @@ def masked_sft_loss(logits, input_ids, weights, num_actions, normalization: str,
 
 
 def shard(items: list, accelerator) -> list:
-    """This process's share of a global batch. Data parallelism (`accelerate launch`): every process draws the same
-    global batch from the same seed and works on every num_processes-th item."""
+    """This process's share of a global list (every process draws the same global batches from the same seed)."""
     return items[accelerator.process_index :: accelerator.num_processes]
 
 
 def unshard(mine: list, accelerator) -> list:
-    """The inverse of shard(): every process gets the whole list, in the global order (so results do not depend on
-    the number of processes)."""
+    """The inverse of shard(): every process gets the whole list, in the global order (whatever the process count)."""
     from accelerate.utils import gather_object
 
     W, r = accelerator.num_processes, accelerator.process_index
@@ -676,28 +645,27 @@ def accumulate_loss(model, batch, coef: float, args, accelerator, prefix: str, p
     W = accelerator.num_processes
     # DDP averages gradients over the W processes: dividing by W makes that average the global batch's gradient
     denom = (len(batch) if args.loss_normalization == "action" else sum(sum(b["weights"][1:]) for b in batch)) / W
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens, norm = 0.0, 0, args.loss_normalization
     for items, c in micro_batches(batch, args.micro_batch_size, coef, model, accelerator, sync):
         mb = collate(items, pad_id, accelerator.device)
         logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-        loss, info = masked_sft_loss(
-            logits, mb["input_ids"], mb["weights"], mb["num_actions"], args.loss_normalization, denom
-        )
+        loss, info = masked_sft_loss(logits, mb["input_ids"], mb["weights"], mb["num_actions"], norm, denom)
         accelerator.backward(c * loss)
-        loss_sum, tokens = (loss_sum + loss.item(), tokens + info["tokens"]) if c else (loss_sum, tokens)
+        if c:  # (an empty share's stand-in micro-batch counts nothing)
+            loss_sum, tokens = loss_sum + loss.item(), tokens + info["tokens"]
     # per-process sums -> the global batch (each process's loss is W times its share of it, see denom)
     stats = torch.tensor([loss_sum / W, tokens], dtype=torch.float64, device=accelerator.device)
     stats = accelerator.reduce(stats, reduction="sum").tolist()
     return {f"{prefix}/loss": stats[0], f"{prefix}/tokens": stats[1]}
 
 
-def optimizer_step(model, optimizer, scheduler, accelerator) -> float:
-    """Clip, step, schedule, zero; returns the gradient norm before clipping."""
+def optimizer_step(model, optimizer, scheduler, accelerator) -> dict:
+    """Clip, step, schedule, zero; returns the gradient norm before clipping and the learning rate."""
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return {"losses/grad_norm": float(grad_norm), "charts/learning_rate": scheduler.get_last_lr()[0]}
 
 
 def hsl_update(model, optimizer, scheduler, buffer, sft_batch: list, agent: tuple, args, accelerator, rng) -> dict:
@@ -714,8 +682,7 @@ def hsl_update(model, optimizer, scheduler, buffer, sft_batch: list, agent: tupl
         info.update(accumulate_loss(model, batch, args.hsl_lambda, args, accelerator, "hsl", pad, sync=False))
     info.update(accumulate_loss(model, sft_batch, sft_coef, args, accelerator, "sft", pad))
     info["losses/hsl_total"] = sft_coef * info["sft/loss"] + args.hsl_lambda * info.get("hsl/loss", 0.0)
-    info["hsl/grad_norm"] = optimizer_step(model, optimizer, scheduler, accelerator)
-    return info
+    return {**info, **optimizer_step(model, optimizer, scheduler, accelerator)}
 
 
 def make_scheduler(optimizer, num_steps: int, saved: Optional[dict] = None):
@@ -729,17 +696,14 @@ def make_scheduler(optimizer, num_steps: int, saved: Optional[dict] = None):
 
 
 def demo_batches(num_demos: int, batch_size: int, seed: int):
-    """Batches of D_train indices, epoch after epoch, each epoch in a fresh random order: the SFT phase, then the
-    L_SFT term of Eq. 4 (the last batch of an epoch may be short)."""
+    """Batches of D_train indices, epoch after epoch, each in a fresh random order (an epoch's last may be short)."""
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(num_demos).tolist()
         yield from (order[i : i + batch_size] for i in range(0, num_demos, batch_size))
 
 
-# ======================================================================================================================
-# Agent: model, chat format, action tokens, generation, rollouts
-# ======================================================================================================================
+# === Agent: model, chat format, action tokens, generation, rollouts ===================================================
 def read_prompt(name: str) -> str:
     """Prompt body after the header's `---` line (prompt file convention of this repository)."""
     return (PROMPTS_DIR / name).read_text().split("\n---\n", 1)[1].strip()
@@ -798,10 +762,9 @@ def collate(batch: list[dict], pad_id: int, device) -> dict:
     """Right-pad a list of encoded demos into tensors."""
     pad = lambda key, fill: torch.nn.utils.rnn.pad_sequence([torch.tensor(b[key]) for b in batch], True, fill)
     ids, lengths = pad("input_ids", pad_id), torch.tensor([len(b["input_ids"]) for b in batch])
-    out = {"input_ids": ids, "attention_mask": (torch.arange(ids.shape[1]) < lengths[:, None]).long()}
-    out.update(
-        weights=pad("weights", 0.0).float(), num_actions=torch.tensor([max(b["num_actions"], 1.0) for b in batch])
-    )
+    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    num_actions = torch.tensor([max(b["num_actions"], 1.0) for b in batch])
+    out = dict(input_ids=ids, attention_mask=mask, weights=pad("weights", 0.0).float(), num_actions=num_actions)
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -842,45 +805,14 @@ def fit_prompt(tokenizer, messages: list[dict], max_tokens: int) -> list[int]:
 
 
 @torch.no_grad()
-def generate_actions(model, tokenizer, prompts: list[list[int]], temperature: float) -> list[str]:
-    """One batched transformers generate (left padding); returns the raw text of each agent turn."""
-    batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(model.device)
-    sample = (
-        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    )
-    out = model.generate(**batch, max_new_tokens=MAX_ACTION_TOKENS, pad_token_id=tokenizer.pad_token_id, **sample)
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
-@torch.no_grad()
-def score_actions(model, tokenizer, prompts, candidates, temperature: float, rng: np.random.Generator) -> list[str]:
-    """Action mode "score" (beyond the paper): mean token log P("Action: c" + end-of-turn | prompt) of every admissible
-    command c, then argmax (temperature 0) or a softmax sample. The prompt is encoded once and its KV cache shared by
-    the candidates (a prompt of ~1-2k tokens per candidate would otherwise dominate the cost)."""
-    picks = []
-    for p, cands in zip(prompts, candidates):
-        conts = [tokenizer(f"Action: {c}{tokenizer.eos_token or ''}", add_special_tokens=False) for c in cands]
-        mb = tokenizer.pad(conts, padding_side="right", return_tensors="pt").to(model.device)
-        ids, mask = mb["input_ids"], mb["attention_mask"]  # (cands, L)
-        out = model(input_ids=torch.tensor([p], device=model.device))
-        out.past_key_values.batch_repeat_interleave(len(cands))
-        attn = torch.cat([mask.new_ones(len(cands), len(p)), mask], 1)
-        logits = model(input_ids=ids, attention_mask=attn, past_key_values=out.past_key_values).logits
-        # position j predicts token j: the prompt's last logits predict each candidate's first token
-        logits = torch.cat([out.logits[:, -1:].expand(len(cands), -1, -1), logits[:, :-1]], 1).float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1) * mask  # (cands, L)
-        score = (logp.sum(1) / mask.sum(1)).double().cpu().numpy()  # length-normalised: long names not penalised
-        q = np.exp((score - score.max()) / max(temperature, 1e-8))
-        picks.append(cands[int(rng.choice(len(cands), p=q / q.sum())) if temperature > 0 else int(score.argmax())])
-    return picks
-
-
-def rollout(gamefiles: list[str], agent: tuple, args: Args, temperature: float, pool, rng, desc="rollout") -> list:
-    """Play the games in parallel with agent = (model, tokenizer, system prompt), one batched generation per step; the
-    agent sees its own earlier turns as it wrote them. pool: loaded games by file, reused (loading parses the PDDL,
-    ~0.5 s). Each trajectory keeps the PDDL state after every step (for the oracle and the precision/recall judge)."""
+def rollout(gamefiles: list[str], agent: tuple, args: Args, temperature: float, desc="rollout") -> list:
+    """Play the games in parallel with agent = (model, tokenizer, system prompt), one batched generate (left padding)
+    per step; the agent sees its own turns as it wrote them. Each trajectory keeps the PDDL state after every step
+    (for the oracle and the precision/recall judge)."""
     (model, tokenizer, system_prompt), trajs, was_training = agent, [], agent[0].training
-    games = [pool[g].pop() if pool[g] else ALFWorldGame(g) for g in gamefiles]
+    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else greedy
+    games = [GAME_POOL[g].pop() if GAME_POOL[g] else ALFWorldGame(g) for g in gamefiles]
     model.eval()
     for game in games:
         intro, instruction, gs = game.reset()
@@ -893,12 +825,10 @@ def rollout(gamefiles: list[str], agent: tuple, args: Args, temperature: float, 
             break
         msgs = [demo_messages(system_prompt, trajs[i], with_last_obs=True) for i in active]
         prompts = [fit_prompt(tokenizer, m, args.max_seq_len - MAX_ACTION_TOKENS) for m in msgs]
-        if args.action_mode == "score":
-            cands = [[c for c in games[i].state["admissible_commands"] if c != "help"] for i in active]
-            outputs = [f"Action: {c}" for c in score_actions(model, tokenizer, prompts, cands, temperature, rng)]
-        else:
-            outputs = generate_actions(model, tokenizer, prompts, temperature)
-        for i, out in zip(active, outputs):
+        batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(model.device)
+        out = model.generate(**batch, max_new_tokens=MAX_ACTION_TOKENS, pad_token_id=tokenizer.pad_token_id, **sample)
+        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        for i, out in zip(active, texts):
             t, game = trajs[i], games[i]
             thought, action = parse_agent_output(out)
             action = to_dialect(action, game.legacy_put)
@@ -908,17 +838,14 @@ def rollout(gamefiles: list[str], agent: tuple, args: Args, temperature: float, 
                 t[key].append(v)
             t["states"].append(summarize_facts(gs["facts"]))
             t["done"] = t["won"] or done or len(t["actions"]) >= args.max_env_steps
-    for game in games:
-        pool[game.gamefile].append(game)
-    for t in trajs:
+    for game, t in zip(games, trajs):
+        GAME_POOL[game.gamefile].append(game)
         t["thoughts"] = t["thoughts"] if any(t["thoughts"]) else None
     model.train(was_training)
     return trajs
 
 
-# ======================================================================================================================
-# Demonstrations D_train: ALFWorld's hand-coded expert, or ETO's ShareGPT file
-# ======================================================================================================================
+# === Demonstrations D_train: ALFWorld's hand-coded expert, or ETO's ShareGPT file =====================================
 def expert_demo(gamefile: str, max_steps: int) -> Optional[dict]:
     """Play a train game with ALFWorld's hand-coded expert (AlfredExpert, HANDCODED); None when it does not win."""
     game = ALFWorldGame(gamefile, expert=True)
@@ -948,21 +875,18 @@ def load_eto_demos(path: str) -> list[dict]:
     ..."), then gpt "Thought: ...\\nAction: ..." and human "Observation: ..." turns. Clear errors on another format."""
     try:
         data = json.loads(Path(path).read_text())
-    except ValueError:
-        data = None
-    turns_ok = lambda c: isinstance(c, list) and all(isinstance(m, dict) and {"from", "value"} <= m.keys() for m in c)
-    if not isinstance(data, list) or not all(isinstance(x, dict) and turns_ok(x.get("conversations")) for x in data):
+        convs = [[(m["from"], str(m["value"])) for m in item["conversations"]] for item in data]
+    except (ValueError, TypeError, KeyError):
         raise SystemExit(f"error: --demos-path {path}: not ETO format (a JSON list of {{'id', 'conversations'}} items)")
     demos = []
-    for item in data:
-        conv = item["conversations"]
+    for item, conv in zip(data, convs):
         # the task turn: the human turn right before the first gpt turn with an action
-        acts = [k for k, m in enumerate(conv) if m["from"] == "gpt" and re.search(r"action\s*:", m["value"], re.I)]
-        if not acts or acts[0] == 0 or "Your task is to:" not in conv[acts[0] - 1]["value"]:
+        acts = [k for k, (who, text) in enumerate(conv) if who == "gpt" and re.search(r"action\s*:", text, re.I)]
+        if not acts or acts[0] == 0 or "Your task is to:" not in conv[acts[0] - 1][1]:
             continue
-        intro, _, task = conv[acts[0] - 1]["value"].partition("Your task is to:")
-        turns = [parse_agent_output(m["value"]) for m in conv[acts[0] :: 2] if m["from"] == "gpt"]
-        obs = [re.sub(r"^Observation:\s*", "", m["value"].strip()) for m in conv[acts[0] + 1 :: 2]]
+        intro, _, task = conv[acts[0] - 1][1].partition("Your task is to:")
+        turns = [parse_agent_output(text) for who, text in conv[acts[0] :: 2] if who == "gpt"]
+        obs = [re.sub(r"^Observation:\s*", "", text.strip()) for _, text in conv[acts[0] + 1 :: 2]]
         obs += [""] * (len(turns) - len(obs))  # a demonstration may end on an action
         thoughts = [th for th, _ in turns]
         d = dict(intro=re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S), source="eto")
@@ -989,9 +913,7 @@ def load_demos(args: Args, train_games: list[str], run_dir: Path, accelerator) -
     return demos
 
 
-# ======================================================================================================================
-# ETO exploration pairs and DPO (Song et al. 2024)
-# ======================================================================================================================
+# === ETO exploration pairs and DPO (Song et al. 2024) =================================================================
 def build_dpo_pairs(trajs: list[dict], demos: list[dict], counters: collections.Counter) -> list[dict]:
     """ETO's trajectory preference pairs (Song et al. 2024; the ALFWorld branch of their construct_preference.py).
 
@@ -1121,9 +1043,7 @@ def accumulate_dpo_loss(model, batch, beta: float, nll_coef: float, micro_batch_
     return {**info, "dpo/total_loss": info["dpo/loss"] + nll_coef * info["dpo/nll_chosen"]}
 
 
-# ======================================================================================================================
-# Logging, checkpoints and evaluation
-# ======================================================================================================================
+# === Logging, checkpoints and evaluation ==============================================================================
 def make_logger(args: Args, run_dir: Path, main_proc: bool):
     """log(metrics, step) to TensorBoard in run_dir (W&B mirrors it with --track); log(None, 0) closes the writer."""
     if not main_proc:
@@ -1136,36 +1056,34 @@ def make_logger(args: Args, run_dir: Path, main_proc: bool):
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_dir.name)
     writer = SummaryWriter(str(run_dir))
     writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        "hyperparameters", "|param|value|\n|-|-|\n" + "".join(f"|{k}|{v}|\n" for k, v in vars(args).items())
     )
 
     def log(metrics: Optional[dict], step: int):
         for k, v in (metrics or {}).items():
-            if not math.isnan(v):  # undefined metrics (precision before any goal) are left out
-                writer.add_scalar(k, v, step)
+            writer.add_scalar(k, v, step)
         if metrics is None:
             writer.close()
 
     return log
 
 
-def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state: dict, accelerator):
+def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state: dict, buffer, accelerator):
     """save_pretrained (adapter only with LoRA) + optimizer/scheduler/RNGs, and the JSON state (counters, D')."""
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(path)
         tokenizer.save_pretrained(path)
         rngs = [random.getstate(), np.random.get_state(), torch.get_rng_state()]
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rngs": rngs},
-            path / "trainer_state.pt",
-        )
-        (path / "hsl_state.json").write_text(json.dumps(state, default=str))
+        trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rngs": rngs}
+        torch.save(trainer, path / "trainer_state.pt")
+        (path / "hsl_state.json").write_text(json.dumps({**state, "buffer": list(buffer.items)}, default=str))
         tqdm.write(f"[ckpt] saved {path}")
 
 
-def load_checkpoint(path: str, optimizer, state: dict) -> dict:
-    """The inverse of save_checkpoint (load_agent loads the model): fills `state`, returns the scheduler's state."""
+def load_checkpoint(path: str, optimizer, state: dict, buffer) -> dict:
+    """The inverse of save_checkpoint (load_agent loads the model): fills `state` and D', returns the scheduler's."""
     state.update(json.loads((Path(path) / "hsl_state.json").read_text()))
+    buffer.items.extend(state.pop("buffer"))  # (pushed before: weights and all)
     trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(trainer["optimizer"])
     for set_state, saved in zip((random.setstate, np.random.set_state, torch.set_rng_state), trainer["rngs"]):
@@ -1173,52 +1091,54 @@ def load_checkpoint(path: str, optimizer, state: dict) -> dict:
     return trainer["scheduler"]
 
 
-def evaluate(games_by_split: dict, agent: tuple, args: Args, pool, rng, accelerator) -> dict:
-    """Success rate (greedy, max_env_steps) on each evaluation split, overall and per task type (Figure 5).
-    With several processes each plays its share of the games; every process gets all the outcomes."""
-    results = {}
+def evaluate(games_by_split: dict, agent: tuple, args: Args, accelerator, log, step: int, tag: str) -> dict:
+    """Success rate (greedy, max_env_steps) on each evaluation split, overall and per task type (Figure 5), logged
+    and printed. With several processes each plays its share of the games; every process gets all the outcomes."""
+    t0, results = time.time(), {}
     for split, games in games_by_split.items():
         mine, outcomes, won = shard(games, accelerator), [], collections.defaultdict(list)
         for i in range(0, len(mine), args.rollouts_per_step):
-            trajs = rollout(mine[i : i + args.rollouts_per_step], agent, args, 0.0, pool, rng, f"eval {split}")
+            trajs = rollout(mine[i : i + args.rollouts_per_step], agent, args, 0.0, f"eval {split}")
             outcomes += [(t["task_type"], float(t["won"])) for t in trajs]
         for task_type, w in unshard(outcomes, accelerator):  # (once per split: every process joins the gather)
-            won[TASK_SHORT.get(task_type, task_type)].append(w)
+            won[TASK_SHORT[task_type]].append(w)
         every = sum(won.values(), [])
-        results.update({f"{split}/success": np.mean(every) if every else math.nan, f"{split}/episodes": len(every)})
+        results.update({f"{split}/success": float(np.mean(every)), f"{split}/episodes": len(every)})
         results.update({f"{split}/success_{tt}": float(np.mean(w)) for tt, w in won.items()})
+    log({f"eval/{k}": v for k, v in results.items()}, step)
+    line = ", ".join(f"{k} {v:.3f}" for k, v in results.items())
+    if accelerator.is_main_process:
+        tqdm.write(f"[eval {tag}] step {step} ({time.time() - t0:.1f}s): {line}")
     return results
 
 
-def hsl_report(progress: str, times: list, outcomes: list, pushed: int, buffer, info: dict, counters, judges, args):
+def hsl_report(progress: str, times: list, trajs: list, buffer, info: dict, counts, counters, args, accelerator) -> str:
     """Metrics of one HSL step (into `info`) and its progress line. times: start, rollout, relabel, optimise done
-    (the paper reports 11.5 / 62.0 / 24.0 s for the three, Appendix F); judges: this step's and the cumulative."""
+    (the paper reports 11.5 / 62.0 / 24.0 s for the three, Appendix F); counts / counters: relabeling counts of this
+    step / of the run."""
     dt = [b - a for a, b in zip(times, times[1:])]
+    outcomes = unshard([(t["won"], t["invalid"], len(t["actions"])) for t in trajs], accelerator)
     info.update({f"time/{k}": v for k, v in zip(("rollout", "relabel", "optimise"), dt)})
     info["charts/rollout_success"] = float(np.mean([o[0] for o in outcomes]))
     info["charts/invalid_action_rate"] = sum(o[1] for o in outcomes) / max(sum(o[2] for o in outcomes), 1)
-    info.update({"buffer/size": len(buffer), "buffer/pushed": pushed})
+    info.update({"buffer/size": len(buffer), **{f"relabel/{k}": v for k, v in counts.items()}})
     for tt in TASK_TYPES:  # what D' holds (Figure 5, top)
         info[f"buffer/frac_{TASK_SHORT[tt]}"] = sum(d["task_type"] == tt for d in buffer.items) / max(len(buffer), 1)
     line = f"[hsl] step {progress} | rollout {dt[0]:.1f}s relabel {dt[1]:.1f}s optimise {dt[2]:.1f}s | success "
-    line += f"{info['charts/rollout_success']:.2f} | relabeled +{pushed} buffer {len(buffer)} | "
-    line += f"loss {info['losses/hsl_total']:.4f} "
-    line += (
-        f"(L_D' {info['hsl/loss']:.4f}, L_SFT {info['sft/loss']:.4f})" if "hsl/loss" in info else "(D' empty: SFT only)"
-    )
+    line += f"{info['charts/rollout_success']:.2f} | relabeled +{counts['pushed']} buffer {len(buffer)} | "
+    terms = f"L_D' {info['hsl/loss']:.4f}, L_SFT {info['sft/loss']:.4f}" if "hsl/loss" in info else "D' empty: SFT only"
+    line += f"loss {info['losses/hsl_total']:.4f} ({terms})"
     if args.relabeler == "llm":
-        (sp, sr), (p, r) = (precision_recall(j) for j in judges)
+        (sp, sr), (p, r) = precision_recall(counts), precision_recall(counters)
         info.update({"relabel/precision_vs_oracle": sp, "relabel/recall_vs_oracle": sr})
         info.update({"relabel/precision_vs_oracle_cum": p, "relabel/recall_vs_oracle_cum": r})
         skips = ("goal_inference_bad_json", "goal_inference_failed_request", "goal_invalid", "relevance_unusable")
         line += f" | precision {sp:.2f} recall {sr:.2f} (cum {p:.2f}/{r:.2f}) | skips: "
-        line += " ".join(f"{k} {counters[k]}" for k in skips)
+        line += " ".join(f"{k} {counts[k]}" for k in skips)
     return line
 
 
-# ======================================================================================================================
-# Main: SFT on D_train, the HSL loop (Section 3.2), then ETO rounds of DPO
-# ======================================================================================================================
+# === Main: SFT on D_train, the HSL loop (Section 3.2), then ETO rounds of DPO =========================================
 def main():
     args = tyro.cli(Args)
     check_args(args)
@@ -1229,15 +1149,14 @@ def main():
     accelerator = Accelerator()
     main_proc = accelerator.is_main_process
     run_dir = Path(args.output_dir) / gather_object([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
-    set_seed(args.seed)  # Python, NumPy, torch; the environments are deterministic given the actions
-    rng = np.random.default_rng(args.seed + accelerator.process_index)  # this process's rollouts (a_t ~ pi_theta)
+    set_seed(args.seed)  # Python, NumPy, torch (the agent's sampling); the environments are deterministic
     shared_rng = np.random.default_rng(args.seed + 10_000)  # the same on every process: games picked, D' batches drawn
     say = tqdm.write if main_proc else (lambda *a, **k: None)  # progress lines from the main process only
 
     # --- prompts, games, demonstrations, relabeler (fail early, before loading the agent) ---
     system_prompt = read_prompt("alfworld_agent.md")
-    prompts = {n: read_prompt(f"alfworld_{n}.md") for n in ("goal_inference", "action_relevance")}  # Figures 8-9
-    prompts.update({f"{n}_user": read_prompt(f"alfworld_{n}_user.md") for n in ("goal_inference", "action_relevance")})
+    relabel_prompts = ("goal_inference", "goal_inference_user", "action_relevance", "action_relevance_user")
+    prompts = {n: read_prompt(f"alfworld_{n}.md") for n in relabel_prompts}  # Figures 8-9 and our user turns
     train_games = list_games(args.data_dir, "train")
     eval_games = {s: list_games(args.data_dir, s, args.num_eval_games) for s in ("valid_seen", "valid_unseen")}
     log = make_logger(args, run_dir, main_proc)
@@ -1255,40 +1174,31 @@ def main():
     num_sft_steps = int(round(args.sft_epochs * steps_per_epoch))
     num_hsl_steps = args.hsl_steps if args.hsl_steps >= 0 else int(round(HSL_EPOCHS * steps_per_epoch))
     buffer = HindsightBuffer(args.buffer_size, args.hsl_alpha, uniform=args.ablation == "uniform_weight")
-    state = {"sft_steps": 0, "hsl_steps": 0, "evaluations": 0, "relabeled_pushed": 0, "counters": {}, "judge": {}}
+    state = {"sft_steps": 0, "hsl_steps": 0, "evaluations": 0, "counters": {}}
     state.update(dpo_iterations=0, dpo_steps=0, pairs_built=0, results={})
-    saved_sched = load_checkpoint(args.resume, optimizer, state) if args.resume else None
-    buffer.push_all([state.pop("buffer", [])], collections.Counter())
+    saved_sched = load_checkpoint(args.resume, optimizer, state, buffer) if args.resume else None
     if args.resume:
         say(f"[resume] {args.resume}: sft_steps {state['sft_steps']}, hsl_steps {state['hsl_steps']}, D' {len(buffer)}")
+    # relabeling counts over the run, LLM goals against the oracle's (tp, fp, fn) among them
     counters = state["counters"] = collections.Counter(state["counters"])
-    judge = state["judge"] = collections.Counter(state["judge"])  # LLM goals vs the oracle's: tp, fp, fn
-    pool = collections.defaultdict(list)  # loaded games, reused across rollouts
-    # D_train batches for SFT and then the L_SFT term, continuing where a resumed run stopped
-    batches = demo_batches(len(encoded), args.batch_size, args.seed)
-    batches = itertools.islice(batches, state["sft_steps"] + state["hsl_steps"], None)
+    batches = demo_batches(len(encoded), args.batch_size, args.seed)  # SFT, then the L_SFT term of Eq. 4
+    batches = itertools.islice(batches, state["sft_steps"] + state["hsl_steps"], None)  # where a resumed run stopped
 
     def run_eval(step: int, tag: str) -> dict:
-        t0, res = time.time(), evaluate(eval_games, agent, args, pool, rng, accelerator)
         state["evaluations"] += 1
-        log({f"eval/{k}": v for k, v in res.items()}, step)
-        say(f"[eval {tag}] step {step} ({time.time() - t0:.1f}s): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
-        return res
+        return evaluate(eval_games, agent, args, accelerator, log, step, tag)
 
     def save(name: str):
-        state_and_buffer = {**state, "buffer": list(buffer.items)}
-        save_checkpoint(
-            run_dir / "checkpoints" / name, model, tokenizer, optimizer, sched, state_and_buffer, accelerator
-        )
+        save_checkpoint(run_dir / "checkpoints" / name, model, tokenizer, optimizer, sched, state, buffer, accelerator)
 
     # ---------------- phase 1: SFT on D_train (Appendix F) ----------------
     sched = make_scheduler(optimizer, num_sft_steps, saved_sched if state["hsl_steps"] == 0 else None)
     t0, first = time.time(), state["sft_steps"]
     for step in tqdm(range(first, num_sft_steps), desc="sft", disable=None if main_proc else True):
         info = accumulate_loss(model, [encoded[i] for i in next(batches)], 1.0, args, accelerator, "sft", pad)
-        info["sft/grad_norm"] = optimizer_step(model, optimizer, sched, accelerator)
+        info.update(optimizer_step(model, optimizer, sched, accelerator))
         state["sft_steps"] = step + 1
-        log({**info, "charts/learning_rate": sched.get_last_lr()[0]}, step + 1)
+        log(info, step + 1)
         if step == 0 or (step + 1) % steps_per_epoch == 0 or step + 1 == num_sft_steps:
             speed = (step + 1 - first) / (time.time() - t0)
             say(f"[sft] step {step + 1}/{num_sft_steps} loss {info['sft/loss']:.4f} ({speed:.2f} steps/s)")
@@ -1304,31 +1214,23 @@ def main():
         # 1) trajectory collection: b train instructions, a_t ~ pi_theta; each process plays its share
         t0, b = time.time(), args.rollouts_per_step
         picked = [train_games[i] for i in shared_rng.choice(len(train_games), b, replace=len(train_games) < b)]
-        trajs = rollout(shard(picked, accelerator), agent, args, args.rollout_temperature, pool, rng)
+        trajs = rollout(shard(picked, accelerator), agent, args, args.rollout_temperature)
         t1 = time.time()
         # 2) relabeling with the goals actually achieved (Section 3.3); counts summed over the processes
-        counts, step_judge = collections.Counter(), collections.Counter()
-        relabeled = relabel(trajs, args, counts, step_judge, client, prompts, verbose=main_proc)
-        gathered = gather_object([(counts, step_judge)])
-        counts, step_judge = (sum((collections.Counter(g[k]) for g in gathered), collections.Counter()) for k in (0, 1))
+        counts = collections.Counter()
+        relabeled = unshard(relabel(trajs, args, counts, client, prompts, verbose=main_proc), accelerator)
+        counts = sum(unshard([counts], accelerator), collections.Counter())
         # 3) push to D': every process pushes every process's demonstrations in the global order (identical copies)
-        pushed = buffer.push_all(unshard(relabeled, accelerator), counts)
+        buffer.push_all(relabeled, counts)
         counters.update(counts)
-        judge.update(step_judge)
-        state["relabeled_pushed"] += pushed
-        for traj, new in list(zip(trajs, relabeled))[:2]:  # eyeballing the relabeler
-            goals = "; ".join(f"'{d['instruction']}' S={len(d['actions'])} z={''.join(map(str, d['z']))}" for d in new)
-            say(f"  [traj] '{traj['instruction']}' won={traj['won']} steps={len(traj['actions'])} -> {goals or 'none'}")
         t2 = time.time()
         # 4) one optimisation step on L_HSL = lambda L_D' + (1 - lambda) L_SFT (Eq. 4)
         sft_batch = [encoded[i] for i in next(batches)]
         info = hsl_update(model, optimizer, sched, buffer, sft_batch, agent, args, accelerator, shared_rng)
         state["hsl_steps"] = step + 1
         # 5) log, evaluate, checkpoint
-        outcomes = unshard([(t["won"], t["invalid"], len(t["actions"])) for t in trajs], accelerator)
         times, progress = [t0, t1, t2, time.time()], f"{step + 1}/{num_hsl_steps}"
-        say(hsl_report(progress, times, outcomes, pushed, buffer, info, counters, (step_judge, judge), args))
-        info.update({f"relabel/{k}": v for k, v in counts.items()}, **{"charts/learning_rate": sched.get_last_lr()[0]})
+        say(hsl_report(progress, times, trajs, buffer, info, counts, counters, args, accelerator))
         log({**info, "charts/steps_per_second": (step + 1 - first) / (time.time() - t_hsl)}, step + 1)
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < num_hsl_steps:
             run_eval(step + 1, "hsl")
@@ -1352,7 +1254,7 @@ def main():
         # every process gets every trajectory (PDDL states left out), in the global order: identical pairs everywhere
         t0, mine, trajs = time.time(), shard(explore_games, accelerator), []
         for i in range(0, len(mine), b):
-            trajs += rollout(mine[i : i + b], agent, args, 0.0, pool, rng, f"eto explore {it + 1}")
+            trajs += rollout(mine[i : i + b], agent, args, 0.0, f"eto explore {it + 1}")
         trajs = unshard([{k: v for k, v in t.items() if k != "states"} for t in trajs], accelerator)
         # 2) preference pairs: chosen = demonstration, rejected = failure on the same task; a prompt longer than
         # --max-seq-len leaves a side without action tokens: no preference to learn, skipped and counted
@@ -1388,12 +1290,10 @@ def main():
             for s in tqdm(range(round_steps), desc=f"dpo {it + 1}", disable=not main_proc):
                 batch = [kept[k] for k in next(order)]
                 info = accumulate_dpo_loss(model, batch, beta, args.dpo_nll_coef, pairs_per_micro, accelerator, pad)
-                info["dpo/grad_norm"] = optimizer_step(model, optimizer, sched, accelerator)
+                step_info = optimizer_step(model, optimizer, sched, accelerator)  # (on the DPO step axis: dpo/ names)
+                info.update({f"dpo/{k.split('/')[1]}": v for k, v in step_info.items()}, **{"dpo/iteration": it + 1})
                 state["dpo_steps"] += 1
-                log(
-                    {**info, "charts/dpo_learning_rate": sched.get_last_lr()[0], "charts/dpo_iteration": it + 1},
-                    state["dpo_steps"],
-                )
+                log(info, state["dpo_steps"])
                 if s == 0 or (s + 1) % per_epoch == 0 or s + 1 == round_steps:
                     say(
                         f"[dpo] iteration {it + 1} step {s + 1}/{round_steps} loss {info['dpo/total_loss']:.4f} reward acc "
@@ -1416,16 +1316,12 @@ def main():
         say("[results] success rate | valid_seen | valid_unseen")
         for tag, res in state["results"].items():
             say(f"[results] {tag:<8} | " + " | ".join(f"{res.get(f'{c}/success', math.nan):.3f}" for c in eval_games))
-        p, r = precision_recall(judge) if args.relabeler == "llm" else (None, None)
-        summary = {
-            **state,
-            "buffer_size": len(buffer),
-            "num_demos": len(demos),
-            "final_eval": list(state["results"].values())[-1],
-        }
-        summary.update(precision_vs_oracle=p, recall_vs_oracle=r, args=asdict(args))
+        p, r = precision_recall(counters) if args.relabeler == "llm" else (None, None)
+        summary = {**state, "relabeled_pushed": counters["pushed"], "buffer_size": len(buffer), "num_demos": len(demos)}
+        summary.update(final_eval=list(state["results"].values())[-1], precision_vs_oracle=p, recall_vs_oracle=r)
+        summary["args"] = asdict(args)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        say(f"[done] {run_dir}/summary.json: " + ", ".join(f"{k} {v}" for k, v in list(state.items())[:4]))
+        say(f"[done] {run_dir}/summary.json: " + ", ".join(f"{k} {v}" for k, v in list(state.items())[:3]))
     log(None, 0)  # closes the writer
     accelerator.wait_for_everyone()  # every process leaves together, then the process group is torn down cleanly
     accelerator.end_training()

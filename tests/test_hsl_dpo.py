@@ -265,11 +265,32 @@ def test_dpo_steps_raise_the_preference_margin(dpo, tiny):
 # ----------------------------------------------------------------------------------------------------------------------
 # Smoke runs (end to end, as a user runs the script)
 # ----------------------------------------------------------------------------------------------------------------------
+def any_goal(messages) -> str:
+    """Scripted relabeler (tests/scripted_llm.py) that fills D' from any trajectory: Figure 8 names a template goal
+    built from the first two entities the trajectory mentions, reached at step 1; Figure 9: every step relevant."""
+    text = messages[1]["content"]
+    steps = len(re.findall(r"^Step \d+:", text, re.M))
+    if "goal-inference" not in messages[0]["content"]:
+        return json.dumps([{"step": k + 1, "is_relevant_to_goal": "yes"} for k in range(steps)])
+    a, b = re.findall(r"\b([a-z]+) \d+\b", text)[:2]
+    return json.dumps([{"step": k + 1, "reached_goals": [f"put a {a} in {b}"]} for k in range(steps)])
+
+
+def scripted_relabeler(server) -> list:
+    server.respond = any_goal
+    return [
+        "--relabeler",
+        "llm",
+        "--llm-backend",
+        "openai",
+        "--llm-base-url",
+        server.base_url,
+        "--llm-model",
+        "scripted",
+    ]
+
+
 SMOKE = [
-    "--relabeler",
-    "oracle",
-    "--action-mode",
-    "score",
     "--num-demos",
     "2",
     "--batch-size",
@@ -300,7 +321,7 @@ SMOKE = [
 EVAL = r"\[eval after {}\] step \d+ .*valid_seen/success ([0-9.]+).*valid_unseen/success ([0-9.]+)"
 
 
-def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, tmp_path):
+def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, scripted_llm, tmp_path):
     out = tmp_path / "runs"
     r = run_script(
         "hsl_dpo.py",
@@ -317,6 +338,7 @@ def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, tmp_pa
         "--exp-name",
         "dpo_hsl",
         *SMOKE,
+        *scripted_relabeler(scripted_llm),
         timeout=180,
     )
     assert re.search(r"\[sft\] step 1/1 loss [0-9.]+", r.output)
@@ -355,6 +377,7 @@ def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, tmp_pa
         "--exp-name",
         "resumed",
         *SMOKE,
+        *scripted_relabeler(scripted_llm),
         timeout=150,
     )
     assert "[sft] step" not in r2.output and "[hsl] step" not in r2.output
@@ -382,6 +405,8 @@ def test_smoke_eto_baseline_without_hsl(run_script, put_games, tiny_lm_dir, tmp_
         "--exp-name",
         "eto",
         *SMOKE,
+        "--relabeler",
+        "oracle",
         timeout=150,
     )
     assert "[hsl] step" not in r.output and not re.search(EVAL.format("hsl"), r.output)
@@ -391,7 +416,7 @@ def test_smoke_eto_baseline_without_hsl(run_script, put_games, tiny_lm_dir, tmp_
     assert list(summary["results"]) == ["SFT", "DPO"] and summary["dpo_steps"] >= 1 and summary["hsl_steps"] == 0
 
 
-def test_data_parallel_two_processes_match_one(run_script, put_games, tiny_lm_dir, tmp_path):
+def test_data_parallel_two_processes_match_one(run_script, put_games, tiny_lm_dir, scripted_llm, tmp_path):
     """SFT -> ETO/DPO with 2 CPU processes (gloo; `accelerate launch` on GPUs) gives the weights 1 process gives:
     greedy exploration is split over the processes and gathered in order, and each DPO batch is split over them."""
     from safetensors.torch import load_file
@@ -399,6 +424,7 @@ def test_data_parallel_two_processes_match_one(run_script, put_games, tiny_lm_di
     out = tmp_path / "runs"
     common = [
         *SMOKE,
+        *scripted_relabeler(scripted_llm),
         "--data-dir",
         put_games,
         "--model-name",
