@@ -38,6 +38,7 @@ import functools
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,6 @@ import numpy as np
 import optax
 import tyro
 from flax import serialization
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
@@ -136,7 +136,8 @@ class Args:
 
 # Fixed values nobody tunes in the paper's experiments (each with the reason for its value).
 TAU = 0.005  # soft target update rate, as OGBench
-MAX_LAG = 20  # largest k in prev/next/delta: 20 steps span a turn or a grasp at OGBench's control rates
+MAX_LAG = 20  # a rule's temporal window: nested prev/next/delta lags add up to <= 20 steps (a turn, a grasp)
+MAX_RULES = 16  # rules read from one LLM answer or one --rules-path file; the rest are dropped with a message
 # A rule that fires on (almost) no state or on a large share of all states does not pick out *key* states.
 RULE_MIN_FIRE, RULE_MAX_FIRE = 0.001, 0.3
 # Relabel-time self-check: p_keystate moves by this step per adaptation and stays inside the bounds, so that neither
@@ -145,12 +146,19 @@ ADAPT_STEP, P_KEYSTATE_MIN, P_KEYSTATE_MAX = 0.05, 0.05, 0.9
 TD_HIST_INTERVAL = 10_000  # steps between TD-error histograms (Figure 2 of the paper), and at the last step
 
 
+def usage_error(message: str):
+    """A usage error ends the run with one line and exit status 2, as argparse (and tyro) do; data errors exit 1."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def check_args(args: Args):
     """Usage errors as one line (`error: --flag: ...`) before anything heavy; the rule compiler keeps its own checks."""
     checks = [  # (field, valid?, what it must be)
         *[(n, getattr(args, n) >= 1, ">= 1") for n in ("total_steps", "batch_size", "log_interval", "eval_episodes")],
-        *[(n, getattr(args, n) >= 1, ">= 1") for n in ("num_rules", "keystate_window", "llm_concurrency")],
+        *[(n, getattr(args, n) >= 1, ">= 1") for n in ("keystate_window", "llm_concurrency", "llm_max_new_tokens")],
         *[(n, getattr(args, n) >= 0, ">= 0") for n in ("eval_interval", "max_repair_rounds", "adapt_interval")],
+        ("num_rules", 1 <= args.num_rules <= MAX_RULES, f"in [1, {MAX_RULES}]"),
         ("dataset_fraction", 0.0 < args.dataset_fraction <= 1.0, "in (0, 1]"),
         ("p_keystate", 0.0 <= args.p_keystate <= 1.0, "in [0, 1]"),
         ("discount", args.discount is None or 0.0 < args.discount < 1.0, "in (0, 1)"),
@@ -158,10 +166,11 @@ def check_args(args: Args):
         ("llm_temperature", args.llm_temperature >= 0, ">= 0"),
         ("dataset_path", args.dataset_path is None or Path(args.dataset_path).is_file(), "an existing file"),
         ("rules_path", args.rules_path is None or Path(args.rules_path).is_file(), "an existing file"),
+        ("run_dir", not Path(args.run_dir).exists() or Path(args.run_dir).is_dir(), "a folder"),
     ]
     for name, ok, what in checks:
         if not ok:
-            raise SystemExit(f"error: --{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}")
+            usage_error(f"--{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}")
 
 
 # OGBench's per-environment GCIQL alpha (impls/hyperparameters.sh), matched in this order on the env name.
@@ -194,18 +203,27 @@ def make_env_and_dataset(args: Args):
     try:
         env = ogbench.make_env_and_datasets(args.env_name, env_only=True)
     except Exception as e:  # gymnasium raises several error types for unknown / malformed names
-        raise SystemExit(f"error: unknown OGBench environment {args.env_name!r} ({type(e).__name__}: {e})") from None
+        usage_error(f"--env-name: unknown OGBench environment {args.env_name!r} ({type(e).__name__})")
     source = args.dataset_path or f"the official dataset {args.env_name!r} (or pass --dataset-path for a local .npz)"
-    try:
+    try:  # every failure below is a data error: `error: <file>: <what is wrong>`, exit status 1
         if args.dataset_path:
             ds = ogbench.load_dataset(args.dataset_path, compact_dataset=True)
         else:
             ds = ogbench.make_env_and_datasets(args.env_name, compact_dataset=True, dataset_only=True, cur_env=env)[0]
-    except Exception as e:  # not a .npz, keys missing, download failed
-        raise SystemExit(f"error: cannot read {source} ({type(e).__name__}: {e})") from None
+    except Exception as e:  # not a .npz, a corrupt or object-dtype member, keys missing, download failed
+        why = f"{type(e).__name__}: {' '.join(str(e).split())}"  # one line, whatever the library wrote
+        raise SystemExit(f"error: {source}: cannot read observations, actions and terminals from it ({why})") from None
     obs, act, valids = ds["observations"], ds["actions"], ds["valids"]
-    if obs.shape[1:] != env.observation_space.shape or act.shape != (len(obs), *env.action_space.shape) or valids[-1]:
-        raise SystemExit(f"error: {source}: shapes {obs.shape}, {act.shape} or terminals not in OGBench's layout")
+    n, shapes = obs.shape[:1], (obs.shape, act.shape, valids.shape)
+    want = ((*n, *env.observation_space.shape), (*n, *env.action_space.shape), n)
+    problems = {  # what is wrong -> whether it is (OGBench's layout: terminals = 1 on each episode's last row)
+        f"observations, actions, terminals have shapes {shapes}; {args.env_name} needs {want}": shapes != want,
+        "observations or actions hold NaN or inf": not (np.isfinite(obs).all() and np.isfinite(act).all()),
+        "the last row is not terminal (each episode ends with terminals = 1)": valids[-1:].any(),
+        "every row is terminal: no transition to learn from": not valids.any(),
+    }
+    if any(problems.values()):
+        raise SystemExit(f"error: {source}: {next(what for what, wrong in problems.items() if wrong)}")
     if args.dataset_fraction < 1.0:
         ep_id = np.cumsum(valids == 0) - (valids == 0)  # episode number of each row
         n_ep = int(ep_id[-1]) + 1
@@ -332,7 +350,8 @@ class Features:
 def compile_condition(expr: str, feats: Features) -> np.ndarray:
     """Section 2.1 (2): compile one condition into a deterministic discriminator state -> {0, 1} and apply it to all N
     states at once with NumPy. The evaluator is the whitelist: any syntax it does not know (attributes, subscripts,
-    lambdas, strings, keywords, unknown names, ...) is a RuleError. LLM output is never executed."""
+    lambdas, strings, keywords, unknown names, ...) is a RuleError. LLM output is never executed. Each sub-expression is
+    computed once, on all N states (prev/next/delta index their argument's values): cost linear in the expression."""
     if not isinstance(expr, str) or not 0 < len(expr.strip()) <= MAX_EXPR_CHARS:
         raise RuleError(f"condition must be a non-empty string of at most {MAX_EXPR_CHARS} characters")
     try:
@@ -342,8 +361,8 @@ def compile_condition(expr: str, feats: Features) -> np.ndarray:
     if sum(1 for _ in ast.walk(tree)) > MAX_AST_NODES:
         raise RuleError(f"condition too complex (more than {MAX_AST_NODES} syntax nodes)")
 
-    def ev(node, rows):
-        # `rows`: the rows at which features are read, composed through nested prev/next (None: each row itself).
+    def ev(node, lags):
+        # `lags`: the sum of the prev/next/delta lags above this node, checked before their argument is evaluated
         op = OPS.get(type(getattr(node, "op", None)))
         fn = node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None
         if isinstance(node, ast.Constant):  # finite real numbers only: no str, bool, None, complex, 1e999, 10**400
@@ -351,21 +370,21 @@ def compile_condition(expr: str, feats: Features) -> np.ndarray:
                 raise RuleError(f"{ast.unparse(node)[:20]!r} is not a finite real number")
             return np.float64(node.value)
         if isinstance(node, ast.Name) and node.id in feats.columns:
-            return feats.columns[node.id] if rows is None else feats.columns[node.id][rows]
+            return feats.columns[node.id]
         if isinstance(node, ast.UnaryOp) and op:
-            return op(ev(node.operand, rows))
+            return op(ev(node.operand, lags))
         if isinstance(node, ast.BoolOp):
-            return functools.reduce(op, [np.asarray(ev(v, rows), dtype=bool) for v in node.values])
+            return functools.reduce(op, [np.asarray(ev(v, lags), dtype=bool) for v in node.values])
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):  # |a|^p, odd integer p keeps a's sign
-            p = ev(node.right, rows)
+            p = ev(node.right, lags)
             if np.ndim(p) or not abs(p) <= MAX_POW:
                 raise RuleError(f"exponents must be numbers with |p| <= {MAX_POW}")
-            a = ev(node.left, rows)
+            a = ev(node.left, lags)
             return np.power(np.abs(a), p) * (np.sign(a) if p == int(p) and int(p) % 2 else 1.0)
         if isinstance(node, ast.BinOp) and op:
-            return op(ev(node.left, rows), ev(node.right, rows))
+            return op(ev(node.left, lags), ev(node.right, lags))
         if isinstance(node, ast.Compare) and all(type(o) in OPS for o in node.ops):  # a < b <= c: pairwise, and-ed
-            vals = [ev(v, rows) for v in [node.left, *node.comparators]]
+            vals = [ev(v, lags) for v in [node.left, *node.comparators]]
             return functools.reduce(np.logical_and, [OPS[type(o)](a, b) for o, a, b in zip(node.ops, vals, vals[1:])])
         if fn not in OPS:
             raise RuleError(f"unknown feature, operator or function: {ast.unparse(getattr(node, 'func', node))[:40]}")
@@ -373,16 +392,16 @@ def compile_condition(expr: str, feats: Features) -> np.ndarray:
         if node.keywords or (len(args) != arity if arity else not 1 <= len(args) <= 8):
             raise RuleError(f"{fn}() takes {arity or '1 to 8'} positional arguments")
         if OPS[fn] is not None:
-            return OPS[fn](*[ev(a, rows) for a in args])
+            return OPS[fn](*[ev(a, lags) for a in args])
         k = args[1].value if isinstance(args[1], ast.Constant) else None
-        if type(k) is not int or not 1 <= k <= MAX_LAG:
-            raise RuleError(f"the lag of {fn}() must be an integer literal between 1 and {MAX_LAG}")
-        base = np.arange(len(feats.ep_start)) if rows is None else rows
-        other = ev(args[0], np.clip(base + (k if fn == "next" else -k), feats.ep_start[base], feats.ep_end[base]))
-        return ev(args[0], rows) - other if fn == "delta" else other
+        if type(k) is not int or not 1 <= k <= MAX_LAG - lags:  # bounds the window, and so the nesting depth
+            raise RuleError(f"{fn}(): lag must be an integer literal >= 1; nested lags may add up to {MAX_LAG} steps")
+        value = np.broadcast_to(ev(args[0], lags + k), feats.ep_start.shape)  # a number: the same at every row
+        rows = np.clip(np.arange(len(value)) + (k if fn == "next" else -k), feats.ep_start, feats.ep_end)
+        return value - value[rows] if fn == "delta" else value[rows]
 
     with np.errstate(all="ignore"):
-        out = np.broadcast_to(np.asarray(ev(tree, None)), feats.ep_start.shape)
+        out = np.broadcast_to(np.asarray(ev(tree, 0)), feats.ep_start.shape)
     if out.dtype != bool:
         raise RuleError("condition is not a comparison (it must evaluate to true/false per state)")
     return out
@@ -396,22 +415,27 @@ def extract_rules_json(text: str) -> list:
         except (ValueError, RecursionError):  # not JSON from here, or nested beyond the parser's limit
             continue
         if isinstance(obj, dict) and isinstance(obj.get("rules"), list):
-            return [r for r in obj["rules"][:16] if isinstance(r, dict)]
+            return [r for r in obj["rules"] if isinstance(r, dict)]
     raise RuleError("no JSON object with a 'rules' list found")
 
 
-def check_rules(rules: list, feats: Features, valid_rows: np.ndarray, log=print):
-    """Compile-time self-check: each rule must parse, run and fire on a share of states in [RULE_MIN_FIRE, RULE_MAX_FIRE]."""
+def check_rules(rules: list, feats: Features, valid_rows: np.ndarray, key_mask: np.ndarray, log=print):
+    """Compile-time self-check: a rule must parse, run and fire on a share of states in [RULE_MIN_FIRE, RULE_MAX_FIRE].
+    Reads at most MAX_RULES rules; OR-s each accepted mask into `key_mask` at once (memory flat in the rule count)."""
+    if len(rules) > MAX_RULES:  # one cap for LLM answers and rule files
+        names = ", ".join(str(r.get("name", "?"))[:64] for r in rules[MAX_RULES : MAX_RULES + 5])
+        log(f"[rules] {len(rules) - MAX_RULES} rules beyond the cap of {MAX_RULES} dropped: {names}, ...")
     accepted, failures = [], []
-    for i, r in enumerate(rules):
+    for i, r in enumerate(rules[:MAX_RULES]):
         name, cond = str(r.get("name", f"rule_{i}"))[:64], r.get("condition")
         try:
             mask = compile_condition(cond, feats)
             frac = float(mask[valid_rows].mean())
             if not RULE_MIN_FIRE <= frac <= RULE_MAX_FIRE:
                 raise RuleError(f"fires on {frac:.2%} of states, outside [{RULE_MIN_FIRE:.2%}, {RULE_MAX_FIRE:.2%}]")
+            key_mask |= mask
             desc = str(r.get("description", ""))[:300]
-            accepted.append(dict(name=name, description=desc, condition=cond, fire_rate=frac, mask=mask))
+            accepted.append(dict(name=name, description=desc, condition=cond, fire_rate=frac))
         # Anything the validator did not foresee rejects the rule instead of crashing the run.
         except (ArithmeticError, ValueError, TypeError, RecursionError, MemoryError) as e:
             error = str(e) if isinstance(e, RuleError) else f"could not be evaluated ({type(e).__name__})"
@@ -431,12 +455,12 @@ def read_layout(args: Args):
     families = sorted((PROMPTS / "keystate").glob("layout_*.md"))
     match = [p for p in families if args.env_name.startswith(p.stem.removeprefix("layout_").replace("_", "-") + "-")]
     if not match:
-        raise SystemExit(f"error: no prompts/keystate/layout_*.md for {args.env_name!r} (add one, or --relabel her)")
+        usage_error(f"--env-name: no prompts/keystate/layout_*.md for {args.env_name!r} (add one, or --relabel her)")
     layout = read_prompt(match[0])
     return layout, {m[1]: int(m[2]) for m in re.finditer(r"^- `(\w+)` = s(\d+)", layout, re.M)}
 
 
-def generate_rules(args: Args, feats: Features, layout: str, valid_rows: np.ndarray, log):
+def generate_rules(args: Args, feats: Features, layout: str, valid_rows: np.ndarray, key_mask: np.ndarray, log):
     """Section 2.1 (1) + compile-time self-check: ask the LLM for rules, compile and calibrate them, send the failures
     back in the repair prompt for at most --max-repair-rounds rounds. Returns (accepted rules, counts of failures)."""
     client = LLMClient(args)
@@ -455,7 +479,7 @@ def generate_rules(args: Args, feats: Features, layout: str, valid_rows: np.ndar
             continue
         log(f"[rules] LLM round {round_} answered: {answer[:300]!r}")
         try:
-            good, failures = check_rules(extract_rules_json(answer), feats, valid_rows, log)
+            good, failures = check_rules(extract_rules_json(answer), feats, valid_rows, key_mask, log)
         except RuleError as e:
             good, failures = [], [dict(name="(whole answer)", condition=answer[:200], error=str(e))]
             log(f"[rules] rejected (whole answer): {e}")
@@ -472,34 +496,31 @@ def build_keystate_mask(args: Args, ds: dict, run_dir: Path, log):
     """Components (1) + (2) with the compile-time self-check: rules from --rules-path or from the LLM, compiled and
     calibrated on this dataset, OR-ed into one key-state mask (None when no rule survived: HER). Saves rules.json."""
     layout, names = read_layout(args)
-    feats, valid_rows = Features(ds, names), ds["valids"] > 0
+    feats, valid = Features(ds, names), ds["valids"] > 0
+    key_mask = np.zeros(len(valid), bool)  # the union of the accepted rules' masks, OR-ed in as they compile
     if args.rules_path:  # a saved rule set: the same self-check, no LLM
         try:
-            rules, failures = check_rules(extract_rules_json(Path(args.rules_path).read_text()), feats, valid_rows, log)
-        except (RuleError, UnicodeDecodeError) as e:
-            raise SystemExit(f"error: --rules-path {args.rules_path}: {e}") from None
+            text = Path(args.rules_path).read_text()
+            rules, failures = check_rules(extract_rules_json(text), feats, valid, key_mask, log)
+        except (OSError, RuleError, UnicodeDecodeError) as e:  # a data error: one line, exit status 1
+            raise SystemExit(f"error: {args.rules_path}: {e}") from None
         stats = dict(rejected_rules=len(failures), llm_failures=0)
     else:
-        rules, stats = generate_rules(args, feats, layout, valid_rows, log)
-    saved = [{k: r[k] for k in ("name", "description", "condition", "fire_rate")} for r in rules]
-    out = dict(env_name=args.env_name, features=list(feats.columns), max_lag=MAX_LAG, rules=saved, **stats)
+        rules, stats = generate_rules(args, feats, layout, valid, key_mask, log)
+    out = dict(env_name=args.env_name, features=list(feats.columns), max_lag=MAX_LAG, rules=rules, **stats)
+    run_dir.mkdir(parents=True, exist_ok=True)  # the run starts only now that its data and rules are ready
     (run_dir / "rules.json").write_text(json.dumps(out, indent=2))
-    log(
-        "[rules] {} accepted, {rejected_rules} rejected, {llm_failures} failed LLM requests".format(len(rules), **stats)
-    )
+    log("[rules] {} accepted, {rejected_rules} rejected, {llm_failures} failed LLM calls".format(len(rules), **stats))
     if not rules:
         log("[rules] WARNING: no valid rule survived the self-check; falling back to HER relabeling")
         return None
     for r in rules:
         log(f"[rules] accepted {r['name']} ({r['fire_rate']:.2%} of states): {r['condition']}")
-    key_mask = np.logical_or.reduce([r["mask"] for r in rules])
-    log(f"[rules] key states: {int((key_mask & valid_rows).sum())} ({(key_mask & valid_rows).mean():.2%} of rows)")
+    log(f"[rules] key states: {int((key_mask & valid).sum())} ({(key_mask & valid).mean():.2%} of rows)")
     return key_mask
 
 
 # === Goal sampling: OGBench's HER mixture + key-state-prioritised relabeling (3) on device; relabel-time self-check ===
-
-
 def make_goal_data(ds: dict, key_mask: Optional[np.ndarray]) -> dict:
     """Device arrays the jitted sampler reads (passed as arguments, not baked in as constants)."""
     ep_start, ep_end = episode_index(ds)
@@ -607,8 +628,6 @@ class RelabelCheck:
 
 
 # === Networks (as OGBench impls/utils/networks.py) ====================================================================
-
-
 class MLP(nn.Module):
     """Dense -> GELU -> LayerNorm blocks (OGBench's MLP ordering and variance-scaling init)."""
 
@@ -775,7 +794,10 @@ def main(args: Args):
     # Seeding: the agent's JAX key, the evaluation resets and the LLM requests all derive from --seed.
     env, ds = make_env_and_dataset(args)
     log(f"[data] {args.env_name}: {len(ds['valids'])} rows, {int((ds['valids'] == 0).sum())} episodes")
-    run_dir.mkdir(parents=True, exist_ok=True)  # only once the environment and the dataset are known to be valid
+    key_mask = build_keystate_mask(args, ds, run_dir, log) if args.relabel == "keystate" else None  # None: HER
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before training leaves no folder behind
+    from torch.utils.tensorboard import SummaryWriter  # here: a run that stops at its checks skips torch's import
+
     writer = SummaryWriter(str(run_dir))  # TensorBoard always; W&B mirrors it with --track
     if args.track:
         import wandb
@@ -784,14 +806,10 @@ def main(args: Args):
         wandb.init(**run, sync_tensorboard=True, save_code=True)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-
-    # Components (1) + (2) and the compile-time self-check; None -> HER fallback.
-    key_mask = build_keystate_mask(args, ds, run_dir, log) if args.relabel == "keystate" else None
     writer.add_scalar("charts/keystate_share", 0.0 if key_mask is None else float(key_mask.mean()), 0)
     data, check = make_goal_data(ds, key_mask), RelabelCheck(args, key_mask is not None)
-    nets, tx, state = make_agent(
-        args, ds["observations"].shape[1], ds["actions"].shape[1], jax.random.PRNGKey(args.seed)
-    )
+    ob_dim, act_dim = ds["observations"].shape[1], ds["actions"].shape[1]
+    nets, tx, state = make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(args.seed))
     update, act = make_update(args, nets, tx), make_policy(nets)
 
     # Component (4): offline training; only the relabeling differs from the learner's reference implementation.

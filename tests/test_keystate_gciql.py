@@ -14,13 +14,29 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from keystate_data import build_pointmaze  # noqa: E402
+from keystate_data import BAD_INPUTS, build_pointmaze, write_bad_inputs  # noqa: E402
 
 SCRIPT = "keystate_gciql.py"
 # Small but real: a tiny network keeps the smoke runs inside the CI budget; everything else is the script's default path.
-SMALL = ["--env-name", "pointmaze-medium-navigate-v0", "--total-steps", "60", "--batch-size", "64",
-         "--hidden-dims", "32", "32", "--log-interval", "20", "--eval-interval", "0", "--eval-episodes", "1",
-         "--adapt-interval", "10"]
+SMALL = [
+    "--env-name",
+    "pointmaze-medium-navigate-v0",
+    "--total-steps",
+    "60",
+    "--batch-size",
+    "64",
+    "--hidden-dims",
+    "32",
+    "32",
+    "--log-interval",
+    "20",
+    "--eval-interval",
+    "0",
+    "--eval-episodes",
+    "1",
+    "--adapt-interval",
+    "10",
+]
 
 
 def load_script():
@@ -37,14 +53,19 @@ def ks():
 
 @pytest.fixture(scope="module")
 def pointmaze_npz(tmp_path_factory):
-    return build_pointmaze(tmp_path_factory.mktemp("pm") / "pointmaze-medium-navigate-v0.npz", episodes=12,
-                           episode_steps=201, seed=0)
+    return build_pointmaze(
+        tmp_path_factory.mktemp("pm") / "pointmaze-medium-navigate-v0.npz", episodes=12, episode_steps=201, seed=0
+    )
 
 
 def compact(obs, act, term):
     """A dataset as ogbench.load_dataset(compact_dataset=True) returns it."""
-    return {"observations": obs, "actions": act, "terminals": np.minimum(term + np.append(term[1:], 1), 1),
-            "valids": 1.0 - term}
+    return {
+        "observations": obs,
+        "actions": act,
+        "terminals": np.minimum(term + np.append(term[1:], 1), 1),
+        "valids": 1.0 - term,
+    }
 
 
 def pointmaze_dataset(ks, path):
@@ -83,46 +104,56 @@ def test_compiler_accepts_valid_rules(ks):
     nested = np.array([0, 0, 1, 2, 2, 5, 5, 6, 6], float)
     np.testing.assert_array_equal(ks.compile_condition("next(prev(x, 2), 1) == s0 - 1", feats), nested == x - 1)
     np.testing.assert_array_equal(ks.compile_condition("norm(x, y) > 50", feats), np.sqrt(101) * x > 50)
-    np.testing.assert_array_equal(ks.compile_condition("2 < x <= 6 and not y == 50", feats),
-                                  (2 < x) & (x <= 6) & ~(10 * x == 50))
-    np.testing.assert_array_equal(ks.compile_condition("t == 0 or t_left == 0", feats),
-                                  np.isin(np.arange(9), [0, 4, 5, 8]))
-    np.testing.assert_array_equal(ks.compile_condition("abs(x - 4) ** 2 < 2 or max(x, 7) == x", feats),
-                                  ((x - 4) ** 2 < 2) | (x >= 7))
+    np.testing.assert_array_equal(
+        ks.compile_condition("2 < x <= 6 and not y == 50", feats), (2 < x) & (x <= 6) & ~(10 * x == 50)
+    )
+    np.testing.assert_array_equal(
+        ks.compile_condition("t == 0 or t_left == 0", feats), np.isin(np.arange(9), [0, 4, 5, 8])
+    )
+    np.testing.assert_array_equal(
+        ks.compile_condition("abs(x - 4) ** 2 < 2 or max(x, 7) == x", feats), ((x - 4) ** 2 < 2) | (x >= 7)
+    )
 
 
-@pytest.mark.parametrize("expr", [
-    "__import__('os').system('echo pwned') > 0",  # call of a non-whitelisted name
-    "x.__class__ > 0",  # attribute access
-    "().__class__.__bases__[0] > 0",
-    "__builtins__ > 0",  # dunder name
-    "_x > 0",
-    "open('/etc/passwd') > 0",
-    "eval('1') > 0",
-    "x[0] > 0",  # subscript
-    "[v for v in x] > 0",  # comprehension
-    "(lambda: 1)() > 0",
-    "x ** 1000 > 0",  # huge exponent
-    "2 ** 10 ** 10 > 0",
-    "x ** y > 0",  # non-constant exponent
-    "'a' < 'b'",  # strings
-    "prev(x, 1000) > 0",  # lag out of bounds
-    "prev(x, y) > 0",  # lag not a literal
-    "abs(x, y) > 0",  # wrong arity
-    "sqrt(x=1) > 0",  # keywords
-    "import os",  # statements do not parse as an expression
-    "unknown_feature > 1",
-    "x + 1",  # not boolean
-    "(x := 3) > 0",  # walrus
-    "x if x else y",
-    "x > 0 " + "+ 1 " * 200,  # too long / too complex
-    "... > 0",  # Ellipsis constant
-    "x > 1" + "0" * 380,  # integer literal beyond float range
-    "x > 1e999",  # infinite literal
-    "x > 1j",  # complex literal
-    "(" * 250 + "x" + ")" * 250 + " > 0",  # nesting beyond the parser's limit (and the length bound)
-    "x > 0 and y > 0 or f'{x}' > ''",
-])
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "__import__('os').system('echo pwned') > 0",  # call of a non-whitelisted name
+        "x.__class__ > 0",  # attribute access
+        "().__class__.__bases__[0] > 0",
+        "__builtins__ > 0",  # dunder name
+        "_x > 0",
+        "open('/etc/passwd') > 0",
+        "eval('1') > 0",
+        "x[0] > 0",  # subscript
+        "[v for v in x] > 0",  # comprehension
+        "(lambda: 1)() > 0",
+        "x ** 1000 > 0",  # huge exponent
+        "2 ** 10 ** 10 > 0",
+        "x ** y > 0",  # non-constant exponent
+        "'a' < 'b'",  # strings
+        "prev(x, 1000) > 0",  # lag out of bounds
+        "prev(x, y) > 0",  # lag not a literal
+        "abs(x, y) > 0",  # wrong arity
+        "sqrt(x=1) > 0",  # keywords
+        "import os",  # statements do not parse as an expression
+        "unknown_feature > 1",
+        "x + 1",  # not boolean
+        "(x := 3) > 0",  # walrus
+        "x if x else y",
+        "x > 0 " + "+ 1 " * 200,  # too long / too complex
+        "... > 0",  # Ellipsis constant
+        "x > 1" + "0" * 380,  # integer literal beyond float range
+        "x>" + "9" * 396,  # the longest literal that fits the length bound: beyond float range
+        "x > " + "1" * 400,  # a 400-digit literal (longer than any condition may be)
+        "prev(next(x, 15), 10) > 0",  # nested lags beyond the temporal window
+        "delta(" * 21 + "x" + ", 1)" * 21 + " > 0",  # nesting deeper than the window allows
+        "x > 1e999",  # infinite literal
+        "x > 1j",  # complex literal
+        "(" * 250 + "x" + ")" * 250 + " > 0",  # nesting beyond the parser's limit (and the length bound)
+        "x > 0 and y > 0 or f'{x}' > ''",
+    ],
+)
 def test_compiler_rejects_hostile_rules(ks, expr, capfd):
     feats, _ = toy_features(ks)
     with pytest.raises(ks.RuleError):
@@ -133,7 +164,10 @@ def test_compiler_rejects_hostile_rules(ks, expr, capfd):
 def test_rule_json_extraction(ks):
     txt = 'Sure! ```json\n{"rules": [{"name": "a", "condition": "x > 1"}]}\n``` hope it helps'
     assert ks.extract_rules_json(txt) == [{"name": "a", "condition": "x > 1"}]
-    assert ks.extract_rules_json('noise {"bad": 1} then {"rules": [{"name": "b", "condition": "y < 2"}]}')[0]["name"] == "b"
+    assert (
+        ks.extract_rules_json('noise {"bad": 1} then {"rules": [{"name": "b", "condition": "y < 2"}]}')[0]["name"]
+        == "b"
+    )
     # a truncated answer is a failed answer (a real relabeler finishes its JSON; nothing is salvaged)
     cut = '{"rules": [{"name": "a", "condition": "x > 1"}, {"name": "b", "description": "d", "condition": "y < 2", "na'
     for bad in ["no json here", '{"rules": "x > 1"}', "{" * 5000, cut]:
@@ -145,10 +179,18 @@ def test_compile_time_self_check_calibrates_fire_rate(ks, monkeypatch):
     feats, ds = toy_features(ks)
     monkeypatch.setattr(ks, "RULE_MIN_FIRE", 0.1)
     monkeypatch.setattr(ks, "RULE_MAX_FIRE", 0.5)
-    rules = [{"name": "ok", "condition": "x >= 5"}, {"name": "always", "condition": "x >= 0"},
-             {"name": "never", "condition": "x > 100"}, {"name": "broken", "condition": "x >"}]
-    good, bad = ks.check_rules(rules, feats, ds["valids"] > 0)
+    rules = [
+        {"name": "ok", "condition": "x >= 5"},
+        {"name": "always", "condition": "x >= 0"},
+        {"name": "never", "condition": "x > 100"},
+        {"name": "broken", "condition": "x >"},
+    ]
+    key_mask = np.zeros(9, bool)
+    good, bad = ks.check_rules(rules, feats, ds["valids"] > 0, key_mask)
     assert [g["name"] for g in good] == ["ok"] and good[0]["fire_rate"] == pytest.approx(3 / 7)
+    # the accepted rule's mask went into the union; the records hold names, conditions and rates only (no masks)
+    np.testing.assert_array_equal(key_mask, np.arange(9) >= 5)
+    assert set(good[0]) == {"name", "description", "condition", "fire_rate"}
     reasons = {b["name"]: b["error"] for b in bad}
     assert "outside" in reasons["always"] and "outside" in reasons["never"] and "syntax" in reasons["broken"]
 
@@ -164,11 +206,66 @@ def test_compiler_speed_1m_states(ks):
     ds = compact(rng.normal(size=(n, 2)).astype(np.float32), np.zeros((n, 2), np.float32), term)
     feats = ks.Features(ds, {"x": 0, "y": 1})
     t0 = time.time()
-    mask = ks.compile_condition("abs(delta(x, 5) * delta(next(y, 5), 5) - delta(y, 5) * delta(next(x, 5), 5)) > 0.5"
-                                " or norm(delta(x, 3), delta(y, 3)) < 0.15", feats)
+    mask = ks.compile_condition(
+        "abs(delta(x, 5) * delta(next(y, 5), 5) - delta(y, 5) * delta(next(x, 5), 5)) > 0.5"
+        " or norm(delta(x, 3), delta(y, 3)) < 0.15",
+        feats,
+    )
     seconds = time.time() - t0
     assert mask.shape == (n,) and 0 < mask.mean() < 1
     assert seconds < 4.0, f"1M states took {seconds:.2f}s"
+
+
+def test_compiler_adversarial_nesting_is_linear_or_rejected(ks):
+    """Issue 12: nested prev/next/delta at depth 20-30 on 100k rows finish well under a second (each sub-expression is
+    computed once) or are rejected (the lags of nested temporal functions add up to at most MAX_LAG)."""
+    import time
+
+    rng = np.random.default_rng(0)
+    n = 100_000
+    term = np.zeros(n, np.float32)
+    term[999::1000] = 1
+    feats = ks.Features(
+        compact(rng.normal(size=(n, 2)).astype(np.float32), np.zeros((n, 2), np.float32), term), {"x": 0, "y": 1}
+    )
+    for fn in ("prev", "next", "delta"):
+        for depth in (20, 21, 26, 30):
+            t0 = time.time()
+            try:
+                ks.compile_condition(f"{fn}(" * depth + "x + y" + ", 1)" * depth + " > 0", feats)
+                accepted = True
+            except ks.RuleError as e:
+                accepted = False
+                assert "nested lags may add up to 20" in str(e) or "too complex" in str(e)
+            assert time.time() - t0 < 0.5, (fn, depth, time.time() - t0)
+            assert accepted == (depth <= ks.MAX_LAG), (fn, depth)
+    # a rule as wide as the node bound allows, every term a full window: still linear
+    t0 = time.time()
+    ks.compile_condition(" + ".join(["delta(delta(x, 10), 10)"] * 8) + " > 0", feats)
+    assert time.time() - t0 < 0.5
+    # nested temporal functions compose as shifts inside the episode
+    toy, _ = toy_features(ks)
+    x, prev1, prev2 = np.arange(9.0), np.array([0, 0, 1, 2, 3, 5, 5, 6, 7.0]), np.array([0, 0, 0, 1, 2, 5, 5, 5, 6.0])
+    assert ks.compile_condition("prev(prev(x, 1), 1) == prev(x, 2)", toy).all()
+    assert ks.compile_condition("next(prev(x, 3), 3) >= prev(x, 3)", toy).all()
+    np.testing.assert_array_equal(ks.compile_condition("delta(delta(x, 1), 1) == 0", toy), x - 2 * prev1 + prev2 == 0)
+
+
+def test_rule_cap_for_files_and_llm_answers(ks, scripted_llm, pointmaze_npz, tmp_path):
+    """One cap (MAX_RULES) for a --rules-path file and for an LLM answer, with a message naming what was dropped."""
+    ds = pointmaze_dataset(ks, pointmaze_npz)
+    rules = tmp_path / "many.json"
+    rules.write_text(json.dumps({"rules": [dict(STOP_RULE, name=f"r{i}") for i in range(10_000)]}))
+    logs = []
+    args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
+    assert ks.build_keystate_mask(args, ds, tmp_path / "file", logs.append).any()
+    assert "[rules] 9984 rules beyond the cap of 16 dropped: r16, r17, r18, r19, r20, ..." in logs
+    assert len(json.loads((tmp_path / "file" / "rules.json").read_text())["rules"]) == 16
+    scripted_llm.respond = lambda messages: json.dumps({"rules": [dict(STOP_RULE, name=f"a{i}") for i in range(20)]})
+    args = ks.Args(env_name="pointmaze-medium-navigate-v0", llm_base_url=scripted_llm.base_url, llm_model="scripted")
+    logs = []
+    assert ks.build_keystate_mask(args, ds, tmp_path / "llm", logs.append).any()
+    assert "[rules] 4 rules beyond the cap of 16 dropped: a16, a17, a18, a19, ..." in logs
 
 
 # ------------------------------------------------------------------------------------------------------------ sampling
@@ -192,7 +289,7 @@ def test_keystate_sampling_matches_slow_loop(ks):
     # 3 episodes of 40 rows; key states at a few rows of episodes 1 and 2 only.
     n_ep, ep_len = 3, 40
     term = np.zeros(n_ep * ep_len, np.float32)
-    term[ep_len - 1::ep_len] = 1
+    term[ep_len - 1 :: ep_len] = 1
     obs = np.arange(n_ep * ep_len, dtype=np.float32)[:, None]
     ds = compact(obs, np.zeros_like(obs), term)
     key_mask = np.zeros(len(obs), bool)
@@ -207,8 +304,10 @@ def test_keystate_sampling_matches_slow_loop(ks):
     slow_rng = np.random.default_rng(0)
     for idx in [3, 11, 29, 45, 90]:  # keys in window / several keys / window cut at episode end / none / none
         goals, is_key, is_her = map(np.asarray, sample(jax.random.PRNGKey(idx), jnp.full((n,), idx, jnp.int32)))
-        slow = [slow_sample_goal(slow_rng, idx, valid_idxs, final_idxs, key_set, p_cur, p_traj, discount, p_key,
-                                 window) for _ in range(n)]
+        slow = [
+            slow_sample_goal(slow_rng, idx, valid_idxs, final_idxs, key_set, p_cur, p_traj, discount, p_key, window)
+            for _ in range(n)
+        ]
         slow_goals = np.array([g for g, _ in slow])
         fast_hist = np.bincount(goals, minlength=len(obs)) / n
         slow_hist = np.bincount(slow_goals, minlength=len(obs)) / n
@@ -221,8 +320,9 @@ def test_keystate_sampling_matches_slow_loop(ks):
         assert (goals[is_key] <= min(idx + window, final_idxs[idx])).all()
     # no key state anywhere -> exactly OGBench's HER mixture (no key-state goal ever)
     data_none = ks.make_goal_data(ds, np.zeros(len(obs), bool))
-    _, is_key, _ = ks.sample_goals(jax.random.PRNGKey(0), data_none, jnp.full((1000,), 3, jnp.int32), p_cur, p_traj,
-                                   True, discount, 1.0, window)
+    _, is_key, _ = ks.sample_goals(
+        jax.random.PRNGKey(0), data_none, jnp.full((1000,), 3, jnp.int32), p_cur, p_traj, True, discount, 1.0, window
+    )
     assert not np.asarray(is_key).any()
 
 
@@ -231,7 +331,7 @@ def test_batch_rewards_and_masks(ks):
 
     n_ep, ep_len = 4, 30
     term = np.zeros(n_ep * ep_len, np.float32)
-    term[ep_len - 1::ep_len] = 1
+    term[ep_len - 1 :: ep_len] = 1
     obs = np.random.default_rng(0).normal(size=(n_ep * ep_len, 3)).astype(np.float32)
     ds = compact(obs, np.ones((len(obs), 2), np.float32), term)
     data = ks.make_goal_data(ds, None)
@@ -251,6 +351,7 @@ def test_batch_rewards_and_masks(ks):
 # -------------------------------------------------------------------------------------------------------------- losses
 def np_mlp(params, x, layer_norm, activate_final):
     """Hand forward pass of OGBench's MLP: Dense -> GELU (tanh approx., flax default) -> LayerNorm."""
+
     def gelu(z):
         return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
 
@@ -275,8 +376,10 @@ def test_gciql_losses_match_hand_computation(ks):
     ob_dim, act_dim, b = 3, 2, 6
     nets, tx, state = ks.make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))
     rng = np.random.default_rng(1)
-    batch = {k: rng.normal(size=(b, ob_dim)).astype(np.float32)
-             for k in ["observations", "next_observations", "value_goals", "actor_goals"]}
+    batch = {
+        k: rng.normal(size=(b, ob_dim)).astype(np.float32)
+        for k in ["observations", "next_observations", "value_goals", "actor_goals"]
+    }
     batch["actions"] = rng.uniform(-1, 1, size=(b, act_dim)).astype(np.float32)
     batch["masks"] = np.array([1, 1, 0, 1, 1, 0], np.float32)
     batch["rewards"] = batch["masks"] - 1.0
@@ -289,8 +392,9 @@ def test_gciql_losses_match_hand_computation(ks):
 
     def Q(cp, x, g, a):
         inp = np.concatenate([x, g, a], 1)
-        return [np_mlp(jax.tree_util.tree_map(lambda t: t[e], cp["VmapMLP_0"]), inp, True, False)[:, 0]
-                for e in range(2)]
+        return [
+            np_mlp(jax.tree_util.tree_map(lambda t: t[e], cp["VmapMLP_0"]), inp, True, False)[:, 0] for e in range(2)
+        ]
 
     # value: expectile 0.9 regression of V towards min of the target critics
     q = np.minimum(*Q(target, batch["observations"], batch["value_goals"], batch["actions"]))
@@ -334,57 +438,95 @@ def test_update_soft_target_and_learning(ks):
     new, info, (td, is_key, is_her) = update(state, data, jnp.float32(0.0))
     state = old
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new.target, want)
-    assert not np.allclose(new.params["value"]["MLP_0"]["Dense_0"]["kernel"],
-                           state.params["value"]["MLP_0"]["Dense_0"]["kernel"])
+    assert not np.allclose(
+        new.params["value"]["MLP_0"]["Dense_0"]["kernel"], state.params["value"]["MLP_0"]["Dense_0"]["kernel"]
+    )
     assert not np.asarray(is_key).any() and float(info["relabel/frac_keystate_goals"]) == 0  # HER arm: no key goals
     assert td.shape == (32,) and np.asarray(is_her).any()
 
 
 # ----------------------------------------------------------------------------------------------------------- bad input
-def test_bad_inputs_give_clear_errors(run_script, ks, pointmaze_npz, tmp_path):
-    # end to end, as a user sees it: an unknown environment name is one clear line, not a traceback
-    r = run_script(SCRIPT, "--env-name", "nosuchmaze-large-navigate-v0", "--relabel", "her",
-                   "--run-dir", tmp_path / "runs", check=False, timeout=120)
-    assert r.returncode != 0 and "unknown OGBench environment" in r.output and "Traceback" not in r.output
-    assert not (tmp_path / "runs").exists()  # nothing is written for a run that never started
-    # dataset files with wrong keys / shapes / no terminal on the last row
-    cases = [({"obs": np.zeros((10, 2)), "actions": np.zeros((10, 2))}, "cannot read .*observations"),
-             ({"observations": np.zeros((10, 3)), "actions": np.zeros((10, 2)), "terminals": np.ones(10)}, "shape"),
-             ({"observations": np.zeros((10, 2)), "actions": np.zeros((9, 2)), "terminals": np.ones(10)}, "shape"),
-             ({"observations": np.zeros((10, 2)), "actions": np.zeros((10, 2)), "terminals": np.zeros(10)},
-              "terminals not in OGBench's layout")]
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return write_bad_inputs(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_ends_in_one_error_line(run_script, pointmaze_npz, bad_files, tmp_path, case):
+    """Issue 12, as a user sees it: a bad flag or data file ends in exactly one `error:` line naming the problem, exit
+    status 2 (usage) or 1 (data), no traceback, and no run folder (the run fails before it would start)."""
+    flags, status, named = BAD_INPUTS[case]
+    rules, runs = tmp_path / "rules.json", tmp_path / "runs"
+    rules.write_text(json.dumps({"rules": [STOP_RULE]}))
+    flags = [f.format(**bad_files) for f in flags]
+    r = run_script(
+        SCRIPT,
+        *SMALL,
+        "--dataset-path",
+        pointmaze_npz,
+        "--rules-path",
+        rules,
+        "--run-dir",
+        runs,
+        *flags,
+        check=False,
+        timeout=120,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(named, errors[0]) and r.returncode == status, r.output[-3000:]
+    assert "Traceback" not in r.output and not runs.exists()
+
+
+def test_bad_inputs_give_clear_errors(ks, pointmaze_npz, tmp_path, capsys):
+    """The same checks in process: data errors are SystemExit("error: <file>: ..."), usage errors exit 2."""
+    cases = [
+        ({"obs": np.zeros((10, 2)), "actions": np.zeros((10, 2))}, "cannot read observations.*KeyError"),
+        ({"observations": np.zeros((10, 3)), "actions": np.zeros((10, 2)), "terminals": np.ones(10)}, "shapes"),
+        ({"observations": np.zeros((10, 2)), "actions": np.zeros((9, 2)), "terminals": np.ones(10)}, "shapes"),
+        (
+            {"observations": np.zeros((10, 2)), "actions": np.zeros((10, 2)), "terminals": np.zeros(10)},
+            "the last row is not terminal",
+        ),
+    ]
     for i, (arrays, msg) in enumerate(cases):
         path = tmp_path / f"bad{i}.npz"
         np.savez(path, **arrays)
-        with pytest.raises(SystemExit, match=msg):
+        with pytest.raises(SystemExit, match=f"error: {path}: .*{msg}"):
             pointmaze_dataset(ks, path)
     (tmp_path / "junk.npz").write_text("not a zip")
-    with pytest.raises(SystemExit, match="cannot read"):
+    with pytest.raises(SystemExit, match="junk.npz: cannot read"):
         pointmaze_dataset(ks, tmp_path / "junk.npz")
-    # a rules file that does not parse, or has the wrong shape
+    # a rules file that does not parse, or has the wrong shape: a data error naming the file
     ds = pointmaze_dataset(ks, pointmaze_npz)
     rules = tmp_path / "rules.json"
     for text in ["{'rules': [ this is not json", '{"rules": "x > 1"}']:
         rules.write_text(text)
         args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
-        with pytest.raises(SystemExit, match="--rules-path .*no JSON object with a 'rules' list"):
-            ks.build_keystate_mask(args, ds, tmp_path, print)
-    # an environment family without a layout description, with key-state relabeling
-    with pytest.raises(SystemExit, match="no prompts/keystate/layout_"):
-        ks.read_layout(ks.Args(env_name="scene-play-v0"))
+        with pytest.raises(SystemExit, match=f"error: {rules}: no JSON object with a 'rules' list"):
+            ks.build_keystate_mask(args, ds, tmp_path / "run", print)
+    assert not (tmp_path / "run").exists()  # the run folder appears only once the rules are ready
     # an LLM endpoint that does not answer: a clear error at start, not a hang or a deep traceback
     args = ks.Args(llm_backend="openai", llm_base_url="http://127.0.0.1:9/v1", llm_timeout=2)
     with pytest.raises(SystemExit, match="no OpenAI-compatible server answers"):
         ks.LLMClient(args)
-    # usage errors: one line naming the flag, before anything heavy
-    for kw, msg in [({"dataset_fraction": 0.0}, "--dataset-fraction: must be in"),
-                    ({"p_keystate": 1.5}, "--p-keystate: must be in"), ({"batch_size": 0}, "--batch-size: must be >= 1"),
-                    ({"hidden_dims": ()}, "--hidden-dims"), ({"discount": 1.0}, "--discount"),
-                    ({"rules_path": str(tmp_path / "nope.json")}, "--rules-path: must be an existing file")]:
-        with pytest.raises(SystemExit, match=msg):
-            ks.check_args(ks.Args(**kw))
-    r = run_script(SCRIPT, "--adapt-interval", "-1", check=False, timeout=60)
-    assert r.returncode != 0 and "error: --adapt-interval: must be >= 0" in r.output and "Traceback" not in r.output
+    # usage errors: one line naming the flag, exit status 2, before anything heavy
+    usage = [(lambda: ks.read_layout(ks.Args(env_name="scene-play-v0")), "no prompts/keystate/layout_")]
+    for kw, msg in [
+        ({"dataset_fraction": 0.0}, "--dataset-fraction: must be in"),
+        ({"p_keystate": 1.5}, "--p-keystate: must be in"),
+        ({"batch_size": 0}, "--batch-size: must be >= 1"),
+        ({"hidden_dims": ()}, "--hidden-dims"),
+        ({"discount": 1.0}, "--discount"),
+        ({"adapt_interval": -1}, "--adapt-interval: must be >= 0"),
+        ({"rules_path": str(tmp_path / "nope.json")}, "--rules-path: must be an existing file"),
+    ]:
+        usage.append((lambda kw=kw: ks.check_args(ks.Args(**kw)), msg))
+    for call, msg in usage:
+        with pytest.raises(SystemExit) as e:
+            call()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1
 
 
 # --------------------------------------------------------------------------------------------------------- smoke runs
@@ -406,14 +548,40 @@ def check_smoke_output(out: str, run_root: Path, expect_keystate: bool = True):
 
 def test_smoke_with_rules_file(run_script, pointmaze_npz, tmp_path):
     rules = tmp_path / "rules.json"
-    rules.write_text(json.dumps({"rules": [
-        {"name": "turning_event", "description": "direction of motion changes",
-         "condition": "abs(delta(x, 5) * delta(next(y, 5), 5) - delta(y, 5) * delta(next(x, 5), 5)) > 0.5"},
-        {"name": "stop", "description": "nearly at rest", "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15"},
-        {"name": "hostile", "description": "must be rejected", "condition": "__import__('os').system('echo pwned')"},
-    ]}))
-    r = run_script(SCRIPT, *SMALL, "--dataset-path", pointmaze_npz, "--rules-path", rules,
-                   "--run-dir", tmp_path / "runs", timeout=180)
+    rules.write_text(
+        json.dumps(
+            {
+                "rules": [
+                    {
+                        "name": "turning_event",
+                        "description": "direction of motion changes",
+                        "condition": "abs(delta(x, 5) * delta(next(y, 5), 5) - delta(y, 5) * delta(next(x, 5), 5)) > 0.5",
+                    },
+                    {
+                        "name": "stop",
+                        "description": "nearly at rest",
+                        "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15",
+                    },
+                    {
+                        "name": "hostile",
+                        "description": "must be rejected",
+                        "condition": "__import__('os').system('echo pwned')",
+                    },
+                ]
+            }
+        )
+    )
+    r = run_script(
+        SCRIPT,
+        *SMALL,
+        "--dataset-path",
+        pointmaze_npz,
+        "--rules-path",
+        rules,
+        "--run-dir",
+        tmp_path / "runs",
+        timeout=180,
+    )
     assert "pwned" not in r.output and "rejected hostile" in r.output and "1 rejected" in r.output
     saved, run_dir = check_smoke_output(r.output, tmp_path / "runs")
     assert [x["name"] for x in saved["rules"]] == ["turning_event", "stop"]  # saved with the run (--rules-path)
@@ -425,10 +593,25 @@ def test_smoke_with_smollm2_relabeler(run_script, pointmaze_npz, smollm2_dir, tm
     """Plumbing only: the real SmolLM2-135M-Instruct (in process) gets the rule prompt and answers; whatever it writes
     goes through the compiler and the self-check, and the run trains and evaluates (a weak model's rules may all be
     rejected: then HER). Relabeling semantics are tested with the scripted endpoint below."""
-    r = run_script(SCRIPT, *SMALL, "--dataset-path", pointmaze_npz, "--llm-backend", "transformers",
-                   "--llm-model", smollm2_dir, "--llm-max-new-tokens", "120", "--max-repair-rounds", "0",
-                   "--run-dir", tmp_path / "runs", timeout=240, env={"OMP_NUM_THREADS": "1"})
-    assert "[rules] LLM round 0 answered" in r.output and "failed LLM requests" in r.output
+    r = run_script(
+        SCRIPT,
+        *SMALL,
+        "--dataset-path",
+        pointmaze_npz,
+        "--llm-backend",
+        "transformers",
+        "--llm-model",
+        smollm2_dir,
+        "--llm-max-new-tokens",
+        "120",
+        "--max-repair-rounds",
+        "0",
+        "--run-dir",
+        tmp_path / "runs",
+        timeout=240,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert "[rules] LLM round 0 answered" in r.output and "failed LLM calls" in r.output
     saved, _ = check_smoke_output(r.output, tmp_path / "runs", expect_keystate=False)
     assert saved["llm_failures"] == 0 and all(0.001 <= x["fire_rate"] <= 0.3 for x in saved["rules"])
 
@@ -439,8 +622,10 @@ STOP_RULE = {"name": "stop", "description": "nearly at rest", "condition": "norm
 def test_rule_generation_through_scripted_endpoint(run_script, scripted_llm, pointmaze_npz, tmp_path):
     """Round 0: a malformed answer -> the repair prompt. Round 1: a good rule and two hostile ones (code, a literal
     beyond float range) -> the good one is compiled and used, the hostile ones rejected and counted."""
-    hostile = [{"name": "pwn", "condition": "__import__('os').system('echo pwned') > 0"},
-               {"name": "huge", "condition": "x > 1" + "0" * 380}]
+    hostile = [
+        {"name": "pwn", "condition": "__import__('os').system('echo pwned') > 0"},
+        {"name": "huge", "condition": "x > 1" + "0" * 380},
+    ]
 
     def respond(messages):
         if len(scripted_llm.requests) == 1:
@@ -448,9 +633,23 @@ def test_rule_generation_through_scripted_endpoint(run_script, scripted_llm, poi
         return "```json\n" + json.dumps({"rules": [STOP_RULE, *hostile]}) + "\n```"
 
     scripted_llm.respond = respond
-    r = run_script(SCRIPT, *SMALL, "--dataset-path", pointmaze_npz, "--llm-backend", "openai", "--llm-base-url",
-                   scripted_llm.base_url, "--llm-model", "scripted", "--num-rules", "1",
-                   "--run-dir", tmp_path / "runs", timeout=180)
+    r = run_script(
+        SCRIPT,
+        *SMALL,
+        "--dataset-path",
+        pointmaze_npz,
+        "--llm-backend",
+        "openai",
+        "--llm-base-url",
+        scripted_llm.base_url,
+        "--llm-model",
+        "scripted",
+        "--num-rules",
+        "1",
+        "--run-dir",
+        tmp_path / "runs",
+        timeout=180,
+    )
     out = r.output
     assert len(scripted_llm.requests) == 2 and "Traceback" not in out
     assert not re.search(r"^pwned$", out, re.M)  # the answer is logged, but nothing in it was executed
@@ -465,8 +664,14 @@ def test_llm_http_errors_fall_back_to_her(ks, scripted_llm, pointmaze_npz, tmp_p
     """HTTP 500 on every request: each round is a counted failure (after the client's retries), and key-state
     relabeling falls back to HER with a warning instead of stopping the run."""
     scripted_llm.respond = lambda messages: 500
-    args = ks.Args(env_name="pointmaze-medium-navigate-v0", llm_backend="openai", llm_base_url=scripted_llm.base_url,
-                   llm_model="scripted", llm_timeout=10, max_repair_rounds=1)
+    args = ks.Args(
+        env_name="pointmaze-medium-navigate-v0",
+        llm_backend="openai",
+        llm_base_url=scripted_llm.base_url,
+        llm_model="scripted",
+        llm_timeout=10,
+        max_repair_rounds=1,
+    )
     ds = pointmaze_dataset(ks, pointmaze_npz)
     logs = []
     assert ks.build_keystate_mask(args, ds, tmp_path, logs.append) is None
@@ -479,8 +684,11 @@ def test_llm_http_errors_fall_back_to_her(ks, scripted_llm, pointmaze_npz, tmp_p
 def test_no_valid_rule_falls_back_to_her(ks, pointmaze_npz, tmp_path):
     """Compile-time self-check with nothing valid left: logged rejections, a warning, and no key-state mask (HER)."""
     rules = tmp_path / "rules.json"
-    rules.write_text(json.dumps({"rules": [{"name": "always", "condition": "x > -1000"},
-                                           {"name": "attr", "condition": "x.real > 0"}]}))
+    rules.write_text(
+        json.dumps(
+            {"rules": [{"name": "always", "condition": "x > -1000"}, {"name": "attr", "condition": "x.real > 0"}]}
+        )
+    )
     args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
     ds = pointmaze_dataset(ks, pointmaze_npz)
     logs = []
@@ -500,8 +708,11 @@ def test_no_valid_rule_falls_back_to_her(ks, pointmaze_npz, tmp_path):
 def test_saved_rules_roundtrip(ks, pointmaze_npz, tmp_path):
     """The rule set saved with a run can be passed back with --rules-path and gives the same key states."""
     rules = tmp_path / "in.json"
-    rules.write_text(json.dumps({"rules": [{"name": "stop", "description": "rest",
-                                            "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15"}]}))
+    rules.write_text(
+        json.dumps(
+            {"rules": [{"name": "stop", "description": "rest", "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15"}]}
+        )
+    )
     ds = pointmaze_dataset(ks, pointmaze_npz)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -538,16 +749,18 @@ def test_layout_descriptions_match_environments(ks, tmp_path):
     for _ in range(3):  # reset noise leaves the quaternion unnormalised; MuJoCo normalises it on the first step
         ob, *_ = env.step(env.action_space.sample())
     assert np.linalg.norm(ob[[f["qw"], f["qx"], f["qy"], f["qz"]]]) == pytest.approx(1, abs=1e-3)
-    np.testing.assert_allclose(ob[[f[k] for k in ("vx", "vy", "vz", "wx", "wy", "wz")]],
-                               env.unwrapped.data.qvel[:6], atol=1e-5)
+    np.testing.assert_allclose(
+        ob[[f[k] for k in ("vx", "vy", "vz", "wx", "wy", "wz")]], env.unwrapped.data.qvel[:6], atol=1e-5
+    )
     # cube-single: a short oracle episode (OGBench's CubePlanOracle); cube starts resting on the table
     path = build_cube_single(tmp_path / "cube-single-play-v0.npz", episodes=1, episode_steps=60, val_episodes=0)
     obs = np.load(path)["observations"]
     f = layout("cube-single-play-v0")
     assert obs.shape[1] == 28 and max(f.values()) < 28
     assert 0.15 < obs[0, f["cube_z"]] < 0.25
-    np.testing.assert_allclose(np.linalg.norm(obs[:, [f["cube_qw"], f["cube_qx"], f["cube_qy"], f["cube_qz"]]], axis=1),
-                               1, atol=1e-3)
+    np.testing.assert_allclose(
+        np.linalg.norm(obs[:, [f["cube_qw"], f["cube_qx"], f["cube_qy"], f["cube_qz"]]], axis=1), 1, atol=1e-3
+    )
     np.testing.assert_allclose(obs[:, f["ee_cos_yaw"]] ** 2 + obs[:, f["ee_sin_yaw"]] ** 2, 1, atol=1e-3)
     np.testing.assert_allclose(obs[:, f["cube_cos_yaw"]] ** 2 + obs[:, f["cube_sin_yaw"]] ** 2, 1, atol=1e-3)
     assert np.all((obs[:, f["grip_contact"]] >= 0) & (obs[:, f["grip_contact"]] <= 1))

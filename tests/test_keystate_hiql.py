@@ -14,13 +14,29 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from keystate_data import build_pointmaze  # noqa: E402
+from keystate_data import BAD_INPUTS, build_pointmaze, write_bad_inputs  # noqa: E402
 
 SCRIPT = "keystate_hiql.py"
 # Small but real: a tiny network keeps the smoke run inside the CI budget; everything else is the script's default path.
-SMALL = ["--env-name", "pointmaze-medium-navigate-v0", "--total-steps", "60", "--batch-size", "64",
-         "--hidden-dims", "32", "32", "--log-interval", "20", "--eval-interval", "0", "--eval-episodes", "1",
-         "--adapt-interval", "10"]
+SMALL = [
+    "--env-name",
+    "pointmaze-medium-navigate-v0",
+    "--total-steps",
+    "60",
+    "--batch-size",
+    "64",
+    "--hidden-dims",
+    "32",
+    "32",
+    "--log-interval",
+    "20",
+    "--eval-interval",
+    "0",
+    "--eval-episodes",
+    "1",
+    "--adapt-interval",
+    "10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +49,26 @@ def ks():
 
 @pytest.fixture(scope="module")
 def pointmaze_npz(tmp_path_factory):
-    return build_pointmaze(tmp_path_factory.mktemp("pm") / "pointmaze-medium-navigate-v0.npz", episodes=12,
-                           episode_steps=201, seed=0)
+    return build_pointmaze(
+        tmp_path_factory.mktemp("pm") / "pointmaze-medium-navigate-v0.npz", episodes=12, episode_steps=201, seed=0
+    )
 
 
 def episodes(ks, n_ep, ep_len, ob_dim=1, seed=None):
     """n_ep episodes of ep_len rows as ogbench.load_dataset(compact_dataset=True) returns them; observations = row
     index unless seeded noise."""
     term = np.zeros(n_ep * ep_len, np.float32)
-    term[ep_len - 1::ep_len] = 1
+    term[ep_len - 1 :: ep_len] = 1
     if seed is None:
         obs = np.repeat(np.arange(n_ep * ep_len, dtype=np.float32)[:, None], ob_dim, 1)
     else:
         obs = np.random.default_rng(seed).normal(size=(n_ep * ep_len, ob_dim)).astype(np.float32)
-    return {"observations": obs, "actions": np.zeros((len(obs), 2), np.float32),
-            "terminals": np.minimum(term + np.append(term[1:], 1), 1), "valids": 1.0 - term}
+    return {
+        "observations": obs,
+        "actions": np.zeros((len(obs), 2), np.float32),
+        "terminals": np.minimum(term + np.append(term[1:], 1), 1),
+        "valids": 1.0 - term,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------- help
@@ -57,10 +78,16 @@ def test_help(run_script):
         assert flag in r.output, flag
 
 
-def test_presets_follow_ogbench(ks):
+def test_presets_follow_ogbench(ks, capsys):
     a = ks.resolve_presets(ks.Args())
     assert (a.env_name, a.subgoal_steps, a.high_alpha, a.low_alpha, a.discount, a.expectile) == (
-        "antmaze-large-navigate-v0", 25, 3.0, 3.0, 0.99, 0.7)
+        "antmaze-large-navigate-v0",
+        25,
+        3.0,
+        3.0,
+        0.99,
+        0.7,
+    )
     assert (ks.actor_p_randomgoal(a.env_name), a.total_steps, a.batch_size, ks.REP_DIM) == (0.0, 500_000, 1024, 10)
     assert ks.actor_p_randomgoal("antmaze-large-stitch-v0") == 0.5
     for env_name in ("cube-single-play-v0", "scene-play-v0", "puzzle-3x3-play-v0"):
@@ -70,15 +97,33 @@ def test_presets_follow_ogbench(ks):
     assert ks.resolve_presets(ks.Args(env_name="antmaze-giant-navigate-v0")).discount == 0.995
     assert ks.resolve_presets(ks.Args(env_name="antmaze-large-explore-v0")).high_alpha == 10.0
     assert ks.resolve_presets(ks.Args(env_name="cube-single-play-v0", subgoal_steps=7)).subgoal_steps == 7
-    with pytest.raises(SystemExit, match="--subgoal-steps: must be >= 1"):
+    with pytest.raises(SystemExit) as e:
         ks.resolve_presets(ks.Args(subgoal_steps=0))
+    assert e.value.code == 2 and capsys.readouterr().err == "error: --subgoal-steps: must be >= 1, got 0\n"
 
 
 # ------------------------------------------------------------------------------------------------------------ compiler
-@pytest.mark.parametrize("expr", [
-    "__import__('os').system('echo pwned') > 0", "x.__class__ > 0", "__builtins__ > 0", "open('/etc/passwd') > 0",
-    "x[0] > 0", "(lambda: 1)() > 0", "x ** 1000 > 0", "2 ** 10 ** 10 > 0", "prev(x, 1000) > 0", "unknown_feature > 1",
-])
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "__import__('os').system('echo pwned') > 0",
+        "x.__class__ > 0",
+        "__builtins__ > 0",
+        "open('/etc/passwd') > 0",
+        "x[0] > 0",
+        "(lambda: 1)() > 0",
+        "x ** 1000 > 0",
+        "2 ** 10 ** 10 > 0",
+        "prev(x, 1000) > 0",
+        "unknown_feature > 1",
+        "x > " + "1" * 400,  # a 400-digit literal
+        "x>" + "9" * 396,  # the longest literal that fits the length bound: beyond float range
+        "x > 1" + "0" * 380,
+        "x > 1e999",
+        "prev(next(x, 15), 10) > 0",  # nested lags beyond the temporal window
+        "delta(" * 26 + "x" + ", 1)" * 26 + " > 0",
+    ],
+)
 def test_compiler_rejects_hostile_rules(ks, expr, capfd):
     ds = episodes(ks, 2, 5, ob_dim=2)
     feats = ks.Features(ds, {"x": 0, "y": 1})
@@ -104,8 +149,9 @@ def test_hiql_subgoals_match_slow_loop(ks):
         assert ks.actor_p_randomgoal(env_name) == p_rand
         b = jax.tree_util.tree_map(np.asarray, ks.sample_batch(jax.random.PRNGKey(0), data, args, 0.0))
         t = b["observations"][:, 0].astype(int)  # observation = row index
-        low, goal, target = (b[key][:, 0].astype(int) for key in ("low_actor_goals", "high_actor_goals",
-                                                                    "high_actor_targets"))
+        low, goal, target = (
+            b[key][:, 0].astype(int) for key in ("low_actor_goals", "high_actor_goals", "high_actor_targets")
+        )
         np.testing.assert_array_equal(low, np.minimum(t + k, final[t]))  # w = s_{min(t+k, T)}
         if p_rand == 1.0:  # random goals anywhere; target s_{min(t+k, T)}
             np.testing.assert_array_equal(target, np.minimum(t + k, final[t]))
@@ -120,8 +166,12 @@ def test_hiql_subgoals_match_slow_loop(ks):
             sel = t == row
             lo, hi = min(row + 1, final[row]), final[row]
             slow = [int(np.round(lo * d + hi * (1 - d))) for d in rng.random(20_000)]
-            tv = 0.5 * np.abs(np.bincount(goal[sel], minlength=120) / sel.sum()
-                              - np.bincount(slow, minlength=120) / len(slow)).sum()
+            tv = (
+                0.5
+                * np.abs(
+                    np.bincount(goal[sel], minlength=120) / sel.sum() - np.bincount(slow, minlength=120) / len(slow)
+                ).sum()
+            )
             assert tv < 0.2, (row, tv, sel.sum())  # ~400 samples of a row: loose bound (exact rule checked above)
 
 
@@ -150,8 +200,10 @@ def test_keystate_value_goals_and_subgoal_extension_match_slow_loops(ks):
     key_set = set(np.nonzero(key_mask & (ds["valids"] > 0))[0].tolist())
     n, rng = 30_000, np.random.default_rng(0)
     for idx in (3, 11, 45):  # key states in the window / several / none
-        goals, is_key, _ = map(np.asarray, ks.sample_goals(jax.random.PRNGKey(idx), data, jnp.full((n,), idx),
-                                                           0.2, 0.5, True, 0.9, 0.7, 20))
+        goals, is_key, _ = map(
+            np.asarray,
+            ks.sample_goals(jax.random.PRNGKey(idx), data, jnp.full((n,), idx), 0.2, 0.5, True, 0.9, 0.7, 20),
+        )
         slow = [slow_value_goal(rng, idx, valid_idxs, final, key_set, 0.2, 0.5, 0.9, 0.7, 20) for _ in range(n)]
         tv = 0.5 * np.abs(np.bincount(goals, minlength=120) / n - np.bincount(slow, minlength=120) / n).sum()
         assert tv < 0.03, (idx, tv)
@@ -165,17 +217,20 @@ def test_keystate_value_goals_and_subgoal_extension_match_slow_loops(ks):
             keys = [j for j in range(i + 1, int(sub[i]) + 1) if j in key_set]
             want = keys[-1] if keys and p == 1.0 else int(sub[i])
             assert got[i] == want and replaced[i] == (bool(keys) and p == 1.0), i
-    got, replaced = ks.keystate_subgoal(jax.random.PRNGKey(2), jnp.full((20_000,), 3), jnp.full((20_000,), 13),
-                                        data["key_idxs"], 0.3)
+    got, replaced = ks.keystate_subgoal(
+        jax.random.PRNGKey(2), jnp.full((20_000,), 3), jnp.full((20_000,), 13), data["key_idxs"], 0.3
+    )
     assert abs(float(replaced.mean()) - 0.3) < 0.02 and set(np.asarray(got).tolist()) == {13}  # 13 is a key state
-    got, replaced = ks.keystate_subgoal(jax.random.PRNGKey(2), jnp.full((20_000,), 14), jnp.full((20_000,), 24),
-                                        data["key_idxs"], 0.3)
+    got, replaced = ks.keystate_subgoal(
+        jax.random.PRNGKey(2), jnp.full((20_000,), 14), jnp.full((20_000,), 24), data["key_idxs"], 0.3
+    )
     assert not np.asarray(replaced).any()  # no key state in (14, 24]
 
 
 # -------------------------------------------------------------------------------------------------------------- losses
 def np_mlp(params, x, layer_norm, activate_final):
     """Hand forward pass of OGBench's MLP: Dense -> GELU (tanh approx., flax default) -> LayerNorm."""
+
     def gelu(z):
         return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
 
@@ -201,12 +256,21 @@ def test_hiql_losses_match_hand_computation(ks, monkeypatch):
     nets, tx, state = ks.make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))
     rng = np.random.default_rng(1)
     # perturb every parameter (LayerNorm scales/biases start at 1/0) and the target heads
-    p = jax.tree_util.tree_map(lambda a: np.asarray(a) + 0.3 * rng.normal(size=a.shape).astype(np.float32),
-                               state.params)
+    p = jax.tree_util.tree_map(
+        lambda a: np.asarray(a) + 0.3 * rng.normal(size=a.shape).astype(np.float32), state.params
+    )
     target = jax.tree_util.tree_map(lambda a: a + 0.1, p["value"])
-    batch = {k: rng.normal(size=(b, ob_dim)).astype(np.float32) for k in
-             ["observations", "next_observations", "value_goals", "low_actor_goals", "high_actor_goals",
-              "high_actor_targets"]}
+    batch = {
+        k: rng.normal(size=(b, ob_dim)).astype(np.float32)
+        for k in [
+            "observations",
+            "next_observations",
+            "value_goals",
+            "low_actor_goals",
+            "high_actor_goals",
+            "high_actor_targets",
+        ]
+    }
     batch["actions"] = rng.uniform(-1, 1, size=(b, act_dim)).astype(np.float32)
     batch["masks"] = np.array([1, 1, 0, 1, 1, 0], np.float32)
     batch["rewards"] = batch["masks"] - 1.0
@@ -217,8 +281,9 @@ def test_hiql_losses_match_hand_computation(ks, monkeypatch):
 
     def V(vp, s, g):  # two heads on [s, phi([s; g])]
         inp = np.concatenate([s, phi(s, g)], 1)
-        return [np_mlp(jax.tree_util.tree_map(lambda t: t[e], vp["VmapMLP_0"]), inp, True, False)[:, 0]
-                for e in range(2)]
+        return [
+            np_mlp(jax.tree_util.tree_map(lambda t: t[e], vp["VmapMLP_0"]), inp, True, False)[:, 0] for e in range(2)
+        ]
 
     def actor_mean(ap, s, g):
         h = np_mlp(ap["MLP_0"], np.concatenate([s, g], 1), False, True)
@@ -242,8 +307,9 @@ def test_hiql_losses_match_hand_computation(ks, monkeypatch):
     # low level: AWR toward the dataset action given phi([s; w]), weight exp(3 (V(s', w) - V(s, w))) capped at 100
     wg = batch["low_actor_goals"]
     adv_l = np.mean(V(p["value"], s2, wg), 0) - np.mean(V(p["value"], s, wg), 0)
-    want_l = -np.mean(np.minimum(np.exp(3.0 * adv_l), 100) * logp(actor_mean(p["low_actor"], s, phi(s, wg)),
-                                                                   batch["actions"]))
+    want_l = -np.mean(
+        np.minimum(np.exp(3.0 * adv_l), 100) * logp(actor_mean(p["low_actor"], s, phi(s, wg)), batch["actions"])
+    )
     got_l, _ = jax.jit(lambda *x: ks.low_actor_loss(*x, nets, 3.0))(p, batch)
     assert float(got_l) == pytest.approx(want_l, rel=1e-4)
     # high level: AWR toward phi([s; s_{t+k}]), weight exp(3 (V(s_{t+k}, g) - V(s, g)))
@@ -282,27 +348,79 @@ def test_update_gradients_and_soft_target(ks):
 
 
 # ----------------------------------------------------------------------------------------------------------- bad input
-def test_bad_inputs_give_clear_errors(run_script, tmp_path):
-    runs = ["--run-dir", tmp_path / "runs"]  # nothing written inside the repository
-    r = run_script(SCRIPT, "--env-name", "nosuchmaze-large-navigate-v0", "--relabel", "her", *runs, check=False, timeout=120)
-    assert r.returncode != 0 and "unknown OGBench environment" in r.output and "Traceback" not in r.output
-    bad = tmp_path / "bad.npz"
-    np.savez(bad, obs=np.zeros((10, 2)), actions=np.zeros((10, 2)))
-    r = run_script(SCRIPT, *SMALL, "--dataset-path", bad, "--relabel", "her", *runs, check=False, timeout=120)
-    assert r.returncode != 0 and "cannot read" in r.output and "Traceback" not in r.output
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return write_bad_inputs(tmp_path_factory.mktemp("bad"))
+
+
+HIQL_BAD_INPUTS = {**BAD_INPUTS, "subgoal-steps-0": (["--subgoal-steps", "0"], 2, r"--subgoal-steps: must be >= 1")}
+
+
+@pytest.mark.parametrize("case", list(HIQL_BAD_INPUTS))
+def test_bad_input_ends_in_one_error_line(run_script, pointmaze_npz, bad_files, tmp_path, case):
+    """Issue 12, as a user sees it: a bad flag or data file ends in exactly one `error:` line naming the problem, exit
+    status 2 (usage) or 1 (data), no traceback, and no run folder (the run fails before it would start)."""
+    flags, status, named = HIQL_BAD_INPUTS[case]
+    rules, runs = tmp_path / "rules.json", tmp_path / "runs"
+    rules.write_text(json.dumps({"rules": [{"name": "stop", "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15"}]}))
+    flags = [f.format(**bad_files) for f in flags]
+    r = run_script(
+        SCRIPT,
+        *SMALL,
+        "--dataset-path",
+        pointmaze_npz,
+        "--rules-path",
+        rules,
+        "--run-dir",
+        runs,
+        *flags,
+        check=False,
+        timeout=120,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(named, errors[0]) and r.returncode == status, r.output[-3000:]
+    assert "Traceback" not in r.output and not runs.exists()
 
 
 # --------------------------------------------------------------------------------------------------------- smoke run
 def test_smoke_with_rules_file_and_keystate_subgoals(run_script, pointmaze_npz, tmp_path):
     rules = tmp_path / "rules.json"
-    rules.write_text(json.dumps({"rules": [
-        {"name": "turning_event", "description": "direction of motion changes",
-         "condition": "abs(delta(x, 5) * delta(next(y, 5), 5) - delta(y, 5) * delta(next(x, 5), 5)) > 0.5"},
-        {"name": "stop", "description": "nearly at rest", "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15"},
-        {"name": "hostile", "description": "must be rejected", "condition": "__import__('os').system('echo pwned')"},
-    ]}))
-    r = run_script(SCRIPT, *SMALL, "--dataset-path", pointmaze_npz, "--rules-path", rules, "--keystate-subgoals",
-                   "--run-dir", tmp_path / "runs", timeout=180)
+    rules.write_text(
+        json.dumps(
+            {
+                "rules": [
+                    {
+                        "name": "turning_event",
+                        "description": "direction of motion changes",
+                        "condition": "abs(delta(x, 5) * delta(next(y, 5), 5) - delta(y, 5) * delta(next(x, 5), 5)) > 0.5",
+                    },
+                    {
+                        "name": "stop",
+                        "description": "nearly at rest",
+                        "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15",
+                    },
+                    {
+                        "name": "hostile",
+                        "description": "must be rejected",
+                        "condition": "__import__('os').system('echo pwned')",
+                    },
+                ]
+            }
+        )
+    )
+    r = run_script(
+        SCRIPT,
+        *SMALL,
+        "--dataset-path",
+        pointmaze_npz,
+        "--rules-path",
+        rules,
+        "--keystate-subgoals",
+        "--run-dir",
+        tmp_path / "runs",
+        timeout=180,
+    )
     out = r.output
     assert "pwned" not in out and "rejected hostile" in out and "accepted turning_event" in out
     steps = [int(s) for s in re.findall(r"^step=(\d+) SPS=", out, re.M)]
