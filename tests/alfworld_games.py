@@ -54,7 +54,9 @@ def build_problem(spec: dict, task_id: str) -> str:
     recep_locs = ["loc|%d|%d|%d|45" % (i, -i, i % 4) for i in range(len(recep_ids))]
     agent_loc = "loc|9|9|0|30"  # next to no receptacle: "You are in the middle of a room"
     obj_ids = [thor_id(o, 20 + j) for j, (o, _) in enumerate(spec["objects"])]
-    otypes = sorted({o for o, _ in spec["objects"]} | {spec["obj"]} | ({spec["toggle"]} if spec.get("toggle") else set()))
+    otypes = sorted(
+        {o for o, _ in spec["objects"]} | {spec["obj"]} | ({spec["toggle"]} if spec.get("toggle") else set())
+    )
     rtypes = sorted(set(spec["receptacles"]))
 
     objects = ["agent1 # agent"]
@@ -80,17 +82,27 @@ def build_problem(spec: dict, task_id: str) -> str:
             init.append("(pickupable %s)" % o)
         if cls in C.MOVABLE_RECEPTACLES_SET:
             init.append("(isReceptacleObject %s)" % o)
-        for prop, key in (("cleanable", "Cleanable"), ("heatable", "Heatable"), ("coolable", "Coolable"),
-                          ("sliceable", "Sliceable"), ("toggleable", "Toggleable")):
+        for prop, key in (
+            ("cleanable", "Cleanable"),
+            ("heatable", "Heatable"),
+            ("coolable", "Coolable"),
+            ("sliceable", "Sliceable"),
+            ("toggleable", "Toggleable"),
+        ):
             if cls in C.VAL_ACTION_OBJECTS[key]:
                 init.append("(%s %s)" % (prop, o))
         init.append("(inReceptacle %s %s)" % (o, recep_ids[ri]))
         init.append("(objectAtLocation %s %s)" % (o, recep_locs[ri]))
 
     goal = glib.gdict[spec["task_type"]]["pddl"].format(
-        obj=spec["obj"], recep=spec["recep"], toggle=spec.get("toggle", ""), mrecep="")
-    pddl = ("(define (problem plan_%s)\n(:domain alfred)\n(:objects\n    %s\n    )\n(:init\n    %s\n    )\n%s"
-            % (task_id, "\n    ".join(objects), "\n    ".join(init), goal))
+        obj=spec["obj"], recep=spec["recep"], toggle=spec.get("toggle", ""), mrecep=""
+    )
+    pddl = "(define (problem plan_%s)\n(:domain alfred)\n(:objects\n    %s\n    )\n(:init\n    %s\n    )\n%s" % (
+        task_id,
+        "\n    ".join(objects),
+        "\n    ".join(init),
+        goal,
+    )
     return mangle(pddl)
 
 
@@ -114,15 +126,28 @@ def write_game(split_dir: Path, spec: dict, index: int, legacy_put: bool = False
     task_id = "trial_T0000_%04d" % index
     d = Path(split_dir) / ("%s-%s-None-%s-%d" % (spec["task_type"], spec["obj"], spec["recep"], index)) / task_id
     d.mkdir(parents=True, exist_ok=True)
-    traj = {"task_id": task_id, "task_type": spec["task_type"],
-            "pddl_params": {"object_target": spec["obj"], "parent_target": spec["recep"], "mrecep_target": "",
-                            "toggle_target": spec.get("toggle", ""), "object_sliced": False},
-            "turk_annotations": {"anns": [{"task_desc": "synthetic", "high_descs": [], "votes": [1]}]},
-            "scene": {"floor_plan": "Synthetic", "scene_num": 0}}
+    traj = {
+        "task_id": task_id,
+        "task_type": spec["task_type"],
+        "pddl_params": {
+            "object_target": spec["obj"],
+            "parent_target": spec["recep"],
+            "mrecep_target": "",
+            "toggle_target": spec.get("toggle", ""),
+            "object_sliced": False,
+        },
+        "turk_annotations": {"anns": [{"task_desc": "synthetic", "high_descs": [], "votes": [1]}]},
+        "scene": {"floor_plan": "Synthetic", "scene_num": 0},
+    }
     problem = build_problem(spec, task_id)
     random.seed(index)  # add_task_to_grammar picks one of the two goal phrasings with the global RNG
-    game = {"pddl_domain": domain, "grammar": add_task_to_grammar(grammar, traj), "pddl_problem": problem,
-            "solvable": True, "walkthrough": []}
+    game = {
+        "pddl_domain": domain,
+        "grammar": add_task_to_grammar(grammar, traj),
+        "pddl_problem": problem,
+        "solvable": True,
+        "walkthrough": [],
+    }
     (d / "initial_state.pddl").write_text(problem)
     (d / "traj_data.json").write_text(json.dumps(traj, indent=1))
     (d / "game.tw-pddl").write_text(json.dumps(game))
@@ -150,30 +175,81 @@ ROOM_LAMP = ["SideTable", "Desk", "Shelf"]
 ROOM_KITCHEN = ["CounterTop", "SinkBasin", "Microwave", "Fridge", "Shelf"]
 
 TINY_TRAIN = [
-    dict(task_type="pick_and_place_simple", obj="Mug", recep="Shelf", receptacles=ROOM_A,
-         objects=[("Mug", 0), ("Apple", 2)]),
-    dict(task_type="pick_and_place_simple", obj="Apple", recep="CounterTop", receptacles=ROOM_A,
-         objects=[("Apple", 2), ("Cup", 1)]),
-    dict(task_type="pick_two_obj_and_place", obj="Cup", recep="CounterTop", receptacles=ROOM_B,
-         objects=[("Cup", 0), ("Cup", 1), ("Book", 2)]),
-    dict(task_type="look_at_obj_in_light", obj="Book", recep="Desk", toggle="DeskLamp", receptacles=ROOM_LAMP,
-         objects=[("Book", 2), ("DeskLamp", 0)]),
-    dict(task_type="pick_heat_then_place_in_recep", obj="Egg", recep="CounterTop", receptacles=ROOM_KITCHEN,
-         objects=[("Egg", 4), ("Mug", 0)]),
-    dict(task_type="pick_clean_then_place_in_recep", obj="Mug", recep="Shelf", receptacles=ROOM_KITCHEN,
-         objects=[("Mug", 0), ("Apple", 0)]),
+    dict(
+        task_type="pick_and_place_simple",
+        obj="Mug",
+        recep="Shelf",
+        receptacles=ROOM_A,
+        objects=[("Mug", 0), ("Apple", 2)],
+    ),
+    dict(
+        task_type="pick_and_place_simple",
+        obj="Apple",
+        recep="CounterTop",
+        receptacles=ROOM_A,
+        objects=[("Apple", 2), ("Cup", 1)],
+    ),
+    dict(
+        task_type="pick_two_obj_and_place",
+        obj="Cup",
+        recep="CounterTop",
+        receptacles=ROOM_B,
+        objects=[("Cup", 0), ("Cup", 1), ("Book", 2)],
+    ),
+    dict(
+        task_type="look_at_obj_in_light",
+        obj="Book",
+        recep="Desk",
+        toggle="DeskLamp",
+        receptacles=ROOM_LAMP,
+        objects=[("Book", 2), ("DeskLamp", 0)],
+    ),
+    dict(
+        task_type="pick_heat_then_place_in_recep",
+        obj="Egg",
+        recep="CounterTop",
+        receptacles=ROOM_KITCHEN,
+        objects=[("Egg", 4), ("Mug", 0)],
+    ),
+    dict(
+        task_type="pick_clean_then_place_in_recep",
+        obj="Mug",
+        recep="Shelf",
+        receptacles=ROOM_KITCHEN,
+        objects=[("Mug", 0), ("Apple", 0)],
+    ),
 ]
 TINY_SEEN = [
-    dict(task_type="pick_and_place_simple", obj="Mug", recep="DiningTable", receptacles=ROOM_A,
-         objects=[("Mug", 1), ("Apple", 0)]),
-    dict(task_type="pick_cool_then_place_in_recep", obj="Apple", recep="CounterTop", receptacles=ROOM_KITCHEN,
-         objects=[("Apple", 4), ("Mug", 0)]),
+    dict(
+        task_type="pick_and_place_simple",
+        obj="Mug",
+        recep="DiningTable",
+        receptacles=ROOM_A,
+        objects=[("Mug", 1), ("Apple", 0)],
+    ),
+    dict(
+        task_type="pick_cool_then_place_in_recep",
+        obj="Apple",
+        recep="CounterTop",
+        receptacles=ROOM_KITCHEN,
+        objects=[("Apple", 4), ("Mug", 0)],
+    ),
 ]
 TINY_UNSEEN = [
-    dict(task_type="pick_and_place_simple", obj="Book", recep="Shelf", receptacles=ROOM_B,
-         objects=[("Book", 0), ("Cup", 2)]),
-    dict(task_type="pick_two_obj_and_place", obj="Cup", recep="Shelf", receptacles=ROOM_B,
-         objects=[("Cup", 0), ("Cup", 2)]),
+    dict(
+        task_type="pick_and_place_simple",
+        obj="Book",
+        recep="Shelf",
+        receptacles=ROOM_B,
+        objects=[("Book", 0), ("Cup", 2)],
+    ),
+    dict(
+        task_type="pick_two_obj_and_place",
+        obj="Cup",
+        recep="Shelf",
+        receptacles=ROOM_B,
+        objects=[("Cup", 0), ("Cup", 2)],
+    ),
 ]
 TINY_SPLITS = {"train": TINY_TRAIN, "valid_seen": TINY_SEEN, "valid_unseen": TINY_UNSEEN}
 
@@ -181,13 +257,22 @@ TINY_SPLITS = {"train": TINY_TRAIN, "valid_seen": TINY_SEEN, "valid_unseen": TIN
 # smoke runs, whose untrained agent picks among the admissible commands).
 ROOM_2 = ["CounterTop", "Shelf"]
 PUT_SPLITS = {
-    "train": [dict(task_type="pick_and_place_simple", obj="Mug", recep="Shelf", receptacles=ROOM_2, objects=[("Mug", 0)]),
-              dict(task_type="pick_and_place_simple", obj="Cup", recep="CounterTop", receptacles=ROOM_2,
-                   objects=[("Cup", 1), ("Mug", 0)])],
-    "valid_seen": [dict(task_type="pick_and_place_simple", obj="Mug", recep="CounterTop", receptacles=ROOM_2,
-                        objects=[("Mug", 1)])],
-    "valid_unseen": [dict(task_type="pick_and_place_simple", obj="Book", recep="Shelf", receptacles=ROOM_2,
-                          objects=[("Book", 0)])],
+    "train": [
+        dict(task_type="pick_and_place_simple", obj="Mug", recep="Shelf", receptacles=ROOM_2, objects=[("Mug", 0)]),
+        dict(
+            task_type="pick_and_place_simple",
+            obj="Cup",
+            recep="CounterTop",
+            receptacles=ROOM_2,
+            objects=[("Cup", 1), ("Mug", 0)],
+        ),
+    ],
+    "valid_seen": [
+        dict(task_type="pick_and_place_simple", obj="Mug", recep="CounterTop", receptacles=ROOM_2, objects=[("Mug", 1)])
+    ],
+    "valid_unseen": [
+        dict(task_type="pick_and_place_simple", obj="Book", recep="Shelf", receptacles=ROOM_2, objects=[("Book", 0)])
+    ],
 }
 
 if __name__ == "__main__":

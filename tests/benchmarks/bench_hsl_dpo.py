@@ -34,8 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
-                   "TOKENIZERS_PARALLELISM": "false"})
+os.environ.update(
+    {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+)
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -68,8 +69,15 @@ def random_failure(dpo, gamefile: str, steps: int, rng: random.Random):
     """A failed episode of random admissible commands (None if it happens to win)."""
     game = dpo.ALFWorldGame(gamefile)
     intro, instruction, gs = game.reset()
-    t = {"intro": intro, "instruction": instruction, "actions": [], "observations": [], "thoughts": None, "won": False,
-         "gamefile": gamefile}
+    t = {
+        "intro": intro,
+        "instruction": instruction,
+        "actions": [],
+        "observations": [],
+        "thoughts": None,
+        "won": False,
+        "gamefile": gamefile,
+    }
     for _ in range(steps):
         a = rng.choice([c for c in gs["admissible_commands"] if c not in ("help", "look", "inventory")])
         obs, won, done, gs = game.step(a)
@@ -120,7 +128,6 @@ def main():
     # ---- hsl_dpo.py: encode, reference once, DPO steps (its ETO phase) ----
     from accelerate import Accelerator
 
-    args = dpo.Args()  # gradient clipping at 1.0 is fixed in the script
     acc = Accelerator(cpu=True)
     model = copy.deepcopy(base)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -135,15 +142,19 @@ def main():
     ours_losses = []
     for _ in range(a.epochs):
         for s in range(0, len(enc), a.batch_size):
-            info = dpo.accumulate_dpo_loss(model, enc[s: s + a.batch_size], beta, 0.0, a.batch_size, acc, tok.pad_token_id)
+            info = dpo.accumulate_dpo_loss(
+                model, enc[s : s + a.batch_size], beta, 0.0, a.batch_size, acc, tok.pad_token_id
+            )
             dpo.optimizer_step(model, opt, sched, acc)
             ours_losses.append(info["dpo/loss"])
     ours_s = time.perf_counter() - t0
     lens = [len(e[side]["input_ids"]) for e in enc for side in ("chosen", "rejected")]
     acts = [sum(w > 0 for w in e[side]["weights"]) for e in enc for side in ("chosen", "rejected")]
-    print(f"model {mdir.name}: {len(pairs)} pairs from {len(demos)} games, mean {sum(lens) / len(lens):.0f} tokens per "
-          f"sequence ({sum(acts) / len(acts):.0f} action tokens), batch {a.batch_size} pairs, {a.epochs} epochs, "
-          f"{a.threads} thread(s)")
+    print(
+        f"model {mdir.name}: {len(pairs)} pairs from {len(demos)} games, mean {sum(lens) / len(lens):.0f} tokens per "
+        f"sequence ({sum(acts) / len(acts):.0f} action tokens), batch {a.batch_size} pairs, {a.epochs} epochs, "
+        f"{a.threads} thread(s)"
+    )
     print(f"hsl_dpo.py: {len(pairs) * a.epochs / ours_s:.2f} pairs/s ({ours_s:.1f} s)", flush=True)
     del model, opt
 
@@ -158,14 +169,36 @@ def main():
         rows.append({"prompt": c[:2], "chosen": c[2:], "rejected": r[2:]})
     results = {}
     for precompute in (False, True):
-        cfg = DPOConfig(output_dir=str(tmp / f"trl_{precompute}"), per_device_train_batch_size=a.batch_size,
-                        num_train_epochs=a.epochs, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
-                        weight_decay=0.0, max_grad_norm=1.0, beta=beta, logging_steps=1, report_to=[], save_strategy="no",
-                        use_cpu=True, bf16=False, fp16=False, max_length=None, precompute_ref_log_probs=precompute,
-                        dataloader_num_workers=0, seed=0, disable_tqdm=True)
+        cfg = DPOConfig(
+            output_dir=str(tmp / f"trl_{precompute}"),
+            per_device_train_batch_size=a.batch_size,
+            num_train_epochs=a.epochs,
+            learning_rate=lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            beta=beta,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            max_length=None,
+            precompute_ref_log_probs=precompute,
+            dataloader_num_workers=0,
+            seed=0,
+            disable_tqdm=True,
+        )
         t0 = time.perf_counter()
-        trainer = DPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(base), args=cfg,
-                             train_dataset=Dataset.from_list(rows), processing_class=tok)
+        trainer = DPOTrainer(
+            model=copy.deepcopy(base),
+            ref_model=copy.deepcopy(base),
+            args=cfg,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+        )
         t_init = time.perf_counter() - t0
         trainer.train()
         total = time.perf_counter() - t0
@@ -175,14 +208,20 @@ def main():
 
     n = len(pairs) * a.epochs
     ours_pps = n / ours_s
-    print(f"first-step DPO loss: hsl_dpo.py {ours_losses[0]:.4f} | TRL {results[False][2]:.4f} (log 2 = 0.6931 at step 1)")
-    print(f"hsl_dpo.py                         : {ours_pps:7.2f} pairs/s ({ours_s:.1f} s: encode {t_enc:.1f} s, "
-          f"reference {t_ref:.1f} s)")
+    print(
+        f"first-step DPO loss: hsl_dpo.py {ours_losses[0]:.4f} | TRL {results[False][2]:.4f} (log 2 = 0.6931 at step 1)"
+    )
+    print(
+        f"hsl_dpo.py                         : {ours_pps:7.2f} pairs/s ({ours_s:.1f} s: encode {t_enc:.1f} s, "
+        f"reference {t_ref:.1f} s)"
+    )
     out = {"model": mdir.name, "pairs": len(pairs), "epochs": a.epochs, "ours_pairs_per_s": ours_pps}
     for precompute, name in ((False, "TRL DPOTrainer (ref model)"), (True, "TRL DPOTrainer (precomputed ref)")):
         total, t_init, _ = results[precompute]
-        print(f"{name:<35}: {n / total:7.2f} pairs/s ({total:.1f} s: init {t_init:.1f} s)   "
-              f"ratio hsl_dpo.py / TRL = {total / ours_s:.2f}x")
+        print(
+            f"{name:<35}: {n / total:7.2f} pairs/s ({total:.1f} s: init {t_init:.1f} s)   "
+            f"ratio hsl_dpo.py / TRL = {total / ours_s:.2f}x"
+        )
         out[f"trl_{'precomputed' if precompute else 'ref_model'}_pairs_per_s"] = n / total
         out[f"ratio_vs_trl_{'precomputed' if precompute else 'ref_model'}"] = total / ours_s
     print(json.dumps(out))

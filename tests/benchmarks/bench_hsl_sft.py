@@ -25,8 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
-                   "TOKENIZERS_PARALLELISM": "false"})
+os.environ.update(
+    {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+)
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -80,17 +81,22 @@ def main():
     enc = [hsl.encode_demo(tok, hsl.demo_messages(system, d), d["z"], 4096) for d in demos]
     n = a.batch_size * (a.steps + 1)
     data = [enc[i % len(enc)] for i in range(n)]
-    tokens_per_step = [sum(len(e["input_ids"]) for e in data[s * a.batch_size:(s + 1) * a.batch_size]) for s in range(a.steps + 1)]
+    tokens_per_step = [
+        sum(len(e["input_ids"]) for e in data[s * a.batch_size : (s + 1) * a.batch_size]) for s in range(a.steps + 1)
+    ]
     timed_tokens = sum(tokens_per_step[1:])
-    print(f"model {mdir.name}: {len(demos)} expert demos, {n} sequences, mean {sum(tokens_per_step) / n:.0f} tokens, "
-          f"batch {a.batch_size}, {a.steps} timed steps, {a.threads} thread(s)")
+    print(
+        f"model {mdir.name}: {len(demos)} expert demos, {n} sequences, mean {sum(tokens_per_step) / n:.0f} tokens, "
+        f"batch {a.batch_size}, {a.steps} timed steps, {a.threads} thread(s)"
+    )
     base = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
 
     # ---- hsl_sft.py hot path: accumulate_loss + optimizer_step, as in its SFT phase ----
     from accelerate import Accelerator
 
-    args = hsl.Args(batch_size=a.batch_size, micro_batch_size=a.batch_size, loss_normalization="token",
-                    learning_rate=2e-5)  # gradient clipping at 1.0 is fixed in the script
+    args = hsl.Args(
+        batch_size=a.batch_size, micro_batch_size=a.batch_size, loss_normalization="token", learning_rate=2e-5
+    )  # gradient clipping at 1.0 is fixed in the script
     acc = Accelerator(cpu=True)
     model = copy.deepcopy(base)
     model.train()
@@ -101,7 +107,9 @@ def main():
     for s in range(a.steps + 1):
         if s == 1:
             t0, c0 = time.perf_counter(), time.process_time()
-        info = hsl.accumulate_loss(model, data[s * a.batch_size:(s + 1) * a.batch_size], 1.0, args, acc, "sft", tok.pad_token_id)
+        info = hsl.accumulate_loss(
+            model, data[s * a.batch_size : (s + 1) * a.batch_size], 1.0, args, acc, "sft", tok.pad_token_id
+        )
         hsl.optimizer_step(model, opt, sched, acc)
         ours_losses.append(info["sft/loss"])
     ours_s, ours_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -112,8 +120,12 @@ def main():
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    ds = Dataset.from_dict({"input_ids": [e["input_ids"] for e in data],
-                            "assistant_masks": [[int(w > 0) for w in e["weights"]] for e in data]})
+    ds = Dataset.from_dict(
+        {
+            "input_ids": [e["input_ids"] for e in data],
+            "assistant_masks": [[int(w > 0) for w in e["weights"]] for e in data],
+        }
+    )
 
     class Clock(TrainerCallback):
         t0 = c0 = None
@@ -125,12 +137,30 @@ def main():
         def on_step_end(self, args_, state, control, **kw):
             Clock.t1, Clock.c1 = time.perf_counter(), time.process_time()
 
-    cfg = SFTConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=a.batch_size, max_steps=a.steps + 1,
-                    learning_rate=2e-5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                    logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False, fp16=False,
-                    max_length=None, dataloader_num_workers=0, seed=0, disable_tqdm=True,
-                    train_sampling_strategy="sequential")  # the same batches, in the same order, as ours
-    trainer = SFTTrainer(model=copy.deepcopy(base), args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+    cfg = SFTConfig(
+        output_dir=str(tmp / "trl"),
+        per_device_train_batch_size=a.batch_size,
+        max_steps=a.steps + 1,
+        learning_rate=2e-5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        max_length=None,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+    )  # the same batches, in the same order, as ours
+    trainer = SFTTrainer(
+        model=copy.deepcopy(base), args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()]
+    )
     trainer.train()
     trl_s, trl_cpu = Clock.t1 - Clock.t0, Clock.c1 - Clock.c0
     trl_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -139,13 +169,30 @@ def main():
     # the steadier comparison, so the ratio is reported on both.
     ours_tps, trl_tps = timed_tokens / ours_s, timed_tokens / trl_s
     ours_cps, trl_cps = timed_tokens / ours_cpu, timed_tokens / trl_cpu
-    print(f"per-step loss: hsl_sft.py {[round(x, 4) for x in ours_losses]} | TRL SFTTrainer {[round(x, 4) for x in trl_losses]}")
-    print(f"hsl_sft.py     : {ours_tps:8.1f} tokens/s wall ({ours_s:.1f} s), {ours_cps:8.1f} tokens/CPU-s ({ours_cpu:.1f} s) for {timed_tokens} tokens")
-    print(f"TRL SFTTrainer : {trl_tps:8.1f} tokens/s wall ({trl_s:.1f} s), {trl_cps:8.1f} tokens/CPU-s ({trl_cpu:.1f} s)")
+    print(
+        f"per-step loss: hsl_sft.py {[round(x, 4) for x in ours_losses]} | TRL SFTTrainer {[round(x, 4) for x in trl_losses]}"
+    )
+    print(
+        f"hsl_sft.py     : {ours_tps:8.1f} tokens/s wall ({ours_s:.1f} s), {ours_cps:8.1f} tokens/CPU-s ({ours_cpu:.1f} s) for {timed_tokens} tokens"
+    )
+    print(
+        f"TRL SFTTrainer : {trl_tps:8.1f} tokens/s wall ({trl_s:.1f} s), {trl_cps:8.1f} tokens/CPU-s ({trl_cpu:.1f} s)"
+    )
     print(f"ratio hsl_sft.py / TRL = {ours_cps / trl_cps:.2f}x (CPU time), {ours_tps / trl_tps:.2f}x (wall clock)")
-    print(json.dumps({"model": mdir.name, "ours_tokens_per_s": ours_tps, "trl_tokens_per_s": trl_tps,
-                      "ours_tokens_per_cpu_s": ours_cps, "trl_tokens_per_cpu_s": trl_cps,
-                      "ratio_cpu": ours_cps / trl_cps, "ratio_wall": ours_tps / trl_tps}))
+    print(
+        json.dumps(
+            {
+                "model": mdir.name,
+                "ours_tokens_per_s": ours_tps,
+                "trl_tokens_per_s": trl_tps,
+                "ours_tokens_per_cpu_s": ours_cps,
+                "trl_tokens_per_cpu_s": trl_cps,
+                "ratio_cpu": ours_cps / trl_cps,
+                "ratio_wall": ours_tps / trl_tps,
+            }
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -62,8 +62,10 @@ def main():
             build_pointmaze(a.dataset_path, "medium", a.episodes, 1001, seed=0)
     env, ds = ks.make_env_and_dataset(ks.Args(env_name=a.env_name, dataset_path=a.dataset_path))
     ob_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    print(f"dataset {a.dataset_path}: {len(ds['valids'])} rows, ob_dim={ob_dim}, act_dim={act_dim}; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    print(
+        f"dataset {a.dataset_path}: {len(ds['valids'])} rows, ob_dim={ob_dim}, act_dim={act_dim}; "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}"
+    )
 
     # ---- ours: jitted update with on-device sampling (key-state arm with a fixed rule; HER arm)
     args = ks.resolve_presets(ks.Args(env_name=a.env_name, batch_size=a.batch_size, hidden_dims=(512, 512, 512)))
@@ -128,14 +130,19 @@ def main():
     for r in range(a.rounds):
         # the order alternates between rounds so that neither side always runs first (warm caches, load drift)
         order = [lambda: run_ours("keystate"), lambda: run_ours("her"), run_reference]
-        for fn in (order if r % 2 == 0 else order[::-1]):
+        for fn in order if r % 2 == 0 else order[::-1]:
             fn()
         print(f"round {r}: " + ", ".join(f"{k}={v[-1]:.3f} steps/s" for k, v in times.items()))
 
     med = {k: float(np.median(v)) for k, v in times.items()}
     result = {
-        "dataset": a.dataset_path, "rows": int(len(ds["valids"])), "batch_size": a.batch_size, "hidden": [512, 512, 512],
-        "steps_per_round": a.steps, "rounds": a.rounds, "median_steps_per_s": med,
+        "dataset": a.dataset_path,
+        "rows": int(len(ds["valids"])),
+        "batch_size": a.batch_size,
+        "hidden": [512, 512, 512],
+        "steps_per_round": a.steps,
+        "rounds": a.rounds,
+        "median_steps_per_s": med,
         "ratio_ours_keystate_vs_reference": med["ours_keystate"] / med["reference"],
         "ratio_ours_her_vs_reference": med["ours_her"] / med["reference"],
     }

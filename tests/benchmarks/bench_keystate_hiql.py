@@ -86,8 +86,10 @@ def import_reference(impls: str):
     try:
         import ml_collections  # noqa: F401
     except ImportError:
-        raise SystemExit("error: the reference needs ml_collections (pip install --target DIR ml_collections and put "
-                         "DIR on PYTHONPATH)") from None
+        raise SystemExit(
+            "error: the reference needs ml_collections (pip install --target DIR ml_collections and put "
+            "DIR on PYTHONPATH)"
+        ) from None
     sys.path.insert(0, str(impls))
     from agents.hiql import HIQLAgent, get_config
     from utils.datasets import Dataset, HGCDataset
@@ -111,32 +113,40 @@ def synthetic_dataset(episodes: int, ep_len: int, ob_dim: int, act_dim: int, see
     obs[:, :2] = steps + rng.uniform(0, 40, size=(episodes, 1, 2)).repeat(ep_len, 1).reshape(n, 2)
     act = rng.uniform(-1, 1, size=(n, act_dim)).astype(np.float32)
     term = np.zeros(n, np.float32)
-    term[ep_len - 1::ep_len] = 1
+    term[ep_len - 1 :: ep_len] = 1
     return obs, act, term
 
 
 def ref_to_script_params(p):
     """OGBench ModuleDict parameters -> the script's {goal_rep, value, low_actor, high_actor} + target value."""
-    params = {"goal_rep": p["modules_goal_rep"]["layers_0"],  # the MLP of Sequential([MLP, LengthNormalize])
-              "value": {"VmapMLP_0": p["modules_value"]["value_net"]},
-              "low_actor": {"MLP_0": p["modules_low_actor"]["actor_net"], "Dense_0": p["modules_low_actor"]["mean_net"]},
-              "high_actor": {"MLP_0": p["modules_high_actor"]["actor_net"],
-                             "Dense_0": p["modules_high_actor"]["mean_net"]}}
+    params = {
+        "goal_rep": p["modules_goal_rep"]["layers_0"],  # the MLP of Sequential([MLP, LengthNormalize])
+        "value": {"VmapMLP_0": p["modules_value"]["value_net"]},
+        "low_actor": {"MLP_0": p["modules_low_actor"]["actor_net"], "Dense_0": p["modules_low_actor"]["mean_net"]},
+        "high_actor": {"MLP_0": p["modules_high_actor"]["actor_net"], "Dense_0": p["modules_high_actor"]["mean_net"]},
+    }
     return params, {"VmapMLP_0": p["modules_target_value"]["value_net"]}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ogbench-impls", default=os.environ.get("OGBENCH_IMPLS"),
-                    help="path to OGBench's impls/ folder (or $OGBENCH_IMPLS)")
+    ap.add_argument(
+        "--ogbench-impls",
+        default=os.environ.get("OGBENCH_IMPLS"),
+        help="path to OGBench's impls/ folder (or $OGBENCH_IMPLS)",
+    )
     ap.add_argument("--dataset-path", default=None, help="OGBench .npz (default: synthetic antmaze-shaped data)")
     ap.add_argument("--episodes", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--hidden-dims", type=int, nargs="+", default=[512, 512, 512])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round and learner")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (reference, script, reference, ...)")
-    ap.add_argument("--relabel", choices=["her", "keystate"], default="keystate",
-                    help="the script's arm; keystate marks every 10th row as a key state (p_keystate 0.5)")
+    ap.add_argument(
+        "--relabel",
+        choices=["her", "keystate"],
+        default="keystate",
+        help="the script's arm; keystate marks every 10th row as a key state (p_keystate 0.5)",
+    )
     a = ap.parse_args()
     if not a.ogbench_impls:
         raise SystemExit("error: pass --ogbench-impls (OGBench's impls/ folder); see the docstring")
@@ -150,11 +160,17 @@ def main():
     else:
         obs, act, term = synthetic_dataset(a.episodes, 1001, 29, 8)
     # OGBench's compact layout, as ogbench.load_dataset(compact_dataset=True) returns it
-    ds = {"observations": obs, "actions": act, "terminals": np.minimum(term + np.append(term[1:], 1), 1),
-          "valids": 1.0 - term}
+    ds = {
+        "observations": obs,
+        "actions": act,
+        "terminals": np.minimum(term + np.append(term[1:], 1), 1),
+        "valids": 1.0 - term,
+    }
     hd = tuple(a.hidden_dims)
-    print(f"[bench] {jax.devices()[0].platform}, {len(obs)} rows, ob_dim={obs.shape[1]}, batch={a.batch_size}, "
-          f"hidden={hd}")
+    print(
+        f"[bench] {jax.devices()[0].platform}, {len(obs)} rows, ob_dim={obs.shape[1]}, batch={a.batch_size}, "
+        f"hidden={hd}"
+    )
 
     # Reference: OGBench's HIQL with its default config (antmaze-large-navigate: alphas 3.0, subgoal_steps 25).
     cfg = get_config()
@@ -182,9 +198,11 @@ def main():
     batch = ref_ds.sample(a.batch_size)
     _, ref_info = agent.total_loss(batch, agent.network.params)
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
-    mine = {"value/value_loss": ks.value_loss(params, target, jb, nets, args.discount, args.expectile)[0],
-            "low_actor/actor_loss": ks.low_actor_loss(params, jb, nets, args.low_alpha)[0],
-            "high_actor/actor_loss": ks.high_actor_loss(params, jb, nets, args.high_alpha)[0]}
+    mine = {
+        "value/value_loss": ks.value_loss(params, target, jb, nets, args.discount, args.expectile)[0],
+        "low_actor/actor_loss": ks.low_actor_loss(params, jb, nets, args.low_alpha)[0],
+        "high_actor/actor_loss": ks.high_actor_loss(params, jb, nets, args.high_alpha)[0],
+    }
     for k, v in mine.items():
         rel = abs(float(v) - float(ref_info[k])) / max(abs(float(ref_info[k])), 1e-8)
         print(f"[check] {k}: reference {float(ref_info[k]):.6f}  script {float(v):.6f}  rel. diff {rel:.1e}")
@@ -217,11 +235,15 @@ def main():
         t = time.time()
         run_script(a.steps)
         my_sps.append(a.steps / (time.time() - t))
-        print(f"[bench] round {r}: reference {ref_sps[-1]:.3f} steps/s, script {my_sps[-1]:.3f} steps/s, "
-              f"ratio {my_sps[-1] / ref_sps[-1]:.2f}")
+        print(
+            f"[bench] round {r}: reference {ref_sps[-1]:.3f} steps/s, script {my_sps[-1]:.3f} steps/s, "
+            f"ratio {my_sps[-1] / ref_sps[-1]:.2f}"
+        )
     ref_med, my_med = float(np.median(ref_sps)), float(np.median(my_sps))
-    print(f"RESULT reference_hiql={ref_med:.3f} steps/s  keystate_hiql={my_med:.3f} steps/s  "
-          f"ratio(script/reference)={my_med / ref_med:.2f}  (batch {a.batch_size}, hidden {hd}, relabel {a.relabel})")
+    print(
+        f"RESULT reference_hiql={ref_med:.3f} steps/s  keystate_hiql={my_med:.3f} steps/s  "
+        f"ratio(script/reference)={my_med / ref_med:.2f}  (batch {a.batch_size}, hidden {hd}, relabel {a.relabel})"
+    )
 
 
 if __name__ == "__main__":
