@@ -178,8 +178,7 @@ def list_games(data_dir: str, split: str, limit: int = -1) -> list[str]:
     """Game files of one split, collected and filtered (solvable, six task types) by alfworld's own AlfredTWEnv."""
     from alfworld.agents.environment.alfred_tw_env import AlfredTWEnv
 
-    # only AlfredTWEnv's file collection is used (games are played through ALFWorldGame); its config is built here,
-    # as the alfworld wheel ships no configs/base_config.yaml
+    # only AlfredTWEnv's file collection is used; the config is built here (the wheel ships no base_config.yaml)
     mode = {"train": "train", "valid_seen": "eval_in_distribution", "valid_unseen": "eval_out_of_distribution"}[split]
     key = {"train": "data_path", "valid_seen": "eval_id_data_path", "valid_unseen": "eval_ood_data_path"}[split]
     dataset = {key: os.path.join(data_dir, "json_2.1.1", split), "num_train_games": -1, "num_eval_games": -1}
@@ -192,31 +191,26 @@ def list_games(data_dir: str, split: str, limit: int = -1) -> list[str]:
 
 def to_dialect(cmd: str, legacy_put: bool) -> str:
     """Map a put command to the game's dialect: alfworld>=0.4 says "move X to Y", older data "put X in/on Y"."""
-    if legacy_put:
-        m = re.match(r"^move (.+?) to (.+)$", cmd)
-        if m:
-            return f"put {m.group(1)} in/on {m.group(2)}"
-        m = re.match(r"^put (.+?) (?:in|on|into|onto) (.+)$", cmd)
-        return f"put {m.group(1)} in/on {m.group(2)}" if m and " in/on " not in cmd else cmd
-    m = re.match(r"^put (.+?) (?:in/on|in|on|into|onto) (.+)$", cmd)
-    return f"move {m.group(1)} to {m.group(2)}" if m else cmd
+    m = re.match(r"^(?:move (.+?) to|put (.+?) (?:in/on|in|on|into|onto)) (.+)$", cmd)
+    if not m:
+        return cmd
+    obj, recep = m.group(1) or m.group(2), m.group(3)
+    return f"put {obj} in/on {recep}" if legacy_put else f"move {obj} to {recep}"
 
 
 def summarize_facts(facts) -> dict:
     """Compact, JSON-able view of the PDDL state (demangled names, e.g. "mug 1") used by the oracle relabeler."""
     s = {"otype": {}, "rtype": {}, "rloc": {}, "agent_loc": None}
     s.update({k: [] for k in ("inrec", "hot", "cool", "clean", "holds", "toggled")})
-    flags = {"ishot": "hot", "iscool": "cool", "isclean": "clean", "istoggled": "toggled"}
+    flags = {"ishot": "hot", "iscool": "cool", "isclean": "clean", "istoggled": "toggled", "holds": "holds"}
     for p in facts:
         args, name = [a.name.strip() for a in p.arguments], p.name.lower()
         if name in ("objecttype", "receptacletype"):
             s["otype" if name == "objecttype" else "rtype"][args[0]] = args[1].replace("type", "").strip()
         elif name == "inreceptacle":
             s["inrec"].append(args)
-        elif name in flags:
-            s[flags[name]].append(args[0])
-        elif name == "holds":
-            s["holds"].append(args[1])
+        elif name in flags:  # holds(agent, obj); the others take the object alone
+            s[flags[name]].append(args[-1])
         elif name == "atlocation" and args[0].startswith("agent"):
             s["agent_loc"] = args[1]
         elif name == "receptacleatlocation":
@@ -225,8 +219,7 @@ def summarize_facts(facts) -> dict:
 
 
 class ALFWorldGame:
-    """One ALFWorld game with the wrappers of AlfredTWEnv.init_env (AlfredDemangler, AlfredInfos, AlfredExpert) around
-    a textworld PddlEnv that also reports the PDDL facts (AlfredTWEnv's batch env does not; the oracle needs them)."""
+    """One ALFWorld game: AlfredTWEnv.init_env's wrappers around a PddlEnv that also reports the PDDL facts (oracle)."""
 
     def __init__(self, gamefile: str, expert: bool = False):
         import textworld
@@ -355,8 +348,7 @@ goal_text = lambda goal: GOAL_TEXT[goal[0]].format(o=goal[1], r=goal[2])  # (tas
 
 
 def validate_goal(goal, names: set[str]) -> Optional[tuple]:
-    """The canonical (task_type, obj, recep) of a relabeled goal that matches one of the six templates and names an
-    object and receptacle seen in the trajectory (ids, plurals and "desk lamp" for desklamp tolerated); else None."""
+    """(task_type, obj, recep) of a goal that matches one of the six templates and names entities seen, else None."""
     if not isinstance(goal, str) or len(goal) > 200:  # longer: no template instance (and slow regexes)
         return None
     g = re.sub(r"\s+", " ", re.sub(r"\b\d+\b", "", goal.lower())).strip().strip(".\"' ")
@@ -391,8 +383,7 @@ def achieved_goals(state: dict) -> set[tuple]:
 
 
 def oracle_goals(traj: dict) -> list[tuple[tuple, int]]:
-    """(goal, S(goal)) for every goal newly achieved along the trajectory, S = the first step where it becomes true
-    (false before: a mug that starts on the shelf does not count unless the agent re-achieves it)."""
+    """(goal, S(goal)) for every goal newly achieved (false before), S = the first step where it becomes true."""
     first, prev = {}, achieved_goals(traj["states"][0])
     for t, state in enumerate(traj["states"][1:], 1):
         cur = achieved_goals(state)
@@ -403,9 +394,8 @@ def oracle_goals(traj: dict) -> list[tuple[tuple, int]]:
 
 
 def oracle_relevance(traj: dict, goal: tuple, S: int) -> list[int]:
-    """Oracle z_{1:S}: an action is relevant if it acts on the goal's objects (those that satisfy the goal at step S),
-    or it is the last navigation/opening before such an action. Our heuristic (beyond the paper), not a planner:
-    exploration that found nothing is irrelevant."""
+    """Oracle z_{1:S} (our heuristic, beyond the paper): an action is relevant if it acts on the objects that satisfy
+    the goal at step S, or is the last navigation/opening before such an action; fruitless exploration is not."""
     state, actions = traj["states"][S], traj["actions"][:S]
     otype = state["otype"]
     key = {o for o, r in state["inrec"] if otype.get(o) == goal[1] and state["rtype"].get(r) == goal[2]}
@@ -428,8 +418,7 @@ def oracle_relevance(traj: dict, goal: tuple, S: int) -> list[int]:
 
 
 def extract_json_list(text: Optional[str]) -> Optional[list]:
-    """The JSON list in an LLM answer: code fences stripped, json.loads of the outermost [...]; else None.
-    Never evaluates anything; LLMClient already bounded the answer's size."""
+    """The JSON list in an LLM answer (code fences stripped, json.loads of the outermost [...]), else None."""
     text = re.sub(r"```(?:json)?", "", text or "")
     try:  # no "[...]" leaves an empty string: a JSON error too
         out = json.loads(text[text.find("[") : text.rfind("]") + 1])
@@ -439,8 +428,7 @@ def extract_json_list(text: Optional[str]) -> Optional[list]:
 
 
 def format_trajectory(traj: dict, S: Optional[int] = None, labels: Optional[list] = None) -> str:
-    """Text of a trajectory (segment) for the relabeler: initial observation, then Step k: Action / Observation
-    (and, for Figure 9, the Location / Inventory that the goal-inference pass derived)."""
+    """A trajectory (segment) as the relabeler reads it: Step k: Action / Observation (+ Figure 8's Location/Inventory)."""
     text = f"Initial observation: {traj['intro']}\n"
     for t in range(len(traj["actions"]) if S is None else S):
         text += f"\nStep {t + 1}:\nAction: {traj['actions'][t]}\nObservation: {traj['observations'][t]}\n"
@@ -451,8 +439,7 @@ def format_trajectory(traj: dict, S: Optional[int] = None, labels: Optional[list
 
 
 def segment_goals(steps: list, T: int, names: set[str], counters: collections.Counter) -> list[tuple[tuple, int]]:
-    """Segmentation at S(I'_k) from a Figure 8 answer: the first step whose running `reached_goals` list holds the
-    goal. Goals failing template/trajectory validation are dropped and counted (once per step that lists them)."""
+    """Segmentation at S(I'_k) from a Figure 8 answer: the first step whose `reached_goals` holds the (valid) goal."""
     first = {}
     for pos, st in enumerate(steps[:T]):
         if not isinstance(st, dict):
@@ -486,11 +473,9 @@ def precision_recall(counts: collections.Counter) -> tuple[float, float]:
 
 def relabel(trajs, args, counters, client=None, prompts=None, verbose=True) -> list[list[dict]]:
     """Section 3.3: per trajectory, one hindsight demonstration per goal I'_k it achieved, cut at S(I'_k), masked by z.
-
     "llm": the auxiliary LLM M, one goal-inference request per trajectory (Figure 8), segmentation at S(I'_k), one
-    relevance request per goal (Figure 9); every failed request or unusable answer is a counted skip, and the oracle's
-    goals score M's (tp / fp / fn counts: precision, recall) without influencing them. "oracle" (beyond the paper): PDDL facts.
-    """
+    relevance request per goal (Figure 9); a failed request or unusable answer is a counted skip; the oracle's goals
+    score M's (tp / fp / fn) without influencing them. "oracle" (beyond the paper): goals and z from the PDDL facts."""
     ask = lambda name, **kw: [  # the system prompt (Figure 8 or 9), then our user turn with the trajectory
         {"role": "system", "content": prompts[name]},
         {"role": "user", "content": string.Template(prompts[f"{name}_user"]).substitute(**kw)},
@@ -534,9 +519,6 @@ def relabel(trajs, args, counters, client=None, prompts=None, verbose=True) -> l
         d = dict(intro=t["intro"], instruction=goal_text(g), thoughts=None, z=list(z), source="hindsight", goal=list(g))
         d.update(actions=t["actions"][:S], observations=t["observations"][:S], task_type=g[0])
         out[i].append({**d, "gamefile": t.get("gamefile")})
-    for traj, new in list(zip(trajs, out))[:2] if verbose else []:  # eyeballing the relabeler
-        goals = "; ".join(f"'{d['instruction']}' S={len(d['actions'])} z={''.join(map(str, d['z']))}" for d in new)
-        tqdm.write(f"  [traj] '{traj['instruction']}' won={traj['won']} -> {goals or 'none'}")
     return out
 
 
@@ -555,8 +537,7 @@ class HindsightBuffer:
         self.alpha, self.uniform = alpha, uniform
 
     def push_all(self, relabeled: list[list[dict]], counters: collections.Counter) -> int:
-        """Append every relabeled demonstration in order (the oldest drop out when full); returns how many entered.
-        Demos with no relevant action (w_d = 0) could never be drawn: skipped."""
+        """Append the relabeled demos in order (the oldest drop out); those with w_d = 0 could never be drawn: skipped."""
         new = [d for demos in relabeled for d in demos if sum(d["z"]) > 0]
         for d in new:
             d["weight"] = 1.0 if self.uniform else demo_weight(d["z"], self.alpha)
@@ -578,13 +559,10 @@ class HindsightBuffer:
 
 # === Losses and the HSL update (Eq. 3-4), data parallel through accelerate ============================================
 def masked_sft_loss(logits, input_ids, weights, num_actions, normalization: str, denom: float):
-    """Masked SFT loss of Eq. 3 (and, with z = 1, the SFT term of Eq. 4). Returns (loss, info).
-    weights (batch, seq): z_t on the tokens of action a_t, 0 elsewhere (prompt, observations, masked actions).
-    "action": sum_b (1/T_b) sum_t z_t * -log P(a_t | ...) / denom, with denom = the full batch size, log P(a_t) the sum
-              over the action's tokens, T_b the number of actions of demo b (Eq. 3).
-    "token":  sum of z-weighted token NLL / denom, with denom = the total weight of the full batch (TRL / FastChat).
-    Dividing by the *full* batch's denominator lets gradient-accumulated micro-batches add up to the batch loss.
-    """
+    """Masked SFT loss of Eq. 3 (with z = 1, the SFT term of Eq. 4); weights (batch, seq): z_t on the tokens of a_t.
+    "action": sum_b (1/T_b) sum_t z_t * -log P(a_t | ...) / denom, denom = the full batch size (Eq. 3); "token": the
+    z-weighted token NLL / the full batch's total weight (TRL / FastChat). Dividing by the *full* batch's denominator
+    lets gradient-accumulated micro-batches add up to the batch loss."""
     logits = logits[:, :-1].float()  # (batch, seq-1, vocab): position j predicts token j+1
     nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")  # (batch, seq-1)
     w = weights[:, 1:]
@@ -607,9 +585,8 @@ def unshard(mine: list, accelerator) -> list:
 
 
 def micro_batches(batch: list, size: int, coef: float, model, accelerator, sync: bool = True):
-    """(items, coef) for this process's share of a global batch, in micro-batches, each inside its gradient-sync
-    context: the all-reduce runs once, with the last micro-batch (and only if `sync`), so processes with shares of
-    different sizes stay in step; an empty share joins it with a zero gradient."""
+    """(items, coef) micro-batches of this process's share of a global batch; the gradient all-reduce runs once, with
+    the last (and only if `sync`), so unequal shares stay in step; an empty share joins with a zero gradient."""
     mine = shard(batch, accelerator)
     chunks = [(mine[i : i + size], coef) for i in range(0, len(mine), size)] or [(batch[:1], 0.0)]
     for j, chunk in enumerate(chunks):
@@ -618,8 +595,7 @@ def micro_batches(batch: list, size: int, coef: float, model, accelerator, sync:
 
 
 def accumulate_loss(model, batch, coef: float, args, accelerator, prefix: str, pad_id: int, sync: bool = True) -> dict:
-    """Forward/backward one global batch of demonstrations (this process's share, in micro-batches); gradients of
-    coef * loss accumulate in .grad. Returns the whole global batch's loss and number of trained action tokens."""
+    """Forward/backward this process's share of a global batch (coef * loss into .grad); the global loss and tokens."""
     W = accelerator.num_processes
     # DDP averages gradients over the W processes: dividing by W makes that average the global batch's gradient
     denom = (len(batch) if args.loss_normalization == "action" else sum(sum(b["weights"][1:]) for b in batch)) / W
@@ -647,9 +623,8 @@ def optimizer_step(model, optimizer, scheduler, accelerator) -> dict:
 
 
 def hsl_update(model, optimizer, scheduler, buffer, sft_batch: list, agent: tuple, args, accelerator, rng) -> dict:
-    """One optimisation step on L_HSL = lambda * L_D' + (1 - lambda) * L_SFT (Eq. 4). L_D' (Eq. 3): batch_size demos
-    drawn from D' with P(d) proportional to w_d, each action's loss masked by its relevance z_t (all ones under the
-    no_mask ablation). An empty D' gives a plain SFT step: our choice, Eq. 4 is undefined there."""
+    """One step on L_HSL = lambda * L_D' + (1 - lambda) * L_SFT (Eq. 4). L_D' (Eq. 3): demos drawn with P(d) ~ w_d,
+    each action's loss masked by z_t (ones under no_mask). An empty D' gives a plain SFT step (Eq. 4 is undefined)."""
     _, tokenizer, system_prompt = agent
     info, pad, sft_coef = {}, tokenizer.pad_token_id, 1.0 - args.hsl_lambda if len(buffer) else 1.0
     if len(buffer):
@@ -714,8 +689,7 @@ def demo_messages(system_prompt: str, demo: dict, with_last_obs: bool = False) -
 
 def encode_demo(tokenizer, messages: list[dict], z: list[float], max_len: int) -> dict:
     """Token ids + per-token weights: tokens of action t (content and end-of-turn marker) get z_t, all others 0.
-    Action spans come from rendering the chat template on message prefixes (any prefix-stable template: ChatML,
-    Llama 3); the fast tokenizer's offsets map characters to tokens."""
+    Action spans: the chat template rendered on message prefixes; the fast tokenizer's offsets map them to tokens."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
@@ -747,13 +721,10 @@ def collate(batch: list[dict], pad_id: int, device) -> dict:
 
 
 def load_agent(args: Args):
-    """Tokenizer + causal LM (bfloat16 on GPU, float32 on CPU), full fine-tuning or LoRA through peft; with --resume,
-    the checkpoint's weights (or adapter)."""
+    """Tokenizer + causal LM (bfloat16 on GPU), full fine-tuning or LoRA; --resume: the checkpoint's weights/adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.resume or args.model_name)
-    if not tokenizer.is_fast:
-        raise SystemExit(f"error: --model-name {args.model_name}: needs a fast tokenizer (offsets locate the actions)")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     weights = args.resume if args.resume and not args.use_lora else args.model_name
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.bfloat16 if torch.cuda.is_available() else None)
@@ -784,9 +755,8 @@ def fit_prompt(tokenizer, messages: list[dict], max_tokens: int) -> list[int]:
 
 @torch.no_grad()
 def rollout(gamefiles: list[str], agent: tuple, args: Args, temperature: float, desc="rollout") -> list:
-    """Play the games in parallel with agent = (model, tokenizer, system prompt), one batched generate (left padding)
-    per step; the agent sees its own turns as it wrote them. Each trajectory keeps the PDDL state after every step
-    (for the oracle and the precision/recall judge)."""
+    """Play the games in parallel with agent = (model, tokenizer, system prompt), one batched generate per step.
+    Each trajectory keeps the PDDL state after every step (for the oracle and the precision/recall judge)."""
     (model, tokenizer, system_prompt), trajs, was_training = agent, [], agent[0].training
     greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else greedy
@@ -849,8 +819,7 @@ def demo_to_eto(demo: dict) -> dict:
 
 
 def load_eto_demos(path: str) -> list[dict]:
-    """ETO's alfworld_sft.json (ShareGPT): an instruction turn answered by "OK", the task turn ("... Your task is to:
-    ..."), then gpt "Thought: ...\\nAction: ..." and human "Observation: ..." turns. Clear errors on another format."""
+    """ETO's alfworld_sft.json (ShareGPT): a human task turn ("Your task is to: ..."), then Action/Observation turns."""
     try:
         data = json.loads(Path(path).read_text())
         convs = [[(m["from"], str(m["value"])) for m in item["conversations"]] for item in data]
@@ -866,11 +835,11 @@ def load_eto_demos(path: str) -> list[dict]:
         turns = [parse_agent_output(text) for who, text in conv[acts[0] :: 2] if who == "gpt"]
         obs = [re.sub(r"^Observation:\s*", "", text.strip()) for _, text in conv[acts[0] + 1 :: 2]]
         obs += [""] * (len(turns) - len(obs))  # a demonstration may end on an action
-        thoughts = [th for th, _ in turns]
+        thoughts, actions = map(list, zip(*turns))
         d = dict(intro=re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S), source="eto")
-        d.update(instruction=task.strip().split("\n")[0].rstrip("."), actions=[a for _, a in turns], z=[1] * len(turns))
-        demos.append({**d, "observations": obs[: len(turns)], "thoughts": thoughts if any(thoughts) else None})
-        demos[-1]["task_type"] = item.get("id", "?")
+        d.update(instruction=task.strip().split("\n")[0].rstrip("."), actions=actions, z=[1] * len(turns))
+        d.update(observations=obs[: len(turns)], thoughts=thoughts if any(thoughts) else None, task_type=item.get("id"))
+        demos.append(d)
     if not demos:
         raise SystemExit(f"error: --demos-path {path}: no item has a human 'Your task is to:' turn (not ALFWorld?)")
     return demos
@@ -903,9 +872,8 @@ def make_logger(args: Args, run_dir: Path, main_proc: bool):
 
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_dir.name)
     writer = SummaryWriter(str(run_dir))
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "".join(f"|{k}|{v}|\n" for k, v in vars(args).items())
-    )
+    table = "".join(f"|{k}|{v}|\n" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
 
     def log(metrics: Optional[dict], step: int):
         for k, v in (metrics or {}).items():
@@ -928,7 +896,7 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state: d
         tqdm.write(f"[ckpt] saved {path}")
 
 
-def load_checkpoint(path: str, optimizer, state: dict, buffer) -> dict:
+def load_checkpoint(path: str, optimizer, state: dict, buffer, say) -> dict:
     """The inverse of save_checkpoint (load_agent loads the model): fills `state` and D', returns the scheduler's."""
     state.update(json.loads((Path(path) / "hsl_state.json").read_text()))
     buffer.items.extend(state.pop("buffer"))  # (pushed before: weights and all)
@@ -936,12 +904,12 @@ def load_checkpoint(path: str, optimizer, state: dict, buffer) -> dict:
     optimizer.load_state_dict(trainer["optimizer"])
     for set_state, saved in zip((random.setstate, np.random.set_state, torch.set_rng_state), trainer["rngs"]):
         set_state(saved)
+    say(f"[resume] {path}: sft_steps {state['sft_steps']}, hsl_steps {state['hsl_steps']}, D' {len(buffer)}")
     return trainer["scheduler"]
 
 
 def evaluate(games_by_split: dict, agent: tuple, args: Args, accelerator, log, step: int, tag: str) -> dict:
-    """Success rate (greedy, max_env_steps) on each evaluation split, overall and per task type (Figure 5), logged
-    and printed. With several processes each plays its share of the games; every process gets all the outcomes."""
+    """Greedy success rate on each evaluation split, overall and per task type (Figure 5); each process plays its share."""
     t0, results = time.time(), {}
     for split, games in games_by_split.items():
         mine, outcomes, won = shard(games, accelerator), [], collections.defaultdict(list)
@@ -962,8 +930,7 @@ def evaluate(games_by_split: dict, agent: tuple, args: Args, accelerator, log, s
 
 def hsl_report(progress: str, times: list, trajs: list, buffer, info: dict, counts, counters, args, accelerator) -> str:
     """Metrics of one HSL step (into `info`) and its progress line. times: start, rollout, relabel, optimise done
-    (the paper reports 11.5 / 62.0 / 24.0 s for the three, Appendix F); counts / counters: relabeling counts of this
-    step / of the run."""
+    (Appendix F reports 11.5 / 62.0 / 24.0 s); counts / counters: relabeling counts of this step / of the run."""
     dt = [b - a for a, b in zip(times, times[1:])]
     outcomes = unshard([(t["won"], t["invalid"], len(t["actions"])) for t in trajs], accelerator)
     info.update({f"time/{k}": v for k, v in zip(("rollout", "relabel", "optimise"), dt)})
@@ -979,7 +946,6 @@ def hsl_report(progress: str, times: list, trajs: list, buffer, info: dict, coun
     if args.relabeler == "llm":
         (sp, sr), (p, r) = precision_recall(counts), precision_recall(counters)
         info.update({"relabel/precision_vs_oracle": sp, "relabel/recall_vs_oracle": sr})
-        info.update({"relabel/precision_vs_oracle_cum": p, "relabel/recall_vs_oracle_cum": r})
         skips = ("goal_inference_bad_json", "goal_inference_failed_request", "goal_invalid", "relevance_unusable")
         line += f" | precision {sp:.2f} recall {sr:.2f} (cum {p:.2f}/{r:.2f}) | skips: "
         line += " ".join(f"{k} {counts[k]}" for k in skips)
@@ -1022,9 +988,7 @@ def main():
     num_hsl_steps = args.hsl_steps if args.hsl_steps >= 0 else int(round(HSL_EPOCHS * steps_per_epoch))
     buffer = HindsightBuffer(args.buffer_size, args.hsl_alpha, uniform=args.ablation == "uniform_weight")
     state = {"sft_steps": 0, "hsl_steps": 0, "evaluations": 0, "counters": {}}
-    saved_sched = load_checkpoint(args.resume, optimizer, state, buffer) if args.resume else None
-    if args.resume:
-        say(f"[resume] {args.resume}: sft_steps {state['sft_steps']}, hsl_steps {state['hsl_steps']}, D' {len(buffer)}")
+    saved_sched = load_checkpoint(args.resume, optimizer, state, buffer, say) if args.resume else None
     # relabeling counts over the run, LLM goals against the oracle's (tp, fp, fn) among them
     counters = state["counters"] = collections.Counter(state["counters"])
     batches = demo_batches(len(encoded), args.batch_size, args.seed)  # SFT, then the L_SFT term of Eq. 4
