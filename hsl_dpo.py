@@ -52,7 +52,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 TASK_TYPES = ["pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep"]
 TASK_TYPES += ["pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place"]
@@ -188,11 +191,9 @@ def check_args(args: Args):
         raise SystemExit(f"error: --resume {args.resume}: not a checkpoint of this script (no hsl_state.json)")
     if args.dpo_batch_size < 1 or args.dpo_iterations < 0 or args.dpo_beta <= 0 or args.dpo_later_beta <= 0:
         raise SystemExit("error: --dpo-batch-size must be >= 1, --dpo-iterations >= 0, --dpo-beta/--dpo-later-beta > 0")
-    args.data_dir = args.data_dir or os.environ.get("ALFWORLD_DATA")
-    if not args.data_dir:
-        raise SystemExit("error: --data-dir: not given and $ALFWORLD_DATA is not set (run `alfworld-download` first)")
-    if not os.path.isdir(os.path.join(args.data_dir, "json_2.1.1")):
-        raise SystemExit(f"error: --data-dir {args.data_dir}: no json_2.1.1 folder there (run `alfworld-download`)")
+    args.data_dir = args.data_dir or os.environ.get("ALFWORLD_DATA")  # ALFWorld's own default
+    if not os.path.isdir(os.path.join(args.data_dir or "", "json_2.1.1")):
+        raise SystemExit(f"error: --data-dir {args.data_dir}: no json_2.1.1 folder (set it or $ALFWORLD_DATA)")
 
 
 # === Environment (ALFWorld) ===========================================================================================
@@ -272,13 +273,9 @@ GAME_POOL = collections.defaultdict(list)  # loaded games by file, reused across
 
 # === LLM client: the same class, flags and errors in all five scripts =================================================
 class LLMClient:
-    """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp,
-    `transformers serve`, hosted APIs; key from $OPENAI_API_KEY) or an in-process transformers model (offline runs).
-
-    A request that still fails after its retries gives None and is counted in `self.failures`: one bad answer never
-    stops training. Answers are untrusted text, cut to a bounded size here; callers parse and validate them, and
-    nothing an LLM writes is ever executed.
-    """
+    """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (key from $OPENAI_API_KEY) or an
+    in-process transformers model. A request that fails after its retries gives None, counted in `self.failures`: it
+    never stops training. Answers are untrusted text, cut to a bounded size; callers validate them, nothing is run."""
 
     def __init__(self, args):
         self.args, self.failures, greedy = args, 0, args.llm_temperature == 0
@@ -292,8 +289,8 @@ class LLMClient:
                 self.client.with_options(timeout=min(args.llm_timeout, 30.0)).models.list()
             except Exception as e:
                 raise SystemExit(
-                    f"error: --llm-base-url {args.llm_base_url}: no OpenAI-compatible server answers ({type(e).__name__}); "
-                    "start one (e.g. `vllm serve MODEL`) or use --llm-backend transformers"
+                    f"error: --llm-base-url {args.llm_base_url}: no OpenAI-compatible server answers "
+                    f"({type(e).__name__}); start one (e.g. `vllm serve MODEL`) or use --llm-backend transformers"
                 ) from None
             return
         import torch
@@ -600,8 +597,6 @@ def shard(items: list, accelerator) -> list:
 
 def unshard(mine: list, accelerator) -> list:
     """The inverse of shard(): every process gets the whole list, in the global order (whatever the process count)."""
-    from accelerate.utils import gather_object
-
     W, r = accelerator.num_processes, accelerator.process_index
     return [x for _, x in sorted(gather_object([(r + W * i, x) for i, x in enumerate(mine)]), key=lambda t: t[0])]
 
@@ -662,8 +657,6 @@ def hsl_update(model, optimizer, scheduler, buffer, sft_batch: list, agent: tupl
 
 def make_scheduler(optimizer, num_steps: int, saved: Optional[dict] = None):
     """Linear warm-up, then cosine decay over one phase (ETO / FastChat's recipe; the paper is silent)."""
-    from transformers import get_scheduler
-
     sched = get_scheduler("cosine", optimizer, int(WARMUP_RATIO * num_steps), max(num_steps, 1))
     if saved:  # resuming inside this phase
         sched.load_state_dict(saved)
@@ -744,8 +737,6 @@ def collate(batch: list[dict], pad_id: int, device) -> dict:
 
 def load_agent(args: Args):
     """Tokenizer + causal LM (bfloat16 on GPU), full fine-tuning or LoRA; --resume: the checkpoint's weights/adapter."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(args.resume or args.model_name)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     weights = args.resume if args.resume and not args.use_lora else args.model_name
@@ -1023,17 +1014,9 @@ def make_logger(args: Args, run_dir: Path, main_proc: bool):
         import wandb
 
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_dir.name)
-    writer = SummaryWriter(str(run_dir))
-    table = "".join(f"|{k}|{v}|\n" for k, v in vars(args).items())
+    writer, table = SummaryWriter(str(run_dir)), "".join(f"|{k}|{v}|\n" for k, v in vars(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-
-    def log(metrics: Optional[dict], step: int):
-        for k, v in (metrics or {}).items():
-            writer.add_scalar(k, v, step)
-        if metrics is None:
-            writer.close()
-
-    return log
+    return lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items()] if m else writer.close()
 
 
 def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state: dict, buffer, accelerator):
@@ -1108,9 +1091,6 @@ def hsl_report(progress: str, times: list, trajs: list, buffer, info: dict, coun
 def main():
     args = tyro.cli(Args)
     check_args(args)
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
-    from transformers import get_scheduler
 
     accelerator = Accelerator()
     main_proc = accelerator.is_main_process
@@ -1164,8 +1144,8 @@ def main():
         state["sft_steps"] = step + 1
         log(info, step + 1)
         if step == 0 or (step + 1) % steps_per_epoch == 0 or step + 1 == num_sft_steps:
-            speed = (step + 1 - first) / (time.time() - t0)
-            say(f"[sft] step {step + 1}/{num_sft_steps} loss {info['sft/loss']:.4f} ({speed:.2f} steps/s)")
+            speed = f"{(step + 1 - first) / (time.time() - t0):.2f} steps/s"
+            say(f"[sft] step {step + 1}/{num_sft_steps} loss {info['sft/loss']:.4f} ({speed})")
     if first < num_sft_steps:
         save("sft")
     if "SFT" not in state["results"]:  # (a resumed run keeps the results of its finished phases)

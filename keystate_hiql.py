@@ -251,13 +251,9 @@ def episode_index(ds: dict):
 
 # === LLM client: the same class, flags and errors in all five scripts =================================================
 class LLMClient:
-    """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp,
-    `transformers serve`, hosted APIs; key from $OPENAI_API_KEY) or an in-process transformers model (offline runs).
-
-    A request that still fails after its retries gives None and is counted in `self.failures`: one bad answer never
-    stops training. Answers are untrusted text, cut to a bounded size here; callers parse and validate them, and
-    nothing an LLM writes is ever executed.
-    """
+    """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (key from $OPENAI_API_KEY) or an
+    in-process transformers model. A request that fails after its retries gives None, counted in `self.failures`: it
+    never stops training. Answers are untrusted text, cut to a bounded size; callers validate them, nothing is run."""
 
     def __init__(self, args):
         self.args, self.failures, greedy = args, 0, args.llm_temperature == 0
@@ -271,8 +267,8 @@ class LLMClient:
                 self.client.with_options(timeout=min(args.llm_timeout, 30.0)).models.list()
             except Exception as e:
                 raise SystemExit(
-                    f"error: --llm-base-url {args.llm_base_url}: no OpenAI-compatible server answers ({type(e).__name__}); "
-                    "start one (e.g. `vllm serve MODEL`) or use --llm-backend transformers"
+                    f"error: --llm-base-url {args.llm_base_url}: no OpenAI-compatible server answers "
+                    f"({type(e).__name__}); start one (e.g. `vllm serve MODEL`) or use --llm-backend transformers"
                 ) from None
             return
         import torch
