@@ -31,7 +31,6 @@ against the round's start policy. Evaluation after each phase. Long-form notes: 
 #     "tqdm==4.70.1",
 # ]
 # ///
-# Optional: wandb (imported only with --track).
 
 import collections
 import concurrent.futures
@@ -464,7 +463,9 @@ def segment_goals(steps: list, T: int, names: set[str], counters: collections.Co
         if not isinstance(st, dict):
             continue
         step = st.get("step", pos + 1)
-        step = step if isinstance(step, int) and 1 <= step <= T else pos + 1  # else: the position in the list
+        if not (type(step) is int and 1 <= step <= T):  # a step the trajectory does not have: the answer is bad
+            counters["goal_inference_bad_step"] += 1
+            return []
         reached = st.get("reached_goals")
         reached = [reached] if isinstance(reached, str) else reached if isinstance(reached, list) else []
         for g in dict.fromkeys(map(str, reached)):  # each distinct goal once per step
@@ -1081,8 +1082,8 @@ def hsl_report(progress: str, times: list, trajs: list, buffer, info: dict, coun
     if args.relabeler == "llm":
         (sp, sr), (p, r) = precision_recall(counts), precision_recall(counters)
         info.update({"relabel/precision_vs_oracle": sp, "relabel/recall_vs_oracle": sr})
-        skips = ("goal_inference_bad_json", "goal_inference_failed_request", "goal_invalid", "relevance_unusable")
-        line += f" | precision {sp:.2f} recall {sr:.2f} (cum {p:.2f}/{r:.2f}) | skips: "
+        skips = [k for k in sorted(counts) if k.startswith(("goal_inference_", "goal_invalid", "relevance_u"))]
+        line += f" | precision {sp:.2f} recall {sr:.2f} (cum {p:.2f}/{r:.2f}) | relabeler: "
         line += " ".join(f"{k} {counts[k]}" for k in skips)
     return line
 

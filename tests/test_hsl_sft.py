@@ -159,9 +159,14 @@ def test_segmentation_at_first_achievement(hsl):
         (("pick_and_place_simple", "apple", "countertop"), 4),
     ]
     assert c["goal_invalid"] == 2
-    # out-of-range step numbers fall back to the position in the list
-    got = hsl.segment_goals([{"step": 99, "reached_goals": ["put a mug in shelf"]}], 3, names, c)
-    assert got == [(("pick_and_place_simple", "mug", "shelf"), 1)]
+    # a step the trajectory does not have (or not an integer) makes the whole answer bad: counted, nothing kept
+    for bad in (99, 0, "2", 1.5, True):
+        steps = [{"step": 1, "reached_goals": ["put a mug in shelf"]}, {"step": bad, "reached_goals": []}]
+        assert hsl.segment_goals(steps, 3, names, c) == []
+    assert c["goal_inference_bad_step"] == 5
+    # no "step" field: the position in the list
+    got = hsl.segment_goals([{}, {"reached_goals": ["put a mug in shelf"]}], 3, names, c)
+    assert got == [(("pick_and_place_simple", "mug", "shelf"), 2)]
 
 
 def test_oracle_goals_newly_achieved(hsl):
