@@ -41,7 +41,9 @@ import math
 import os
 import random
 import re
+import shutil
 import string
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,10 +101,8 @@ class Args:
     """LoRA (peft, all linear layers) instead of full fine-tuning"""
     lora_r: int = 16
     """LoRA rank (alpha = 2 * rank)"""
-    gradient_checkpointing: bool = False
-    """trade compute for memory on long trajectories"""
     max_seq_len: int = 4096
-    """training sequences are cut to this many tokens; rollout prompts drop their oldest turns to fit"""
+    """training sequences are cut to this many tokens; a rollout whose prompt outgrows it ends there (ETO's rule)"""
     rollout_temperature: float = 1.0
     """sampling temperature of training rollouts (a_t ~ pi_theta, Section 3.2); 0 = greedy"""
     # --- SFT (Appendix F, following ETO) ---
@@ -114,8 +114,6 @@ class Args:
     """sequences per forward/backward pass (gradient accumulation up to the batch)"""
     sft_epochs: float = 3.0
     """epochs of SFT on the ground-truth demonstrations before HSL"""
-    loss_normalization: Literal["action", "token"] = "action"
-    """action: Eq. 3-4 literally, (1/T) sum_t z_t * -log P(a_t) per trajectory; token: mean over action tokens (TRL)"""
     # --- HSL (Sections 3.2-3.4, 4.1) ---
     hsl_steps: int = -1
     """HSL optimisation steps (-1: 3 passes over the ground-truth demos at batch_size; 0: no HSL, plain ETO)"""
@@ -171,28 +169,38 @@ class Args:
     """checkpoint folder to resume from ({output_dir}/{run name}/checkpoints/...)"""
 
 
+def usage_error(message: str):
+    """A usage error ends the run with one line and exit status 2, as argparse (and tyro) do; data errors exit 1."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def check_args(args: Args):
-    """Usage errors, before anything heavy: one line each, no traceback. Resolves --data-dir ($ALFWORLD_DATA)."""
-    positive = ("max_env_steps", "num_demos", "lora_r", "max_seq_len", "batch_size", "micro_batch_size")
-    positive += ("rollouts_per_step", "buffer_size", "llm_max_new_tokens", "llm_concurrency")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')}: must be >= 1 (got {getattr(args, name)})")
-    if not 0.0 <= args.hsl_lambda <= 1.0:
-        raise SystemExit(f"error: --hsl-lambda: must lie in [0, 1] (got {args.hsl_lambda})")
-    if min(args.sft_epochs, args.hsl_alpha, args.rollout_temperature, args.llm_temperature) < 0:
-        raise SystemExit("error: --sft-epochs, --hsl-alpha, --rollout-temperature, --llm-temperature: must be >= 0")
-    if args.hsl_steps < -1 or args.max_seq_len <= MAX_ACTION_TOKENS or args.eval_every < 0:
-        raise SystemExit(f"error: --hsl-steps must be >= -1, --max-seq-len > {MAX_ACTION_TOKENS}, --eval-every >= 0")
-    if args.demos_path and not os.path.isfile(args.demos_path):
-        raise SystemExit(f"error: --demos-path {args.demos_path}: no such file")
-    if args.resume and not os.path.exists(os.path.join(args.resume, "hsl_state.json")):
-        raise SystemExit(f"error: --resume {args.resume}: not a checkpoint of this script (no hsl_state.json)")
-    if args.dpo_batch_size < 1 or args.dpo_iterations < 0 or args.dpo_beta <= 0 or args.dpo_later_beta <= 0:
-        raise SystemExit("error: --dpo-batch-size must be >= 1, --dpo-iterations >= 0, --dpo-beta/--dpo-later-beta > 0")
+    """Usage errors as one line (`error: --flag: ...`) before anything heavy. Resolves --data-dir ($ALFWORLD_DATA)."""
     args.data_dir = args.data_dir or os.environ.get("ALFWORLD_DATA")  # ALFWorld's own default
-    if not os.path.isdir(os.path.join(args.data_dir or "", "json_2.1.1")):
-        raise SystemExit(f"error: --data-dir {args.data_dir}: no json_2.1.1 folder (set it or $ALFWORLD_DATA)")
+    hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", args.model_name) and not os.path.exists(args.model_name)
+    at_least_1 = ("max_env_steps", "num_demos", "lora_r", "batch_size", "micro_batch_size", "rollouts_per_step")
+    at_least_1 += ("buffer_size", "llm_max_new_tokens", "llm_concurrency", "dpo_batch_size")
+    at_least_0 = ("sft_epochs", "hsl_alpha", "rollout_temperature", "llm_temperature", "eval_every")
+    at_least_0 += ("dpo_iterations", "dpo_epochs", "dpo_nll_coef")
+    positive = ("learning_rate", "dpo_beta", "dpo_later_beta", "dpo_learning_rate", "dpo_later_learning_rate")
+    checks = [  # (field, valid?, what it must be)
+        *[(n, getattr(args, n) >= 1, ">= 1") for n in at_least_1],
+        *[(n, getattr(args, n) >= 0, ">= 0") for n in at_least_0],
+        *[(n, getattr(args, n) > 0, "> 0") for n in positive],
+        ("num_eval_games", args.num_eval_games == -1 or args.num_eval_games >= 1, "-1 (all) or >= 1"),
+        ("hsl_steps", args.hsl_steps >= -1, ">= -1"),
+        ("hsl_lambda", 0.0 <= args.hsl_lambda <= 1.0, "in [0, 1]"),
+        ("max_seq_len", args.max_seq_len > MAX_ACTION_TOKENS, f"> {MAX_ACTION_TOKENS} (the action tokens)"),
+        ("data_dir", os.path.isdir(os.path.join(args.data_dir or "", "json_2.1.1")), "a folder with json_2.1.1"),
+        ("output_dir", not os.path.exists(args.output_dir) or os.path.isdir(args.output_dir), "a folder"),
+        ("demos_path", args.demos_path is None or os.path.isfile(args.demos_path), "an existing file"),
+        ("model_name", os.path.isdir(args.model_name) or hub_id, "a local folder or a hub id"),
+        ("resume", not args.resume or os.path.isfile(os.path.join(args.resume, "hsl_state.json")), "a checkpoint"),
+    ]
+    for name, ok, what in checks:
+        if not ok:
+            usage_error(f"--{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}")
 
 
 # === Environment (ALFWorld) ===========================================================================================
@@ -491,7 +499,7 @@ def precision_recall(counts: collections.Counter) -> tuple[float, float]:
     return (tp / (tp + fp) if tp + fp else float("nan"), tp / (tp + fn) if tp + fn else float("nan"))
 
 
-def relabel(trajs, args, counters, client=None, prompts=None, verbose=True) -> list[list[dict]]:
+def relabel(trajs, args, counters, client=None, prompts=None) -> list[list[dict]]:
     """Section 3.3: per trajectory, one hindsight demonstration per goal I'_k it achieved, cut at S(I'_k), masked by z.
     "llm": the auxiliary LLM M, one goal-inference request per trajectory (Figure 8), segmentation at S(I'_k), one
     relevance request per goal (Figure 9); a failed request or unusable answer is a counted skip; the oracle's goals
@@ -502,8 +510,6 @@ def relabel(trajs, args, counters, client=None, prompts=None, verbose=True) -> l
     ]
     if args.relabeler == "llm":
         answers = client.chat([ask("goal_inference", trajectory=format_trajectory(t)) for t in trajs])
-        if verbose and answers:
-            tqdm.write(f"  [relabeler answer, goal inference] {str(answers[0])[:300]!r}")
     found, step_labels = [], []
     for i, traj in enumerate(trajs):
         goals = truth = oracle_goals(traj)
@@ -532,9 +538,7 @@ def relabel(trajs, args, counters, client=None, prompts=None, verbose=True) -> l
         labels = [parse_relevance(ans, S) for ans, (_, _, S) in zip(client.chat(convs) if convs else [], jobs)]
         counters.update(relevance_calls=len(labels), relevance_unusable=sum(z is None for z in labels))
     out = [[] for _ in trajs]
-    for (i, g, S), z in zip(jobs, labels):  # (tau_{S(k)}, I'_k, z_{1:S(k)}): the segment up to S, with the goal
-        if z is None:
-            continue
+    for (i, g, S), z in [(job, z) for job, z in zip(jobs, labels) if z is not None]:  # (tau_S(k), I'_k, z_1:S(k))
         t = trajs[i]  # the agent's thoughts are dropped: they reasoned about the original instruction
         d = dict(intro=t["intro"], instruction=goal_text(g), thoughts=None, z=list(z), source="hindsight", goal=list(g))
         d.update(actions=t["actions"][:S], observations=t["observations"][:S], task_type=g[0])
@@ -578,16 +582,15 @@ class HindsightBuffer:
 
 
 # === Losses and the HSL update (Eq. 3-4), data parallel through accelerate ============================================
-def masked_sft_loss(logits, input_ids, weights, num_actions, normalization: str, denom: float):
-    """Masked SFT loss of Eq. 3 (with z = 1, the SFT term of Eq. 4); weights (batch, seq): z_t on the tokens of a_t.
-    "action": sum_b (1/T_b) sum_t z_t * -log P(a_t | ...) / denom, denom = the full batch size (Eq. 3); "token": the
-    z-weighted token NLL / the full batch's total weight (TRL / FastChat). Dividing by the *full* batch's denominator
-    lets gradient-accumulated micro-batches add up to the batch loss."""
+def masked_sft_loss(logits, input_ids, weights, num_actions, denom: float):
+    """Masked SFT loss of Eq. 3 (with z = 1, the SFT term of Eq. 4), literally: sum_b (1/T_b) sum_t z_t * -log P(a_t)
+    / denom; weights (batch, seq): z_t on the tokens of a_t. denom = the *full* batch size, so that gradient-accumulated
+    micro-batches add up to the batch loss."""
     logits = logits[:, :-1].float()  # (batch, seq-1, vocab): position j predicts token j+1
     nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")  # (batch, seq-1)
     w = weights[:, 1:]
     per_seq = (nll * w).sum(-1)  # (batch,)
-    loss = (per_seq / num_actions).sum() / denom if normalization == "action" else per_seq.sum() / max(denom, 1e-8)
+    loss = (per_seq / num_actions).sum() / denom
     return loss, {"tokens": w.gt(0).sum().item()}
 
 
@@ -616,12 +619,11 @@ def accumulate_loss(model, batch, coef: float, args, accelerator, prefix: str, p
     """Forward/backward this process's share of a global batch (coef * loss into .grad); the global loss and tokens."""
     W = accelerator.num_processes
     # DDP averages gradients over the W processes: dividing by W makes that average the global batch's gradient
-    denom = (len(batch) if args.loss_normalization == "action" else sum(sum(b["weights"][1:]) for b in batch)) / W
-    loss_sum, tokens, norm = 0.0, 0, args.loss_normalization
+    denom, loss_sum, tokens = len(batch) / W, 0.0, 0
     for items, c in micro_batches(batch, args.micro_batch_size, coef, model, accelerator, sync):
         mb = collate(items, pad_id, accelerator.device)
         logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-        loss, info = masked_sft_loss(logits, mb["input_ids"], mb["weights"], mb["num_actions"], norm, denom)
+        loss, info = masked_sft_loss(logits, mb["input_ids"], mb["weights"], mb["num_actions"], denom)
         accelerator.backward(c * loss)
         if c:  # (an empty share's stand-in micro-batch counts nothing)
             loss_sum, tokens = loss_sum + loss.item(), tokens + info["tokens"]
@@ -659,8 +661,10 @@ def hsl_update(model, optimizer, scheduler, buffer, sft_batch: list, agent: tupl
 def make_scheduler(optimizer, num_steps: int, saved: Optional[dict] = None):
     """Linear warm-up, then cosine decay over one phase (ETO / FastChat's recipe; the paper is silent)."""
     sched = get_scheduler("cosine", optimizer, int(WARMUP_RATIO * num_steps), max(num_steps, 1))
-    if saved:  # resuming inside this phase
+    if saved:  # resuming inside this phase: the schedule's position, and the learning rate it had set
         sched.load_state_dict(saved)
+        for group, lr in zip(optimizer.param_groups, sched.get_last_lr()):
+            group["lr"] = lr
     return sched
 
 
@@ -738,14 +742,15 @@ def collate(batch: list[dict], pad_id: int, device) -> dict:
 
 def load_agent(args: Args):
     """Tokenizer + causal LM (bfloat16 on GPU), full fine-tuning or LoRA; --resume: the checkpoint's weights/adapter."""
-    tokenizer = AutoTokenizer.from_pretrained(args.resume or args.model_name)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     weights = args.resume if args.resume and not args.use_lora else args.model_name
-    model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.bfloat16 if torch.cuda.is_available() else None)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        if args.use_lora:  # frozen embeddings: make checkpointed activations require grad so LoRA weights get gradients
-            model.enable_input_require_grads()
+    try:  # a folder or hub id that holds no model: a data error naming it
+        tokenizer = AutoTokenizer.from_pretrained(args.resume or args.model_name)
+        model = AutoModelForCausalLM.from_pretrained(
+            weights, dtype=torch.bfloat16 if torch.cuda.is_available() else None
+        )
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {weights}: cannot load a tokenizer and causal LM ({type(e).__name__})") from None
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     if args.use_lora:
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -754,17 +759,6 @@ def load_agent(args: Args):
         cfg = dict(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=LORA_DROPOUT, target_modules="all-linear")
         model = get_peft_model(model, LoraConfig(**cfg))
     return tokenizer, model
-
-
-def fit_prompt(tokenizer, messages: list[dict], max_tokens: int) -> list[int]:
-    """Prompt ids with the generation header; drops the oldest (action, observation) pairs until it fits."""
-    msgs = list(messages)
-    while True:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= max_tokens or len(msgs) <= 3:
-            return ids[-max_tokens:]
-        del msgs[2:4]  # keep system + task turn
 
 
 @torch.no_grad()
@@ -782,11 +776,15 @@ def rollout(gamefiles: list[str], agent: tuple, args: Args, temperature: float, 
         trajs.append({**t, "task_type": game.task_type, "gamefile": game.gamefile, "won": False, "done": False})
         trajs[-1]["states"] = [summarize_facts(gs["facts"])]
     for _ in tqdm(range(args.max_env_steps), desc=desc, leave=False, disable=None):
-        active = [i for i, t in enumerate(trajs) if not t["done"]]
+        prompts = {}
+        for i in [i for i, t in enumerate(trajs) if not t["done"]]:  # ETO: an input too long ends the episode, failed
+            msgs = demo_messages(system_prompt, trajs[i], with_last_obs=True)
+            prompts[i] = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
+            trajs[i]["done"] = len(prompts[i]) > args.max_seq_len - MAX_ACTION_TOKENS
+        active = [i for i in prompts if not trajs[i]["done"]]
         if not active:
             break
-        msgs = [demo_messages(system_prompt, trajs[i], with_last_obs=True) for i in active]
-        prompts = [fit_prompt(tokenizer, m, args.max_seq_len - MAX_ACTION_TOKENS) for m in msgs]
+        prompts = [prompts[i] for i in active]
         batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(model.device)
         out = model.generate(**batch, max_new_tokens=MAX_ACTION_TOKENS, pad_token_id=tokenizer.pad_token_id, **sample)
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -825,21 +823,18 @@ def expert_demo(gamefile: str, max_steps: int) -> Optional[dict]:
     return {**d, "z": [1] * len(actions), "task_type": game.task_type, "source": "expert", "gamefile": gamefile}
 
 
-def demo_to_eto(demo: dict) -> dict:
-    """ETO/ShareGPT format (human task, then gpt "Thought/Action", human "Observation"), so saved demos reload."""
-    role = {"user": "human", "assistant": "gpt"}
-    conv = [{"from": role[m["role"]], "value": m["content"]} for m in demo_messages("", demo, with_last_obs=True)[1:]]
-    return {"id": Path(demo.get("gamefile", "demo")).parent.parent.name, "conversations": conv}
-
-
 def load_eto_demos(path: str) -> list[dict]:
     """ETO's alfworld_sft.json (ShareGPT): a human task turn ("Your task is to: ..."), then Action/Observation turns."""
-    try:
+    try:  # every defect of the file is a data error naming it (UnicodeDecodeError is a ValueError)
         data = json.loads(Path(path).read_text())
-        convs = [[(m["from"], str(m["value"])) for m in item["conversations"]] for item in data]
-    except (ValueError, TypeError, KeyError):
-        raise SystemExit(f"error: --demos-path {path}: not ETO format (a JSON list of {{'id', 'conversations'}} items)")
-    demos = []
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path}: not ETO format ({type(e).__name__}: {str(e)[:200]})") from None
+    if not (isinstance(data, list) and all(type(it) is dict and type(it.get("conversations")) is list for it in data)):
+        raise SystemExit(f"error: {path}: not ETO format (a JSON list of {{'id', 'conversations'}} items)")
+    for i, k, m in ((i, k, m) for i, it in enumerate(data) for k, m in enumerate(it["conversations"])):
+        if not (isinstance(m, dict) and isinstance(m.get("from"), str) and isinstance(m.get("value"), str)):
+            raise SystemExit(f"error: {path}: item {i}, turn {k}: not a {{'from': str, 'value': str}} turn")
+    convs, demos = [[(m["from"], m["value"]) for m in item["conversations"]] for item in data], []
     for item, conv in zip(data, convs):
         # the task turn: the human turn right before the first gpt turn with an action
         acts = [k for k, (who, text) in enumerate(conv) if who == "gpt" and re.search(r"action\s*:", text, re.I)]
@@ -855,20 +850,16 @@ def load_eto_demos(path: str) -> list[dict]:
         d.update(observations=obs[: len(turns)], thoughts=thoughts if any(thoughts) else None, task_type=item.get("id"))
         demos.append(d)
     if not demos:
-        raise SystemExit(f"error: --demos-path {path}: no item has a human 'Your task is to:' turn (not ALFWorld?)")
+        raise SystemExit(f"error: {path}: no item has a human 'Your task is to:' turn (not ALFWorld?)")
     return demos
 
 
-def load_demos(args: Args, train_games: list[str], run_dir: Path, accelerator) -> list[dict]:
-    """D_train: --demos-path, else the hand-coded expert on the train games (saved in ETO format for reuse)."""
+def load_demos(args: Args, games: list[str], say) -> list[dict]:
+    """D_train: --demos-path (ETO's file, as the paper), else ALFWorld's hand-coded expert on the train games."""
     if args.demos_path:
         return load_eto_demos(args.demos_path)[: args.num_demos]
-    games = train_games[: args.num_demos]
     demos = [d for g in tqdm(games, desc="expert demos", disable=None) if (d := expert_demo(g, EXPERT_MAX_STEPS))]
-    if accelerator.is_main_process:
-        tqdm.write(f"[demos] hand-coded expert won {len(demos)} of {len(games)} train games")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "expert_demos.json").write_text(json.dumps([demo_to_eto(d) for d in demos]))
+    say(f"[demos] hand-coded expert won {len(demos)} of {len(games)} train games")
     if not demos:
         raise SystemExit("error: no ground-truth demonstrations (the expert won no train game; try --demos-path)")
     return demos
@@ -1020,33 +1011,47 @@ def make_logger(args: Args, run_dir: Path, main_proc: bool):
     return lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items()] if m else writer.close()
 
 
-def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state: dict, buffer, accelerator):
-    """save_pretrained (adapter only with LoRA) + optimizer/scheduler/RNGs, and the JSON state (counters, D')."""
+def save_checkpoint(path: Path, agent: tuple, optimizer, scheduler, state: dict, buffer, accelerator, rng):
+    """Everything a resume needs to continue exactly: save_pretrained (adapter only with LoRA), optimizer, scheduler,
+    the JSON state (counters, D'), and every random generator of every process (Python, NumPy, torch CPU and CUDA: the
+    agent's sampling; `rng`: games picked, D' batches). Written to {path}.tmp, then renamed: a run killed while saving
+    leaves no half checkpoint."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    rngs = gather_object(
+        [(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda, rng.bit_generator.state)]
+    )
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        rngs = [random.getstate(), np.random.get_state(), torch.get_rng_state()]
+        tmp = path.with_name(path.name + ".tmp")
+        agent[0].save_pretrained(tmp)  # the unwrapped model, and its tokenizer
+        agent[1].save_pretrained(tmp)
         trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rngs": rngs}
-        torch.save(trainer, path / "trainer_state.pt")
-        (path / "hsl_state.json").write_text(json.dumps({**state, "buffer": list(buffer.items)}, default=str))
+        torch.save(trainer, tmp / "trainer_state.pt")
+        (tmp / "hsl_state.json").write_text(json.dumps({**state, "buffer": list(buffer.items)}, default=str))
+        shutil.rmtree(path, ignore_errors=True)  # (a resumed run saves "final" again)
+        tmp.rename(path)
         tqdm.write(f"[ckpt] saved {path}")
 
 
-def load_checkpoint(path: str, optimizer, state: dict, buffer, say) -> dict:
-    """The inverse of save_checkpoint (load_agent loads the model): fills `state` and D', returns the scheduler's."""
-    state.update(json.loads((Path(path) / "hsl_state.json").read_text()))
-    buffer.items.extend(state.pop("buffer"))  # (pushed before: weights and all)
+def load_checkpoint(path: str, optimizer, state: dict, buffer, rng, accelerator, say) -> dict:
+    """The inverse of save_checkpoint (load_agent loads the model): fills `state` and D', sets this process's random
+    generators, returns the scheduler's state. Rebuilt, not stored: the SFT batch order (main replays it from the seed
+    to the step), the environments (ALFWorld resets deterministically) and each ETO round's pair order (seeded)."""
+    state.update(json.loads((Path(path) / "hsl_state.json").read_text()))  # (saved atomically: complete or absent)
     trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(trainer["optimizer"])
-    for set_state, saved in zip((random.setstate, np.random.set_state, torch.set_rng_state), trainer["rngs"]):
+    buffer.items.extend(state.pop("buffer"))  # (pushed before: weights and all)
+    py, nps, cpu, cuda, rng.bit_generator.state = trainer["rngs"][accelerator.process_index]
+    for set_state, saved in zip((random.setstate, np.random.set_state, torch.set_rng_state), (py, nps, cpu)):
         set_state(saved)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
     say(f"[resume] {path}: sft_steps {state['sft_steps']}, hsl_steps {state['hsl_steps']}, D' {len(buffer)}")
     return trainer["scheduler"]
 
 
-def evaluate(games_by_split: dict, agent: tuple, args: Args, accelerator, log, step: int, tag: str) -> dict:
+def evaluate(games_by_split: dict, agent: tuple, args: Args, accelerator, log, step: int, tag: str, state) -> dict:
     """Greedy success rate on each evaluation split, overall and per task type (Figure 5); each process plays its share."""
-    t0, results = time.time(), {}
+    t0, results, state["evaluations"] = time.time(), {}, state["evaluations"] + 1
     for split, games in games_by_split.items():
         mine, outcomes, won = shard(games, accelerator), [], collections.defaultdict(list)
         for i in range(0, len(mine), args.rollouts_per_step):
@@ -1058,9 +1063,11 @@ def evaluate(games_by_split: dict, agent: tuple, args: Args, accelerator, log, s
         results.update({f"{split}/success": float(np.mean(every)), f"{split}/episodes": len(every)})
         results.update({f"{split}/success_{tt}": float(np.mean(w)) for tt, w in won.items()})
     log({f"eval/{k}": v for k, v in results.items()}, step)
-    line = ", ".join(f"{k} {v:.3f}" for k, v in results.items())
     if accelerator.is_main_process:
-        tqdm.write(f"[eval {tag}] step {step} ({time.time() - t0:.1f}s): {line}")
+        tqdm.write(
+            f"[eval {tag}] step {step} ({time.time() - t0:.1f}s): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in results.items())
+        )
     return results
 
 
@@ -1097,7 +1104,7 @@ def main():
     main_proc = accelerator.is_main_process
     run_dir = Path(args.output_dir) / gather_object([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
     set_seed(args.seed)  # Python, NumPy, torch (the agent's sampling); the environments are deterministic
-    shared_rng = np.random.default_rng(args.seed + 10_000)  # the same on every process: games picked, D' batches drawn
+    rng = np.random.default_rng(args.seed + 10_000)  # the same on every process: games picked, D' batches drawn
     say = tqdm.write if main_proc else (lambda *a, **k: None)  # progress lines from the main process only
 
     # --- prompts, games, demonstrations, relabeler (fail early, before loading the agent) ---
@@ -1106,8 +1113,7 @@ def main():
     prompts = {n: read_prompt(f"alfworld_{n}.md") for n in relabel_prompts}  # Figures 8-9 and our user turns
     train_games = list_games(args.data_dir, "train")
     eval_games = {s: list_games(args.data_dir, s, args.num_eval_games) for s in ("valid_seen", "valid_unseen")}
-    log = make_logger(args, run_dir, main_proc)
-    demos = load_demos(args, train_games, run_dir, accelerator)
+    demos = load_demos(args, train_games[: args.num_demos], say)
     client = LLMClient(args) if args.relabeler == "llm" else None  # an unreachable endpoint fails now, not after SFT
 
     # --- agent, optimiser, buffer D', state (or a checkpoint's) ---
@@ -1123,18 +1129,14 @@ def main():
     buffer = HindsightBuffer(args.buffer_size, args.hsl_alpha, uniform=args.ablation == "uniform_weight")
     state = {"sft_steps": 0, "hsl_steps": 0, "evaluations": 0, "counters": {}}
     state.update(dpo_iterations=0, dpo_steps=0, pairs_built=0, results={})
-    saved_sched = load_checkpoint(args.resume, optimizer, state, buffer, say) if args.resume else None
-    # relabeling counts over the run, LLM goals against the oracle's (tp, fp, fn) among them
-    counters = state["counters"] = collections.Counter(state["counters"])
+    saved_sched = load_checkpoint(args.resume, optimizer, state, buffer, rng, accelerator, say) if args.resume else None
+    log = make_logger(args, run_dir, main_proc)  # the run folder: only now that the inputs have loaded
+    counters = state["counters"] = collections.Counter(state["counters"])  # over the run (tp/fp/fn: LLM vs oracle)
     batches = demo_batches(len(encoded), args.batch_size, args.seed)  # SFT, then the L_SFT term of Eq. 4
     batches = itertools.islice(batches, state["sft_steps"] + state["hsl_steps"], None)  # where a resumed run stopped
 
-    def run_eval(step: int, tag: str) -> dict:
-        state["evaluations"] += 1
-        return evaluate(eval_games, agent, args, accelerator, log, step, tag)
-
     def save(name: str):
-        save_checkpoint(run_dir / "checkpoints" / name, model, tokenizer, optimizer, sched, state, buffer, accelerator)
+        save_checkpoint(run_dir / "checkpoints" / name, agent, optimizer, sched, state, buffer, accelerator, rng)
 
     # ---------------- phase 1: SFT on D_train (Appendix F) ----------------
     sched = make_scheduler(optimizer, num_sft_steps, saved_sched if state["hsl_steps"] == 0 else None)
@@ -1150,7 +1152,7 @@ def main():
     if first < num_sft_steps:
         save("sft")
     if "SFT" not in state["results"]:  # (a resumed run keeps the results of its finished phases)
-        state["results"]["SFT"] = run_eval(0, "after sft")
+        state["results"]["SFT"] = evaluate(eval_games, agent, args, accelerator, log, 0, "after sft", state)
 
     # ---------------- phase 2: HSL (Section 3.2): rollout -> relabel -> push to D' -> HSL update ----------------
     sched = make_scheduler(optimizer, num_hsl_steps, saved_sched if state["hsl_steps"] > 0 else None)
@@ -1158,12 +1160,12 @@ def main():
     for step in tqdm(range(first, num_hsl_steps), desc="hsl", disable=None if main_proc else True):
         # 1) trajectory collection: b train instructions, a_t ~ pi_theta; each process plays its share
         t0, b = time.time(), args.rollouts_per_step
-        picked = [train_games[i] for i in shared_rng.choice(len(train_games), b, replace=len(train_games) < b)]
+        picked = [train_games[i] for i in rng.choice(len(train_games), b, replace=len(train_games) < b)]
         trajs = rollout(shard(picked, accelerator), agent, args, args.rollout_temperature)
         t1 = time.time()
         # 2) relabeling with the goals actually achieved (Section 3.3); counts summed over the processes
         counts = collections.Counter()
-        relabeled = unshard(relabel(trajs, args, counts, client, prompts, verbose=main_proc), accelerator)
+        relabeled = unshard(relabel(trajs, args, counts, client, prompts), accelerator)
         counts = sum(unshard([counts], accelerator), collections.Counter())
         # 3) push to D': every process pushes every process's demonstrations in the global order (identical copies)
         buffer.push_all(relabeled, counts)
@@ -1171,18 +1173,20 @@ def main():
         t2 = time.time()
         # 4) one optimisation step on L_HSL = lambda L_D' + (1 - lambda) L_SFT (Eq. 4)
         sft_batch = [encoded[i] for i in next(batches)]
-        info = hsl_update(model, optimizer, sched, buffer, sft_batch, agent, args, accelerator, shared_rng)
+        info = hsl_update(model, optimizer, sched, buffer, sft_batch, agent, args, accelerator, rng)
         state["hsl_steps"] = step + 1
         # 5) log, evaluate, checkpoint
         times, progress = [t0, t1, t2, time.time()], f"{step + 1}/{num_hsl_steps}"
         say(hsl_report(progress, times, trajs, buffer, info, counts, counters, args, accelerator))
         log({**info, "charts/steps_per_second": (step + 1 - first) / (time.time() - t_hsl)}, step + 1)
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < num_hsl_steps:
-            run_eval(step + 1, "hsl")
+            evaluate(eval_games, agent, args, accelerator, log, step + 1, "hsl", state)
             save(f"hsl_{step + 1}")
 
     if num_hsl_steps > 0 and "SFT+HSL" not in state["results"]:
-        state["results"]["SFT+HSL"] = run_eval(state["hsl_steps"], "after hsl")
+        state["results"]["SFT+HSL"] = evaluate(
+            eval_games, agent, args, accelerator, log, state["hsl_steps"], "after hsl", state
+        )
         save("hsl")
 
     # ---------------- phase 3: ETO exploration + DPO (Song et al. 2024) ----------------
@@ -1247,8 +1251,8 @@ def main():
         state["dpo_iterations"] = it + 1
         save(f"dpo_iter_{it + 1}")
     if args.dpo_iterations > 0:
-        state["results"]["DPO+HSL" if num_hsl_steps > 0 else "DPO"] = run_eval(
-            state["hsl_steps"] + state["dpo_steps"], "after dpo"
+        state["results"]["DPO+HSL" if num_hsl_steps > 0 else "DPO"] = evaluate(
+            eval_games, agent, args, accelerator, log, state["hsl_steps"] + state["dpo_steps"], "after dpo", state
         )
 
     # ---------------- final checkpoint and summary: SFT / SFT+HSL / DPO+HSL side by side ----------------

@@ -275,6 +275,36 @@ PUT_SPLITS = {
     ],
 }
 
+# Rooms for the oracle's hand-labelled trajectories (issue 14): a mug already on the shelf at reset (a goal the agent
+# can re-achieve), a pick-two with one cup already in place, a kitchen with an apple in the closed fridge.
+ORACLE_SPLITS = {
+    "train": [
+        dict(
+            task_type="pick_and_place_simple",
+            obj="Apple",
+            recep="CounterTop",
+            receptacles=ROOM_A,
+            objects=[("Mug", 1), ("Apple", 2)],
+        ),
+        dict(
+            task_type="pick_two_obj_and_place",
+            obj="Cup",
+            recep="CounterTop",
+            receptacles=ROOM_B,
+            objects=[("Cup", 2), ("Cup", 1)],
+        ),
+        dict(
+            task_type="pick_heat_then_place_in_recep",
+            obj="Egg",
+            recep="CounterTop",
+            receptacles=ROOM_KITCHEN,
+            objects=[("Egg", 4), ("Apple", 3)],
+        ),
+    ],
+    "valid_seen": [],
+    "valid_unseen": [],
+}
+
 if __name__ == "__main__":
     import sys
 

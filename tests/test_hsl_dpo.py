@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from alfworld_games import PUT_SPLITS, build_games
+from hsl_bad_inputs import BAD_INPUTS, DPO_BAD_INPUTS, write_bad_files
+from hsl_resume import run_until_checkpoint, tb_scalars
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = "hsl_dpo.py"
 
 
 @pytest.fixture(scope="module")
@@ -383,6 +386,47 @@ def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, script
     assert "[sft] step" not in r2.output and "[hsl] step" not in r2.output
     assert "[eto] iteration 1/1" in r2.output and re.search(EVAL.format("dpo"), r2.output)
     assert re.search(r"\[results\] SFT\+HSL +\|", r2.output)  # earlier results come back from the checkpoint
+
+
+def test_resume_after_sigkill_continues_exactly(run_script, put_games, tiny_lm_dir, scripted_llm, tmp_path):
+    """Issue 12 part 4: SFT, 2 HSL steps and an ETO round in one run, and a run killed with SIGKILL right after its
+    step-1 HSL checkpoint then resumed, give the same per-step HSL and DPO losses (TensorBoard, bit for bit), the same
+    pairs and the same final state (D', counters, the results of every phase)."""
+    scripted_llm.respond = any_goal
+    out = tmp_path / "runs"
+    flags = ["--data-dir", put_games, "--model-name", tiny_lm_dir, *scripted_relabeler(scripted_llm), *SMOKE]
+    flags += ["--hsl-steps", "2", "--eval-every", "1", "--dpo-iterations", "1", "--max-env-steps", "6"]
+    flags += ["--rollouts-per-step", "2", "--num-eval-games", "1", "--output-dir", out]
+    whole = run_script(SCRIPT, *flags, "--exp-name", "whole", timeout=300).output
+    ckpt, _ = run_until_checkpoint(SCRIPT, flags, out, "killed", "hsl_1")
+    resumed = run_script(SCRIPT, *flags, "--exp-name", "resumed", "--resume", ckpt, timeout=300).output
+    assert "[hsl] step 1/2" not in resumed and "[hsl] step 2/2" in resumed and "[eto] iteration 1/1" in resumed
+    eto = lambda text: re.search(r"\[eto\] iteration 1/1: explored .*? in [0-9.]+s (.*)$", text, re.M).group(1)
+    assert eto(resumed) == eto(whole)  # the same exploration outcome and pairs
+    a, b = run_dir(out, "whole"), run_dir(out, "resumed")
+    for tag, n in (("losses/hsl_total", 1), ("hsl/loss", 1), ("dpo/total_loss", 0), ("dpo/reward_margin", 0)):
+        whole_values = tb_scalars(a, tag)
+        assert whole_values and tb_scalars(b, tag) == whole_values[n:], tag
+    final = [json.loads((d / "checkpoints" / "final" / "hsl_state.json").read_text()) for d in (a, b)]
+    assert final[0]["buffer"] and final[0]["dpo_steps"] >= 1 and final[0] == final[1]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return write_bad_files(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS) + list(DPO_BAD_INPUTS))
+def test_bad_input_ends_in_one_error_line(run_script, put_games, tiny_lm_dir, bad_files, tmp_path, case):
+    """Issue 12, as a user sees it (the table is hsl_sft.py's plus the DPO flags): one `error:` line naming the
+    problem, exit status 2 (usage) or 1 (data), no traceback, no run folder."""
+    flags, status, named = {**BAD_INPUTS, **DPO_BAD_INPUTS}[case]
+    runs = tmp_path / "runs"
+    base = ["--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "oracle", "--output-dir", runs]
+    r = run_script(SCRIPT, *base, *[f.format(**bad_files) for f in flags], check=False, timeout=120)
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(named, errors[0]) and r.returncode == status, r.output[-3000:]
+    assert "Traceback" not in r.output and not runs.exists()
 
 
 def test_smoke_eto_baseline_without_hsl(run_script, put_games, tiny_lm_dir, tmp_path):
