@@ -65,10 +65,11 @@ PROMPTS_DIR = Path(__file__).resolve().parent / "prompts" / "hsl"
 # Rarely tuned, fixed here (Appendix F follows ETO / FastChat where the paper is silent):
 HSL_EPOCHS = 3.0  # length of HSL with --hsl-steps -1 ("all runs lasted 3 epochs")
 WARMUP_RATIO, WEIGHT_DECAY, MAX_GRAD_NORM = 0.03, 0.0, 1.0  # cosine schedule after warm-up, AdamW, clipping
-LORA_DROPOUT = 0.05  # LoRA alpha is 2 * rank
+LORA_R, LORA_DROPOUT = 16, 0.05  # --use-lora (ours; the paper fine-tunes fully): rank, dropout; alpha = 2 * rank
 DPO_WARMUP_RATIO = 0.1  # ETO: constant learning rate after 10% warm-up per round; exploration is greedy, as ETO's
 EXPERT_MAX_STEPS = 60  # the hand-coded expert must win a train game within this many steps to give a demo
 MAX_ACTION_TOKENS = 64  # new tokens per agent turn ("Thought: ...\nAction: ...")
+ETO_INST, ETO_ICL = "instructions/alfworld_inst.txt", "icl_examples/alfworld_icl.json"  # in ETO's eval_agent/prompt
 
 
 @dataclass
@@ -88,8 +89,6 @@ class Args:
     """ALFWorld data root holding json_2.1.1/{train,valid_seen,valid_unseen} (default: $ALFWORLD_DATA)"""
     max_env_steps: int = 40
     """episode step limit T (Section 4.1: T = 40 on ALFWorld)"""
-    num_eval_games: int = -1
-    """cap on games per evaluation split (-1: all; ETO's splits have 140 seen / 134 unseen)"""
     num_demos: int = 3200
     """cap on ground-truth demonstrations (the paper's sample-efficiency study uses 800 to 3,200)"""
     demos_path: Optional[str] = None
@@ -99,10 +98,10 @@ class Args:
     """agent model: hub id or local Hugging Face folder (Appendix F: Llama-3.2-1B-Instruct)"""
     use_lora: bool = False
     """LoRA (peft, all linear layers) instead of full fine-tuning"""
-    lora_r: int = 16
-    """LoRA rank (alpha = 2 * rank)"""
     max_seq_len: int = 4096
     """training sequences are cut to this many tokens; a rollout whose prompt outgrows it ends there (ETO's rule)"""
+    eto_prompts: Optional[str] = None
+    """ETO's eval_agent/prompt folder (commit a2fc5da) to prompt the agent with ETO's own instruction and example"""
     rollout_temperature: float = 1.0
     """sampling temperature of training rollouts (a_t ~ pi_theta, Section 3.2); 0 = greedy"""
     # --- SFT (Appendix F, following ETO) ---
@@ -169,17 +168,11 @@ class Args:
     """checkpoint folder to resume from ({output_dir}/{run name}/checkpoints/...)"""
 
 
-def usage_error(message: str):
-    """A usage error ends the run with one line and exit status 2, as argparse (and tyro) do; data errors exit 1."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def check_args(args: Args):
     """Usage errors as one line (`error: --flag: ...`) before anything heavy. Resolves --data-dir ($ALFWORLD_DATA)."""
     args.data_dir = args.data_dir or os.environ.get("ALFWORLD_DATA")  # ALFWorld's own default
     hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", args.model_name) and not os.path.exists(args.model_name)
-    at_least_1 = ("max_env_steps", "num_demos", "lora_r", "batch_size", "micro_batch_size", "rollouts_per_step")
+    at_least_1 = ("max_env_steps", "num_demos", "batch_size", "micro_batch_size", "rollouts_per_step")
     at_least_1 += ("buffer_size", "llm_max_new_tokens", "llm_concurrency", "dpo_batch_size")
     at_least_0 = ("sft_epochs", "hsl_alpha", "rollout_temperature", "llm_temperature", "eval_every")
     at_least_0 += ("dpo_iterations", "dpo_epochs", "dpo_nll_coef")
@@ -188,23 +181,24 @@ def check_args(args: Args):
         *[(n, getattr(args, n) >= 1, ">= 1") for n in at_least_1],
         *[(n, getattr(args, n) >= 0, ">= 0") for n in at_least_0],
         *[(n, getattr(args, n) > 0, "> 0") for n in positive],
-        ("num_eval_games", args.num_eval_games == -1 or args.num_eval_games >= 1, "-1 (all) or >= 1"),
         ("hsl_steps", args.hsl_steps >= -1, ">= -1"),
         ("hsl_lambda", 0.0 <= args.hsl_lambda <= 1.0, "in [0, 1]"),
         ("max_seq_len", args.max_seq_len > MAX_ACTION_TOKENS, f"> {MAX_ACTION_TOKENS} (the action tokens)"),
         ("data_dir", os.path.isdir(os.path.join(args.data_dir or "", "json_2.1.1")), "a folder with json_2.1.1"),
         ("output_dir", not os.path.exists(args.output_dir) or os.path.isdir(args.output_dir), "a folder"),
         ("demos_path", args.demos_path is None or os.path.isfile(args.demos_path), "an existing file"),
+        ("eto_prompts", not args.eto_prompts or os.path.isfile(f"{args.eto_prompts}/{ETO_ICL}"), "ETO's prompt folder"),
         ("model_name", os.path.isdir(args.model_name) or hub_id, "a local folder or a hub id"),
         ("resume", not args.resume or os.path.isfile(os.path.join(args.resume, "hsl_state.json")), "a checkpoint"),
     ]
-    for name, ok, what in checks:
+    for name, ok, what in checks:  # a usage error: one line, exit status 2 as argparse (data errors exit 1)
         if not ok:
-            usage_error(f"--{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}")
+            print(f"error: --{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}", file=sys.stderr)
+            raise SystemExit(2)
 
 
 # === Environment (ALFWorld) ===========================================================================================
-def list_games(data_dir: str, split: str, limit: int = -1) -> list[str]:
+def list_games(data_dir: str, split: str) -> list[str]:
     """Game files of one split, collected and filtered (solvable, six task types) by alfworld's own AlfredTWEnv."""
     from alfworld.agents.environment.alfred_tw_env import AlfredTWEnv
 
@@ -216,7 +210,7 @@ def list_games(data_dir: str, split: str, limit: int = -1) -> list[str]:
     games = sorted(AlfredTWEnv(config, mode).game_files)  # os.walk order is filesystem-dependent: sort
     if not games:
         raise SystemExit(f"error: --data-dir {data_dir}: no solvable games under json_2.1.1/{split}")
-    return games[:limit] if limit > 0 else games
+    return games
 
 
 def to_dialect(cmd: str, legacy_put: bool) -> str:
@@ -231,8 +225,8 @@ def to_dialect(cmd: str, legacy_put: bool) -> str:
 def summarize_facts(facts) -> dict:
     """Compact, JSON-able view of the PDDL state (demangled names, e.g. "mug 1") used by the oracle relabeler."""
     s = {"otype": {}, "rtype": {}, "rloc": {}, "agent_loc": None}
-    s.update({k: [] for k in ("inrec", "hot", "cool", "clean", "holds", "toggled")})
-    flags = {"ishot": "hot", "iscool": "cool", "isclean": "clean", "istoggled": "toggled", "holds": "holds"}
+    s.update({k: [] for k in ("inrec", "hot", "cool", "clean", "holds", "toggled", "opened")})
+    flags = dict(ishot="hot", iscool="cool", isclean="clean", istoggled="toggled", holds="holds", opened="opened")
     for p in facts:
         args, name = [a.name.strip() for a in p.arguments], p.name.lower()
         if name in ("objecttype", "receptacletype"):
@@ -387,59 +381,67 @@ def validate_goal(goal, names: set[str]) -> Optional[tuple]:
     return None
 
 
-def achieved_goals(state: dict) -> set[tuple]:
-    """All goals (task_type, obj, recep) that hold in one PDDL state, by ALFWorld's goal library definitions."""
-    otype, rtype = state["otype"], state["rtype"]
-    goals, count = set(), collections.Counter()
+def state_facts(state: dict) -> set[tuple]:
+    """A state's facts: ("in", obj, recep), ("holds"/"hot"/"cool"/"clean"/"toggled", obj), ("opened", recep), ("at", loc)."""
+    facts = {("in", o, r) for o, r in state["inrec"]} | {("at", state["agent_loc"])}
+    return facts | {(k, x) for k in ("hot", "cool", "clean", "holds", "toggled", "opened") for x in state.get(k, [])}
+
+
+def goal_instances(state: dict) -> list[tuple[tuple, frozenset]]:
+    """(goal, the facts that make it hold) for every way a goal holds in a state (ALFWorld's goal library definitions)."""
+    otype, rtype, out = state["otype"], state["rtype"], []
     flagged = (("clean", TASK_TYPES[2]), ("hot", TASK_TYPES[3]), ("cool", TASK_TYPES[4]))
-    for o, r in state["inrec"]:
-        if o not in otype or r not in rtype:
-            continue
-        ot, rt = otype[o], rtype[r]
-        goals.add(("pick_and_place_simple", ot, rt))
-        count[(ot, r)] += 1
-        goals.update((tt, ot, rt) for key, tt in flagged if o in state[key])
-    goals.update(("pick_two_obj_and_place", ot, rtype[r]) for (ot, r), n in count.items() if n >= 2)
-    for o in state["holds"]:  # examine: holding the object next to a lamp that is switched on
+    placed = sorted((o, r) for o, r in state["inrec"] if o in otype and r in rtype)
+    for o, r in placed:
+        out.append((("pick_and_place_simple", otype[o], rtype[r]), frozenset({("in", o, r)})))
+        out += [((tt, otype[o], rtype[r]), frozenset({("in", o, r), (k, o)})) for k, tt in flagged if o in state[k]]
+    for (o, r), (o2, r2) in itertools.combinations(placed, 2):
+        if r == r2 and otype[o] == otype[o2]:
+            out.append((("pick_two_obj_and_place", otype[o], rtype[r]), frozenset({("in", o, r), ("in", o2, r)})))
+    for o in state["holds"]:  # examine: holding the object where a lamp is switched on
         for lamp in state["toggled"]:
-            lamp_recep = next((r for oo, r in state["inrec"] if oo == lamp), None)
-            if o in otype and lamp in otype and state["rloc"].get(lamp_recep) == state["agent_loc"] is not None:
-                goals.add(("look_at_obj_in_light", otype[o], otype[lamp]))
-    return goals
+            where = state["rloc"].get(dict(state["inrec"]).get(lamp))
+            if o in otype and lamp in otype and where == state["agent_loc"] is not None:
+                facts = frozenset({("holds", o), ("toggled", lamp), ("at", where)})
+                out.append((("look_at_obj_in_light", otype[o], otype[lamp]), facts))
+    return out
 
 
-def oracle_goals(traj: dict) -> list[tuple[tuple, int]]:
-    """(goal, S(goal)) for every goal newly achieved (false before), S = the first step where it becomes true."""
-    first, prev = {}, achieved_goals(traj["states"][0])
+def oracle_goals(traj: dict) -> list[tuple[tuple, int, frozenset]]:
+    """(goal, S, facts) per goal the agent achieved (Figure 8): S = the first step it holds by facts the agent made
+    true and kept (all its `in` facts, at least one): a goal true at reset counts once re-achieved; pick-two, both placed."""
+    first, made, prev = {}, set(), state_facts(traj["states"][0])
     for t, state in enumerate(traj["states"][1:], 1):
-        cur = achieved_goals(state)
-        for g in sorted(cur - prev):
-            first.setdefault(g, t)
+        cur = state_facts(state)
+        made = (made & cur) | (cur - prev)
+        for g, facts in sorted(goal_instances(state), key=str):
+            if g not in first and facts & made and all(f in made for f in facts if f[0] == "in"):
+                first[g] = (t, facts)
         prev = cur
-    return list(first.items())
+    return sorted(((g, t, facts) for g, (t, facts) in first.items()), key=lambda x: x[1])
+
+
+def action_needs(action: str, state: dict) -> set[tuple]:
+    """The facts an ALFWorld command relies on in `state`: its object where it is (held or in its receptacle), the agent
+    where the receptacle (or lamp) is, the receptacle open if it is; `go to` relies on nothing."""
+    names = re.findall(r"\b[a-z]+ \d+\b", action)
+    if not names or action.startswith("go to"):
+        return set()
+    facts, where = state_facts(state), dict(state["inrec"])
+    receps = {n for n in names if n in state["rloc"]} | {where[n] for n in names[:1] if n in where}
+    needs = {("at", state["rloc"].get(r)) for r in receps} | {("opened", r) for r in receps if ("opened", r) in facts}
+    return needs | {f for f in facts if f[0] in ("in", "holds") and f[1] == names[0]}
 
 
 def oracle_relevance(traj: dict, goal: tuple, S: int) -> list[int]:
-    """Oracle z_{1:S} (our heuristic, beyond the paper): an action is relevant if it acts on the objects that satisfy
-    the goal at step S, or is the last navigation/opening before such an action; fruitless exploration is not."""
-    state, actions = traj["states"][S], traj["actions"][:S]
-    otype = state["otype"]
-    key = {o for o, r in state["inrec"] if otype.get(o) == goal[1] and state["rtype"].get(r) == goal[2]}
-    if goal[0] == "look_at_obj_in_light":
-        key = {o for o in state["holds"] if otype.get(o) == goal[1]}
-        key |= {o for o in state["toggled"] if otype.get(o) == goal[2]}
-    mentions = lambda a: any(re.search(rf"\b{re.escape(k)}\b", a) for k in key)
+    """Oracle z_{1:S} (beyond the paper): walking back from S, an action is relevant iff it made true a fact the goal
+    (the facts it holds by at S) or a later relevant action relies on (action_needs); exploration, examine / look / inventory: z = 0."""
+    needed = set(next(facts for g, t, facts in oracle_goals(traj) if (g, t) == (goal, S)))
     z = [0] * S
-    for u, a in enumerate(actions):
-        if mentions(a):
-            z[u] = 1
-            target = re.findall(r"(?:from|to|in/on|with) ([a-z]+ \d+)$", a)  # the receptacle this action happens at
-            for v in range(u - 1, -1, -1):  # the last walk there, and opening the receptacle after arriving
-                if actions[v].startswith("open") and (not target or target[0] in actions[v]):
-                    z[v] = 1
-                if actions[v].startswith("go to"):
-                    z[v] = 1
-                    break
+    for u in range(S - 1, -1, -1):
+        made = state_facts(traj["states"][u + 1]) - state_facts(traj["states"][u])
+        if made & needed:
+            z[u], needed = 1, (needed - made) | action_needs(traj["actions"][u], traj["states"][u])
     return z
 
 
@@ -500,10 +502,8 @@ def precision_recall(counts: collections.Counter) -> tuple[float, float]:
 
 
 def relabel(trajs, args, counters, client=None, prompts=None) -> list[list[dict]]:
-    """Section 3.3: per trajectory, one hindsight demonstration per goal I'_k it achieved, cut at S(I'_k), masked by z.
-    "llm": the auxiliary LLM M, one goal-inference request per trajectory (Figure 8), segmentation at S(I'_k), one
-    relevance request per goal (Figure 9); a failed request or unusable answer is a counted skip; the oracle's goals
-    score M's (tp / fp / fn) without influencing them. "oracle" (beyond the paper): goals and z from the PDDL facts."""
+    """Section 3.3: one hindsight demo per goal I'_k a trajectory achieved, cut at S(I'_k), masked by z. "llm": M's goals
+    (Figure 8) and z (Figure 9), bad answers counted and skipped, scored against the oracle's goals; "oracle": PDDL facts."""
     ask = lambda name, **kw: [  # the system prompt (Figure 8 or 9), then our user turn with the trajectory
         {"role": "system", "content": prompts[name]},
         {"role": "user", "content": string.Template(prompts[f"{name}_user"]).substitute(**kw)},
@@ -512,7 +512,7 @@ def relabel(trajs, args, counters, client=None, prompts=None) -> list[list[dict]
         answers = client.chat([ask("goal_inference", trajectory=format_trajectory(t)) for t in trajs])
     found, step_labels = [], []
     for i, traj in enumerate(trajs):
-        goals = truth = oracle_goals(traj)
+        goals = truth = [(g, S) for g, S, _ in oracle_goals(traj)]
         if args.relabeler == "llm":
             step_labels.append(extract_json_list(answers[i]))
             bad = "goal_inference_failed_request" if answers[i] is None else "goal_inference_bad_json"
@@ -569,12 +569,9 @@ class HindsightBuffer:
         counters.update(pushed=len(new), dropped_no_relevant_action=sum(map(len, relabeled)) - len(new))
         return len(new)
 
-    def probabilities(self) -> np.ndarray:
-        w = np.array([d["weight"] for d in self.items], dtype=np.float64)
-        return w / w.sum()
-
     def sample(self, k: int, rng: np.random.Generator) -> list[dict]:
-        idx = rng.choice(len(self.items), size=k, replace=True, p=self.probabilities())
+        w = np.array([d["weight"] for d in self.items], dtype=np.float64)
+        idx = rng.choice(len(self.items), size=k, replace=True, p=w / w.sum())
         return [self.items[i] for i in idx]
 
     def __len__(self):
@@ -583,9 +580,8 @@ class HindsightBuffer:
 
 # === Losses and the HSL update (Eq. 3-4), data parallel through accelerate ============================================
 def masked_sft_loss(logits, input_ids, weights, num_actions, denom: float):
-    """Masked SFT loss of Eq. 3 (with z = 1, the SFT term of Eq. 4), literally: sum_b (1/T_b) sum_t z_t * -log P(a_t)
-    / denom; weights (batch, seq): z_t on the tokens of a_t. denom = the *full* batch size, so that gradient-accumulated
-    micro-batches add up to the batch loss."""
+    """Eq. 3 (z = 1: the SFT term of Eq. 4): sum_b (1/T_b) sum_t z_t * -log P(a_t) / denom; weights (batch, seq): z_t on
+    a_t's tokens; denom = the *full* batch size, so gradient-accumulated micro-batches add up to the batch loss."""
     logits = logits[:, :-1].float()  # (batch, seq-1, vocab): position j predicts token j+1
     nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")  # (batch, seq-1)
     w = weights[:, 1:]
@@ -606,8 +602,7 @@ def unshard(mine: list, accelerator) -> list:
 
 
 def micro_batches(batch: list, size: int, coef: float, model, accelerator, sync: bool = True):
-    """(items, coef) micro-batches of this process's share of a global batch; the gradient all-reduce runs once, with
-    the last (and only if `sync`), so unequal shares stay in step; an empty share joins with a zero gradient."""
+    """(items, coef) micro-batches of this process's share; one all-reduce (the last, if `sync`); none: a zero gradient."""
     mine = shard(batch, accelerator)
     chunks = [(mine[i : i + size], coef) for i in range(0, len(mine), size)] or [(batch[:1], 0.0)]
     for j, chunk in enumerate(chunks):
@@ -643,14 +638,13 @@ def optimizer_step(model, optimizer, scheduler, accelerator) -> dict:
 
 
 def hsl_update(model, optimizer, scheduler, buffer, sft_batch: list, agent: tuple, args, accelerator, rng) -> dict:
-    """One step on L_HSL = lambda * L_D' + (1 - lambda) * L_SFT (Eq. 4). L_D' (Eq. 3): demos drawn with P(d) ~ w_d,
-    each action's loss masked by z_t (ones under no_mask). An empty D' gives a plain SFT step (Eq. 4 is undefined)."""
-    _, tokenizer, system_prompt = agent
+    """One step on L_HSL = lambda L_D' + (1 - lambda) L_SFT (Eq. 4); D' drawn with P(d) ~ w_d; empty D': an SFT step."""
+    _, tokenizer, prefix = agent
     info, pad, sft_coef = {}, tokenizer.pad_token_id, 1.0 - args.hsl_lambda if len(buffer) else 1.0
     if len(buffer):
         z = lambda d: [1] * len(d["z"]) if args.ablation == "no_mask" else d["z"]
         drawn = buffer.sample(args.batch_size, rng)
-        batch = [encode_demo(tokenizer, demo_messages(system_prompt, d), z(d), args.max_seq_len) for d in drawn]
+        batch = [encode_demo(tokenizer, demo_messages(prefix, d), z(d), args.max_seq_len) for d in drawn]
         # sync=False: one gradient all-reduce per optimisation step, after L_SFT
         info.update(accumulate_loss(model, batch, args.hsl_lambda, args, accelerator, "hsl", pad, sync=False))
     info.update(accumulate_loss(model, sft_batch, sft_coef, args, accelerator, "sft", pad))
@@ -682,21 +676,29 @@ def read_prompt(name: str) -> str:
     return (PROMPTS_DIR / name).read_text().split("\n---\n", 1)[1].strip()
 
 
-def parse_agent_output(text: str) -> tuple[Optional[str], str]:
-    """(thought, action) from what the agent wrote; tolerant of small models (no "Action:", quotes, trailing text)."""
-    text = text.strip()
-    thought, action = (re.search(rf"{key}\s*:\s*(.+)", text, re.I) for key in ("thought", "action"))
-    lines = [ln for ln in text.split("\n") if ln.strip() and not re.match(r"\s*thought\s*:", ln, re.I)]
-    line = action.group(1) if action else (lines or [""])[0]  # no "Action:": the first line that is not a thought
-    line = re.split(r"observation\s*:", line, flags=re.I)[0]
-    action = re.sub(r"\s+", " ", line.strip().strip("\"'`").rstrip(".").strip().lower())
-    return (thought.group(1).strip() if thought else None), action
+def agent_prefix(args: Args, legacy_put: bool) -> list[dict]:
+    """ETO's conversation before the task (prompt_with_icl, "conversation", one example): instruction, "OK", the example;
+    ours (prompts/hsl/) or ETO's (--eto-prompts); put in the run's dialect ("put X in/on Y" = 0.4's "move X to Y")."""
+    read = lambda eto, ours: Path(args.eto_prompts, eto).read_text() if args.eto_prompts else read_prompt(ours)
+    inst, icl = read(ETO_INST, "alfworld_agent.md"), json.loads(read(ETO_ICL, "alfworld_icl.md"))[0]
+    inst = inst if legacy_put else inst.replace("put {obj} in/on {recep}", "move {obj} to {recep}")
+    turns = [{"role": "user", "content": inst}, {"role": "assistant", "content": "OK"}]
+    for j, turn in enumerate(icl):
+        text = re.sub(r"(?<=Action: )(.*)", lambda m: to_dialect(m[1], legacy_put), turn["content"])
+        turns.append({"role": ("user", "assistant")[j % 2], "content": text})
+    return turns
 
 
-def demo_messages(system_prompt: str, demo: dict, with_last_obs: bool = False) -> list[dict]:
-    """Chat messages of a trajectory: system, task, then alternating Action / Observation turns."""
-    msgs = [{"role": "system", "content": system_prompt}]
-    msgs.append({"role": "user", "content": f"{demo['intro']}\n\nYour task is to: {demo['instruction']}."})
+def parse_agent_output(text: str) -> tuple[Optional[str], Optional[str]]:
+    """(thought, action) by ETO's rule (envs/alfworld_env.py): the action follows the first "Action:" (else None)."""
+    action = re.search(r"Action:\s?(.*)", text.strip(), re.S)
+    thought = re.search(r"Thought:\s*(.*?)\s*(?:Action:|$)", text, re.S)
+    return (thought.group(1) or None) if thought else None, action.group(1).strip() if action else None
+
+
+def demo_messages(prefix: list[dict], demo: dict, with_last_obs: bool = False) -> list[dict]:
+    """A trajectory in ETO's conversation: prefix, task (room, newline, "Your task is to: ..."), Action / Observation."""
+    msgs = list(prefix) + [{"role": "user", "content": f"{demo['intro']}\nYour task is to: {demo['instruction']}."}]
     T = len(demo["actions"])
     thoughts = demo.get("thoughts") or [None] * T
     for t in range(T):
@@ -707,9 +709,8 @@ def demo_messages(system_prompt: str, demo: dict, with_last_obs: bool = False) -
     return msgs
 
 
-def encode_demo(tokenizer, messages: list[dict], z: list[float], max_len: int) -> dict:
-    """Token ids + per-token weights: tokens of action t (content and end-of-turn marker) get z_t, all others 0.
-    Action spans: the chat template rendered on message prefixes; the fast tokenizer's offsets map them to tokens."""
+def encode_demo(tokenizer, messages: list[dict], demo_z: list[float], max_len: int) -> dict:
+    """Token ids + weights: action t's tokens (content, end of turn) get z_t (located via prefix renders), others 0."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
@@ -722,12 +723,15 @@ def encode_demo(tokenizer, messages: list[dict], z: list[float], max_len: int) -
         spans.append((len(prefix), len(upto.rstrip())))  # content + end-of-turn marker, not the trailing newline
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, weights, k = enc["input_ids"], [0.0] * len(enc["input_ids"]), 0
+    z = [0.0] * (len(spans) - len(demo_z)) + list(
+        demo_z
+    )  # the prefix's assistant turns ("OK", the example) are never trained
     for j, (s, _) in enumerate(enc["offset_mapping"]):
         while k < len(spans) and s >= spans[k][1]:
             k += 1
         if k < len(spans) and spans[k][0] <= s < spans[k][1]:
             weights[j] = float(z[k])
-    return {"input_ids": ids[:max_len], "weights": weights[:max_len], "num_actions": len(spans)}
+    return {"input_ids": ids[:max_len], "weights": weights[:max_len], "num_actions": len(demo_z)}
 
 
 def collate(batch: list[dict], pad_id: int, device) -> dict:
@@ -756,16 +760,15 @@ def load_agent(args: Args):
 
         if args.resume:
             return tokenizer, PeftModel.from_pretrained(model, args.resume, is_trainable=True)
-        cfg = dict(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=LORA_DROPOUT, target_modules="all-linear")
+        cfg = dict(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=LORA_DROPOUT, target_modules="all-linear")
         model = get_peft_model(model, LoraConfig(**cfg))
     return tokenizer, model
 
 
 @torch.no_grad()
 def rollout(gamefiles: list[str], agent: tuple, args: Args, temperature: float, desc="rollout") -> list:
-    """Play the games in parallel with agent = (model, tokenizer, system prompt), one batched generate per step.
-    Each trajectory keeps the PDDL state after every step (for the oracle and the precision/recall judge)."""
-    (model, tokenizer, system_prompt), trajs, was_training = agent, [], agent[0].training
+    """Play the games in parallel (one batched generate per step); each trajectory keeps every step's PDDL state."""
+    (model, tokenizer, prefix), trajs, was_training = agent, [], agent[0].training
     greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else greedy
     games = [GAME_POOL[g].pop() if GAME_POOL[g] else ALFWorldGame(g) for g in gamefiles]
@@ -778,7 +781,7 @@ def rollout(gamefiles: list[str], agent: tuple, args: Args, temperature: float, 
     for _ in tqdm(range(args.max_env_steps), desc=desc, leave=False, disable=None):
         prompts = {}
         for i in [i for i, t in enumerate(trajs) if not t["done"]]:  # ETO: an input too long ends the episode, failed
-            msgs = demo_messages(system_prompt, trajs[i], with_last_obs=True)
+            msgs = demo_messages(prefix, trajs[i], with_last_obs=True)
             prompts[i] = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
             trajs[i]["done"] = len(prompts[i]) > args.max_seq_len - MAX_ACTION_TOKENS
         active = [i for i in prompts if not trajs[i]["done"]]
@@ -791,7 +794,8 @@ def rollout(gamefiles: list[str], agent: tuple, args: Args, temperature: float, 
         for i, out in zip(active, texts):
             t, game = trajs[i], games[i]
             thought, action = parse_agent_output(out)
-            action = to_dialect(action, game.legacy_put)
+            # ETO answers a turn without "Action:" with a format error; an empty command: "Nothing happens."
+            action = to_dialect(action, game.legacy_put) if action is not None else ""
             t["invalid"] += action not in game.state["admissible_commands"]
             obs, t["won"], done, gs = game.step(action)
             for key, v in (("actions", action), ("thoughts", thought), ("observations", obs)):
@@ -817,24 +821,26 @@ def expert_demo(gamefile: str, max_steps: int) -> Optional[dict]:
         observations.append(obs)
         if won or done:
             break
-    if not won:
-        return None
-    d = dict(intro=intro, instruction=instruction, actions=actions, observations=observations, thoughts=None)
-    return {**d, "z": [1] * len(actions), "task_type": game.task_type, "source": "expert", "gamefile": gamefile}
+    d = dict(
+        intro=intro,
+        instruction=instruction,
+        actions=actions,
+        observations=observations,
+        thoughts=None,
+        z=[1] * len(actions),
+    )
+    return {**d, "task_type": game.task_type, "source": "expert", "gamefile": gamefile} if won else None
 
 
 def load_eto_demos(path: str) -> list[dict]:
     """ETO's alfworld_sft.json (ShareGPT): a human task turn ("Your task is to: ..."), then Action/Observation turns."""
     try:  # every defect of the file is a data error naming it (UnicodeDecodeError is a ValueError)
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+        convs, demos = [[(m["from"], m["value"]) for m in item["conversations"]] for item in data], []
+    except (OSError, ValueError, TypeError, KeyError) as e:
         raise SystemExit(f"error: {path}: not ETO format ({type(e).__name__}: {str(e)[:200]})") from None
-    if not (isinstance(data, list) and all(type(it) is dict and type(it.get("conversations")) is list for it in data)):
-        raise SystemExit(f"error: {path}: not ETO format (a JSON list of {{'id', 'conversations'}} items)")
-    for i, k, m in ((i, k, m) for i, it in enumerate(data) for k, m in enumerate(it["conversations"])):
-        if not (isinstance(m, dict) and isinstance(m.get("from"), str) and isinstance(m.get("value"), str)):
-            raise SystemExit(f"error: {path}: item {i}, turn {k}: not a {{'from': str, 'value': str}} turn")
-    convs, demos = [[(m["from"], m["value"]) for m in item["conversations"]] for item in data], []
+    if not all(isinstance(x, str) for conv in convs for turn in conv for x in turn):
+        raise SystemExit(f"error: {path}: a turn's 'from' or 'value' is not a string")
     for item, conv in zip(data, convs):
         # the task turn: the human turn right before the first gpt turn with an action
         acts = [k for k, (who, text) in enumerate(conv) if who == "gpt" and re.search(r"action\s*:", text, re.I)]
@@ -844,7 +850,7 @@ def load_eto_demos(path: str) -> list[dict]:
         turns = [parse_agent_output(text) for who, text in conv[acts[0] :: 2] if who == "gpt"]
         obs = [re.sub(r"^Observation:\s*", "", text.strip()) for _, text in conv[acts[0] + 1 :: 2]]
         obs += [""] * (len(turns) - len(obs))  # a demonstration may end on an action
-        thoughts, actions = map(list, zip(*turns))
+        thoughts, actions = map(list, zip(*[(th, a or "") for th, a in turns]))
         d = dict(intro=re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S), source="eto")
         d.update(instruction=task.strip().split("\n")[0].rstrip("."), actions=actions, z=[1] * len(turns))
         d.update(observations=obs[: len(turns)], thoughts=thoughts if any(thoughts) else None, task_type=item.get("id"))
@@ -854,12 +860,12 @@ def load_eto_demos(path: str) -> list[dict]:
     return demos
 
 
-def load_demos(args: Args, games: list[str], say) -> list[dict]:
+def load_demos(args: Args, games: list[str], legacy: bool) -> list[dict]:
     """D_train: --demos-path (ETO's file, as the paper), else ALFWorld's hand-coded expert on the train games."""
-    if args.demos_path:
-        return load_eto_demos(args.demos_path)[: args.num_demos]
+    if args.demos_path:  # in the games' command dialect: one dialect per run (ETO's file says "put X in/on Y")
+        demos = load_eto_demos(args.demos_path)[: args.num_demos]
+        return [{**d, "actions": [to_dialect(a, legacy) for a in d["actions"]]} for d in demos]
     demos = [d for g in tqdm(games, desc="expert demos", disable=None) if (d := expert_demo(g, EXPERT_MAX_STEPS))]
-    say(f"[demos] hand-coded expert won {len(demos)} of {len(games)} train games")
     if not demos:
         raise SystemExit("error: no ground-truth demonstrations (the expert won no train game; try --demos-path)")
     return demos
@@ -888,9 +894,9 @@ def build_dpo_pairs(trajs: list[dict], demos: list[dict], counters: collections.
     return pairs
 
 
-def encode_pair(tokenizer, system_prompt: str, pair: dict, max_len: int) -> dict:
+def encode_pair(tokenizer, prefix: str, pair: dict, max_len: int) -> dict:
     """Token ids + action weights of both sides; every agent turn counts (z = 1), observations are context only."""
-    enc = lambda d: encode_demo(tokenizer, demo_messages(system_prompt, d), [1] * len(d["actions"]), max_len)
+    enc = lambda d: encode_demo(tokenizer, demo_messages(prefix, d), [1] * len(d["actions"]), max_len)
     return {"chosen": enc(pair["chosen"]), "rejected": enc(pair["rejected"])}
 
 
@@ -1012,10 +1018,8 @@ def make_logger(args: Args, run_dir: Path, main_proc: bool):
 
 
 def save_checkpoint(path: Path, agent: tuple, optimizer, scheduler, state: dict, buffer, accelerator, rng):
-    """Everything a resume needs to continue exactly: save_pretrained (adapter only with LoRA), optimizer, scheduler,
-    the JSON state (counters, D'), and every random generator of every process (Python, NumPy, torch CPU and CUDA: the
-    agent's sampling; `rng`: games picked, D' batches). Written to {path}.tmp, then renamed: a run killed while saving
-    leaves no half checkpoint."""
+    """All a resume needs: weights (adapter with LoRA), optimizer, scheduler, state + D', every process's generators
+    (Python, NumPy, torch CPU/CUDA, `rng`: games and D' batches); written to {path}.tmp, then renamed (never half)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     rngs = gather_object(
         [(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda, rng.bit_generator.state)]
@@ -1033,9 +1037,7 @@ def save_checkpoint(path: Path, agent: tuple, optimizer, scheduler, state: dict,
 
 
 def load_checkpoint(path: str, optimizer, state: dict, buffer, rng, accelerator, say) -> dict:
-    """The inverse of save_checkpoint (load_agent loads the model): fills `state` and D', sets this process's random
-    generators, returns the scheduler's state. Rebuilt, not stored: the SFT batch order (main replays it from the seed
-    to the step), the environments (ALFWorld resets deterministically) and each ETO round's pair order (seeded)."""
+    """Inverse of save_checkpoint (load_agent loads weights); rebuilt: SFT order (seeded), games, ETO pair order."""
     state.update(json.loads((Path(path) / "hsl_state.json").read_text()))  # (saved atomically: complete or absent)
     trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(trainer["optimizer"])
@@ -1072,8 +1074,7 @@ def evaluate(games_by_split: dict, agent: tuple, args: Args, accelerator, log, s
 
 
 def hsl_report(progress: str, times: list, trajs: list, buffer, info: dict, counts, counters, args, accelerator) -> str:
-    """Metrics of one HSL step (into `info`) and its progress line. times: start, rollout, relabel, optimise done
-    (Appendix F reports 11.5 / 62.0 / 24.0 s); counts / counters: relabeling counts of this step / of the run."""
+    """One HSL step's metrics (into `info`) and progress line; times: start, rollout, relabel, optimise (F: 11.5/62/24 s)."""
     dt = [b - a for a, b in zip(times, times[1:])]
     outcomes = unshard([(t["won"], t["invalid"], len(t["actions"])) for t in trajs], accelerator)
     info.update({f"time/{k}": v for k, v in zip(("rollout", "relabel", "optimise"), dt)})
@@ -1089,9 +1090,7 @@ def hsl_report(progress: str, times: list, trajs: list, buffer, info: dict, coun
     if args.relabeler == "llm":
         (sp, sr), (p, r) = precision_recall(counts), precision_recall(counters)
         info.update({"relabel/precision_vs_oracle": sp, "relabel/recall_vs_oracle": sr})
-        skips = [k for k in sorted(counts) if k.startswith(("goal_inference_", "goal_invalid", "relevance_u"))]
-        line += f" | precision {sp:.2f} recall {sr:.2f} (cum {p:.2f}/{r:.2f}) | relabeler: "
-        line += " ".join(f"{k} {counts[k]}" for k in skips)
+        line += f" | precision {sp:.2f} recall {sr:.2f} (cum {p:.2f}/{r:.2f}) (skips: relabel/ in TensorBoard)"
     return line
 
 
@@ -1108,21 +1107,22 @@ def main():
     say = tqdm.write if main_proc else (lambda *a, **k: None)  # progress lines from the main process only
 
     # --- prompts, games, demonstrations, relabeler (fail early, before loading the agent) ---
-    system_prompt = read_prompt("alfworld_agent.md")
     relabel_prompts = ("goal_inference", "goal_inference_user", "action_relevance", "action_relevance_user")
     prompts = {n: read_prompt(f"alfworld_{n}.md") for n in relabel_prompts}  # Figures 8-9 and our user turns
     train_games = list_games(args.data_dir, "train")
-    eval_games = {s: list_games(args.data_dir, s, args.num_eval_games) for s in ("valid_seen", "valid_unseen")}
-    demos = load_demos(args, train_games[: args.num_demos], say)
+    eval_games = {s: list_games(args.data_dir, s) for s in ("valid_seen", "valid_unseen")}
+    legacy = ALFWorldGame(train_games[0]).legacy_put  # one command dialect per run: the games'
+    prefix = agent_prefix(args, legacy)  # ETO's instruction and in-context example
+    demos = load_demos(args, train_games[: args.num_demos], legacy)
     client = LLMClient(args) if args.relabeler == "llm" else None  # an unreachable endpoint fails now, not after SFT
 
     # --- agent, optimiser, buffer D', state (or a checkpoint's) ---
     tokenizer, model = load_agent(args)
-    encoded = [encode_demo(tokenizer, demo_messages(system_prompt, d), d["z"], args.max_seq_len) for d in demos]
+    encoded = [encode_demo(tokenizer, demo_messages(prefix, d), d["z"], args.max_seq_len) for d in demos]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=WEIGHT_DECAY)
     model, optimizer = accelerator.prepare(model.train(), optimizer)
-    agent, pad = (accelerator.unwrap_model(model), tokenizer, system_prompt), tokenizer.pad_token_id
+    agent, pad = (accelerator.unwrap_model(model), tokenizer, prefix), tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
     num_sft_steps = int(round(args.sft_epochs * steps_per_epoch))
     num_hsl_steps = args.hsl_steps if args.hsl_steps >= 0 else int(round(HSL_EPOCHS * steps_per_epoch))
@@ -1208,9 +1208,7 @@ def main():
         # 2) preference pairs: chosen = demonstration, rejected = failure on the same task; a prompt longer than
         # --max-seq-len leaves a side without action tokens: no preference to learn, skipped and counted
         counts = collections.Counter()
-        pairs = [
-            encode_pair(tokenizer, system_prompt, p, args.max_seq_len) for p in build_dpo_pairs(trajs, demos, counts)
-        ]
+        pairs = [encode_pair(tokenizer, prefix, p, args.max_seq_len) for p in build_dpo_pairs(trajs, demos, counts)]
         kept = [e for e in pairs if all(max(e[k]["weights"][1:], default=0) > 0 for k in ("chosen", "rejected"))]
         counts["pairs_skipped_truncated"] += len(pairs) - len(kept)
         state["pairs_built"] += len(kept)

@@ -74,7 +74,8 @@ def run_dir(out: Path, exp_name: str) -> Path:
     return path
 
 
-SYSTEM = "Interact with a household to solve a task."
+SYSTEM = [{"role": "user", "content": "Interact with a household to solve a task."}]
+SYSTEM.append({"role": "assistant", "content": "OK"})  # ETO's conversation prefix (hsl_dpo.agent_prefix)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -93,7 +94,6 @@ def test_help(run_script):
         "--resume",
     ):
         assert flag in r.output
-    assert r.seconds < 30
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def test_build_dpo_pairs_hand_built(dpo, tiny):
     # same prompt x: system + room description + task, token for token, and nothing of it is trained on
     assert first_c == first_r and c["input_ids"][:first_c] == r["input_ids"][:first_r]
     prompt = tok.decode(c["input_ids"][:first_c])
-    assert "Your task is to: put some mug on shelf 1." in prompt and SYSTEM in prompt
+    assert "Your task is to: put some mug on shelf 1." in prompt and SYSTEM[0]["content"] in prompt
 
     def action_text(e):
         return tok.decode([i for i, w in zip(e["input_ids"], e["weights"]) if w > 0])
@@ -396,7 +396,7 @@ def test_resume_after_sigkill_continues_exactly(run_script, put_games, tiny_lm_d
     out = tmp_path / "runs"
     flags = ["--data-dir", put_games, "--model-name", tiny_lm_dir, *scripted_relabeler(scripted_llm), *SMOKE]
     flags += ["--hsl-steps", "2", "--eval-every", "1", "--dpo-iterations", "1", "--max-env-steps", "6"]
-    flags += ["--rollouts-per-step", "2", "--num-eval-games", "1", "--output-dir", out]
+    flags += ["--rollouts-per-step", "2", "--output-dir", out]
     whole = run_script(SCRIPT, *flags, "--exp-name", "whole", timeout=300).output
     ckpt, _ = run_until_checkpoint(SCRIPT, flags, out, "killed", "hsl_1")
     resumed = run_script(SCRIPT, *flags, "--exp-name", "resumed", "--resume", ckpt, timeout=300).output

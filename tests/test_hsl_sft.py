@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from alfworld_games import PUT_SPLITS, TINY_SPLITS, build_games
+from alfworld_games import ORACLE_SPLITS, PUT_SPLITS, TINY_SPLITS, build_games
 from hsl_bad_inputs import BAD_INPUTS, write_bad_files
 from hsl_resume import run_until_checkpoint, tb_scalars
 
@@ -68,7 +68,6 @@ def test_help(run_script):
         "--resume",
     ):
         assert flag in r.output
-    assert r.seconds < 30
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -89,7 +88,7 @@ def test_demo_weight_and_buffer_sampling(hsl):
     }
     assert len(buf) == 3 and buf.items[0] is demos[1]  # FIFO: the oldest left
     w = [hsl.demo_weight(d["z"], 0.8) for d in demos[1:]]
-    assert buf.probabilities() == pytest.approx([x / sum(w) for x in w])
+    assert [d["weight"] for d in buf.items] == pytest.approx(w)
     import numpy as np
 
     draws = buf.sample(20000, np.random.default_rng(0))
@@ -98,7 +97,9 @@ def test_demo_weight_and_buffer_sampling(hsl):
         assert freq[id(d)] / 20000 == pytest.approx(x / sum(w), abs=0.02)
     uni = hsl.HindsightBuffer(size=10, alpha=0.8, uniform=True)
     uni.push_all([[dict(d) for d in demos]], collections.Counter())
-    assert uni.probabilities() == pytest.approx([0.25] * 4)
+    assert [d["weight"] for d in uni.items] == [1.0] * 4  # uniform ablation: P(d) = 1 / |D'|
+    freq = collections.Counter(id(d) for d in uni.sample(20000, np.random.default_rng(1)))
+    assert all(n / 20000 == pytest.approx(0.25, abs=0.02) for n in freq.values()) and len(freq) == 4
 
 
 def test_masked_loss_matches_slow_loop(hsl):
@@ -127,6 +128,54 @@ def test_masked_loss_matches_slow_loop(hsl):
     assert info["tokens"] == int((weights[:, 1:] > 0).sum())
 
 
+def test_eto_protocol_prefix_dialect_and_long_input(hsl, put_games, tiny_lm_dir, tmp_path):
+    """Issue 14 item 1: ETO's conversation (instruction, "OK", one in-context example, then the task on the line after
+    the room), one command dialect per run (the installed alfworld 0.4.2's games say "move X to Y": the prompt, the
+    example and ETO-format demonstrations are converted on load), ETO's own prompt files with --eto-prompts, and ETO's
+    rule for an input that outgrows the model: the episode ends there, failed."""
+    ours = hsl.agent_prefix(hsl.Args(), legacy_put=False)
+    assert [m["role"] for m in ours[:4]] == ["user", "assistant", "user", "assistant"] and ours[1]["content"] == "OK"
+    assert "Your task is to:" in ours[2]["content"] and ours[-1]["role"] == "assistant"
+    assert "3. move {obj} to {recep}" in ours[0]["content"] and "in/on" not in ours[0]["content"]
+    assert ours[-1]["content"].endswith("Action: move mug 2 to coffeemachine 1")  # the example's put, converted
+    legacy = hsl.agent_prefix(hsl.Args(), legacy_put=True)
+    assert "3. put {obj} in/on {recep}" in legacy[0]["content"]
+    assert legacy[-1]["content"].endswith("Action: put mug 2 in/on coffeemachine 1")
+    # --eto-prompts: ETO's folder layout (instructions/alfworld_inst.txt, icl_examples/alfworld_icl.json), read as is
+    eto = tmp_path / "eto"
+    (eto / "instructions").mkdir(parents=True)
+    (eto / "icl_examples").mkdir()
+    (eto / "instructions" / "alfworld_inst.txt").write_text("INSTRUCTION\n3. put {obj} in/on {recep}")
+    turns = [{"role": "user", "content": "ROOM\n\nYour task is to: T."}, {"from": "gpt", "content": "Action: look"}]
+    (eto / "icl_examples" / "alfworld_icl.json").write_text(json.dumps([turns, turns]))  # ETO uses the first one
+    got = hsl.agent_prefix(hsl.Args(eto_prompts=str(eto)), legacy_put=True)
+    assert [m["content"] for m in got] == [
+        "INSTRUCTION\n3. put {obj} in/on {recep}",
+        "OK",
+        turns[0]["content"],
+        "Action: look",
+    ]
+    assert [m["role"] for m in got] == ["user", "assistant", "user", "assistant"]  # ETO's roles alternate
+    msgs = hsl.demo_messages(got, {"intro": "ROOM 2", "instruction": "put a mug in shelf", "actions": ["look"]})
+    assert msgs[4] == {"role": "user", "content": "ROOM 2\nYour task is to: put a mug in shelf."}
+    # ETO-format demonstrations say "put X in/on Y": converted to the games' dialect on load
+    item = {"id": "x", "conversations": [{"from": "human", "value": "ROOM\nYour task is to: put a mug in shelf."}]}
+    item["conversations"].append({"from": "gpt", "value": "Thought: t\nAction: put mug 1 in/on shelf 1"})
+    (tmp_path / "eto.json").write_text(json.dumps([item]))
+    args = hsl.Args(demos_path=str(tmp_path / "eto.json"))
+    assert hsl.load_demos(args, [], legacy=False)[0]["actions"] == ["move mug 1 to shelf 1"]
+    assert hsl.load_demos(args, [], legacy=True)[0]["actions"] == ["put mug 1 in/on shelf 1"]
+    # over-long input: the episode ends at once (no step taken), failed; a roomy limit lets it play
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(tiny_lm_dir), AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    game = hsl.list_games(str(put_games), "train")[:1]
+    short = hsl.rollout(game, (model, tok, ours), hsl.Args(max_seq_len=300, max_env_steps=2), 0.0)[0]
+    assert short["actions"] == [] and short["done"] and not short["won"]
+    roomy = hsl.rollout(game, (model, tok, ours), hsl.Args(max_seq_len=8192, max_env_steps=2), 0.0)[0]
+    assert len(roomy["actions"]) == 2 and len(roomy["states"]) == 3  # two turns played
+
+
 def test_encode_demo_marks_only_action_tokens(hsl, tiny_lm_dir):
     from transformers import AutoTokenizer
 
@@ -138,11 +187,13 @@ def test_encode_demo_marks_only_action_tokens(hsl, tiny_lm_dir):
         "observations": ["You arrive at countertop 1.", "You pick up the mug 1.", "Nothing."],
         "thoughts": None,
     }
-    enc = hsl.encode_demo(tok, hsl.demo_messages("SYSTEM", demo), [1, 0, 1], 10_000)
+    prefix = [{"role": "user", "content": "INSTRUCTION"}, {"role": "assistant", "content": "OK"}]
+    prefix += [{"role": "user", "content": "EXAMPLE TASK"}, {"role": "assistant", "content": "Action: EXAMPLE"}]
+    enc = hsl.encode_demo(tok, hsl.demo_messages(prefix, demo), [1, 0, 1], 10_000)
     assert enc["num_actions"] == 3
     kept = tok.decode([i for i, w in zip(enc["input_ids"], enc["weights"]) if w > 0])
     assert kept == "Action: go to countertop 1<|im_end|>Action: look<|im_end|>"  # z = 0 masks the middle action
-    assert "Observation" not in kept and "SYSTEM" not in kept
+    assert "Observation" not in kept and "OK" not in kept and "EXAMPLE" not in kept  # the prefix is never trained
 
 
 def test_segmentation_at_first_achievement(hsl):
@@ -187,10 +238,15 @@ def test_oracle_goals_newly_achieved(hsl):
     s2 = {**base, "inrec": [["mug 1", "shelf 1"], ["cup 1", "shelf 1"], ["cup 2", "countertop 1"]], "holds": []}
     s3 = {**base, "inrec": [["mug 1", "shelf 1"], ["cup 1", "shelf 1"]], "holds": ["cup 2"]}
     s4 = {**base, "inrec": [["mug 1", "shelf 1"], ["cup 1", "shelf 1"], ["cup 2", "shelf 1"]], "holds": []}
-    traj = {"states": [s0, s1, s2, s3, s4]}
-    got = hsl.oracle_goals(traj)
-    # initial facts (mug on countertop, cup on shelf) are not achievements; S is the step where a goal becomes true
-    assert got == [(("pick_and_place_simple", "mug", "shelf"), 2), (("pick_two_obj_and_place", "cup", "shelf"), 4)]
+    s5 = {**base, "inrec": [["mug 1", "shelf 1"], ["cup 2", "shelf 1"]], "holds": ["cup 1"]}
+    got = lambda states: [(g, S) for g, S, _ in hsl.oracle_goals({"states": states})]
+    # facts true at reset (mug on countertop, cup 1 on shelf) are no achievements; S = the step the agent achieves a
+    # goal; a cup on the shelf was true at reset, but the agent achieves it again with cup 2; pick-two needs the agent
+    # to have placed both cups: not yet at step 4 (cup 1 was there at reset) ...
+    mug, cup = ("pick_and_place_simple", "mug", "shelf"), ("pick_and_place_simple", "cup", "shelf")
+    assert got([s0, s1, s2, s3, s4]) == [(mug, 2), (cup, 4)]
+    # ... but once it took cup 1 off the shelf and put it back (step 6)
+    assert got([s0, s1, s2, s3, s4, s5, s4]) == [(mug, 2), (cup, 4), (("pick_two_obj_and_place", "cup", "shelf"), 6)]
 
 
 @pytest.mark.parametrize(
@@ -245,9 +301,11 @@ def test_validate_goal_templates(hsl):
 
 
 def test_agent_output_parsing_and_dialects(hsl):
+    # ETO's rule: the action is what follows the first "Action:", unchanged; none without one
     assert hsl.parse_agent_output("Thought: find it\nAction: go to shelf 1") == ("find it", "go to shelf 1")
-    assert hsl.parse_agent_output("action: Take mug 1 from shelf 1.\nObservation: ...")[1] == "take mug 1 from shelf 1"
-    assert hsl.parse_agent_output('"go to desk 1"')[1] == "go to desk 1"
+    assert hsl.parse_agent_output("Action:go to shelf 1\n") == (None, "go to shelf 1")
+    assert hsl.parse_agent_output("Thought: hm\naction: go to shelf 1") == ("hm\naction: go to shelf 1", None)
+    assert hsl.parse_agent_output('"go to desk 1"') == (None, None)
     assert hsl.to_dialect("put mug 1 in/on shelf 1", legacy_put=False) == "move mug 1 to shelf 1"
     assert hsl.to_dialect("put mug 1 in shelf 1", legacy_put=False) == "move mug 1 to shelf 1"
     assert hsl.to_dialect("move mug 1 to shelf 1", legacy_put=True) == "put mug 1 in/on shelf 1"
@@ -318,7 +376,7 @@ def test_alfworld_expert_demos_and_oracle(hsl, tiny_games, tmp_path):
         traj["states"].append(hsl.summarize_facts(gs["facts"]))
         traj["won"] = won
     assert traj["won"]
-    goals = hsl.oracle_goals(traj)
+    goals = [(goal, S) for goal, S, _ in hsl.oracle_goals(traj)]
     assert goals == [
         (("pick_and_place_simple", "apple", "countertop"), 4),
         (("pick_and_place_simple", "mug", "shelf"), 7),
@@ -330,6 +388,59 @@ def test_alfworld_expert_demos_and_oracle(hsl, tiny_games, tmp_path):
     # the failure-only ablation keeps nothing from this successful trajectory
     failure_only = hsl.Args(relabeler="oracle", ablation="relabel_failure")
     assert hsl.relabel([traj], failure_only, collections.Counter()) == [[]]
+
+
+@pytest.fixture(scope="module")
+def oracle_games(tmp_path_factory):
+    return sorted(str(p) for p in build_games(tmp_path_factory.mktemp("oracle"), ORACLE_SPLITS).rglob("*.tw-pddl"))
+
+
+def play(hsl, game_file: str, plan: list[str]) -> dict:
+    """A trajectory of scripted commands on a real game (each one admissible), as rollout() records it."""
+    game = hsl.ALFWorldGame(game_file)
+    intro, instruction, gs = game.reset()
+    traj = dict(intro=intro, instruction=instruction, actions=[], observations=[], won=False)
+    traj["states"] = [hsl.summarize_facts(gs["facts"])]
+    for a in plan:
+        assert a in game.state["admissible_commands"], (a, game.state["admissible_commands"])
+        obs, traj["won"], _, gs = game.step(a)
+        traj["actions"].append(a)
+        traj["observations"].append(obs)
+        traj["states"].append(hsl.summarize_facts(gs["facts"]))
+    return traj
+
+
+def test_oracle_labels_what_figure8_asks(hsl, oracle_games):
+    """Issue 14 item 2 on hand-labelled trajectories of real games: goals the agent achieved (a goal true at reset
+    counts once re-achieved; pick-two once the agent placed both objects), and z = the actions the goal depends on
+    (the walks, openings, takes and puts on its causal chain; exploration, examine / look / inventory are not)."""
+    game = lambda key: next(g for g in oracle_games if key in g)
+    goals = lambda traj: [(g, S) for g, S, _ in hsl.oracle_goals(traj)]
+    z = lambda traj, goal: next(hsl.oracle_relevance(traj, g, S) for g, S, _ in hsl.oracle_goals(traj) if g == goal)
+    # the mug is on the shelf at reset: taking it off and putting it back achieves "put a mug in shelf"
+    t = play(hsl, game("Apple-None-CounterTop"), ["go to shelf 1", "take mug 1 from shelf 1", "move mug 1 to shelf 1"])
+    mug = ("pick_and_place_simple", "mug", "shelf")
+    assert goals(t) == [(mug, 3)] and z(t, mug) == [1, 1, 1]
+    # pick-two with cup 1 already on the countertop: one put achieves a put, not the pick-two ...
+    plan = ["go to shelf 1", "take cup 2 from shelf 1", "go to countertop 1", "move cup 2 to countertop 1"]
+    put, two = ("pick_and_place_simple", "cup", "countertop"), ("pick_two_obj_and_place", "cup", "countertop")
+    assert goals(play(hsl, game("Cup-None-CounterTop"), plan)) == [(put, 4)]
+    # ... placing cup 1 again (taken off, put back) does
+    t = play(hsl, game("Cup-None-CounterTop"), plan + ["take cup 1 from countertop 1", "move cup 1 to countertop 1"])
+    assert goals(t) == [(put, 4), (two, 6)] and z(t, put) == [1] * 4 and z(t, two) == [1] * 6
+    # heat the egg, with a fruitless look into the fridge, inventory / examine / look on the way
+    plan = ["go to fridge 1", "open fridge 1", "close fridge 1", "go to shelf 1", "take egg 1 from shelf 1"]
+    plan += ["inventory", "examine egg 1", "go to microwave 1", "heat egg 1 with microwave 1", "look"]
+    t = play(hsl, game("Egg-None-CounterTop"), plan + ["go to countertop 1", "move egg 1 to countertop 1"])
+    heat, put = ("pick_heat_then_place_in_recep", "egg", "countertop"), ("pick_and_place_simple", "egg", "countertop")
+    assert t["won"] and sorted(goals(t)) == [(put, 12), (heat, 12)]
+    assert z(t, heat) == [0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1]
+    assert z(t, put) == [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1]  # heating is not needed to put the egg there
+    # the apple is in the closed fridge: opening it is relevant, closing it afterwards is not
+    plan = ["go to microwave 1", "go to fridge 1", "open fridge 1", "take apple 1 from fridge 1", "close fridge 1"]
+    t = play(hsl, game("Egg-None-CounterTop"), plan + ["go to countertop 1", "move apple 1 to countertop 1"])
+    apple = ("pick_and_place_simple", "apple", "countertop")
+    assert goals(t) == [(apple, 7)] and z(t, apple) == [0, 1, 1, 1, 0, 1, 1]
 
 
 def test_alfworld_legacy_put_dialect(hsl, tmp_path):
@@ -672,7 +783,7 @@ def test_resume_after_sigkill_continues_exactly(run_script, put_games, tiny_lm_d
     scripted_llm.respond = any_goal  # D' fills from any trajectory, so D' sampling is part of every step
     out = tmp_path / "runs"
     flags = ["--data-dir", put_games, "--model-name", tiny_lm_dir, *scripted_relabeler(scripted_llm), *SMOKE]
-    flags += ["--hsl-steps", "3", "--rollouts-per-step", "2", "--eval-every", "1", "--num-eval-games", "1"]
+    flags += ["--hsl-steps", "3", "--rollouts-per-step", "2", "--eval-every", "1"]
     flags += ["--max-env-steps", "6"]
     flags += ["--output-dir", out, "--seed", "3"]
     whole = run_script(SCRIPT, *flags, "--exp-name", "whole", timeout=300).output
@@ -711,8 +822,6 @@ def test_smoke_llm_relabeler_smollm2(run_script, put_games, tiny_lm_dir, smollm2
         "2",
         "--eval-every",
         "0",
-        "--num-eval-games",
-        "1",
         "--output-dir",
         out,
         "--exp-name",
