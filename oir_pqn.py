@@ -2,18 +2,15 @@
 
 Paper: Zhang, Wang, Du, Fang, "Learning Instruction-Following Policies through Open-Ended Instruction Relabeling with
 Large Language Models" (arXiv 2506.20061). Learner: PQN ("Simplifying Deep Temporal Difference Learning", Gallici et
-al., arXiv 2407.04811), following mttga/purejaxql `pqn_craftax.py`: no replay buffer, no target network, LayerNorm MLP,
-epsilon-greedy with decay, Q(lambda) returns, RAdam, optimistic resets, rollout + update jitted with `lax.scan`.
-
-The loop (`main`): vmapped Craftax environments follow instructions sampled from a prioritized buffer, rewarded by
-r = 1[cos(f_state(s_t, s_t+1), f_instr(i)) > delta] -> recent trajectories become event logs -> an LLM proposes K
-instructions the agent accomplished -> rule-based filter -> buffer update -> PQN update on the rollout and its relabeled
-copies -> evaluation on held-out instructions. Choices where the paper is silent: "choice" here, and docs/oir_pqn.md.
+al., arXiv 2407.04811) as mttga/purejaxql `pqn_craftax.py`: no replay buffer or target network, LayerNorm MLP, decaying
+epsilon-greedy, Q(lambda), RAdam, optimistic resets, rollout + update jitted with `lax.scan`. The loop (`main`): envs
+follow instructions from a prioritized buffer, rewarded by r = 1[cos(f_state(s_t, s_t+1), f_instr(i)) > delta] -> event
+logs -> an LLM proposes K accomplished instructions -> filter -> buffer -> PQN update on the rollout and its relabeled
+copies -> held-out evaluation. Choices where the paper is silent: "choice" here, and docs/oir_pqn.md.
 
     python oir_pqn.py --llm-base-url http://localhost:8000/v1 --llm-model Qwen/Qwen3-8B  # after `vllm serve <model>`
     python oir_pqn.py --relabel template --total-timesteps 1000000          # LLM-free baseline (also: --relabel none)
-    python oir_pqn.py --llm-backend transformers --llm-model path/to/SmolLM2-135M-Instruct \
-        --embed-model path/to/all-MiniLM-L6-v2 --total-timesteps 24576 --num-envs 64 --num-steps 8 --hidden-size 128
+    python oir_pqn.py --resume runs/<run>/checkpoint.npz   # with the flags of the run that wrote it
 """
 
 # /// script
@@ -40,6 +37,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -53,8 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
+from craftax.craftax_classic.constants import DIRECTIONS, Achievement, BlockType
 from craftax.craftax_env import make_craftax_env_from_name
 from flax.training.train_state import TrainState
+from sentence_transformers import SentenceTransformer
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -71,10 +71,8 @@ class Args:
     """the W&B project name"""
     wandb_entity: Optional[str] = None
     """the W&B entity (team)"""
-    save_model: bool = True
-    """save a checkpoint (network parameters + instruction buffer) to runs/{run_name}/ at the end"""
-    save_every: int = 0
-    """also save that checkpoint every this many chunks (0 = only at the end; each save replaces the previous one)"""
+    resume: Optional[str] = None
+    """continue exactly from a checkpoint (runs/{run_name}/checkpoint.npz), with the flags of the run that wrote it"""
     prompts_dir: Optional[str] = None
     """folder holding oir/relabel.md, oir/seed_instructions.md, oir/eval_instructions.md (default: prompts/ here)"""
     total_timesteps: int = 100_000_000
@@ -91,8 +89,6 @@ class Args:
     """RAdam learning rate (decays linearly to 0)"""
     gamma: float = 0.99
     """discount factor"""
-    q_lambda: float = 0.65
-    """lambda of the Q(lambda) returns (choice: purejaxql's Atari/MinAtar value; its Craftax config uses 1 step)"""
     num_minibatches: int = 4
     """minibatches per update (choice; the reference uses 1 with 1024x1 transitions)"""
     chunk_updates: int = 16
@@ -103,18 +99,10 @@ class Args:
     """semantic: r = 1[cos(f_state, f_instr) > delta] (the paper); gt: the instruction's labelled achievement"""
     delta: float = 0.45
     """cosine threshold of the semantic reward (not published: choice; the paper reports it matters a lot)"""
-    buffer_capacity: int = 10
-    """B_max, the instruction buffer capacity (paper: 10)"""
-    buffer_sampling: Literal["prioritized", "uniform"] = "prioritized"
-    """prioritized prefers learning-boundary instructions (paper); uniform is the ablation"""
     relabel: Literal["llm", "template", "none"] = "llm"
     """llm: open-ended LLM relabeling (the paper); template: achievement names as instructions (LLM-free); none: PQN"""
     relabel_k: int = 3
     """K, instructions asked per trajectory (not published: choice)"""
-    relabel_trajs: int = 8
-    """trajectories sent to the relabeler after each chunk (one request each)"""
-    relabel_fraction: float = 0.25
-    """relabeled copies per update as a fraction of num_envs (one env's rollout with one achieved instruction)"""
     # --- LLM client (the same seven flags in every script) ------------------------------------------------------------
     llm_backend: Literal["openai", "transformers"] = "openai"
     """openai: any OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp, `transformers serve`, hosted; key from
@@ -132,92 +120,100 @@ class Args:
     llm_concurrency: int = 8
     """requests in flight (openai), or the generation batch size (transformers)"""
     eval_every: int = 50
-    """evaluate every this many chunks (0 = only at the end)"""
+    """evaluate and save a checkpoint (over the previous one) every this many chunks (0 = only at the end)"""
     eval_episodes: int = 16
     """episodes per held-out instruction"""
     eval_max_steps: int = 1000
     """steps per evaluation episode"""
 
 
-def num_relabel_copies(args: Args) -> int:
-    return int(args.relabel_fraction * args.num_envs) if args.relabel != "none" else 0
+def usage_error(message: str):
+    """A usage error ends the run with one line and exit status 2, as argparse (and tyro) do; data errors exit 1."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# Relabeled copies per update: a quarter of num_envs (choice), each one env's rollout with one achieved instruction.
+num_relabel_copies = lambda args: args.num_envs // 4 if args.relabel != "none" else 0
+PROMPT_FILES = ("relabel.md", "transitions.md", "seed_instructions.md", "eval_instructions.md")
 
 
 def check_args(args: Args, prompts: Path) -> None:
-    """Every usage error up front, before anything heavy: the first one as one `error: --flag: ...` line."""
-    positive = "total_timesteps num_steps hidden_size num_layers lr num_minibatches chunk_updates buffer_capacity "
-    positive += "relabel_k relabel_trajs eval_episodes eval_max_steps llm_timeout llm_max_new_tokens llm_concurrency"
-    errors = [f"--{name.replace('_', '-')}: must be > 0" for name in positive.split() if getattr(args, name) <= 0]
+    """Usage errors as one line (`error: --flag: ...`, exit 2) before anything heavy."""
+    chunk = args.chunk_updates * args.num_envs * args.num_steps
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", args.embed_model)
     rows = args.num_steps * (args.num_envs + num_relabel_copies(args))  # transitions per update, split in minibatches
-    rules = [
-        (args.num_envs > 0 and args.num_envs % OPTIMISTIC_RESET_RATIO == 0, "--num-envs: must be a multiple of 16"),
-        (rows % max(args.num_minibatches, 1) == 0, f"--num-minibatches: must divide {rows} (transitions per update)"),
-        (0 <= args.gamma <= 1 and 0 <= args.q_lambda <= 1, "--gamma/--q-lambda: must be in [0, 1]"),
-        (-1 < args.delta < 1, "--delta: a cosine threshold, must be in (-1, 1)"),
-        (0 <= args.relabel_fraction <= 1, "--relabel-fraction: must be in [0, 1]"),
-        (min(args.eval_every, args.save_every) >= 0, "--eval-every/--save-every: must be >= 0"),
+    positive = "num_steps hidden_size num_layers num_minibatches chunk_updates relabel_k "
+    positive += "eval_episodes eval_max_steps llm_max_new_tokens llm_concurrency"
+    checks = [  # (field, valid?, what it must be)
+        *[(n, getattr(args, n) >= 1, ">= 1") for n in positive.split()],
+        *[(n, getattr(args, n) > 0, "> 0") for n in ("lr", "llm_timeout")],
+        *[(n, getattr(args, n) >= 0, ">= 0") for n in ("eval_every", "llm_temperature")],
+        ("num_envs", args.num_envs > 0 and args.num_envs % OPTIMISTIC_RESET_RATIO == 0, "a positive multiple of 16"),
+        ("num_minibatches", rows % max(args.num_minibatches, 1) == 0, f"a divisor of {rows} (transitions per update)"),
+        ("total_timesteps", args.total_timesteps >= max(chunk, 1), f">= {chunk} (one chunk of updates)"),
+        ("gamma", 0 <= args.gamma <= 1, "in [0, 1]"),
+        ("delta", -1 < args.delta < 1, "in (-1, 1)"),
+        ("embed_model", Path(args.embed_model).is_dir() or hub_id, "an existing folder or a hub id (owner/name)"),
+        ("prompts_dir", all((prompts / f).is_file() for f in PROMPT_FILES), f"a folder holding oir/{PROMPT_FILES}"),
+        ("resume", args.resume is None or Path(args.resume).is_file(), "an existing file"),
     ]
-    errors += [msg for ok, msg in rules if not ok]
-    files = [prompts / name for name in ("relabel.md", "seed_instructions.md", "eval_instructions.md")]
-    errors += [f"--prompts-dir: {path} is missing" for path in files if not path.is_file()]
-    if errors:
-        raise SystemExit(f"error: {errors[0]}")
+    for name, ok, what in checks:
+        if not ok:
+            usage_error(f"--{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}")
 
 
 # === Environment: Craftax with optimistic resets, and the transition events behind f_state ============================
 ENV_ID = "Craftax-Classic-Symbolic-v1"  # the paper's benchmark
 OPTIMISTIC_RESET_RATIO = 16  # environments per freshly generated world (the PQN reference's OPTIMISTIC_RESET_RATIO)
-
-# Past-tense event texts for Classic's achievements (f_state's vocabulary, and the lines of the LLM's event log), in its
-# Achievement order: index = event id = achievement id.
-EVENT_TEXTS = {
-    "collect_wood": "collected wood from a tree",
-    "place_table": "placed a crafting table",
-    "eat_cow": "ate a cow",
-    "collect_sapling": "collected a sapling",
-    "collect_drink": "drank water",
-    "make_wood_pickaxe": "made a wooden pickaxe",
-    "make_wood_sword": "made a wooden sword",
-    "place_plant": "placed a plant (planted a sapling)",
-    "defeat_zombie": "defeated a zombie",
-    "collect_stone": "collected stone",
-    "place_stone": "placed stone",
-    "eat_plant": "ate a ripe plant",
-    "defeat_skeleton": "defeated a skeleton",
-    "make_stone_pickaxe": "made a stone pickaxe",
-    "make_stone_sword": "made a stone sword",
-    "wake_up": "woke up after sleeping",
-    "place_furnace": "placed a furnace",
-    "collect_coal": "collected coal",
-    "collect_iron": "collected iron",
-    "collect_diamond": "collected a diamond",
-    "make_iron_pickaxe": "made an iron pickaxe",
-    "make_iron_sword": "made an iron sword",
-}
-
-EVENT_NAMES, EVENT_LINES = tuple(EVENT_TEXTS), tuple(EVENT_TEXTS.values())
-# Achievement flags fire once per episode; collecting and making show up again as inventory (or drink) increases, so
-# an instruction like "collect wood" can be rewarded in every instruction episode (choice; other events fire once).
-RECURRING = [(i, n.split("_", 1)[1]) for i, n in enumerate(EVENT_NAMES) if n.startswith(("collect_", "make_"))]
+# f_state reads these numbers from a state (state_fields, in this order); transition texts are rules over them
+# (prompts/oir/transitions.md): a field went up (+), down (-), reached N (>=N) or fell below N (<N).
+INVENTORY = ("wood", "stone", "coal", "iron", "diamond", "sapling", "wood_pickaxe", "stone_pickaxe", "iron_pickaxe")
+INVENTORY += ("wood_sword", "stone_sword", "iron_sword")
+ACHIEVEMENTS = tuple(a.name.lower() for a in sorted(Achievement, key=lambda a: a.value))
+BLOCKS = ("water", "tree", "stone", "coal", "iron", "diamond", "crafting_table", "furnace", "lava")
+MOBS, PLACEABLE = ("cow", "zombie", "skeleton"), ("crafting_table", "furnace", "stone", "plant")
+FIELDS = (*INVENTORY, "health", "food", "drink", "energy", "sleeping", "light", *ACHIEVEMENTS)
+FIELDS += (*[f"facing_{b}" for b in BLOCKS], *[f"near_{x}" for x in BLOCKS + MOBS], *[f"placed_{b}" for b in PLACEABLE])
+CHANGES = ("+", "-", ">=", "<")
+as_rules = lambda rules: tuple(np.array(x, t) for x, t in zip(zip(*rules), (np.int32, np.int32, np.float32)))
+# After reset some leaves are weakly typed, after step strongly: without this every jitted function compiles twice.
+strong_types = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, x.dtype), tree)
 
 
-def strong_types(tree):
-    # After reset some leaves are weakly typed, after step strongly: without this every jitted function compiles twice.
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, x.dtype), tree)
+def state_fields(s) -> jnp.ndarray:
+    """FIELDS of one Craftax-Classic state (vmap it): (F,) float32. near_*: one of the four cells next to the player."""
+    pos, block = s.player_position, lambda name: BlockType[name.upper()].value
+    at = lambda d: s.map[pos[0] + d[0], pos[1] + d[1]]
+    front, around = at(DIRECTIONS[s.player_direction]), jnp.stack([at(d) for d in DIRECTIONS[1:5]])
+    adjacent = lambda mobs: ((jnp.abs(mobs.position - pos).sum(-1) == 1) & mobs.mask).any()
+    vitals = [s.player_health, s.player_food, s.player_drink, s.player_energy, s.is_sleeping, s.light_level]
+    near = [(around == block(b)).any() for b in BLOCKS] + [adjacent(m) for m in (s.cows, s.zombies, s.skeletons)]
+    values = [getattr(s.inventory, n) for n in INVENTORY] + vitals + list(s.achievements)
+    values += [front == block(b) for b in BLOCKS] + near + [(s.map == block(b)).sum() for b in PLACEABLE]
+    return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
 
 
-def transition_events(prev_state, next_state):
-    """f_state's input: which events happened in (s_t, s_t+1). Returns bool (..., num_events)."""
-    events = next_state.achievements & ~prev_state.achievements  # first unlock in this episode
-    for i, field in RECURRING:  # or, for recurring events, an increase since the previous step
-        get = lambda s: s.player_drink if field == "drink" else getattr(s.inventory, field)
-        events = events.at[..., i].set(events[..., i] | (get(next_state) > get(prev_state)))
-    return events
+def fire(rules, prev_f, next_f):
+    """Which rules (field, change, N; arrays (..., R)) hold in transitions prev_f -> next_f (..., F): (..., R) bool."""
+    field, op, n = rules
+    take = lambda f: jnp.take_along_axis(f, jnp.broadcast_to(field, f.shape[:-1] + field.shape[-1:]), -1)
+    a, b = take(prev_f), take(next_f)
+    changes = [b > a, b < a, (a < n) & (b >= n), (a >= n) & (b < n)]  # CHANGES order
+    return jnp.stack([(op == i) & c for i, c in enumerate(changes)]).any(0)
+
+
+def parse_rule(path: Path, n: int, term: str):
+    """`field change` (e.g. `wood >=3`, `health +`) -> (field index, change index, N); a bad term is a data error."""
+    m = re.fullmatch(r"(\w+)\s*(\+|-|>=|<)\s*(-?\d+(?:\.\d+)?)?", term.strip())
+    if not m or m[1] not in FIELDS or (m[2] in "+-") == bool(m[3]):
+        raise SystemExit(f"error: {path}:{n}: bad rule {term!r}: a field ({FIELDS[0]}, ...), then +, -, >=N or <N")
+    return FIELDS.index(m[1]), CHANGES.index(m[2]), float(m[3] or 0)
 
 
 def make_vec_env_step(env, env_params, num_envs: int):
-    """Step all envs; envs that end get one of num_envs // 16 fresh worlds (purejaxql's optimistic resets: generating a
-    world is the expensive part). Also returns the stepped state before the reset, whose transition gives the events."""
+    """Step all envs; envs that end get one of num_envs // 16 fresh worlds (purejaxql's optimistic resets). Also returns
+    the stepped state before the reset, whose transition gives the events."""
     num_resets = num_envs // OPTIMISTIC_RESET_RATIO
 
     def step(rng, state, action):
@@ -239,36 +235,39 @@ def make_vec_env_step(env, env_params, num_envs: int):
 # === LLM relabeling (paper Section 3): trajectory -> event log -> LLM proposals -> filter -> semantic reward ==========
 RELABEL_LOG_LEN = 128  # steps of per-environment history kept on device for the event log (covers >= 8 rollouts of 16)
 MAX_LOG_LINES = 30  # the newest event lines sent to the LLM: short prompts, enough for K = 3 proposals
+RELABEL_TRAJS = 8  # trajectories relabeled after each chunk (one LLM request each; raise --chunk-updates to ask less)
 FILTER_MAX_WORDS, FILTER_MAX_CHARS = 12, 80  # instructions are short imperative phrases; longer text is rejected
 FILTER_DUP_SIM = 0.95  # cosine above which a proposal is a paraphrase of an instruction already held
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d+[.):])\s*")
+_ALLOWED = re.compile(r"^[A-Za-z][A-Za-z0-9 ,'\-]*$")
 
 
-def load_prompt(path: Path) -> str:
-    """Prompt files: a header, a line that is exactly `---`, then the body (prompts/README.md)."""
-    return path.read_text().split("\n---\n", 1)[1]
+def read_prompt(path: Path, columns: int = 0):
+    """A prompt-folder file (header, `---` line, body): the body, or its `a | b` rows as (line number, [cells])."""
+    try:
+        head, sep, body = path.read_text().partition("\n---\n")
+    except (OSError, UnicodeError) as e:
+        raise SystemExit(f"error: {path}: cannot read it ({e})") from None
+    if not sep:
+        raise SystemExit(f"error: {path}: no line '---' between the header and the body")
+    lines = [(n, line) for n, line in enumerate(body.splitlines(), head.count("\n") + 3) if line.strip()]
+    rows = [(n, [cell.strip() for cell in line.split("|")]) for n, line in lines if not line.lstrip().startswith("#")]
+    for n, cells in rows if columns else []:
+        if len(cells) != columns:
+            raise SystemExit(f"error: {path}:{n}: expected {columns} columns separated by '|'")
+    return rows if columns else body
 
 
-def read_table(path: Path) -> list:
-    """Rows of `a | b | ...` from a prompt-folder data file (body only, # comments skipped)."""
-    lines = [line for line in load_prompt(path).splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    return [[part.strip() for part in line.split("|")] for line in lines]
-
-
-def event_log_text(events: np.ndarray, env_done: np.ndarray) -> str:
-    """The trajectory as text for the LLM: one line per step with an event (only the changes, so the log stays short).
-    events (L, E) bool, env_done (L,) bool, oldest first."""
+def event_log_text(events: np.ndarray, env_done: np.ndarray, texts) -> str:
+    """The trajectory as text for the LLM, a line per step with transition texts: events (L, E), env_done (L,) bool."""
     lines = []
     for t in range(len(events)):
-        happened = [EVENT_LINES[e] for e in np.flatnonzero(events[t])]
+        happened = [texts[e] for e in np.flatnonzero(events[t])]
         if happened:
             lines.append(f"step {t}: " + "; ".join(happened))
         if env_done[t]:
             lines.append(f"step {t}: the agent died or the episode ended; a new world began")
     return "\n".join(lines[-MAX_LOG_LINES:]) if lines else "(nothing notable happened)"
-
-
-_BULLET = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d+[.):])\s*")
-_ALLOWED = re.compile(r"^[A-Za-z][A-Za-z0-9 ,'\-]*$")
 
 
 def parse_proposals(raw: str) -> list:
@@ -278,12 +277,19 @@ def parse_proposals(raw: str) -> list:
     return [line for line in lines if line]
 
 
+def normalize(text: str) -> str:
+    """One key for near-duplicates (choice): lowercase, no punctuation, no articles, a crude suffix stemmer, so tense,
+    articles and plural make no new instruction ('collected a sapling' = 'collect saplings' = 'collect sapling')."""
+    stem = lambda w: re.sub(r"(ing|ed|es|s|e)$", "", w) if len(w) > 3 else w  # twice: saplings -> sapling -> sapl
+    return " ".join(
+        stem(stem(w)) for w in re.sub(r"[^a-z0-9 ]", " ", text.lower()).split() if w not in ("a", "an", "the", "some")
+    )
+
+
 def filter_proposals(candidates, k, observed_events, held, embed, delta: float):
-    """Rule-based filtering of LLM proposals (the paper's filtering step; the exact rules are our choice): keeps at most
-    k candidates that (1) are short, plain text; (2) are not duplicates, textually or semantically, of an instruction
-    held, as (text, embedding); (3) are grounded: their best-matching event is above delta and observed in this log.
-    Returns (accepted [(text, event id, embedding)], rejection counts by reason)."""
-    normalize = lambda text: " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+    """The paper's rule-based filter (rules: our choice): at most k candidates that are short plain text, no duplicate
+    of one held (text, emb): same `normalize` key or cosine > FILTER_DUP_SIM, and grounded: their best-matching
+    transition text is above delta and observed in this log. Returns ([(text, row, emb)], rejections by reason)."""
     rejected, accepted = Counter(), []
     seen, held = {normalize(t) for t, _ in held}, [emb for _, emb in held]
     for text in candidates:
@@ -296,8 +302,7 @@ def filter_proposals(candidates, k, observed_events, held, embed, delta: float):
         elif normalize(text) in seen:
             reason = "duplicate"
         else:
-            emb = embed([text])[0]
-            sims = embed.events @ emb
+            sims = embed.events @ (emb := embed([text])[0])
             best = int(np.argmax(sims))
             if held and max(float(h @ emb) for h in held) > FILTER_DUP_SIM:
                 reason = "duplicate"
@@ -313,25 +318,17 @@ def filter_proposals(candidates, k, observed_events, held, embed, delta: float):
 
 
 class Embedder:
-    """f_instr (and the event texts behind f_state): a sentence encoder on the host, once per new text (cached), never
-    per environment step. `events` holds the embedded event vocabulary (E, D)."""
+    """f_instr, and the transition texts of f_state (`events`, (E, D)): a sentence encoder."""
 
     def __init__(self, model: str, event_texts):
-        from sentence_transformers import SentenceTransformer
-
         try:
             self.model = SentenceTransformer(model, device="cpu")
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --embed-model {model}: cannot load it ({e})") from None
-        self.cache = {}
         self.events = self(list(event_texts))
 
-    def __call__(self, texts) -> np.ndarray:
-        new = [t for t in dict.fromkeys(texts) if t not in self.cache]
-        if new:
-            embs = self.model.encode(new, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-            self.cache.update(zip(new, embs.astype(np.float32)))
-        return np.stack([self.cache[t] for t in texts])
+    def __call__(self, texts) -> np.ndarray:  # on the host, once per new instruction, never per environment step
+        return self.model.encode(list(texts), batch_size=64, normalize_embeddings=True).astype(np.float32)
 
 
 def semantic_mask(instr_emb: np.ndarray, event_embs: np.ndarray, delta: float) -> np.ndarray:
@@ -341,29 +338,20 @@ def semantic_mask(instr_emb: np.ndarray, event_embs: np.ndarray, delta: float) -
     return (sims > delta) & (sims >= sims.max())
 
 
-def semantic_reward(events, table_mask, slot):
-    """r = 1[cos(f_state(s_t, s_t+1), f_instr(i)) > delta] on device, the cosine test done once per instruction on the
-    host (semantic_mask): events (..., E) bool, table_mask (B, E) bool, slot (...) int -> (...) bool."""
-    return (events & table_mask[slot]).any(-1)
-
-
-def relabel(llm, prompt: str, ec, buffer, pool, embed, args: Args, rng, tally: Counter):
-    """Paper Section 3: propose (one request per trajectory: the event log of the last RELABEL_LOG_LEN steps of a random
-    env that saw an event in, K accomplished instructions out; --relabel template: the events' names) -> filter (each
-    answer against its own trajectory) -> admit (into the relabel pool and the buffer; a newcomer takes over the running
-    episodes of the instruction it evicts)."""
-    ring = np.asarray(ec.ring)
-    active = np.flatnonzero(ring.any((1, 2)))
-    envs = rng.choice(active, min(args.relabel_trajs, len(active)), replace=False)
+def relabel(llm, prompt: Template, vocab, ec, buffer, pool, embed, args: Args, rng, tally: Counter):
+    """Paper Section 3: propose (per trajectory, the event log of the last RELABEL_LOG_LEN steps of a random env, K
+    instructions out; --relabel template: its rows' instructions) -> filter (against that trajectory) -> admit (pool and
+    buffer; a newcomer takes over the running episodes of the instruction it evicts)."""
+    active = np.flatnonzero((ring := np.asarray(ec.ring)).any((1, 2)))
+    envs = rng.choice(active, min(RELABEL_TRAJS, len(active)), replace=False)
     events, env_done = ring[envs], np.asarray(ec.ring_done)[envs]
     if args.relabel == "template":
-        answers = ["\n".join(EVENT_NAMES[e].replace("_", " ") for e in np.flatnonzero(ev.any(0))) for ev in events]
+        answers = ["\n".join(vocab[2][r] for r in rng.permutation(np.flatnonzero(ev.any(0)))) for ev in events]
     else:
-        logs = [event_log_text(ev, d) for ev, d in zip(events, env_done)]
-        prompts = [Template(prompt).substitute(k=args.relabel_k, trajectory=log) for log in logs]
+        logs = [event_log_text(ev, d, vocab[1]) for ev, d in zip(events, env_done)]
+        prompts = [prompt.substitute(k=args.relabel_k, trajectory=log) for log in logs]
         answers = llm.chat([[{"role": "user", "content": p}] for p in prompts])
-        tally["requests"] += len(answers)
-        tally["llm_failures"] = llm.failures
+        tally.update(requests=len(answers), llm_failures=sum(a is None for a in answers))
     for answer, ev in zip(answers, events):
         if answer is None:  # a failed request, counted by the client
             continue
@@ -371,12 +359,12 @@ def relabel(llm, prompt: str, ec, buffer, pool, embed, args: Args, rng, tally: C
         observed = set(np.flatnonzero(ev.any(0)).tolist())
         accepted, rejected = filter_proposals(candidates, args.relabel_k, observed, held, embed, args.delta)
         tally.update({f"rejected_{r}": c for r, c in rejected.items()}, rejected_empty=not candidates)
-        for text, event_id, _ in accepted:
-            pool.append(inst := make_instruction(text, event_id, embed, args))
+        for text, row, _ in accepted:
+            pool.append(inst := make_instruction(text, row, embed, args))
             slot, evicted = buffer.add(inst)
             tally.update(accepted=1, added=slot is not None)
             note = "" if slot is None else f"; buffer slot {slot}" + (f" (evicted {evicted!r})" if evicted else "")
-            print(f"relabel: accepted {text!r} (matches event: {EVENT_LINES[event_id]}){note}")
+            print(f"relabel: accepted {text!r} (matches event: {vocab[1][row]}){note}")
 
 
 # === Prioritized instruction buffer (statuses, sampling, eviction) and the relabeling pool ============================
@@ -402,20 +390,19 @@ class Instruction:
         return self.successes / max(self.episodes, 1e-9)  # an episode's return is 1 (success, the end) or 0
 
 
-def make_instruction(text: str, event_id, embed: Embedder, args: Args) -> Instruction:
+def make_instruction(text: str, row: int, embed: Embedder, args: Args) -> Instruction:
     """f_instr(i) and the events that reward i: by the semantic reward, or (--reward gt) its labelled achievement."""
     emb = embed([text])[0]
-    gt = np.arange(len(embed.events)) == event_id
+    gt = np.arange(len(embed.events)) == row
     return Instruction(text, emb, gt if args.reward == "gt" else semantic_mask(emb, embed.events, args.delta))
 
 
 class InstructionBuffer:
-    """Capacity-B_max buffer with Failing / Learning-boundary / Mastered statuses (paper Section 3). Eviction (choice):
-    a newcomer replaces the most successful Mastered entry, else the most-tried Failing one, else it is dropped; so
-    mastered tasks leave and new ones enter, a curriculum."""
+    """B_max slots, statuses Failing / Learning-boundary / Mastered (paper Section 3). Eviction (choice): a newcomer
+    replaces the best Mastered entry, else the most-tried Failing one, else is dropped: a curriculum."""
 
-    def __init__(self, args: Args):
-        self.uniform, self.slots = args.buffer_sampling == "uniform", [None] * args.buffer_capacity
+    def __init__(self, capacity: int = 10):  # B_max = 10 (paper)
+        self.slots = [None] * capacity
 
     def status(self, e: Instruction) -> str:
         if e.episodes < STATUS_MIN_EPISODES:
@@ -423,7 +410,7 @@ class InstructionBuffer:
         return "failing" if e.mean_return < STATUS_LOW else "mastered" if e.mean_return > STATUS_HIGH else "boundary"
 
     def probs(self) -> np.ndarray:
-        w = [0.0 if e is None else 1.0 if self.uniform else STATUS_WEIGHTS[self.status(e)] for e in self.slots]
+        w = [0.0 if e is None else STATUS_WEIGHTS[self.status(e)] for e in self.slots]
         return np.array(w) / sum(w)
 
     def update(self, successes: np.ndarray, episodes: np.ndarray):
@@ -435,15 +422,12 @@ class InstructionBuffer:
 
     def add(self, entry: Instruction):
         """Returns (slot or None, evicted text or None)."""
-        if None in self.slots:
-            victim = self.slots.index(None)
-        else:
-            mastered = [i for i, e in enumerate(self.slots) if self.status(e) == "mastered"]
-            failing = [i for i, e in enumerate(self.slots) if self.status(e) == "failing"]
-            if not mastered and not failing:
-                return None, None
-            key = (lambda i: self.slots[i].mean_return) if mastered else (lambda i: self.slots[i].episodes)
-            victim = max(mastered or failing, key=key)
+        having = lambda status: [i for i, e in enumerate(self.slots) if e and self.status(e) == status]
+        mastered, failing = having("mastered"), having("failing")
+        key = (lambda i: self.slots[i].mean_return) if mastered else (lambda i: self.slots[i].episodes)
+        victim = self.slots.index(None) if None in self.slots else max(mastered or failing, key=key, default=None)
+        if victim is None:
+            return None, None
         old, self.slots[victim] = self.slots[victim], entry
         return victim, old.text if old else None
 
@@ -456,10 +440,8 @@ class InstructionBuffer:
 
 def instruction_arrays(slots: list, num_events: int, dim: int):
     """The device's view of instructions (None = empty slot): embeddings (B, D), event masks (B, E), valid (B,)."""
-    emb, mask = np.zeros((len(slots), dim), np.float32), np.zeros((len(slots), num_events), bool)
-    for i, e in enumerate(slots):
-        if e is not None:
-            emb[i], mask[i] = e.emb, e.mask
+    emb = np.stack([np.zeros(dim, np.float32) if e is None else e.emb for e in slots])
+    mask = np.stack([np.zeros(num_events, bool) if e is None else e.mask for e in slots])
     return emb, mask, np.array([e is not None for e in slots])
 
 
@@ -533,8 +515,7 @@ class LLMClient:
 
 # === Network: instruction-conditioned Q-network (PQN's LayerNorm MLP) =================================================
 class QNetwork(nn.Module):
-    """Q(s, ., f_instr(i)): PQN's MLP (Dense -> LayerNorm -> ReLU) x num_layers on [obs, f_instr(i)] (concatenation is
-    our choice; the paper states pi(a | s, f_instr(i))), the reference's layer_norm body (no input normalisation)."""
+    """Q(s, ., f_instr(i)): PQN's (Dense -> LayerNorm -> ReLU) x num_layers on [obs, f_instr(i)] (concat: choice)."""
 
     action_dim: int
     hidden_size: int
@@ -558,21 +539,9 @@ class EnvCarry:
     ring_done: jnp.ndarray  # (N, L) env episode ended at that step
 
 
-@flax.struct.dataclass
-class Trajectory:
-    obs: jnp.ndarray  # (T, N, obs_dim)
-    action: jnp.ndarray  # (T, N)
-    reward: jnp.ndarray  # (T, N) semantic (or gt) reward of the followed instruction
-    done: jnp.ndarray  # (T, N) instruction episode ended (success, timeout or env end)
-    env_done: jnp.ndarray  # (T, N)
-    events: jnp.ndarray  # (T, N, E)
-    slot: jnp.ndarray  # (T, N)
-    q_val: jnp.ndarray  # (T, N, A) Q at collection time (for the lambda-returns, as the reference)
-    last_obs: jnp.ndarray  # (N, obs_dim) observation after the last step
-
-
 # === Losses and update ================================================================================================
 MAX_GRAD_NORM = 1.0  # global gradient-norm clip, as the reference
+Q_LAMBDA = 0.65  # lambda of the Q(lambda) returns (choice: purejaxql's Atari/MinAtar value; its Craftax config: 1-step)
 EPS_START, EPS_FINISH, EPS_DECAY = 0.1, 0.005, 0.2  # epsilon-greedy, decayed linearly over 20% of the updates
 INSTR_MAX_STEPS = 500  # an instruction episode without success ends with return 0 (choice: a fraction of a life)
 
@@ -600,44 +569,47 @@ def q_loss(params, apply_fn, obs, instr, action, target, weight):
     return loss, {"losses/td_loss": loss, "losses/q_values": (weight * q_a).sum() / wsum}
 
 
-def relabel_rollout(traj: Trajectory, pool_emb, pool_mask, pool_valid, num_copies: int, rng):
-    """Hindsight relabeling with accepted instructions (paper Section 3): num_copies random envs whose rollout achieved
-    a pool instruction, each with one of them, rewards recomputed by its event mask, episodes cut at success. Returns
-    the copies' (obs, action, emb, reward, done, env index, valid)."""
+def relabel_rollout(traj: dict, pool_emb, pool_mask, pool_valid, num_copies: int, rng):
+    """Hindsight relabeling (paper Section 3): num_copies random envs whose rollout achieved a pool instruction, each
+    with one of them, rewards by its mask, cut at success. Returns (obs, action, emb, reward, done, env, valid)."""
     k_env, k_ins = jax.random.split(rng)
-    hits = jnp.einsum("tne,pe->np", traj.events.astype(jnp.float32), pool_mask.astype(jnp.float32))
+    hits = jnp.einsum("tne,pe->np", traj["events"].astype(jnp.float32), pool_mask.astype(jnp.float32))
     achieved = (hits > 0) & pool_valid[None]  # (N, P)
     score = achieved.any(-1) + 0.5 * jax.random.uniform(k_env, achieved.shape[:1])
     env_idx = jax.lax.top_k(score, num_copies)[1]  # (R,)
     ach = achieved[env_idx]  # (R, P)
     choice = jnp.argmax(jnp.where(ach, jax.random.uniform(k_ins, ach.shape), -1.0), axis=-1)  # (R,)
     emb, valid = pool_emb[choice], ach.any(-1)  # (R, D), (R,)
-    reward = (traj.events[:, env_idx] & pool_mask[choice][None]).any(-1).astype(jnp.float32)  # (T, R)
-    done = jnp.maximum(traj.env_done[:, env_idx], reward)  # the relabeled instruction episode ends at success
-    return traj.obs[:, env_idx], traj.action[:, env_idx], emb, reward, done, env_idx, valid
+    reward = (traj["events"][:, env_idx] & pool_mask[choice][None]).any(-1).astype(jnp.float32)  # (T, R)
+    done = jnp.maximum(traj["env_done"][:, env_idx], reward)  # the relabeled instruction episode ends at success
+    return traj["obs"][:, env_idx], traj["action"][:, env_idx], emb, reward, done, env_idx, valid
 
 
 def make_learn(network: QNetwork, args: Args, num_copies: int):
-    apply_fn = network.apply
-
     def targets(params, q_val, last_obs, last_instr, reward, done):
         """Q(lambda) targets of a (T, B) rollout from its Q-values at collection and Q at the observation after it."""
-        q_next = jnp.concatenate([q_val[1:].max(-1), apply_fn(params, last_obs, last_instr).max(-1)[None]], axis=0)
-        return lambda_returns(reward, done, q_next, args.gamma, args.q_lambda)
+        q_last = network.apply(params, last_obs, last_instr).max(-1)
+        q_next = jnp.concatenate([q_val[1:].max(-1), q_last[None]], axis=0)
+        return lambda_returns(reward, done, q_next, args.gamma, Q_LAMBDA)
 
-    def learn(ts: TrainState, traj: Trajectory, table, pool_emb, pool_mask, pool_valid, rng):
+    def learn(ts: TrainState, traj: dict, table, pool_emb, pool_mask, pool_valid, rng):
         """One pass (the reference's NUM_EPOCHS = 1) over the rollout and its relabeled copies, shuffled minibatches."""
-        T, N = traj.action.shape
+        T, N = traj["action"].shape
         k, k_perm = jax.random.split(rng)
         # Instructions travel as indices into a small table (buffer slots, then one row per relabeled copy) and are
         # gathered per minibatch: cheaper than shuffling a (T, N, D) array of embeddings.
-        target = targets(ts.params, traj.q_val, traj.last_obs, table[traj.slot[-1]], traj.reward, traj.done)
-        data, info = [traj.obs, traj.slot, traj.action, target, jnp.ones((T, N))], {}  # slot (T, N): rows of table
+        target = targets(
+            ts.params, traj["q_val"], traj["last_obs"], table[traj["slot"][-1]], traj["reward"], traj["done"]
+        )
+        data, info = (
+            [traj["obs"], traj["slot"], traj["action"], target, jnp.ones((T, N))],
+            {},
+        )  # slot (T, N): rows of table
         if num_copies > 0:
             obs, act, emb, rew, done, env, valid = relabel_rollout(traj, pool_emb, pool_mask, pool_valid, num_copies, k)
             # Q of the copies under their new instruction (not available from the rollout): current params.
-            q = apply_fn(ts.params, obs, jnp.broadcast_to(emb[None], (T, *emb.shape)))
-            target = targets(ts.params, q, traj.last_obs[env], emb, rew, done)
+            q = network.apply(ts.params, obs, jnp.broadcast_to(emb[None], (T, *emb.shape)))
+            target = targets(ts.params, q, traj["last_obs"][env], emb, rew, done)
             copy_idx = jnp.broadcast_to(table.shape[0] + jnp.arange(num_copies), (T, num_copies))
             weight = jnp.broadcast_to(valid[None].astype(jnp.float32), (T, num_copies))  # no achieved instruction: 0
             data = [jnp.concatenate(pair, 1) for pair in zip(data, [obs, copy_idx, act, target, weight])]
@@ -649,7 +621,7 @@ def make_learn(network: QNetwork, args: Args, num_copies: int):
         def minibatch(ts, mb):
             obs, idx, action, target, weight = mb
             grad_fn = jax.value_and_grad(q_loss, has_aux=True)
-            (_, minfo), grads = grad_fn(ts.params, apply_fn, obs, table[idx], action, target, weight)
+            (_, minfo), grads = grad_fn(ts.params, network.apply, obs, table[idx], action, target, weight)
             return ts.apply_gradients(grads=grads), minfo
 
         ts, minfo = jax.lax.scan(minibatch, ts, mbs)
@@ -658,10 +630,9 @@ def make_learn(network: QNetwork, args: Args, num_copies: int):
     return learn
 
 
-def make_train_chunk(network, vec_step, args, num_updates: int):
-    """chunk_updates x (collect a rollout, learn on it and its relabeled copies), in one jitted lax.scan. The host
-    relabels between chunks: the instructions it accepts relabel the following rollouts (envs that achieve one)."""
-    N, learn = args.num_envs, make_learn(network, args, num_relabel_copies(args))
+def make_train_chunk(network, vec_step, rules, args, num_updates: int):
+    """chunk_updates x (collect a rollout, learn on it and its relabeled copies), one jitted lax.scan."""
+    N, learn, fields = args.num_envs, make_learn(network, args, num_relabel_copies(args)), jax.vmap(state_fields)
     eps_fn = optax.linear_schedule(EPS_START, EPS_FINISH, max(int(EPS_DECAY * num_updates), 1))  # per update
 
     def rollout(params, ec: EnvCarry, table_emb, table_mask, slot_logits, eps, rng):
@@ -672,11 +643,12 @@ def make_train_chunk(network, vec_step, args, num_updates: int):
             explore = jax.random.uniform(k_e, (N,)) < eps  # epsilon-greedy (PQN)
             action = jnp.where(explore, jax.random.randint(k_a, (N,), 0, q.shape[-1]), q.argmax(-1))
             obs, env_state, state_st, _, env_done = vec_step(k_env, ec.env_state, action)
-            events = transition_events(ec.env_state, state_st)  # (N, E)
-            success = semantic_reward(events, table_mask, ec.slot)
+            events = fire(rules, fields(ec.env_state), fields(state_st))  # (N, E) transition texts that hold
+            success = (events & table_mask[ec.slot]).any(-1)  # r = 1[cos > delta], the cosine test done on the host
             instr_t = ec.instr_t + 1
             idone = env_done | success | (instr_t >= INSTR_MAX_STEPS)
             slot = jnp.where(idone, jax.random.categorical(k_slot, slot_logits, shape=(N,)), ec.slot)  # draw anew
+            # done: the instruction episode ended (success, timeout or env end); q_val: Q at collection (lambda-returns)
             tr = dict(obs=ec.obs, action=action, reward=success.astype(jnp.float32), done=idone.astype(jnp.float32))
             tr.update(env_done=env_done, events=events, slot=ec.slot, q_val=q)
             ec = ec.replace(env_state=env_state, obs=obs, slot=slot, instr_t=jnp.where(idone, 0, instr_t))
@@ -686,9 +658,9 @@ def make_train_chunk(network, vec_step, args, num_updates: int):
         # The rollout's steps enter the event-log history (the last RELABEL_LOG_LEN steps of each env).
         window = lambda old, new: jnp.concatenate([old, new.swapaxes(0, 1)], 1)[:, -RELABEL_LOG_LEN:]
         ec = ec.replace(ring=window(ec.ring, tr["events"]), ring_done=window(ec.ring_done, tr["env_done"]))
-        traj = Trajectory(**tr, last_obs=ec.obs)
-        per_slot = lambda x: jnp.zeros(table_emb.shape[0]).at[traj.slot].add(x)  # outcomes per buffer slot, (B,)
-        return ec, traj, dict(slot_success=per_slot(traj.reward), slot_episodes=per_slot(traj.done))
+        traj = {**tr, "last_obs": ec.obs}  # (T, N, ...) each, last_obs (N, obs_dim): the observation after the rollout
+        per_slot = lambda x: jnp.zeros(table_emb.shape[0]).at[traj["slot"]].add(x)  # outcomes per buffer slot, (B,)
+        return ec, traj, dict(slot_success=per_slot(traj["reward"]), slot_episodes=per_slot(traj["done"]))
 
     @jax.jit
     def train_chunk(ts, ec, rng, table_emb, table_mask, slot_probs, pool):
@@ -720,21 +692,23 @@ def init_train(env, env_params, network, buffer, embed, args: Args, num_chunks: 
     return ts, EnvCarry(strong_types(env_state), obs, slot, jnp.zeros(N, jnp.int32), *ring)
 
 
-# === Evaluation: held-out instructions, success by ground-truth achievement flags =====================================
+# === Evaluation: held-out instructions, success by ground-truth terms over the state ==================================
 EVAL_SUCCESS_THRESHOLD = 0.1  # an instruction counts as covered when its success rate is above this (choice)
 
 
-def make_evaluate(env, env_params, network, embed: Embedder, path: Path, args: Args):
-    """Held-out instructions (kind | text | required achievements), each for eval_episodes greedy episodes (EPS_TEST: 0,
-    as the reference) from fresh worlds. Success: every required achievement flag unlocked (ground truth, never the
-    semantic reward); coverage: instructions above EVAL_SUCCESS_THRESHOLD, overall and per kind."""
-    rows = read_table(path)
-    required = np.zeros((len(rows), len(EVENT_NAMES)), bool)
-    for i, r in enumerate(rows):
-        required[i, [EVENT_NAMES.index(ach.strip()) for ach in r[2].split("+")]] = True
-    kinds, texts = np.array([r[0] for r in rows]), [r[1] for r in rows]
-    emb, req = (jnp.repeat(jnp.asarray(x), args.eval_episodes, 0) for x in (embed(texts), required))
-    n = emb.shape[0]
+def make_evaluate(env, env_params, network, embed: Embedder, rows: list, rules, args: Args):
+    """Held-out (kind, text, ground-truth rules, ordered?), eval_episodes greedy episodes each in fresh worlds. Success:
+    every rule held at some step (ordered: in order). Coverage and the semantic reward's agreement with success (fired
+    in the episode or not) are reported for achievement instructions and the others (counts, proximity, ...) apart."""
+    K, texts, kinds = max(len(r[2]) for r in rows), [r[1] for r in rows], np.array([r[0] for r in rows])
+    terms = [as_rules(r[2] + r[2][-1:] * (K - len(r[2]))) for r in rows]  # padded to K, the padding masked
+    valid = np.arange(K)[None] < np.array([len(r[2]) for r in rows])[:, None]
+    group = np.array(["achievement" if all(FIELDS[f] in ACHIEVEMENTS for f, _, _ in r[2]) else "other" for r in rows])
+    sem_mask = np.stack([semantic_mask(e, embed.events, args.delta) for e in embed(texts)])  # (M, E)
+    rep = lambda x: jnp.repeat(jnp.asarray(x), args.eval_episodes, 0)
+    emb, truth = rep(embed(texts)), tuple(rep(np.stack(x)) for x in zip(*terms))
+    valid, sem_mask, ordered = rep(valid), rep(sem_mask), rep(np.array([r[3] for r in rows]))
+    n, fields = emb.shape[0], jax.vmap(state_fields)
 
     @jax.jit
     def evaluate(params, rng):
@@ -742,53 +716,80 @@ def make_evaluate(env, env_params, network, embed: Embedder, path: Path, args: A
         obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k, n), env_params)
 
         def step(carry, _):
-            obs, state, alive, got, rng = carry
+            obs, state, alive, got, sem, rng = carry
             rng, k = jax.random.split(rng)
             action = network.apply(params, obs, emb).argmax(-1)
             obs2, state2, _, done, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
                 jax.random.split(k, n), state, action, env_params
             )
-            got = got | (state2.achievements & alive[:, None])  # ground truth: the environment's achievement flags
-            return (obs2, state2, alive & ~done, got, rng), None
+            f0, f1 = fields(state), fields(state2)
+            in_order = jnp.cumprod(jnp.pad(got, ((0, 0), (1, 0)), constant_values=True)[:, :-1], 1).astype(bool)
+            got = got | (fire(truth, f0, f1) & (in_order | ~ordered[:, None]) & alive[:, None])
+            sem = sem | ((fire(rules, f0, f1) & sem_mask).any(-1) & alive)  # the semantic reward would have fired
+            return (obs2, state2, alive & ~done, got, sem, rng), None
 
-        init = (obs, strong_types(state), jnp.ones(n, bool), jnp.zeros_like(req), rng)
-        (_, _, _, got, _), _ = jax.lax.scan(step, init, None, args.eval_max_steps)
-        return (got | ~req).all(-1).reshape(-1, args.eval_episodes)  # (M, episodes)
+        init = (obs, strong_types(state), jnp.ones(n, bool), jnp.zeros(valid.shape, bool), jnp.zeros(n, bool), rng)
+        (_, _, _, got, sem, _), _ = jax.lax.scan(step, init, None, args.eval_max_steps)
+        return (got | ~valid).all(-1).reshape(-1, args.eval_episodes), sem.reshape(-1, args.eval_episodes)
 
     def evaluate_and_log(params, writer, step: int, rng):
         t0 = time.time()
-        rates = np.asarray(evaluate(params, rng)).mean(1)
-        m = {f"eval/success/{t}": float(r) for t, r in zip(texts, rates)}
-        m["eval/coverage"] = int((rates > EVAL_SUCCESS_THRESHOLD).sum())
-        for kind in dict.fromkeys(kinds):
-            m[f"eval/coverage_{kind}"] = int((rates[kinds == kind] > EVAL_SUCCESS_THRESHOLD).sum())
-        m["eval/mean_success"] = float(rates.mean())
+        succ, sem = (np.asarray(x) for x in evaluate(params, rng))  # (M, episodes) each
+        rates, lines = succ.mean(1), []
+        covered = rates > EVAL_SUCCESS_THRESHOLD
+        m = {f"eval/coverage_{k}": int(covered[kinds == k].sum()) for k in set(kinds)}
+        for g in sorted(set(group)):
+            s, t, c = sem[group == g], succ[group == g], covered[group == g]
+            m |= {f"eval/coverage_{g}": int(c.sum()), f"eval/reward_agreement_{g}": float((s == t).mean())}
+            lines.append(
+                f"{g}: coverage {c.sum()}/{c.size}; semantic reward agrees with ground truth in {(s == t).mean():.2f}"
+                f" of {s.size} episodes (semantic {s.sum()}, truth {t.sum()}, both {(s & t).sum()})"
+            )
+        m |= {f"eval/success/{t}": float(r) for t, r in zip(texts, rates)}
+        m |= {"eval/coverage": int(covered.sum()), "eval/mean_success": float(rates.mean())}
         for key, v in m.items():
             writer.add_scalar(key, v, step)
         for kind, text, s in zip(kinds, texts, rates):
             print(f"  eval success {s:5.2f}  [{kind}] {text}")
         print(
             f"eval coverage {m['eval/coverage']}/{len(rates)} (success > {EVAL_SUCCESS_THRESHOLD}) at step {step}, "
-            f"mean success {m['eval/mean_success']:.3f} ({time.time() - t0:.1f}s)"
+            f"mean success {m['eval/mean_success']:.3f} ({time.time() - t0:.1f}s)\n  " + "\n  ".join(lines)
         )
 
     return evaluate_and_log
 
 
-def log_chunk(writer, infos: dict, buffer: InstructionBuffer, tally: Counter, chunk: int, step: int, sps, cpu_sps):
-    """TensorBoard scalars and the one printed line per chunk."""
-    succ, tried = infos["slot_success"].sum(), infos["slot_episodes"].sum()
-    scalars = {"charts/SPS": sps, "charts/instruction_success_rate": succ / max(tried, 1)}
-    scalars.update({key: v.mean() for key, v in infos.items() if key.startswith(("charts/", "losses/", "relabel/"))})
-    scalars.update({f"buffer/{status}": c for status, c in buffer.counts().items()})
-    scalars.update({f"relabel/{key}": c for key, c in tally.items()})
-    for key, v in scalars.items():
-        writer.add_scalar(key, float(v), step)
-    print(
-        f"chunk {chunk}: step {step}, SPS {sps:.0f} ({cpu_sps:.0f} per CPU-second), td_loss "
-        f"{scalars['losses/td_loss']:.4f}, instruction success {succ:.0f}/{tried:.0f}, relabeled copies/update "
-        f"{scalars.get('relabel/copies_valid', 0.0):.1f}, buffer {buffer.counts()}"
-    )
+# === Checkpoints: everything a run continues from, so that --resume continues exactly ===============================
+RESUME_FREE = {"resume", "track", "wandb_project_name", "wandb_entity", "eval_every", "eval_episodes", "eval_max_steps"}
+RESUME_FREE |= {"llm_base_url", "llm_timeout", "llm_concurrency"}  # a resumed run may change these: not the training
+
+
+def save_checkpoint(out: Path, device, host: dict, buffer: InstructionBuffer, pool):
+    """checkpoint.npz: device state (params, optimizer incl. the LR schedule's count, step, env states and event
+    history, JAX key) as arrays, host state (chunk, NumPy generator, tally, buffer, pool) as JSON; atomic rename."""
+    rows = [{"text": e.text, "status": buffer.status(e), "mean_return": e.mean_return} for e in buffer.entries()]
+    (out / "instruction_buffer.json").write_text(json.dumps(rows, indent=1))
+    as_dict = lambda e: e and {**vars(e), "emb": e.emb.tolist(), "mask": e.mask.tolist()}
+    host = {**host, "buffer": [as_dict(e) for e in buffer.slots], "pool": [as_dict(e) for e in pool]}
+    leaves = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(device))}
+    np.savez(out / "checkpoint.tmp.npz", host=np.array(json.dumps(host)), **leaves)
+    os.replace(out / "checkpoint.tmp.npz", out / "checkpoint.npz")
+
+
+def load_checkpoint(path: str, device, args: Args, buffer: InstructionBuffer, pool):
+    """Inverse of save_checkpoint (`device`: a fresh state, for the tree structure); refills buffer and pool."""
+    try:
+        with np.load(path) as f:
+            host, leaves = json.loads(str(f["host"])), [f[f"leaf_{i}"] for i in range(len(f.files) - 1)]
+    except Exception as e:  # zip, JSON and key errors alike: the file is not one of our checkpoints
+        raise SystemExit(f"error: {path}: not a checkpoint of this script ({type(e).__name__}: {e})") from None
+    changed = [k for k, v in host["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v]
+    if changed:
+        usage_error(f"--resume: {path} was written with --{changed[0].replace('_', '-')} {host['args'][changed[0]]}")
+    from_dict = lambda d: d and Instruction(**{**d, "emb": np.array(d["emb"], np.float32), "mask": np.array(d["mask"])})
+    buffer.slots = [from_dict(d) for d in host["buffer"]]
+    pool.extend(from_dict(d) for d in host["pool"])
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(device), [jnp.asarray(x) for x in leaves]), host
 
 
 # === main: rollout -> relabel via the LLM -> filter -> buffer update -> PQN update -> evaluate ========================
@@ -797,49 +798,62 @@ def main():
     prompts = (Path(args.prompts_dir) if args.prompts_dir else Path(__file__).resolve().parent / "prompts") / "oir"
     check_args(args, prompts)
     llm = LLMClient(args) if args.relabel == "llm" else None  # a wrong --llm-base-url fails here, at start
+    # The prompt folder's files, read before anything heavy: a bad file ends in one `error: <file>:<line>: ...`.
+    relabel_prompt, seeds, evals = Template(read_prompt(prompts / "relabel.md")), [], []
+    try:  # placeholders checked now, not at the first relabeling
+        relabel_prompt.substitute(k=1, trajectory="")
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"error: {prompts}/relabel.md: bad placeholder {e} (allowed: k, trajectory)") from None
+    rows = read_prompt(path := prompts / "transitions.md", 4)
+    keys = [parse_rule(path, n, f"{field} {change}") for n, (field, change, _, _) in rows]
+    vocab = (as_rules(keys), [r[2] for _, r in rows], [r[3] for _, r in rows])  # rules, texts, instructions
+    for n, (text, rule) in read_prompt(path := prompts / "seed_instructions.md", 2):
+        if (key := parse_rule(path, n, rule)) not in keys:
+            raise SystemExit(f"error: {path}:{n}: {rule!r} is not a row of transitions.md")
+        seeds.append((text, keys.index(key)))
+    for n, (kind, text, truth) in read_prompt(path := prompts / "eval_instructions.md", 3):
+        evals.append((kind, text, [parse_rule(path, n, t) for t in re.split(" then | and ", truth)], " then " in truth))
     steps_per_chunk = args.chunk_updates * args.num_envs * args.num_steps
-    num_chunks = max(args.total_timesteps // steps_per_chunk, 1)
-    run_name = f"{ENV_ID}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            config=vars(args),
-            name=run_name,
-            sync_tensorboard=True,
-        )
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
+    num_chunks = args.total_timesteps // steps_per_chunk
     # Seeding: NumPy for the host's choices, JAX for everything on device (and the seed goes with each LLM request).
     np_rng, rng = np.random.default_rng(args.seed), jax.random.PRNGKey(args.seed)
 
     # auto_reset=False: we reset optimistically ourselves (auto-reset regenerates a world every step, ~10x slower).
     env = make_craftax_env_from_name(ENV_ID, auto_reset=False)
     env_params = env.default_params
-    # The method's pieces: the encoder (f_instr and f_state's event texts), the prioritized buffer, the relabel pool.
-    embed = Embedder(args.embed_model, EVENT_LINES)
-    relabel_prompt = load_prompt(prompts / "relabel.md")
-    buffer, pool, tally = InstructionBuffer(args), deque(maxlen=RELABEL_POOL_SIZE), Counter()
-    for text, ach in read_table(prompts / "seed_instructions.md"):
-        buffer.add(make_instruction(text, EVENT_NAMES.index(ach), embed, args))
+    embed = Embedder(args.embed_model, vocab[1])
+    buffer, pool, tally = InstructionBuffer(), deque(maxlen=RELABEL_POOL_SIZE), Counter()
+    for text, gt in seeds:
+        buffer.add(make_instruction(text, gt, embed, args))
 
     network = QNetwork(env.action_space(env_params).n, args.hidden_size, args.num_layers)
     vec_step = make_vec_env_step(env, env_params, args.num_envs)
-    train_chunk = make_train_chunk(network, vec_step, args, num_chunks * args.chunk_updates)
+    train_chunk = make_train_chunk(network, vec_step, vocab[0], args, num_chunks * args.chunk_updates)
     rng, k = jax.random.split(rng)
     ts, ec = init_train(env, env_params, network, buffer, embed, args, num_chunks, k)
-    evaluate_and_log = make_evaluate(env, env_params, network, embed, prompts / "eval_instructions.md", args)
+    evaluate_and_log = make_evaluate(env, env_params, network, embed, evals, vocab[0], args)
+    start, run_name = 0, f"{ENV_ID}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.resume:  # rebuilt, not restored: the jitted functions, the encoder, the env's constants, the LLM client
+        (ts, ec, rng), host = load_checkpoint(args.resume, (ts, ec, rng), args, buffer, pool)
+        start, run_name, tally = host["chunk"] + 1, Path(args.resume).parent.name, Counter(host["tally"])
+        np_rng.bit_generator.state = host["np_rng"]
+        print(f"[resume] {args.resume}: chunk {start} of {num_chunks}, step {start * steps_per_chunk}")
+    run_dir = Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before training leaves no folder behind
+    if args.track:
+        import wandb
+
+        kw = dict(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name)
+        wandb.init(**kw, sync_tensorboard=True)
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     print(
         f"OIR-PQN on {ENV_ID}: {num_chunks * args.chunk_updates} updates in {num_chunks} chunks, {args.num_envs} "
-        f"envs x {args.num_steps} steps, relabel={args.relabel}, reward={args.reward}, sampling={args.buffer_sampling}"
+        f"envs x {args.num_steps} steps, relabel={args.relabel}, reward={args.reward}"
     )
-    print("buffer seeds: " + ", ".join(repr(e.text) for e in buffer.entries()))
 
-    for chunk in tqdm(range(num_chunks), desc="chunks"):
+    for chunk in tqdm(range(start, num_chunks), desc="chunks", initial=start, total=num_chunks):
         t0, c0, global_step = time.time(), time.process_time(), (chunk + 1) * steps_per_chunk
         rng, k, k_eval = jax.random.split(rng, 3)
         # 1. Rollout + PQN update on it and its relabeled copies, chunk_updates times, in one jitted call.
@@ -847,31 +861,36 @@ def main():
         pool_arrays = instruction_arrays(list(pool) + [None] * (RELABEL_POOL_SIZE - len(pool)), *embed.events.shape)
         ts, ec, infos = train_chunk(ts, ec, k, *table, pool_arrays)
         infos = jax.tree_util.tree_map(np.asarray, infos)
-        # 2. Buffer statuses from the instruction episodes that ended.
-        buffer.update(infos["slot_success"].sum(0), infos["slot_episodes"].sum(0))
+        buffer.update(infos["slot_success"].sum(0), infos["slot_episodes"].sum(0))  # 2. statuses from ended episodes
         # 3. Relabel: event logs of recent trajectories -> LLM proposals -> filter -> relabel pool and buffer.
         if args.relabel != "none":
-            relabel(llm, relabel_prompt, ec, buffer, pool, embed, args, np_rng, tally)
+            relabel(llm, relabel_prompt, vocab, ec, buffer, pool, embed, args, np_rng, tally)
         # Throughput of the chunk, relabeling included, evaluation excluded (the first chunk also compiles).
         sps = (steps_per_chunk / (time.time() - t0), steps_per_chunk / (time.process_time() - c0))
-        log_chunk(writer, infos, buffer, tally, chunk, global_step, *sps)
-        # 4. Evaluation and checkpoints.
-        due = lambda every: chunk + 1 == num_chunks or (every > 0 and (chunk + 1) % every == 0)
-        if due(args.eval_every):
+        succ, tried = infos["slot_success"].sum(), infos["slot_episodes"].sum()
+        scalars = {"charts/SPS": sps[0], "charts/instruction_success_rate": succ / max(tried, 1)}
+        scalars |= {key: v.mean() for key, v in infos.items() if key.startswith(("charts/", "losses/", "relabel/"))}
+        scalars |= {f"buffer/{k}": c for k, c in buffer.counts().items()}
+        scalars |= {f"relabel/{k}": c for k, c in tally.items()}
+        for key, v in scalars.items():
+            writer.add_scalar(key, float(v), global_step)
+        print(
+            f"chunk {chunk}: step {global_step}, SPS {sps[0]:.0f} ({sps[1]:.0f} per CPU-second), td_loss "
+            f"{scalars['losses/td_loss']:.4f}, instruction success {succ:.0f}/{tried:.0f}, relabeled copies/update "
+            f"{scalars.get('relabel/copies_valid', 0.0):.1f}, buffer {buffer.counts()}"
+        )
+        # 4. Evaluation and a checkpoint.
+        if chunk + 1 == num_chunks or (args.eval_every > 0 and (chunk + 1) % args.eval_every == 0):
             evaluate_and_log(ts.params, writer, global_step, k_eval)
-        if args.save_model and due(args.save_every):  # network (flax msgpack) and buffer, over the previous checkpoint
-            out = Path(f"runs/{run_name}")
-            (out / "oir_pqn.params").write_bytes(flax.serialization.to_bytes(ts.params))
-            keys = ("text", "successes", "episodes")
-            rows = [{**{k: getattr(e, k) for k in keys}, "status": buffer.status(e)} for e in buffer.entries()]
-            (out / "instruction_buffer.json").write_text(json.dumps(rows, indent=1))
-            print(f"checkpoint saved to {out}/oir_pqn.params and {out}/instruction_buffer.json (step {global_step})")
+            host = dict(chunk=chunk, np_rng=np_rng.bit_generator.state, tally=tally, args=vars(args))
+            save_checkpoint(run_dir, (ts, ec, rng), host, buffer, pool)
+            print(f"checkpoint saved to {run_dir}/checkpoint.npz and instruction_buffer.json, step {global_step}")
 
     rejected = {key[len("rejected_") :]: c for key, c in tally.items() if key.startswith("rejected_") and c}
     print(
-        f"done: {global_step} env steps, {int(ts.step)} gradient steps, {tally['accepted']} relabeled instructions "
-        f"accepted ({tally['requests']} LLM requests, {tally['llm_failures']} failed; rejected: {rejected}), "
-        f"{tally['added']} entered the buffer"
+        f"done: {num_chunks * steps_per_chunk} env steps, {int(ts.step)} gradient steps, {tally['accepted']} "
+        f"relabeled instructions accepted ({tally['requests']} LLM requests, {tally['llm_failures']} failed; "
+        f"rejected: {rejected}), {tally['added']} entered the buffer"
     )
     print("final buffer:", "; ".join(f"{e.text!r} [{buffer.status(e)} {e.mean_return:.2f}]" for e in buffer.entries()))
     writer.close()

@@ -99,7 +99,6 @@ def oir_steady_sps(args, relabel: str, extra=()):
             relabel,
             "--embed-model",
             minilm_dir(),
-            "--no-save-model",
             "--total-timesteps",
             str(args.num_envs * args.num_steps * args.chunk_updates * chunks),
             "--num-envs",
@@ -182,8 +181,6 @@ def main():
                 args.llm_model,
                 "--llm-max-new-tokens",
                 "32",
-                "--relabel-trajs",
-                "4",
             ),
         )
         print(
