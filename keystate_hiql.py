@@ -1,17 +1,15 @@
 """LLM-Driven Relabeling (key-state-prioritised goal relabeling) on top of HIQL, on OGBench.
 
 Paper: Gao, Sun, Wang, Zheng, "Better Goals, Better Policies: LLM-Driven Relabeling for Offline Goal-Conditioned
-Reinforcement Learning", AAMAS 2026 extended abstract (no arXiv version). Its Figure 1 (Section 2.1), as functions:
-(1) key-state rule generation `generate_rules`; (2) compilation into discriminators `compile_condition` (whitelisted
-AST -> vectorised NumPy; LLM output is never executed); (3) key-state-prioritised relabeling `keystate_goals` (inside
-the jitted update); (4) offline GCRL, only relabeling changed: HIQL ("HIQL: Offline Goal-Conditioned RL with Latent
-States as Actions", arXiv 2307.11949) as OGBench's impls/agents/hiql.py. Self-checks: `check_rules` at compile time
-(parse, run, fire rate; failures go back in a repair prompt) and `RelabelCheck` at relabel time (TD errors of key-state
-vs HER goals adapt p_keystate). Extension: `keystate_subgoal`. Notes: docs/keystate_hiql.md.
+Reinforcement Learning", AAMAS 2026 extended abstract (no arXiv version). Figure 1 as functions: (1) `generate_rules`,
+(2) `compile_condition` (whitelisted AST -> NumPy; LLM output is never executed), (3) `keystate_goals` (in the jitted
+update), (4) HIQL ("HIQL: Offline Goal-Conditioned RL with Latent States as Actions", arXiv 2307.11949) as OGBench's
+impls/agents/hiql.py, only relabeling changed. Self-checks: `check_rules` (compile time) and `RelabelCheck` (relabel
+time, a paired TD probe). Notes: docs/keystate_hiql.md.
 
     vllm serve Qwen/Qwen2.5-7B-Instruct   # any OpenAI-compatible endpoint writes the rules
     python keystate_hiql.py --env-name antmaze-large-navigate-v0 --llm-model Qwen/Qwen2.5-7B-Instruct
-    python keystate_hiql.py --relabel her --dataset-fraction 0.5           # HER baseline, reduced-data setting
+    python keystate_hiql.py --relabel her --dataset-fraction 0.5 --num-seeds 4  # HER, reduced data, 4 seeds vmapped
     python keystate_hiql.py --rules-path runs/<run>/rules.json --seed 1    # reuse one LLM call across seeds
 """
 
@@ -19,6 +17,7 @@ vs HER goals adapt p_keystate). Extension: `keystate_subgoal`. Notes: docs/keyst
 # requires-python = ">=3.11"
 # dependencies = [
 #     "numpy==2.4.6",
+#     "matplotlib==3.11.2",
 #     "jax[cpu]==0.10.2",
 #     "jaxlib==0.10.2",
 #     "flax==0.12.8",
@@ -40,6 +39,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +53,8 @@ import numpy as np
 import optax
 import tyro
 from flax import serialization
+from jax.tree_util import tree_map
+from scipy.stats import t as t_dist  # a dependency of jax
 from tqdm import tqdm
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
@@ -64,7 +66,9 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 0
-    """seed of the experiment (JAX, evaluation episodes, LLM requests)"""
+    """seed of the experiment (JAX, evaluation episodes, LLM requests, --dataset-fraction subset)"""
+    num_seeds: int = 1
+    """seeds --seed ... --seed + N - 1 trained in one process, vmapped (one jitted update for all)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "llm-relabeling"
@@ -78,7 +82,7 @@ class Args:
     dataset_path: Optional[str] = None
     """local .npz in OGBench's layout (observations, actions, terminals); default: ogbench downloads the official one"""
     dataset_fraction: float = 1.0
-    """fraction of episodes kept (paper's reduced-data setting: 0.5); the same subset for every seed and arm"""
+    """fraction of episodes kept (paper's reduced-data setting: 0.5); a subset per seed, the same for both arms"""
     total_steps: int = 500_000
     """number of gradient steps (paper: 500,000)"""
     batch_size: int = 1024
@@ -98,16 +102,12 @@ class Args:
     # Key-state knobs: the paper publishes none of these values (ours).
     num_rules: int = 3
     """number of rules asked from the LLM"""
-    max_repair_rounds: int = 2
-    """compile-time self-check: rounds of the repair prompt for rules that failed"""
     p_keystate: float = 0.5
     """probability that a future-state goal is replaced by a key state within the window (initial value when adapted)"""
     keystate_window: int = 200
     """temporal window: key-state goals lie in (t, t + window] of the same trajectory"""
-    keystate_actor_goals: bool = True
-    """also apply key-state relabeling to the actor's future-state goals (not only the value goals)"""
     adapt_interval: int = 1_000
-    """relabel-time self-check: steps between p_keystate adaptations from the TD errors (0: p_keystate stays fixed)"""
+    """relabel-time self-check: steps between paired TD probes that adapt p_keystate (0: p_keystate stays fixed)"""
     # --- LLM client (the same seven flags in every script) ------------------------------------------------------------
     llm_backend: Literal["openai", "transformers"] = "openai"
     """openai: any OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp, `transformers serve`, hosted; key from
@@ -125,33 +125,28 @@ class Args:
     llm_concurrency: int = 8
     """requests in flight (openai), or the generation batch size (transformers)"""
     # HIQL (OGBench impls/agents/hiql.py defaults)
-    lr: float = 3e-4
-    """Adam learning rate"""
     hidden_dims: Tuple[int, ...] = (512, 512, 512)
     """hidden sizes of the value, subgoal-representation and both actor MLPs"""
-    expectile: float = 0.7
-    """expectile of the action-free value loss"""
     high_alpha: Optional[float] = None
     """AWR temperature of the high-level actor (default: OGBench's per-env value, 3.0; antmaze-explore 10.0)"""
     low_alpha: Optional[float] = None
     """AWR temperature of the low-level actor (default: OGBench's per-env value, 3.0; antmaze-explore 10.0)"""
     subgoal_steps: Optional[int] = None
     """k: the subgoal is the state k steps ahead (default: OGBench's per-env value, 25; cube/scene/puzzle 10)"""
-    keystate_subgoals: bool = False
-    """EXTENSION, not tested in the paper: w.p. p_keystate the subgoal s_{t+k} becomes the last key state in (t, t+k]"""
 
 
 # Fixed values nobody tunes in the paper's experiments (each with the reason for its value).
-TAU = 0.005  # soft target update rate, as OGBench
+TAU, LR = 0.005, 3e-4  # soft target update rate and Adam learning rate, as OGBench
+EXPECTILE = 0.7  # expectile of the action-free value loss, as OGBench
 REP_DIM = 10  # size of the subgoal representation phi([s; g]), as OGBench
 MAX_LAG = 20  # a rule's temporal window: nested prev/next/delta lags add up to <= 20 steps (a turn, a grasp)
 MAX_RULES = 16  # rules read from one LLM answer or one --rules-path file; the rest are dropped with a message
+MAX_REPAIR_ROUNDS = 2  # compile-time self-check: rounds of the repair prompt for rules that failed
 # A rule that fires on (almost) no state or on a large share of all states does not pick out *key* states.
 RULE_MIN_FIRE, RULE_MAX_FIRE = 0.001, 0.3
-# Relabel-time self-check: p_keystate moves by this step per adaptation and stays inside the bounds, so that neither
-# HER goals (lower bound) nor key-state goals (upper bound) vanish from the batches.
-ADAPT_STEP, P_KEYSTATE_MIN, P_KEYSTATE_MAX = 0.05, 0.05, 0.9
-TD_HIST_INTERVAL = 10_000  # steps between TD-error histograms (Figure 2 of the paper), and at the last step
+# Relabel-time self-check (`RelabelCheck`): decision k moves p_keystate by ADAPT_STEP * ADAPT_K0 / (ADAPT_K0 + k) when
+# the paired TD gap is significant (|z| > ADAPT_Z), inside bounds that keep both HER and key-state goals in the batches.
+ADAPT_STEP, ADAPT_K0, ADAPT_Z, P_KEYSTATE_MIN, P_KEYSTATE_MAX = 0.1, 10, 2.0, 0.05, 0.9
 
 
 def usage_error(message: str):
@@ -165,7 +160,8 @@ def check_args(args: Args):
     checks = [  # (field, valid?, what it must be)
         *[(n, getattr(args, n) >= 1, ">= 1") for n in ("total_steps", "batch_size", "log_interval", "eval_episodes")],
         *[(n, getattr(args, n) >= 1, ">= 1") for n in ("keystate_window", "llm_concurrency", "llm_max_new_tokens")],
-        *[(n, getattr(args, n) >= 0, ">= 0") for n in ("eval_interval", "max_repair_rounds", "adapt_interval")],
+        ("num_seeds", args.num_seeds >= 1, ">= 1"),
+        *[(n, getattr(args, n) >= 0, ">= 0") for n in ("eval_interval", "adapt_interval")],
         ("num_rules", 1 <= args.num_rules <= MAX_RULES, f"in [1, {MAX_RULES}]"),
         ("dataset_fraction", 0.0 < args.dataset_fraction <= 1.0, "in (0, 1]"),
         ("p_keystate", 0.0 <= args.p_keystate <= 1.0, "in [0, 1]"),
@@ -197,15 +193,9 @@ def resolve_presets(args: Args) -> Args:
     return args
 
 
-def actor_p_randomgoal(env_name: str) -> float:
-    """OGBench's share of random actor goals (hyperparameters.sh); the rest: uniform-future states of the trajectory."""
-    return 1.0 if "explore" in env_name else 0.5 if "stitch" in env_name else 0.0
-
-
 # === Environment & dataset ============================================================================================
 def make_env_and_dataset(args: Args):
-    """OGBench's environment and training dataset (compact layout: row i+1 is the next state of row i where valids[i]),
-    then the paper's reduced-data setting (Section 3): a fixed random subset of whole episodes."""
+    """OGBench's environment and training dataset (compact layout: row i+1 is the next state of row i where valids[i])."""
     import ogbench
 
     try:
@@ -232,14 +222,16 @@ def make_env_and_dataset(args: Args):
     }
     if any(problems.values()):
         raise SystemExit(f"error: {source}: {next(what for what, wrong in problems.items() if wrong)}")
-    if args.dataset_fraction < 1.0:
-        ep_id = np.cumsum(valids == 0) - (valids == 0)  # episode number of each row
-        n_ep = int(ep_id[-1]) + 1
-        n_keep = max(1, int(round(args.dataset_fraction * n_ep)))
-        # seeded apart from --seed: both arms and all seeds of the reduced-data setting see the same episodes
-        keep = np.random.default_rng(0).permutation(n_ep)[:n_keep]
-        ds = {k: v[np.isin(ep_id, keep)] for k, v in ds.items()}
     return env, ds
+
+
+def episode_subsets(ds: dict, args: Args) -> np.ndarray:
+    """Reduced-data setting (Section 3): per seed, a --dataset-fraction of whole episodes, the same in both arms."""
+    ep_id = np.cumsum(ds["valids"] == 0) - (ds["valids"] == 0)  # episode number of each row
+    n_ep = int(ep_id[-1]) + 1
+    n_keep = max(1, int(round(args.dataset_fraction * n_ep)))
+    seeds = range(args.seed, args.seed + args.num_seeds)
+    return np.stack([np.isin(ep_id, np.random.default_rng(s).permutation(n_ep)[:n_keep]) for s in seeds])
 
 
 def episode_index(ds: dict):
@@ -466,7 +458,7 @@ def read_layout(args: Args):
 
 def generate_rules(args: Args, feats: Features, layout: str, valid_rows: np.ndarray, key_mask: np.ndarray, log):
     """Section 2.1 (1) + compile-time self-check: ask the LLM for rules, compile and calibrate them, send the failures
-    back in the repair prompt for at most --max-repair-rounds rounds. Returns (accepted rules, counts of failures)."""
+    back in the repair prompt for at most MAX_REPAIR_ROUNDS rounds. Returns (accepted rules, counts of failures)."""
     client = LLMClient(args)
     task, _, layout_features = layout.partition("\nFeatures:")  # the layout's "Task: ..." paragraph, then its features
     fields = dict(env_name=args.env_name, num_rules=args.num_rules, observation_layout=layout_features.strip())
@@ -476,7 +468,7 @@ def generate_rules(args: Args, feats: Features, layout: str, valid_rows: np.ndar
     fields |= dict(min_fire=f"{RULE_MIN_FIRE:.1%}", max_fire=f"{RULE_MAX_FIRE:.1%}")
     prompt = Template(read_prompt(PROMPTS / "keystate" / "rule_generation.md")).substitute(fields)
     accepted, rejected = [], 0
-    for round_ in range(args.max_repair_rounds + 1):
+    for round_ in range(MAX_REPAIR_ROUNDS + 1):
         answer = client.chat([[{"role": "user", "content": prompt}]])[0]
         if answer is None:  # counted by the client; the next round asks again
             log(f"[rules] LLM round {round_} failed (no answer)")
@@ -496,11 +488,12 @@ def generate_rules(args: Args, feats: Features, layout: str, valid_rows: np.ndar
     return accepted, dict(rejected_rules=rejected, llm_failures=client.failures)
 
 
-def build_keystate_mask(args: Args, ds: dict, run_dir: Path, log):
+def build_keystate_mask(args: Args, ds: dict, kept: np.ndarray, log):
     """Components (1) + (2) with the compile-time self-check: rules from --rules-path or from the LLM, compiled and
-    calibrated on this dataset, OR-ed into one key-state mask (None when no rule survived: HER). Saves rules.json."""
+    calibrated on the kept rows (`kept`: rows of any seed's episodes), OR-ed into one key-state mask (None when no rule
+    survived: HER). Returns (mask, the content of rules.json)."""
     layout, names = read_layout(args)
-    feats, valid = Features(ds, names), ds["valids"] > 0
+    feats, valid = Features(ds, names), (ds["valids"] > 0) & kept
     key_mask = np.zeros(len(valid), bool)  # the union of the accepted rules' masks, OR-ed in as they compile
     if args.rules_path:  # a saved rule set: the same self-check, no LLM
         try:
@@ -512,28 +505,34 @@ def build_keystate_mask(args: Args, ds: dict, run_dir: Path, log):
     else:
         rules, stats = generate_rules(args, feats, layout, valid, key_mask, log)
     out = dict(env_name=args.env_name, features=list(feats.columns), max_lag=MAX_LAG, rules=rules, **stats)
-    run_dir.mkdir(parents=True, exist_ok=True)  # the run starts only now that its data and rules are ready
-    (run_dir / "rules.json").write_text(json.dumps(out, indent=2))
     log("[rules] {} accepted, {rejected_rules} rejected, {llm_failures} failed LLM calls".format(len(rules), **stats))
     if not rules:
         log("[rules] WARNING: no valid rule survived the self-check; falling back to HER relabeling")
-        return None
+        return None, out
     for r in rules:
         log(f"[rules] accepted {r['name']} ({r['fire_rate']:.2%} of states): {r['condition']}")
-    log(f"[rules] key states: {int((key_mask & valid).sum())} ({(key_mask & valid).mean():.2%} of rows)")
-    return key_mask
+    log(f"[rules] key states: {int((key_mask & valid).sum())} ({(key_mask & valid).mean():.2%} of kept rows)")
+    return key_mask, out
 
 
 # === Goal sampling: OGBench's HER mixture + key-state-prioritised relabeling (3) on device; relabel-time self-check ===
-def make_goal_data(ds: dict, key_mask: Optional[np.ndarray]) -> dict:
-    """Device arrays the jitted sampler reads (passed as arguments, not baked in as constants)."""
+PER_SEED = ("valid_idxs", "n_valid")  # goal data that differ per seed (--dataset-fraction); the dataset is shared
+
+
+def make_goal_data(ds: dict, key_mask: Optional[np.ndarray], keep: Optional[np.ndarray] = None) -> dict:
+    """Device arrays the jitted sampler reads. keep: (seeds, N) rows per seed (`episode_subsets`): the PER_SEED members
+    get a seed axis, padded (rows past n_valid are never drawn); None: all rows, no seed axis (one agent, direct calls)."""
     ep_start, ep_end = episode_index(ds)
     valid = ds["valids"] > 0
     key_idxs = np.nonzero(valid & key_mask)[0] if key_mask is not None else []
+    rows = [np.nonzero(valid & k)[0] for k in (valid[None] if keep is None else keep)]
+    padded = np.stack([np.pad(r, (0, max(map(len, rows)) - len(r)), mode="edge") for r in rows])
+    n_valid = np.array([len(r) for r in rows])
     return {
         "observations": jnp.asarray(ds["observations"]),  # (N, ob_dim)
         "actions": jnp.asarray(ds["actions"]),  # (N, act_dim)
-        "valid_idxs": jnp.asarray(np.nonzero(valid)[0], jnp.int32),  # (M,) rows that have a next state
+        "valid_idxs": jnp.asarray(padded[0] if keep is None else padded, jnp.int32),  # ([S,] M) rows with a next state
+        "n_valid": jnp.asarray(n_valid[0] if keep is None else n_valid, jnp.int32),  # ([S,]) how many of them
         # (N,) last goal row of each row's episode: its last valid row (OGBench's terminal_locs)
         "final_idxs": jnp.asarray(np.maximum(ep_end - 1, ep_start), jnp.int32),
         # (K + 1,) sorted rows that satisfy a discriminator, then N: a sentinel that no window reaches
@@ -555,7 +554,7 @@ def sample_goals(key, data: dict, idxs, p_cur, p_traj, geom, discount, p_key, wi
     key-state goal w.p. p_key when one exists in the window. Returns goal rows, is-key-goal, is-HER-future-goal."""
     k_rand, k_geom, k_mix, k_cur, k_key, k_use = jax.random.split(key, 6)
     b, valid_idxs = idxs.shape[0], data["valid_idxs"]
-    random_goals = valid_idxs[jax.random.randint(k_rand, (b,), 0, valid_idxs.shape[0])]
+    random_goals = valid_idxs[jax.random.randint(k_rand, (b,), 0, data["n_valid"])]
     final = data["final_idxs"][idxs]
     if geom:  # geometric offsets in [1, inf) with success prob 1 - discount (value goals)
         offsets = jax.random.geometric(k_geom, 1.0 - discount, (b,)).astype(jnp.int32)
@@ -571,80 +570,104 @@ def sample_goals(key, data: dict, idxs, p_cur, p_traj, geom, discount, p_key, wi
     return jnp.where(is_cur, idxs, goals), is_key & ~is_cur, is_traj & ~is_key & ~is_cur
 
 
-def keystate_subgoal(key, idxs, subgoal_idxs, key_idxs, p_key):
-    """EXTENSION (not in the paper; --keystate-subgoals): w.p. p_key HIQL's subgoal s_{t+k} becomes the *last* key
-    state in (t, t+k] (as near k steps ahead as key states allow); else, or with none, unchanged. (rows, replaced)"""
-    pos = jnp.searchsorted(key_idxs, subgoal_idxs, side="right") - 1  # last key state <= the subgoal row
-    cand = key_idxs[jnp.maximum(pos, 0)]
-    ok = (pos >= 0) & (cand > idxs) & (jax.random.uniform(key, idxs.shape) < p_key)
-    return jnp.where(ok, cand, subgoal_idxs), ok
-
-
 def sample_batch(key, data: dict, args: Args, p_keystate):
     """A HIQL batch (OGBench HGCDataset.sample): value goals with -1/0 rewards (gc_negative=True), the low-level
     subgoal w = s_{min(t+k, T)}, and high-level goals g with prediction targets s_{min(t+k, g)}."""
-    k_idx, k_val, k_act, k_low, k_high = jax.random.split(key, 5)
-    idxs = data["valid_idxs"][jax.random.randint(k_idx, (args.batch_size,), 0, data["valid_idxs"].shape[0])]
-    p_key, window, obs, k = p_keystate, args.keystate_window, data["observations"], args.subgoal_steps
+    k_idx, k_val, k_act = jax.random.split(key, 3)
+    idxs = data["valid_idxs"][jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])]
+    window, obs, k = args.keystate_window, data["observations"], args.subgoal_steps
     # Value goals: OGBench's mixture of 0.2 current state, 0.5 future state (geometric), 0.3 random state.
-    value_goals, is_key, is_her = sample_goals(k_val, data, idxs, 0.2, 0.5, True, args.discount, p_key, window)
-    # High-level goals: uniform-future (or key-state) goals of the same trajectory, or random states.
-    p_key_actor, p_traj = p_key * args.keystate_actor_goals, 1.0 - actor_p_randomgoal(args.env_name)
-    high_goals, *in_traj = sample_goals(k_act, data, idxs, 0.0, p_traj, False, args.discount, p_key_actor, window)
+    value_goals, is_key, _ = sample_goals(k_val, data, idxs, 0.2, 0.5, True, args.discount, p_keystate, window)
+    # High-level goals stay OGBench's (uniform future; random w.p. actor_p_randomgoal): the paper changes only the
+    # value goals' relabeling (Section 2.1 (4)), and a key state within the window would also shorten the horizon.
+    p_traj = 0.0 if "explore" in args.env_name else 0.5 if "stitch" in args.env_name else 1.0
+    high_goals, _, in_traj = sample_goals(k_act, data, idxs, 0.0, p_traj, False, args.discount, 0.0, window)
     low_goals = jnp.minimum(idxs + k, data["final_idxs"][idxs])
     # The high-level target never overshoots its goal; for random goals it is s_{min(t+k, T)} (as OGBench).
-    high_targets = jnp.where(in_traj[0] | in_traj[1], jnp.minimum(idxs + k, high_goals), low_goals)
-    low_goals, low_is_key = keystate_subgoal(k_low, idxs, low_goals, data["key_idxs"], p_key * args.keystate_subgoals)
-    high_targets, _ = keystate_subgoal(k_high, idxs, high_targets, data["key_idxs"], p_key * args.keystate_subgoals)
+    high_targets = jnp.where(in_traj, jnp.minimum(idxs + k, high_goals), low_goals)
     successes = (idxs == value_goals).astype(jnp.float32)
-    return {
-        "observations": obs[idxs],
-        "next_observations": obs[idxs + 1],  # compact layout: valid rows have a next row
-        "actions": data["actions"][idxs],
-        "value_goals": obs[value_goals],
-        "low_actor_goals": obs[low_goals],
-        "high_actor_goals": obs[high_goals],
-        "high_actor_targets": obs[high_targets],
-        "rewards": successes - 1.0,
-        "masks": 1.0 - successes,
-        "value_goal_is_key": is_key,
-        "value_goal_is_her": is_her,
-        "subgoal_is_key": low_is_key,
-    }
+    batch = dict(observations=obs[idxs], next_observations=obs[idxs + 1], actions=data["actions"][idxs])
+    batch |= dict(value_goals=obs[value_goals], low_actor_goals=obs[low_goals], high_actor_goals=obs[high_goals])
+    batch |= dict(high_actor_targets=obs[high_targets], value_goal_is_key=is_key)
+    return batch | dict(rewards=successes - 1.0, masks=1.0 - successes)  # compact layout: valid rows have a next row
+
+
+def probe_batch(key, data: dict, args: Args):
+    """Paired, distance-matched TD probe (`RelabelCheck`, Figure 2): rows drawn apart from the training batch, each with
+    three goals in the same window W = (t, min(t + window, final)]: a key state, a HER goal (OGBench's geometric offset
+    truncated to W), a uniform state of W. Rows count if W holds a key state. -> batch, goals (3, B, ob), distances."""
+    k_idx, k_key, k_her, k_uni = jax.random.split(key, 4)
+    idxs = data["valid_idxs"][jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])]
+    final, obs = data["final_idxs"][idxs], data["observations"]
+    key_goals, has_key = keystate_goals(k_key, idxs, final, data["key_idxs"], args.keystate_window)
+    span = jnp.maximum(jnp.minimum(idxs + args.keystate_window, final) - idxs, 1)  # |W|
+    # inverse CDF of P(k) proportional to discount^(k - 1) on k = 1 ... |W|
+    u = jax.random.uniform(k_her, idxs.shape)
+    her = jnp.ceil(jnp.log1p(-u * (1 - args.discount**span)) / jnp.log(args.discount)).astype(jnp.int32)
+    uniform = jnp.floor(jax.random.uniform(k_uni, idxs.shape) * span).astype(jnp.int32) + 1
+    goals = jnp.stack([key_goals, idxs + jnp.clip(her, 1, span), idxs + uniform])
+    batch = dict(observations=obs[idxs], next_observations=obs[idxs + 1], actions=data["actions"][idxs])
+    ones = jnp.ones(idxs.shape)  # every goal lies strictly after t: reward -1, mask 1
+    return batch | dict(rewards=-ones, masks=ones), obs[goals], goals - idxs, has_key
 
 
 class RelabelCheck:
-    """Relabel-time self-check (Section 2.1): key-state goals should induce larger TD errors than HER goals (the
-    premise of Theorem 2.1). Every --adapt-interval steps, p_keystate moves up by ADAPT_STEP if the interval's mean
-    |TD| of key-state goals is at least that of HER goals, else down (the paper gives no rule; this bounded additive
-    one is ours). Keeps one batch's TD errors every TD_HIST_INTERVAL steps for Figure 2."""
+    """Relabel-time self-check (Section 2.1; the rule is ours). Theorem 2.1's premise: key-state goals give larger TD
+    errors than HER goals. Every --adapt-interval steps `probe_batch` scores a key-state and a HER goal for the SAME rows
+    with the same critic: d = |TD_key| - |TD_HER| per row, paired. Decision k (per seed) is a z-test with a deadband:
+    p_keystate moves up if mean(d) > ADAPT_Z s.e., down if < -ADAPT_Z s.e., else stays, by the Robbins-Monro step
+    ADAPT_STEP * ADAPT_K0 / (ADAPT_K0 + k) (sums to infinity, shrinks to zero). It cannot oscillate on its own effect:
+    more key-state goals lower their TD, so the gap falls as p rises; a fixed step cycles on that feedback, but here a
+    reversal undoes at most the current step and the steps vanish, so p converges (to where the gap stops being
+    significant, or to a bound while its sign holds). At each evaluation the probe is kept too (Figure 2)."""
 
-    def __init__(self, args: Args, use_key: bool):
-        self.p_keystate = args.p_keystate if use_key else 0.0
-        self.interval = args.adapt_interval if use_key else 0
-        self.acc, self.hist = jnp.zeros(4), []  # |TD| sums and counts of key-state and HER goals, on device
-        self.add = jax.jit(lambda acc, td, k, h: acc + jnp.stack([(td * k).sum(), k.sum(), (td * h).sum(), h.sum()]))
+    def __init__(self, args: Args, probing: bool):
+        self.p_keystate = np.full(args.num_seeds, args.p_keystate if args.relabel == "keystate" else 0.0)
+        self.interval = args.adapt_interval if probing and args.relabel == "keystate" else 0
+        self.probing, self.decisions, self.snapshots, self.eval_interval = probing, 0, [], args.eval_interval
 
-    def observe(self, step: int, td_batch, writer, last: bool):  # td_batch: (|TD|, is-key, is-HER) per value goal
-        self.acc = self.add(self.acc, *td_batch)
-        if self.interval and step % self.interval == 0:
-            key_sum, key_n, her_sum, her_n = np.asarray(self.acc)
-            self.acc = jnp.zeros(4)
-            if key_n > 0 and her_n > 0:
-                td_key, td_her = key_sum / key_n, her_sum / her_n
-                move = ADAPT_STEP if td_key >= td_her else -ADAPT_STEP
-                self.p_keystate = float(np.clip(self.p_keystate + move, P_KEYSTATE_MIN, P_KEYSTATE_MAX))
-                writer.add_scalar("relabel/td_key_mean", td_key, step)
-                writer.add_scalar("relabel/td_her_mean", td_her, step)
-        if step % TD_HIST_INTERVAL == 0 or last:
-            td, is_key, is_her = map(np.asarray, td_batch)
-            self.hist.append((step, td[is_key], td[is_her]))
+    def adapt(self, diffs: np.ndarray, counts: np.ndarray):  # (S, B) paired differences, (S, B) rows that count
+        n = counts.sum(1)
+        mean = (diffs * counts).sum(1) / np.maximum(n, 1)
+        var = ((diffs - mean[:, None]) ** 2 * counts).sum(1) / np.maximum(n - 1, 1)
+        z = mean / np.sqrt(var / np.maximum(n, 1) + 1e-12)  # constant input: a huge |z|, a decided sign
+        move = np.sign(z) * (np.abs(z) > ADAPT_Z) * (n >= 2) * ADAPT_STEP * ADAPT_K0 / (ADAPT_K0 + self.decisions)
+        self.p_keystate = np.clip(self.p_keystate + move, P_KEYSTATE_MIN, P_KEYSTATE_MAX)
+        self.decisions += 1
+        return mean, z
 
-    def save(self, path: Path):
-        """Figure 2 of the paper: the TD errors of key-state goals vs HER goals at each histogram step."""
-        steps, key, her = zip(*self.hist)
-        counts = dict(n_keystate_per_step=[len(x) for x in key], n_her_per_step=[len(x) for x in her])  # split per step
-        np.savez(path, steps=steps, td_keystate=np.concatenate(key), td_her=np.concatenate(her), **counts)
+    def observe(self, step: int, last: bool, probe, writer):
+        """probe() -> |TD| (S, 3, B) of key-state / HER / uniform goals, goal distances (S, 3, B), counts (S, B)."""
+        adapt = self.interval and step % self.interval == 0
+        keep = (self.eval_interval and step % self.eval_interval == 0) or last
+        if self.probing and (adapt or keep):
+            td, dist, counts = map(np.asarray, probe())
+            if adapt:
+                mean, z = self.adapt(td[:, 0] - td[:, 1], counts)
+                writer.add_scalar("relabel/td_gap_key_minus_her", mean.mean(), step)
+                writer.add_scalar("relabel/td_gap_z", z.mean(), step)
+            self.snapshots += [(step, td, dist, counts)] if keep else []
+
+    def save(self, run_dir: Path):
+        """Figure 2, paired: per snapshot the mean |TD| gap key-state minus HER / uniform goals over the rows that count
+        (seeds pooled) with a percentile-bootstrap 95% CI, and mean goal distances: td_probe.npz and td_probe.png."""
+        import matplotlib.pyplot as plt
+
+        steps, td, dist, counts = (np.stack(x) for x in zip(*self.snapshots))  # (T,), (T, S, 3, B), ..., (T, S, B)
+        rows, rng = counts.astype(bool), np.random.default_rng(0)
+        out = dict(steps=steps, td=td, dist=dist, counts=counts, kinds=["keystate", "her", "uniform"])
+        out["dist_mean"] = np.array([[d[:, i][m].mean() for i in range(3)] for d, m in zip(dist, rows)])
+        for i, kind in ((1, "her"), (2, "uniform")):
+            gaps = [(t[:, 0] - t[:, i])[m] if m.any() else np.full(1, np.nan) for t, m in zip(td, rows)]
+            boot = [g[rng.integers(len(g), size=(1000, len(g)))].mean(1) for g in gaps]  # (T, 1000) resampled means
+            mean, ci = np.array([g.mean() for g in gaps]), np.percentile(boot, [2.5, 97.5], axis=1).T  # (T,), (T, 2)
+            out |= {f"gap_{kind}_mean": mean, f"gap_{kind}_ci": ci}
+            plt.errorbar(steps, mean, yerr=np.abs(ci.T - mean), marker="o", capsize=3, label=f"key-state - {kind}")
+        np.savez(run_dir / "td_probe.npz", **out)
+        plt.gca().set(xlabel="gradient step", ylabel="mean |TD| gap, 95% CI", title="paired TD probe (Figure 2)")
+        plt.legend()
+        plt.savefig(run_dir / "td_probe.png", dpi=80)
+        plt.close()
 
 
 # === Networks (as OGBench impls/utils/networks.py) ====================================================================
@@ -711,8 +734,8 @@ def make_agent(args: Args, ob_dim: int, act_dim: int, key):
     inputs = dict(goal_rep=(jnp.zeros((1, 2 * ob_dim)),), value=(ob, rep), low_actor=(ob, rep), high_actor=(ob, ob))
     key, *keys = jax.random.split(key, 5)
     params = {name: nets[name].init(k, *inputs[name])["params"] for name, k in zip(nets, keys)}
-    tx = optax.adam(args.lr)
-    target = jax.tree_util.tree_map(jnp.copy, params["value"])  # starts equal, own buffers (donation)
+    tx = optax.adam(LR)
+    target = tree_map(jnp.copy, params["value"])  # starts equal, own buffers (donation)
     return nets, tx, AgentState(params, target, tx.init(params), key)
 
 
@@ -774,11 +797,25 @@ def high_actor_loss(params, batch, nets: dict, alpha):
     return awr_loss(params, nets, "high_actor", alpha, obs, targets, goals, mean, target)
 
 
+def over_seeds(fn):
+    """fn(state, data, *args) for all seeds (state, args and PER_SEED data with a leading seed axis) inside one jitted
+    call: vmapped on GPU/TPU; on CPU a loop (lax.map), as XLA:CPU's batched matmuls from vmap are 2-3x slower per seed."""
+
+    def call(state, data, *rest):
+        def one_seed(x):
+            return fn(x[0], data | x[1], *x[2:])
+
+        xs = (state, {k: data[k] for k in PER_SEED}, *rest)
+        return jax.lax.map(one_seed, xs) if jax.default_backend() == "cpu" else jax.vmap(one_seed)(xs)
+
+    return call
+
+
 def make_update(args: Args, nets: dict, tx):
-    """Jitted train step: relabeled batch (on device), one Adam step on all three losses, soft target update."""
+    """Jitted train step for all seeds (relabeled batch on device, one Adam step, soft target update), and the probe."""
 
     def total_loss(params, target_value, batch):
-        v_loss, v_info = value_loss(params, target_value, batch, nets, args.discount, args.expectile)
+        v_loss, v_info = value_loss(params, target_value, batch, nets, args.discount, EXPECTILE)
         l_loss, l_info = low_actor_loss(params, batch, nets, args.low_alpha)
         h_loss, h_info = high_actor_loss(params, batch, nets, args.high_alpha)
         return v_loss + l_loss + h_loss, {**v_info, **l_info, **h_info}
@@ -790,14 +827,19 @@ def make_update(args: Args, nets: dict, tx):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # OGBench blends the value parameters from *before* this step into the target (hiql.py target_update).
-        target = jax.tree_util.tree_map(lambda p, tp: TAU * p + (1 - TAU) * tp, state.params["value"], state.target)
+        target = tree_map(lambda p, tp: TAU * p + (1 - TAU) * tp, state.params["value"], state.target)
         info["relabel/frac_keystate_goals"] = batch["value_goal_is_key"].mean()
-        info["relabel/frac_keystate_subgoals"] = batch["subgoal_is_key"].mean()
-        td_batch = (info.pop("td_abs"), batch["value_goal_is_key"], batch["value_goal_is_her"])
-        return AgentState(params, target, opt_state, rng), info, td_batch
+        del info["td_abs"]
+        return AgentState(params, target, opt_state, rng), info
 
-    # Donating the old state lets XLA update parameters and Adam moments in place (no per-step copies).
-    return jax.jit(update, donate_argnums=(0,))
+    def probe(state: AgentState, data: dict):
+        batch, goals, dist, counts = probe_batch(jax.random.fold_in(state.rng, 1), data, args)
+        loss = functools.partial(value_loss, state.params, state.target, nets=nets, discount=args.discount)
+        td = jax.vmap(lambda g: loss(batch | {"value_goals": g}, expectile=EXPECTILE)[1]["td_abs"])
+        return td(goals), dist, counts
+
+    # The donated state is updated in place (no per-step copies).
+    return jax.jit(over_seeds(update), donate_argnums=(0,)), jax.jit(over_seeds(probe))
 
 
 def make_policy(nets: dict):
@@ -814,13 +856,13 @@ def make_policy(nets: dict):
 
 
 # === Evaluation (OGBench protocol: 5 tasks, success rate per task and overall) and logging ============================
-def evaluate(env, act, params, args: Args) -> dict:
+def evaluate(env, act, params, args: Args, seed: int) -> dict:
     """Run --eval-episodes per task (env.reset(options=dict(task_id=i))); success = info['success'] at the end."""
     results = {}
     for task_id, task in enumerate(env.unwrapped.task_infos, start=1):
         successes, options = [], dict(task_id=task_id, render_goal=False)
         for ep in range(args.eval_episodes):
-            obs, info = env.reset(seed=args.seed + 1000 * task_id + ep, options=options)
+            obs, info = env.reset(seed=seed + 1000 * task_id + ep, options=options)
             goal, done = info["goal"], False
             while not done:
                 obs, _, terminated, truncated, info = env.step(np.asarray(act(params, obs, goal)))
@@ -831,60 +873,92 @@ def evaluate(env, act, params, args: Args) -> dict:
     return results
 
 
+def mean_ci(x) -> Tuple[float, float]:
+    """Mean over seeds and the half-width of its 95% Student-t confidence interval (0 for one seed)."""
+    return float(np.mean(x)), float(
+        t_dist.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / len(x) ** 0.5 if len(x) > 1 else 0
+    )
+
+
+def make_run_dir(args: Args) -> Path:
+    """{run_dir}/{env}__{exp}__{arm}__frac{f}__seed{s}x{n}__{time}_{random}, created exclusively (mkdtemp)."""
+    name = f"{args.env_name}__{args.exp_name}__{args.relabel}__frac{args.dataset_fraction:g}__seed{args.seed}"
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+    return Path(
+        tempfile.mkdtemp(prefix=f"{name}x{args.num_seeds}__{time.strftime('%Y%m%d-%H%M%S')}_", dir=args.run_dir)
+    )
+
+
 # === Main: rules -> discriminators -> key-state mask, then offline training with key-state-prioritised relabeling =====
 def main(args: Args):
     check_args(args)
     args = resolve_presets(args)
-    run_name = f"{args.env_name}__{args.exp_name}__{args.relabel}__{args.seed}__{int(time.time())}"
-    run_dir, log = Path(args.run_dir) / run_name, tqdm.write
-    # Seeding: the agent's JAX key, the evaluation resets and the LLM requests all derive from --seed.
+    seeds, log = list(range(args.seed, args.seed + args.num_seeds)), tqdm.write
+    # Seeding: each seed's JAX key, evaluation resets and episode subset derive from it; LLM requests from --seed.
     env, ds = make_env_and_dataset(args)
-    log(f"[data] {args.env_name}: {len(ds['valids'])} rows, {int((ds['valids'] == 0).sum())} episodes")
-    key_mask = build_keystate_mask(args, ds, run_dir, log) if args.relabel == "keystate" else None  # None: HER
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before training leaves no folder behind
+    keep = episode_subsets(ds, args)
+    log(f"[data] {args.env_name}: {len(ds['valids'])} rows; kept per seed: {dict(zip(seeds, keep.sum(1).tolist()))}")
+    # With a rules file the HER arm builds the key-state mask too, only for the paired TD probe (Figure 2 on an
+    # HER-trained critic); it never relabels with it. Without one, the HER arm asks no LLM.
+    key_mask, rules = None, None
+    if args.relabel == "keystate" or args.rules_path:
+        key_mask, rules = build_keystate_mask(args, ds, keep.any(0), log)
+    run_dir = make_run_dir(args)  # only now: a run that fails before training leaves no folder behind
+    if rules is not None:
+        (run_dir / "rules.json").write_text(json.dumps(rules, indent=2))
     from torch.utils.tensorboard import SummaryWriter  # here: a run that stops at its checks skips torch's import
 
     writer = SummaryWriter(str(run_dir))  # TensorBoard always; W&B mirrors it with --track
     if args.track:
         import wandb
 
-        run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=vars(args))
+        run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=vars(args))
         wandb.init(**run, sync_tensorboard=True, save_code=True)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    writer.add_scalar("charts/keystate_share", 0.0 if key_mask is None else float(key_mask.mean()), 0)
-    data, check = make_goal_data(ds, key_mask), RelabelCheck(args, key_mask is not None)
+    data, check = make_goal_data(ds, key_mask, keep), RelabelCheck(args, key_mask is not None)
     ob_dim, act_dim = ds["observations"].shape[1], ds["actions"].shape[1]
-    nets, tx, state = make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(args.seed))
-    update, act = make_update(args, nets, tx), make_policy(nets)
+    nets, tx, _ = make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))  # the modules and the optimiser
+    # One agent per seed, stacked on a leading axis: parameters, Adam moments, target copy and RNG key.
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    state = jax.vmap(lambda k: make_agent(args, ob_dim, act_dim, k)[2])(keys)
+    (update, probe), act = make_update(args, nets, tx), make_policy(nets)
 
     # Component (4): offline training; only the relabeling differs from the learner's reference implementation.
     start = last_t = time.time()
-    last_step, results = 0, {}
+    last_step = 0
     for step in tqdm(range(1, args.total_steps + 1), smoothing=0.1, dynamic_ncols=True):
-        state, info, td_batch = update(state, data, jnp.float32(check.p_keystate))
+        state, info = update(state, data, jnp.asarray(check.p_keystate, jnp.float32))
         last = step == args.total_steps
-        check.observe(step, td_batch, writer, last)
+        check.observe(step, last, lambda: probe(state, data), writer)
         if step % args.log_interval == 0 or last:
             sps, last_t, last_step = (step - last_step) / (time.time() - last_t), time.time(), step
-            for k, v in {**info, "charts/SPS": sps, "relabel/p_keystate": check.p_keystate}.items():
-                writer.add_scalar(k if k.startswith(("relabel/", "charts/")) else f"losses/{k}", float(v), step)
-            n_key = int(td_batch[1].sum())
-            shown = [k for k in info if k.split("/")[1] in ("value_loss", "critic_loss", "actor_loss")]
-            losses = " ".join(f"{k.split('/')[0]}_loss={float(info[k]):.4f}" for k in shown)
-            log(f"step={step} SPS={sps:.1f} {losses} keystate_goals_in_batch={n_key} p_keystate={check.p_keystate:.3f}")
-        if (args.eval_interval and step % args.eval_interval == 0) or last:
-            results = evaluate(env, act, state.params, args)
-            for k, v in results.items():
+            info = {k if k.startswith("relabel/") else f"losses/{k}": float(v.mean()) for k, v in info.items()}
+            p_key = {f"relabel/p_keystate/seed{s}": p for s, p in zip(seeds, check.p_keystate)}
+            for k, v in {**info, **p_key, "charts/SPS": sps}.items():  # losses: the mean over seeds
                 writer.add_scalar(k, v, step)
-            log(f"eval step={step} " + " ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in results.items()))
+            shown = [k for k in info if k.split("/")[-1] in ("value_loss", "critic_loss", "actor_loss")]
+            text = " ".join(f"{k.split('/')[1]}_loss={info[k]:.4f}" for k in shown)
+            text += f" frac_keystate_goals={info['relabel/frac_keystate_goals']:.3f} p_keystate="
+            log(f"step={step} SPS={sps:.1f} {text}" + ",".join(f"{p:.3f}" for p in check.p_keystate))
+        if (args.eval_interval and step % args.eval_interval == 0) or last:
+            per_seed = [
+                evaluate(env, act, tree_map(lambda x: x[i], state.params), args, s) for i, s in enumerate(seeds)
+            ]
+            results = {k: mean_ci([r[k] for r in per_seed]) for k in per_seed[0]}  # mean and CI over seeds
+            scalars = {k: m for k, (m, _) in results.items()} | {f"{k}_ci95": ci for k, (_, ci) in results.items()}
+            for k, v in (scalars | {f"{k}/seed{s}": r[k] for s, r in zip(seeds, per_seed) for k in r}).items():
+                writer.add_scalar(k, v, step)
+            text = " ".join(f"{k.removeprefix('eval/')}={m:.3f}+-{ci:.3f}" for k, (m, ci) in results.items())
+            log(f"eval step={step} {text} per_seed={[r['eval/overall_success'] for r in per_seed]}")
             last_t = time.time()  # keep evaluation time out of the next SPS reading
 
     total_time = time.time() - start
-    log(f"done: {args.total_steps} gradient steps in {total_time:.1f}s ({args.total_steps / total_time:.1f} steps/s)")
-    check.save(run_dir / "td_errors.npz")
-    (run_dir / "params.msgpack").write_bytes(serialization.to_bytes(state.params))
-    (run_dir / "final_eval.json").write_text(json.dumps(results, indent=2))
+    log(f"done: {args.total_steps} gradient steps ({len(seeds)} seeds) in {total_time:.1f}s")
+    if check.snapshots:
+        check.save(run_dir)
+    (run_dir / "params.msgpack").write_bytes(serialization.to_bytes(state.params))  # leading axis: seeds
+    (run_dir / "final_eval.json").write_text(json.dumps(scalars | dict(seeds=seeds, per_seed=per_seed), indent=2))
     log(f"saved to {run_dir}")
     writer.close()
     env.close()

@@ -72,6 +72,14 @@ def pointmaze_dataset(ks, path):
     return ks.make_env_and_dataset(ks.Args(env_name="pointmaze-medium-navigate-v0", dataset_path=str(path)))[1]
 
 
+def build_mask(ks, args, ds, folder, log):
+    """build_keystate_mask on every row, then rules.json written into folder as main() writes it into the run folder."""
+    mask, saved = ks.build_keystate_mask(args, ds, np.ones(len(ds["valids"]), bool), log)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "rules.json").write_text(json.dumps(saved))
+    return mask
+
+
 def toy_features(ks):
     """Two episodes of 5 and 4 rows; x = row index, y = 10 * row index."""
     obs = np.stack([np.arange(9.0), 10 * np.arange(9.0)], 1).astype(np.float32)
@@ -83,7 +91,7 @@ def toy_features(ks):
 # ---------------------------------------------------------------------------------------------------------------- help
 def test_help(run_script):
     r = run_script(SCRIPT, "--help", timeout=60)
-    assert "--relabel" in r.output and "--p-keystate" in r.output and "--rules-path" in r.output
+    assert all(f in r.output for f in ("--relabel", "--p-keystate", "--rules-path", "--num-seeds"))
 
 
 # ------------------------------------------------------------------------------------------------------------ compiler
@@ -258,13 +266,13 @@ def test_rule_cap_for_files_and_llm_answers(ks, scripted_llm, pointmaze_npz, tmp
     rules.write_text(json.dumps({"rules": [dict(STOP_RULE, name=f"r{i}") for i in range(10_000)]}))
     logs = []
     args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
-    assert ks.build_keystate_mask(args, ds, tmp_path / "file", logs.append).any()
+    assert build_mask(ks, args, ds, tmp_path / "file", logs.append).any()
     assert "[rules] 9984 rules beyond the cap of 16 dropped: r16, r17, r18, r19, r20, ..." in logs
     assert len(json.loads((tmp_path / "file" / "rules.json").read_text())["rules"]) == 16
     scripted_llm.respond = lambda messages: json.dumps({"rules": [dict(STOP_RULE, name=f"a{i}") for i in range(20)]})
     args = ks.Args(env_name="pointmaze-medium-navigate-v0", llm_base_url=scripted_llm.base_url, llm_model="scripted")
     logs = []
-    assert ks.build_keystate_mask(args, ds, tmp_path / "llm", logs.append).any()
+    assert build_mask(ks, args, ds, tmp_path / "llm", logs.append).any()
     assert "[rules] 4 rules beyond the cap of 16 dropped: a16, a17, a18, a19, ..." in logs
 
 
@@ -419,6 +427,16 @@ def test_gciql_losses_match_hand_computation(ks):
     assert float(got_a) == pytest.approx(want_a, rel=1e-4)
 
 
+def agents(ks, args, seeds, ob_dim=2, act_dim=2):
+    """One agent per seed on a leading axis, as main() builds them."""
+    import jax
+    import jax.numpy as jnp
+
+    nets, tx, _ = ks.make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    return nets, tx, jax.vmap(lambda k: ks.make_agent(args, ob_dim, act_dim, k)[2])(keys)
+
+
 def test_update_soft_target_and_learning(ks):
     import jax
     import jax.numpy as jnp
@@ -429,20 +447,146 @@ def test_update_soft_target_and_learning(ks):
     term[49::50] = 1
     obs = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
     ds = compact(obs, np.zeros((n, 2), np.float32), term)
-    data = ks.make_goal_data(ds, None)
-    nets, tx, state = ks.make_agent(args, 2, 2, jax.random.PRNGKey(0))
-    update = ks.make_update(args, nets, tx)
+    data = ks.make_goal_data(ds, None, np.ones((1, n), bool))
+    nets, tx, state = agents(ks, args, [0])
+    update, probe = ks.make_update(args, nets, tx)
     old = jax.tree_util.tree_map(np.array, state)  # host copy: the update donates (reuses) the old state's buffers
     # target <- tau * critic(before the step) + (1 - tau) * target, as OGBench's gciql.py
     want = jax.tree_util.tree_map(lambda c, t: 0.005 * c + 0.995 * t, old.params["critic"], old.target)
-    new, info, (td, is_key, is_her) = update(state, data, jnp.float32(0.0))
+    new, info = update(state, data, jnp.zeros(1))
     state = old
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new.target, want)
     assert not np.allclose(
         new.params["value"]["MLP_0"]["Dense_0"]["kernel"], state.params["value"]["MLP_0"]["Dense_0"]["kernel"]
     )
-    assert not np.asarray(is_key).any() and float(info["relabel/frac_keystate_goals"]) == 0  # HER arm: no key goals
-    assert td.shape == (32,) and np.asarray(is_her).any()
+    assert float(info["relabel/frac_keystate_goals"][0]) == 0  # HER arm: no key goals
+    td, dist, counts = probe(new, data)  # no key state anywhere: no probe row counts
+    assert td.shape == (1, 3, 32) and dist.shape == (1, 3, 32) and not np.asarray(counts).any()
+
+
+def test_num_seeds_vmapped(ks, monkeypatch):
+    """--num-seeds N: one jitted update for N agents (a loop inside the jit on CPU, vmapped on GPU). Seed index 0 of a 2-seed run computes the same first-step losses
+    as a 1-seed run of that seed (same init, same batch); the two seeds' parameters and batches differ; each seed
+    draws rows only from its own --dataset-fraction subset."""
+    import jax
+    import jax.numpy as jnp
+
+    args = ks.resolve_presets(ks.Args(env_name="pointmaze-medium-navigate-v0", hidden_dims=(16, 16), batch_size=64))
+    n = 400
+    term = np.zeros(n, np.float32)
+    term[49::50] = 1
+    obs = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
+    ds = compact(obs, np.random.default_rng(1).uniform(-1, 1, (n, 2)).astype(np.float32), term)
+    key_mask = np.zeros(n, bool)
+    key_mask[5::7] = True
+    args.num_seeds, args.dataset_fraction = 2, 0.5
+    keep = ks.episode_subsets(ds, args)
+    assert keep.shape == (2, n) and (keep.sum(1) == 200).all() and not (keep[0] == keep[1]).all()
+    args.num_seeds = 1
+    np.testing.assert_array_equal(ks.episode_subsets(ds, args)[0], keep[0])  # seed 0's subset: the same alone
+    losses = {}
+    for seeds in ([0], [0, 1]):
+        nets, tx, state = agents(ks, args, seeds)
+        update, _ = ks.make_update(args, nets, tx)
+        data = ks.make_goal_data(ds, key_mask, keep[: len(seeds)])
+        p0 = jax.tree_util.tree_map(np.array, state.params)
+        state, info = update(state, data, jnp.full(len(seeds), 0.5))
+        losses[len(seeds)] = {k: np.asarray(v) for k, v in info.items()}
+    kernel = p0["value"]["MLP_0"]["Dense_0"]["kernel"]
+    assert not np.allclose(kernel[0], kernel[1])  # each seed its own initialisation
+    for k in ("value/value_loss", "critic/critic_loss", "actor/actor_loss"):
+        np.testing.assert_allclose(losses[2][k][0], losses[1][k][0], rtol=1e-5)
+        assert losses[2][k][0] != losses[2][k][1]
+    # on a GPU the seeds are vmapped instead of looped: the same numbers (up to float rounding)
+    monkeypatch.setattr(ks.jax, "default_backend", lambda: "gpu")
+    nets, tx, state = agents(ks, args, [0, 1])
+    update, _ = ks.make_update(args, nets, tx)
+    _, info = update(state, data, jnp.full(2, 0.5))
+    for k in ("value/value_loss", "critic/critic_loss", "actor/actor_loss"):
+        np.testing.assert_allclose(np.asarray(info[k]), losses[2][k], rtol=1e-4)
+    # rows of each seed's batches come from its own episodes only
+    args.batch_size = 4096
+    b = jax.vmap(
+        lambda k, d: ks.sample_batch(k, d, args, 0.0), in_axes=(0, {k: 0 if k in ks.PER_SEED else None for k in data})
+    )(jax.random.split(jax.random.PRNGKey(0), 2), data)
+    for i in range(2):
+        rows = np.nonzero((np.asarray(b["observations"][i])[:, None] == obs[None]).all(-1))[1]
+        assert keep[i][rows].all()
+
+
+def test_relabel_check_converges(ks):
+    """Relabel-time self-check on synthetic paired TD-difference streams (no training): key goals persistently harder
+    -> p_keystate rises to its upper bound and stays; not harder -> falls and stays; constant input -> monotone (no
+    reversal); a gap that falls as p rises (training on key goals lowers their TD: the feedback that made the old
+    fixed-step rule oscillate) -> p settles near the fixed point with ever smaller moves."""
+    rng = np.random.default_rng(0)
+    args = ks.Args(num_seeds=1, p_keystate=0.5)
+
+    def run(gap, decisions=300, n=256, noise=0.05):
+        check, ps = ks.RelabelCheck(args, probing=True), []
+        for _ in range(decisions):
+            d = gap(check.p_keystate[0]) + noise * rng.standard_normal((1, n))
+            check.adapt(d, np.ones((1, n), bool))
+            ps.append(check.p_keystate[0])
+        return np.array(ps)
+
+    up, down = run(lambda p: 0.03), run(lambda p: -0.03)
+    assert up[-1] == ks.P_KEYSTATE_MAX and (up[50:] == ks.P_KEYSTATE_MAX).all()
+    assert down[-1] == ks.P_KEYSTATE_MIN and (down[100:] == ks.P_KEYSTATE_MIN).all()
+    for const in (0.02, -0.02, 0.0):  # a constant stream (zero variance) never reverses direction
+        moves = np.diff(run(lambda p: const, noise=0.0))
+        assert (moves >= 0).all() or (moves <= 0).all(), const
+    assert (run(lambda p: 0.0, noise=0.0) == 0.5).all()  # no difference: p stays where it is
+    fb = run(lambda p: 0.02 * (0.3 - p), decisions=2000, noise=0.02)  # the gap is zero at p = 0.3
+    assert abs(fb[-200:].mean() - 0.3) < 0.05 and np.abs(np.diff(fb[-200:])).max() < 0.01
+    assert np.abs(np.diff(fb[:50])).max() > 5 * np.abs(np.diff(fb[-200:])).max()  # moves shrink
+    # rows that do not count (no key state in the window) do not enter the test
+    check = ks.RelabelCheck(args, probing=True)
+    check.adapt(np.array([[1.0, -5.0, -5.0]]), np.array([[True, False, False]]))
+    assert check.p_keystate[0] == 0.5  # one row: no decision
+
+
+def test_probe_batch_is_paired_and_in_window(ks):
+    """The probe's three goals share their row and lie in the same window (t, min(t + window, final)]; the key-state
+    goal is a key state; rows without a key state in the window do not count."""
+    import jax
+
+    n_ep, ep_len = 4, 100
+    term = np.zeros(n_ep * ep_len, np.float32)
+    term[ep_len - 1 :: ep_len] = 1
+    obs = np.arange(n_ep * ep_len, dtype=np.float32)[:, None]
+    ds = compact(obs, np.zeros_like(obs), term)
+    key_mask = np.zeros(len(obs), bool)
+    key_mask[[20, 60, 150, 390]] = True
+    data = ks.make_goal_data(ds, key_mask)
+    args = ks.resolve_presets(ks.Args(env_name="pointmaze-medium-navigate-v0", batch_size=4096, keystate_window=30))
+    batch, *out = ks.probe_batch(jax.random.PRNGKey(0), data, args)
+    batch, (goals, dist, counts) = {k: np.asarray(v) for k, v in batch.items()}, map(np.asarray, out)
+    t = batch["observations"][:, 0].astype(int)
+    final = np.asarray(data["final_idxs"])[t]
+    g = goals[..., 0].astype(int)  # (3, B) goal rows (observation = row index)
+    np.testing.assert_array_equal(dist[1:], (g - t)[1:])  # (no key state: the key-state goal is a clipped sentinel)
+    want = np.array([any(k in (20, 60, 150, 390) for k in range(i + 1, min(i + 30, f) + 1)) for i, f in zip(t, final)])
+    np.testing.assert_array_equal(counts, want)
+    assert np.isin(g[0][counts], [20, 60, 150, 390]).all() and (dist[0][counts] == (g - t)[0][counts]).all()
+    assert ((g[:, counts] > t[counts]) & (g[:, counts] <= np.minimum(t + 30, final)[counts])).all()
+    assert (batch["rewards"] == -1).all() and (batch["masks"] == 1).all()
+    her, uni = dist[1][counts], dist[2][counts]
+    assert her.mean() < uni.mean()  # geometric (discount 0.99) truncated to the window vs uniform over it
+
+
+def test_run_folders_never_collide(ks, tmp_path, monkeypatch):
+    """Issue 13 item 4: the run folder names the arm, the data fraction and the seeds, and two runs never share one,
+    even when started in the same second by the same process."""
+    import time
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")  # the same second for every run
+    args = ks.Args(env_name="pointmaze-medium-navigate-v0", run_dir=str(tmp_path / "runs"), relabel="her", seed=3)
+    a, b = ks.make_run_dir(args), ks.make_run_dir(args)
+    args.dataset_fraction, args.num_seeds = 0.5, 4
+    c = ks.make_run_dir(args)
+    assert len({a, b, c}) == 3 and all(p.is_dir() and p.parent == tmp_path / "runs" for p in (a, b, c))
+    assert "__her__frac1__seed3x1__20260101-000000_" in a.name and "__frac0.5__seed3x4__" in c.name
 
 
 # ----------------------------------------------------------------------------------------------------------- bad input
@@ -504,7 +648,7 @@ def test_bad_inputs_give_clear_errors(ks, pointmaze_npz, tmp_path, capsys):
         rules.write_text(text)
         args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
         with pytest.raises(SystemExit, match=f"error: {rules}: no JSON object with a 'rules' list"):
-            ks.build_keystate_mask(args, ds, tmp_path / "run", print)
+            build_mask(ks, args, ds, tmp_path / "run", print)
     assert not (tmp_path / "run").exists()  # the run folder appears only once the rules are ready
     # an LLM endpoint that does not answer: a clear error at start, not a hang or a deep traceback
     args = ks.Args(llm_backend="openai", llm_base_url="http://127.0.0.1:9/v1", llm_timeout=2)
@@ -535,14 +679,21 @@ def check_smoke_output(out: str, run_root: Path, expect_keystate: bool = True):
     assert steps and max(steps) >= 1, "no gradient step was logged"
     evals = re.findall(r"^eval step=\d+ .*overall_success=([0-9.]+)", out, re.M)
     assert evals, "no evaluation happened"
-    key_goals = [int(k) for k in re.findall(r"keystate_goals_in_batch=(\d+)", out)]
+    key_goals = [float(k) for k in re.findall(r"frac_keystate_goals=([0-9.]+)", out)]
     if expect_keystate:
         assert sum(key_goals) > 0, "no key-state goal was sampled"
     run_dir = next(run_root.iterdir())
     saved = json.loads((run_dir / "rules.json").read_text())
-    td = np.load(run_dir / "td_errors.npz")
-    if expect_keystate:
-        assert len(td["td_keystate"]) > 0 and len(td["td_her"]) > 0
+    if expect_keystate:  # Figure 2: the paired probe, with its fields, and the PNG
+        td = np.load(run_dir / "td_probe.npz")
+        steps, n_seeds = len(td["steps"]), td["td"].shape[1]
+        assert td["td"].shape[:3] == (steps, n_seeds, 3) and td["counts"].any() and list(td["kinds"])[1] == "her"
+        for f in ("gap_her_mean", "gap_uniform_mean", "gap_her_ci", "gap_uniform_ci", "dist_mean"):
+            assert len(td[f]) == steps and np.isfinite(td[f]).all(), f
+        assert (td["gap_her_ci"][:, 0] <= td["gap_her_mean"]).all() and (
+            td["gap_her_mean"] <= td["gap_her_ci"][:, 1]
+        ).all()
+        assert (run_dir / "td_probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return saved, run_dir
 
 
@@ -580,13 +731,21 @@ def test_smoke_with_rules_file(run_script, pointmaze_npz, tmp_path):
         rules,
         "--run-dir",
         tmp_path / "runs",
-        timeout=180,
+        "--num-seeds",
+        "2",
+        timeout=400,
     )
     assert "pwned" not in r.output and "rejected hostile" in r.output and "1 rejected" in r.output
     saved, run_dir = check_smoke_output(r.output, tmp_path / "runs")
     assert [x["name"] for x in saved["rules"]] == ["turning_event", "stop"]  # saved with the run (--rules-path)
-    assert "accepted turning_event" in r.output and "p_keystate=" in r.output
-    assert (run_dir / "final_eval.json").exists() and (run_dir / "params.msgpack").stat().st_size > 0
+    assert "accepted turning_event" in r.output and re.search(r"p_keystate=[0-9.]+,[0-9.]+$", r.output, re.M)
+    final = json.loads((run_dir / "final_eval.json").read_text())  # per seed, and the mean and CI over seeds
+    assert final["seeds"] == [0, 1] and len(final["per_seed"]) == 2 and "eval/overall_success_ci95" in final
+    assert final["eval/overall_success"] == pytest.approx(
+        np.mean([r["eval/overall_success"] for r in final["per_seed"]])
+    )
+    assert np.load(run_dir / "td_probe.npz")["td"].shape[1] == 2 and "seed0x2__" in run_dir.name
+    assert (run_dir / "params.msgpack").stat().st_size > 0
 
 
 def test_smoke_with_smollm2_relabeler(run_script, pointmaze_npz, smollm2_dir, tmp_path):
@@ -604,11 +763,9 @@ def test_smoke_with_smollm2_relabeler(run_script, pointmaze_npz, smollm2_dir, tm
         smollm2_dir,
         "--llm-max-new-tokens",
         "120",
-        "--max-repair-rounds",
-        "0",
         "--run-dir",
         tmp_path / "runs",
-        timeout=240,
+        timeout=480,
         env={"OMP_NUM_THREADS": "1"},
     )
     assert "[rules] LLM round 0 answered" in r.output and "failed LLM calls" in r.output
@@ -670,15 +827,14 @@ def test_llm_http_errors_fall_back_to_her(ks, scripted_llm, pointmaze_npz, tmp_p
         llm_base_url=scripted_llm.base_url,
         llm_model="scripted",
         llm_timeout=10,
-        max_repair_rounds=1,
     )
     ds = pointmaze_dataset(ks, pointmaze_npz)
     logs = []
-    assert ks.build_keystate_mask(args, ds, tmp_path, logs.append) is None
-    assert sum("failed (no answer)" in m for m in logs) == 2 and any("falling back to HER" in m for m in logs)
+    assert build_mask(ks, args, ds, tmp_path, logs.append) is None
+    assert sum("failed (no answer)" in m for m in logs) == 3 and any("falling back to HER" in m for m in logs)
     saved = json.loads((tmp_path / "rules.json").read_text())
-    assert saved["llm_failures"] == 2 and saved["rules"] == []
-    assert len(scripted_llm.requests) == 6  # two rounds, each the request and its two retries
+    assert saved["llm_failures"] == 3 and saved["rules"] == []
+    assert len(scripted_llm.requests) == 9  # 1 + MAX_REPAIR_ROUNDS rounds, each the request and its two retries
 
 
 def test_no_valid_rule_falls_back_to_her(ks, pointmaze_npz, tmp_path):
@@ -692,7 +848,7 @@ def test_no_valid_rule_falls_back_to_her(ks, pointmaze_npz, tmp_path):
     args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
     ds = pointmaze_dataset(ks, pointmaze_npz)
     logs = []
-    mask = ks.build_keystate_mask(args, ds, tmp_path, logs.append)
+    mask = build_mask(ks, args, ds, tmp_path, logs.append)
     assert mask is None
     assert any("rejected always" in m and "outside" in m for m in logs)
     assert any("rejected attr" in m for m in logs) and any("falling back to HER" in m for m in logs)
@@ -717,9 +873,9 @@ def test_saved_rules_roundtrip(ks, pointmaze_npz, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
-    mask_a = ks.build_keystate_mask(args, ds, tmp_path / "a", lambda m: None)
+    mask_a = build_mask(ks, args, ds, tmp_path / "a", lambda m: None)
     args.rules_path = str(tmp_path / "a" / "rules.json")
-    mask_b = ks.build_keystate_mask(args, ds, tmp_path / "b", lambda m: None)
+    mask_b = build_mask(ks, args, ds, tmp_path / "b", lambda m: None)
     rules_b = json.loads((tmp_path / "b" / "rules.json").read_text())["rules"]
     assert mask_a is not None and mask_a.any() and np.array_equal(mask_a, mask_b)
     assert rules_b[0]["name"] == "stop" and 0.001 <= rules_b[0]["fire_rate"] <= 0.3

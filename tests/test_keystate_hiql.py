@@ -74,13 +74,13 @@ def episodes(ks, n_ep, ep_len, ob_dim=1, seed=None):
 # ---------------------------------------------------------------------------------------------------------------- help
 def test_help(run_script):
     r = run_script(SCRIPT, "--help", timeout=60)
-    for flag in ("--relabel", "--p-keystate", "--rules-path", "--subgoal-steps", "--high-alpha", "--keystate-subgoals"):
+    for flag in ("--relabel", "--p-keystate", "--rules-path", "--subgoal-steps", "--high-alpha", "--num-seeds"):
         assert flag in r.output, flag
 
 
 def test_presets_follow_ogbench(ks, capsys):
     a = ks.resolve_presets(ks.Args())
-    assert (a.env_name, a.subgoal_steps, a.high_alpha, a.low_alpha, a.discount, a.expectile) == (
+    assert (a.env_name, a.subgoal_steps, a.high_alpha, a.low_alpha, a.discount, ks.EXPECTILE) == (
         "antmaze-large-navigate-v0",
         25,
         3.0,
@@ -88,8 +88,7 @@ def test_presets_follow_ogbench(ks, capsys):
         0.99,
         0.7,
     )
-    assert (ks.actor_p_randomgoal(a.env_name), a.total_steps, a.batch_size, ks.REP_DIM) == (0.0, 500_000, 1024, 10)
-    assert ks.actor_p_randomgoal("antmaze-large-stitch-v0") == 0.5
+    assert (a.total_steps, a.batch_size, ks.REP_DIM, a.keystate_window) == (500_000, 1024, 10, 200)
     for env_name in ("cube-single-play-v0", "scene-play-v0", "puzzle-3x3-play-v0"):
         assert ks.resolve_presets(ks.Args(env_name=env_name)).subgoal_steps == 10
     humanoid = ks.resolve_presets(ks.Args(env_name="humanoidmaze-medium-navigate-v0"))
@@ -146,7 +145,6 @@ def test_hiql_subgoals_match_slow_loop(ks):
     # future-state high-level goals (navigate datasets), then random ones (explore datasets: OGBench's actor mix)
     for env_name, p_rand in (("pointmaze-medium-navigate-v0", 0.0), ("antmaze-large-explore-v0", 1.0)):
         args = ks.resolve_presets(ks.Args(env_name=env_name, batch_size=50_000, subgoal_steps=k))
-        assert ks.actor_p_randomgoal(env_name) == p_rand
         b = jax.tree_util.tree_map(np.asarray, ks.sample_batch(jax.random.PRNGKey(0), data, args, 0.0))
         t = b["observations"][:, 0].astype(int)  # observation = row index
         low, goal, target = (
@@ -188,7 +186,7 @@ def slow_value_goal(rng, idx, valid_idxs, final_idxs, key_set, p_cur, p_traj, di
     return valid_idxs[rng.integers(len(valid_idxs))]
 
 
-def test_keystate_value_goals_and_subgoal_extension_match_slow_loops(ks):
+def test_keystate_value_goals_match_slow_loop(ks):
     import jax
     import jax.numpy as jnp
 
@@ -208,23 +206,6 @@ def test_keystate_value_goals_and_subgoal_extension_match_slow_loops(ks):
         tv = 0.5 * np.abs(np.bincount(goals, minlength=120) / n - np.bincount(slow, minlength=120) / n).sum()
         assert tv < 0.03, (idx, tv)
         assert set(goals[is_key].tolist()) <= key_set
-    # EXTENSION: the subgoal s_{t+k} becomes the *last* key state in (t, t+k] w.p. p_key, else it is unchanged.
-    t = jnp.arange(0, 80, dtype=jnp.int32)
-    sub = jnp.minimum(t + 10, data["final_idxs"][t])
-    for p in (1.0, 0.0):
-        got, replaced = map(np.asarray, ks.keystate_subgoal(jax.random.PRNGKey(1), t, sub, data["key_idxs"], p))
-        for i in range(80):
-            keys = [j for j in range(i + 1, int(sub[i]) + 1) if j in key_set]
-            want = keys[-1] if keys and p == 1.0 else int(sub[i])
-            assert got[i] == want and replaced[i] == (bool(keys) and p == 1.0), i
-    got, replaced = ks.keystate_subgoal(
-        jax.random.PRNGKey(2), jnp.full((20_000,), 3), jnp.full((20_000,), 13), data["key_idxs"], 0.3
-    )
-    assert abs(float(replaced.mean()) - 0.3) < 0.02 and set(np.asarray(got).tolist()) == {13}  # 13 is a key state
-    got, replaced = ks.keystate_subgoal(
-        jax.random.PRNGKey(2), jnp.full((20_000,), 14), jnp.full((20_000,), 24), data["key_idxs"], 0.3
-    )
-    assert not np.asarray(replaced).any()  # no key state in (14, 24]
 
 
 # -------------------------------------------------------------------------------------------------------------- losses
@@ -332,19 +313,24 @@ def test_update_gradients_and_soft_target(ks):
 
     args = ks.resolve_presets(ks.Args(env_name="pointmaze-medium-navigate-v0", hidden_dims=(16, 16), batch_size=32))
     ds = episodes(ks, 4, 50, ob_dim=2, seed=0)
-    data = ks.make_goal_data(ds, None)
-    nets, tx, state = ks.make_agent(args, 2, 2, jax.random.PRNGKey(0))
-    update = ks.make_update(args, nets, tx)
+    key_mask = np.zeros(len(ds["valids"]), bool)
+    key_mask[7::11] = True
+    data = ks.make_goal_data(ds, key_mask, np.ones((1, len(key_mask)), bool))
+    nets, tx, _ = ks.make_agent(args, 2, 2, jax.random.PRNGKey(0))
+    state = jax.vmap(lambda k: ks.make_agent(args, 2, 2, k)[2])(jax.random.PRNGKey(0)[None])  # one seed, as main()
+    update, probe = ks.make_update(args, nets, tx)
     old = jax.tree_util.tree_map(np.array, state)  # host copies: the update donates (reuses) the state's buffers
-    new, info, (td, is_key, is_her) = update(state, data, jnp.float32(0.0))
+    new, info = update(state, data, jnp.zeros(1))
     # target <- tau * value(before the step) + (1 - tau) * target, as OGBench's hiql.py
     want = jax.tree_util.tree_map(lambda c, t: 0.005 * c + 0.995 * t, old.params["value"], old.target)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new.target, want)
     for name in ("goal_rep", "value", "low_actor", "high_actor"):  # every module is trained
         before, after = jax.tree_util.tree_leaves(old.params[name]), jax.tree_util.tree_leaves(new.params[name])
         assert not all(np.allclose(x, y) for x, y in zip(before, after)), name
-    assert not np.asarray(is_key).any() and float(info["relabel/frac_keystate_goals"]) == 0  # HER arm: no key goals
-    assert float(info["relabel/frac_keystate_subgoals"]) == 0.0 and td.shape == (32,) and np.asarray(is_her).any()
+    assert float(info["relabel/frac_keystate_goals"][0]) == 0  # p_keystate 0: no key goals
+    # the paired probe scores the same rows under three goals with HIQL's value: |q - V| as in value_loss
+    td, dist, counts = map(np.asarray, probe(new, data))
+    assert td.shape == (1, 3, 32) and counts.any() and (td >= 0).all() and not np.allclose(td[0, 0], td[0, 1])
 
 
 # ----------------------------------------------------------------------------------------------------------- bad input
@@ -384,7 +370,7 @@ def test_bad_input_ends_in_one_error_line(run_script, pointmaze_npz, bad_files, 
 
 
 # --------------------------------------------------------------------------------------------------------- smoke run
-def test_smoke_with_rules_file_and_keystate_subgoals(run_script, pointmaze_npz, tmp_path):
+def test_smoke_with_rules_file(run_script, pointmaze_npz, tmp_path):
     rules = tmp_path / "rules.json"
     rules.write_text(
         json.dumps(
@@ -416,20 +402,25 @@ def test_smoke_with_rules_file_and_keystate_subgoals(run_script, pointmaze_npz, 
         pointmaze_npz,
         "--rules-path",
         rules,
-        "--keystate-subgoals",
         "--run-dir",
         tmp_path / "runs",
-        timeout=180,
+        "--num-seeds",
+        "2",
+        "--dataset-fraction",
+        "0.5",
+        timeout=400,
     )
     out = r.output
     assert "pwned" not in out and "rejected hostile" in out and "accepted turning_event" in out
     steps = [int(s) for s in re.findall(r"^step=(\d+) SPS=", out, re.M)]
     assert steps and max(steps) == 60, "no gradient step was logged"
-    assert sum(int(k) for k in re.findall(r"keystate_goals_in_batch=(\d+)", out)) > 0, "no key-state goal sampled"
+    assert sum(float(k) for k in re.findall(r"frac_keystate_goals=([0-9.]+)", out)) > 0, "no key-state goal sampled"
     assert re.findall(r"^eval step=60 .*overall_success=([0-9.]+)", out, re.M), "no evaluation happened"
     run_dir = next((tmp_path / "runs").iterdir())
     assert [x["name"] for x in json.loads((run_dir / "rules.json").read_text())["rules"]] == ["turning_event", "stop"]
-    td = np.load(run_dir / "td_errors.npz")
-    assert len(td["td_keystate"]) > 0 and len(td["td_her"]) > 0
+    td = np.load(run_dir / "td_probe.npz")  # Figure 2 from the paired probe, both seeds
+    assert td["td"].shape[1:3] == (2, 3) and td["counts"].any() and np.isfinite(td["gap_her_ci"]).all()
+    assert (run_dir / "td_probe.png").stat().st_size > 0 and "__frac0.5__seed0x2__" in run_dir.name
     assert (run_dir / "params.msgpack").stat().st_size > 0
-    assert 0.0 <= json.loads((run_dir / "final_eval.json").read_text())["eval/overall_success"] <= 1.0
+    final = json.loads((run_dir / "final_eval.json").read_text())
+    assert 0.0 <= final["eval/overall_success"] <= 1.0 and len(final["per_seed"]) == 2

@@ -73,12 +73,14 @@ def main():
     key_mask = ks.compile_condition("norm(delta(s0, 3), delta(s1, 3)) < 0.3", feats)
     ours = {}
     for arm, mask in (("keystate", key_mask), ("her", None)):
-        data = ks.make_goal_data(ds, mask)  # the HER arm: no key state, so the sampler is OGBench's mixture
+        # the HER arm: no key state, so the sampler is OGBench's mixture; one seed (leading axis of size 1)
+        data = ks.make_goal_data(ds, mask, np.ones((1, len(ds["valids"])), bool))
         nets, tx, state = ks.make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))
-        update = ks.make_update(args, nets, tx)
-        p_key = jnp.float32(0.5)
+        state = jax.tree_util.tree_map(lambda x: x[None], state)
+        update, _ = ks.make_update(args, nets, tx)
+        p_key = jnp.full(1, 0.5)
         t0 = time.time()
-        state, info, _ = update(state, data, p_key)
+        state, info = update(state, data, p_key)
         jax.block_until_ready(state)
         print(f"ours[{arm}] compile + first step: {time.time() - t0:.1f}s")
         ours[arm] = [update, state, data, p_key]
@@ -114,7 +116,7 @@ def main():
         update, state, data, p_key = ours[arm]
         t0 = time.time()
         for _ in range(a.steps):
-            state, info, _ = update(state, data, p_key)
+            state, info = update(state, data, p_key)
         jax.block_until_ready(state)
         times[f"ours_{arm}"].append(a.steps / (time.time() - t0))
         ours[arm][1] = state

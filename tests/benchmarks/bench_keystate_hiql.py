@@ -186,10 +186,11 @@ def main():
     if a.relabel == "keystate":
         key_mask = np.zeros(len(obs), bool)
         key_mask[::10] = True
-    data = ks.make_goal_data(ds, key_mask)  # the HER arm: no key state, so the sampler is OGBench's mixture
+    # the HER arm: no key state, so the sampler is OGBench's mixture; one seed (leading axis of size 1)
+    data = ks.make_goal_data(ds, key_mask, np.ones((1, len(obs)), bool))
     nets, tx, state = ks.make_agent(args, obs.shape[1], act.shape[1], jax.random.PRNGKey(0))
-    update = ks.make_update(args, nets, tx)
-    p_key = jnp.float32(args.p_keystate if key_mask is not None else 0.0)
+    update, _ = ks.make_update(args, nets, tx)
+    p_key = jnp.full(1, args.p_keystate if key_mask is not None else 0.0)
 
     # 1) Same networks, same numbers: start the script from the reference's parameters and compare.
     params, target = ref_to_script_params(agent.network.params)
@@ -199,7 +200,7 @@ def main():
     _, ref_info = agent.total_loss(batch, agent.network.params)
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
     mine = {
-        "value/value_loss": ks.value_loss(params, target, jb, nets, args.discount, args.expectile)[0],
+        "value/value_loss": ks.value_loss(params, target, jb, nets, args.discount, ks.EXPECTILE)[0],
         "low_actor/actor_loss": ks.low_actor_loss(params, jb, nets, args.low_alpha)[0],
         "high_actor/actor_loss": ks.high_actor_loss(params, jb, nets, args.high_alpha)[0],
     }
@@ -209,6 +210,8 @@ def main():
         assert rel < 1e-4, k
 
     # 2) Throughput, alternating rounds so that both see the same machine load.
+    state = jax.tree_util.tree_map(lambda x: x[None], state)  # the update takes a leading seed axis (one seed here)
+
     def run_ref(n):
         nonlocal agent
         for _ in range(n):
@@ -218,7 +221,7 @@ def main():
     def run_script(n):
         nonlocal state
         for _ in range(n):
-            state, info, _ = update(state, data, p_key)
+            state, info = update(state, data, p_key)
         jax.block_until_ready(state.params)
 
     t0 = time.time()
