@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_until_checkpoint(script: str, args: list, out: Path, exp_name: str, checkpoint: str, timeout: float = 300):
+def run_until_checkpoint(script: str, args: list, out: Path, exp_name: str, checkpoint: str, timeout: float = 600):
     """Start `python script args --exp-name exp_name` and SIGKILL it once {out}/{exp_name}__*/checkpoints/{checkpoint}
     exists (the scripts rename a finished checkpoint into place); returns (checkpoint folder, what the run printed)."""
     log = out.parent / f"{exp_name}.log"
@@ -36,3 +36,22 @@ def tb_scalars(run: Path, tag: str) -> list[float]:
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
     acc.Reload()
     return [e.value for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def short_eto_prompts() -> str:
+    """A folder in ETO's eval_agent/prompt layout (for --eto-prompts) with a one-line instruction and a one-action
+    example: keeps the smoke runs' sequences short for the tests' byte-level tiny tokenizer, for which the full prompt
+    (prompts/hsl/alfworld_agent.md + alfworld_icl.md) is about 2,300 tokens."""
+    import json
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="eto_prompts_"))
+    (folder / "instructions").mkdir()
+    (folder / "icl_examples").mkdir()
+    (folder / "instructions" / "alfworld_inst.txt").write_text('Act in the house. Answer "Thought: ...\\nAction: ...".')
+    turns = [
+        {"role": "user", "content": "A room.\n\nYour task is to: look."},
+        {"role": "assistant", "content": "Action: look"},
+    ]
+    (folder / "icl_examples" / "alfworld_icl.json").write_text(json.dumps([turns]))
+    return str(folder)

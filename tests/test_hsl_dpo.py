@@ -17,7 +17,7 @@ import pytest
 import torch
 from alfworld_games import PUT_SPLITS, build_games
 from hsl_bad_inputs import BAD_INPUTS, DPO_BAD_INPUTS, write_bad_files
-from hsl_resume import run_until_checkpoint, tb_scalars
+from hsl_resume import run_until_checkpoint, short_eto_prompts, tb_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "hsl_dpo.py"
@@ -294,6 +294,8 @@ def scripted_relabeler(server) -> list:
 
 
 SMOKE = [
+    "--eto-prompts",  # ETO's prompt layout, a few tokens: short sequences for the byte-level tiny tokenizer
+    short_eto_prompts(),
     "--num-demos",
     "2",
     "--batch-size",
@@ -342,7 +344,7 @@ def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, script
         "dpo_hsl",
         *SMOKE,
         *scripted_relabeler(scripted_llm),
-        timeout=180,
+        timeout=600,
     )
     assert re.search(r"\[sft\] step 1/1 loss [0-9.]+", r.output)
     assert re.search(r"\[hsl\] step 2/2 .*loss [0-9.]+", r.output)
@@ -381,7 +383,7 @@ def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, script
         "resumed",
         *SMOKE,
         *scripted_relabeler(scripted_llm),
-        timeout=150,
+        timeout=600,
     )
     assert "[sft] step" not in r2.output and "[hsl] step" not in r2.output
     assert "[eto] iteration 1/1" in r2.output and re.search(EVAL.format("dpo"), r2.output)
@@ -397,9 +399,9 @@ def test_resume_after_sigkill_continues_exactly(run_script, put_games, tiny_lm_d
     flags = ["--data-dir", put_games, "--model-name", tiny_lm_dir, *scripted_relabeler(scripted_llm), *SMOKE]
     flags += ["--hsl-steps", "2", "--eval-every", "1", "--dpo-iterations", "1", "--max-env-steps", "6"]
     flags += ["--rollouts-per-step", "2", "--output-dir", out]
-    whole = run_script(SCRIPT, *flags, "--exp-name", "whole", timeout=300).output
+    whole = run_script(SCRIPT, *flags, "--exp-name", "whole", timeout=600).output
     ckpt, _ = run_until_checkpoint(SCRIPT, flags, out, "killed", "hsl_1")
-    resumed = run_script(SCRIPT, *flags, "--exp-name", "resumed", "--resume", ckpt, timeout=300).output
+    resumed = run_script(SCRIPT, *flags, "--exp-name", "resumed", "--resume", ckpt, timeout=600).output
     assert "[hsl] step 1/2" not in resumed and "[hsl] step 2/2" in resumed and "[eto] iteration 1/1" in resumed
     eto = lambda text: re.search(r"\[eto\] iteration 1/1: explored .*? in [0-9.]+s (.*)$", text, re.M).group(1)
     assert eto(resumed) == eto(whole)  # the same exploration outcome and pairs
@@ -423,7 +425,7 @@ def test_bad_input_ends_in_one_error_line(run_script, put_games, tiny_lm_dir, ba
     flags, status, named = {**BAD_INPUTS, **DPO_BAD_INPUTS}[case]
     runs = tmp_path / "runs"
     base = ["--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "oracle", "--output-dir", runs]
-    r = run_script(SCRIPT, *base, *[f.format(**bad_files) for f in flags], check=False, timeout=120)
+    r = run_script(SCRIPT, *base, *[f.format(**bad_files) for f in flags], check=False, timeout=600)
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(named, errors[0]) and r.returncode == status, r.output[-3000:]
     assert "Traceback" not in r.output and not runs.exists()
@@ -451,7 +453,7 @@ def test_smoke_eto_baseline_without_hsl(run_script, put_games, tiny_lm_dir, tmp_
         *SMOKE,
         "--relabeler",
         "oracle",
-        timeout=150,
+        timeout=600,
     )
     assert "[hsl] step" not in r.output and not re.search(EVAL.format("hsl"), r.output)
     assert re.search(r"\[eto\] iteration 1/1: .* -> [1-9]\d* pairs", r.output)
@@ -491,8 +493,8 @@ def test_data_parallel_two_processes_match_one(run_script, put_games, tiny_lm_di
     # micro-batches of one example on both sides: the only difference left is the order of the gradient sum (with
     # larger micro-batches padding changes the float sums, and AdamW turns that noise in near-zero gradients into
     # learning-rate-sized steps)
-    one = run_script("hsl_dpo.py", *common, "--exp-name", "one", timeout=180)
-    two = run_script("hsl_dpo.py", *common, "--exp-name", "two", processes=2, timeout=300)
+    one = run_script("hsl_dpo.py", *common, "--exp-name", "one", timeout=600)
+    two = run_script("hsl_dpo.py", *common, "--exp-name", "two", processes=2, timeout=600)
     assert "[accelerate] 2 processes; model and D' identical on all: True" in two.output, two.output[-3000:]
     dpo_lines = lambda o: re.findall(r"\[dpo\] iteration \d step \d/\d loss ([0-9.]+) reward acc ([0-9.]+)", o)
     assert dpo_lines(one.output) == dpo_lines(two.output) and len(dpo_lines(one.output)) == 6

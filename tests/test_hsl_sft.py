@@ -20,7 +20,7 @@ import pytest
 import torch
 from alfworld_games import ORACLE_SPLITS, PUT_SPLITS, TINY_SPLITS, build_games
 from hsl_bad_inputs import BAD_INPUTS, write_bad_files
-from hsl_resume import run_until_checkpoint, tb_scalars
+from hsl_resume import run_until_checkpoint, short_eto_prompts, tb_scalars
 
 # `scripted_llm` (a scripted OpenAI-compatible server on 127.0.0.1) comes from conftest.py.
 
@@ -664,7 +664,7 @@ def test_bad_input_ends_in_one_error_line(run_script, put_games, tiny_lm_dir, ba
     flags, status, named = BAD_INPUTS[case]
     runs = tmp_path / "runs"
     base = ["--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "oracle", "--output-dir", runs]
-    r = run_script(SCRIPT, *base, *[f.format(**bad_files) for f in flags], check=False, timeout=120)
+    r = run_script(SCRIPT, *base, *[f.format(**bad_files) for f in flags], check=False, timeout=600)
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(named, errors[0]) and r.returncode == status, r.output[-3000:]
     assert "Traceback" not in r.output and not runs.exists()
@@ -674,6 +674,8 @@ def test_bad_input_ends_in_one_error_line(run_script, put_games, tiny_lm_dir, ba
 # Smoke runs (end to end, as a user runs the script)
 # ----------------------------------------------------------------------------------------------------------------------
 SMOKE = [
+    "--eto-prompts",  # ETO's prompt layout, a few tokens: short sequences for the byte-level tiny tokenizer
+    short_eto_prompts(),
     "--num-demos",
     "2",
     "--batch-size",
@@ -728,7 +730,7 @@ def test_smoke_hsl_and_resume(run_script, put_games, tiny_lm_dir, scripted_llm, 
         "--seed",
         "1",
         *SMOKE,
-        timeout=180,
+        timeout=600,
     )
     assert re.search(r"\[sft\] step 1/1 loss [0-9.]+", r.output)
     assert (
@@ -770,7 +772,7 @@ def test_smoke_hsl_and_resume(run_script, put_games, tiny_lm_dir, scripted_llm, 
         "--seed",
         "1",
         *SMOKE,
-        timeout=120,
+        timeout=600,
     )
     assert f"[resume] {ckpt}: sft_steps 1, hsl_steps 2, D' {len(saved['buffer'])}" in r2.output
     assert "[sft] step" not in r2.output and "[hsl] step 3/3" in r2.output and "[hsl] step 2/3" not in r2.output
@@ -786,9 +788,9 @@ def test_resume_after_sigkill_continues_exactly(run_script, put_games, tiny_lm_d
     flags += ["--hsl-steps", "3", "--rollouts-per-step", "2", "--eval-every", "1"]
     flags += ["--max-env-steps", "6"]
     flags += ["--output-dir", out, "--seed", "3"]
-    whole = run_script(SCRIPT, *flags, "--exp-name", "whole", timeout=300).output
+    whole = run_script(SCRIPT, *flags, "--exp-name", "whole", timeout=600).output
     ckpt, killed = run_until_checkpoint(SCRIPT, flags, out, "killed", "hsl_1")
-    resumed = run_script(SCRIPT, *flags, "--exp-name", "resumed", "--resume", ckpt, timeout=300).output
+    resumed = run_script(SCRIPT, *flags, "--exp-name", "resumed", "--resume", ckpt, timeout=600).output
     assert "[hsl] step 1/3" not in resumed and "[hsl] step 3/3" in resumed
     step = lambda text, k: re.search(rf"\[hsl\] step {k}/3 \| .*? \| (success .*)$", text, re.M).group(1)
     assert step(killed, 1) == step(whole, 1)  # (the progress line without its timings)
@@ -827,7 +829,7 @@ def test_smoke_llm_relabeler_smollm2(run_script, put_games, tiny_lm_dir, smollm2
         "--exp-name",
         "llm",
         *SMOKE,
-        timeout=200,
+        timeout=600,
     )
     assert re.search(r"\[hsl\] step 1/1 .*loss [0-9.]+.*precision (nan|[0-9.]+) recall (nan|[0-9.]+)", r.output)
     assert re.search(r"\[eval final\] step 1 .*valid_seen/success [0-9.]+", r.output)
@@ -863,6 +865,8 @@ def test_data_parallel_two_processes(run_script, put_games, tiny_lm_dir, scripte
     scripted_llm.respond = any_goal  # both processes relabel through the same scripted server
     out = tmp_path / "runs"
     common = [
+        "--eto-prompts",
+        short_eto_prompts(),
         "--data-dir",
         put_games,
         "--model-name",
@@ -891,8 +895,8 @@ def test_data_parallel_two_processes(run_script, put_games, tiny_lm_dir, scripte
         "--seed",
         "1",
     ]
-    one = run_script("hsl_sft.py", *common, "--hsl-steps", "0", "--exp-name", "one", timeout=180)
-    two = run_script("hsl_sft.py", *common, "--hsl-steps", "3", "--exp-name", "two", processes=2, timeout=300)
+    one = run_script("hsl_sft.py", *common, "--hsl-steps", "0", "--exp-name", "one", timeout=600)
+    two = run_script("hsl_sft.py", *common, "--hsl-steps", "3", "--exp-name", "two", processes=2, timeout=600)
     assert "[accelerate] 2 processes; model and D' identical on all: True" in two.output, two.output[-3000:]
     assert len(re.findall(r"^\[hsl\] step \d/3 ", two.output, re.M)) == 3  # printed by the main process only
     sft_losses = lambda out: re.findall(r"\[sft\] step \d/\d loss ([0-9.]+)", out)
