@@ -121,7 +121,7 @@ def main():
         fail = random_failure(dpo, demo["gamefile"], a.failure_steps, rng)
         if fail is not None:
             pairs += dpo.build_dpo_pairs([fail], [demo], collections.Counter())
-    system = dpo.read_prompt("alfworld_agent.md")
+    system = dpo.agent_prefix(dpo.Args(), legacy_put=False)  # ETO's conversation prefix, as the script prompts
     base = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
     lr, beta = 1e-6, 0.1
 
@@ -166,7 +166,8 @@ def main():
     for pr in pairs:
         c = dpo.demo_messages(system, pr["chosen"])
         r = dpo.demo_messages(system, pr["rejected"])
-        rows.append({"prompt": c[:2], "chosen": c[2:], "rejected": r[2:]})
+        k = len(system) + 1  # the prompt: the prefix and the task
+        rows.append({"prompt": c[:k], "chosen": c[k:], "rejected": r[k:]})
     results = {}
     for precompute in (False, True):
         cfg = DPOConfig(

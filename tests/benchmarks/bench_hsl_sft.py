@@ -3,8 +3,9 @@
 Same model, same data (ALFWorld expert demonstrations from tiny offline games, encoded once by hsl_sft.encode_demo:
 identical token ids and identical action-token masks for both), same batch size, same optimiser (AdamW, lr 2e-5),
 full fine-tuning, float32, one CPU thread. TRL gets the pre-tokenized data (`input_ids` + `assistant_masks` columns),
-so its loss is the same masked token-mean NLL as hsl_sft.py with --loss-normalization token; the first-step losses
-are printed side by side as a check (TRL reads the batches in order: they must agree to float precision).
+so its loss is the masked token-mean NLL; hsl_sft.py's Eq. 3 loss equals it when every demo's T_b is set to the
+batch's mean action-token count (done below); the per-step losses are printed side by side as a check (TRL reads the
+batches in order: they must agree to float precision).
 The first optimisation step of each is a warm-up and is not timed.
 
 Run (from the repository root; takes a few minutes on 2 CPU cores):
@@ -77,10 +78,13 @@ def main():
     # data: expert demonstrations on real (tiny) ALFWorld games, encoded once for both trainers
     root = build_games(tmp / "alfworld", {"train": TINY_SPLITS["train"]})
     demos = [d for g in hsl.list_games(str(root), "train") if (d := hsl.expert_demo(g, 40)) is not None]
-    system = hsl.read_prompt("alfworld_agent.md")
+    system = hsl.agent_prefix(hsl.Args(), legacy_put=False)  # ETO's conversation prefix, as the script prompts
     enc = [hsl.encode_demo(tok, hsl.demo_messages(system, d), d["z"], 4096) for d in demos]
-    n = a.batch_size * (a.steps + 1)
+    n, B = a.batch_size * (a.steps + 1), a.batch_size
     data = [enc[i % len(enc)] for i in range(n)]
+    for s in range(0, n, B):  # T_b := the batch's mean action tokens: Eq. 3's per-demo 1/T_b becomes TRL's token mean
+        mean = sum(sum(w > 0 for w in e["weights"][1:]) for e in data[s : s + B]) / B
+        data[s : s + B] = [{**e, "num_actions": mean} for e in data[s : s + B]]
     tokens_per_step = [
         sum(len(e["input_ids"]) for e in data[s * a.batch_size : (s + 1) * a.batch_size]) for s in range(a.steps + 1)
     ]
@@ -95,7 +99,7 @@ def main():
     from accelerate import Accelerator
 
     args = hsl.Args(
-        batch_size=a.batch_size, micro_batch_size=a.batch_size, loss_normalization="token", learning_rate=2e-5
+        batch_size=a.batch_size, micro_batch_size=a.batch_size, learning_rate=2e-5
     )  # gradient clipping at 1.0 is fixed in the script
     acc = Accelerator(cpu=True)
     model = copy.deepcopy(base)
