@@ -1,10 +1,9 @@
 """LLM-Driven Relabeling (key-state-prioritised goal relabeling) on top of GCIQL, on OGBench.
 
 Paper: Gao, Sun, Wang, Zheng, "Better Goals, Better Policies: LLM-Driven Relabeling for Offline Goal-Conditioned
-Reinforcement Learning", AAMAS 2026 extended abstract (no arXiv version). Figure 1 as functions: (1) `generate_rules`,
-(2) `compile_condition` (whitelisted AST -> NumPy; LLM output is never executed), (3) `keystate_goals` (in the jitted
-update), (4) GCIQL as OGBench's impls/agents/gciql.py, only relabeling changed. Self-checks: `check_rules` (compile
-time) and `RelabelCheck` (relabel time, a paired TD probe). Notes: docs/keystate_gciql.md.
+Reinforcement Learning", AAMAS 2026 extended abstract (no arXiv version). Figure 1: (1) `generate_rules`, (2)
+`compile_condition` (LLM output is never executed), (3) `keystate_goals`, (4) GCIQL as OGBench's impls/agents/gciql.py,
+only relabeling changed. Self-checks: `check_rules`, `RelabelCheck` (paired TD probe). Notes: docs/keystate_gciql.md.
 
     vllm serve Qwen/Qwen2.5-7B-Instruct   # any OpenAI-compatible endpoint writes the rules
     python keystate_gciql.py --env-name antmaze-large-navigate-v0 --llm-model Qwen/Qwen2.5-7B-Instruct
@@ -16,6 +15,7 @@ time) and `RelabelCheck` (relabel time, a paired TD probe). Notes: docs/keystate
 # requires-python = ">=3.11"
 # dependencies = [
 #     "numpy==2.4.6",
+#     "scipy==1.17.1",
 #     "matplotlib==3.11.2",
 #     "jax[cpu]==0.10.2",
 #     "jaxlib==0.10.2",
@@ -48,15 +48,14 @@ from typing import Any, Literal, NamedTuple, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import tyro
 from flax import serialization
 from jax.tree_util import tree_map
-from scipy.stats import t as t_dist  # a dependency of jax
+from scipy.stats import t as t_dist
 from tqdm import tqdm
-
-PROMPTS = Path(__file__).resolve().parent / "prompts"
 
 
 # === Args =============================================================================================================
@@ -72,8 +71,6 @@ class Args:
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "llm-relabeling"
     """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
     run_dir: str = "runs"
     """parent folder of each run's {run_dir}/{run_name}/ (TensorBoard, rules.json, TD errors, params)"""
     env_name: str = "antmaze-large-navigate-v0"
@@ -123,24 +120,26 @@ class Args:
     """sampling temperature (0: greedy)"""
     llm_concurrency: int = 8
     """requests in flight (openai), or the generation batch size (transformers)"""
-    # GCIQL (OGBench impls/agents/gciql.py defaults)
     hidden_dims: Tuple[int, ...] = (512, 512, 512)
     """hidden sizes of the value, critic and actor MLPs"""
     alpha: Optional[float] = None
     """BC coefficient of the DDPG+BC actor loss (default: OGBench's per-env value: antmaze 0.3, cube 1.0, ...)"""
 
 
+PROMPTS = Path(__file__).resolve().parent / "prompts"  # the prompt files, next to this script
 # Fixed values nobody tunes in the paper's experiments (each with the reason for its value).
 TAU, LR = 0.005, 3e-4  # soft target update rate and Adam learning rate, as OGBench
 EXPECTILE = 0.9  # IQL expectile of the value loss, as OGBench
 MAX_LAG = 20  # a rule's temporal window: nested prev/next/delta lags add up to <= 20 steps (a turn, a grasp)
 MAX_RULES = 16  # rules read from one LLM answer or one --rules-path file; the rest are dropped with a message
 MAX_REPAIR_ROUNDS = 2  # compile-time self-check: rounds of the repair prompt for rules that failed
-# A rule that fires on (almost) no state or on a large share of all states does not pick out *key* states.
-RULE_MIN_FIRE, RULE_MAX_FIRE = 0.001, 0.3
-# Relabel-time self-check (`RelabelCheck`): decision k moves p_keystate by ADAPT_STEP * ADAPT_K0 / (ADAPT_K0 + k) when
-# the paired TD gap is significant (|z| > ADAPT_Z), inside bounds that keep both HER and key-state goals in the batches.
+RULE_MIN_FIRE, RULE_MAX_FIRE = 0.001, 0.3  # a rule firing on (almost) no or on many states picks no *key* states
+# `RelabelCheck`'s step, z threshold and bounds (the bounds keep both HER and key-state goals in the batches).
 ADAPT_STEP, ADAPT_K0, ADAPT_Z, P_KEYSTATE_MIN, P_KEYSTATE_MAX = 0.1, 10, 2.0, 0.05, 0.9
+# OGBench's per-env GCIQL alpha (impls/hyperparameters.sh): the first key in the env name (explore: antmaze only).
+GCIQL_ALPHA = {"explore": 0.01, "pointmaze": 0.003, "humanoidmaze": 0.1, "antsoccer": 0.1, "antmaze": 0.3}
+GCIQL_ALPHA |= {"-noisy": 0.03, "cube": 1.0, "scene": 1.0, "puzzle": 1.0}
+PER_SEED = ("valid_idxs", "n_valid")  # goal data that differ per seed (--dataset-fraction); the dataset is shared
 
 
 def usage_error(message: str):
@@ -151,17 +150,15 @@ def usage_error(message: str):
 
 def check_args(args: Args):
     """Usage errors as one line (`error: --flag: ...`) before anything heavy; the rule compiler keeps its own checks."""
+    at_least_1 = ("total_steps", "batch_size", "log_interval", "eval_episodes", "num_seeds", "keystate_window")
     checks = [  # (field, valid?, what it must be)
-        *[(n, getattr(args, n) >= 1, ">= 1") for n in ("total_steps", "batch_size", "log_interval", "eval_episodes")],
-        *[(n, getattr(args, n) >= 1, ">= 1") for n in ("keystate_window", "llm_concurrency", "llm_max_new_tokens")],
-        ("num_seeds", args.num_seeds >= 1, ">= 1"),
-        *[(n, getattr(args, n) >= 0, ">= 0") for n in ("eval_interval", "adapt_interval")],
+        *[(n, getattr(args, n) >= 1, ">= 1") for n in (*at_least_1, "llm_concurrency", "llm_max_new_tokens")],
+        *[(n, getattr(args, n) >= 0, ">= 0") for n in ("eval_interval", "adapt_interval", "llm_temperature")],
         ("num_rules", 1 <= args.num_rules <= MAX_RULES, f"in [1, {MAX_RULES}]"),
         ("dataset_fraction", 0.0 < args.dataset_fraction <= 1.0, "in (0, 1]"),
         ("p_keystate", 0.0 <= args.p_keystate <= 1.0, "in [0, 1]"),
         ("discount", args.discount is None or 0.0 < args.discount < 1.0, "in (0, 1)"),
         ("hidden_dims", len(args.hidden_dims) > 0 and min(args.hidden_dims) >= 1, "one or more sizes >= 1"),
-        ("llm_temperature", args.llm_temperature >= 0, ">= 0"),
         ("dataset_path", args.dataset_path is None or Path(args.dataset_path).is_file(), "an existing file"),
         ("rules_path", args.rules_path is None or Path(args.rules_path).is_file(), "an existing file"),
         ("run_dir", not Path(args.run_dir).exists() or Path(args.run_dir).is_dir(), "a folder"),
@@ -171,16 +168,9 @@ def check_args(args: Args):
             usage_error(f"--{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}")
 
 
-# OGBench's per-environment GCIQL alpha (impls/hyperparameters.sh), matched in this order on the env name.
-GCIQL_ALPHA = {"pointmaze": 0.003, "humanoidmaze": 0.1, "antsoccer": 0.1, "antmaze": 0.3, "-noisy": 0.03, "cube": 1.0}
-GCIQL_ALPHA |= {"scene": 1.0, "puzzle": 1.0}
-
-
 def resolve_presets(args: Args) -> Args:
-    """Fill the per-env defaults the way OGBench's hyperparameters.sh sets them: alpha by env family (the first key of
-    GCIQL_ALPHA in the env name), discount 0.995 on giant mazes and humanoidmaze, else 0.99."""
+    """Per-env defaults as OGBench's hyperparameters.sh: alpha (GCIQL_ALPHA), discount 0.995 on giant / humanoidmaze."""
     alpha = next((a for key, a in GCIQL_ALPHA.items() if key in args.env_name), 0.3)  # 0.3: get_config() default
-    alpha = 0.01 if "antmaze" in args.env_name and "explore" in args.env_name else alpha
     discount = 0.995 if "giant" in args.env_name or "humanoidmaze" in args.env_name else 0.99
     args.alpha = alpha if args.alpha is None else args.alpha
     args.discount = discount if args.discount is None else args.discount
@@ -189,7 +179,7 @@ def resolve_presets(args: Args) -> Args:
 
 # === Environment & dataset ============================================================================================
 def make_env_and_dataset(args: Args):
-    """OGBench's environment and training dataset (compact layout: row i+1 is the next state of row i where valids[i])."""
+    """OGBench's environment and training dataset (compact layout: row i+1 is row i's next state where valids[i])."""
     import ogbench
 
     try:
@@ -226,13 +216,6 @@ def episode_subsets(ds: dict, args: Args) -> np.ndarray:
     n_keep = max(1, int(round(args.dataset_fraction * n_ep)))
     seeds = range(args.seed, args.seed + args.num_seeds)
     return np.stack([np.isin(ep_id, np.random.default_rng(s).permutation(n_ep)[:n_keep]) for s in seeds])
-
-
-def episode_index(ds: dict):
-    """Per row: first and last row of its episode (the last row has no next state and is never a goal)."""
-    ends = np.nonzero(ds["valids"] == 0)[0]
-    ep_id = np.searchsorted(ends, np.arange(len(ds["valids"])))
-    return np.concatenate([[0], ends[:-1] + 1])[ep_id], ends[ep_id]
 
 
 # === LLM client: the same class, flags and errors in all five scripts =================================================
@@ -304,18 +287,16 @@ class LLMClient:
 
 
 # === Key-state rules: generation (1), safe compilation into discriminators (2), compile-time self-check ===============
-# Everything a rule may use besides feature names and numbers: operators (by AST node type) and functions (by name),
-# each with the NumPy code that evaluates it on all states at once. Division, sqrt, log and exp are made total (no NaN
-# or inf from any state). prev/next/delta(expr, k) read expr k steps earlier/later, clamped to the episode (in `ev`).
+# What a rule may use besides features and numbers: operators (by AST node type) and functions (by name) -> NumPy on all
+# states at once; /, sqrt, log, exp made total (no NaN or inf). prev/next/delta(expr, k): clamped to the episode (`ev`).
 OPS = {
     **{ast.Add: np.add, ast.Sub: np.subtract, ast.Mult: np.multiply, ast.USub: np.negative, ast.UAdd: np.positive},
     ast.Div: lambda a, b: a / np.where(b == 0, 1e-8, b),
     **{ast.Lt: np.less, ast.LtE: np.less_equal, ast.Gt: np.greater, ast.GtE: np.greater_equal, ast.Not: np.logical_not},
     **{ast.Eq: np.equal, ast.NotEq: np.not_equal, ast.And: np.logical_and, ast.Or: np.logical_or},
     **{name: getattr(np, name) for name in ("abs", "sin", "cos", "tanh", "sign", "arctan2", "clip")},
-    "sqrt": lambda x: np.sqrt(np.abs(x)),
+    **{"sqrt": lambda x: np.sqrt(np.abs(x)), "log": lambda x: np.log(np.abs(x) + 1e-8)},
     "exp": lambda x: np.exp(np.clip(x, -50, 50)),
-    "log": lambda x: np.log(np.abs(x) + 1e-8),
     **{"min": np.minimum, "max": np.maximum, "norm": lambda *xs: np.sqrt(sum(np.square(x) for x in xs))},
     **dict.fromkeys(["prev", "next", "delta"]),  # evaluated in `ev`
 }
@@ -328,20 +309,19 @@ class RuleError(ValueError):
 
 
 class Features:
-    """What a rule may read: s0 ... s{d-1}, the layout's names for them, t / t_left (steps since / until episode end)."""
+    """What a rule may read (s0 ..., layout names, t / t_left: steps since / until episode end), episode bounds."""
 
     def __init__(self, ds: dict, names: dict):
-        obs, idx = ds["observations"], np.arange(len(ds["observations"]))
-        self.ep_start, self.ep_end = episode_index(ds)
+        obs, idx, ends = ds["observations"], np.arange(len(ds["observations"])), np.nonzero(ds["valids"] == 0)[0]
+        ep_id = np.searchsorted(ends, idx)
+        self.ep_start, self.ep_end = np.concatenate([[0], ends[:-1] + 1])[ep_id], ends[ep_id]
         self.columns = {f"s{i}": obs[:, i] for i in range(obs.shape[1])} | {k: obs[:, i] for k, i in names.items()}
         self.columns["t"], self.columns["t_left"] = idx - self.ep_start, self.ep_end - idx
 
 
 def compile_condition(expr: str, feats: Features) -> np.ndarray:
-    """Section 2.1 (2): compile one condition into a deterministic discriminator state -> {0, 1} and apply it to all N
-    states at once with NumPy. The evaluator is the whitelist: any syntax it does not know (attributes, subscripts,
-    lambdas, strings, keywords, unknown names, ...) is a RuleError. LLM output is never executed. Each sub-expression is
-    computed once, on all N states (prev/next/delta index their argument's values): cost linear in the expression."""
+    """Section 2.1 (2): a condition -> discriminator state -> {0, 1} on all states (NumPy). The evaluator is the
+    whitelist (other syntax: RuleError; never executed); each sub-expression is computed once: linear cost."""
     if not isinstance(expr, str) or not 0 < len(expr.strip()) <= MAX_EXPR_CHARS:
         raise RuleError(f"condition must be a non-empty string of at most {MAX_EXPR_CHARS} characters")
     try:
@@ -410,8 +390,7 @@ def extract_rules_json(text: str) -> list:
 
 
 def check_rules(rules: list, feats: Features, valid_rows: np.ndarray, key_mask: np.ndarray, log=print):
-    """Compile-time self-check: a rule must parse, run and fire on a share of states in [RULE_MIN_FIRE, RULE_MAX_FIRE].
-    Reads at most MAX_RULES rules; OR-s each accepted mask into `key_mask` at once (memory flat in the rule count)."""
+    """Compile-time self-check of <= MAX_RULES rules: parse, run, fire rate in bounds; masks OR-ed into key_mask."""
     if len(rules) > MAX_RULES:  # one cap for LLM answers and rule files
         names = ", ".join(str(r.get("name", "?"))[:64] for r in rules[MAX_RULES : MAX_RULES + 5])
         log(f"[rules] {len(rules) - MAX_RULES} rules beyond the cap of {MAX_RULES} dropped: {names}, ...")
@@ -440,8 +419,7 @@ def read_prompt(path: Path) -> str:
 
 
 def read_layout(args: Args):
-    """The observation-layout prompt prompts/keystate/layout_<family>.md whose family (pointmaze, antmaze, cube_single;
-    add a file for another) starts --env-name, and its feature names from lines "- `name` = sINDEX: meaning"."""
+    """The layout prompt prompts/keystate/layout_<family>.md whose family starts --env-name, and its feature names."""
     families = sorted((PROMPTS / "keystate").glob("layout_*.md"))
     match = [p for p in families if args.env_name.startswith(p.stem.removeprefix("layout_").replace("_", "-") + "-")]
     if not match:
@@ -451,14 +429,12 @@ def read_layout(args: Args):
 
 
 def generate_rules(args: Args, feats: Features, layout: str, valid_rows: np.ndarray, key_mask: np.ndarray, log):
-    """Section 2.1 (1) + compile-time self-check: ask the LLM for rules, compile and calibrate them, send the failures
-    back in the repair prompt for at most MAX_REPAIR_ROUNDS rounds. Returns (accepted rules, counts of failures)."""
+    """Section 2.1 (1): ask the LLM for rules, check them, send failures back (MAX_REPAIR_ROUNDS repair prompts)."""
     client = LLMClient(args)
     task, _, layout_features = layout.partition("\nFeatures:")  # the layout's "Task: ..." paragraph, then its features
     fields = dict(env_name=args.env_name, num_rules=args.num_rules, observation_layout=layout_features.strip())
     fields |= dict(task_description=" ".join(task.removeprefix("Task:").split()), features=", ".join(feats.columns))
-    # what the compiler accepts (OPS, MAX_LAG) and what the self-check calibrates (the fire rate)
-    fields |= dict(functions=", ".join(k for k in OPS if isinstance(k, str)), max_lag=MAX_LAG)
+    fields |= dict(functions=", ".join(k for k in OPS if isinstance(k, str)), max_lag=MAX_LAG)  # what compiles
     fields |= dict(min_fire=f"{RULE_MIN_FIRE:.1%}", max_fire=f"{RULE_MAX_FIRE:.1%}")
     prompt = Template(read_prompt(PROMPTS / "keystate" / "rule_generation.md")).substitute(fields)
     accepted, rejected = [], 0
@@ -483,9 +459,7 @@ def generate_rules(args: Args, feats: Features, layout: str, valid_rows: np.ndar
 
 
 def build_keystate_mask(args: Args, ds: dict, kept: np.ndarray, log):
-    """Components (1) + (2) with the compile-time self-check: rules from --rules-path or from the LLM, compiled and
-    calibrated on the kept rows (`kept`: rows of any seed's episodes), OR-ed into one key-state mask (None when no rule
-    survived: HER). Returns (mask, the content of rules.json)."""
+    """Components (1) + (2): rules (--rules-path or LLM) -> one key-state mask (None: HER), and rules.json's content."""
     layout, names = read_layout(args)
     feats, valid = Features(ds, names), (ds["valids"] > 0) & kept
     key_mask = np.zeros(len(valid), bool)  # the union of the accepted rules' masks, OR-ed in as they compile
@@ -510,13 +484,9 @@ def build_keystate_mask(args: Args, ds: dict, kept: np.ndarray, log):
 
 
 # === Goal sampling: OGBench's HER mixture + key-state-prioritised relabeling (3) on device; relabel-time self-check ===
-PER_SEED = ("valid_idxs", "n_valid")  # goal data that differ per seed (--dataset-fraction); the dataset is shared
-
-
 def make_goal_data(ds: dict, key_mask: Optional[np.ndarray], keep: Optional[np.ndarray] = None) -> dict:
-    """Device arrays the jitted sampler reads. keep: (seeds, N) rows per seed (`episode_subsets`): the PER_SEED members
-    get a seed axis, padded (rows past n_valid are never drawn); None: all rows, no seed axis (one agent, direct calls)."""
-    ep_start, ep_end = episode_index(ds)
+    """Device arrays the jitted sampler reads; keep (seeds, N) gives PER_SEED members a seed axis (None: all rows)."""
+    ep = Features(ds, {})  # only for each row's episode bounds
     valid = ds["valids"] > 0
     key_idxs = np.nonzero(valid & key_mask)[0] if key_mask is not None else []
     rows = [np.nonzero(valid & k)[0] for k in (valid[None] if keep is None else keep)]
@@ -528,15 +498,14 @@ def make_goal_data(ds: dict, key_mask: Optional[np.ndarray], keep: Optional[np.n
         "valid_idxs": jnp.asarray(padded[0] if keep is None else padded, jnp.int32),  # ([S,] M) rows with a next state
         "n_valid": jnp.asarray(n_valid[0] if keep is None else n_valid, jnp.int32),  # ([S,]) how many of them
         # (N,) last goal row of each row's episode: its last valid row (OGBench's terminal_locs)
-        "final_idxs": jnp.asarray(np.maximum(ep_end - 1, ep_start), jnp.int32),
+        "final_idxs": jnp.asarray(np.maximum(ep.ep_end - 1, ep.ep_start), jnp.int32),
         # (K + 1,) sorted rows that satisfy a discriminator, then N: a sentinel that no window reaches
         "key_idxs": jnp.asarray(np.append(key_idxs, len(valid)), jnp.int32),
     }
 
 
 def keystate_goals(key, idxs, final, key_idxs, window):
-    """Section 2.1 (3): a key state uniformly among those in (t, min(t + window, final)] of the same trajectory.
-    Vectorised with searchsorted over the sorted key indices. Returns (goal rows, whether one existed)."""
+    """Section 2.1 (3): a key state drawn uniformly in (t, min(t + window, final)] -> (rows, whether one exists)."""
     lo = jnp.searchsorted(key_idxs, idxs, side="right")  # first key state strictly after t
     hi = jnp.searchsorted(key_idxs, jnp.minimum(idxs + window, final), side="right")
     pick = lo + jnp.floor(jax.random.uniform(key, idxs.shape) * (hi - lo)).astype(jnp.int32)
@@ -544,8 +513,7 @@ def keystate_goals(key, idxs, final, key_idxs, window):
 
 
 def sample_goals(key, data: dict, idxs, p_cur, p_traj, geom, discount, p_key, window):
-    """OGBench GCDataset.sample_goals (impls/utils/datasets.py), with the future-state (HER) branch replaced by a
-    key-state goal w.p. p_key when one exists in the window. Returns goal rows, is-key-goal, is-HER-future-goal."""
+    """OGBench's GCDataset.sample_goals; HER goal -> key state w.p. p_key when one is in the window (Section 2.1 (3))"""
     k_rand, k_geom, k_mix, k_cur, k_key, k_use = jax.random.split(key, 6)
     b, valid_idxs = idxs.shape[0], data["valid_idxs"]
     random_goals = valid_idxs[jax.random.randint(k_rand, (b,), 0, data["n_valid"])]
@@ -582,9 +550,7 @@ def sample_batch(key, data: dict, args: Args, p_keystate):
 
 
 def probe_batch(key, data: dict, args: Args):
-    """Paired, distance-matched TD probe (`RelabelCheck`, Figure 2): rows drawn apart from the training batch, each with
-    three goals in the same window W = (t, min(t + window, final)]: a key state, a HER goal (OGBench's geometric offset
-    truncated to W), a uniform state of W. Rows count if W holds a key state. -> batch, goals (3, B, ob), distances."""
+    """Paired TD probe (Figure 2): fresh rows, each with a key-state, a HER and a uniform goal in one window (t, t+W]"""
     k_idx, k_key, k_her, k_uni = jax.random.split(key, 4)
     idxs = data["valid_idxs"][jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])]
     final, obs = data["final_idxs"][idxs], data["observations"]
@@ -601,14 +567,9 @@ def probe_batch(key, data: dict, args: Args):
 
 
 class RelabelCheck:
-    """Relabel-time self-check (Section 2.1; the rule is ours). Theorem 2.1's premise: key-state goals give larger TD
-    errors than HER goals. Every --adapt-interval steps `probe_batch` scores a key-state and a HER goal for the SAME rows
-    with the same critic: d = |TD_key| - |TD_HER| per row, paired. Decision k (per seed) is a z-test with a deadband:
-    p_keystate moves up if mean(d) > ADAPT_Z s.e., down if < -ADAPT_Z s.e., else stays, by the Robbins-Monro step
-    ADAPT_STEP * ADAPT_K0 / (ADAPT_K0 + k) (sums to infinity, shrinks to zero). It cannot oscillate on its own effect:
-    more key-state goals lower their TD, so the gap falls as p rises; a fixed step cycles on that feedback, but here a
-    reversal undoes at most the current step and the steps vanish, so p converges (to where the gap stops being
-    significant, or to a bound while its sign holds). At each evaluation the probe is kept too (Figure 2)."""
+    """Relabel-time self-check (Section 2.1, Theorem 2.1's premise; our rule, why: docs/keystate_gciql.md). Paired
+    d = |TD_key| - |TD_HER| on the same rows; if |z| > ADAPT_Z, decision k moves p_keystate by ADAPT_STEP * ADAPT_K0 /
+    (ADAPT_K0 + k): the steps vanish, so p converges instead of cycling on its own effect."""
 
     def __init__(self, args: Args, probing: bool):
         self.p_keystate = np.full(args.num_seeds, args.p_keystate if args.relabel == "keystate" else 0.0)
@@ -638,10 +599,7 @@ class RelabelCheck:
             self.snapshots += [(step, td, dist, counts)] if keep else []
 
     def save(self, run_dir: Path):
-        """Figure 2, paired: per snapshot the mean |TD| gap key-state minus HER / uniform goals over the rows that count
-        (seeds pooled) with a percentile-bootstrap 95% CI, and mean goal distances: td_probe.npz and td_probe.png."""
-        import matplotlib.pyplot as plt
-
+        """Figure 2: mean |TD| gap key-state - HER / uniform per snapshot, bootstrap 95% CI -> td_probe.npz, .png."""
         steps, td, dist, counts = (np.stack(x) for x in zip(*self.snapshots))  # (T,), (T, S, 3, B), ..., (T, S, B)
         rows, rng = counts.astype(bool), np.random.default_rng(0)
         out = dict(steps=steps, td=td, dist=dist, counts=counts, kinds=["keystate", "her", "uniform"])
@@ -661,17 +619,20 @@ class RelabelCheck:
 
 # === Networks (as OGBench impls/utils/networks.py) ====================================================================
 class MLP(nn.Module):
-    """Dense -> GELU -> LayerNorm blocks (OGBench's MLP ordering and variance-scaling init)."""
+    """OGBench's MLP (Dense -> GELU -> LayerNorm, variance-scaling init; final_scale: final_fc_init_scale) on inputs."""
 
     hidden_dims: Tuple[int, ...]
-    activate_final: bool = False
     layer_norm: bool = False
+    final_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, *inputs):
+        x = jnp.concatenate(inputs, axis=-1)
         for i, size in enumerate(self.hidden_dims):
-            x = nn.Dense(size, kernel_init=nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"))(x)
-            if i + 1 < len(self.hidden_dims) or self.activate_final:
+            last = i + 1 == len(self.hidden_dims)
+            init = nn.initializers.variance_scaling(self.final_scale if last else 1.0, "fan_avg", "uniform")
+            x = nn.Dense(size, kernel_init=init)(x)
+            if not last:
                 x = nn.LayerNorm()(nn.gelu(x)) if self.layer_norm else nn.gelu(x)
         return x
 
@@ -683,28 +644,10 @@ class GCValue(nn.Module):
     ensemble: int = 1
 
     @nn.compact
-    def __call__(self, observations, goals, actions=None):
-        x = jnp.concatenate([observations, goals] + ([] if actions is None else [actions]), axis=-1)
+    def __call__(self, *inputs):  # observations, goals[, actions]
         vmap = dict(variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, axis_size=self.ensemble)
         mlp = nn.vmap(MLP, **vmap) if self.ensemble > 1 else MLP
-        return mlp((*self.hidden_dims, 1), layer_norm=True)(x).squeeze(-1)
-
-
-class GCActor(nn.Module):
-    """The mean of the Gaussian policy pi(a | s, g): constant std 1, no LayerNorm (OGBench's const_std defaults)."""
-
-    hidden_dims: Tuple[int, ...]
-    action_dim: int
-
-    @nn.compact
-    def __call__(self, observations, goals):
-        h = MLP(self.hidden_dims, activate_final=True)(jnp.concatenate([observations, goals], axis=-1))
-        return nn.Dense(self.action_dim, kernel_init=nn.initializers.variance_scaling(1e-2, "fan_avg", "uniform"))(h)
-
-
-def log_prob(mean, actions):
-    """log N(actions; mean, I), summed over action dims: (batch,)."""
-    return jnp.sum(-0.5 * (actions - mean) ** 2 - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+        return mlp((*self.hidden_dims, 1), layer_norm=True)(*inputs).squeeze(-1)
 
 
 class AgentState(NamedTuple):
@@ -717,7 +660,8 @@ class AgentState(NamedTuple):
 def make_agent(args: Args, ob_dim: int, act_dim: int, key):
     """GCIQL's networks V(s, g), Q1,2(s, g, a), pi(a | s, g) under one Adam, and the critic's target copy."""
     hd = tuple(args.hidden_dims)
-    nets = dict(value=GCValue(hd), critic=GCValue(hd, ensemble=2), actor=GCActor(hd, act_dim))
+    # the actor: the mean of pi(a | s, g), constant std 1, no LayerNorm (OGBench's const_std defaults)
+    nets = dict(value=GCValue(hd), critic=GCValue(hd, ensemble=2), actor=MLP((*hd, act_dim), final_scale=1e-2))
     ob, act = jnp.zeros((1, ob_dim)), jnp.zeros((1, act_dim))
     inputs = dict(value=(ob, ob), critic=(ob, ob, act), actor=(ob, ob))  # example inputs that fix the shapes
     key, *keys = jax.random.split(key, 4)
@@ -728,17 +672,12 @@ def make_agent(args: Args, ob_dim: int, act_dim: int, key):
 
 
 # === Losses and update (GCIQL, OGBench impls/agents/gciql.py) =========================================================
-def expectile_loss(adv, diff, expectile):
-    """IQL expectile regression |tau - 1(adv < 0)| * diff^2 (GCIQL: adv = diff; HIQL: the target's advantage)."""
-    return jnp.where(adv >= 0, expectile, 1 - expectile) * diff**2
-
-
 def value_loss(params, target_critic, batch, nets: dict, expectile):
     """V(s, g) regresses to the expectile of min(Q1, Q2)_target(s, g, a) (IQL, Kostrikov et al., arXiv 2110.06169)."""
     obs, goals = batch["observations"], batch["value_goals"]
     q = jnp.minimum(*nets["critic"].apply({"params": target_critic}, obs, goals, batch["actions"]))  # (batch,)
     v = nets["value"].apply({"params": params["value"]}, obs, goals)  # (batch,)
-    loss = expectile_loss(q - v, q - v, expectile).mean()
+    loss = (jnp.where(q >= v, expectile, 1 - expectile) * (q - v) ** 2).mean()  # |tau - 1(q < v)| * (q - v)^2
     return loss, {"value/value_loss": loss, "value/v_mean": v.mean()}
 
 
@@ -760,19 +699,18 @@ def actor_loss(params, batch, nets: dict, alpha):
     critic = {"params": jax.lax.stop_gradient(params["critic"])}  # the actor loss trains the actor only
     q = jnp.minimum(*nets["critic"].apply(critic, obs, goals, jnp.clip(mean, -1, 1)))  # constant std: the mean action
     q_loss = -q.mean() / jax.lax.stop_gradient(jnp.abs(q).mean() + 1e-6)  # scale-invariant Q term
-    bc_loss = -(alpha * log_prob(mean, actions)).mean()
+    log_prob = jnp.sum(-0.5 * (actions - mean) ** 2 - 0.5 * jnp.log(2 * jnp.pi), axis=-1)  # log N(a; mean, I): (batch,)
+    bc_loss = -(alpha * log_prob).mean()
     return q_loss + bc_loss, {"actor/actor_loss": q_loss + bc_loss, "actor/q_loss": q_loss, "actor/bc_loss": bc_loss}
 
 
 def over_seeds(fn):
-    """fn(state, data, *args) for all seeds (state, args and PER_SEED data with a leading seed axis) inside one jitted
-    call: vmapped on GPU/TPU; on CPU a loop (lax.map), as XLA:CPU's batched matmuls from vmap are 2-3x slower per seed."""
+    """fn(state, data, *args) on all seeds (leading axis) in one call: vmap on GPU/TPU, lax.map on CPU (see `call`)."""
 
     def call(state, data, *rest):
-        def one_seed(x):
-            return fn(x[0], data | x[1], *x[2:])
-
+        one_seed = lambda x: fn(x[0], data | x[1], *x[2:])  # x: one seed's (state, PER_SEED data, *rest)
         xs = (state, {k: data[k] for k in PER_SEED}, *rest)
+        # XLA:CPU runs vmap's batched matmuls 3.5x slower per seed than this loop (measured: docs/keystate_gciql.md)
         return jax.lax.map(one_seed, xs) if jax.default_backend() == "cpu" else jax.vmap(one_seed)(xs)
 
     return call
@@ -804,18 +742,12 @@ def make_update(args: Args, nets: dict, tx):
         td = jax.vmap(lambda g: critic_loss(state.params, batch | {"value_goals": g}, nets, args.discount)[1]["td_abs"])
         return td(goals), dist, counts
 
-    # The donated state is updated in place (no per-step copies).
-    return jax.jit(over_seeds(update), donate_argnums=(0,)), jax.jit(over_seeds(probe))
+    return jax.jit(over_seeds(update), donate_argnums=(0,)), jax.jit(over_seeds(probe))  # donated: updated in place
 
 
 def make_policy(nets: dict):
     """Deterministic evaluation action: the Gaussian mean (OGBench eval_temperature=0), clipped to [-1, 1]."""
-
-    @jax.jit
-    def act(params, obs, goal):
-        return jnp.clip(nets["actor"].apply({"params": params["actor"]}, obs[None], goal[None])[0], -1, 1)
-
-    return act
+    return jax.jit(lambda p, o, g: jnp.clip(nets["actor"].apply({"params": p["actor"]}, o[None], g[None])[0], -1, 1))
 
 
 # === Evaluation (OGBench protocol: 5 tasks, success rate per task and overall) and logging ============================
@@ -836,20 +768,12 @@ def evaluate(env, act, params, args: Args, seed: int) -> dict:
     return results
 
 
-def mean_ci(x) -> Tuple[float, float]:
-    """Mean over seeds and the half-width of its 95% Student-t confidence interval (0 for one seed)."""
-    return float(np.mean(x)), float(
-        t_dist.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / len(x) ** 0.5 if len(x) > 1 else 0
-    )
-
-
 def make_run_dir(args: Args) -> Path:
     """{run_dir}/{env}__{exp}__{arm}__frac{f}__seed{s}x{n}__{time}_{random}, created exclusively (mkdtemp)."""
     name = f"{args.env_name}__{args.exp_name}__{args.relabel}__frac{args.dataset_fraction:g}__seed{args.seed}"
+    name += f"x{args.num_seeds}__{time.strftime('%Y%m%d-%H%M%S')}_"
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    return Path(
-        tempfile.mkdtemp(prefix=f"{name}x{args.num_seeds}__{time.strftime('%Y%m%d-%H%M%S')}_", dir=args.run_dir)
-    )
+    return Path(tempfile.mkdtemp(prefix=name, dir=args.run_dir))
 
 
 # === Main: rules -> discriminators -> key-state mask, then offline training with key-state-prioritised relabeling =====
@@ -861,11 +785,9 @@ def main(args: Args):
     env, ds = make_env_and_dataset(args)
     keep = episode_subsets(ds, args)
     log(f"[data] {args.env_name}: {len(ds['valids'])} rows; kept per seed: {dict(zip(seeds, keep.sum(1).tolist()))}")
-    # With a rules file the HER arm builds the key-state mask too, only for the paired TD probe (Figure 2 on an
-    # HER-trained critic); it never relabels with it. Without one, the HER arm asks no LLM.
-    key_mask, rules = None, None
-    if args.relabel == "keystate" or args.rules_path:
-        key_mask, rules = build_keystate_mask(args, ds, keep.any(0), log)
+    # The HER arm compiles a --rules-path too, only for the paired TD probe (Figure 2 on an HER-trained critic); no LLM.
+    use_rules = args.relabel == "keystate" or args.rules_path
+    key_mask, rules = build_keystate_mask(args, ds, keep.any(0), log) if use_rules else (None, None)
     run_dir = make_run_dir(args)  # only now: a run that fails before training leaves no folder behind
     if rules is not None:
         (run_dir / "rules.json").write_text(json.dumps(rules, indent=2))
@@ -875,7 +797,7 @@ def main(args: Args):
     if args.track:
         import wandb
 
-        run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=vars(args))
+        run = dict(project=args.wandb_project_name, name=run_dir.name, config=vars(args))  # entity: $WANDB_ENTITY
         wandb.init(**run, sync_tensorboard=True, save_code=True)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -883,10 +805,8 @@ def main(args: Args):
     ob_dim, act_dim = ds["observations"].shape[1], ds["actions"].shape[1]
     nets, tx, _ = make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))  # the modules and the optimiser
     # One agent per seed, stacked on a leading axis: parameters, Adam moments, target copy and RNG key.
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-    state = jax.vmap(lambda k: make_agent(args, ob_dim, act_dim, k)[2])(keys)
+    state = jax.vmap(lambda s: make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(s))[2])(jnp.asarray(seeds))
     (update, probe), act = make_update(args, nets, tx), make_policy(nets)
-
     # Component (4): offline training; only the relabeling differs from the learner's reference implementation.
     start = last_t = time.time()
     last_step = 0
@@ -900,29 +820,26 @@ def main(args: Args):
             p_key = {f"relabel/p_keystate/seed{s}": p for s, p in zip(seeds, check.p_keystate)}
             for k, v in {**info, **p_key, "charts/SPS": sps}.items():  # losses: the mean over seeds
                 writer.add_scalar(k, v, step)
-            shown = [k for k in info if k.split("/")[-1] in ("value_loss", "critic_loss", "actor_loss")]
-            text = " ".join(f"{k.split('/')[1]}_loss={info[k]:.4f}" for k in shown)
-            text += f" frac_keystate_goals={info['relabel/frac_keystate_goals']:.3f} p_keystate="
-            log(f"step={step} SPS={sps:.1f} {text}" + ",".join(f"{p:.3f}" for p in check.p_keystate))
+            text = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in info.items())  # value/value_loss=...
+            log(f"step={step} SPS={sps:.1f} {text} p_keystate=" + ",".join(f"{p:.3f}" for p in check.p_keystate))
         if (args.eval_interval and step % args.eval_interval == 0) or last:
-            per_seed = [
-                evaluate(env, act, tree_map(lambda x: x[i], state.params), args, s) for i, s in enumerate(seeds)
-            ]
-            results = {k: mean_ci([r[k] for r in per_seed]) for k in per_seed[0]}  # mean and CI over seeds
-            scalars = {k: m for k, (m, _) in results.items()} | {f"{k}_ci95": ci for k, (_, ci) in results.items()}
+            seed_params = [tree_map(lambda x: x[i], state.params) for i in range(len(seeds))]
+            per_seed = [evaluate(env, act, params, args, s) for params, s in zip(seed_params, seeds)]
+            x, n = np.array([list(r.values()) for r in per_seed]), len(seeds)  # (seeds, metrics)
+            ci = t_dist.ppf(0.975, n - 1) * x.std(0, ddof=1) / n**0.5 if n > 1 else 0 * x[0]  # 95% Student-t half-width
+            stats = list(zip(per_seed[0], x.mean(0).tolist(), ci.tolist()))  # (metric, mean, CI half-width)
+            scalars = {k: m for k, m, _ in stats} | {f"{k}_ci95": c for k, _, c in stats}
             for k, v in (scalars | {f"{k}/seed{s}": r[k] for s, r in zip(seeds, per_seed) for k in r}).items():
                 writer.add_scalar(k, v, step)
-            text = " ".join(f"{k.removeprefix('eval/')}={m:.3f}+-{ci:.3f}" for k, (m, ci) in results.items())
+            text = " ".join(f"{k.removeprefix('eval/')}={m:.3f}+-{c:.3f}" for k, m, c in stats)
             log(f"eval step={step} {text} per_seed={[r['eval/overall_success'] for r in per_seed]}")
             last_t = time.time()  # keep evaluation time out of the next SPS reading
-
     total_time = time.time() - start
-    log(f"done: {args.total_steps} gradient steps ({len(seeds)} seeds) in {total_time:.1f}s")
     if check.snapshots:
         check.save(run_dir)
     (run_dir / "params.msgpack").write_bytes(serialization.to_bytes(state.params))  # leading axis: seeds
     (run_dir / "final_eval.json").write_text(json.dumps(scalars | dict(seeds=seeds, per_seed=per_seed), indent=2))
-    log(f"saved to {run_dir}")
+    log(f"done: {args.total_steps} gradient steps ({len(seeds)} seeds) in {total_time:.1f}s; saved to {run_dir}")
     writer.close()
     env.close()
 

@@ -1,11 +1,10 @@
 """LLM-Driven Relabeling (key-state-prioritised goal relabeling) on top of HIQL, on OGBench.
 
 Paper: Gao, Sun, Wang, Zheng, "Better Goals, Better Policies: LLM-Driven Relabeling for Offline Goal-Conditioned
-Reinforcement Learning", AAMAS 2026 extended abstract (no arXiv version). Figure 1 as functions: (1) `generate_rules`,
-(2) `compile_condition` (whitelisted AST -> NumPy; LLM output is never executed), (3) `keystate_goals` (in the jitted
-update), (4) HIQL ("HIQL: Offline Goal-Conditioned RL with Latent States as Actions", arXiv 2307.11949) as OGBench's
-impls/agents/hiql.py, only relabeling changed. Self-checks: `check_rules` (compile time) and `RelabelCheck` (relabel
-time, a paired TD probe). Notes: docs/keystate_hiql.md.
+Reinforcement Learning", AAMAS 2026 extended abstract (no arXiv version). Figure 1: (1) `generate_rules`, (2)
+`compile_condition` (LLM output is never executed), (3) `keystate_goals`, (4) HIQL ("HIQL: Offline Goal-Conditioned RL
+with Latent States as Actions", arXiv 2307.11949) as OGBench's impls/agents/hiql.py, only relabeling changed.
+Self-checks: `check_rules`, `RelabelCheck` (paired TD probe). Notes: docs/keystate_hiql.md.
 
     vllm serve Qwen/Qwen2.5-7B-Instruct   # any OpenAI-compatible endpoint writes the rules
     python keystate_hiql.py --env-name antmaze-large-navigate-v0 --llm-model Qwen/Qwen2.5-7B-Instruct
@@ -17,6 +16,7 @@ time, a paired TD probe). Notes: docs/keystate_hiql.md.
 # requires-python = ">=3.11"
 # dependencies = [
 #     "numpy==2.4.6",
+#     "scipy==1.17.1",
 #     "matplotlib==3.11.2",
 #     "jax[cpu]==0.10.2",
 #     "jaxlib==0.10.2",
@@ -49,15 +49,14 @@ from typing import Any, Literal, NamedTuple, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import tyro
 from flax import serialization
 from jax.tree_util import tree_map
-from scipy.stats import t as t_dist  # a dependency of jax
+from scipy.stats import t as t_dist
 from tqdm import tqdm
-
-PROMPTS = Path(__file__).resolve().parent / "prompts"
 
 
 # === Args =============================================================================================================
@@ -73,8 +72,6 @@ class Args:
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "llm-relabeling"
     """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
     run_dir: str = "runs"
     """parent folder of each run's {run_dir}/{run_name}/ (TensorBoard, rules.json, TD errors, params)"""
     env_name: str = "antmaze-large-navigate-v0"
@@ -124,7 +121,6 @@ class Args:
     """sampling temperature (0: greedy)"""
     llm_concurrency: int = 8
     """requests in flight (openai), or the generation batch size (transformers)"""
-    # HIQL (OGBench impls/agents/hiql.py defaults)
     hidden_dims: Tuple[int, ...] = (512, 512, 512)
     """hidden sizes of the value, subgoal-representation and both actor MLPs"""
     high_alpha: Optional[float] = None
@@ -135,6 +131,7 @@ class Args:
     """k: the subgoal is the state k steps ahead (default: OGBench's per-env value, 25; cube/scene/puzzle 10)"""
 
 
+PROMPTS = Path(__file__).resolve().parent / "prompts"  # the prompt files, next to this script
 # Fixed values nobody tunes in the paper's experiments (each with the reason for its value).
 TAU, LR = 0.005, 3e-4  # soft target update rate and Adam learning rate, as OGBench
 EXPECTILE = 0.7  # expectile of the action-free value loss, as OGBench
@@ -142,11 +139,10 @@ REP_DIM = 10  # size of the subgoal representation phi([s; g]), as OGBench
 MAX_LAG = 20  # a rule's temporal window: nested prev/next/delta lags add up to <= 20 steps (a turn, a grasp)
 MAX_RULES = 16  # rules read from one LLM answer or one --rules-path file; the rest are dropped with a message
 MAX_REPAIR_ROUNDS = 2  # compile-time self-check: rounds of the repair prompt for rules that failed
-# A rule that fires on (almost) no state or on a large share of all states does not pick out *key* states.
-RULE_MIN_FIRE, RULE_MAX_FIRE = 0.001, 0.3
-# Relabel-time self-check (`RelabelCheck`): decision k moves p_keystate by ADAPT_STEP * ADAPT_K0 / (ADAPT_K0 + k) when
-# the paired TD gap is significant (|z| > ADAPT_Z), inside bounds that keep both HER and key-state goals in the batches.
+RULE_MIN_FIRE, RULE_MAX_FIRE = 0.001, 0.3  # a rule firing on (almost) no or on many states picks no *key* states
+# `RelabelCheck`'s step, z threshold and bounds (the bounds keep both HER and key-state goals in the batches).
 ADAPT_STEP, ADAPT_K0, ADAPT_Z, P_KEYSTATE_MIN, P_KEYSTATE_MAX = 0.1, 10, 2.0, 0.05, 0.9
+PER_SEED = ("valid_idxs", "n_valid")  # goal data that differ per seed (--dataset-fraction); the dataset is shared
 
 
 def usage_error(message: str):
@@ -157,17 +153,15 @@ def usage_error(message: str):
 
 def check_args(args: Args):
     """Usage errors as one line (`error: --flag: ...`) before anything heavy; the rule compiler keeps its own checks."""
+    at_least_1 = ("total_steps", "batch_size", "log_interval", "eval_episodes", "num_seeds", "keystate_window")
     checks = [  # (field, valid?, what it must be)
-        *[(n, getattr(args, n) >= 1, ">= 1") for n in ("total_steps", "batch_size", "log_interval", "eval_episodes")],
-        *[(n, getattr(args, n) >= 1, ">= 1") for n in ("keystate_window", "llm_concurrency", "llm_max_new_tokens")],
-        ("num_seeds", args.num_seeds >= 1, ">= 1"),
-        *[(n, getattr(args, n) >= 0, ">= 0") for n in ("eval_interval", "adapt_interval")],
+        *[(n, getattr(args, n) >= 1, ">= 1") for n in (*at_least_1, "llm_concurrency", "llm_max_new_tokens")],
+        *[(n, getattr(args, n) >= 0, ">= 0") for n in ("eval_interval", "adapt_interval", "llm_temperature")],
         ("num_rules", 1 <= args.num_rules <= MAX_RULES, f"in [1, {MAX_RULES}]"),
         ("dataset_fraction", 0.0 < args.dataset_fraction <= 1.0, "in (0, 1]"),
         ("p_keystate", 0.0 <= args.p_keystate <= 1.0, "in [0, 1]"),
         ("discount", args.discount is None or 0.0 < args.discount < 1.0, "in (0, 1)"),
         ("hidden_dims", len(args.hidden_dims) > 0 and min(args.hidden_dims) >= 1, "one or more sizes >= 1"),
-        ("llm_temperature", args.llm_temperature >= 0, ">= 0"),
         ("dataset_path", args.dataset_path is None or Path(args.dataset_path).is_file(), "an existing file"),
         ("rules_path", args.rules_path is None or Path(args.rules_path).is_file(), "an existing file"),
         ("run_dir", not Path(args.run_dir).exists() or Path(args.run_dir).is_dir(), "a folder"),
@@ -178,8 +172,7 @@ def check_args(args: Args):
 
 
 def resolve_presets(args: Args) -> Args:
-    """Per-env defaults as OGBench's hyperparameters.sh sets them for HIQL: subgoal steps 100 on humanoidmaze, 10 on
-    cube/scene/puzzle, else 25; both alphas 10.0 on antmaze-explore, else 3.0; discount 0.995 on giant, humanoidmaze."""
+    """OGBench's per-env HIQL defaults (impls/hyperparameters.sh): subgoal steps, both alphas and the discount."""
     env = args.env_name
     subgoal_steps = 100 if "humanoidmaze" in env else 10 if any(f in env for f in ("cube", "scene", "puzzle")) else 25
     alpha = 10.0 if "antmaze" in env and "explore" in env else 3.0
@@ -195,7 +188,7 @@ def resolve_presets(args: Args) -> Args:
 
 # === Environment & dataset ============================================================================================
 def make_env_and_dataset(args: Args):
-    """OGBench's environment and training dataset (compact layout: row i+1 is the next state of row i where valids[i])."""
+    """OGBench's environment and training dataset (compact layout: row i+1 is row i's next state where valids[i])."""
     import ogbench
 
     try:
@@ -232,13 +225,6 @@ def episode_subsets(ds: dict, args: Args) -> np.ndarray:
     n_keep = max(1, int(round(args.dataset_fraction * n_ep)))
     seeds = range(args.seed, args.seed + args.num_seeds)
     return np.stack([np.isin(ep_id, np.random.default_rng(s).permutation(n_ep)[:n_keep]) for s in seeds])
-
-
-def episode_index(ds: dict):
-    """Per row: first and last row of its episode (the last row has no next state and is never a goal)."""
-    ends = np.nonzero(ds["valids"] == 0)[0]
-    ep_id = np.searchsorted(ends, np.arange(len(ds["valids"])))
-    return np.concatenate([[0], ends[:-1] + 1])[ep_id], ends[ep_id]
 
 
 # === LLM client: the same class, flags and errors in all five scripts =================================================
@@ -310,18 +296,16 @@ class LLMClient:
 
 
 # === Key-state rules: generation (1), safe compilation into discriminators (2), compile-time self-check ===============
-# Everything a rule may use besides feature names and numbers: operators (by AST node type) and functions (by name),
-# each with the NumPy code that evaluates it on all states at once. Division, sqrt, log and exp are made total (no NaN
-# or inf from any state). prev/next/delta(expr, k) read expr k steps earlier/later, clamped to the episode (in `ev`).
+# What a rule may use besides features and numbers: operators (by AST node type) and functions (by name) -> NumPy on all
+# states at once; /, sqrt, log, exp made total (no NaN or inf). prev/next/delta(expr, k): clamped to the episode (`ev`).
 OPS = {
     **{ast.Add: np.add, ast.Sub: np.subtract, ast.Mult: np.multiply, ast.USub: np.negative, ast.UAdd: np.positive},
     ast.Div: lambda a, b: a / np.where(b == 0, 1e-8, b),
     **{ast.Lt: np.less, ast.LtE: np.less_equal, ast.Gt: np.greater, ast.GtE: np.greater_equal, ast.Not: np.logical_not},
     **{ast.Eq: np.equal, ast.NotEq: np.not_equal, ast.And: np.logical_and, ast.Or: np.logical_or},
     **{name: getattr(np, name) for name in ("abs", "sin", "cos", "tanh", "sign", "arctan2", "clip")},
-    "sqrt": lambda x: np.sqrt(np.abs(x)),
+    **{"sqrt": lambda x: np.sqrt(np.abs(x)), "log": lambda x: np.log(np.abs(x) + 1e-8)},
     "exp": lambda x: np.exp(np.clip(x, -50, 50)),
-    "log": lambda x: np.log(np.abs(x) + 1e-8),
     **{"min": np.minimum, "max": np.maximum, "norm": lambda *xs: np.sqrt(sum(np.square(x) for x in xs))},
     **dict.fromkeys(["prev", "next", "delta"]),  # evaluated in `ev`
 }
@@ -334,20 +318,19 @@ class RuleError(ValueError):
 
 
 class Features:
-    """What a rule may read: s0 ... s{d-1}, the layout's names for them, t / t_left (steps since / until episode end)."""
+    """What a rule may read (s0 ..., layout names, t / t_left: steps since / until episode end), episode bounds."""
 
     def __init__(self, ds: dict, names: dict):
-        obs, idx = ds["observations"], np.arange(len(ds["observations"]))
-        self.ep_start, self.ep_end = episode_index(ds)
+        obs, idx, ends = ds["observations"], np.arange(len(ds["observations"])), np.nonzero(ds["valids"] == 0)[0]
+        ep_id = np.searchsorted(ends, idx)
+        self.ep_start, self.ep_end = np.concatenate([[0], ends[:-1] + 1])[ep_id], ends[ep_id]
         self.columns = {f"s{i}": obs[:, i] for i in range(obs.shape[1])} | {k: obs[:, i] for k, i in names.items()}
         self.columns["t"], self.columns["t_left"] = idx - self.ep_start, self.ep_end - idx
 
 
 def compile_condition(expr: str, feats: Features) -> np.ndarray:
-    """Section 2.1 (2): compile one condition into a deterministic discriminator state -> {0, 1} and apply it to all N
-    states at once with NumPy. The evaluator is the whitelist: any syntax it does not know (attributes, subscripts,
-    lambdas, strings, keywords, unknown names, ...) is a RuleError. LLM output is never executed. Each sub-expression is
-    computed once, on all N states (prev/next/delta index their argument's values): cost linear in the expression."""
+    """Section 2.1 (2): a condition -> discriminator state -> {0, 1} on all states (NumPy). The evaluator is the
+    whitelist (other syntax: RuleError; never executed); each sub-expression is computed once: linear cost."""
     if not isinstance(expr, str) or not 0 < len(expr.strip()) <= MAX_EXPR_CHARS:
         raise RuleError(f"condition must be a non-empty string of at most {MAX_EXPR_CHARS} characters")
     try:
@@ -416,8 +399,7 @@ def extract_rules_json(text: str) -> list:
 
 
 def check_rules(rules: list, feats: Features, valid_rows: np.ndarray, key_mask: np.ndarray, log=print):
-    """Compile-time self-check: a rule must parse, run and fire on a share of states in [RULE_MIN_FIRE, RULE_MAX_FIRE].
-    Reads at most MAX_RULES rules; OR-s each accepted mask into `key_mask` at once (memory flat in the rule count)."""
+    """Compile-time self-check of <= MAX_RULES rules: parse, run, fire rate in bounds; masks OR-ed into key_mask."""
     if len(rules) > MAX_RULES:  # one cap for LLM answers and rule files
         names = ", ".join(str(r.get("name", "?"))[:64] for r in rules[MAX_RULES : MAX_RULES + 5])
         log(f"[rules] {len(rules) - MAX_RULES} rules beyond the cap of {MAX_RULES} dropped: {names}, ...")
@@ -446,8 +428,7 @@ def read_prompt(path: Path) -> str:
 
 
 def read_layout(args: Args):
-    """The observation-layout prompt prompts/keystate/layout_<family>.md whose family (pointmaze, antmaze, cube_single;
-    add a file for another) starts --env-name, and its feature names from lines "- `name` = sINDEX: meaning"."""
+    """The layout prompt prompts/keystate/layout_<family>.md whose family starts --env-name, and its feature names."""
     families = sorted((PROMPTS / "keystate").glob("layout_*.md"))
     match = [p for p in families if args.env_name.startswith(p.stem.removeprefix("layout_").replace("_", "-") + "-")]
     if not match:
@@ -457,14 +438,12 @@ def read_layout(args: Args):
 
 
 def generate_rules(args: Args, feats: Features, layout: str, valid_rows: np.ndarray, key_mask: np.ndarray, log):
-    """Section 2.1 (1) + compile-time self-check: ask the LLM for rules, compile and calibrate them, send the failures
-    back in the repair prompt for at most MAX_REPAIR_ROUNDS rounds. Returns (accepted rules, counts of failures)."""
+    """Section 2.1 (1): ask the LLM for rules, check them, send failures back (MAX_REPAIR_ROUNDS repair prompts)."""
     client = LLMClient(args)
     task, _, layout_features = layout.partition("\nFeatures:")  # the layout's "Task: ..." paragraph, then its features
     fields = dict(env_name=args.env_name, num_rules=args.num_rules, observation_layout=layout_features.strip())
     fields |= dict(task_description=" ".join(task.removeprefix("Task:").split()), features=", ".join(feats.columns))
-    # what the compiler accepts (OPS, MAX_LAG) and what the self-check calibrates (the fire rate)
-    fields |= dict(functions=", ".join(k for k in OPS if isinstance(k, str)), max_lag=MAX_LAG)
+    fields |= dict(functions=", ".join(k for k in OPS if isinstance(k, str)), max_lag=MAX_LAG)  # what compiles
     fields |= dict(min_fire=f"{RULE_MIN_FIRE:.1%}", max_fire=f"{RULE_MAX_FIRE:.1%}")
     prompt = Template(read_prompt(PROMPTS / "keystate" / "rule_generation.md")).substitute(fields)
     accepted, rejected = [], 0
@@ -489,9 +468,7 @@ def generate_rules(args: Args, feats: Features, layout: str, valid_rows: np.ndar
 
 
 def build_keystate_mask(args: Args, ds: dict, kept: np.ndarray, log):
-    """Components (1) + (2) with the compile-time self-check: rules from --rules-path or from the LLM, compiled and
-    calibrated on the kept rows (`kept`: rows of any seed's episodes), OR-ed into one key-state mask (None when no rule
-    survived: HER). Returns (mask, the content of rules.json)."""
+    """Components (1) + (2): rules (--rules-path or LLM) -> one key-state mask (None: HER), and rules.json's content."""
     layout, names = read_layout(args)
     feats, valid = Features(ds, names), (ds["valids"] > 0) & kept
     key_mask = np.zeros(len(valid), bool)  # the union of the accepted rules' masks, OR-ed in as they compile
@@ -516,13 +493,9 @@ def build_keystate_mask(args: Args, ds: dict, kept: np.ndarray, log):
 
 
 # === Goal sampling: OGBench's HER mixture + key-state-prioritised relabeling (3) on device; relabel-time self-check ===
-PER_SEED = ("valid_idxs", "n_valid")  # goal data that differ per seed (--dataset-fraction); the dataset is shared
-
-
 def make_goal_data(ds: dict, key_mask: Optional[np.ndarray], keep: Optional[np.ndarray] = None) -> dict:
-    """Device arrays the jitted sampler reads. keep: (seeds, N) rows per seed (`episode_subsets`): the PER_SEED members
-    get a seed axis, padded (rows past n_valid are never drawn); None: all rows, no seed axis (one agent, direct calls)."""
-    ep_start, ep_end = episode_index(ds)
+    """Device arrays the jitted sampler reads; keep (seeds, N) gives PER_SEED members a seed axis (None: all rows)."""
+    ep = Features(ds, {})  # only for each row's episode bounds
     valid = ds["valids"] > 0
     key_idxs = np.nonzero(valid & key_mask)[0] if key_mask is not None else []
     rows = [np.nonzero(valid & k)[0] for k in (valid[None] if keep is None else keep)]
@@ -534,15 +507,14 @@ def make_goal_data(ds: dict, key_mask: Optional[np.ndarray], keep: Optional[np.n
         "valid_idxs": jnp.asarray(padded[0] if keep is None else padded, jnp.int32),  # ([S,] M) rows with a next state
         "n_valid": jnp.asarray(n_valid[0] if keep is None else n_valid, jnp.int32),  # ([S,]) how many of them
         # (N,) last goal row of each row's episode: its last valid row (OGBench's terminal_locs)
-        "final_idxs": jnp.asarray(np.maximum(ep_end - 1, ep_start), jnp.int32),
+        "final_idxs": jnp.asarray(np.maximum(ep.ep_end - 1, ep.ep_start), jnp.int32),
         # (K + 1,) sorted rows that satisfy a discriminator, then N: a sentinel that no window reaches
         "key_idxs": jnp.asarray(np.append(key_idxs, len(valid)), jnp.int32),
     }
 
 
 def keystate_goals(key, idxs, final, key_idxs, window):
-    """Section 2.1 (3): a key state uniformly among those in (t, min(t + window, final)] of the same trajectory.
-    Vectorised with searchsorted over the sorted key indices. Returns (goal rows, whether one existed)."""
+    """Section 2.1 (3): a key state drawn uniformly in (t, min(t + window, final)] -> (rows, whether one exists)."""
     lo = jnp.searchsorted(key_idxs, idxs, side="right")  # first key state strictly after t
     hi = jnp.searchsorted(key_idxs, jnp.minimum(idxs + window, final), side="right")
     pick = lo + jnp.floor(jax.random.uniform(key, idxs.shape) * (hi - lo)).astype(jnp.int32)
@@ -550,8 +522,7 @@ def keystate_goals(key, idxs, final, key_idxs, window):
 
 
 def sample_goals(key, data: dict, idxs, p_cur, p_traj, geom, discount, p_key, window):
-    """OGBench GCDataset.sample_goals (impls/utils/datasets.py), with the future-state (HER) branch replaced by a
-    key-state goal w.p. p_key when one exists in the window. Returns goal rows, is-key-goal, is-HER-future-goal."""
+    """OGBench's GCDataset.sample_goals; HER goal -> key state w.p. p_key when one is in the window (Section 2.1 (3))"""
     k_rand, k_geom, k_mix, k_cur, k_key, k_use = jax.random.split(key, 6)
     b, valid_idxs = idxs.shape[0], data["valid_idxs"]
     random_goals = valid_idxs[jax.random.randint(k_rand, (b,), 0, data["n_valid"])]
@@ -593,9 +564,7 @@ def sample_batch(key, data: dict, args: Args, p_keystate):
 
 
 def probe_batch(key, data: dict, args: Args):
-    """Paired, distance-matched TD probe (`RelabelCheck`, Figure 2): rows drawn apart from the training batch, each with
-    three goals in the same window W = (t, min(t + window, final)]: a key state, a HER goal (OGBench's geometric offset
-    truncated to W), a uniform state of W. Rows count if W holds a key state. -> batch, goals (3, B, ob), distances."""
+    """Paired TD probe (Figure 2): fresh rows, each with a key-state, a HER and a uniform goal in one window (t, t+W]"""
     k_idx, k_key, k_her, k_uni = jax.random.split(key, 4)
     idxs = data["valid_idxs"][jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])]
     final, obs = data["final_idxs"][idxs], data["observations"]
@@ -612,14 +581,9 @@ def probe_batch(key, data: dict, args: Args):
 
 
 class RelabelCheck:
-    """Relabel-time self-check (Section 2.1; the rule is ours). Theorem 2.1's premise: key-state goals give larger TD
-    errors than HER goals. Every --adapt-interval steps `probe_batch` scores a key-state and a HER goal for the SAME rows
-    with the same critic: d = |TD_key| - |TD_HER| per row, paired. Decision k (per seed) is a z-test with a deadband:
-    p_keystate moves up if mean(d) > ADAPT_Z s.e., down if < -ADAPT_Z s.e., else stays, by the Robbins-Monro step
-    ADAPT_STEP * ADAPT_K0 / (ADAPT_K0 + k) (sums to infinity, shrinks to zero). It cannot oscillate on its own effect:
-    more key-state goals lower their TD, so the gap falls as p rises; a fixed step cycles on that feedback, but here a
-    reversal undoes at most the current step and the steps vanish, so p converges (to where the gap stops being
-    significant, or to a bound while its sign holds). At each evaluation the probe is kept too (Figure 2)."""
+    """Relabel-time self-check (Section 2.1, Theorem 2.1's premise; our rule, why: docs/keystate_gciql.md). Paired
+    d = |TD_key| - |TD_HER| on the same rows; if |z| > ADAPT_Z, decision k moves p_keystate by ADAPT_STEP * ADAPT_K0 /
+    (ADAPT_K0 + k): the steps vanish, so p converges instead of cycling on its own effect."""
 
     def __init__(self, args: Args, probing: bool):
         self.p_keystate = np.full(args.num_seeds, args.p_keystate if args.relabel == "keystate" else 0.0)
@@ -649,10 +613,7 @@ class RelabelCheck:
             self.snapshots += [(step, td, dist, counts)] if keep else []
 
     def save(self, run_dir: Path):
-        """Figure 2, paired: per snapshot the mean |TD| gap key-state minus HER / uniform goals over the rows that count
-        (seeds pooled) with a percentile-bootstrap 95% CI, and mean goal distances: td_probe.npz and td_probe.png."""
-        import matplotlib.pyplot as plt
-
+        """Figure 2: mean |TD| gap key-state - HER / uniform per snapshot, bootstrap 95% CI -> td_probe.npz, .png."""
         steps, td, dist, counts = (np.stack(x) for x in zip(*self.snapshots))  # (T,), (T, S, 3, B), ..., (T, S, B)
         rows, rng = counts.astype(bool), np.random.default_rng(0)
         out = dict(steps=steps, td=td, dist=dist, counts=counts, kinds=["keystate", "her", "uniform"])
@@ -672,17 +633,20 @@ class RelabelCheck:
 
 # === Networks (as OGBench impls/utils/networks.py) ====================================================================
 class MLP(nn.Module):
-    """Dense -> GELU -> LayerNorm blocks (OGBench's MLP ordering and variance-scaling init)."""
+    """OGBench's MLP (Dense -> GELU -> LayerNorm, variance-scaling init; final_scale: final_fc_init_scale) on inputs."""
 
     hidden_dims: Tuple[int, ...]
-    activate_final: bool = False
     layer_norm: bool = False
+    final_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, *inputs):
+        x = jnp.concatenate(inputs, axis=-1)
         for i, size in enumerate(self.hidden_dims):
-            x = nn.Dense(size, kernel_init=nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"))(x)
-            if i + 1 < len(self.hidden_dims) or self.activate_final:
+            last = i + 1 == len(self.hidden_dims)
+            init = nn.initializers.variance_scaling(self.final_scale if last else 1.0, "fan_avg", "uniform")
+            x = nn.Dense(size, kernel_init=init)(x)
+            if not last:
                 x = nn.LayerNorm()(nn.gelu(x)) if self.layer_norm else nn.gelu(x)
         return x
 
@@ -694,28 +658,10 @@ class GCValue(nn.Module):
     ensemble: int = 1
 
     @nn.compact
-    def __call__(self, observations, goals, actions=None):
-        x = jnp.concatenate([observations, goals] + ([] if actions is None else [actions]), axis=-1)
+    def __call__(self, *inputs):  # observations, goals[, actions]
         vmap = dict(variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, axis_size=self.ensemble)
         mlp = nn.vmap(MLP, **vmap) if self.ensemble > 1 else MLP
-        return mlp((*self.hidden_dims, 1), layer_norm=True)(x).squeeze(-1)
-
-
-class GCActor(nn.Module):
-    """The mean of the Gaussian policy pi(a | s, g): constant std 1, no LayerNorm (OGBench's const_std defaults)."""
-
-    hidden_dims: Tuple[int, ...]
-    action_dim: int
-
-    @nn.compact
-    def __call__(self, observations, goals):
-        h = MLP(self.hidden_dims, activate_final=True)(jnp.concatenate([observations, goals], axis=-1))
-        return nn.Dense(self.action_dim, kernel_init=nn.initializers.variance_scaling(1e-2, "fan_avg", "uniform"))(h)
-
-
-def log_prob(mean, actions):
-    """log N(actions; mean, I), summed over action dims: (batch,)."""
-    return jnp.sum(-0.5 * (actions - mean) ** 2 - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+        return mlp((*self.hidden_dims, 1), layer_norm=True)(*inputs).squeeze(-1)
 
 
 class AgentState(NamedTuple):
@@ -729,9 +675,10 @@ def make_agent(args: Args, ob_dim: int, act_dim: int, key):
     """HIQL's phi([s; g]), V1,2(s, phi), pi^l(a | s, phi([s; w])), pi^h(phi | s, g) under one Adam; V's target copy."""
     hd = tuple(args.hidden_dims)
     nets = dict(goal_rep=MLP((*hd, REP_DIM), layer_norm=True), value=GCValue(hd, 2))  # goal_rep: see `phi`
-    nets |= dict(low_actor=GCActor(hd, act_dim), high_actor=GCActor(hd, REP_DIM))  # pi^h: Gaussian over phi-space
+    # actors: the means of Gaussians with constant std 1, no LayerNorm (OGBench's const_std); pi^h over phi-space
+    nets |= dict(low_actor=MLP((*hd, act_dim), final_scale=1e-2), high_actor=MLP((*hd, REP_DIM), final_scale=1e-2))
     ob, rep = jnp.zeros((1, ob_dim)), jnp.zeros((1, REP_DIM))
-    inputs = dict(goal_rep=(jnp.zeros((1, 2 * ob_dim)),), value=(ob, rep), low_actor=(ob, rep), high_actor=(ob, ob))
+    inputs = dict(goal_rep=(ob, ob), value=(ob, rep), low_actor=(ob, rep), high_actor=(ob, ob))  # fix the shapes
     key, *keys = jax.random.split(key, 5)
     params = {name: nets[name].init(k, *inputs[name])["params"] for name, k in zip(nets, keys)}
     tx = optax.adam(LR)
@@ -741,13 +688,13 @@ def make_agent(args: Args, ob_dim: int, act_dim: int, key):
 
 # === Losses and update (HIQL, OGBench impls/agents/hiql.py) ===========================================================
 def expectile_loss(adv, diff, expectile):
-    """IQL expectile regression |tau - 1(adv < 0)| * diff^2 (GCIQL: adv = diff; HIQL: the target's advantage)."""
+    """IQL expectile regression |tau - 1(adv < 0)| * diff^2 (HIQL: adv is the target heads' advantage)."""
     return jnp.where(adv >= 0, expectile, 1 - expectile) * diff**2
 
 
 def phi(nets: dict, rep_params, obs, goals):
     """HIQL's subgoal representation phi([s; g]): MLP -> REP_DIM, length sqrt(REP_DIM) (OGBench's LengthNormalize)."""
-    x = nets["goal_rep"].apply({"params": rep_params}, jnp.concatenate([obs, goals], axis=-1))  # (batch, REP_DIM)
+    x = nets["goal_rep"].apply({"params": rep_params}, obs, goals)  # (batch, REP_DIM), of [s; g]
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True) * jnp.sqrt(REP_DIM)
 
 
@@ -775,7 +722,8 @@ def awr_loss(params, nets: dict, name, alpha, obs, next_obs, goals, mean, target
     """AWR (HIQL Eqs. 5-6): -min(exp(alpha * (V(s', g) - V(s, g))), 100) * log N(target; mean, I), V and phi frozen."""
     frozen = jax.lax.stop_gradient(params)
     v, nv = (hiql_value(nets, frozen["value"], frozen["goal_rep"], s, goals).mean(0) for s in (obs, next_obs))
-    loss = -(jnp.minimum(jnp.exp((nv - v) * alpha), 100.0) * log_prob(mean, target)).mean()  # A = nv - v: (batch,)
+    log_prob = jnp.sum(-0.5 * (target - mean) ** 2 - 0.5 * jnp.log(2 * jnp.pi), axis=-1)  # log N(target; mean, I)
+    loss = -(jnp.minimum(jnp.exp((nv - v) * alpha), 100.0) * log_prob).mean()  # A = nv - v: (batch,)
     return loss, {f"{name}/actor_loss": loss, f"{name}/adv": (nv - v).mean()}
 
 
@@ -798,14 +746,12 @@ def high_actor_loss(params, batch, nets: dict, alpha):
 
 
 def over_seeds(fn):
-    """fn(state, data, *args) for all seeds (state, args and PER_SEED data with a leading seed axis) inside one jitted
-    call: vmapped on GPU/TPU; on CPU a loop (lax.map), as XLA:CPU's batched matmuls from vmap are 2-3x slower per seed."""
+    """fn(state, data, *args) on all seeds (leading axis) in one call: vmap on GPU/TPU, lax.map on CPU (see `call`)."""
 
     def call(state, data, *rest):
-        def one_seed(x):
-            return fn(x[0], data | x[1], *x[2:])
-
+        one_seed = lambda x: fn(x[0], data | x[1], *x[2:])  # x: one seed's (state, PER_SEED data, *rest)
         xs = (state, {k: data[k] for k in PER_SEED}, *rest)
+        # XLA:CPU runs vmap's batched matmuls 3.5x slower per seed than this loop (measured: docs/keystate_gciql.md)
         return jax.lax.map(one_seed, xs) if jax.default_backend() == "cpu" else jax.vmap(one_seed)(xs)
 
     return call
@@ -838,8 +784,7 @@ def make_update(args: Args, nets: dict, tx):
         td = jax.vmap(lambda g: loss(batch | {"value_goals": g}, expectile=EXPECTILE)[1]["td_abs"])
         return td(goals), dist, counts
 
-    # The donated state is updated in place (no per-step copies).
-    return jax.jit(over_seeds(update), donate_argnums=(0,)), jax.jit(over_seeds(probe))
+    return jax.jit(over_seeds(update), donate_argnums=(0,)), jax.jit(over_seeds(probe))  # donated: updated in place
 
 
 def make_policy(nets: dict):
@@ -873,20 +818,12 @@ def evaluate(env, act, params, args: Args, seed: int) -> dict:
     return results
 
 
-def mean_ci(x) -> Tuple[float, float]:
-    """Mean over seeds and the half-width of its 95% Student-t confidence interval (0 for one seed)."""
-    return float(np.mean(x)), float(
-        t_dist.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / len(x) ** 0.5 if len(x) > 1 else 0
-    )
-
-
 def make_run_dir(args: Args) -> Path:
     """{run_dir}/{env}__{exp}__{arm}__frac{f}__seed{s}x{n}__{time}_{random}, created exclusively (mkdtemp)."""
     name = f"{args.env_name}__{args.exp_name}__{args.relabel}__frac{args.dataset_fraction:g}__seed{args.seed}"
+    name += f"x{args.num_seeds}__{time.strftime('%Y%m%d-%H%M%S')}_"
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    return Path(
-        tempfile.mkdtemp(prefix=f"{name}x{args.num_seeds}__{time.strftime('%Y%m%d-%H%M%S')}_", dir=args.run_dir)
-    )
+    return Path(tempfile.mkdtemp(prefix=name, dir=args.run_dir))
 
 
 # === Main: rules -> discriminators -> key-state mask, then offline training with key-state-prioritised relabeling =====
@@ -898,11 +835,9 @@ def main(args: Args):
     env, ds = make_env_and_dataset(args)
     keep = episode_subsets(ds, args)
     log(f"[data] {args.env_name}: {len(ds['valids'])} rows; kept per seed: {dict(zip(seeds, keep.sum(1).tolist()))}")
-    # With a rules file the HER arm builds the key-state mask too, only for the paired TD probe (Figure 2 on an
-    # HER-trained critic); it never relabels with it. Without one, the HER arm asks no LLM.
-    key_mask, rules = None, None
-    if args.relabel == "keystate" or args.rules_path:
-        key_mask, rules = build_keystate_mask(args, ds, keep.any(0), log)
+    # The HER arm compiles a --rules-path too, only for the paired TD probe (Figure 2 on an HER-trained critic); no LLM.
+    use_rules = args.relabel == "keystate" or args.rules_path
+    key_mask, rules = build_keystate_mask(args, ds, keep.any(0), log) if use_rules else (None, None)
     run_dir = make_run_dir(args)  # only now: a run that fails before training leaves no folder behind
     if rules is not None:
         (run_dir / "rules.json").write_text(json.dumps(rules, indent=2))
@@ -912,7 +847,7 @@ def main(args: Args):
     if args.track:
         import wandb
 
-        run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=vars(args))
+        run = dict(project=args.wandb_project_name, name=run_dir.name, config=vars(args))  # entity: $WANDB_ENTITY
         wandb.init(**run, sync_tensorboard=True, save_code=True)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -920,10 +855,8 @@ def main(args: Args):
     ob_dim, act_dim = ds["observations"].shape[1], ds["actions"].shape[1]
     nets, tx, _ = make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))  # the modules and the optimiser
     # One agent per seed, stacked on a leading axis: parameters, Adam moments, target copy and RNG key.
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-    state = jax.vmap(lambda k: make_agent(args, ob_dim, act_dim, k)[2])(keys)
+    state = jax.vmap(lambda s: make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(s))[2])(jnp.asarray(seeds))
     (update, probe), act = make_update(args, nets, tx), make_policy(nets)
-
     # Component (4): offline training; only the relabeling differs from the learner's reference implementation.
     start = last_t = time.time()
     last_step = 0
@@ -937,29 +870,26 @@ def main(args: Args):
             p_key = {f"relabel/p_keystate/seed{s}": p for s, p in zip(seeds, check.p_keystate)}
             for k, v in {**info, **p_key, "charts/SPS": sps}.items():  # losses: the mean over seeds
                 writer.add_scalar(k, v, step)
-            shown = [k for k in info if k.split("/")[-1] in ("value_loss", "critic_loss", "actor_loss")]
-            text = " ".join(f"{k.split('/')[1]}_loss={info[k]:.4f}" for k in shown)
-            text += f" frac_keystate_goals={info['relabel/frac_keystate_goals']:.3f} p_keystate="
-            log(f"step={step} SPS={sps:.1f} {text}" + ",".join(f"{p:.3f}" for p in check.p_keystate))
+            text = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in info.items())  # value/value_loss=...
+            log(f"step={step} SPS={sps:.1f} {text} p_keystate=" + ",".join(f"{p:.3f}" for p in check.p_keystate))
         if (args.eval_interval and step % args.eval_interval == 0) or last:
-            per_seed = [
-                evaluate(env, act, tree_map(lambda x: x[i], state.params), args, s) for i, s in enumerate(seeds)
-            ]
-            results = {k: mean_ci([r[k] for r in per_seed]) for k in per_seed[0]}  # mean and CI over seeds
-            scalars = {k: m for k, (m, _) in results.items()} | {f"{k}_ci95": ci for k, (_, ci) in results.items()}
+            seed_params = [tree_map(lambda x: x[i], state.params) for i in range(len(seeds))]
+            per_seed = [evaluate(env, act, params, args, s) for params, s in zip(seed_params, seeds)]
+            x, n = np.array([list(r.values()) for r in per_seed]), len(seeds)  # (seeds, metrics)
+            ci = t_dist.ppf(0.975, n - 1) * x.std(0, ddof=1) / n**0.5 if n > 1 else 0 * x[0]  # 95% Student-t half-width
+            stats = list(zip(per_seed[0], x.mean(0).tolist(), ci.tolist()))  # (metric, mean, CI half-width)
+            scalars = {k: m for k, m, _ in stats} | {f"{k}_ci95": c for k, _, c in stats}
             for k, v in (scalars | {f"{k}/seed{s}": r[k] for s, r in zip(seeds, per_seed) for k in r}).items():
                 writer.add_scalar(k, v, step)
-            text = " ".join(f"{k.removeprefix('eval/')}={m:.3f}+-{ci:.3f}" for k, (m, ci) in results.items())
+            text = " ".join(f"{k.removeprefix('eval/')}={m:.3f}+-{c:.3f}" for k, m, c in stats)
             log(f"eval step={step} {text} per_seed={[r['eval/overall_success'] for r in per_seed]}")
             last_t = time.time()  # keep evaluation time out of the next SPS reading
-
     total_time = time.time() - start
-    log(f"done: {args.total_steps} gradient steps ({len(seeds)} seeds) in {total_time:.1f}s")
     if check.snapshots:
         check.save(run_dir)
     (run_dir / "params.msgpack").write_bytes(serialization.to_bytes(state.params))  # leading axis: seeds
     (run_dir / "final_eval.json").write_text(json.dumps(scalars | dict(seeds=seeds, per_seed=per_seed), indent=2))
-    log(f"saved to {run_dir}")
+    log(f"done: {args.total_steps} gradient steps ({len(seeds)} seeds) in {total_time:.1f}s; saved to {run_dir}")
     writer.close()
     env.close()
 

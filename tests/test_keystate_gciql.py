@@ -97,7 +97,7 @@ def test_help(run_script):
 # ------------------------------------------------------------------------------------------------------------ compiler
 def test_compiler_accepts_valid_rules(ks):
     feats, ds = toy_features(ks)
-    assert list(ks.episode_index(ds)[1]) == [4, 4, 4, 4, 4, 8, 8, 8, 8]
+    assert list(ks.Features(ds, {}).ep_end) == [4, 4, 4, 4, 4, 8, 8, 8, 8]
     # goals never go past an episode's last *valid* row, as OGBench's terminal_locs
     assert list(np.asarray(ks.make_goal_data(ds, None)["final_idxs"])) == [3, 3, 3, 3, 3, 7, 7, 7, 7]
     x = np.arange(9.0)
@@ -418,8 +418,7 @@ def test_gciql_losses_match_hand_computation(ks):
     assert float(got_c) == pytest.approx(want_c, rel=1e-4)
     np.testing.assert_allclose(np.asarray(info["td_abs"]), np.abs(y - (q1 + q2) / 2), rtol=1e-4, atol=1e-6)
     # actor, DDPG+BC with constant unit std: -Q(s, g, clip(mu)) / mean|Q| - alpha * log N(a; mu, I)
-    h = np_mlp(p["actor"]["MLP_0"], np.concatenate([batch["observations"], batch["actor_goals"]], 1), False, True)
-    mu = h @ p["actor"]["Dense_0"]["kernel"] + p["actor"]["Dense_0"]["bias"]
+    mu = np_mlp(p["actor"], np.concatenate([batch["observations"], batch["actor_goals"]], 1), False, False)
     qa = np.minimum(*Q(p["critic"], batch["observations"], batch["actor_goals"], np.clip(mu, -1, 1)))
     logp = np.sum(-0.5 * (batch["actions"] - mu) ** 2 - 0.5 * np.log(2 * np.pi), 1)
     want_a = -qa.mean() / (np.abs(qa).mean() + 1e-6) - (0.003 * logp).mean()

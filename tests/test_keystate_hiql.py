@@ -266,9 +266,8 @@ def test_hiql_losses_match_hand_computation(ks, monkeypatch):
             np_mlp(jax.tree_util.tree_map(lambda t: t[e], vp["VmapMLP_0"]), inp, True, False)[:, 0] for e in range(2)
         ]
 
-    def actor_mean(ap, s, g):
-        h = np_mlp(ap["MLP_0"], np.concatenate([s, g], 1), False, True)
-        return h @ ap["Dense_0"]["kernel"] + ap["Dense_0"]["bias"]
+    def actor_mean(ap, s, g):  # the last Dense layer is the Gaussian mean (no activation)
+        return np_mlp(ap, np.concatenate([s, g], 1), False, False)
 
     s, s2, r, m = batch["observations"], batch["next_observations"], batch["rewards"], batch["masks"]
     # value: expectile 0.7; weight from the target advantage, errors from the online heads

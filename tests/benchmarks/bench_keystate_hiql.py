@@ -117,13 +117,19 @@ def synthetic_dataset(episodes: int, ep_len: int, ob_dim: int, act_dim: int, see
     return obs, act, term
 
 
+def actor_params(m):
+    """OGBench's GCActor (actor_net MLP, then mean_net Dense) -> the script's one MLP whose last Dense is the mean."""
+    n = len(m["actor_net"])
+    return {**m["actor_net"], f"Dense_{n}": m["mean_net"]}
+
+
 def ref_to_script_params(p):
     """OGBench ModuleDict parameters -> the script's {goal_rep, value, low_actor, high_actor} + target value."""
     params = {
         "goal_rep": p["modules_goal_rep"]["layers_0"],  # the MLP of Sequential([MLP, LengthNormalize])
         "value": {"VmapMLP_0": p["modules_value"]["value_net"]},
-        "low_actor": {"MLP_0": p["modules_low_actor"]["actor_net"], "Dense_0": p["modules_low_actor"]["mean_net"]},
-        "high_actor": {"MLP_0": p["modules_high_actor"]["actor_net"], "Dense_0": p["modules_high_actor"]["mean_net"]},
+        "low_actor": actor_params(p["modules_low_actor"]),
+        "high_actor": actor_params(p["modules_high_actor"]),
     }
     return params, {"VmapMLP_0": p["modules_target_value"]["value_net"]}
 
