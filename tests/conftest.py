@@ -141,11 +141,15 @@ def run_script():
         cwd=None,
         processes: int = 1,
     ):
-        full_env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # One intra-op thread in every run: a float reduction's order depends on the thread count (a sum over
+        # 100k elements differs in its last bits between 1 and 2 threads), so the runs a test compares bit for bit
+        # (whole vs killed + resumed, one process vs two) must use the same count. One is also the fastest for the
+        # tests' small models on 2 cores.
+        full_env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         launcher = []
         if processes > 1:
             launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-            full_env.update({"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+            full_env["ACCELERATE_USE_CPU"] = "true"
         cmd = [sys.executable, *launcher, str(REPO / script), *map(str, args)]
         start = time.time()
         try:
