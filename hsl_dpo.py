@@ -59,17 +59,37 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 TASK_TYPES = ["pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep"]
-TASK_TYPES += ["pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place"]
-TASK_SHORT = dict(zip(TASK_TYPES, ["put", "examine", "clean", "heat", "cool", "puttwo"]))  # Figure 5's names
+TASK_TYPES += [
+    "pick_heat_then_place_in_recep",
+    "pick_cool_then_place_in_recep",
+    "pick_two_obj_and_place",
+]
+TASK_SHORT = dict(
+    zip(TASK_TYPES, ["put", "examine", "clean", "heat", "cool", "puttwo"])
+)  # Figure 5's names
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts" / "hsl"
 # Rarely tuned, fixed here (Appendix F follows ETO / FastChat where the paper is silent):
 HSL_EPOCHS = 3.0  # length of HSL with --hsl-steps -1 ("all runs lasted 3 epochs")
-WARMUP_RATIO, WEIGHT_DECAY, MAX_GRAD_NORM = 0.03, 0.0, 1.0  # cosine schedule after warm-up, AdamW, clipping
-LORA_R, LORA_DROPOUT = 16, 0.05  # --use-lora (ours; the paper fine-tunes fully): rank, dropout; alpha = 2 * rank
-DPO_WARMUP_RATIO = 0.1  # ETO: constant learning rate after 10% warm-up per round; exploration is greedy, as ETO's
-EXPERT_MAX_STEPS = 60  # the hand-coded expert must win a train game within this many steps to give a demo
+WARMUP_RATIO, WEIGHT_DECAY, MAX_GRAD_NORM = (
+    0.03,
+    0.0,
+    1.0,
+)  # cosine schedule after warm-up, AdamW, clipping
+LORA_R, LORA_DROPOUT = (
+    16,
+    0.05,
+)  # --use-lora (ours; the paper fine-tunes fully): rank, dropout; alpha = 2 * rank
+DPO_WARMUP_RATIO = (
+    0.1  # ETO: constant learning rate after 10% warm-up per round; exploration is greedy, as ETO's
+)
+EXPERT_MAX_STEPS = (
+    60  # the hand-coded expert must win a train game within this many steps to give a demo
+)
 MAX_ACTION_TOKENS = 64  # new tokens per agent turn ("Thought: ...\nAction: ...")
-ETO_INST, ETO_ICL = "instructions/alfworld_inst.txt", "icl_examples/alfworld_icl.json"  # in ETO's eval_agent/prompt
+ETO_INST, ETO_ICL = (
+    "instructions/alfworld_inst.txt",
+    "icl_examples/alfworld_icl.json",
+)  # in ETO's eval_agent/prompt
 
 
 @dataclass
@@ -171,29 +191,74 @@ class Args:
 def check_args(args: Args):
     """Usage errors as one line (`error: --flag: ...`) before anything heavy. Resolves --data-dir ($ALFWORLD_DATA)."""
     args.data_dir = args.data_dir or os.environ.get("ALFWORLD_DATA")  # ALFWorld's own default
-    hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", args.model_name) and not os.path.exists(args.model_name)
-    at_least_1 = ("max_env_steps", "num_demos", "batch_size", "micro_batch_size", "rollouts_per_step")
+    hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", args.model_name) and not os.path.exists(
+        args.model_name
+    )
+    at_least_1 = (
+        "max_env_steps",
+        "num_demos",
+        "batch_size",
+        "micro_batch_size",
+        "rollouts_per_step",
+    )
     at_least_1 += ("buffer_size", "llm_max_new_tokens", "llm_concurrency", "dpo_batch_size")
     at_least_0 = ("sft_epochs", "hsl_alpha", "rollout_temperature", "llm_temperature", "eval_every")
     at_least_0 += ("dpo_iterations", "dpo_epochs", "dpo_nll_coef")
-    positive = ("learning_rate", "dpo_beta", "dpo_later_beta", "dpo_learning_rate", "dpo_later_learning_rate")
+    positive = (
+        "learning_rate",
+        "dpo_beta",
+        "dpo_later_beta",
+        "dpo_learning_rate",
+        "dpo_later_learning_rate",
+    )
     checks = [  # (field, valid?, what it must be)
         *[(n, getattr(args, n) >= 1, ">= 1") for n in at_least_1],
         *[(n, getattr(args, n) >= 0, ">= 0") for n in at_least_0],
         *[(n, getattr(args, n) > 0, "> 0") for n in positive],
         ("hsl_steps", args.hsl_steps >= -1, ">= -1"),
         ("hsl_lambda", 0.0 <= args.hsl_lambda <= 1.0, "in [0, 1]"),
-        ("max_seq_len", args.max_seq_len > MAX_ACTION_TOKENS, f"> {MAX_ACTION_TOKENS} (the action tokens)"),
-        ("data_dir", os.path.isdir(os.path.join(args.data_dir or "", "json_2.1.1")), "a folder with json_2.1.1"),
-        ("output_dir", not os.path.exists(args.output_dir) or os.path.isdir(args.output_dir), "a folder"),
-        ("demos_path", args.demos_path is None or os.path.isfile(args.demos_path), "an existing file"),
-        ("eto_prompts", not args.eto_prompts or os.path.isfile(f"{args.eto_prompts}/{ETO_ICL}"), "ETO's prompt folder"),
+        (
+            "max_seq_len",
+            args.max_seq_len > MAX_ACTION_TOKENS,
+            f"> {MAX_ACTION_TOKENS} (the action tokens)",
+        ),
+        (
+            "data_dir",
+            os.path.isdir(os.path.join(args.data_dir or "", "json_2.1.1")),
+            "a folder with json_2.1.1",
+        ),
+        (
+            "output_dir",
+            not os.path.exists(args.output_dir) or os.path.isdir(args.output_dir),
+            "a folder",
+        ),
+        (
+            "demos_path",
+            args.demos_path is None or os.path.isfile(args.demos_path),
+            "an existing file",
+        ),
+        (
+            "eto_prompts",
+            not args.eto_prompts or os.path.isfile(f"{args.eto_prompts}/{ETO_ICL}"),
+            "ETO's prompt folder",
+        ),
         ("model_name", os.path.isdir(args.model_name) or hub_id, "a local folder or a hub id"),
-        ("resume", not args.resume or os.path.isfile(os.path.join(args.resume, "hsl_state.json")), "a checkpoint"),
+        (
+            "resume",
+            not args.resume or os.path.isfile(os.path.join(args.resume, "hsl_state.json")),
+            "a checkpoint",
+        ),
     ]
-    for name, ok, what in checks:  # a usage error: one line, exit status 2 as argparse (data errors exit 1)
+    for (
+        name,
+        ok,
+        what,
+    ) in checks:  # a usage error: one line, exit status 2 as argparse (data errors exit 1)
         if not ok:
-            print(f"error: --{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}", file=sys.stderr)
+            print(
+                f"error: --{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}",
+                file=sys.stderr,
+            )
             raise SystemExit(2)
 
 
@@ -203,13 +268,32 @@ def list_games(data_dir: str, split: str) -> list[str]:
     from alfworld.agents.environment.alfred_tw_env import AlfredTWEnv
 
     # only AlfredTWEnv's file collection is used; the config is built here (the wheel ships no base_config.yaml)
-    mode = {"train": "train", "valid_seen": "eval_in_distribution", "valid_unseen": "eval_out_of_distribution"}[split]
-    key = {"train": "data_path", "valid_seen": "eval_id_data_path", "valid_unseen": "eval_ood_data_path"}[split]
-    dataset = {key: os.path.join(data_dir, "json_2.1.1", split), "num_train_games": -1, "num_eval_games": -1}
-    config = {"env": {"goal_desc_human_anns_prob": 0.0, "task_types": [1, 2, 3, 4, 5, 6]}, "dataset": dataset}
-    games = sorted(AlfredTWEnv(config, mode).game_files)  # os.walk order is filesystem-dependent: sort
+    mode = {
+        "train": "train",
+        "valid_seen": "eval_in_distribution",
+        "valid_unseen": "eval_out_of_distribution",
+    }[split]
+    key = {
+        "train": "data_path",
+        "valid_seen": "eval_id_data_path",
+        "valid_unseen": "eval_ood_data_path",
+    }[split]
+    dataset = {
+        key: os.path.join(data_dir, "json_2.1.1", split),
+        "num_train_games": -1,
+        "num_eval_games": -1,
+    }
+    config = {
+        "env": {"goal_desc_human_anns_prob": 0.0, "task_types": [1, 2, 3, 4, 5, 6]},
+        "dataset": dataset,
+    }
+    games = sorted(
+        AlfredTWEnv(config, mode).game_files
+    )  # os.walk order is filesystem-dependent: sort
     if not games:
-        raise SystemExit(f"error: --data-dir {data_dir}: no solvable games under json_2.1.1/{split}")
+        raise SystemExit(
+            f"error: --data-dir {data_dir}: no solvable games under json_2.1.1/{split}"
+        )
     return games
 
 
@@ -226,11 +310,20 @@ def summarize_facts(facts) -> dict:
     """Compact, JSON-able view of the PDDL state (demangled names, e.g. "mug 1") used by the oracle relabeler."""
     s = {"otype": {}, "rtype": {}, "rloc": {}, "agent_loc": None}
     s.update({k: [] for k in ("inrec", "hot", "cool", "clean", "holds", "toggled", "opened")})
-    flags = dict(ishot="hot", iscool="cool", isclean="clean", istoggled="toggled", holds="holds", opened="opened")
+    flags = dict(
+        ishot="hot",
+        iscool="cool",
+        isclean="clean",
+        istoggled="toggled",
+        holds="holds",
+        opened="opened",
+    )
     for p in facts:
         args, name = [a.name.strip() for a in p.arguments], p.name.lower()
         if name in ("objecttype", "receptacletype"):
-            s["otype" if name == "objecttype" else "rtype"][args[0]] = args[1].replace("type", "").strip()
+            s["otype" if name == "objecttype" else "rtype"][args[0]] = (
+                args[1].replace("type", "").strip()
+            )
         elif name == "inreceptacle":
             s["inrec"].append(args)
         elif name in flags:  # holds(agent, obj); the others take the object alone
@@ -247,16 +340,26 @@ class ALFWorldGame:
 
     def __init__(self, gamefile: str, expert: bool = False):
         import textworld
-        from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredInfos
+        from alfworld.agents.environment.alfred_tw_env import (
+            AlfredDemangler,
+            AlfredExpert,
+            AlfredInfos,
+        )
         from textworld.envs import PddlEnv
 
         self.gamefile = gamefile
-        self.task_type = json.loads(Path(gamefile).with_name("traj_data.json").read_text())["task_type"]
-        env = PddlEnv(textworld.EnvInfos(admissible_commands=True, won=True, facts=True, extras=["gamefile"]))
+        self.task_type = json.loads(Path(gamefile).with_name("traj_data.json").read_text())[
+            "task_type"
+        ]
+        env = PddlEnv(
+            textworld.EnvInfos(admissible_commands=True, won=True, facts=True, extras=["gamefile"])
+        )
         env = AlfredInfos(AlfredDemangler(env, shuffle=False))
         self.env = AlfredExpert(env, expert_type="handcoded") if expert else env
         self.env.load(gamefile)
-        self.legacy_put = 'template :: "put {o} in/on {r}"' in json.loads(Path(gamefile).read_text())["grammar"]
+        self.legacy_put = (
+            'template :: "put {o} in/on {r}"' in json.loads(Path(gamefile).read_text())["grammar"]
+        )
 
     def reset(self) -> tuple[str, str, dict]:  # (room description, task, game state)
         self.state = self.env.reset()
@@ -264,34 +367,46 @@ class ALFWorldGame:
         intro, _, task = text.partition("Your task is to:")
         return intro.strip(), task.strip().rstrip("."), self.state
 
-    def step(self, cmd: str) -> tuple[str, bool, bool, dict]:  # (observation, won, done, game state)
+    def step(
+        self, cmd: str
+    ) -> tuple[str, bool, bool, dict]:  # (observation, won, done, game state)
         self.state, _, done = self.env.step(cmd)
         return self.state["feedback"].strip(), bool(self.state["won"]), bool(done), self.state
 
 
-GAME_POOL = collections.defaultdict(list)  # loaded games by file, reused across rollouts (loading parses the PDDL)
+GAME_POOL = collections.defaultdict(
+    list
+)  # loaded games by file, reused across rollouts (loading parses the PDDL)
 
 
 # === LLM client: the same class, flags and errors in all five scripts =================================================
 class LLMClient:
-    """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (key from $OPENAI_API_KEY) or an
-    in-process transformers model. A request that fails after its retries gives None, counted in `self.failures`: it
-    never stops training. Answers are untrusted text, cut to a bounded size; callers validate them, nothing is run."""
+    """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (key from
+    $OPENAI_API_KEY) or an in-process transformers model. A request that fails after its retries
+    gives None, counted in `self.failures`: it never stops training. Answers are untrusted text, cut
+    to a bounded size; callers validate them, nothing is run."""
 
     def __init__(self, args):
-        self.args, self.failures, greedy = args, 0, args.llm_temperature == 0
+        self.args = args
+        self.failures = 0
+        greedy = args.llm_temperature == 0
         if args.llm_backend == "openai":
             from openai import OpenAI
 
-            key = os.environ.get("OPENAI_API_KEY", "EMPTY")  # local servers check no key, the client wants one
-            self.client = OpenAI(base_url=args.llm_base_url, api_key=key, timeout=args.llm_timeout, max_retries=2)
-            self.kw = dict(temperature=args.llm_temperature, max_tokens=args.llm_max_new_tokens, seed=args.seed)
+            key = os.environ.get("OPENAI_API_KEY", "EMPTY")  # local servers check no key
+            self.client = OpenAI(
+                base_url=args.llm_base_url, api_key=key, timeout=args.llm_timeout, max_retries=2
+            )
+            self.kw = dict(
+                temperature=args.llm_temperature, max_tokens=args.llm_max_new_tokens, seed=args.seed
+            )
             try:  # fail at start with one line, not after the first training phase
                 self.client.with_options(timeout=min(args.llm_timeout, 30.0)).models.list()
             except Exception as e:
                 raise SystemExit(
-                    f"error: --llm-base-url {args.llm_base_url}: no OpenAI-compatible server answers "
-                    f"({type(e).__name__}); start one (e.g. `vllm serve MODEL`) or use --llm-backend transformers"
+                    f"error: --llm-base-url {args.llm_base_url}: no OpenAI-compatible server "
+                    f"answers ({type(e).__name__}); start one (e.g. `vllm serve MODEL`) or use "
+                    "--llm-backend transformers"
                 ) from None
             return
         import torch
@@ -301,15 +416,26 @@ class LLMClient:
             self.tok = AutoTokenizer.from_pretrained(args.llm_model, padding_side="left")
             self.model = AutoModelForCausalLM.from_pretrained(args.llm_model, dtype="auto")
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --llm-model {args.llm_model}: cannot load it with transformers ({e})") from None
+            raise SystemExit(
+                f"error: --llm-model {args.llm_model}: cannot load it with transformers ({e})"
+            ) from None
         self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
-        self.kw = dict(max_new_tokens=args.llm_max_new_tokens, do_sample=not greedy, pad_token_id=self.tok.pad_token_id)
-        self.kw.update(dict(top_p=None, top_k=None) | ({} if greedy else dict(temperature=args.llm_temperature)))
+        self.kw = dict(
+            max_new_tokens=args.llm_max_new_tokens,
+            do_sample=not greedy,
+            pad_token_id=self.tok.pad_token_id,
+            top_p=None,  # the model's own generation defaults would otherwise apply
+            top_k=None,
+        )
+        if not greedy:
+            self.kw["temperature"] = args.llm_temperature
 
     def ask(self, messages):
         try:
-            r = self.client.chat.completions.create(model=self.args.llm_model, messages=messages, **self.kw)
+            r = self.client.chat.completions.create(
+                model=self.args.llm_model, messages=messages, **self.kw
+            )
             return r.choices[0].message.content or ""
         except Exception as e:  # timeouts, HTTP 5xx after retries, cut connections: a counted skip
             print(f"[llm] request failed: {type(e).__name__}: {str(e)[:200]}")
@@ -334,9 +460,10 @@ class LLMClient:
                 ).to(self.model.device)
                 with torch.no_grad():
                     gen = self.model.generate(**enc, **self.kw)
-                outs += self.tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                new_tokens = gen[:, enc["input_ids"].shape[1] :]
+                outs += self.tok.batch_decode(new_tokens, skip_special_tokens=True)
         self.failures += sum(o is None for o in outs)
-        # bounded size even when a server ignores max_tokens (about 4 characters a token, with a wide margin)
+        # bounded size even when a server ignores max_tokens (about 4 characters a token, wide margin)
         return [o if o is None else o[: 16 * self.args.llm_max_new_tokens] for o in outs]
 
 
@@ -361,22 +488,34 @@ GOAL_PATTERNS = [
     ("look_at_obj_in_light", rf"^examine {_A}{_W} (?:with|under) {_THE}{_W}$"),
     ("pick_and_place_simple", rf"^put {_A}{_W} {_IN} {_THE}{_W}$"),
 ]
-GOAL_TEXT = dict(zip(TASK_TYPES, ["put a {o} in {r}", "look at {o} under the {r}", "put a clean {o} in {r}"]))
-GOAL_TEXT.update(zip(TASK_TYPES[3:], ["put a hot {o} in {r}", "put a cool {o} in {r}", "put two {o} in {r}"]))
+GOAL_TEXT = dict(
+    zip(TASK_TYPES, ["put a {o} in {r}", "look at {o} under the {r}", "put a clean {o} in {r}"])
+)
+GOAL_TEXT.update(
+    zip(TASK_TYPES[3:], ["put a hot {o} in {r}", "put a cool {o} in {r}", "put two {o} in {r}"])
+)
 LAMPS = ("desklamp", "floorlamp")
-goal_text = lambda goal: GOAL_TEXT[goal[0]].format(o=goal[1], r=goal[2])  # (task_type, obj, recep) -> instruction
+goal_text = lambda goal: GOAL_TEXT[goal[0]].format(
+    o=goal[1], r=goal[2]
+)  # (task_type, obj, recep) -> instruction
 
 
 def validate_goal(goal, names: set[str]) -> Optional[tuple]:
     """(task_type, obj, recep) of a goal that matches one of the six templates and names entities seen, else None."""
-    if not isinstance(goal, str) or len(goal) > 200:  # longer: no template instance (and slow regexes)
+    if (
+        not isinstance(goal, str) or len(goal) > 200
+    ):  # longer: no template instance (and slow regexes)
         return None
     g = re.sub(r"\s+", " ", re.sub(r"\b\d+\b", "", goal.lower())).strip().strip(".\"' ")
     singular = lambda w: w[:-1] if w not in names and w.endswith("s") and w[:-1] in names else w
     for task_type, pattern in GOAL_PATTERNS:  # the first template that matches decides
         if m := re.match(pattern, g):
             obj, recep = (singular(part.replace(" ", "")) for part in m.groups())
-            ok = obj in names and recep in names and (task_type != "look_at_obj_in_light" or recep in LAMPS)
+            ok = (
+                obj in names
+                and recep in names
+                and (task_type != "look_at_obj_in_light" or recep in LAMPS)
+            )
             return (task_type, obj, recep) if ok else None
     return None
 
@@ -384,7 +523,11 @@ def validate_goal(goal, names: set[str]) -> Optional[tuple]:
 def state_facts(state: dict) -> set[tuple]:
     """A state's facts: ("in", obj, recep), ("holds"/"hot"/"cool"/"clean"/"toggled", obj), ("opened", recep), ("at", loc)."""
     facts = {("in", o, r) for o, r in state["inrec"]} | {("at", state["agent_loc"])}
-    return facts | {(k, x) for k in ("hot", "cool", "clean", "holds", "toggled", "opened") for x in state.get(k, [])}
+    return facts | {
+        (k, x)
+        for k in ("hot", "cool", "clean", "holds", "toggled", "opened")
+        for x in state.get(k, [])
+    }
 
 
 def goal_instances(state: dict) -> list[tuple[tuple, frozenset]]:
@@ -394,10 +537,19 @@ def goal_instances(state: dict) -> list[tuple[tuple, frozenset]]:
     placed = sorted((o, r) for o, r in state["inrec"] if o in otype and r in rtype)
     for o, r in placed:
         out.append((("pick_and_place_simple", otype[o], rtype[r]), frozenset({("in", o, r)})))
-        out += [((tt, otype[o], rtype[r]), frozenset({("in", o, r), (k, o)})) for k, tt in flagged if o in state[k]]
+        out += [
+            ((tt, otype[o], rtype[r]), frozenset({("in", o, r), (k, o)}))
+            for k, tt in flagged
+            if o in state[k]
+        ]
     for (o, r), (o2, r2) in itertools.combinations(placed, 2):
         if r == r2 and otype[o] == otype[o2]:
-            out.append((("pick_two_obj_and_place", otype[o], rtype[r]), frozenset({("in", o, r), ("in", o2, r)})))
+            out.append(
+                (
+                    ("pick_two_obj_and_place", otype[o], rtype[r]),
+                    frozenset({("in", o, r), ("in", o2, r)}),
+                )
+            )
     for o in state["holds"]:  # examine: holding the object where a lamp is switched on
         for lamp in state["toggled"]:
             where = state["rloc"].get(dict(state["inrec"]).get(lamp))
@@ -429,7 +581,9 @@ def action_needs(action: str, state: dict) -> set[tuple]:
         return set()
     facts, where = state_facts(state), dict(state["inrec"])
     receps = {n for n in names if n in state["rloc"]} | {where[n] for n in names[:1] if n in where}
-    needs = {("at", state["rloc"].get(r)) for r in receps} | {("opened", r) for r in receps if ("opened", r) in facts}
+    needs = {("at", state["rloc"].get(r)) for r in receps} | {
+        ("opened", r) for r in receps if ("opened", r) in facts
+    }
     return needs | {f for f in facts if f[0] in ("in", "holds") and f[1] == names[0]}
 
 
@@ -466,18 +620,24 @@ def format_trajectory(traj: dict, S: Optional[int] = None, labels: Optional[list
     return text.rstrip("\n")
 
 
-def segment_goals(steps: list, T: int, names: set[str], counters: collections.Counter) -> list[tuple[tuple, int]]:
+def segment_goals(
+    steps: list, T: int, names: set[str], counters: collections.Counter
+) -> list[tuple[tuple, int]]:
     """Segmentation at S(I'_k) from a Figure 8 answer: the first step whose `reached_goals` holds the (valid) goal."""
     first = {}
     for pos, st in enumerate(steps[:T]):
         if not isinstance(st, dict):
             continue
         step = st.get("step", pos + 1)
-        if not (type(step) is int and 1 <= step <= T):  # a step the trajectory does not have: the answer is bad
+        if not (
+            type(step) is int and 1 <= step <= T
+        ):  # a step the trajectory does not have: the answer is bad
             counters["goal_inference_bad_step"] += 1
             return []
         reached = st.get("reached_goals")
-        reached = [reached] if isinstance(reached, str) else reached if isinstance(reached, list) else []
+        reached = (
+            [reached] if isinstance(reached, str) else reached if isinstance(reached, list) else []
+        )
         for g in dict.fromkeys(map(str, reached)):  # each distinct goal once per step
             canon = validate_goal(g, names)
             counters["goal_invalid"] += canon is None
@@ -489,8 +649,14 @@ def segment_goals(steps: list, T: int, names: set[str], counters: collections.Co
 def parse_relevance(text: Optional[str], S: int) -> Optional[list[int]]:
     """z_{1:S} from a Figure 9 answer; None unless it is a list of exactly S steps with yes/no labels."""
     items = extract_json_list(text) or []
-    labels = [str(it.get("is_relevant_to_goal")).strip().lower() for it in items if isinstance(it, dict)]
-    if len(labels) != len(items) or len(items) != S or not set(labels) <= {"yes", "no", "true", "false"}:
+    labels = [
+        str(it.get("is_relevant_to_goal")).strip().lower() for it in items if isinstance(it, dict)
+    ]
+    if (
+        len(labels) != len(items)
+        or len(items) != S
+        or not set(labels) <= {"yes", "no", "true", "false"}
+    ):
         return None
     return [int(v in ("yes", "true")) for v in labels]
 
@@ -498,49 +664,83 @@ def parse_relevance(text: Optional[str], S: int) -> Optional[list[int]]:
 def precision_recall(counts: collections.Counter) -> tuple[float, float]:
     """Precision and recall of the LLM's validated goals against the oracle's (NaN when undefined)."""
     tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
-    return (tp / (tp + fp) if tp + fp else float("nan"), tp / (tp + fn) if tp + fn else float("nan"))
+    return (
+        tp / (tp + fp) if tp + fp else float("nan"),
+        tp / (tp + fn) if tp + fn else float("nan"),
+    )
 
 
 def relabel(trajs, args, counters, client=None, prompts=None) -> list[list[dict]]:
     """Section 3.3: one hindsight demo per goal I'_k a trajectory achieved, cut at S(I'_k), masked by z. "llm": M's goals
     (Figure 8) and z (Figure 9), bad answers counted and skipped, scored against the oracle's goals; "oracle": PDDL facts."""
-    ask = lambda name, **kw: [  # the system prompt (Figure 8 or 9), then our user turn with the trajectory
-        {"role": "system", "content": prompts[name]},
-        {"role": "user", "content": string.Template(prompts[f"{name}_user"]).substitute(**kw)},
-    ]
+    ask = (
+        lambda name, **kw: [  # the system prompt (Figure 8 or 9), then our user turn with the trajectory
+            {"role": "system", "content": prompts[name]},
+            {"role": "user", "content": string.Template(prompts[f"{name}_user"]).substitute(**kw)},
+        ]
+    )
     if args.relabeler == "llm":
-        answers = client.chat([ask("goal_inference", trajectory=format_trajectory(t)) for t in trajs])
+        answers = client.chat(
+            [ask("goal_inference", trajectory=format_trajectory(t)) for t in trajs]
+        )
     found, step_labels = [], []
     for i, traj in enumerate(trajs):
         goals = truth = [(g, S) for g, S, _ in oracle_goals(traj)]
         if args.relabeler == "llm":
             step_labels.append(extract_json_list(answers[i]))
-            bad = "goal_inference_failed_request" if answers[i] is None else "goal_inference_bad_json"
+            bad = (
+                "goal_inference_failed_request" if answers[i] is None else "goal_inference_bad_json"
+            )
             counters.update({"goal_inference_calls": 1, bad: step_labels[i] is None})
             text = " ".join([traj["intro"]] + traj["actions"] + traj["observations"]).lower()
-            names = {m.group(1) for m in re.finditer(r"\b([a-z]+) \d+\b", text)}  # "mug" for "mug 1": entities seen
+            names = {
+                m.group(1) for m in re.finditer(r"\b([a-z]+) \d+\b", text)
+            }  # "mug" for "mug 1": entities seen
             goals = segment_goals(step_labels[i] or [], len(traj["actions"]), names, counters)
-        if args.ablation == "relabel_failure":  # Figure 4: failed trajectories only, their final achieved goal only
+        if (
+            args.ablation == "relabel_failure"
+        ):  # Figure 4: failed trajectories only, their final achieved goal only
             last = lambda gs: [max(gs, key=lambda g: g[1])] if gs and not traj["won"] else []
             goals, truth = last(goals), last(truth)
         pred, true = {g for g, _ in goals}, {g for g, _ in truth}
-        counters.update(tp=len(pred & true), fp=len(pred - true), fn=len(true - pred), goals_found=len(goals))
+        counters.update(
+            tp=len(pred & true), fp=len(pred - true), fn=len(true - pred), goals_found=len(goals)
+        )
         counters.update(trajectories_without_goal=not goals)
         found.append(goals)
     jobs = [(i, g, S) for i, goals in enumerate(found) for g, S in goals]
     if args.relabeler == "oracle":
         labels = [oracle_relevance(trajs[i], g, S) for i, g, S in jobs]
     else:  # one relevance request per (trajectory, goal); an unusable answer drops the goal
-        texts = [format_trajectory(trajs[i], S, step_labels[i]) for i, _, S in jobs]  # with Figure 8's labels
+        texts = [
+            format_trajectory(trajs[i], S, step_labels[i]) for i, _, S in jobs
+        ]  # with Figure 8's labels
         convs = [
-            ask("action_relevance", goal=goal_text(g), num_steps=S, trajectory=x) for (_, g, S), x in zip(jobs, texts)
+            ask("action_relevance", goal=goal_text(g), num_steps=S, trajectory=x)
+            for (_, g, S), x in zip(jobs, texts)
         ]
-        labels = [parse_relevance(ans, S) for ans, (_, _, S) in zip(client.chat(convs) if convs else [], jobs)]
-        counters.update(relevance_calls=len(labels), relevance_unusable=sum(z is None for z in labels))
+        labels = [
+            parse_relevance(ans, S)
+            for ans, (_, _, S) in zip(client.chat(convs) if convs else [], jobs)
+        ]
+        counters.update(
+            relevance_calls=len(labels), relevance_unusable=sum(z is None for z in labels)
+        )
     out = [[] for _ in trajs]
-    for (i, g, S), z in [(job, z) for job, z in zip(jobs, labels) if z is not None]:  # (tau_S(k), I'_k, z_1:S(k))
-        t = trajs[i]  # the agent's thoughts are dropped: they reasoned about the original instruction
-        d = dict(intro=t["intro"], instruction=goal_text(g), thoughts=None, z=list(z), source="hindsight", goal=list(g))
+    for (i, g, S), z in [
+        (job, z) for job, z in zip(jobs, labels) if z is not None
+    ]:  # (tau_S(k), I'_k, z_1:S(k))
+        t = trajs[
+            i
+        ]  # the agent's thoughts are dropped: they reasoned about the original instruction
+        d = dict(
+            intro=t["intro"],
+            instruction=goal_text(g),
+            thoughts=None,
+            z=list(z),
+            source="hindsight",
+            goal=list(g),
+        )
         d.update(actions=t["actions"][:S], observations=t["observations"][:S], task_type=g[0])
         out[i].append({**d, "gamefile": t.get("gamefile")})
     return out
@@ -566,7 +766,9 @@ class HindsightBuffer:
         for d in new:
             d["weight"] = 1.0 if self.uniform else demo_weight(d["z"], self.alpha)
         self.items.extend(new)
-        counters.update(pushed=len(new), dropped_no_relevant_action=sum(map(len, relabeled)) - len(new))
+        counters.update(
+            pushed=len(new), dropped_no_relevant_action=sum(map(len, relabeled)) - len(new)
+        )
         return len(new)
 
     def sample(self, k: int, rng: np.random.Generator) -> list[dict]:
@@ -583,7 +785,9 @@ def masked_sft_loss(logits, input_ids, weights, num_actions, denom: float):
     """Eq. 3 (z = 1: the SFT term of Eq. 4): sum_b (1/T_b) sum_t z_t * -log P(a_t) / denom; weights (batch, seq): z_t on
     a_t's tokens; denom = the *full* batch size, so gradient-accumulated micro-batches add up to the batch loss."""
     logits = logits[:, :-1].float()  # (batch, seq-1, vocab): position j predicts token j+1
-    nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")  # (batch, seq-1)
+    nll = F.cross_entropy(
+        logits.transpose(1, 2), input_ids[:, 1:], reduction="none"
+    )  # (batch, seq-1)
     w = weights[:, 1:]
     per_seq = (nll * w).sum(-1)  # (batch,)
     loss = (per_seq / num_actions).sum() / denom
@@ -598,7 +802,12 @@ def shard(items: list, accelerator) -> list:
 def unshard(mine: list, accelerator) -> list:
     """The inverse of shard(): every process gets the whole list, in the global order (whatever the process count)."""
     W, r = accelerator.num_processes, accelerator.process_index
-    return [x for _, x in sorted(gather_object([(r + W * i, x) for i, x in enumerate(mine)]), key=lambda t: t[0])]
+    return [
+        x
+        for _, x in sorted(
+            gather_object([(r + W * i, x) for i, x in enumerate(mine)]), key=lambda t: t[0]
+        )
+    ]
 
 
 def micro_batches(batch: list, size: int, coef: float, model, accelerator, sync: bool = True):
@@ -606,11 +815,17 @@ def micro_batches(batch: list, size: int, coef: float, model, accelerator, sync:
     mine = shard(batch, accelerator)
     chunks = [(mine[i : i + size], coef) for i in range(0, len(mine), size)] or [(batch[:1], 0.0)]
     for j, chunk in enumerate(chunks):
-        with contextlib.nullcontext() if (sync and j == len(chunks) - 1) else accelerator.no_sync(model):
+        with (
+            contextlib.nullcontext()
+            if (sync and j == len(chunks) - 1)
+            else accelerator.no_sync(model)
+        ):
             yield chunk
 
 
-def accumulate_loss(model, batch, coef: float, args, accelerator, prefix: str, pad_id: int, sync: bool = True) -> dict:
+def accumulate_loss(
+    model, batch, coef: float, args, accelerator, prefix: str, pad_id: int, sync: bool = True
+) -> dict:
     """Forward/backward this process's share of a global batch (coef * loss into .grad); the global loss and tokens."""
     W = accelerator.num_processes
     # DDP averages gradients over the W processes: dividing by W makes that average the global batch's gradient
@@ -618,7 +833,9 @@ def accumulate_loss(model, batch, coef: float, args, accelerator, prefix: str, p
     for items, c in micro_batches(batch, args.micro_batch_size, coef, model, accelerator, sync):
         mb = collate(items, pad_id, accelerator.device)
         logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-        loss, info = masked_sft_loss(logits, mb["input_ids"], mb["weights"], mb["num_actions"], denom)
+        loss, info = masked_sft_loss(
+            logits, mb["input_ids"], mb["weights"], mb["num_actions"], denom
+        )
         accelerator.backward(c * loss)
         if c:  # (an empty share's stand-in micro-batch counts nothing)
             loss_sum, tokens = loss_sum + loss.item(), tokens + info["tokens"]
@@ -634,28 +851,43 @@ def optimizer_step(model, optimizer, scheduler, accelerator) -> dict:
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"losses/grad_norm": float(grad_norm), "charts/learning_rate": scheduler.get_last_lr()[0]}
+    return {
+        "losses/grad_norm": float(grad_norm),
+        "charts/learning_rate": scheduler.get_last_lr()[0],
+    }
 
 
-def hsl_update(model, optimizer, scheduler, buffer, sft_batch: list, agent: tuple, args, accelerator, rng) -> dict:
+def hsl_update(
+    model, optimizer, scheduler, buffer, sft_batch: list, agent: tuple, args, accelerator, rng
+) -> dict:
     """One step on L_HSL = lambda L_D' + (1 - lambda) L_SFT (Eq. 4); D' drawn with P(d) ~ w_d; empty D': an SFT step."""
     _, tokenizer, prefix = agent
     info, pad, sft_coef = {}, tokenizer.pad_token_id, 1.0 - args.hsl_lambda if len(buffer) else 1.0
     if len(buffer):
         z = lambda d: [1] * len(d["z"]) if args.ablation == "no_mask" else d["z"]
         drawn = buffer.sample(args.batch_size, rng)
-        batch = [encode_demo(tokenizer, demo_messages(prefix, d), z(d), args.max_seq_len) for d in drawn]
+        batch = [
+            encode_demo(tokenizer, demo_messages(prefix, d), z(d), args.max_seq_len) for d in drawn
+        ]
         # sync=False: one gradient all-reduce per optimisation step, after L_SFT
-        info.update(accumulate_loss(model, batch, args.hsl_lambda, args, accelerator, "hsl", pad, sync=False))
+        info.update(
+            accumulate_loss(
+                model, batch, args.hsl_lambda, args, accelerator, "hsl", pad, sync=False
+            )
+        )
     info.update(accumulate_loss(model, sft_batch, sft_coef, args, accelerator, "sft", pad))
-    info["losses/hsl_total"] = sft_coef * info["sft/loss"] + args.hsl_lambda * info.get("hsl/loss", 0.0)
+    info["losses/hsl_total"] = sft_coef * info["sft/loss"] + args.hsl_lambda * info.get(
+        "hsl/loss", 0.0
+    )
     return {**info, **optimizer_step(model, optimizer, scheduler, accelerator)}
 
 
 def make_scheduler(optimizer, num_steps: int, saved: Optional[dict] = None):
     """Linear warm-up, then cosine decay over one phase (ETO / FastChat's recipe; the paper is silent)."""
     sched = get_scheduler("cosine", optimizer, int(WARMUP_RATIO * num_steps), max(num_steps, 1))
-    if saved:  # resuming inside this phase: the schedule's position, and the learning rate it had set
+    if (
+        saved
+    ):  # resuming inside this phase: the schedule's position, and the learning rate it had set
         sched.load_state_dict(saved)
         for group, lr in zip(optimizer.param_groups, sched.get_last_lr()):
             group["lr"] = lr
@@ -679,7 +911,9 @@ def read_prompt(name: str) -> str:
 def agent_prefix(args: Args, legacy_put: bool) -> list[dict]:
     """ETO's conversation before the task (prompt_with_icl, "conversation", one example): instruction, "OK", the example;
     ours (prompts/hsl/) or ETO's (--eto-prompts); put in the run's dialect ("put X in/on Y" = 0.4's "move X to Y")."""
-    read = lambda eto, ours: Path(args.eto_prompts, eto).read_text() if args.eto_prompts else read_prompt(ours)
+    read = lambda eto, ours: (
+        Path(args.eto_prompts, eto).read_text() if args.eto_prompts else read_prompt(ours)
+    )
     inst, icl = read(ETO_INST, "alfworld_agent.md"), json.loads(read(ETO_ICL, "alfworld_icl.md"))[0]
     inst = inst if legacy_put else inst.replace("put {obj} in/on {recep}", "move {obj} to {recep}")
     turns = [{"role": "user", "content": inst}, {"role": "assistant", "content": "OK"}]
@@ -693,12 +927,16 @@ def parse_agent_output(text: str) -> tuple[Optional[str], Optional[str]]:
     """(thought, action) by ETO's rule (envs/alfworld_env.py): the action follows the first "Action:" (else None)."""
     action = re.search(r"Action:\s?(.*)", text.strip(), re.S)
     thought = re.search(r"Thought:\s*(.*?)\s*(?:Action:|$)", text, re.S)
-    return (thought.group(1) or None) if thought else None, action.group(1).strip() if action else None
+    return (thought.group(1) or None) if thought else None, action.group(
+        1
+    ).strip() if action else None
 
 
 def demo_messages(prefix: list[dict], demo: dict, with_last_obs: bool = False) -> list[dict]:
     """A trajectory in ETO's conversation: prefix, task (room, newline, "Your task is to: ..."), Action / Observation."""
-    msgs = list(prefix) + [{"role": "user", "content": f"{demo['intro']}\nYour task is to: {demo['instruction']}."}]
+    msgs = list(prefix) + [
+        {"role": "user", "content": f"{demo['intro']}\nYour task is to: {demo['instruction']}."}
+    ]
     T = len(demo["actions"])
     thoughts = demo.get("thoughts") or [None] * T
     for t in range(T):
@@ -716,11 +954,17 @@ def encode_demo(tokenizer, messages: list[dict], demo_z: list[float], max_len: i
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        prefix = tokenizer.apply_chat_template(
+            messages[:i], tokenize=False, add_generation_prompt=True
+        )
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (text.startswith(upto) and upto.startswith(prefix)):
-            raise ValueError("the agent's chat template is not prefix-stable; cannot locate action tokens")
-        spans.append((len(prefix), len(upto.rstrip())))  # content + end-of-turn marker, not the trailing newline
+            raise ValueError(
+                "the agent's chat template is not prefix-stable; cannot locate action tokens"
+            )
+        spans.append(
+            (len(prefix), len(upto.rstrip()))
+        )  # content + end-of-turn marker, not the trailing newline
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, weights, k = enc["input_ids"], [0.0] * len(enc["input_ids"]), 0
     z = [0.0] * (len(spans) - len(demo_z)) + list(
@@ -736,11 +980,18 @@ def encode_demo(tokenizer, messages: list[dict], demo_z: list[float], max_len: i
 
 def collate(batch: list[dict], pad_id: int, device) -> dict:
     """Right-pad a list of encoded demos into tensors."""
-    pad = lambda key, fill: torch.nn.utils.rnn.pad_sequence([torch.tensor(b[key]) for b in batch], True, fill)
+    pad = lambda key, fill: torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(b[key]) for b in batch], True, fill
+    )
     ids, lengths = pad("input_ids", pad_id), torch.tensor([len(b["input_ids"]) for b in batch])
     mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
     num_actions = torch.tensor([max(b["num_actions"], 1.0) for b in batch])
-    out = dict(input_ids=ids, attention_mask=mask, weights=pad("weights", 0.0).float(), num_actions=num_actions)
+    out = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        weights=pad("weights", 0.0).float(),
+        num_actions=num_actions,
+    )
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -753,44 +1004,79 @@ def load_agent(args: Args):
             weights, dtype=torch.bfloat16 if torch.cuda.is_available() else None
         )
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {weights}: cannot load a tokenizer and causal LM ({type(e).__name__})") from None
+        raise SystemExit(
+            f"error: {weights}: cannot load a tokenizer and causal LM ({type(e).__name__})"
+        ) from None
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     if args.use_lora:
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if args.resume:
             return tokenizer, PeftModel.from_pretrained(model, args.resume, is_trainable=True)
-        cfg = dict(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=LORA_DROPOUT, target_modules="all-linear")
+        cfg = dict(
+            r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=LORA_DROPOUT, target_modules="all-linear"
+        )
         model = get_peft_model(model, LoraConfig(**cfg))
     return tokenizer, model
 
 
 @torch.no_grad()
-def rollout(gamefiles: list[str], agent: tuple, args: Args, temperature: float, desc="rollout") -> list:
+def rollout(
+    gamefiles: list[str], agent: tuple, args: Args, temperature: float, desc="rollout"
+) -> list:
     """Play the games in parallel (one batched generate per step); each trajectory keeps every step's PDDL state."""
     (model, tokenizer, prefix), trajs, was_training = agent, [], agent[0].training
     greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else greedy
+    sample = (
+        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        if temperature > 0
+        else greedy
+    )
     games = [GAME_POOL[g].pop() if GAME_POOL[g] else ALFWorldGame(g) for g in gamefiles]
     model.eval()
     for game in games:
         intro, instruction, gs = game.reset()
-        t = dict(intro=intro, instruction=instruction, actions=[], observations=[], thoughts=[], invalid=0)
-        trajs.append({**t, "task_type": game.task_type, "gamefile": game.gamefile, "won": False, "done": False})
+        t = dict(
+            intro=intro,
+            instruction=instruction,
+            actions=[],
+            observations=[],
+            thoughts=[],
+            invalid=0,
+        )
+        trajs.append(
+            {
+                **t,
+                "task_type": game.task_type,
+                "gamefile": game.gamefile,
+                "won": False,
+                "done": False,
+            }
+        )
         trajs[-1]["states"] = [summarize_facts(gs["facts"])]
     for _ in tqdm(range(args.max_env_steps), desc=desc, leave=False, disable=None):
         prompts = {}
-        for i in [i for i, t in enumerate(trajs) if not t["done"]]:  # ETO: an input too long ends the episode, failed
+        for i in [
+            i for i, t in enumerate(trajs) if not t["done"]
+        ]:  # ETO: an input too long ends the episode, failed
             msgs = demo_messages(prefix, trajs[i], with_last_obs=True)
-            prompts[i] = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
+            prompts[i] = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)[
+                "input_ids"
+            ]
             trajs[i]["done"] = len(prompts[i]) > args.max_seq_len - MAX_ACTION_TOKENS
         active = [i for i in prompts if not trajs[i]["done"]]
         if not active:
             break
         prompts = [prompts[i] for i in active]
-        batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(model.device)
-        out = model.generate(**batch, max_new_tokens=MAX_ACTION_TOKENS, pad_token_id=tokenizer.pad_token_id, **sample)
-        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(
+            model.device
+        )
+        out = model.generate(
+            **batch, max_new_tokens=MAX_ACTION_TOKENS, pad_token_id=tokenizer.pad_token_id, **sample
+        )
+        texts = tokenizer.batch_decode(
+            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        )
         for i, out in zip(active, texts):
             t, game = trajs[i], games[i]
             thought, action = parse_agent_output(out)
@@ -816,7 +1102,9 @@ def expert_demo(gamefile: str, max_steps: int) -> Optional[dict]:
     intro, instruction, gs = game.reset()
     actions, observations = [], []
     for _ in range(max_steps):
-        actions.append(to_dialect(gs["extra.expert_plan"][0], game.legacy_put))  # the 0.4.2 expert says "move X to Y"
+        actions.append(
+            to_dialect(gs["extra.expert_plan"][0], game.legacy_put)
+        )  # the 0.4.2 expert says "move X to Y"
         obs, won, done, gs = game.step(actions[-1])
         observations.append(obs)
         if won or done:
@@ -829,21 +1117,34 @@ def expert_demo(gamefile: str, max_steps: int) -> Optional[dict]:
         thoughts=None,
         z=[1] * len(actions),
     )
-    return {**d, "task_type": game.task_type, "source": "expert", "gamefile": gamefile} if won else None
+    return (
+        {**d, "task_type": game.task_type, "source": "expert", "gamefile": gamefile}
+        if won
+        else None
+    )
 
 
 def load_eto_demos(path: str) -> list[dict]:
     """ETO's alfworld_sft.json (ShareGPT): a human task turn ("Your task is to: ..."), then Action/Observation turns."""
     try:  # every defect of the file is a data error naming it (UnicodeDecodeError is a ValueError)
         data = json.loads(Path(path).read_text())
-        convs, demos = [[(m["from"], m["value"]) for m in item["conversations"]] for item in data], []
+        convs, demos = (
+            [[(m["from"], m["value"]) for m in item["conversations"]] for item in data],
+            [],
+        )
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise SystemExit(f"error: {path}: not ETO format ({type(e).__name__}: {str(e)[:200]})") from None
+        raise SystemExit(
+            f"error: {path}: not ETO format ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     if not all(isinstance(x, str) for conv in convs for turn in conv for x in turn):
         raise SystemExit(f"error: {path}: a turn's 'from' or 'value' is not a string")
     for item, conv in zip(data, convs):
         # the task turn: the human turn right before the first gpt turn with an action
-        acts = [k for k, (who, text) in enumerate(conv) if who == "gpt" and re.search(r"action\s*:", text, re.I)]
+        acts = [
+            k
+            for k, (who, text) in enumerate(conv)
+            if who == "gpt" and re.search(r"action\s*:", text, re.I)
+        ]
         if not acts or acts[0] == 0 or "Your task is to:" not in conv[acts[0] - 1][1]:
             continue
         intro, _, task = conv[acts[0] - 1][1].partition("Your task is to:")
@@ -851,28 +1152,49 @@ def load_eto_demos(path: str) -> list[dict]:
         obs = [re.sub(r"^Observation:\s*", "", text.strip()) for _, text in conv[acts[0] + 1 :: 2]]
         obs += [""] * (len(turns) - len(obs))  # a demonstration may end on an action
         thoughts, actions = map(list, zip(*[(th, a or "") for th, a in turns]))
-        d = dict(intro=re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S), source="eto")
-        d.update(instruction=task.strip().split("\n")[0].rstrip("."), actions=actions, z=[1] * len(turns))
-        d.update(observations=obs[: len(turns)], thoughts=thoughts if any(thoughts) else None, task_type=item.get("id"))
+        d = dict(
+            intro=re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S),
+            source="eto",
+        )
+        d.update(
+            instruction=task.strip().split("\n")[0].rstrip("."), actions=actions, z=[1] * len(turns)
+        )
+        d.update(
+            observations=obs[: len(turns)],
+            thoughts=thoughts if any(thoughts) else None,
+            task_type=item.get("id"),
+        )
         demos.append(d)
     if not demos:
-        raise SystemExit(f"error: {path}: no item has a human 'Your task is to:' turn (not ALFWorld?)")
+        raise SystemExit(
+            f"error: {path}: no item has a human 'Your task is to:' turn (not ALFWorld?)"
+        )
     return demos
 
 
 def load_demos(args: Args, games: list[str], legacy: bool) -> list[dict]:
     """D_train: --demos-path (ETO's file, as the paper), else ALFWorld's hand-coded expert on the train games."""
-    if args.demos_path:  # in the games' command dialect: one dialect per run (ETO's file says "put X in/on Y")
+    if (
+        args.demos_path
+    ):  # in the games' command dialect: one dialect per run (ETO's file says "put X in/on Y")
         demos = load_eto_demos(args.demos_path)[: args.num_demos]
         return [{**d, "actions": [to_dialect(a, legacy) for a in d["actions"]]} for d in demos]
-    demos = [d for g in tqdm(games, desc="expert demos", disable=None) if (d := expert_demo(g, EXPERT_MAX_STEPS))]
+    demos = [
+        d
+        for g in tqdm(games, desc="expert demos", disable=None)
+        if (d := expert_demo(g, EXPERT_MAX_STEPS))
+    ]
     if not demos:
-        raise SystemExit("error: no ground-truth demonstrations (the expert won no train game; try --demos-path)")
+        raise SystemExit(
+            "error: no ground-truth demonstrations (the expert won no train game; try --demos-path)"
+        )
     return demos
 
 
 # === ETO exploration pairs and DPO (Song et al. 2024) =================================================================
-def build_dpo_pairs(trajs: list[dict], demos: list[dict], counters: collections.Counter) -> list[dict]:
+def build_dpo_pairs(
+    trajs: list[dict], demos: list[dict], counters: collections.Counter
+) -> list[dict]:
     """ETO's trajectory preference pairs (Song et al. 2024; the ALFWorld branch of their construct_preference.py).
 
     Every *failed* exploration trajectory is paired with the ground-truth demonstration of the same task:
@@ -882,12 +1204,23 @@ def build_dpo_pairs(trajs: list[dict], demos: list[dict], counters: collections.
     (binary reward) and give no pair, as in ETO. Both sides end on an agent turn (the last observation is not part of
     y), and ETO does not truncate failed ALFWorld trajectories (it does for WebShop), so neither do we.
     """
-    prompt = lambda t: (t["intro"].strip(), t["instruction"].strip().rstrip("."))  # x: room description + task
+    prompt = lambda t: (
+        t["intro"].strip(),
+        t["instruction"].strip().rstrip("."),
+    )  # x: room description + task
     by_prompt, pairs = {}, []
     for d in demos:
         by_prompt.setdefault(prompt(d), d)
     for t in trajs:
-        skip = "success" if t["won"] else "no_demo" if prompt(t) not in by_prompt else None if t["actions"] else "empty"
+        skip = (
+            "success"
+            if t["won"]
+            else "no_demo"
+            if prompt(t) not in by_prompt
+            else None
+            if t["actions"]
+            else "empty"
+        )
         counters[f"pairs_skipped_{skip}" if skip else "pairs_built"] += 1
         if not skip:
             pairs.append({"chosen": by_prompt[prompt(t)], "rejected": t})
@@ -896,7 +1229,9 @@ def build_dpo_pairs(trajs: list[dict], demos: list[dict], counters: collections.
 
 def encode_pair(tokenizer, prefix: str, pair: dict, max_len: int) -> dict:
     """Token ids + action weights of both sides; every agent turn counts (z = 1), observations are context only."""
-    enc = lambda d: encode_demo(tokenizer, demo_messages(prefix, d), [1] * len(d["actions"]), max_len)
+    enc = lambda d: encode_demo(
+        tokenizer, demo_messages(prefix, d), [1] * len(d["actions"]), max_len
+    )
     return {"chosen": enc(pair["chosen"]), "rejected": enc(pair["rejected"])}
 
 
@@ -905,17 +1240,25 @@ def pair_batch(pairs: list[dict], pad_id: int, device) -> dict:
     return collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id, device)
 
 
-def sequence_action_logps(model, input_ids, attention_mask, weights) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_action_logps(
+    model, input_ids, attention_mask, weights
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(y | x) summed over each sequence's action tokens (weights > 0), and their number. (batch,), (batch,)
 
     The LM head runs only at positions that predict an action token in some row (`logits_to_keep` with indices): most
     ALFWorld tokens are observations, and the (seq, vocab) logits of a 128k-vocabulary model dominate memory.
     """
-    mask = weights[:, 1:] > 0  # (batch, seq-1): the token at j+1 is an action token, predicted at position j
+    mask = (
+        weights[:, 1:] > 0
+    )  # (batch, seq-1): the token at j+1 is an action token, predicted at position j
     keep = mask.any(0).nonzero(as_tuple=True)[0]  # (K,)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits  # (batch, K, vocab)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep
+    ).logits  # (batch, K, vocab)
     labels = input_ids[:, 1:].index_select(1, keep)  # (batch, K)
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (batch, K)
+    logp = (
+        torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    )  # (batch, K)
     m = mask.index_select(1, keep).to(logp.dtype)
     return (logp * m).sum(-1), m.sum(-1)
 
@@ -942,13 +1285,25 @@ def dpo_loss(
     micro-batches add up to the batch loss (default: this batch's).
     """
     num_pairs = float(policy_chosen.numel()) if num_pairs is None else num_pairs
-    num_chosen_tokens = float(chosen_tokens.sum().clamp_min(1)) if num_chosen_tokens is None else num_chosen_tokens
-    chosen_logratio, rejected_logratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected  # (batch,)
+    num_chosen_tokens = (
+        float(chosen_tokens.sum().clamp_min(1)) if num_chosen_tokens is None else num_chosen_tokens
+    )
+    chosen_logratio, rejected_logratio = (
+        policy_chosen - ref_chosen,
+        policy_rejected - ref_rejected,
+    )  # (batch,)
     loss_dpo = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio)).sum() / num_pairs
     nll = -policy_chosen.sum() / num_chosen_tokens
-    r_c, r_r = beta * chosen_logratio.detach(), beta * rejected_logratio.detach()  # implicit rewards
+    r_c, r_r = (
+        beta * chosen_logratio.detach(),
+        beta * rejected_logratio.detach(),
+    )  # implicit rewards
     info = {"dpo/loss": loss_dpo.item(), "dpo/nll_chosen": nll.item()}
-    for k, v in (("rewards_chosen", r_c), ("rewards_rejected", r_r), ("reward_accuracy", (r_c > r_r).float())):
+    for k, v in (
+        ("rewards_chosen", r_c),
+        ("rewards_rejected", r_r),
+        ("reward_accuracy", (r_c > r_r).float()),
+    ):
         info[f"dpo/{k}"] = v.sum().item() / num_pairs
     info["dpo/reward_margin"] = (r_c - r_r).sum().item() / num_pairs
     info["dpo/logps_chosen"] = policy_chosen.detach().sum().item() / num_pairs
@@ -957,7 +1312,9 @@ def dpo_loss(
 
 
 @torch.no_grad()
-def reference_logps(model, encoded_pairs: list[dict], micro_batch_size: int, pad_id: int, device) -> None:
+def reference_logps(
+    model, encoded_pairs: list[dict], micro_batch_size: int, pad_id: int, device
+) -> None:
     """pi_ref log-probs of every pair, computed once per ETO round with the round's starting policy and stored in the
     pair. ETO's reference is the model the round starts from (run_eto.sh: --ref_model_name_or_path = current model); a
     frozen copy evaluated at every step gives exactly these numbers: no second model in memory, one forward per pair.
@@ -967,13 +1324,17 @@ def reference_logps(model, encoded_pairs: list[dict], micro_batch_size: int, pad
     for i in range(0, len(encoded_pairs), micro_batch_size):
         chunk = encoded_pairs[i : i + micro_batch_size]
         mb = pair_batch(chunk, pad_id, device)
-        logps, _ = sequence_action_logps(model, mb["input_ids"], mb["attention_mask"], mb["weights"])
+        logps, _ = sequence_action_logps(
+            model, mb["input_ids"], mb["attention_mask"], mb["weights"]
+        )
         for p, c, r in zip(chunk, logps[: len(chunk)].tolist(), logps[len(chunk) :].tolist()):
             p["ref_chosen"], p["ref_rejected"] = c, r
     model.train(was_training)
 
 
-def accumulate_dpo_loss(model, batch, beta: float, nll_coef: float, micro_batch_size: int, accelerator, pad_id) -> dict:
+def accumulate_dpo_loss(
+    model, batch, beta: float, nll_coef: float, micro_batch_size: int, accelerator, pad_id
+) -> dict:
     """Forward/backward one global batch of pairs (this process's share, in micro-batches, as accumulate_loss).
     Returns the global batch's statistics."""
     W = accelerator.num_processes
@@ -982,12 +1343,24 @@ def accumulate_dpo_loss(model, batch, beta: float, nll_coef: float, micro_batch_
     info = collections.defaultdict(float)
     for chunk, c in micro_batches(batch, micro_batch_size, 1.0, model, accelerator):
         mb, B = pair_batch(chunk, pad_id, accelerator.device), len(chunk)
-        logps, ntok = sequence_action_logps(model, mb["input_ids"], mb["attention_mask"], mb["weights"])
+        logps, ntok = sequence_action_logps(
+            model, mb["input_ids"], mb["attention_mask"], mb["weights"]
+        )
         ref = torch.tensor(
-            [[p["ref_chosen"], p["ref_rejected"]] for p in chunk], dtype=logps.dtype, device=logps.device
+            [[p["ref_chosen"], p["ref_rejected"]] for p in chunk],
+            dtype=logps.dtype,
+            device=logps.device,
         )
         loss, inf = dpo_loss(
-            logps[:B], logps[B:], ref[:, 0], ref[:, 1], ntok[:B], beta, nll_coef, num_pairs, num_tokens
+            logps[:B],
+            logps[B:],
+            ref[:, 0],
+            ref[:, 1],
+            ntok[:B],
+            beta,
+            nll_coef,
+            num_pairs,
+            num_tokens,
         )
         accelerator.backward(c * loss)
         for k, v in inf.items():
@@ -1011,26 +1384,52 @@ def make_logger(args: Args, run_dir: Path, main_proc: bool):
     if args.track:  # before the writer, so that W&B patches it
         import wandb
 
-        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_dir.name)
-    writer, table = SummaryWriter(str(run_dir)), "".join(f"|{k}|{v}|\n" for k, v in vars(args).items())
+        wandb.init(
+            project=args.wandb_project_name,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_dir.name,
+        )
+    writer, table = (
+        SummaryWriter(str(run_dir)),
+        "".join(f"|{k}|{v}|\n" for k, v in vars(args).items()),
+    )
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    return lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items()] if m else writer.close()
+    return lambda m, step: (
+        [writer.add_scalar(k, v, step) for k, v in m.items()] if m else writer.close()
+    )
 
 
-def save_checkpoint(path: Path, agent: tuple, optimizer, scheduler, state: dict, buffer, accelerator, rng):
+def save_checkpoint(
+    path: Path, agent: tuple, optimizer, scheduler, state: dict, buffer, accelerator, rng
+):
     """All a resume needs: weights (adapter with LoRA), optimizer, scheduler, state + D', every process's generators
     (Python, NumPy, torch CPU/CUDA, `rng`: games and D' batches); written to {path}.tmp, then renamed (never half)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     rngs = gather_object(
-        [(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda, rng.bit_generator.state)]
+        [
+            (
+                random.getstate(),
+                np.random.get_state(),
+                torch.get_rng_state(),
+                cuda,
+                rng.bit_generator.state,
+            )
+        ]
     )
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         agent[0].save_pretrained(tmp)  # the unwrapped model, and its tokenizer
         agent[1].save_pretrained(tmp)
-        trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rngs": rngs}
+        trainer = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rngs": rngs,
+        }
         torch.save(trainer, tmp / "trainer_state.pt")
-        (tmp / "hsl_state.json").write_text(json.dumps({**state, "buffer": list(buffer.items)}, default=str))
+        (tmp / "hsl_state.json").write_text(
+            json.dumps({**state, "buffer": list(buffer.items)}, default=str)
+        )
         shutil.rmtree(path, ignore_errors=True)  # (a resumed run saves "final" again)
         tmp.rename(path)
         tqdm.write(f"[ckpt] saved {path}")
@@ -1038,20 +1437,28 @@ def save_checkpoint(path: Path, agent: tuple, optimizer, scheduler, state: dict,
 
 def load_checkpoint(path: str, optimizer, state: dict, buffer, rng, accelerator, say) -> dict:
     """Inverse of save_checkpoint (load_agent loads weights); rebuilt: SFT order (seeded), games, ETO pair order."""
-    state.update(json.loads((Path(path) / "hsl_state.json").read_text()))  # (saved atomically: complete or absent)
+    state.update(
+        json.loads((Path(path) / "hsl_state.json").read_text())
+    )  # (saved atomically: complete or absent)
     trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(trainer["optimizer"])
     buffer.items.extend(state.pop("buffer"))  # (pushed before: weights and all)
     py, nps, cpu, cuda, rng.bit_generator.state = trainer["rngs"][accelerator.process_index]
-    for set_state, saved in zip((random.setstate, np.random.set_state, torch.set_rng_state), (py, nps, cpu)):
+    for set_state, saved in zip(
+        (random.setstate, np.random.set_state, torch.set_rng_state), (py, nps, cpu)
+    ):
         set_state(saved)
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    say(f"[resume] {path}: sft_steps {state['sft_steps']}, hsl_steps {state['hsl_steps']}, D' {len(buffer)}")
+    say(
+        f"[resume] {path}: sft_steps {state['sft_steps']}, hsl_steps {state['hsl_steps']}, D' {len(buffer)}"
+    )
     return trainer["scheduler"]
 
 
-def evaluate(games_by_split: dict, agent: tuple, args: Args, accelerator, log, step: int, tag: str, state) -> dict:
+def evaluate(
+    games_by_split: dict, agent: tuple, args: Args, accelerator, log, step: int, tag: str, state
+) -> dict:
     """Greedy success rate on each evaluation split, overall and per task type (Figure 5); each process plays its share."""
     t0, results, state["evaluations"] = time.time(), {}, state["evaluations"] + 1
     for split, games in games_by_split.items():
@@ -1059,7 +1466,9 @@ def evaluate(games_by_split: dict, agent: tuple, args: Args, accelerator, log, s
         for i in range(0, len(mine), args.rollouts_per_step):
             trajs = rollout(mine[i : i + args.rollouts_per_step], agent, args, 0.0, f"eval {split}")
             outcomes += [(t["task_type"], float(t["won"])) for t in trajs]
-        for task_type, w in unshard(outcomes, accelerator):  # (once per split: every process joins the gather)
+        for task_type, w in unshard(
+            outcomes, accelerator
+        ):  # (once per split: every process joins the gather)
             won[TASK_SHORT[task_type]].append(w)
         every = sum(won.values(), [])
         results.update({f"{split}/success": float(np.mean(every)), f"{split}/episodes": len(every)})
@@ -1073,19 +1482,29 @@ def evaluate(games_by_split: dict, agent: tuple, args: Args, accelerator, log, s
     return results
 
 
-def hsl_report(progress: str, times: list, trajs: list, buffer, info: dict, counts, counters, args, accelerator) -> str:
+def hsl_report(
+    progress: str, times: list, trajs: list, buffer, info: dict, counts, counters, args, accelerator
+) -> str:
     """One HSL step's metrics (into `info`) and progress line; times: start, rollout, relabel, optimise (F: 11.5/62/24 s)."""
     dt = [b - a for a, b in zip(times, times[1:])]
     outcomes = unshard([(t["won"], t["invalid"], len(t["actions"])) for t in trajs], accelerator)
     info.update({f"time/{k}": v for k, v in zip(("rollout", "relabel", "optimise"), dt)})
     info["charts/rollout_success"] = float(np.mean([o[0] for o in outcomes]))
-    info["charts/invalid_action_rate"] = sum(o[1] for o in outcomes) / max(sum(o[2] for o in outcomes), 1)
+    info["charts/invalid_action_rate"] = sum(o[1] for o in outcomes) / max(
+        sum(o[2] for o in outcomes), 1
+    )
     info.update({"buffer/size": len(buffer), **{f"relabel/{k}": v for k, v in counts.items()}})
     for tt in TASK_TYPES:  # what D' holds (Figure 5, top)
-        info[f"buffer/frac_{TASK_SHORT[tt]}"] = sum(d["task_type"] == tt for d in buffer.items) / max(len(buffer), 1)
+        info[f"buffer/frac_{TASK_SHORT[tt]}"] = sum(
+            d["task_type"] == tt for d in buffer.items
+        ) / max(len(buffer), 1)
     line = f"[hsl] step {progress} | rollout {dt[0]:.1f}s relabel {dt[1]:.1f}s optimise {dt[2]:.1f}s | success "
     line += f"{info['charts/rollout_success']:.2f} | relabeled +{counts['pushed']} buffer {len(buffer)} | "
-    terms = f"L_D' {info['hsl/loss']:.4f}, L_SFT {info['sft/loss']:.4f}" if "hsl/loss" in info else "D' empty: SFT only"
+    terms = (
+        f"L_D' {info['hsl/loss']:.4f}, L_SFT {info['sft/loss']:.4f}"
+        if "hsl/loss" in info
+        else "D' empty: SFT only"
+    )
     line += f"loss {info['losses/hsl_total']:.4f} ({terms})"
     if args.relabeler == "llm":
         (sp, sr), (p, r) = precision_recall(counts), precision_recall(counters)
@@ -1101,48 +1520,90 @@ def main():
 
     accelerator = Accelerator()
     main_proc = accelerator.is_main_process
-    run_dir = Path(args.output_dir) / gather_object([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
-    set_seed(args.seed)  # Python, NumPy, torch (the agent's sampling); the environments are deterministic
-    rng = np.random.default_rng(args.seed + 10_000)  # the same on every process: games picked, D' batches drawn
-    say = tqdm.write if main_proc else (lambda *a, **k: None)  # progress lines from the main process only
+    run_dir = (
+        Path(args.output_dir)
+        / gather_object([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
+    )
+    set_seed(
+        args.seed
+    )  # Python, NumPy, torch (the agent's sampling); the environments are deterministic
+    rng = np.random.default_rng(
+        args.seed + 10_000
+    )  # the same on every process: games picked, D' batches drawn
+    say = (
+        tqdm.write if main_proc else (lambda *a, **k: None)
+    )  # progress lines from the main process only
 
     # --- prompts, games, demonstrations, relabeler (fail early, before loading the agent) ---
-    relabel_prompts = ("goal_inference", "goal_inference_user", "action_relevance", "action_relevance_user")
-    prompts = {n: read_prompt(f"alfworld_{n}.md") for n in relabel_prompts}  # Figures 8-9 and our user turns
+    relabel_prompts = (
+        "goal_inference",
+        "goal_inference_user",
+        "action_relevance",
+        "action_relevance_user",
+    )
+    prompts = {
+        n: read_prompt(f"alfworld_{n}.md") for n in relabel_prompts
+    }  # Figures 8-9 and our user turns
     train_games = list_games(args.data_dir, "train")
     eval_games = {s: list_games(args.data_dir, s) for s in ("valid_seen", "valid_unseen")}
     legacy = ALFWorldGame(train_games[0]).legacy_put  # one command dialect per run: the games'
     prefix = agent_prefix(args, legacy)  # ETO's instruction and in-context example
     demos = load_demos(args, train_games[: args.num_demos], legacy)
-    client = LLMClient(args) if args.relabeler == "llm" else None  # an unreachable endpoint fails now, not after SFT
+    client = (
+        LLMClient(args) if args.relabeler == "llm" else None
+    )  # an unreachable endpoint fails now, not after SFT
 
     # --- agent, optimiser, buffer D', state (or a checkpoint's) ---
     tokenizer, model = load_agent(args)
-    encoded = [encode_demo(tokenizer, demo_messages(prefix, d), d["z"], args.max_seq_len) for d in demos]
+    encoded = [
+        encode_demo(tokenizer, demo_messages(prefix, d), d["z"], args.max_seq_len) for d in demos
+    ]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=WEIGHT_DECAY)
     model, optimizer = accelerator.prepare(model.train(), optimizer)
     agent, pad = (accelerator.unwrap_model(model), tokenizer, prefix), tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
     num_sft_steps = int(round(args.sft_epochs * steps_per_epoch))
-    num_hsl_steps = args.hsl_steps if args.hsl_steps >= 0 else int(round(HSL_EPOCHS * steps_per_epoch))
-    buffer = HindsightBuffer(args.buffer_size, args.hsl_alpha, uniform=args.ablation == "uniform_weight")
+    num_hsl_steps = (
+        args.hsl_steps if args.hsl_steps >= 0 else int(round(HSL_EPOCHS * steps_per_epoch))
+    )
+    buffer = HindsightBuffer(
+        args.buffer_size, args.hsl_alpha, uniform=args.ablation == "uniform_weight"
+    )
     state = {"sft_steps": 0, "hsl_steps": 0, "evaluations": 0, "counters": {}}
     state.update(dpo_iterations=0, dpo_steps=0, pairs_built=0, results={})
-    saved_sched = load_checkpoint(args.resume, optimizer, state, buffer, rng, accelerator, say) if args.resume else None
-    log = make_logger(args, run_dir, main_proc)  # the run folder: only now that the inputs have loaded
-    counters = state["counters"] = collections.Counter(state["counters"])  # over the run (tp/fp/fn: LLM vs oracle)
-    batches = demo_batches(len(encoded), args.batch_size, args.seed)  # SFT, then the L_SFT term of Eq. 4
-    batches = itertools.islice(batches, state["sft_steps"] + state["hsl_steps"], None)  # where a resumed run stopped
+    saved_sched = (
+        load_checkpoint(args.resume, optimizer, state, buffer, rng, accelerator, say)
+        if args.resume
+        else None
+    )
+    log = make_logger(
+        args, run_dir, main_proc
+    )  # the run folder: only now that the inputs have loaded
+    counters = state["counters"] = collections.Counter(
+        state["counters"]
+    )  # over the run (tp/fp/fn: LLM vs oracle)
+    batches = demo_batches(
+        len(encoded), args.batch_size, args.seed
+    )  # SFT, then the L_SFT term of Eq. 4
+    batches = itertools.islice(
+        batches, state["sft_steps"] + state["hsl_steps"], None
+    )  # where a resumed run stopped
 
     def save(name: str):
-        save_checkpoint(run_dir / "checkpoints" / name, agent, optimizer, sched, state, buffer, accelerator, rng)
+        save_checkpoint(
+            run_dir / "checkpoints" / name, agent, optimizer, sched, state, buffer, accelerator, rng
+        )
 
     # ---------------- phase 1: SFT on D_train (Appendix F) ----------------
-    sched = make_scheduler(optimizer, num_sft_steps, saved_sched if state["hsl_steps"] == 0 else None)
+    sched = make_scheduler(
+        optimizer, num_sft_steps, saved_sched if state["hsl_steps"] == 0 else None
+    )
     t0, first = time.time(), state["sft_steps"]
     for step in tqdm(range(first, num_sft_steps), desc="sft", disable=None if main_proc else True):
-        info = accumulate_loss(model, [encoded[i] for i in next(batches)], 1.0, args, accelerator, "sft", pad)
+        info = accumulate_loss(
+            model, [encoded[i] for i in next(batches)], 1.0, args, accelerator, "sft", pad
+        )
         info.update(optimizer_step(model, optimizer, sched, accelerator))
         state["sft_steps"] = step + 1
         log(info, step + 1)
@@ -1152,15 +1613,21 @@ def main():
     if first < num_sft_steps:
         save("sft")
     if "SFT" not in state["results"]:  # (a resumed run keeps the results of its finished phases)
-        state["results"]["SFT"] = evaluate(eval_games, agent, args, accelerator, log, 0, "after sft", state)
+        state["results"]["SFT"] = evaluate(
+            eval_games, agent, args, accelerator, log, 0, "after sft", state
+        )
 
     # ---------------- phase 2: HSL (Section 3.2): rollout -> relabel -> push to D' -> HSL update ----------------
-    sched = make_scheduler(optimizer, num_hsl_steps, saved_sched if state["hsl_steps"] > 0 else None)
+    sched = make_scheduler(
+        optimizer, num_hsl_steps, saved_sched if state["hsl_steps"] > 0 else None
+    )
     t_hsl, first = time.time(), state["hsl_steps"]
     for step in tqdm(range(first, num_hsl_steps), desc="hsl", disable=None if main_proc else True):
         # 1) trajectory collection: b train instructions, a_t ~ pi_theta; each process plays its share
         t0, b = time.time(), args.rollouts_per_step
-        picked = [train_games[i] for i in rng.choice(len(train_games), b, replace=len(train_games) < b)]
+        picked = [
+            train_games[i] for i in rng.choice(len(train_games), b, replace=len(train_games) < b)
+        ]
         trajs = rollout(shard(picked, accelerator), agent, args, args.rollout_temperature)
         t1 = time.time()
         # 2) relabeling with the goals actually achieved (Section 3.3); counts summed over the processes
@@ -1178,7 +1645,10 @@ def main():
         # 5) log, evaluate, checkpoint
         times, progress = [t0, t1, t2, time.time()], f"{step + 1}/{num_hsl_steps}"
         say(hsl_report(progress, times, trajs, buffer, info, counts, counters, args, accelerator))
-        log({**info, "charts/steps_per_second": (step + 1 - first) / (time.time() - t_hsl)}, step + 1)
+        log(
+            {**info, "charts/steps_per_second": (step + 1 - first) / (time.time() - t_hsl)},
+            step + 1,
+        )
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < num_hsl_steps:
             evaluate(eval_games, agent, args, accelerator, log, step + 1, "hsl", state)
             save(f"hsl_{step + 1}")
@@ -1197,7 +1667,9 @@ def main():
     pairs_per_micro, b = max(1, args.micro_batch_size // 2), args.rollouts_per_step
     for it in range(state["dpo_iterations"], args.dpo_iterations):
         beta, lr = (
-            (args.dpo_beta, args.dpo_learning_rate) if it == 0 else (args.dpo_later_beta, args.dpo_later_learning_rate)
+            (args.dpo_beta, args.dpo_learning_rate)
+            if it == 0
+            else (args.dpo_later_beta, args.dpo_later_learning_rate)
         )
         # 1) exploration with the current agent (greedy, as ETO), b games at a time; each process plays its share and
         # every process gets every trajectory (PDDL states left out), in the global order: identical pairs everywhere
@@ -1208,37 +1680,65 @@ def main():
         # 2) preference pairs: chosen = demonstration, rejected = failure on the same task; a prompt longer than
         # --max-seq-len leaves a side without action tokens: no preference to learn, skipped and counted
         counts = collections.Counter()
-        pairs = [encode_pair(tokenizer, prefix, p, args.max_seq_len) for p in build_dpo_pairs(trajs, demos, counts)]
-        kept = [e for e in pairs if all(max(e[k]["weights"][1:], default=0) > 0 for k in ("chosen", "rejected"))]
+        pairs = [
+            encode_pair(tokenizer, prefix, p, args.max_seq_len)
+            for p in build_dpo_pairs(trajs, demos, counts)
+        ]
+        kept = [
+            e
+            for e in pairs
+            if all(max(e[k]["weights"][1:], default=0) > 0 for k in ("chosen", "rejected"))
+        ]
         counts["pairs_skipped_truncated"] += len(pairs) - len(kept)
         state["pairs_built"] += len(kept)
         counters.update(counts)
         success = float(np.mean([t["won"] for t in trajs])) if trajs else math.nan
-        skipped = ", ".join(f"{k} {counts[f'pairs_skipped_{k}']}" for k in ("success", "no_demo", "empty", "truncated"))
+        skipped = ", ".join(
+            f"{k} {counts[f'pairs_skipped_{k}']}"
+            for k in ("success", "no_demo", "empty", "truncated")
+        )
         say(
             f"[eto] iteration {it + 1}/{args.dpo_iterations}: explored {len(trajs)} train tasks in {time.time() - t0:.1f}s "
             f"(success {success:.2f}) -> {len(kept)} pairs (skipped: {skipped}) | beta {beta} lr {lr:g}"
         )
         log(
-            {"eto/explore_success": success, "eto/pairs": len(kept), "time/explore": time.time() - t0},
+            {
+                "eto/explore_success": success,
+                "eto/pairs": len(kept),
+                "time/explore": time.time() - t0,
+            },
             state["dpo_steps"],
         )
         if kept:  # (none: the agent solved every explored task, nothing to prefer; ETO would also stop here)
             # 3) pi_ref: the policy this round starts from, for all pairs on every process (the batches are global)
             reference_logps(agent[0], kept, pairs_per_micro, pad, accelerator.device)
             # 4) DPO: a fresh AdamW and constant-with-warmup schedule per round, as ETO trains each round from scratch
-            optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY))
+            optimizer = accelerator.prepare(
+                torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+            )
             per_epoch = math.ceil(len(kept) / args.dpo_batch_size)
             round_steps = max(1, int(round(args.dpo_epochs * per_epoch)))
             sched = get_scheduler(
-                "constant_with_warmup", optimizer, num_warmup_steps=int(DPO_WARMUP_RATIO * round_steps)
+                "constant_with_warmup",
+                optimizer,
+                num_warmup_steps=int(DPO_WARMUP_RATIO * round_steps),
             )
-            order, t2 = demo_batches(len(kept), args.dpo_batch_size, args.seed + 1000 + it), time.time()
+            order, t2 = (
+                demo_batches(len(kept), args.dpo_batch_size, args.seed + 1000 + it),
+                time.time(),
+            )
             for s in tqdm(range(round_steps), desc=f"dpo {it + 1}", disable=not main_proc):
                 batch = [kept[k] for k in next(order)]
-                info = accumulate_dpo_loss(model, batch, beta, args.dpo_nll_coef, pairs_per_micro, accelerator, pad)
-                step_info = optimizer_step(model, optimizer, sched, accelerator)  # (on the DPO step axis: dpo/ names)
-                info.update({f"dpo/{k.split('/')[1]}": v for k, v in step_info.items()}, **{"dpo/iteration": it + 1})
+                info = accumulate_dpo_loss(
+                    model, batch, beta, args.dpo_nll_coef, pairs_per_micro, accelerator, pad
+                )
+                step_info = optimizer_step(
+                    model, optimizer, sched, accelerator
+                )  # (on the DPO step axis: dpo/ names)
+                info.update(
+                    {f"dpo/{k.split('/')[1]}": v for k, v in step_info.items()},
+                    **{"dpo/iteration": it + 1},
+                )
                 state["dpo_steps"] += 1
                 log(info, state["dpo_steps"])
                 if s == 0 or (s + 1) % per_epoch == 0 or s + 1 == round_steps:
@@ -1250,25 +1750,60 @@ def main():
         save(f"dpo_iter_{it + 1}")
     if args.dpo_iterations > 0:
         state["results"]["DPO+HSL" if num_hsl_steps > 0 else "DPO"] = evaluate(
-            eval_games, agent, args, accelerator, log, state["hsl_steps"] + state["dpo_steps"], "after dpo", state
+            eval_games,
+            agent,
+            args,
+            accelerator,
+            log,
+            state["hsl_steps"] + state["dpo_steps"],
+            "after dpo",
+            state,
         )
 
     # ---------------- final checkpoint and summary: SFT / SFT+HSL / DPO+HSL side by side ----------------
-    if accelerator.num_processes > 1:  # data parallelism must leave every process with the same model and the same D'
+    if (
+        accelerator.num_processes > 1
+    ):  # data parallelism must leave every process with the same model and the same D'
         weights = float(sum(p.detach().double().sum() for p in agent[0].parameters()))
-        same = len(set(gather_object([(weights, json.dumps(list(buffer.items), sort_keys=True, default=str))]))) == 1
-        say(f"[accelerate] {accelerator.num_processes} processes; model and D' identical on all: {same}")
+        same = (
+            len(
+                set(
+                    gather_object(
+                        [(weights, json.dumps(list(buffer.items), sort_keys=True, default=str))]
+                    )
+                )
+            )
+            == 1
+        )
+        say(
+            f"[accelerate] {accelerator.num_processes} processes; model and D' identical on all: {same}"
+        )
     save("final")
     if main_proc:
         say("[results] success rate | valid_seen | valid_unseen")
         for tag, res in state["results"].items():
-            say(f"[results] {tag:<8} | " + " | ".join(f"{res.get(f'{c}/success', math.nan):.3f}" for c in eval_games))
+            say(
+                f"[results] {tag:<8} | "
+                + " | ".join(f"{res.get(f'{c}/success', math.nan):.3f}" for c in eval_games)
+            )
         p, r = precision_recall(counters) if args.relabeler == "llm" else (None, None)
-        summary = {**state, "relabeled_pushed": counters["pushed"], "buffer_size": len(buffer), "num_demos": len(demos)}
-        summary.update(final_eval=list(state["results"].values())[-1], precision_vs_oracle=p, recall_vs_oracle=r)
+        summary = {
+            **state,
+            "relabeled_pushed": counters["pushed"],
+            "buffer_size": len(buffer),
+            "num_demos": len(demos),
+        }
+        summary.update(
+            final_eval=list(state["results"].values())[-1],
+            precision_vs_oracle=p,
+            recall_vs_oracle=r,
+        )
         summary["args"] = asdict(args)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        say(f"[done] {run_dir}/summary.json: " + ", ".join(f"{k} {v}" for k, v in list(state.items())[:3]))
+        say(
+            f"[done] {run_dir}/summary.json: "
+            + ", ".join(f"{k} {v}" for k, v in list(state.items())[:3])
+        )
     log(None, 0)  # closes the writer
     accelerator.wait_for_everyone()  # every process leaves together, then the process group is torn down cleanly
     accelerator.end_training()

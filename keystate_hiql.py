@@ -139,10 +139,16 @@ REP_DIM = 10  # size of the subgoal representation phi([s; g]), as OGBench
 MAX_LAG = 20  # a rule's temporal window: nested prev/next/delta lags add up to <= 20 steps (a turn, a grasp)
 MAX_RULES = 16  # rules read from one LLM answer or one --rules-path file; the rest are dropped with a message
 MAX_REPAIR_ROUNDS = 2  # compile-time self-check: rounds of the repair prompt for rules that failed
-RULE_MIN_FIRE, RULE_MAX_FIRE = 0.001, 0.3  # a rule firing on (almost) no or on many states picks no *key* states
+RULE_MIN_FIRE, RULE_MAX_FIRE = (
+    0.001,
+    0.3,
+)  # a rule firing on (almost) no or on many states picks no *key* states
 # `RelabelCheck`'s step, z threshold and bounds (the bounds keep both HER and key-state goals in the batches).
 ADAPT_STEP, ADAPT_K0, ADAPT_Z, P_KEYSTATE_MIN, P_KEYSTATE_MAX = 0.1, 10, 2.0, 0.05, 0.9
-PER_SEED = ("valid_idxs", "n_valid")  # goal data that differ per seed (--dataset-fraction); the dataset is shared
+PER_SEED = (
+    "valid_idxs",
+    "n_valid",
+)  # goal data that differ per seed (--dataset-fraction); the dataset is shared
 
 
 def usage_error(message: str):
@@ -153,17 +159,42 @@ def usage_error(message: str):
 
 def check_args(args: Args):
     """Usage errors as one line (`error: --flag: ...`) before anything heavy; the rule compiler keeps its own checks."""
-    at_least_1 = ("total_steps", "batch_size", "log_interval", "eval_episodes", "num_seeds", "keystate_window")
+    at_least_1 = (
+        "total_steps",
+        "batch_size",
+        "log_interval",
+        "eval_episodes",
+        "num_seeds",
+        "keystate_window",
+    )
     checks = [  # (field, valid?, what it must be)
-        *[(n, getattr(args, n) >= 1, ">= 1") for n in (*at_least_1, "llm_concurrency", "llm_max_new_tokens")],
-        *[(n, getattr(args, n) >= 0, ">= 0") for n in ("eval_interval", "adapt_interval", "llm_temperature")],
+        *[
+            (n, getattr(args, n) >= 1, ">= 1")
+            for n in (*at_least_1, "llm_concurrency", "llm_max_new_tokens")
+        ],
+        *[
+            (n, getattr(args, n) >= 0, ">= 0")
+            for n in ("eval_interval", "adapt_interval", "llm_temperature")
+        ],
         ("num_rules", 1 <= args.num_rules <= MAX_RULES, f"in [1, {MAX_RULES}]"),
         ("dataset_fraction", 0.0 < args.dataset_fraction <= 1.0, "in (0, 1]"),
         ("p_keystate", 0.0 <= args.p_keystate <= 1.0, "in [0, 1]"),
         ("discount", args.discount is None or 0.0 < args.discount < 1.0, "in (0, 1)"),
-        ("hidden_dims", len(args.hidden_dims) > 0 and min(args.hidden_dims) >= 1, "one or more sizes >= 1"),
-        ("dataset_path", args.dataset_path is None or Path(args.dataset_path).is_file(), "an existing file"),
-        ("rules_path", args.rules_path is None or Path(args.rules_path).is_file(), "an existing file"),
+        (
+            "hidden_dims",
+            len(args.hidden_dims) > 0 and min(args.hidden_dims) >= 1,
+            "one or more sizes >= 1",
+        ),
+        (
+            "dataset_path",
+            args.dataset_path is None or Path(args.dataset_path).is_file(),
+            "an existing file",
+        ),
+        (
+            "rules_path",
+            args.rules_path is None or Path(args.rules_path).is_file(),
+            "an existing file",
+        ),
         ("run_dir", not Path(args.run_dir).exists() or Path(args.run_dir).is_dir(), "a folder"),
     ]
     for name, ok, what in checks:
@@ -174,7 +205,13 @@ def check_args(args: Args):
 def resolve_presets(args: Args) -> Args:
     """OGBench's per-env HIQL defaults (impls/hyperparameters.sh): subgoal steps, both alphas and the discount."""
     env = args.env_name
-    subgoal_steps = 100 if "humanoidmaze" in env else 10 if any(f in env for f in ("cube", "scene", "puzzle")) else 25
+    subgoal_steps = (
+        100
+        if "humanoidmaze" in env
+        else 10
+        if any(f in env for f in ("cube", "scene", "puzzle"))
+        else 25
+    )
     alpha = 10.0 if "antmaze" in env and "explore" in env else 3.0
     discount = 0.995 if "giant" in env or "humanoidmaze" in env else 0.99
     args.high_alpha = alpha if args.high_alpha is None else args.high_alpha
@@ -194,27 +231,43 @@ def make_env_and_dataset(args: Args):
     try:
         env = ogbench.make_env_and_datasets(args.env_name, env_only=True)
     except Exception as e:  # gymnasium raises several error types for unknown / malformed names
-        usage_error(f"--env-name: unknown OGBench environment {args.env_name!r} ({type(e).__name__})")
-    source = args.dataset_path or f"the official dataset {args.env_name!r} (or pass --dataset-path for a local .npz)"
+        usage_error(
+            f"--env-name: unknown OGBench environment {args.env_name!r} ({type(e).__name__})"
+        )
+    source = (
+        args.dataset_path
+        or f"the official dataset {args.env_name!r} (or pass --dataset-path for a local .npz)"
+    )
     try:  # every failure below is a data error: `error: <file>: <what is wrong>`, exit status 1
         if args.dataset_path:
             ds = ogbench.load_dataset(args.dataset_path, compact_dataset=True)
         else:
-            ds = ogbench.make_env_and_datasets(args.env_name, compact_dataset=True, dataset_only=True, cur_env=env)[0]
-    except Exception as e:  # not a .npz, a corrupt or object-dtype member, keys missing, download failed
+            ds = ogbench.make_env_and_datasets(
+                args.env_name, compact_dataset=True, dataset_only=True, cur_env=env
+            )[0]
+    except (
+        Exception
+    ) as e:  # not a .npz, a corrupt or object-dtype member, keys missing, download failed
         why = f"{type(e).__name__}: {' '.join(str(e).split())}"  # one line, whatever the library wrote
-        raise SystemExit(f"error: {source}: cannot read observations, actions and terminals from it ({why})") from None
+        raise SystemExit(
+            f"error: {source}: cannot read observations, actions and terminals from it ({why})"
+        ) from None
     obs, act, valids = ds["observations"], ds["actions"], ds["valids"]
     n, shapes = obs.shape[:1], (obs.shape, act.shape, valids.shape)
     want = ((*n, *env.observation_space.shape), (*n, *env.action_space.shape), n)
     problems = {  # what is wrong -> whether it is (OGBench's layout: terminals = 1 on each episode's last row)
-        f"observations, actions, terminals have shapes {shapes}; {args.env_name} needs {want}": shapes != want,
-        "observations or actions hold NaN or inf": not (np.isfinite(obs).all() and np.isfinite(act).all()),
+        f"observations, actions, terminals have shapes {shapes}; {args.env_name} needs {want}": shapes
+        != want,
+        "observations or actions hold NaN or inf": not (
+            np.isfinite(obs).all() and np.isfinite(act).all()
+        ),
         "the last row is not terminal (each episode ends with terminals = 1)": valids[-1:].any(),
         "every row is terminal: no transition to learn from": not valids.any(),
     }
     if any(problems.values()):
-        raise SystemExit(f"error: {source}: {next(what for what, wrong in problems.items() if wrong)}")
+        raise SystemExit(
+            f"error: {source}: {next(what for what, wrong in problems.items() if wrong)}"
+        )
     return env, ds
 
 
@@ -224,29 +277,39 @@ def episode_subsets(ds: dict, args: Args) -> np.ndarray:
     n_ep = int(ep_id[-1]) + 1
     n_keep = max(1, int(round(args.dataset_fraction * n_ep)))
     seeds = range(args.seed, args.seed + args.num_seeds)
-    return np.stack([np.isin(ep_id, np.random.default_rng(s).permutation(n_ep)[:n_keep]) for s in seeds])
+    return np.stack(
+        [np.isin(ep_id, np.random.default_rng(s).permutation(n_ep)[:n_keep]) for s in seeds]
+    )
 
 
 # === LLM client: the same class, flags and errors in all five scripts =================================================
 class LLMClient:
-    """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (key from $OPENAI_API_KEY) or an
-    in-process transformers model. A request that fails after its retries gives None, counted in `self.failures`: it
-    never stops training. Answers are untrusted text, cut to a bounded size; callers validate them, nothing is run."""
+    """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (key from
+    $OPENAI_API_KEY) or an in-process transformers model. A request that fails after its retries
+    gives None, counted in `self.failures`: it never stops training. Answers are untrusted text, cut
+    to a bounded size; callers validate them, nothing is run."""
 
     def __init__(self, args):
-        self.args, self.failures, greedy = args, 0, args.llm_temperature == 0
+        self.args = args
+        self.failures = 0
+        greedy = args.llm_temperature == 0
         if args.llm_backend == "openai":
             from openai import OpenAI
 
-            key = os.environ.get("OPENAI_API_KEY", "EMPTY")  # local servers check no key, the client wants one
-            self.client = OpenAI(base_url=args.llm_base_url, api_key=key, timeout=args.llm_timeout, max_retries=2)
-            self.kw = dict(temperature=args.llm_temperature, max_tokens=args.llm_max_new_tokens, seed=args.seed)
+            key = os.environ.get("OPENAI_API_KEY", "EMPTY")  # local servers check no key
+            self.client = OpenAI(
+                base_url=args.llm_base_url, api_key=key, timeout=args.llm_timeout, max_retries=2
+            )
+            self.kw = dict(
+                temperature=args.llm_temperature, max_tokens=args.llm_max_new_tokens, seed=args.seed
+            )
             try:  # fail at start with one line, not after the first training phase
                 self.client.with_options(timeout=min(args.llm_timeout, 30.0)).models.list()
             except Exception as e:
                 raise SystemExit(
-                    f"error: --llm-base-url {args.llm_base_url}: no OpenAI-compatible server answers "
-                    f"({type(e).__name__}); start one (e.g. `vllm serve MODEL`) or use --llm-backend transformers"
+                    f"error: --llm-base-url {args.llm_base_url}: no OpenAI-compatible server "
+                    f"answers ({type(e).__name__}); start one (e.g. `vllm serve MODEL`) or use "
+                    "--llm-backend transformers"
                 ) from None
             return
         import torch
@@ -256,15 +319,26 @@ class LLMClient:
             self.tok = AutoTokenizer.from_pretrained(args.llm_model, padding_side="left")
             self.model = AutoModelForCausalLM.from_pretrained(args.llm_model, dtype="auto")
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --llm-model {args.llm_model}: cannot load it with transformers ({e})") from None
+            raise SystemExit(
+                f"error: --llm-model {args.llm_model}: cannot load it with transformers ({e})"
+            ) from None
         self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
-        self.kw = dict(max_new_tokens=args.llm_max_new_tokens, do_sample=not greedy, pad_token_id=self.tok.pad_token_id)
-        self.kw.update(dict(top_p=None, top_k=None) | ({} if greedy else dict(temperature=args.llm_temperature)))
+        self.kw = dict(
+            max_new_tokens=args.llm_max_new_tokens,
+            do_sample=not greedy,
+            pad_token_id=self.tok.pad_token_id,
+            top_p=None,  # the model's own generation defaults would otherwise apply
+            top_k=None,
+        )
+        if not greedy:
+            self.kw["temperature"] = args.llm_temperature
 
     def ask(self, messages):
         try:
-            r = self.client.chat.completions.create(model=self.args.llm_model, messages=messages, **self.kw)
+            r = self.client.chat.completions.create(
+                model=self.args.llm_model, messages=messages, **self.kw
+            )
             return r.choices[0].message.content or ""
         except Exception as e:  # timeouts, HTTP 5xx after retries, cut connections: a counted skip
             print(f"[llm] request failed: {type(e).__name__}: {str(e)[:200]}")
@@ -289,9 +363,10 @@ class LLMClient:
                 ).to(self.model.device)
                 with torch.no_grad():
                     gen = self.model.generate(**enc, **self.kw)
-                outs += self.tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                new_tokens = gen[:, enc["input_ids"].shape[1] :]
+                outs += self.tok.batch_decode(new_tokens, skip_special_tokens=True)
         self.failures += sum(o is None for o in outs)
-        # bounded size even when a server ignores max_tokens (about 4 characters a token, with a wide margin)
+        # bounded size even when a server ignores max_tokens (about 4 characters a token, wide margin)
         return [o if o is None else o[: 16 * self.args.llm_max_new_tokens] for o in outs]
 
 
@@ -299,18 +374,49 @@ class LLMClient:
 # What a rule may use besides features and numbers: operators (by AST node type) and functions (by name) -> NumPy on all
 # states at once; /, sqrt, log, exp made total (no NaN or inf). prev/next/delta(expr, k): clamped to the episode (`ev`).
 OPS = {
-    **{ast.Add: np.add, ast.Sub: np.subtract, ast.Mult: np.multiply, ast.USub: np.negative, ast.UAdd: np.positive},
+    **{
+        ast.Add: np.add,
+        ast.Sub: np.subtract,
+        ast.Mult: np.multiply,
+        ast.USub: np.negative,
+        ast.UAdd: np.positive,
+    },
     ast.Div: lambda a, b: a / np.where(b == 0, 1e-8, b),
-    **{ast.Lt: np.less, ast.LtE: np.less_equal, ast.Gt: np.greater, ast.GtE: np.greater_equal, ast.Not: np.logical_not},
+    **{
+        ast.Lt: np.less,
+        ast.LtE: np.less_equal,
+        ast.Gt: np.greater,
+        ast.GtE: np.greater_equal,
+        ast.Not: np.logical_not,
+    },
     **{ast.Eq: np.equal, ast.NotEq: np.not_equal, ast.And: np.logical_and, ast.Or: np.logical_or},
-    **{name: getattr(np, name) for name in ("abs", "sin", "cos", "tanh", "sign", "arctan2", "clip")},
+    **{
+        name: getattr(np, name) for name in ("abs", "sin", "cos", "tanh", "sign", "arctan2", "clip")
+    },
     **{"sqrt": lambda x: np.sqrt(np.abs(x)), "log": lambda x: np.log(np.abs(x) + 1e-8)},
     "exp": lambda x: np.exp(np.clip(x, -50, 50)),
-    **{"min": np.minimum, "max": np.maximum, "norm": lambda *xs: np.sqrt(sum(np.square(x) for x in xs))},
+    **{
+        "min": np.minimum,
+        "max": np.maximum,
+        "norm": lambda *xs: np.sqrt(sum(np.square(x) for x in xs)),
+    },
     **dict.fromkeys(["prev", "next", "delta"]),  # evaluated in `ev`
 }
-ARITY = {"arctan2": 2, "min": 2, "max": 2, "clip": 3, "norm": None, "prev": 2, "next": 2, "delta": 2}  # else 1
-MAX_EXPR_CHARS, MAX_AST_NODES, MAX_POW = 400, 120, 4  # bounds on what a rule may cost to parse and evaluate
+ARITY = {
+    "arctan2": 2,
+    "min": 2,
+    "max": 2,
+    "clip": 3,
+    "norm": None,
+    "prev": 2,
+    "next": 2,
+    "delta": 2,
+}  # else 1
+MAX_EXPR_CHARS, MAX_AST_NODES, MAX_POW = (
+    400,
+    120,
+    4,
+)  # bounds on what a rule may cost to parse and evaluate
 
 
 class RuleError(ValueError):
@@ -321,10 +427,16 @@ class Features:
     """What a rule may read (s0 ..., layout names, t / t_left: steps since / until episode end), episode bounds."""
 
     def __init__(self, ds: dict, names: dict):
-        obs, idx, ends = ds["observations"], np.arange(len(ds["observations"])), np.nonzero(ds["valids"] == 0)[0]
+        obs, idx, ends = (
+            ds["observations"],
+            np.arange(len(ds["observations"])),
+            np.nonzero(ds["valids"] == 0)[0],
+        )
         ep_id = np.searchsorted(ends, idx)
         self.ep_start, self.ep_end = np.concatenate([[0], ends[:-1] + 1])[ep_id], ends[ep_id]
-        self.columns = {f"s{i}": obs[:, i] for i in range(obs.shape[1])} | {k: obs[:, i] for k, i in names.items()}
+        self.columns = {f"s{i}": obs[:, i] for i in range(obs.shape[1])} | {
+            k: obs[:, i] for k, i in names.items()
+        }
         self.columns["t"], self.columns["t_left"] = idx - self.ep_start, self.ep_end - idx
 
 
@@ -332,7 +444,9 @@ def compile_condition(expr: str, feats: Features) -> np.ndarray:
     """Section 2.1 (2): a condition -> discriminator state -> {0, 1} on all states (NumPy). The evaluator is the
     whitelist (other syntax: RuleError; never executed); each sub-expression is computed once: linear cost."""
     if not isinstance(expr, str) or not 0 < len(expr.strip()) <= MAX_EXPR_CHARS:
-        raise RuleError(f"condition must be a non-empty string of at most {MAX_EXPR_CHARS} characters")
+        raise RuleError(
+            f"condition must be a non-empty string of at most {MAX_EXPR_CHARS} characters"
+        )
     try:
         tree = ast.parse(expr.strip(), mode="eval").body
     except SyntaxError as e:
@@ -343,8 +457,12 @@ def compile_condition(expr: str, feats: Features) -> np.ndarray:
     def ev(node, lags):
         # `lags`: the sum of the prev/next/delta lags above this node, checked before their argument is evaluated
         op = OPS.get(type(getattr(node, "op", None)))
-        fn = node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None
-        if isinstance(node, ast.Constant):  # finite real numbers only: no str, bool, None, complex, 1e999, 10**400
+        fn = (
+            node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None
+        )
+        if isinstance(
+            node, ast.Constant
+        ):  # finite real numbers only: no str, bool, None, complex, 1e999, 10**400
             if type(node.value) not in (int, float) or not abs(node.value) < 1e300:
                 raise RuleError(f"{ast.unparse(node)[:20]!r} is not a finite real number")
             return np.float64(node.value)
@@ -354,7 +472,9 @@ def compile_condition(expr: str, feats: Features) -> np.ndarray:
             return op(ev(node.operand, lags))
         if isinstance(node, ast.BoolOp):
             return functools.reduce(op, [np.asarray(ev(v, lags), dtype=bool) for v in node.values])
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):  # |a|^p, odd integer p keeps a's sign
+        if isinstance(node, ast.BinOp) and isinstance(
+            node.op, ast.Pow
+        ):  # |a|^p, odd integer p keeps a's sign
             p = ev(node.right, lags)
             if np.ndim(p) or not abs(p) <= MAX_POW:
                 raise RuleError(f"exponents must be numbers with |p| <= {MAX_POW}")
@@ -362,21 +482,35 @@ def compile_condition(expr: str, feats: Features) -> np.ndarray:
             return np.power(np.abs(a), p) * (np.sign(a) if p == int(p) and int(p) % 2 else 1.0)
         if isinstance(node, ast.BinOp) and op:
             return op(ev(node.left, lags), ev(node.right, lags))
-        if isinstance(node, ast.Compare) and all(type(o) in OPS for o in node.ops):  # a < b <= c: pairwise, and-ed
+        if isinstance(node, ast.Compare) and all(
+            type(o) in OPS for o in node.ops
+        ):  # a < b <= c: pairwise, and-ed
             vals = [ev(v, lags) for v in [node.left, *node.comparators]]
-            return functools.reduce(np.logical_and, [OPS[type(o)](a, b) for o, a, b in zip(node.ops, vals, vals[1:])])
+            return functools.reduce(
+                np.logical_and, [OPS[type(o)](a, b) for o, a, b in zip(node.ops, vals, vals[1:])]
+            )
         if fn not in OPS:
-            raise RuleError(f"unknown feature, operator or function: {ast.unparse(getattr(node, 'func', node))[:40]}")
+            raise RuleError(
+                f"unknown feature, operator or function: {ast.unparse(getattr(node, 'func', node))[:40]}"
+            )
         arity, args = ARITY.get(fn, 1), node.args
         if node.keywords or (len(args) != arity if arity else not 1 <= len(args) <= 8):
             raise RuleError(f"{fn}() takes {arity or '1 to 8'} positional arguments")
         if OPS[fn] is not None:
             return OPS[fn](*[ev(a, lags) for a in args])
         k = args[1].value if isinstance(args[1], ast.Constant) else None
-        if type(k) is not int or not 1 <= k <= MAX_LAG - lags:  # bounds the window, and so the nesting depth
-            raise RuleError(f"{fn}(): lag must be an integer literal >= 1; nested lags may add up to {MAX_LAG} steps")
-        value = np.broadcast_to(ev(args[0], lags + k), feats.ep_start.shape)  # a number: the same at every row
-        rows = np.clip(np.arange(len(value)) + (k if fn == "next" else -k), feats.ep_start, feats.ep_end)
+        if (
+            type(k) is not int or not 1 <= k <= MAX_LAG - lags
+        ):  # bounds the window, and so the nesting depth
+            raise RuleError(
+                f"{fn}(): lag must be an integer literal >= 1; nested lags may add up to {MAX_LAG} steps"
+            )
+        value = np.broadcast_to(
+            ev(args[0], lags + k), feats.ep_start.shape
+        )  # a number: the same at every row
+        rows = np.clip(
+            np.arange(len(value)) + (k if fn == "next" else -k), feats.ep_start, feats.ep_end
+        )
         return value - value[rows] if fn == "delta" else value[rows]
 
     with np.errstate(all="ignore"):
@@ -391,18 +525,25 @@ def extract_rules_json(text: str) -> list:
     for m in re.finditer(r"\{", text):
         try:
             obj = json.JSONDecoder().raw_decode(text, m.start())[0]
-        except (ValueError, RecursionError):  # not JSON from here, or nested beyond the parser's limit
+        except (
+            ValueError,
+            RecursionError,
+        ):  # not JSON from here, or nested beyond the parser's limit
             continue
         if isinstance(obj, dict) and isinstance(obj.get("rules"), list):
             return [r for r in obj["rules"] if isinstance(r, dict)]
     raise RuleError("no JSON object with a 'rules' list found")
 
 
-def check_rules(rules: list, feats: Features, valid_rows: np.ndarray, key_mask: np.ndarray, log=print):
+def check_rules(
+    rules: list, feats: Features, valid_rows: np.ndarray, key_mask: np.ndarray, log=print
+):
     """Compile-time self-check of <= MAX_RULES rules: parse, run, fire rate in bounds; masks OR-ed into key_mask."""
     if len(rules) > MAX_RULES:  # one cap for LLM answers and rule files
         names = ", ".join(str(r.get("name", "?"))[:64] for r in rules[MAX_RULES : MAX_RULES + 5])
-        log(f"[rules] {len(rules) - MAX_RULES} rules beyond the cap of {MAX_RULES} dropped: {names}, ...")
+        log(
+            f"[rules] {len(rules) - MAX_RULES} rules beyond the cap of {MAX_RULES} dropped: {names}, ..."
+        )
     accepted, failures = [], []
     for i, r in enumerate(rules[:MAX_RULES]):
         name, cond = str(r.get("name", f"rule_{i}"))[:64], r.get("condition")
@@ -410,13 +551,19 @@ def check_rules(rules: list, feats: Features, valid_rows: np.ndarray, key_mask: 
             mask = compile_condition(cond, feats)
             frac = float(mask[valid_rows].mean())
             if not RULE_MIN_FIRE <= frac <= RULE_MAX_FIRE:
-                raise RuleError(f"fires on {frac:.2%} of states, outside [{RULE_MIN_FIRE:.2%}, {RULE_MAX_FIRE:.2%}]")
+                raise RuleError(
+                    f"fires on {frac:.2%} of states, outside [{RULE_MIN_FIRE:.2%}, {RULE_MAX_FIRE:.2%}]"
+                )
             key_mask |= mask
             desc = str(r.get("description", ""))[:300]
             accepted.append(dict(name=name, description=desc, condition=cond, fire_rate=frac))
         # Anything the validator did not foresee rejects the rule instead of crashing the run.
         except (ArithmeticError, ValueError, TypeError, RecursionError, MemoryError) as e:
-            error = str(e) if isinstance(e, RuleError) else f"could not be evaluated ({type(e).__name__})"
+            error = (
+                str(e)
+                if isinstance(e, RuleError)
+                else f"could not be evaluated ({type(e).__name__})"
+            )
             failures.append(dict(name=name, condition=str(cond)[:MAX_EXPR_CHARS], error=error))
             log(f"[rules] rejected {name}: {error}")
     return accepted, failures
@@ -430,20 +577,37 @@ def read_prompt(path: Path) -> str:
 def read_layout(args: Args):
     """The layout prompt prompts/keystate/layout_<family>.md whose family starts --env-name, and its feature names."""
     families = sorted((PROMPTS / "keystate").glob("layout_*.md"))
-    match = [p for p in families if args.env_name.startswith(p.stem.removeprefix("layout_").replace("_", "-") + "-")]
+    match = [
+        p
+        for p in families
+        if args.env_name.startswith(p.stem.removeprefix("layout_").replace("_", "-") + "-")
+    ]
     if not match:
-        usage_error(f"--env-name: no prompts/keystate/layout_*.md for {args.env_name!r} (add one, or --relabel her)")
+        usage_error(
+            f"--env-name: no prompts/keystate/layout_*.md for {args.env_name!r} (add one, or --relabel her)"
+        )
     layout = read_prompt(match[0])
     return layout, {m[1]: int(m[2]) for m in re.finditer(r"^- `(\w+)` = s(\d+)", layout, re.M)}
 
 
-def generate_rules(args: Args, feats: Features, layout: str, valid_rows: np.ndarray, key_mask: np.ndarray, log):
+def generate_rules(
+    args: Args, feats: Features, layout: str, valid_rows: np.ndarray, key_mask: np.ndarray, log
+):
     """Section 2.1 (1): ask the LLM for rules, check them, send failures back (MAX_REPAIR_ROUNDS repair prompts)."""
     client = LLMClient(args)
-    task, _, layout_features = layout.partition("\nFeatures:")  # the layout's "Task: ..." paragraph, then its features
-    fields = dict(env_name=args.env_name, num_rules=args.num_rules, observation_layout=layout_features.strip())
-    fields |= dict(task_description=" ".join(task.removeprefix("Task:").split()), features=", ".join(feats.columns))
-    fields |= dict(functions=", ".join(k for k in OPS if isinstance(k, str)), max_lag=MAX_LAG)  # what compiles
+    task, _, layout_features = layout.partition(
+        "\nFeatures:"
+    )  # the layout's "Task: ..." paragraph, then its features
+    fields = dict(
+        env_name=args.env_name, num_rules=args.num_rules, observation_layout=layout_features.strip()
+    )
+    fields |= dict(
+        task_description=" ".join(task.removeprefix("Task:").split()),
+        features=", ".join(feats.columns),
+    )
+    fields |= dict(
+        functions=", ".join(k for k in OPS if isinstance(k, str)), max_lag=MAX_LAG
+    )  # what compiles
     fields |= dict(min_fire=f"{RULE_MIN_FIRE:.1%}", max_fire=f"{RULE_MAX_FIRE:.1%}")
     prompt = Template(read_prompt(PROMPTS / "keystate" / "rule_generation.md")).substitute(fields)
     accepted, rejected = [], 0
@@ -454,7 +618,9 @@ def generate_rules(args: Args, feats: Features, layout: str, valid_rows: np.ndar
             continue
         log(f"[rules] LLM round {round_} answered: {answer[:300]!r}")
         try:
-            good, failures = check_rules(extract_rules_json(answer), feats, valid_rows, key_mask, log)
+            good, failures = check_rules(
+                extract_rules_json(answer), feats, valid_rows, key_mask, log
+            )
         except RuleError as e:
             good, failures = [], [dict(name="(whole answer)", condition=answer[:200], error=str(e))]
             log(f"[rules] rejected (whole answer): {e}")
@@ -463,7 +629,9 @@ def generate_rules(args: Args, feats: Features, layout: str, valid_rows: np.ndar
         if not failures or len(accepted) >= args.num_rules:
             break
         lines = "\n".join(f"- {f['name']}: {f['condition']!r} -> {f['error']}" for f in failures)
-        prompt = Template(read_prompt(PROMPTS / "keystate" / "rule_repair.md")).substitute(fields, failures=lines)
+        prompt = Template(read_prompt(PROMPTS / "keystate" / "rule_repair.md")).substitute(
+            fields, failures=lines
+        )
     return accepted, dict(rejected_rules=rejected, llm_failures=client.failures)
 
 
@@ -471,29 +639,47 @@ def build_keystate_mask(args: Args, ds: dict, kept: np.ndarray, log):
     """Components (1) + (2): rules (--rules-path or LLM) -> one key-state mask (None: HER), and rules.json's content."""
     layout, names = read_layout(args)
     feats, valid = Features(ds, names), (ds["valids"] > 0) & kept
-    key_mask = np.zeros(len(valid), bool)  # the union of the accepted rules' masks, OR-ed in as they compile
+    key_mask = np.zeros(
+        len(valid), bool
+    )  # the union of the accepted rules' masks, OR-ed in as they compile
     if args.rules_path:  # a saved rule set: the same self-check, no LLM
         try:
             text = Path(args.rules_path).read_text()
             rules, failures = check_rules(extract_rules_json(text), feats, valid, key_mask, log)
-        except (OSError, RuleError, UnicodeDecodeError) as e:  # a data error: one line, exit status 1
+        except (
+            OSError,
+            RuleError,
+            UnicodeDecodeError,
+        ) as e:  # a data error: one line, exit status 1
             raise SystemExit(f"error: {args.rules_path}: {e}") from None
         stats = dict(rejected_rules=len(failures), llm_failures=0)
     else:
         rules, stats = generate_rules(args, feats, layout, valid, key_mask, log)
-    out = dict(env_name=args.env_name, features=list(feats.columns), max_lag=MAX_LAG, rules=rules, **stats)
-    log("[rules] {} accepted, {rejected_rules} rejected, {llm_failures} failed LLM calls".format(len(rules), **stats))
+    out = dict(
+        env_name=args.env_name, features=list(feats.columns), max_lag=MAX_LAG, rules=rules, **stats
+    )
+    log(
+        "[rules] {} accepted, {rejected_rules} rejected, {llm_failures} failed LLM calls".format(
+            len(rules), **stats
+        )
+    )
     if not rules:
-        log("[rules] WARNING: no valid rule survived the self-check; falling back to HER relabeling")
+        log(
+            "[rules] WARNING: no valid rule survived the self-check; falling back to HER relabeling"
+        )
         return None, out
     for r in rules:
         log(f"[rules] accepted {r['name']} ({r['fire_rate']:.2%} of states): {r['condition']}")
-    log(f"[rules] key states: {int((key_mask & valid).sum())} ({(key_mask & valid).mean():.2%} of kept rows)")
+    log(
+        f"[rules] key states: {int((key_mask & valid).sum())} ({(key_mask & valid).mean():.2%} of kept rows)"
+    )
     return key_mask, out
 
 
 # === Goal sampling: OGBench's HER mixture + key-state-prioritised relabeling (3) on device; relabel-time self-check ===
-def make_goal_data(ds: dict, key_mask: Optional[np.ndarray], keep: Optional[np.ndarray] = None) -> dict:
+def make_goal_data(
+    ds: dict, key_mask: Optional[np.ndarray], keep: Optional[np.ndarray] = None
+) -> dict:
     """Device arrays the jitted sampler reads; keep (seeds, N) gives PER_SEED members a seed axis (None: all rows)."""
     ep = Features(ds, {})  # only for each row's episode bounds
     valid = ds["valids"] > 0
@@ -504,8 +690,12 @@ def make_goal_data(ds: dict, key_mask: Optional[np.ndarray], keep: Optional[np.n
     return {
         "observations": jnp.asarray(ds["observations"]),  # (N, ob_dim)
         "actions": jnp.asarray(ds["actions"]),  # (N, act_dim)
-        "valid_idxs": jnp.asarray(padded[0] if keep is None else padded, jnp.int32),  # ([S,] M) rows with a next state
-        "n_valid": jnp.asarray(n_valid[0] if keep is None else n_valid, jnp.int32),  # ([S,]) how many of them
+        "valid_idxs": jnp.asarray(
+            padded[0] if keep is None else padded, jnp.int32
+        ),  # ([S,] M) rows with a next state
+        "n_valid": jnp.asarray(
+            n_valid[0] if keep is None else n_valid, jnp.int32
+        ),  # ([S,]) how many of them
         # (N,) last goal row of each row's episode: its last valid row (OGBench's terminal_locs)
         "final_idxs": jnp.asarray(np.maximum(ep.ep_end - 1, ep.ep_start), jnp.int32),
         # (K + 1,) sorted rows that satisfy a discriminator, then N: a sentinel that no window reaches
@@ -536,7 +726,9 @@ def sample_goals(key, data: dict, idxs, p_cur, p_traj, geom, discount, p_key, wi
     is_traj = jax.random.uniform(k_mix, (b,)) < p_traj / max(1.0 - p_cur, 1e-8)
     key_goals, has_key = keystate_goals(k_key, idxs, final, data["key_idxs"], window)
     is_key = is_traj & has_key & (jax.random.uniform(k_use, (b,)) < p_key)
-    goals = jnp.where(is_traj, jnp.where(is_key, key_goals, traj_goals), random_goals)  # no key state: HER goal
+    goals = jnp.where(
+        is_traj, jnp.where(is_key, key_goals, traj_goals), random_goals
+    )  # no key state: HER goal
     is_cur = jax.random.uniform(k_cur, (b,)) < p_cur
     return jnp.where(is_cur, idxs, goals), is_key & ~is_cur, is_traj & ~is_key & ~is_cur
 
@@ -548,19 +740,31 @@ def sample_batch(key, data: dict, args: Args, p_keystate):
     idxs = data["valid_idxs"][jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])]
     window, obs, k = args.keystate_window, data["observations"], args.subgoal_steps
     # Value goals: OGBench's mixture of 0.2 current state, 0.5 future state (geometric), 0.3 random state.
-    value_goals, is_key, _ = sample_goals(k_val, data, idxs, 0.2, 0.5, True, args.discount, p_keystate, window)
+    value_goals, is_key, _ = sample_goals(
+        k_val, data, idxs, 0.2, 0.5, True, args.discount, p_keystate, window
+    )
     # High-level goals stay OGBench's (uniform future; random w.p. actor_p_randomgoal): the paper changes only the
     # value goals' relabeling (Section 2.1 (4)), and a key state within the window would also shorten the horizon.
     p_traj = 0.0 if "explore" in args.env_name else 0.5 if "stitch" in args.env_name else 1.0
-    high_goals, _, in_traj = sample_goals(k_act, data, idxs, 0.0, p_traj, False, args.discount, 0.0, window)
+    high_goals, _, in_traj = sample_goals(
+        k_act, data, idxs, 0.0, p_traj, False, args.discount, 0.0, window
+    )
     low_goals = jnp.minimum(idxs + k, data["final_idxs"][idxs])
     # The high-level target never overshoots its goal; for random goals it is s_{min(t+k, T)} (as OGBench).
     high_targets = jnp.where(in_traj, jnp.minimum(idxs + k, high_goals), low_goals)
     successes = (idxs == value_goals).astype(jnp.float32)
-    batch = dict(observations=obs[idxs], next_observations=obs[idxs + 1], actions=data["actions"][idxs])
-    batch |= dict(value_goals=obs[value_goals], low_actor_goals=obs[low_goals], high_actor_goals=obs[high_goals])
+    batch = dict(
+        observations=obs[idxs], next_observations=obs[idxs + 1], actions=data["actions"][idxs]
+    )
+    batch |= dict(
+        value_goals=obs[value_goals],
+        low_actor_goals=obs[low_goals],
+        high_actor_goals=obs[high_goals],
+    )
     batch |= dict(high_actor_targets=obs[high_targets], value_goal_is_key=is_key)
-    return batch | dict(rewards=successes - 1.0, masks=1.0 - successes)  # compact layout: valid rows have a next row
+    return batch | dict(
+        rewards=successes - 1.0, masks=1.0 - successes
+    )  # compact layout: valid rows have a next row
 
 
 def probe_batch(key, data: dict, args: Args):
@@ -572,10 +776,14 @@ def probe_batch(key, data: dict, args: Args):
     span = jnp.maximum(jnp.minimum(idxs + args.keystate_window, final) - idxs, 1)  # |W|
     # inverse CDF of P(k) proportional to discount^(k - 1) on k = 1 ... |W|
     u = jax.random.uniform(k_her, idxs.shape)
-    her = jnp.ceil(jnp.log1p(-u * (1 - args.discount**span)) / jnp.log(args.discount)).astype(jnp.int32)
+    her = jnp.ceil(jnp.log1p(-u * (1 - args.discount**span)) / jnp.log(args.discount)).astype(
+        jnp.int32
+    )
     uniform = jnp.floor(jax.random.uniform(k_uni, idxs.shape) * span).astype(jnp.int32) + 1
     goals = jnp.stack([key_goals, idxs + jnp.clip(her, 1, span), idxs + uniform])
-    batch = dict(observations=obs[idxs], next_observations=obs[idxs + 1], actions=data["actions"][idxs])
+    batch = dict(
+        observations=obs[idxs], next_observations=obs[idxs + 1], actions=data["actions"][idxs]
+    )
     ones = jnp.ones(idxs.shape)  # every goal lies strictly after t: reward -1, mask 1
     return batch | dict(rewards=-ones, masks=ones), obs[goals], goals - idxs, has_key
 
@@ -586,16 +794,34 @@ class RelabelCheck:
     (ADAPT_K0 + k): the steps vanish, so p converges instead of cycling on its own effect."""
 
     def __init__(self, args: Args, probing: bool):
-        self.p_keystate = np.full(args.num_seeds, args.p_keystate if args.relabel == "keystate" else 0.0)
+        self.p_keystate = np.full(
+            args.num_seeds, args.p_keystate if args.relabel == "keystate" else 0.0
+        )
         self.interval = args.adapt_interval if probing and args.relabel == "keystate" else 0
-        self.probing, self.decisions, self.snapshots, self.eval_interval = probing, 0, [], args.eval_interval
+        self.probing, self.decisions, self.snapshots, self.eval_interval = (
+            probing,
+            0,
+            [],
+            args.eval_interval,
+        )
 
-    def adapt(self, diffs: np.ndarray, counts: np.ndarray):  # (S, B) paired differences, (S, B) rows that count
+    def adapt(
+        self, diffs: np.ndarray, counts: np.ndarray
+    ):  # (S, B) paired differences, (S, B) rows that count
         n = counts.sum(1)
         mean = (diffs * counts).sum(1) / np.maximum(n, 1)
         var = ((diffs - mean[:, None]) ** 2 * counts).sum(1) / np.maximum(n - 1, 1)
-        z = mean / np.sqrt(var / np.maximum(n, 1) + 1e-12)  # constant input: a huge |z|, a decided sign
-        move = np.sign(z) * (np.abs(z) > ADAPT_Z) * (n >= 2) * ADAPT_STEP * ADAPT_K0 / (ADAPT_K0 + self.decisions)
+        z = mean / np.sqrt(
+            var / np.maximum(n, 1) + 1e-12
+        )  # constant input: a huge |z|, a decided sign
+        move = (
+            np.sign(z)
+            * (np.abs(z) > ADAPT_Z)
+            * (n >= 2)
+            * ADAPT_STEP
+            * ADAPT_K0
+            / (ADAPT_K0 + self.decisions)
+        )
         self.p_keystate = np.clip(self.p_keystate + move, P_KEYSTATE_MIN, P_KEYSTATE_MAX)
         self.decisions += 1
         return mean, z
@@ -614,18 +840,42 @@ class RelabelCheck:
 
     def save(self, run_dir: Path):
         """Figure 2: mean |TD| gap key-state - HER / uniform per snapshot, bootstrap 95% CI -> td_probe.npz, .png."""
-        steps, td, dist, counts = (np.stack(x) for x in zip(*self.snapshots))  # (T,), (T, S, 3, B), ..., (T, S, B)
+        steps, td, dist, counts = (
+            np.stack(x) for x in zip(*self.snapshots)
+        )  # (T,), (T, S, 3, B), ..., (T, S, B)
         rows, rng = counts.astype(bool), np.random.default_rng(0)
-        out = dict(steps=steps, td=td, dist=dist, counts=counts, kinds=["keystate", "her", "uniform"])
-        out["dist_mean"] = np.array([[d[:, i][m].mean() for i in range(3)] for d, m in zip(dist, rows)])
+        out = dict(
+            steps=steps, td=td, dist=dist, counts=counts, kinds=["keystate", "her", "uniform"]
+        )
+        out["dist_mean"] = np.array(
+            [[d[:, i][m].mean() for i in range(3)] for d, m in zip(dist, rows)]
+        )
         for i, kind in ((1, "her"), (2, "uniform")):
-            gaps = [(t[:, 0] - t[:, i])[m] if m.any() else np.full(1, np.nan) for t, m in zip(td, rows)]
-            boot = [g[rng.integers(len(g), size=(1000, len(g)))].mean(1) for g in gaps]  # (T, 1000) resampled means
-            mean, ci = np.array([g.mean() for g in gaps]), np.percentile(boot, [2.5, 97.5], axis=1).T  # (T,), (T, 2)
+            gaps = [
+                (t[:, 0] - t[:, i])[m] if m.any() else np.full(1, np.nan) for t, m in zip(td, rows)
+            ]
+            boot = [
+                g[rng.integers(len(g), size=(1000, len(g)))].mean(1) for g in gaps
+            ]  # (T, 1000) resampled means
+            mean, ci = (
+                np.array([g.mean() for g in gaps]),
+                np.percentile(boot, [2.5, 97.5], axis=1).T,
+            )  # (T,), (T, 2)
             out |= {f"gap_{kind}_mean": mean, f"gap_{kind}_ci": ci}
-            plt.errorbar(steps, mean, yerr=np.abs(ci.T - mean), marker="o", capsize=3, label=f"key-state - {kind}")
+            plt.errorbar(
+                steps,
+                mean,
+                yerr=np.abs(ci.T - mean),
+                marker="o",
+                capsize=3,
+                label=f"key-state - {kind}",
+            )
         np.savez(run_dir / "td_probe.npz", **out)
-        plt.gca().set(xlabel="gradient step", ylabel="mean |TD| gap, 95% CI", title="paired TD probe (Figure 2)")
+        plt.gca().set(
+            xlabel="gradient step",
+            ylabel="mean |TD| gap, 95% CI",
+            title="paired TD probe (Figure 2)",
+        )
         plt.legend()
         plt.savefig(run_dir / "td_probe.png", dpi=80)
         plt.close()
@@ -644,7 +894,9 @@ class MLP(nn.Module):
         x = jnp.concatenate(inputs, axis=-1)
         for i, size in enumerate(self.hidden_dims):
             last = i + 1 == len(self.hidden_dims)
-            init = nn.initializers.variance_scaling(self.final_scale if last else 1.0, "fan_avg", "uniform")
+            init = nn.initializers.variance_scaling(
+                self.final_scale if last else 1.0, "fan_avg", "uniform"
+            )
             x = nn.Dense(size, kernel_init=init)(x)
             if not last:
                 x = nn.LayerNorm()(nn.gelu(x)) if self.layer_norm else nn.gelu(x)
@@ -659,13 +911,20 @@ class GCValue(nn.Module):
 
     @nn.compact
     def __call__(self, *inputs):  # observations, goals[, actions]
-        vmap = dict(variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, axis_size=self.ensemble)
+        vmap = dict(
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            axis_size=self.ensemble,
+        )
         mlp = nn.vmap(MLP, **vmap) if self.ensemble > 1 else MLP
         return mlp((*self.hidden_dims, 1), layer_norm=True)(*inputs).squeeze(-1)
 
 
 class AgentState(NamedTuple):
-    params: dict  # the optimised parameters of every module, under one Adam (as OGBench's TrainState)
+    params: (
+        dict  # the optimised parameters of every module, under one Adam (as OGBench's TrainState)
+    )
     target: Any  # soft target copy of the bootstrapping network (GCIQL: the critic; HIQL: the value heads)
     opt_state: Any
     rng: jax.Array
@@ -674,11 +933,18 @@ class AgentState(NamedTuple):
 def make_agent(args: Args, ob_dim: int, act_dim: int, key):
     """HIQL's phi([s; g]), V1,2(s, phi), pi^l(a | s, phi([s; w])), pi^h(phi | s, g) under one Adam; V's target copy."""
     hd = tuple(args.hidden_dims)
-    nets = dict(goal_rep=MLP((*hd, REP_DIM), layer_norm=True), value=GCValue(hd, 2))  # goal_rep: see `phi`
+    nets = dict(
+        goal_rep=MLP((*hd, REP_DIM), layer_norm=True), value=GCValue(hd, 2)
+    )  # goal_rep: see `phi`
     # actors: the means of Gaussians with constant std 1, no LayerNorm (OGBench's const_std); pi^h over phi-space
-    nets |= dict(low_actor=MLP((*hd, act_dim), final_scale=1e-2), high_actor=MLP((*hd, REP_DIM), final_scale=1e-2))
+    nets |= dict(
+        low_actor=MLP((*hd, act_dim), final_scale=1e-2),
+        high_actor=MLP((*hd, REP_DIM), final_scale=1e-2),
+    )
     ob, rep = jnp.zeros((1, ob_dim)), jnp.zeros((1, REP_DIM))
-    inputs = dict(goal_rep=(ob, ob), value=(ob, rep), low_actor=(ob, rep), high_actor=(ob, ob))  # fix the shapes
+    inputs = dict(
+        goal_rep=(ob, ob), value=(ob, rep), low_actor=(ob, rep), high_actor=(ob, ob)
+    )  # fix the shapes
     key, *keys = jax.random.split(key, 5)
     params = {name: nets[name].init(k, *inputs[name])["params"] for name, k in zip(nets, keys)}
     tx = optax.adam(LR)
@@ -707,13 +973,18 @@ def value_loss(params, target_value, batch, nets: dict, discount, expectile):
     """Action-free IQL value loss (HIQL Eq. 3): each head regresses to r + discount * mask * V_target(s', g) with the
     expectile weight of A = q - V_target(s, g), q from the min of the target heads; trains phi. Also |TD| = |q - V|."""
     obs, next_obs, goals = batch["observations"], batch["next_observations"], batch["value_goals"]
-    rep = jax.lax.stop_gradient(params["goal_rep"])  # the target heads read the current phi, not differentiated
+    rep = jax.lax.stop_gradient(
+        params["goal_rep"]
+    )  # the target heads read the current phi, not differentiated
     next_v1_t, next_v2_t = hiql_value(nets, target_value, rep, next_obs, goals)  # (batch,) each
     q = batch["rewards"] + discount * batch["masks"] * jnp.minimum(next_v1_t, next_v2_t)
     adv = q - hiql_value(nets, target_value, rep, obs, goals).mean(0)
     v1, v2 = hiql_value(nets, params["value"], params["goal_rep"], obs, goals)
     q1, q2 = (batch["rewards"] + discount * batch["masks"] * nv for nv in (next_v1_t, next_v2_t))
-    loss = expectile_loss(adv, q1 - v1, expectile).mean() + expectile_loss(adv, q2 - v2, expectile).mean()
+    loss = (
+        expectile_loss(adv, q1 - v1, expectile).mean()
+        + expectile_loss(adv, q2 - v2, expectile).mean()
+    )
     td_abs = jax.lax.stop_gradient(jnp.abs(q - (v1 + v2) / 2))  # (batch,)
     return loss, {"value/value_loss": loss, "value/v_mean": (v1 + v2).mean() / 2, "td_abs": td_abs}
 
@@ -721,9 +992,16 @@ def value_loss(params, target_value, batch, nets: dict, discount, expectile):
 def awr_loss(params, nets: dict, name, alpha, obs, next_obs, goals, mean, target):
     """AWR (HIQL Eqs. 5-6): -min(exp(alpha * (V(s', g) - V(s, g))), 100) * log N(target; mean, I), V and phi frozen."""
     frozen = jax.lax.stop_gradient(params)
-    v, nv = (hiql_value(nets, frozen["value"], frozen["goal_rep"], s, goals).mean(0) for s in (obs, next_obs))
-    log_prob = jnp.sum(-0.5 * (target - mean) ** 2 - 0.5 * jnp.log(2 * jnp.pi), axis=-1)  # log N(target; mean, I)
-    loss = -(jnp.minimum(jnp.exp((nv - v) * alpha), 100.0) * log_prob).mean()  # A = nv - v: (batch,)
+    v, nv = (
+        hiql_value(nets, frozen["value"], frozen["goal_rep"], s, goals).mean(0)
+        for s in (obs, next_obs)
+    )
+    log_prob = jnp.sum(
+        -0.5 * (target - mean) ** 2 - 0.5 * jnp.log(2 * jnp.pi), axis=-1
+    )  # log N(target; mean, I)
+    loss = -(
+        jnp.minimum(jnp.exp((nv - v) * alpha), 100.0) * log_prob
+    ).mean()  # A = nv - v: (batch,)
     return loss, {f"{name}/actor_loss": loss, f"{name}/adv": (nv - v).mean()}
 
 
@@ -733,14 +1011,22 @@ def low_actor_loss(params, batch, nets: dict, alpha):
     obs, w = batch["observations"], batch["low_actor_goals"]
     reps = phi(nets, jax.lax.stop_gradient(params["goal_rep"]), obs, w)
     mean = nets["low_actor"].apply({"params": params["low_actor"]}, obs, reps)  # (batch, act_dim)
-    return awr_loss(params, nets, "low_actor", alpha, obs, batch["next_observations"], w, mean, batch["actions"])
+    return awr_loss(
+        params, nets, "low_actor", alpha, obs, batch["next_observations"], w, mean, batch["actions"]
+    )
 
 
 def high_actor_loss(params, batch, nets: dict, alpha):
     """High level (HIQL Eq. 5): AWR of pi^h(phi([s; s_{t+k}]) | s, g) with A = V(s_{t+k}, g) - V(s, g): the high-level
     actor outputs a subgoal *representation*, regressed onto the fixed phi of the target state."""
-    obs, goals, targets = batch["observations"], batch["high_actor_goals"], batch["high_actor_targets"]
-    mean = nets["high_actor"].apply({"params": params["high_actor"]}, obs, goals)  # (batch, REP_DIM)
+    obs, goals, targets = (
+        batch["observations"],
+        batch["high_actor_goals"],
+        batch["high_actor_targets"],
+    )
+    mean = nets["high_actor"].apply(
+        {"params": params["high_actor"]}, obs, goals
+    )  # (batch, REP_DIM)
     target = phi(nets, jax.lax.stop_gradient(params["goal_rep"]), obs, targets)
     return awr_loss(params, nets, "high_actor", alpha, obs, targets, goals, mean, target)
 
@@ -749,10 +1035,14 @@ def over_seeds(fn):
     """fn(state, data, *args) on all seeds (leading axis) in one call: vmap on GPU/TPU, lax.map on CPU (see `call`)."""
 
     def call(state, data, *rest):
-        one_seed = lambda x: fn(x[0], data | x[1], *x[2:])  # x: one seed's (state, PER_SEED data, *rest)
+        one_seed = lambda x: fn(
+            x[0], data | x[1], *x[2:]
+        )  # x: one seed's (state, PER_SEED data, *rest)
         xs = (state, {k: data[k] for k in PER_SEED}, *rest)
         # XLA:CPU runs vmap's batched matmuls 3.5x slower per seed than this loop (measured: docs/keystate_gciql.md)
-        return jax.lax.map(one_seed, xs) if jax.default_backend() == "cpu" else jax.vmap(one_seed)(xs)
+        return (
+            jax.lax.map(one_seed, xs) if jax.default_backend() == "cpu" else jax.vmap(one_seed)(xs)
+        )
 
     return call
 
@@ -773,18 +1063,24 @@ def make_update(args: Args, nets: dict, tx):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # OGBench blends the value parameters from *before* this step into the target (hiql.py target_update).
-        target = tree_map(lambda p, tp: TAU * p + (1 - TAU) * tp, state.params["value"], state.target)
+        target = tree_map(
+            lambda p, tp: TAU * p + (1 - TAU) * tp, state.params["value"], state.target
+        )
         info["relabel/frac_keystate_goals"] = batch["value_goal_is_key"].mean()
         del info["td_abs"]
         return AgentState(params, target, opt_state, rng), info
 
     def probe(state: AgentState, data: dict):
         batch, goals, dist, counts = probe_batch(jax.random.fold_in(state.rng, 1), data, args)
-        loss = functools.partial(value_loss, state.params, state.target, nets=nets, discount=args.discount)
+        loss = functools.partial(
+            value_loss, state.params, state.target, nets=nets, discount=args.discount
+        )
         td = jax.vmap(lambda g: loss(batch | {"value_goals": g}, expectile=EXPECTILE)[1]["td_abs"])
         return td(goals), dist, counts
 
-    return jax.jit(over_seeds(update), donate_argnums=(0,)), jax.jit(over_seeds(probe))  # donated: updated in place
+    return jax.jit(over_seeds(update), donate_argnums=(0,)), jax.jit(
+        over_seeds(probe)
+    )  # donated: updated in place
 
 
 def make_policy(nets: dict):
@@ -795,7 +1091,9 @@ def make_policy(nets: dict):
     def act(params, obs, goal):
         rep = nets["high_actor"].apply({"params": params["high_actor"]}, obs[None], goal[None])
         rep = rep / jnp.linalg.norm(rep, axis=-1, keepdims=True) * jnp.sqrt(REP_DIM)
-        return jnp.clip(nets["low_actor"].apply({"params": params["low_actor"]}, obs[None], rep)[0], -1, 1)
+        return jnp.clip(
+            nets["low_actor"].apply({"params": params["low_actor"]}, obs[None], rep)[0], -1, 1
+        )
 
     return act
 
@@ -813,7 +1111,9 @@ def evaluate(env, act, params, args: Args, seed: int) -> dict:
                 obs, _, terminated, truncated, info = env.step(np.asarray(act(params, obs, goal)))
                 done = terminated or truncated
             successes.append(float(info["success"]))
-        results[f"eval/{task.get('task_name', f'task{task_id}')}_success"] = float(np.mean(successes))
+        results[f"eval/{task.get('task_name', f'task{task_id}')}_success"] = float(
+            np.mean(successes)
+        )
     results["eval/overall_success"] = float(np.mean(list(results.values())))
     return results
 
@@ -834,28 +1134,40 @@ def main(args: Args):
     # Seeding: each seed's JAX key, evaluation resets and episode subset derive from it; LLM requests from --seed.
     env, ds = make_env_and_dataset(args)
     keep = episode_subsets(ds, args)
-    log(f"[data] {args.env_name}: {len(ds['valids'])} rows; kept per seed: {dict(zip(seeds, keep.sum(1).tolist()))}")
+    log(
+        f"[data] {args.env_name}: {len(ds['valids'])} rows; kept per seed: {dict(zip(seeds, keep.sum(1).tolist()))}"
+    )
     # The HER arm compiles a --rules-path too, only for the paired TD probe (Figure 2 on an HER-trained critic); no LLM.
     use_rules = args.relabel == "keystate" or args.rules_path
     key_mask, rules = build_keystate_mask(args, ds, keep.any(0), log) if use_rules else (None, None)
-    run_dir = make_run_dir(args)  # only now: a run that fails before training leaves no folder behind
+    run_dir = make_run_dir(
+        args
+    )  # only now: a run that fails before training leaves no folder behind
     if rules is not None:
         (run_dir / "rules.json").write_text(json.dumps(rules, indent=2))
-    from torch.utils.tensorboard import SummaryWriter  # here: a run that stops at its checks skips torch's import
+    from torch.utils.tensorboard import (
+        SummaryWriter,
+    )  # here: a run that stops at its checks skips torch's import
 
     writer = SummaryWriter(str(run_dir))  # TensorBoard always; W&B mirrors it with --track
     if args.track:
         import wandb
 
-        run = dict(project=args.wandb_project_name, name=run_dir.name, config=vars(args))  # entity: $WANDB_ENTITY
+        run = dict(
+            project=args.wandb_project_name, name=run_dir.name, config=vars(args)
+        )  # entity: $WANDB_ENTITY
         wandb.init(**run, sync_tensorboard=True, save_code=True)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     data, check = make_goal_data(ds, key_mask, keep), RelabelCheck(args, key_mask is not None)
     ob_dim, act_dim = ds["observations"].shape[1], ds["actions"].shape[1]
-    nets, tx, _ = make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))  # the modules and the optimiser
+    nets, tx, _ = make_agent(
+        args, ob_dim, act_dim, jax.random.PRNGKey(0)
+    )  # the modules and the optimiser
     # One agent per seed, stacked on a leading axis: parameters, Adam moments, target copy and RNG key.
-    state = jax.vmap(lambda s: make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(s))[2])(jnp.asarray(seeds))
+    state = jax.vmap(lambda s: make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(s))[2])(
+        jnp.asarray(seeds)
+    )
     (update, probe), act = make_update(args, nets, tx), make_policy(nets)
     # Component (4): offline training; only the relabeling differs from the learner's reference implementation.
     start = last_t = time.time()
@@ -866,20 +1178,36 @@ def main(args: Args):
         check.observe(step, last, lambda: probe(state, data), writer)
         if step % args.log_interval == 0 or last:
             sps, last_t, last_step = (step - last_step) / (time.time() - last_t), time.time(), step
-            info = {k if k.startswith("relabel/") else f"losses/{k}": float(v.mean()) for k, v in info.items()}
+            info = {
+                k if k.startswith("relabel/") else f"losses/{k}": float(v.mean())
+                for k, v in info.items()
+            }
             p_key = {f"relabel/p_keystate/seed{s}": p for s, p in zip(seeds, check.p_keystate)}
             for k, v in {**info, **p_key, "charts/SPS": sps}.items():  # losses: the mean over seeds
                 writer.add_scalar(k, v, step)
-            text = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in info.items())  # value/value_loss=...
-            log(f"step={step} SPS={sps:.1f} {text} p_keystate=" + ",".join(f"{p:.3f}" for p in check.p_keystate))
+            text = " ".join(
+                f"{k.split('/', 1)[1]}={v:.4f}" for k, v in info.items()
+            )  # value/value_loss=...
+            log(
+                f"step={step} SPS={sps:.1f} {text} p_keystate="
+                + ",".join(f"{p:.3f}" for p in check.p_keystate)
+            )
         if (args.eval_interval and step % args.eval_interval == 0) or last:
             seed_params = [tree_map(lambda x: x[i], state.params) for i in range(len(seeds))]
-            per_seed = [evaluate(env, act, params, args, s) for params, s in zip(seed_params, seeds)]
+            per_seed = [
+                evaluate(env, act, params, args, s) for params, s in zip(seed_params, seeds)
+            ]
             x, n = np.array([list(r.values()) for r in per_seed]), len(seeds)  # (seeds, metrics)
-            ci = t_dist.ppf(0.975, n - 1) * x.std(0, ddof=1) / n**0.5 if n > 1 else 0 * x[0]  # 95% Student-t half-width
-            stats = list(zip(per_seed[0], x.mean(0).tolist(), ci.tolist()))  # (metric, mean, CI half-width)
+            ci = (
+                t_dist.ppf(0.975, n - 1) * x.std(0, ddof=1) / n**0.5 if n > 1 else 0 * x[0]
+            )  # 95% Student-t half-width
+            stats = list(
+                zip(per_seed[0], x.mean(0).tolist(), ci.tolist())
+            )  # (metric, mean, CI half-width)
             scalars = {k: m for k, m, _ in stats} | {f"{k}_ci95": c for k, _, c in stats}
-            for k, v in (scalars | {f"{k}/seed{s}": r[k] for s, r in zip(seeds, per_seed) for k in r}).items():
+            for k, v in (
+                scalars | {f"{k}/seed{s}": r[k] for s, r in zip(seeds, per_seed) for k in r}
+            ).items():
                 writer.add_scalar(k, v, step)
             text = " ".join(f"{k.removeprefix('eval/')}={m:.3f}+-{c:.3f}" for k, m, c in stats)
             log(f"eval step={step} {text} per_seed={[r['eval/overall_success'] for r in per_seed]}")
@@ -887,9 +1215,15 @@ def main(args: Args):
     total_time = time.time() - start
     if check.snapshots:
         check.save(run_dir)
-    (run_dir / "params.msgpack").write_bytes(serialization.to_bytes(state.params))  # leading axis: seeds
-    (run_dir / "final_eval.json").write_text(json.dumps(scalars | dict(seeds=seeds, per_seed=per_seed), indent=2))
-    log(f"done: {args.total_steps} gradient steps ({len(seeds)} seeds) in {total_time:.1f}s; saved to {run_dir}")
+    (run_dir / "params.msgpack").write_bytes(
+        serialization.to_bytes(state.params)
+    )  # leading axis: seeds
+    (run_dir / "final_eval.json").write_text(
+        json.dumps(scalars | dict(seeds=seeds, per_seed=per_seed), indent=2)
+    )
+    log(
+        f"done: {args.total_steps} gradient steps ({len(seeds)} seeds) in {total_time:.1f}s; saved to {run_dir}"
+    )
     writer.close()
     env.close()
 

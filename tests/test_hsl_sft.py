@@ -1,6 +1,6 @@
-"""Tests of hsl_sft.py: unit tests of the method's pieces, real ALFWorld games built offline, and smoke runs.
+"""Unit tests of hsl_sft.py: the method's pieces, on real ALFWorld games built offline (end to end: test_hsl_sft_e2e.py).
 
-The games come from tests/alfworld_games.py (real ALFWorld PDDL games written from what the alfworld wheel ships).
+The games come from tests/support/alfworld_games.py (real ALFWorld PDDL games written from what the alfworld wheel ships).
 Smoke runs use the tiny random LM as the agent (it writes gibberish: no goal of its own is ever achieved) and a
 scripted OpenAI-compatible relabeler (deterministic Figure 8/9 answers that name entities of the trajectory, so D'
 fills from any trajectory), or SmolLM2-135M-Instruct (transformers backend, plumbing only). The oracle relabeler is
@@ -11,16 +11,13 @@ tested on scripted play of real games. Relabeling semantics (good, malformed and
 import collections
 import importlib.util
 import json
-import math
-import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from alfworld_answers import figure8, figure9, is_goal_inference
 from alfworld_games import ORACLE_SPLITS, PUT_SPLITS, TINY_SPLITS, build_games
-from hsl_bad_inputs import BAD_INPUTS, write_bad_files
-from hsl_resume import run_until_checkpoint, short_eto_prompts, tb_scalars
 
 # `scripted_llm` (a scripted OpenAI-compatible server on 127.0.0.1) comes from conftest.py.
 
@@ -47,11 +44,6 @@ def run_dir(out: Path, exp_name: str) -> Path:
 @pytest.fixture(scope="module")
 def tiny_games(tmp_path_factory):
     return build_games(tmp_path_factory.mktemp("alfworld_tiny"), TINY_SPLITS)
-
-
-@pytest.fixture(scope="module")
-def put_games(tmp_path_factory):
-    return build_games(tmp_path_factory.mktemp("alfworld_put"), PUT_SPLITS)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -81,7 +73,9 @@ def test_demo_weight_and_buffer_sampling(hsl):
     buf = hsl.HindsightBuffer(size=3, alpha=0.8, uniform=False)
     demos = [{"actions": ["a"] * len(z), "z": z} for z in ([1, 0], [1, 1, 1, 1], [0, 1, 1], [1, 1])]
     counts = collections.Counter()
-    assert buf.push_all([[{"actions": ["a"], "z": [0]}]], counts) == 0  # nothing relevant: never drawable, skipped
+    assert (
+        buf.push_all([[{"actions": ["a"], "z": [0]}]], counts) == 0
+    )  # nothing relevant: never drawable, skipped
     assert buf.push_all([demos[:1], demos[1:]], counts) == 4 and counts == {
         "pushed": 4,
         "dropped_no_relevant_action": 1,
@@ -122,7 +116,10 @@ def test_masked_loss_matches_slow_loop(hsl):
         seq = 0.0
         for j in range(1, L):
             if weights[b, j] > 0:
-                seq += -torch.log_softmax(logits[b, j - 1], -1)[ids[b, j]].item() * weights[b, j].item()
+                seq += (
+                    -torch.log_softmax(logits[b, j - 1], -1)[ids[b, j]].item()
+                    * weights[b, j].item()
+                )
         total += seq / num_actions[b].item()
     assert loss.item() == pytest.approx(total / denom, rel=1e-5)
     assert info["tokens"] == int((weights[:, 1:] > 0).sum())
@@ -134,10 +131,14 @@ def test_eto_protocol_prefix_dialect_and_long_input(hsl, put_games, tiny_lm_dir,
     example and ETO-format demonstrations are converted on load), ETO's own prompt files with --eto-prompts, and ETO's
     rule for an input that outgrows the model: the episode ends there, failed."""
     ours = hsl.agent_prefix(hsl.Args(), legacy_put=False)
-    assert [m["role"] for m in ours[:4]] == ["user", "assistant", "user", "assistant"] and ours[1]["content"] == "OK"
+    assert [m["role"] for m in ours[:4]] == ["user", "assistant", "user", "assistant"] and ours[1][
+        "content"
+    ] == "OK"
     assert "Your task is to:" in ours[2]["content"] and ours[-1]["role"] == "assistant"
     assert "3. move {obj} to {recep}" in ours[0]["content"] and "in/on" not in ours[0]["content"]
-    assert ours[-1]["content"].endswith("Action: move mug 2 to coffeemachine 1")  # the example's put, converted
+    assert ours[-1]["content"].endswith(
+        "Action: move mug 2 to coffeemachine 1"
+    )  # the example's put, converted
     legacy = hsl.agent_prefix(hsl.Args(), legacy_put=True)
     assert "3. put {obj} in/on {recep}" in legacy[0]["content"]
     assert legacy[-1]["content"].endswith("Action: put mug 2 in/on coffeemachine 1")
@@ -145,9 +146,16 @@ def test_eto_protocol_prefix_dialect_and_long_input(hsl, put_games, tiny_lm_dir,
     eto = tmp_path / "eto"
     (eto / "instructions").mkdir(parents=True)
     (eto / "icl_examples").mkdir()
-    (eto / "instructions" / "alfworld_inst.txt").write_text("INSTRUCTION\n3. put {obj} in/on {recep}")
-    turns = [{"role": "user", "content": "ROOM\n\nYour task is to: T."}, {"from": "gpt", "content": "Action: look"}]
-    (eto / "icl_examples" / "alfworld_icl.json").write_text(json.dumps([turns, turns]))  # ETO uses the first one
+    (eto / "instructions" / "alfworld_inst.txt").write_text(
+        "INSTRUCTION\n3. put {obj} in/on {recep}"
+    )
+    turns = [
+        {"role": "user", "content": "ROOM\n\nYour task is to: T."},
+        {"from": "gpt", "content": "Action: look"},
+    ]
+    (eto / "icl_examples" / "alfworld_icl.json").write_text(
+        json.dumps([turns, turns])
+    )  # ETO uses the first one
     got = hsl.agent_prefix(hsl.Args(eto_prompts=str(eto)), legacy_put=True)
     assert [m["content"] for m in got] == [
         "INSTRUCTION\n3. put {obj} in/on {recep}",
@@ -155,12 +163,24 @@ def test_eto_protocol_prefix_dialect_and_long_input(hsl, put_games, tiny_lm_dir,
         turns[0]["content"],
         "Action: look",
     ]
-    assert [m["role"] for m in got] == ["user", "assistant", "user", "assistant"]  # ETO's roles alternate
-    msgs = hsl.demo_messages(got, {"intro": "ROOM 2", "instruction": "put a mug in shelf", "actions": ["look"]})
+    assert [m["role"] for m in got] == [
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]  # ETO's roles alternate
+    msgs = hsl.demo_messages(
+        got, {"intro": "ROOM 2", "instruction": "put a mug in shelf", "actions": ["look"]}
+    )
     assert msgs[4] == {"role": "user", "content": "ROOM 2\nYour task is to: put a mug in shelf."}
     # ETO-format demonstrations say "put X in/on Y": converted to the games' dialect on load
-    item = {"id": "x", "conversations": [{"from": "human", "value": "ROOM\nYour task is to: put a mug in shelf."}]}
-    item["conversations"].append({"from": "gpt", "value": "Thought: t\nAction: put mug 1 in/on shelf 1"})
+    item = {
+        "id": "x",
+        "conversations": [{"from": "human", "value": "ROOM\nYour task is to: put a mug in shelf."}],
+    }
+    item["conversations"].append(
+        {"from": "gpt", "value": "Thought: t\nAction: put mug 1 in/on shelf 1"}
+    )
     (tmp_path / "eto.json").write_text(json.dumps([item]))
     args = hsl.Args(demos_path=str(tmp_path / "eto.json"))
     assert hsl.load_demos(args, [], legacy=False)[0]["actions"] == ["move mug 1 to shelf 1"]
@@ -168,11 +188,18 @@ def test_eto_protocol_prefix_dialect_and_long_input(hsl, put_games, tiny_lm_dir,
     # over-long input: the episode ends at once (no step taken), failed; a roomy limit lets it play
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok, model = AutoTokenizer.from_pretrained(tiny_lm_dir), AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    tok, model = (
+        AutoTokenizer.from_pretrained(tiny_lm_dir),
+        AutoModelForCausalLM.from_pretrained(tiny_lm_dir),
+    )
     game = hsl.list_games(str(put_games), "train")[:1]
-    short = hsl.rollout(game, (model, tok, ours), hsl.Args(max_seq_len=300, max_env_steps=2), 0.0)[0]
+    short = hsl.rollout(game, (model, tok, ours), hsl.Args(max_seq_len=300, max_env_steps=2), 0.0)[
+        0
+    ]
     assert short["actions"] == [] and short["done"] and not short["won"]
-    roomy = hsl.rollout(game, (model, tok, ours), hsl.Args(max_seq_len=8192, max_env_steps=2), 0.0)[0]
+    roomy = hsl.rollout(game, (model, tok, ours), hsl.Args(max_seq_len=8192, max_env_steps=2), 0.0)[
+        0
+    ]
     assert len(roomy["actions"]) == 2 and len(roomy["states"]) == 3  # two turns played
 
 
@@ -188,12 +215,19 @@ def test_encode_demo_marks_only_action_tokens(hsl, tiny_lm_dir):
         "thoughts": None,
     }
     prefix = [{"role": "user", "content": "INSTRUCTION"}, {"role": "assistant", "content": "OK"}]
-    prefix += [{"role": "user", "content": "EXAMPLE TASK"}, {"role": "assistant", "content": "Action: EXAMPLE"}]
+    prefix += [
+        {"role": "user", "content": "EXAMPLE TASK"},
+        {"role": "assistant", "content": "Action: EXAMPLE"},
+    ]
     enc = hsl.encode_demo(tok, hsl.demo_messages(prefix, demo), [1, 0, 1], 10_000)
     assert enc["num_actions"] == 3
     kept = tok.decode([i for i, w in zip(enc["input_ids"], enc["weights"]) if w > 0])
-    assert kept == "Action: go to countertop 1<|im_end|>Action: look<|im_end|>"  # z = 0 masks the middle action
-    assert "Observation" not in kept and "OK" not in kept and "EXAMPLE" not in kept  # the prefix is never trained
+    assert (
+        kept == "Action: go to countertop 1<|im_end|>Action: look<|im_end|>"
+    )  # z = 0 masks the middle action
+    assert (
+        "Observation" not in kept and "OK" not in kept and "EXAMPLE" not in kept
+    )  # the prefix is never trained
 
 
 def test_segmentation_at_first_achievement(hsl):
@@ -201,9 +235,15 @@ def test_segmentation_at_first_achievement(hsl):
     steps = [
         {"step": 1, "reached_goals": []},
         {"step": 2, "reached_goals": ["put a mug in shelf"]},
-        {"step": 3, "reached_goals": ["put a mug in shelf", "put a toaster in shelf"]},  # hallucinated toaster
+        {
+            "step": 3,
+            "reached_goals": ["put a mug in shelf", "put a toaster in shelf"],
+        },  # hallucinated toaster
         {"step": 4, "reached_goals": ["put a mug in shelf", "put some apple on countertop"]},
-        {"step": 5, "reached_goals": ["put a mug in shelf", "put some apple on countertop", "dance"]},
+        {
+            "step": 5,
+            "reached_goals": ["put a mug in shelf", "put some apple on countertop", "dance"],
+        },
     ]
     c = collections.Counter()
     got = hsl.segment_goals(steps, 5, names, c)
@@ -214,7 +254,10 @@ def test_segmentation_at_first_achievement(hsl):
     assert c["goal_invalid"] == 2
     # a step the trajectory does not have (or not an integer) makes the whole answer bad: counted, nothing kept
     for bad in (99, 0, "2", 1.5, True):
-        steps = [{"step": 1, "reached_goals": ["put a mug in shelf"]}, {"step": bad, "reached_goals": []}]
+        steps = [
+            {"step": 1, "reached_goals": ["put a mug in shelf"]},
+            {"step": bad, "reached_goals": []},
+        ]
         assert hsl.segment_goals(steps, 3, names, c) == []
     assert c["goal_inference_bad_step"] == 5
     # no "step" field: the position in the list
@@ -233,11 +276,23 @@ def test_oracle_goals_newly_achieved(hsl):
         "agent_loc": "l0",
         "rloc": {},
     }
-    s0 = {**base, "inrec": [["mug 1", "countertop 1"], ["cup 1", "shelf 1"], ["cup 2", "countertop 1"]], "holds": []}
+    s0 = {
+        **base,
+        "inrec": [["mug 1", "countertop 1"], ["cup 1", "shelf 1"], ["cup 2", "countertop 1"]],
+        "holds": [],
+    }
     s1 = {**base, "inrec": [["cup 1", "shelf 1"], ["cup 2", "countertop 1"]], "holds": ["mug 1"]}
-    s2 = {**base, "inrec": [["mug 1", "shelf 1"], ["cup 1", "shelf 1"], ["cup 2", "countertop 1"]], "holds": []}
+    s2 = {
+        **base,
+        "inrec": [["mug 1", "shelf 1"], ["cup 1", "shelf 1"], ["cup 2", "countertop 1"]],
+        "holds": [],
+    }
     s3 = {**base, "inrec": [["mug 1", "shelf 1"], ["cup 1", "shelf 1"]], "holds": ["cup 2"]}
-    s4 = {**base, "inrec": [["mug 1", "shelf 1"], ["cup 1", "shelf 1"], ["cup 2", "shelf 1"]], "holds": []}
+    s4 = {
+        **base,
+        "inrec": [["mug 1", "shelf 1"], ["cup 1", "shelf 1"], ["cup 2", "shelf 1"]],
+        "holds": [],
+    }
     s5 = {**base, "inrec": [["mug 1", "shelf 1"], ["cup 2", "shelf 1"]], "holds": ["cup 1"]}
     got = lambda states: [(g, S) for g, S, _ in hsl.oracle_goals({"states": states})]
     # facts true at reset (mug on countertop, cup 1 on shelf) are no achievements; S = the step the agent achieves a
@@ -246,7 +301,11 @@ def test_oracle_goals_newly_achieved(hsl):
     mug, cup = ("pick_and_place_simple", "mug", "shelf"), ("pick_and_place_simple", "cup", "shelf")
     assert got([s0, s1, s2, s3, s4]) == [(mug, 2), (cup, 4)]
     # ... but once it took cup 1 off the shelf and put it back (step 6)
-    assert got([s0, s1, s2, s3, s4, s5, s4]) == [(mug, 2), (cup, 4), (("pick_two_obj_and_place", "cup", "shelf"), 6)]
+    assert got([s0, s1, s2, s3, s4, s5, s4]) == [
+        (mug, 2),
+        (cup, 4),
+        (("pick_two_obj_and_place", "cup", "shelf"), 6),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -254,7 +313,10 @@ def test_oracle_goals_newly_achieved(hsl):
     [
         ('[{"step": 1, "reached_goals": []}]', True),
         ('Sure! ```json\n[{"step": 1, "reached_goals": ["put a mug in shelf"]}]\n``` done', True),
-        ('[{"step": 1, "reached_goals": []}, {"step": 2, "reached_goals": ["put a mug', False),  # cut off: no salvage
+        (
+            '[{"step": 1, "reached_goals": []}, {"step": 2, "reached_goals": ["put a mug',
+            False,
+        ),  # cut off: no salvage
         ("[" * 50_000 + "]" * 50_000, False),  # hostile nesting: no RecursionError
         ("no json here", False),
         ('{"step": 1}', False),
@@ -270,7 +332,9 @@ def test_extract_json_list(hsl, text, ok):
 
 
 def test_parse_relevance(hsl):
-    good = json.dumps([{"step": i + 1, "is_relevant_to_goal": v} for i, v in enumerate(["yes", "no", "Yes"])])
+    good = json.dumps(
+        [{"step": i + 1, "is_relevant_to_goal": v} for i, v in enumerate(["yes", "no", "Yes"])]
+    )
     assert hsl.parse_relevance(good, 3) == [1, 0, 1]
     assert hsl.parse_relevance(good, 4) is None  # wrong length
     assert hsl.parse_relevance('[{"is_relevant_to_goal": "maybe"}]', 1) is None
@@ -278,21 +342,56 @@ def test_parse_relevance(hsl):
 
 
 def test_validate_goal_templates(hsl):
-    names = {"mug", "shelf", "sinkbasin", "microwave", "desklamp", "book", "cup", "apple", "countertop", "fridge"}
+    names = {
+        "mug",
+        "shelf",
+        "sinkbasin",
+        "microwave",
+        "desklamp",
+        "book",
+        "cup",
+        "apple",
+        "countertop",
+        "fridge",
+    }
     v = hsl.validate_goal
     assert v("put a mug in shelf", names) == ("pick_and_place_simple", "mug", "shelf")
     assert v("Put some mug 1 on shelf 1.", names) == ("pick_and_place_simple", "mug", "shelf")
-    assert v("put a clean mug in shelf", names) == ("pick_clean_then_place_in_recep", "mug", "shelf")
-    assert v("clean some mug and put it in shelf", names) == ("pick_clean_then_place_in_recep", "mug", "shelf")
+    assert v("put a clean mug in shelf", names) == (
+        "pick_clean_then_place_in_recep",
+        "mug",
+        "shelf",
+    )
+    assert v("clean some mug and put it in shelf", names) == (
+        "pick_clean_then_place_in_recep",
+        "mug",
+        "shelf",
+    )
     assert v("heat some apple and put it in countertop", names) == (
         "pick_heat_then_place_in_recep",
         "apple",
         "countertop",
     )
-    assert v("put a cool apple in countertop", names) == ("pick_cool_then_place_in_recep", "apple", "countertop")
-    assert v("find two cups and put them in shelf", names) == ("pick_two_obj_and_place", "cup", "shelf")
-    assert v("look at book under the desk lamp", names) == ("look_at_obj_in_light", "book", "desklamp")
-    assert v("examine the book with the desklamp", names) == ("look_at_obj_in_light", "book", "desklamp")
+    assert v("put a cool apple in countertop", names) == (
+        "pick_cool_then_place_in_recep",
+        "apple",
+        "countertop",
+    )
+    assert v("find two cups and put them in shelf", names) == (
+        "pick_two_obj_and_place",
+        "cup",
+        "shelf",
+    )
+    assert v("look at book under the desk lamp", names) == (
+        "look_at_obj_in_light",
+        "book",
+        "desklamp",
+    )
+    assert v("examine the book with the desklamp", names) == (
+        "look_at_obj_in_light",
+        "book",
+        "desklamp",
+    )
     assert v("examine the book with the shelf", names) is None  # not a light
     assert v("put a toaster in shelf", names) is None  # hallucinated object
     assert v("put a mug in garbagecan", names) is None  # hallucinated receptacle
@@ -302,9 +401,15 @@ def test_validate_goal_templates(hsl):
 
 def test_agent_output_parsing_and_dialects(hsl):
     # ETO's rule: the action is what follows the first "Action:", unchanged; none without one
-    assert hsl.parse_agent_output("Thought: find it\nAction: go to shelf 1") == ("find it", "go to shelf 1")
+    assert hsl.parse_agent_output("Thought: find it\nAction: go to shelf 1") == (
+        "find it",
+        "go to shelf 1",
+    )
     assert hsl.parse_agent_output("Action:go to shelf 1\n") == (None, "go to shelf 1")
-    assert hsl.parse_agent_output("Thought: hm\naction: go to shelf 1") == ("hm\naction: go to shelf 1", None)
+    assert hsl.parse_agent_output("Thought: hm\naction: go to shelf 1") == (
+        "hm\naction: go to shelf 1",
+        None,
+    )
     assert hsl.parse_agent_output('"go to desk 1"') == (None, None)
     assert hsl.to_dialect("put mug 1 in/on shelf 1", legacy_put=False) == "move mug 1 to shelf 1"
     assert hsl.to_dialect("put mug 1 in shelf 1", legacy_put=False) == "move mug 1 to shelf 1"
@@ -332,7 +437,9 @@ def test_alfworld_expert_demos_and_oracle(hsl, tiny_games, tmp_path):
             [
                 {
                     "id": "x",
-                    "conversations": [turn("human", f"{d['intro']}\n\nYour task is to: {d['instruction']}.")]
+                    "conversations": [
+                        turn("human", f"{d['intro']}\n\nYour task is to: {d['instruction']}.")
+                    ]
                     + [
                         t
                         for a, o in zip(d["actions"], d["observations"])
@@ -382,9 +489,20 @@ def test_alfworld_expert_demos_and_oracle(hsl, tiny_games, tmp_path):
         (("pick_and_place_simple", "mug", "shelf"), 7),
     ]
     relabeled = hsl.relabel([traj], args, collections.Counter())[0]
-    assert [d["instruction"] for d in relabeled] == ["put a apple in countertop", "put a mug in shelf"]
+    assert [d["instruction"] for d in relabeled] == [
+        "put a apple in countertop",
+        "put a mug in shelf",
+    ]
     assert relabeled[0]["z"] == [1, 1, 1, 1]
-    assert relabeled[1]["z"] == [0, 0, 1, 0, 1, 1, 1]  # the apple detour is irrelevant to the mug goal
+    assert relabeled[1]["z"] == [
+        0,
+        0,
+        1,
+        0,
+        1,
+        1,
+        1,
+    ]  # the apple detour is irrelevant to the mug goal
     # the failure-only ablation keeps nothing from this successful trajectory
     failure_only = hsl.Args(relabeler="oracle", ablation="relabel_failure")
     assert hsl.relabel([traj], failure_only, collections.Counter()) == [[]]
@@ -392,7 +510,10 @@ def test_alfworld_expert_demos_and_oracle(hsl, tiny_games, tmp_path):
 
 @pytest.fixture(scope="module")
 def oracle_games(tmp_path_factory):
-    return sorted(str(p) for p in build_games(tmp_path_factory.mktemp("oracle"), ORACLE_SPLITS).rglob("*.tw-pddl"))
+    return sorted(
+        str(p)
+        for p in build_games(tmp_path_factory.mktemp("oracle"), ORACLE_SPLITS).rglob("*.tw-pddl")
+    )
 
 
 def play(hsl, game_file: str, plan: list[str]) -> dict:
@@ -416,29 +537,89 @@ def test_oracle_labels_what_figure8_asks(hsl, oracle_games):
     (the walks, openings, takes and puts on its causal chain; exploration, examine / look / inventory are not)."""
     game = lambda key: next(g for g in oracle_games if key in g)
     goals = lambda traj: [(g, S) for g, S, _ in hsl.oracle_goals(traj)]
-    z = lambda traj, goal: next(hsl.oracle_relevance(traj, g, S) for g, S, _ in hsl.oracle_goals(traj) if g == goal)
+    z = lambda traj, goal: next(
+        hsl.oracle_relevance(traj, g, S) for g, S, _ in hsl.oracle_goals(traj) if g == goal
+    )
     # the mug is on the shelf at reset: taking it off and putting it back achieves "put a mug in shelf"
-    t = play(hsl, game("Apple-None-CounterTop"), ["go to shelf 1", "take mug 1 from shelf 1", "move mug 1 to shelf 1"])
+    t = play(
+        hsl,
+        game("Apple-None-CounterTop"),
+        ["go to shelf 1", "take mug 1 from shelf 1", "move mug 1 to shelf 1"],
+    )
     mug = ("pick_and_place_simple", "mug", "shelf")
     assert goals(t) == [(mug, 3)] and z(t, mug) == [1, 1, 1]
     # pick-two with cup 1 already on the countertop: one put achieves a put, not the pick-two ...
-    plan = ["go to shelf 1", "take cup 2 from shelf 1", "go to countertop 1", "move cup 2 to countertop 1"]
-    put, two = ("pick_and_place_simple", "cup", "countertop"), ("pick_two_obj_and_place", "cup", "countertop")
+    plan = [
+        "go to shelf 1",
+        "take cup 2 from shelf 1",
+        "go to countertop 1",
+        "move cup 2 to countertop 1",
+    ]
+    put, two = (
+        ("pick_and_place_simple", "cup", "countertop"),
+        ("pick_two_obj_and_place", "cup", "countertop"),
+    )
     assert goals(play(hsl, game("Cup-None-CounterTop"), plan)) == [(put, 4)]
     # ... placing cup 1 again (taken off, put back) does
-    t = play(hsl, game("Cup-None-CounterTop"), plan + ["take cup 1 from countertop 1", "move cup 1 to countertop 1"])
+    t = play(
+        hsl,
+        game("Cup-None-CounterTop"),
+        plan + ["take cup 1 from countertop 1", "move cup 1 to countertop 1"],
+    )
     assert goals(t) == [(put, 4), (two, 6)] and z(t, put) == [1] * 4 and z(t, two) == [1] * 6
     # heat the egg, with a fruitless look into the fridge, inventory / examine / look on the way
-    plan = ["go to fridge 1", "open fridge 1", "close fridge 1", "go to shelf 1", "take egg 1 from shelf 1"]
-    plan += ["inventory", "examine egg 1", "go to microwave 1", "heat egg 1 with microwave 1", "look"]
-    t = play(hsl, game("Egg-None-CounterTop"), plan + ["go to countertop 1", "move egg 1 to countertop 1"])
-    heat, put = ("pick_heat_then_place_in_recep", "egg", "countertop"), ("pick_and_place_simple", "egg", "countertop")
+    plan = [
+        "go to fridge 1",
+        "open fridge 1",
+        "close fridge 1",
+        "go to shelf 1",
+        "take egg 1 from shelf 1",
+    ]
+    plan += [
+        "inventory",
+        "examine egg 1",
+        "go to microwave 1",
+        "heat egg 1 with microwave 1",
+        "look",
+    ]
+    t = play(
+        hsl,
+        game("Egg-None-CounterTop"),
+        plan + ["go to countertop 1", "move egg 1 to countertop 1"],
+    )
+    heat, put = (
+        ("pick_heat_then_place_in_recep", "egg", "countertop"),
+        ("pick_and_place_simple", "egg", "countertop"),
+    )
     assert t["won"] and sorted(goals(t)) == [(put, 12), (heat, 12)]
     assert z(t, heat) == [0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1]
-    assert z(t, put) == [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1]  # heating is not needed to put the egg there
+    assert z(t, put) == [
+        0,
+        0,
+        0,
+        1,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        1,
+        1,
+    ]  # heating is not needed to put the egg there
     # the apple is in the closed fridge: opening it is relevant, closing it afterwards is not
-    plan = ["go to microwave 1", "go to fridge 1", "open fridge 1", "take apple 1 from fridge 1", "close fridge 1"]
-    t = play(hsl, game("Egg-None-CounterTop"), plan + ["go to countertop 1", "move apple 1 to countertop 1"])
+    plan = [
+        "go to microwave 1",
+        "go to fridge 1",
+        "open fridge 1",
+        "take apple 1 from fridge 1",
+        "close fridge 1",
+    ]
+    t = play(
+        hsl,
+        game("Egg-None-CounterTop"),
+        plan + ["go to countertop 1", "move apple 1 to countertop 1"],
+    )
     apple = ("pick_and_place_simple", "apple", "countertop")
     assert goals(t) == [(apple, 7)] and z(t, apple) == [0, 1, 1, 1, 0, 1, 1]
 
@@ -484,13 +665,20 @@ def test_load_eto_format(hsl, tmp_path):
     (d,) = hsl.load_eto_demos(str(path))
     assert d["instruction"] == "put some mug on cabinet"
     assert d["intro"].startswith("You are in the middle of a room.")
-    assert d["actions"] == ["go to cabinet 1", "take mug 1 from cabinet 1", "put mug 1 in/on cabinet 1"]
+    assert d["actions"] == [
+        "go to cabinet 1",
+        "take mug 1 from cabinet 1",
+        "put mug 1 in/on cabinet 1",
+    ]
     assert d["thoughts"] == ["I need a mug.", None, "now put it."]
-    assert d["observations"][:2] == ["On the cabinet 1, you see a mug 1.", "You pick up the mug 1 from the cabinet 1."]
+    assert d["observations"][:2] == [
+        "On the cabinet 1, you see a mug 1.",
+        "You pick up the mug 1 from the cabinet 1.",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# LLM relabeling semantics through a scripted OpenAI-compatible endpoint (tests/scripted_llm.py)
+# LLM relabeling semantics through a scripted OpenAI-compatible endpoint (tests/support/scripted_llm.py)
 # ----------------------------------------------------------------------------------------------------------------------
 ROOM = "You are in the middle of a room. Looking quickly around you, you see a countertop 1, and a shelf 1."
 
@@ -513,38 +701,18 @@ def mug_traj(room: str = ROOM) -> dict:
         "intro": room,
         "instruction": "put a cup in shelf",
         "actions": ["take mug 1 from countertop 1", "move mug 1 to shelf 1"],
-        "observations": ["You pick up the mug 1 from the countertop 1.", "You move the mug 1 to the shelf 1."],
+        "observations": [
+            "You pick up the mug 1 from the countertop 1.",
+            "You move the mug 1 to the shelf 1.",
+        ],
         "won": False,
         "gamefile": "g",
-        "states": [s0, {**s0, "inrec": [], "holds": ["mug 1"]}, {**s0, "inrec": [["mug 1", "shelf 1"]]}],
+        "states": [
+            s0,
+            {**s0, "inrec": [], "holds": ["mug 1"]},
+            {**s0, "inrec": [["mug 1", "shelf 1"]]},
+        ],
     }
-
-
-def figure8(goals_at: dict, T: int) -> str:
-    """A Figure 8-style answer: one object per step with location, inventory and the running reached_goals list."""
-    running, out = [], []
-    for k in range(1, T + 1):
-        running = running + goals_at.get(k, [])
-        out.append(
-            {
-                "step": k,
-                "action": "...",
-                "observation": "...",
-                "reasoning": "...",
-                "location": "shelf 1",
-                "inventory": [],
-                "reached_goals": list(running),
-            }
-        )
-    return "```json\n" + json.dumps(out) + "\n```"
-
-
-def figure9(labels: list) -> str:
-    return json.dumps([{"step": k + 1, "reasoning": "...", "is_relevant_to_goal": v} for k, v in enumerate(labels)])
-
-
-def is_goal_inference(messages) -> bool:
-    return "goal-inference" in messages[0]["content"]
 
 
 def relabel_prompts(hsl) -> dict:
@@ -554,19 +722,33 @@ def relabel_prompts(hsl) -> dict:
 
 def scripted_client(hsl, server, **kw):
     return hsl.LLMClient(
-        hsl.Args(llm_backend="openai", llm_base_url=server.base_url, llm_model=server.model, llm_timeout=5, **kw)
+        hsl.Args(
+            llm_backend="openai",
+            llm_base_url=server.base_url,
+            llm_model=server.model,
+            llm_timeout=5,
+            **kw,
+        )
     )
 
 
 def test_llm_relabeling_scripted_answers_fill_d_prime(hsl, scripted_llm):
     """Figure 8/9-style answers -> the segment up to S(I'_k), relabeled with the achieved goal, masked by z, in D'."""
     scripted_llm.respond = lambda m: (
-        figure8({2: ["put some mug 1 on shelf 1"]}, 2) if is_goal_inference(m) else figure9(["no", "yes"])
+        figure8({2: ["put some mug 1 on shelf 1"]}, 2)
+        if is_goal_inference(m)
+        else figure9(["no", "yes"])
     )
     counters = collections.Counter()
-    (demos,) = hsl.relabel([mug_traj()], hsl.Args(), counters, scripted_client(hsl, scripted_llm), relabel_prompts(hsl))
+    (demos,) = hsl.relabel(
+        [mug_traj()], hsl.Args(), counters, scripted_client(hsl, scripted_llm), relabel_prompts(hsl)
+    )
     (d,) = demos
-    assert d["instruction"] == "put a mug in shelf" and d["actions"] == mug_traj()["actions"] and d["z"] == [0, 1]
+    assert (
+        d["instruction"] == "put a mug in shelf"
+        and d["actions"] == mug_traj()["actions"]
+        and d["z"] == [0, 1]
+    )
     assert d["source"] == "hindsight" and d["thoughts"] is None
     assert (
         (counters["tp"], counters["fp"], counters["fn"]) == (1, 0, 0)
@@ -575,11 +757,19 @@ def test_llm_relabeling_scripted_answers_fill_d_prime(hsl, scripted_llm):
     )
     # the goal-inference prompt shows the trajectory, not the original instruction; relevance gets S(I'_k) and the goal
     goal_msgs, rel_msgs = scripted_llm.requests
-    assert "move mug 1 to shelf 1" in goal_msgs[1]["content"] and "put a cup" not in goal_msgs[1]["content"]
-    assert "Goal: put a mug in shelf" in rel_msgs[1]["content"] and "each of the 2 steps" in rel_msgs[1]["content"]
+    assert (
+        "move mug 1 to shelf 1" in goal_msgs[1]["content"]
+        and "put a cup" not in goal_msgs[1]["content"]
+    )
+    assert (
+        "Goal: put a mug in shelf" in rel_msgs[1]["content"]
+        and "each of the 2 steps" in rel_msgs[1]["content"]
+    )
     assert "Location: shelf 1" in rel_msgs[1]["content"]
     buf = hsl.HindsightBuffer(10, 0.8, uniform=False)
-    assert buf.push_all([demos], counters) == 1 and buf.items[0]["weight"] == pytest.approx(0.5**0.8)
+    assert buf.push_all([demos], counters) == 1 and buf.items[0]["weight"] == pytest.approx(
+        0.5**0.8
+    )
 
 
 def test_llm_relabeling_bad_answers_are_counted_and_dropped(hsl, scripted_llm, capsys):
@@ -587,7 +777,9 @@ def test_llm_relabeling_bad_answers_are_counted_and_dropped(hsl, scripted_llm, c
     unusable relevance answers: each counted, nothing enters D', no traceback."""
     answers = {
         "room A": '[{"step": 1, "reached_goals": ["put a mug in shelf"]},, {"step": 2',  # malformed
-        "room B": figure8({1: ["make coffee", "put a toaster in shelf", {"goal": 1}, "x" * 10_000]}, 2),  # not goals
+        "room B": figure8(
+            {1: ["make coffee", "put a toaster in shelf", {"goal": 1}, "x" * 10_000]}, 2
+        ),  # not goals
         "room C": "[" * 50_000 + "]" * 50_000,  # hostile nesting
         "room D": "[" + "9" * 100_000 + "]",  # a number too large to parse
         "room E": 500,  # server error (retried by the client, then a counted failure)
@@ -609,7 +801,11 @@ def test_llm_relabeling_bad_answers_are_counted_and_dropped(hsl, scripted_llm, c
     assert counters["goal_inference_calls"] == 7 and counters["goal_inference_failed_request"] == 1
     assert counters["goal_inference_bad_json"] == 4  # A, C, D, F
     # B: four non-goals in the running lists of both steps
-    assert counters["goal_invalid"] == 2 * 4 and counters["relevance_unusable"] == 1 and client.failures == 1
+    assert (
+        counters["goal_invalid"] == 2 * 4
+        and counters["relevance_unusable"] == 1
+        and client.failures == 1
+    )
     assert counters["tp"] == 1 and counters["fn"] == 6  # only G named the achieved goal
     assert "Traceback" not in capsys.readouterr().out
     scripted_llm.respond = lambda m: answers["room F"]
@@ -617,26 +813,21 @@ def test_llm_relabeling_bad_answers_are_counted_and_dropped(hsl, scripted_llm, c
     assert len(huge) == 16 * 8192  # bounded, whatever the server sends
 
 
-def any_goal(messages) -> str:
-    """A scripted relabeler that fills D' from any trajectory: Figure 8 names a template goal built from the first two
-    entities the trajectory mentions, reached at step 1; Figure 9 marks every step relevant."""
-    text = messages[1]["content"]
-    steps = len(re.findall(r"^Step \d+:", text, re.M))
-    if not is_goal_inference(messages):
-        return figure9(["yes"] * steps)
-    a, b = re.findall(r"\b([a-z]+) \d+\b", text)[:2]
-    return figure8({1: [f"put a {a} in {b}"]}, steps)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Bad input: clear errors
 # ----------------------------------------------------------------------------------------------------------------------
 def test_bad_inputs_give_clear_errors(hsl, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("ALFWORLD_DATA", raising=False)
-    for data_dir in (None, str(tmp_path)):  # unset (and no $ALFWORLD_DATA), or a folder without json_2.1.1
+    for data_dir in (
+        None,
+        str(tmp_path),
+    ):  # unset (and no $ALFWORLD_DATA), or a folder without json_2.1.1
         with pytest.raises(SystemExit) as e:
             hsl.check_args(hsl.Args(data_dir=data_dir))
-        assert e.value.code == 2 and "--data-dir: must be a folder with json_2.1.1" in capsys.readouterr().err
+        assert (
+            e.value.code == 2
+            and "--data-dir: must be a folder with json_2.1.1" in capsys.readouterr().err
+        )
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(SystemExit, match="ETO format"):
@@ -650,263 +841,3 @@ def test_bad_inputs_give_clear_errors(hsl, tmp_path, monkeypatch, capsys):
     args = hsl.Args(llm_backend="openai", llm_base_url="http://127.0.0.1:9/v1", llm_timeout=3)
     with pytest.raises(SystemExit, match="no OpenAI-compatible server answers"):
         hsl.LLMClient(args)
-
-
-@pytest.fixture(scope="module")
-def bad_files(tmp_path_factory):
-    return write_bad_files(tmp_path_factory.mktemp("bad"))
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_ends_in_one_error_line(run_script, put_games, tiny_lm_dir, bad_files, tmp_path, case):
-    """Issue 12, as a user sees it: a bad flag or input file ends in exactly one `error:` line naming the problem, exit
-    status 2 (usage) or 1 (data), no traceback, and no run folder (the run fails before it would start)."""
-    flags, status, named = BAD_INPUTS[case]
-    runs = tmp_path / "runs"
-    base = ["--data-dir", put_games, "--model-name", tiny_lm_dir, "--relabeler", "oracle", "--output-dir", runs]
-    r = run_script(SCRIPT, *base, *[f.format(**bad_files) for f in flags], check=False, timeout=600)
-    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and re.search(named, errors[0]) and r.returncode == status, r.output[-3000:]
-    assert "Traceback" not in r.output and not runs.exists()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Smoke runs (end to end, as a user runs the script)
-# ----------------------------------------------------------------------------------------------------------------------
-SMOKE = [
-    "--eto-prompts",  # ETO's prompt layout, a few tokens: short sequences for the byte-level tiny tokenizer
-    short_eto_prompts(),
-    "--num-demos",
-    "2",
-    "--batch-size",
-    "2",
-    "--micro-batch-size",
-    "2",
-    "--sft-epochs",
-    "1",
-    "--max-env-steps",
-    "12",
-    "--learning-rate",
-    "1e-3",
-    "--max-seq-len",
-    "2048",
-]
-
-
-def scripted_relabeler(server) -> list:
-    return [
-        "--relabeler",
-        "llm",
-        "--llm-backend",
-        "openai",
-        "--llm-base-url",
-        server.base_url,
-        "--llm-model",
-        "scripted",
-    ]
-
-
-def test_smoke_hsl_and_resume(run_script, put_games, tiny_lm_dir, scripted_llm, tmp_path):
-    """SFT, evaluation, HSL steps whose relabeled demos fill D' and train through L_D', checkpoints, and resume."""
-    scripted_llm.respond = any_goal
-    out = tmp_path / "runs"
-    r = run_script(
-        "hsl_sft.py",
-        "--data-dir",
-        put_games,
-        "--model-name",
-        tiny_lm_dir,
-        *scripted_relabeler(scripted_llm),
-        "--hsl-steps",
-        "3",
-        "--rollouts-per-step",
-        "4",
-        "--eval-every",
-        "2",
-        "--output-dir",
-        out,
-        "--exp-name",
-        "hsl",
-        "--seed",
-        "1",
-        *SMOKE,
-        timeout=600,
-    )
-    assert re.search(r"\[sft\] step 1/1 loss [0-9.]+", r.output)
-    assert (
-        len(re.findall(r"\[eval [a-z ]+\] step \d+ .*valid_seen/success [0-9.]+.*valid_unseen/success", r.output)) == 3
-    )
-    pushes = [int(x) for x in re.findall(r"relabeled \+(\d+) buffer", r.output)]
-    assert len(pushes) == 3 and sum(pushes) >= 1, r.output[-3000:]
-    assert re.search(r"\(L_D' [0-9.]+, L_SFT [0-9.]+\)", r.output), "no HSL gradient step with a non-empty D'"
-    summary = json.loads((run_dir(out, "hsl") / "summary.json").read_text())
-    assert summary["hsl_steps"] == 3 and summary["relabeled_pushed"] >= 1 and summary["evaluations"] == 3
-    assert (run_dir(out, "hsl") / "checkpoints" / "final" / "model.safetensors").exists()
-    assert list(run_dir(out, "hsl").glob("events.out.tfevents.*"))
-    c = summary["counters"]  # every trajectory went through Figure 8, every goal through Figure 9, nothing skipped
-    assert c["goal_inference_calls"] == 12 and c["relevance_calls"] == c["goals_found"] == 12
-    assert not any(k in c for k in ("goal_inference_bad_json", "goal_invalid", "relevance_unusable"))
-    assert summary["precision_vs_oracle"] == 0.0  # the scripted goals are no goals the oracle saw achieved
-    # resume from the step-2 checkpoint: the buffer comes back and only step 3 runs
-    ckpt = run_dir(out, "hsl") / "checkpoints" / "hsl_2"
-    saved = json.loads((ckpt / "hsl_state.json").read_text())
-    r2 = run_script(
-        "hsl_sft.py",
-        "--data-dir",
-        put_games,
-        "--model-name",
-        tiny_lm_dir,
-        *scripted_relabeler(scripted_llm),
-        "--hsl-steps",
-        "3",
-        "--rollouts-per-step",
-        "4",
-        "--eval-every",
-        "0",
-        "--resume",
-        ckpt,
-        "--output-dir",
-        out,
-        "--exp-name",
-        "resumed",
-        "--seed",
-        "1",
-        *SMOKE,
-        timeout=600,
-    )
-    assert f"[resume] {ckpt}: sft_steps 1, hsl_steps 2, D' {len(saved['buffer'])}" in r2.output
-    assert "[sft] step" not in r2.output and "[hsl] step 3/3" in r2.output and "[hsl] step 2/3" not in r2.output
-
-
-def test_resume_after_sigkill_continues_exactly(run_script, put_games, tiny_lm_dir, scripted_llm, tmp_path):
-    """Issue 12 part 4: 3 HSL steps in one run, and a run killed with SIGKILL right after its step-1 checkpoint then
-    resumed to step 3, give the same per-step losses (TensorBoard, bit for bit), the same games and pushes, and the
-    same final D' and counters: every generator (games picked, agent sampling, D' batches, SFT order) continues."""
-    scripted_llm.respond = any_goal  # D' fills from any trajectory, so D' sampling is part of every step
-    out = tmp_path / "runs"
-    flags = ["--data-dir", put_games, "--model-name", tiny_lm_dir, *scripted_relabeler(scripted_llm), *SMOKE]
-    flags += ["--hsl-steps", "3", "--rollouts-per-step", "2", "--eval-every", "1"]
-    flags += ["--max-env-steps", "6"]
-    flags += ["--output-dir", out, "--seed", "3"]
-    whole = run_script(SCRIPT, *flags, "--exp-name", "whole", timeout=600).output
-    ckpt, killed = run_until_checkpoint(SCRIPT, flags, out, "killed", "hsl_1")
-    resumed = run_script(SCRIPT, *flags, "--exp-name", "resumed", "--resume", ckpt, timeout=600).output
-    assert "[hsl] step 1/3" not in resumed and "[hsl] step 3/3" in resumed
-    step = lambda text, k: re.search(rf"\[hsl\] step {k}/3 \| .*? \| (success .*)$", text, re.M).group(1)
-    assert step(killed, 1) == step(whole, 1)  # (the progress line without its timings)
-    assert [step(resumed, k) for k in (2, 3)] == [step(whole, k) for k in (2, 3)]
-    a, b = run_dir(out, "whole"), run_dir(out, "resumed")
-    for tag in ("losses/hsl_total", "hsl/loss", "losses/grad_norm", "charts/learning_rate", "buffer/size"):
-        assert tb_scalars(b, tag) == tb_scalars(a, tag)[-2:] and len(tb_scalars(a, tag)) >= 3, tag
-    final = [json.loads((d / "checkpoints" / "final" / "hsl_state.json").read_text()) for d in (a, b)]
-    assert final[0]["buffer"] and final[0] == final[1]  # D' (demos, weights, order), counters, steps, evaluations
-
-
-def test_smoke_llm_relabeler_smollm2(run_script, put_games, tiny_lm_dir, smollm2_dir, tmp_path):
-    out = tmp_path / "runs"
-    r = run_script(
-        "hsl_sft.py",
-        "--data-dir",
-        put_games,
-        "--model-name",
-        tiny_lm_dir,
-        "--relabeler",
-        "llm",
-        "--llm-backend",
-        "transformers",
-        "--llm-model",
-        smollm2_dir,
-        "--llm-max-new-tokens",
-        "24",
-        "--hsl-steps",
-        "1",
-        "--rollouts-per-step",
-        "2",
-        "--eval-every",
-        "0",
-        "--output-dir",
-        out,
-        "--exp-name",
-        "llm",
-        *SMOKE,
-        timeout=600,
-    )
-    assert re.search(r"\[hsl\] step 1/1 .*loss [0-9.]+.*precision (nan|[0-9.]+) recall (nan|[0-9.]+)", r.output)
-    assert re.search(r"\[eval final\] step 1 .*valid_seen/success [0-9.]+", r.output)
-    summary = json.loads((run_dir(out, "llm") / "summary.json").read_text())
-    c = summary["counters"]
-    assert c["goal_inference_calls"] == 2  # every trajectory went through the LLM (Figure 8 prompt)
-    # whatever SmolLM2 answered was either turned into validated goals or counted as a skip
-    assert (
-        c.get("goals_found", 0)
-        + c.get("goal_inference_bad_json", 0)
-        + c.get("goal_invalid", 0)
-        + c.get("trajectories_without_goal", 0)
-        >= 2
-    )
-    assert summary["hsl_steps"] == 1 and summary["evaluations"] == 1
-    assert (
-        summary["recall_vs_oracle"] is None
-        or math.isnan(summary["recall_vs_oracle"])
-        or 0 <= summary["recall_vs_oracle"] <= 1
-    )
-
-
-def load_weights(path: Path, ckpt: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "checkpoints" / ckpt / "model.safetensors"))
-
-
-def test_data_parallel_two_processes(run_script, put_games, tiny_lm_dir, scripted_llm, tmp_path):
-    """Multi-process training through accelerate (run here on 2 CPU processes with gloo, as `accelerate launch` runs it
-    on GPUs): every process takes its share of each global batch, so SFT gives the weights one process gives; the HSL
-    loop (uneven shares: 3 rollouts and batches of 3 over 2 processes) ends with the same model and D' on both."""
-    scripted_llm.respond = any_goal  # both processes relabel through the same scripted server
-    out = tmp_path / "runs"
-    common = [
-        "--eto-prompts",
-        short_eto_prompts(),
-        "--data-dir",
-        put_games,
-        "--model-name",
-        tiny_lm_dir,
-        *scripted_relabeler(scripted_llm),
-        "--num-demos",
-        "2",
-        "--batch-size",
-        "3",
-        "--micro-batch-size",
-        "1",
-        "--sft-epochs",
-        "3",
-        "--rollouts-per-step",
-        "3",
-        "--max-env-steps",
-        "12",
-        "--learning-rate",
-        "1e-3",
-        "--max-seq-len",
-        "2048",
-        "--eval-every",
-        "0",
-        "--output-dir",
-        out,
-        "--seed",
-        "1",
-    ]
-    one = run_script("hsl_sft.py", *common, "--hsl-steps", "0", "--exp-name", "one", timeout=600)
-    two = run_script("hsl_sft.py", *common, "--hsl-steps", "3", "--exp-name", "two", processes=2, timeout=600)
-    assert "[accelerate] 2 processes; model and D' identical on all: True" in two.output, two.output[-3000:]
-    assert len(re.findall(r"^\[hsl\] step \d/3 ", two.output, re.M)) == 3  # printed by the main process only
-    sft_losses = lambda out: re.findall(r"\[sft\] step \d/\d loss ([0-9.]+)", out)
-    assert sft_losses(one.output) == sft_losses(two.output) and len(sft_losses(one.output)) == 3
-    a, b = load_weights(run_dir(out, "one"), "sft"), load_weights(run_dir(out, "two"), "sft")
-    from safetensors.torch import load_file
-
-    init = load_file(str(Path(tiny_lm_dir) / "model.safetensors"))
-    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # SFT moved the weights ...
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # ... the same way with one process and with two
-    summary = json.loads((run_dir(out, "two") / "summary.json").read_text())
-    assert summary["hsl_steps"] == 3 and summary["evaluations"] == 1 and summary["buffer_size"] > 0  # a non-empty D'
-    assert "(D' empty" not in two.output.split("[hsl] step 3/3")[1].split("\n")[0]

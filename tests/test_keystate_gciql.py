@@ -1,20 +1,15 @@
-"""Tests for keystate_gciql.py: rule compiler (valid + hostile), key-state sampling vs a slow loop, GCIQL losses vs a
-hand computation, bad inputs, rule generation through a scripted OpenAI-compatible endpoint (good, malformed, hostile
-answers, HTTP errors), and end-to-end smoke runs (rules file; real SmolLM2 relabeler, plumbing only) on a pointmaze
-dataset built offline by tests/keystate_data.py."""
+"""Unit tests of keystate_gciql.py: rule compiler (valid + hostile, its cost as counts), key-state sampling vs a slow
+loop, GCIQL losses vs a hand computation, the relabel-time self-check, in-process bad inputs (end to end:
+tests/test_keystate_gciql_e2e.py; the bad-input table: tests/test_bad_inputs.py)."""
 
 import importlib.util
 import json
-import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from keystate_data import BAD_INPUTS, build_pointmaze, write_bad_inputs  # noqa: E402
 
 SCRIPT = "keystate_gciql.py"
 # Small but real: a tiny network keeps the smoke runs inside the CI budget; everything else is the script's default path.
@@ -38,6 +33,12 @@ SMALL = [
     "10",
 ]
 
+STOP_RULE = {
+    "name": "stop",
+    "description": "nearly at rest",
+    "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15",
+}
+
 
 def load_script():
     spec = importlib.util.spec_from_file_location("keystate_gciql", REPO / SCRIPT)
@@ -51,13 +52,6 @@ def ks():
     return load_script()
 
 
-@pytest.fixture(scope="module")
-def pointmaze_npz(tmp_path_factory):
-    return build_pointmaze(
-        tmp_path_factory.mktemp("pm") / "pointmaze-medium-navigate-v0.npz", episodes=12, episode_steps=201, seed=0
-    )
-
-
 def compact(obs, act, term):
     """A dataset as ogbench.load_dataset(compact_dataset=True) returns it."""
     return {
@@ -69,7 +63,9 @@ def compact(obs, act, term):
 
 
 def pointmaze_dataset(ks, path):
-    return ks.make_env_and_dataset(ks.Args(env_name="pointmaze-medium-navigate-v0", dataset_path=str(path)))[1]
+    return ks.make_env_and_dataset(
+        ks.Args(env_name="pointmaze-medium-navigate-v0", dataset_path=str(path))
+    )[1]
 
 
 def build_mask(ks, args, ds, folder, log):
@@ -99,27 +95,45 @@ def test_compiler_accepts_valid_rules(ks):
     feats, ds = toy_features(ks)
     assert list(ks.Features(ds, {}).ep_end) == [4, 4, 4, 4, 4, 8, 8, 8, 8]
     # goals never go past an episode's last *valid* row, as OGBench's terminal_locs
-    assert list(np.asarray(ks.make_goal_data(ds, None)["final_idxs"])) == [3, 3, 3, 3, 3, 7, 7, 7, 7]
+    assert list(np.asarray(ks.make_goal_data(ds, None)["final_idxs"])) == [
+        3,
+        3,
+        3,
+        3,
+        3,
+        7,
+        7,
+        7,
+        7,
+    ]
     x = np.arange(9.0)
     # prev/next are clamped to the row's own episode (rows 0-4 and 5-8).
     prev2 = np.array([0, 0, 0, 1, 2, 5, 5, 5, 6], float)
     next1 = np.array([1, 2, 3, 4, 4, 6, 7, 8, 8], float)
     np.testing.assert_array_equal(ks.compile_condition("prev(x, 2) >= 0", feats), np.ones(9, bool))
-    np.testing.assert_array_equal(ks.compile_condition("x - prev(x, 2) == 2", feats), x - prev2 == 2)
+    np.testing.assert_array_equal(
+        ks.compile_condition("x - prev(x, 2) == 2", feats), x - prev2 == 2
+    )
     np.testing.assert_array_equal(ks.compile_condition("delta(x, 2) == 2", feats), x - prev2 == 2)
     np.testing.assert_array_equal(ks.compile_condition("next(x, 1) > x", feats), next1 > x)
     # nested lags compose inside the episode: next(prev(x, 2), 1) at row i reads row clamp(clamp(i + 1) - 2)
     nested = np.array([0, 0, 1, 2, 2, 5, 5, 6, 6], float)
-    np.testing.assert_array_equal(ks.compile_condition("next(prev(x, 2), 1) == s0 - 1", feats), nested == x - 1)
-    np.testing.assert_array_equal(ks.compile_condition("norm(x, y) > 50", feats), np.sqrt(101) * x > 50)
     np.testing.assert_array_equal(
-        ks.compile_condition("2 < x <= 6 and not y == 50", feats), (2 < x) & (x <= 6) & ~(10 * x == 50)
+        ks.compile_condition("next(prev(x, 2), 1) == s0 - 1", feats), nested == x - 1
+    )
+    np.testing.assert_array_equal(
+        ks.compile_condition("norm(x, y) > 50", feats), np.sqrt(101) * x > 50
+    )
+    np.testing.assert_array_equal(
+        ks.compile_condition("2 < x <= 6 and not y == 50", feats),
+        (2 < x) & (x <= 6) & ~(10 * x == 50),
     )
     np.testing.assert_array_equal(
         ks.compile_condition("t == 0 or t_left == 0", feats), np.isin(np.arange(9), [0, 4, 5, 8])
     )
     np.testing.assert_array_equal(
-        ks.compile_condition("abs(x - 4) ** 2 < 2 or max(x, 7) == x", feats), ((x - 4) ** 2 < 2) | (x >= 7)
+        ks.compile_condition("abs(x - 4) ** 2 < 2 or max(x, 7) == x", feats),
+        ((x - 4) ** 2 < 2) | (x >= 7),
     )
 
 
@@ -158,7 +172,10 @@ def test_compiler_accepts_valid_rules(ks):
         "delta(" * 21 + "x" + ", 1)" * 21 + " > 0",  # nesting deeper than the window allows
         "x > 1e999",  # infinite literal
         "x > 1j",  # complex literal
-        "(" * 250 + "x" + ")" * 250 + " > 0",  # nesting beyond the parser's limit (and the length bound)
+        "(" * 250
+        + "x"
+        + ")" * 250
+        + " > 0",  # nesting beyond the parser's limit (and the length bound)
         "x > 0 and y > 0 or f'{x}' > ''",
     ],
 )
@@ -173,7 +190,9 @@ def test_rule_json_extraction(ks):
     txt = 'Sure! ```json\n{"rules": [{"name": "a", "condition": "x > 1"}]}\n``` hope it helps'
     assert ks.extract_rules_json(txt) == [{"name": "a", "condition": "x > 1"}]
     assert (
-        ks.extract_rules_json('noise {"bad": 1} then {"rules": [{"name": "b", "condition": "y < 2"}]}')[0]["name"]
+        ks.extract_rules_json(
+            'noise {"bad": 1} then {"rules": [{"name": "b", "condition": "y < 2"}]}'
+        )[0]["name"]
         == "b"
     )
     # a truncated answer is a failed answer (a real relabeler finishes its JSON; nothing is salvaged)
@@ -200,63 +219,99 @@ def test_compile_time_self_check_calibrates_fire_rate(ks, monkeypatch):
     np.testing.assert_array_equal(key_mask, np.arange(9) >= 5)
     assert set(good[0]) == {"name", "description", "condition", "fire_rate"}
     reasons = {b["name"]: b["error"] for b in bad}
-    assert "outside" in reasons["always"] and "outside" in reasons["never"] and "syntax" in reasons["broken"]
+    assert (
+        "outside" in reasons["always"]
+        and "outside" in reasons["never"]
+        and "syntax" in reasons["broken"]
+    )
 
 
-def test_compiler_speed_1m_states(ks):
-    """Issue target: 1M states in under 2 s on CPU (here with a margin for the shared CI box)."""
-    import time
+class CountedColumns(dict):
+    """Features.columns that counts how often the compiler reads a feature column: a rule whose sub-expressions were
+    recomputed (e.g. delta(x, k) as x - prev(x, k) evaluated twice) reads its columns exponentially often in the
+    nesting depth; the compiler computes each sub-expression once, so it reads each column once per occurrence."""
 
+    reads = 0
+
+    def __getitem__(self, key):
+        CountedColumns.reads += 1
+        return super().__getitem__(key)
+
+
+def count_reads(ks, expr: str, feats) -> int:
+    feats.columns = CountedColumns(feats.columns)
+    CountedColumns.reads = 0
+    ks.compile_condition(expr, feats)
+    return CountedColumns.reads
+
+
+def feature_names(ks, expr: str, feats) -> int:
+    """How many times the rule's text names a feature (the reads a linear evaluator makes)."""
+    import ast
+
+    return sum(
+        isinstance(n, ast.Name) and n.id in feats.columns
+        for n in ast.walk(ast.parse(expr, mode="eval"))
+    )
+
+
+def test_compiler_1m_states_reads_each_feature_once(ks):
+    """A rule over 1M states (the paper's scale target; its time is measured in tests/benchmarks/
+    bench_keystate_compiler.py) compiles to a mask, reading each feature column once per occurrence in the rule."""
     rng = np.random.default_rng(0)
     n = 1_000_000
     term = np.zeros(n, np.float32)
     term[999::1000] = 1
     ds = compact(rng.normal(size=(n, 2)).astype(np.float32), np.zeros((n, 2), np.float32), term)
     feats = ks.Features(ds, {"x": 0, "y": 1})
-    t0 = time.time()
-    mask = ks.compile_condition(
+    expr = (
         "abs(delta(x, 5) * delta(next(y, 5), 5) - delta(y, 5) * delta(next(x, 5), 5)) > 0.5"
-        " or norm(delta(x, 3), delta(y, 3)) < 0.15",
-        feats,
+        " or norm(delta(x, 3), delta(y, 3)) < 0.15"
     )
-    seconds = time.time() - t0
+    assert count_reads(ks, expr, feats) == feature_names(ks, expr, feats) == 6
+    mask = ks.compile_condition(expr, feats)
     assert mask.shape == (n,) and 0 < mask.mean() < 1
-    assert seconds < 4.0, f"1M states took {seconds:.2f}s"
 
 
 def test_compiler_adversarial_nesting_is_linear_or_rejected(ks):
-    """Issue 12: nested prev/next/delta at depth 20-30 on 100k rows finish well under a second (each sub-expression is
-    computed once) or are rejected (the lags of nested temporal functions add up to at most MAX_LAG)."""
-    import time
-
+    """Issue 12: nested prev/next/delta at depth 20-30 on 100k rows read each feature once per occurrence (each
+    sub-expression is computed once: at depth 20 a recomputing evaluator reads 2^20 times) or are rejected (the lags of
+    nested temporal functions add up to at most MAX_LAG)."""
     rng = np.random.default_rng(0)
     n = 100_000
     term = np.zeros(n, np.float32)
     term[999::1000] = 1
     feats = ks.Features(
-        compact(rng.normal(size=(n, 2)).astype(np.float32), np.zeros((n, 2), np.float32), term), {"x": 0, "y": 1}
+        compact(rng.normal(size=(n, 2)).astype(np.float32), np.zeros((n, 2), np.float32), term),
+        {"x": 0, "y": 1},
     )
     for fn in ("prev", "next", "delta"):
         for depth in (20, 21, 26, 30):
-            t0 = time.time()
+            expr = f"{fn}(" * depth + "x + y" + ", 1)" * depth + " > 0"
             try:
-                ks.compile_condition(f"{fn}(" * depth + "x + y" + ", 1)" * depth + " > 0", feats)
+                reads = count_reads(ks, expr, feats)
                 accepted = True
             except ks.RuleError as e:
                 accepted = False
                 assert "nested lags may add up to 20" in str(e) or "too complex" in str(e)
-            assert time.time() - t0 < 0.5, (fn, depth, time.time() - t0)
             assert accepted == (depth <= ks.MAX_LAG), (fn, depth)
-    # a rule as wide as the node bound allows, every term a full window: still linear
-    t0 = time.time()
-    ks.compile_condition(" + ".join(["delta(delta(x, 10), 10)"] * 8) + " > 0", feats)
-    assert time.time() - t0 < 0.5
+            if accepted:
+                assert reads == 2, (fn, depth, reads)
+    # a rule as wide as the node bound allows, every term a full window: still one read per occurrence
+    wide = " + ".join(["delta(delta(x, 10), 10)"] * 8) + " > 0"
+    assert count_reads(ks, wide, feats) == 8
     # nested temporal functions compose as shifts inside the episode
     toy, _ = toy_features(ks)
-    x, prev1, prev2 = np.arange(9.0), np.array([0, 0, 1, 2, 3, 5, 5, 6, 7.0]), np.array([0, 0, 0, 1, 2, 5, 5, 5, 6.0])
+    x, prev1, prev2 = (
+        np.arange(9.0),
+        np.array([0, 0, 1, 2, 3, 5, 5, 6, 7.0]),
+        np.array([0, 0, 0, 1, 2, 5, 5, 5, 6.0]),
+    )
     assert ks.compile_condition("prev(prev(x, 1), 1) == prev(x, 2)", toy).all()
     assert ks.compile_condition("next(prev(x, 3), 3) >= prev(x, 3)", toy).all()
-    np.testing.assert_array_equal(ks.compile_condition("delta(delta(x, 1), 1) == 0", toy), x - 2 * prev1 + prev2 == 0)
+    np.testing.assert_array_equal(
+        ks.compile_condition("delta(delta(x, 1), 1) == 0", toy), x - 2 * prev1 + prev2 == 0
+    )
 
 
 def test_rule_cap_for_files_and_llm_answers(ks, scripted_llm, pointmaze_npz, tmp_path):
@@ -269,15 +324,23 @@ def test_rule_cap_for_files_and_llm_answers(ks, scripted_llm, pointmaze_npz, tmp
     assert build_mask(ks, args, ds, tmp_path / "file", logs.append).any()
     assert "[rules] 9984 rules beyond the cap of 16 dropped: r16, r17, r18, r19, r20, ..." in logs
     assert len(json.loads((tmp_path / "file" / "rules.json").read_text())["rules"]) == 16
-    scripted_llm.respond = lambda messages: json.dumps({"rules": [dict(STOP_RULE, name=f"a{i}") for i in range(20)]})
-    args = ks.Args(env_name="pointmaze-medium-navigate-v0", llm_base_url=scripted_llm.base_url, llm_model="scripted")
+    scripted_llm.respond = lambda messages: json.dumps(
+        {"rules": [dict(STOP_RULE, name=f"a{i}") for i in range(20)]}
+    )
+    args = ks.Args(
+        env_name="pointmaze-medium-navigate-v0",
+        llm_base_url=scripted_llm.base_url,
+        llm_model="scripted",
+    )
     logs = []
     assert build_mask(ks, args, ds, tmp_path / "llm", logs.append).any()
     assert "[rules] 4 rules beyond the cap of 16 dropped: a16, a17, a18, a19, ..." in logs
 
 
 # ------------------------------------------------------------------------------------------------------------ sampling
-def slow_sample_goal(rng, idx, valid_idxs, final_idxs, key_set, p_cur, p_traj, discount, p_key, window):
+def slow_sample_goal(
+    rng, idx, valid_idxs, final_idxs, key_set, p_cur, p_traj, discount, p_key, window
+):
     """The obvious per-sample loop: OGBench's mixture, future branch replaced by a key state w.p. p_key."""
     if rng.random() < p_cur:
         return idx, "cur"
@@ -304,16 +367,39 @@ def test_keystate_sampling_matches_slow_loop(ks):
     key_mask[[5, 12, 13, 30, 38, 39, 50, 70]] = True
     data = ks.make_goal_data(ds, key_mask)
     valid_idxs, final_idxs = np.asarray(data["valid_idxs"]), np.asarray(data["final_idxs"])
-    key_set = set(np.nonzero(key_mask & (ds["valids"] > 0))[0].tolist())  # row 39 is an episode's last row: no goal
+    key_set = set(
+        np.nonzero(key_mask & (ds["valids"] > 0))[0].tolist()
+    )  # row 39 is an episode's last row: no goal
     assert 39 not in key_set and final_idxs[10] == 38
     p_cur, p_traj, discount, p_key, window = 0.2, 0.5, 0.9, 0.7, 20
     n = 40_000
-    sample = jax.jit(lambda k, i: ks.sample_goals(k, data, i, p_cur, p_traj, True, discount, p_key, window))
+    sample = jax.jit(
+        lambda k, i: ks.sample_goals(k, data, i, p_cur, p_traj, True, discount, p_key, window)
+    )
     slow_rng = np.random.default_rng(0)
-    for idx in [3, 11, 29, 45, 90]:  # keys in window / several keys / window cut at episode end / none / none
-        goals, is_key, is_her = map(np.asarray, sample(jax.random.PRNGKey(idx), jnp.full((n,), idx, jnp.int32)))
+    for idx in [
+        3,
+        11,
+        29,
+        45,
+        90,
+    ]:  # keys in window / several keys / window cut at episode end / none / none
+        goals, is_key, is_her = map(
+            np.asarray, sample(jax.random.PRNGKey(idx), jnp.full((n,), idx, jnp.int32))
+        )
         slow = [
-            slow_sample_goal(slow_rng, idx, valid_idxs, final_idxs, key_set, p_cur, p_traj, discount, p_key, window)
+            slow_sample_goal(
+                slow_rng,
+                idx,
+                valid_idxs,
+                final_idxs,
+                key_set,
+                p_cur,
+                p_traj,
+                discount,
+                p_key,
+                window,
+            )
             for _ in range(n)
         ]
         slow_goals = np.array([g for g, _ in slow])
@@ -329,7 +415,15 @@ def test_keystate_sampling_matches_slow_loop(ks):
     # no key state anywhere -> exactly OGBench's HER mixture (no key-state goal ever)
     data_none = ks.make_goal_data(ds, np.zeros(len(obs), bool))
     _, is_key, _ = ks.sample_goals(
-        jax.random.PRNGKey(0), data_none, jnp.full((1000,), 3, jnp.int32), p_cur, p_traj, True, discount, 1.0, window
+        jax.random.PRNGKey(0),
+        data_none,
+        jnp.full((1000,), 3, jnp.int32),
+        p_cur,
+        p_traj,
+        True,
+        discount,
+        1.0,
+        window,
     )
     assert not np.asarray(is_key).any()
 
@@ -351,7 +445,9 @@ def test_batch_rewards_and_masks(ks):
     assert 0.17 < same.mean() < 0.3  # p_curgoal 0.2 plus the odd future goal that lands on t itself
     # next_observations are the following row of the same episode (never across an episode boundary)
     nxt = np.asarray(b["next_observations"])
-    rows = np.array([np.nonzero((obs == o).all(1))[0][0] for o in np.asarray(b["observations"])[:200]])
+    rows = np.array(
+        [np.nonzero((obs == o).all(1))[0][0] for o in np.asarray(b["observations"])[:200]]
+    )
     np.testing.assert_array_equal(nxt[:200], obs[rows + 1])
     assert not np.isin(rows, np.arange(ep_len - 1, len(obs), ep_len)).any()
 
@@ -372,7 +468,9 @@ def np_mlp(params, x, layer_norm, activate_final):
             if layer_norm:
                 ln = params[f"LayerNorm_{i}"]
                 mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-                x = (x - mu) / np.sqrt(var + 1e-6) * np.asarray(ln["scale"]) + np.asarray(ln["bias"])
+                x = (x - mu) / np.sqrt(var + 1e-6) * np.asarray(ln["scale"]) + np.asarray(
+                    ln["bias"]
+                )
     return x
 
 
@@ -401,7 +499,8 @@ def test_gciql_losses_match_hand_computation(ks):
     def Q(cp, x, g, a):
         inp = np.concatenate([x, g, a], 1)
         return [
-            np_mlp(jax.tree_util.tree_map(lambda t: t[e], cp["VmapMLP_0"]), inp, True, False)[:, 0] for e in range(2)
+            np_mlp(jax.tree_util.tree_map(lambda t: t[e], cp["VmapMLP_0"]), inp, True, False)[:, 0]
+            for e in range(2)
         ]
 
     # value: expectile 0.9 regression of V towards min of the target critics
@@ -411,15 +510,23 @@ def test_gciql_losses_match_hand_computation(ks):
     got_v, _ = ks.value_loss(state.params, target, batch, nets, 0.9)
     assert float(got_v) == pytest.approx(want_v, rel=1e-4)
     # critic: both heads regress to r + gamma * mask * V(s', g)
-    y = batch["rewards"] + 0.99 * batch["masks"] * V(batch["next_observations"], batch["value_goals"])
+    y = batch["rewards"] + 0.99 * batch["masks"] * V(
+        batch["next_observations"], batch["value_goals"]
+    )
     q1, q2 = Q(p["critic"], batch["observations"], batch["value_goals"], batch["actions"])
     want_c = np.mean((q1 - y) ** 2 + (q2 - y) ** 2)
     got_c, info = ks.critic_loss(state.params, batch, nets, 0.99)
     assert float(got_c) == pytest.approx(want_c, rel=1e-4)
-    np.testing.assert_allclose(np.asarray(info["td_abs"]), np.abs(y - (q1 + q2) / 2), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(info["td_abs"]), np.abs(y - (q1 + q2) / 2), rtol=1e-4, atol=1e-6
+    )
     # actor, DDPG+BC with constant unit std: -Q(s, g, clip(mu)) / mean|Q| - alpha * log N(a; mu, I)
-    mu = np_mlp(p["actor"], np.concatenate([batch["observations"], batch["actor_goals"]], 1), False, False)
-    qa = np.minimum(*Q(p["critic"], batch["observations"], batch["actor_goals"], np.clip(mu, -1, 1)))
+    mu = np_mlp(
+        p["actor"], np.concatenate([batch["observations"], batch["actor_goals"]], 1), False, False
+    )
+    qa = np.minimum(
+        *Q(p["critic"], batch["observations"], batch["actor_goals"], np.clip(mu, -1, 1))
+    )
     logp = np.sum(-0.5 * (batch["actions"] - mu) ** 2 - 0.5 * np.log(2 * np.pi), 1)
     want_a = -qa.mean() / (np.abs(qa).mean() + 1e-6) - (0.003 * logp).mean()
     got_a, _ = ks.actor_loss(state.params, batch, nets, 0.003)
@@ -440,7 +547,9 @@ def test_update_soft_target_and_learning(ks):
     import jax
     import jax.numpy as jnp
 
-    args = ks.resolve_presets(ks.Args(env_name="pointmaze-medium-navigate-v0", hidden_dims=(16, 16), batch_size=32))
+    args = ks.resolve_presets(
+        ks.Args(env_name="pointmaze-medium-navigate-v0", hidden_dims=(16, 16), batch_size=32)
+    )
     n = 200
     term = np.zeros(n, np.float32)
     term[49::50] = 1
@@ -449,14 +558,21 @@ def test_update_soft_target_and_learning(ks):
     data = ks.make_goal_data(ds, None, np.ones((1, n), bool))
     nets, tx, state = agents(ks, args, [0])
     update, probe = ks.make_update(args, nets, tx)
-    old = jax.tree_util.tree_map(np.array, state)  # host copy: the update donates (reuses) the old state's buffers
+    old = jax.tree_util.tree_map(
+        np.array, state
+    )  # host copy: the update donates (reuses) the old state's buffers
     # target <- tau * critic(before the step) + (1 - tau) * target, as OGBench's gciql.py
-    want = jax.tree_util.tree_map(lambda c, t: 0.005 * c + 0.995 * t, old.params["critic"], old.target)
+    want = jax.tree_util.tree_map(
+        lambda c, t: 0.005 * c + 0.995 * t, old.params["critic"], old.target
+    )
     new, info = update(state, data, jnp.zeros(1))
     state = old
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new.target, want)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new.target, want
+    )
     assert not np.allclose(
-        new.params["value"]["MLP_0"]["Dense_0"]["kernel"], state.params["value"]["MLP_0"]["Dense_0"]["kernel"]
+        new.params["value"]["MLP_0"]["Dense_0"]["kernel"],
+        state.params["value"]["MLP_0"]["Dense_0"]["kernel"],
     )
     assert float(info["relabel/frac_keystate_goals"][0]) == 0  # HER arm: no key goals
     td, dist, counts = probe(new, data)  # no key state anywhere: no probe row counts
@@ -470,7 +586,9 @@ def test_num_seeds_vmapped(ks, monkeypatch):
     import jax
     import jax.numpy as jnp
 
-    args = ks.resolve_presets(ks.Args(env_name="pointmaze-medium-navigate-v0", hidden_dims=(16, 16), batch_size=64))
+    args = ks.resolve_presets(
+        ks.Args(env_name="pointmaze-medium-navigate-v0", hidden_dims=(16, 16), batch_size=64)
+    )
     n = 400
     term = np.zeros(n, np.float32)
     term[49::50] = 1
@@ -482,7 +600,9 @@ def test_num_seeds_vmapped(ks, monkeypatch):
     keep = ks.episode_subsets(ds, args)
     assert keep.shape == (2, n) and (keep.sum(1) == 200).all() and not (keep[0] == keep[1]).all()
     args.num_seeds = 1
-    np.testing.assert_array_equal(ks.episode_subsets(ds, args)[0], keep[0])  # seed 0's subset: the same alone
+    np.testing.assert_array_equal(
+        ks.episode_subsets(ds, args)[0], keep[0]
+    )  # seed 0's subset: the same alone
     losses = {}
     for seeds in ([0], [0, 1]):
         nets, tx, state = agents(ks, args, seeds)
@@ -506,7 +626,8 @@ def test_num_seeds_vmapped(ks, monkeypatch):
     # rows of each seed's batches come from its own episodes only
     args.batch_size = 4096
     b = jax.vmap(
-        lambda k, d: ks.sample_batch(k, d, args, 0.0), in_axes=(0, {k: 0 if k in ks.PER_SEED else None for k in data})
+        lambda k, d: ks.sample_batch(k, d, args, 0.0),
+        in_axes=(0, {k: 0 if k in ks.PER_SEED else None for k in data}),
     )(jax.random.split(jax.random.PRNGKey(0), 2), data)
     for i in range(2):
         rows = np.nonzero((np.asarray(b["observations"][i])[:, None] == obs[None]).all(-1))[1]
@@ -558,20 +679,37 @@ def test_probe_batch_is_paired_and_in_window(ks):
     key_mask = np.zeros(len(obs), bool)
     key_mask[[20, 60, 150, 390]] = True
     data = ks.make_goal_data(ds, key_mask)
-    args = ks.resolve_presets(ks.Args(env_name="pointmaze-medium-navigate-v0", batch_size=4096, keystate_window=30))
+    args = ks.resolve_presets(
+        ks.Args(env_name="pointmaze-medium-navigate-v0", batch_size=4096, keystate_window=30)
+    )
     batch, *out = ks.probe_batch(jax.random.PRNGKey(0), data, args)
-    batch, (goals, dist, counts) = {k: np.asarray(v) for k, v in batch.items()}, map(np.asarray, out)
+    batch, (goals, dist, counts) = (
+        {k: np.asarray(v) for k, v in batch.items()},
+        map(np.asarray, out),
+    )
     t = batch["observations"][:, 0].astype(int)
     final = np.asarray(data["final_idxs"])[t]
     g = goals[..., 0].astype(int)  # (3, B) goal rows (observation = row index)
-    np.testing.assert_array_equal(dist[1:], (g - t)[1:])  # (no key state: the key-state goal is a clipped sentinel)
-    want = np.array([any(k in (20, 60, 150, 390) for k in range(i + 1, min(i + 30, f) + 1)) for i, f in zip(t, final)])
+    np.testing.assert_array_equal(
+        dist[1:], (g - t)[1:]
+    )  # (no key state: the key-state goal is a clipped sentinel)
+    want = np.array(
+        [
+            any(k in (20, 60, 150, 390) for k in range(i + 1, min(i + 30, f) + 1))
+            for i, f in zip(t, final)
+        ]
+    )
     np.testing.assert_array_equal(counts, want)
-    assert np.isin(g[0][counts], [20, 60, 150, 390]).all() and (dist[0][counts] == (g - t)[0][counts]).all()
+    assert (
+        np.isin(g[0][counts], [20, 60, 150, 390]).all()
+        and (dist[0][counts] == (g - t)[0][counts]).all()
+    )
     assert ((g[:, counts] > t[counts]) & (g[:, counts] <= np.minimum(t + 30, final)[counts])).all()
     assert (batch["rewards"] == -1).all() and (batch["masks"] == 1).all()
     her, uni = dist[1][counts], dist[2][counts]
-    assert her.mean() < uni.mean()  # geometric (discount 0.99) truncated to the window vs uniform over it
+    assert (
+        her.mean() < uni.mean()
+    )  # geometric (discount 0.99) truncated to the window vs uniform over it
 
 
 def test_run_folders_never_collide(ks, tmp_path, monkeypatch):
@@ -579,56 +717,54 @@ def test_run_folders_never_collide(ks, tmp_path, monkeypatch):
     even when started in the same second by the same process."""
     import time
 
-    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")  # the same second for every run
-    args = ks.Args(env_name="pointmaze-medium-navigate-v0", run_dir=str(tmp_path / "runs"), relabel="her", seed=3)
+    monkeypatch.setattr(
+        time, "strftime", lambda fmt, *a: "20260101-000000"
+    )  # the same second for every run
+    args = ks.Args(
+        env_name="pointmaze-medium-navigate-v0",
+        run_dir=str(tmp_path / "runs"),
+        relabel="her",
+        seed=3,
+    )
     a, b = ks.make_run_dir(args), ks.make_run_dir(args)
     args.dataset_fraction, args.num_seeds = 0.5, 4
     c = ks.make_run_dir(args)
-    assert len({a, b, c}) == 3 and all(p.is_dir() and p.parent == tmp_path / "runs" for p in (a, b, c))
+    assert len({a, b, c}) == 3 and all(
+        p.is_dir() and p.parent == tmp_path / "runs" for p in (a, b, c)
+    )
     assert "__her__frac1__seed3x1__20260101-000000_" in a.name and "__frac0.5__seed3x4__" in c.name
 
 
 # ----------------------------------------------------------------------------------------------------------- bad input
-@pytest.fixture(scope="module")
-def bad_files(tmp_path_factory):
-    return write_bad_inputs(tmp_path_factory.mktemp("bad"))
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_ends_in_one_error_line(run_script, pointmaze_npz, bad_files, tmp_path, case):
-    """Issue 12, as a user sees it: a bad flag or data file ends in exactly one `error:` line naming the problem, exit
-    status 2 (usage) or 1 (data), no traceback, and no run folder (the run fails before it would start)."""
-    flags, status, named = BAD_INPUTS[case]
-    rules, runs = tmp_path / "rules.json", tmp_path / "runs"
-    rules.write_text(json.dumps({"rules": [STOP_RULE]}))
-    flags = [f.format(**bad_files) for f in flags]
-    r = run_script(
-        SCRIPT,
-        *SMALL,
-        "--dataset-path",
-        pointmaze_npz,
-        "--rules-path",
-        rules,
-        "--run-dir",
-        runs,
-        *flags,
-        check=False,
-        timeout=120,
-        env={"OMP_NUM_THREADS": "1"},
-    )
-    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and re.search(named, errors[0]) and r.returncode == status, r.output[-3000:]
-    assert "Traceback" not in r.output and not runs.exists()
-
-
 def test_bad_inputs_give_clear_errors(ks, pointmaze_npz, tmp_path, capsys):
     """The same checks in process: data errors are SystemExit("error: <file>: ..."), usage errors exit 2."""
     cases = [
-        ({"obs": np.zeros((10, 2)), "actions": np.zeros((10, 2))}, "cannot read observations.*KeyError"),
-        ({"observations": np.zeros((10, 3)), "actions": np.zeros((10, 2)), "terminals": np.ones(10)}, "shapes"),
-        ({"observations": np.zeros((10, 2)), "actions": np.zeros((9, 2)), "terminals": np.ones(10)}, "shapes"),
         (
-            {"observations": np.zeros((10, 2)), "actions": np.zeros((10, 2)), "terminals": np.zeros(10)},
+            {"obs": np.zeros((10, 2)), "actions": np.zeros((10, 2))},
+            "cannot read observations.*KeyError",
+        ),
+        (
+            {
+                "observations": np.zeros((10, 3)),
+                "actions": np.zeros((10, 2)),
+                "terminals": np.ones(10),
+            },
+            "shapes",
+        ),
+        (
+            {
+                "observations": np.zeros((10, 2)),
+                "actions": np.zeros((9, 2)),
+                "terminals": np.ones(10),
+            },
+            "shapes",
+        ),
+        (
+            {
+                "observations": np.zeros((10, 2)),
+                "actions": np.zeros((10, 2)),
+                "terminals": np.zeros(10),
+            },
             "the last row is not terminal",
         ),
     ]
@@ -654,7 +790,9 @@ def test_bad_inputs_give_clear_errors(ks, pointmaze_npz, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no OpenAI-compatible server answers"):
         ks.LLMClient(args)
     # usage errors: one line naming the flag, exit status 2, before anything heavy
-    usage = [(lambda: ks.read_layout(ks.Args(env_name="scene-play-v0")), "no prompts/keystate/layout_")]
+    usage = [
+        (lambda: ks.read_layout(ks.Args(env_name="scene-play-v0")), "no prompts/keystate/layout_")
+    ]
     for kw, msg in [
         ({"dataset_fraction": 0.0}, "--dataset-fraction: must be in"),
         ({"p_keystate": 1.5}, "--p-keystate: must be in"),
@@ -669,253 +807,6 @@ def test_bad_inputs_give_clear_errors(ks, pointmaze_npz, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             call()
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1
-
-
-# --------------------------------------------------------------------------------------------------------- smoke runs
-def check_smoke_output(out: str, run_root: Path, expect_keystate: bool = True):
-    steps = [int(s) for s in re.findall(r"^step=(\d+) SPS=", out, re.M)]
-    assert steps and max(steps) >= 1, "no gradient step was logged"
-    evals = re.findall(r"^eval step=\d+ .*overall_success=([0-9.]+)", out, re.M)
-    assert evals, "no evaluation happened"
-    key_goals = [float(k) for k in re.findall(r"frac_keystate_goals=([0-9.]+)", out)]
-    if expect_keystate:
-        assert sum(key_goals) > 0, "no key-state goal was sampled"
-    run_dir = next(run_root.iterdir())
-    saved = json.loads((run_dir / "rules.json").read_text())
-    if expect_keystate:  # Figure 2: the paired probe, with its fields, and the PNG
-        td = np.load(run_dir / "td_probe.npz")
-        steps, n_seeds = len(td["steps"]), td["td"].shape[1]
-        assert td["td"].shape[:3] == (steps, n_seeds, 3) and td["counts"].any() and list(td["kinds"])[1] == "her"
-        for f in ("gap_her_mean", "gap_uniform_mean", "gap_her_ci", "gap_uniform_ci", "dist_mean"):
-            assert len(td[f]) == steps and np.isfinite(td[f]).all(), f
-        assert (td["gap_her_ci"][:, 0] <= td["gap_her_mean"]).all() and (
-            td["gap_her_mean"] <= td["gap_her_ci"][:, 1]
-        ).all()
-        assert (run_dir / "td_probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    return saved, run_dir
-
-
-def test_smoke_with_rules_file(run_script, pointmaze_npz, tmp_path):
-    rules = tmp_path / "rules.json"
-    rules.write_text(
-        json.dumps(
-            {
-                "rules": [
-                    {
-                        "name": "turning_event",
-                        "description": "direction of motion changes",
-                        "condition": "abs(delta(x, 5) * delta(next(y, 5), 5) - delta(y, 5) * delta(next(x, 5), 5)) > 0.5",
-                    },
-                    {
-                        "name": "stop",
-                        "description": "nearly at rest",
-                        "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15",
-                    },
-                    {
-                        "name": "hostile",
-                        "description": "must be rejected",
-                        "condition": "__import__('os').system('echo pwned')",
-                    },
-                ]
-            }
+        assert (
+            e.value.code == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1
         )
-    )
-    r = run_script(
-        SCRIPT,
-        *SMALL,
-        "--dataset-path",
-        pointmaze_npz,
-        "--rules-path",
-        rules,
-        "--run-dir",
-        tmp_path / "runs",
-        "--num-seeds",
-        "2",
-        timeout=400,
-    )
-    assert "pwned" not in r.output and "rejected hostile" in r.output and "1 rejected" in r.output
-    saved, run_dir = check_smoke_output(r.output, tmp_path / "runs")
-    assert [x["name"] for x in saved["rules"]] == ["turning_event", "stop"]  # saved with the run (--rules-path)
-    assert "accepted turning_event" in r.output and re.search(r"p_keystate=[0-9.]+,[0-9.]+$", r.output, re.M)
-    final = json.loads((run_dir / "final_eval.json").read_text())  # per seed, and the mean and CI over seeds
-    assert final["seeds"] == [0, 1] and len(final["per_seed"]) == 2 and "eval/overall_success_ci95" in final
-    assert final["eval/overall_success"] == pytest.approx(
-        np.mean([r["eval/overall_success"] for r in final["per_seed"]])
-    )
-    assert np.load(run_dir / "td_probe.npz")["td"].shape[1] == 2 and "seed0x2__" in run_dir.name
-    assert (run_dir / "params.msgpack").stat().st_size > 0
-
-
-def test_smoke_with_smollm2_relabeler(run_script, pointmaze_npz, smollm2_dir, tmp_path):
-    """Plumbing only: the real SmolLM2-135M-Instruct (in process) gets the rule prompt and answers; whatever it writes
-    goes through the compiler and the self-check, and the run trains and evaluates (a weak model's rules may all be
-    rejected: then HER). Relabeling semantics are tested with the scripted endpoint below."""
-    r = run_script(
-        SCRIPT,
-        *SMALL,
-        "--dataset-path",
-        pointmaze_npz,
-        "--llm-backend",
-        "transformers",
-        "--llm-model",
-        smollm2_dir,
-        "--llm-max-new-tokens",
-        "120",
-        "--run-dir",
-        tmp_path / "runs",
-        timeout=480,
-        env={"OMP_NUM_THREADS": "1"},
-    )
-    assert "[rules] LLM round 0 answered" in r.output and "failed LLM calls" in r.output
-    saved, _ = check_smoke_output(r.output, tmp_path / "runs", expect_keystate=False)
-    assert saved["llm_failures"] == 0 and all(0.001 <= x["fire_rate"] <= 0.3 for x in saved["rules"])
-
-
-STOP_RULE = {"name": "stop", "description": "nearly at rest", "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15"}
-
-
-def test_rule_generation_through_scripted_endpoint(run_script, scripted_llm, pointmaze_npz, tmp_path):
-    """Round 0: a malformed answer -> the repair prompt. Round 1: a good rule and two hostile ones (code, a literal
-    beyond float range) -> the good one is compiled and used, the hostile ones rejected and counted."""
-    hostile = [
-        {"name": "pwn", "condition": "__import__('os').system('echo pwned') > 0"},
-        {"name": "huge", "condition": "x > 1" + "0" * 380},
-    ]
-
-    def respond(messages):
-        if len(scripted_llm.requests) == 1:
-            return "Here are the rules: x > 1 and y < 2 (sorry, no JSON)"
-        return "```json\n" + json.dumps({"rules": [STOP_RULE, *hostile]}) + "\n```"
-
-    scripted_llm.respond = respond
-    r = run_script(
-        SCRIPT,
-        *SMALL,
-        "--dataset-path",
-        pointmaze_npz,
-        "--llm-backend",
-        "openai",
-        "--llm-base-url",
-        scripted_llm.base_url,
-        "--llm-model",
-        "scripted",
-        "--num-rules",
-        "1",
-        "--run-dir",
-        tmp_path / "runs",
-        timeout=180,
-    )
-    out = r.output
-    assert len(scripted_llm.requests) == 2 and "Traceback" not in out
-    assert not re.search(r"^pwned$", out, re.M)  # the answer is logged, but nothing in it was executed
-    assert "(whole answer)" in out and "x > 1 and y < 2" in scripted_llm.requests[1][0]["content"]  # repair prompt
-    assert "rejected pwn" in out and "rejected huge" in out and "accepted stop" in out
-    saved, _ = check_smoke_output(out, tmp_path / "runs")  # key-state goals were sampled: the rule is used
-    assert [x["name"] for x in saved["rules"]] == ["stop"]
-    assert saved["rejected_rules"] == 3 and saved["llm_failures"] == 0  # the malformed answer + two hostile rules
-
-
-def test_llm_http_errors_fall_back_to_her(ks, scripted_llm, pointmaze_npz, tmp_path):
-    """HTTP 500 on every request: each round is a counted failure (after the client's retries), and key-state
-    relabeling falls back to HER with a warning instead of stopping the run."""
-    scripted_llm.respond = lambda messages: 500
-    args = ks.Args(
-        env_name="pointmaze-medium-navigate-v0",
-        llm_backend="openai",
-        llm_base_url=scripted_llm.base_url,
-        llm_model="scripted",
-        llm_timeout=10,
-    )
-    ds = pointmaze_dataset(ks, pointmaze_npz)
-    logs = []
-    assert build_mask(ks, args, ds, tmp_path, logs.append) is None
-    assert sum("failed (no answer)" in m for m in logs) == 3 and any("falling back to HER" in m for m in logs)
-    saved = json.loads((tmp_path / "rules.json").read_text())
-    assert saved["llm_failures"] == 3 and saved["rules"] == []
-    assert len(scripted_llm.requests) == 9  # 1 + MAX_REPAIR_ROUNDS rounds, each the request and its two retries
-
-
-def test_no_valid_rule_falls_back_to_her(ks, pointmaze_npz, tmp_path):
-    """Compile-time self-check with nothing valid left: logged rejections, a warning, and no key-state mask (HER)."""
-    rules = tmp_path / "rules.json"
-    rules.write_text(
-        json.dumps(
-            {"rules": [{"name": "always", "condition": "x > -1000"}, {"name": "attr", "condition": "x.real > 0"}]}
-        )
-    )
-    args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
-    ds = pointmaze_dataset(ks, pointmaze_npz)
-    logs = []
-    mask = build_mask(ks, args, ds, tmp_path, logs.append)
-    assert mask is None
-    assert any("rejected always" in m and "outside" in m for m in logs)
-    assert any("rejected attr" in m for m in logs) and any("falling back to HER" in m for m in logs)
-    assert json.loads((tmp_path / "rules.json").read_text())["rules"] == []
-    # with no mask, the sampler never produces a key-state goal
-    import jax
-
-    data = ks.make_goal_data(ds, mask)
-    b = ks.sample_batch(jax.random.PRNGKey(0), data, ks.resolve_presets(ks.Args(batch_size=512)), 1.0)
-    assert not np.asarray(b["value_goal_is_key"]).any()
-
-
-def test_saved_rules_roundtrip(ks, pointmaze_npz, tmp_path):
-    """The rule set saved with a run can be passed back with --rules-path and gives the same key states."""
-    rules = tmp_path / "in.json"
-    rules.write_text(
-        json.dumps(
-            {"rules": [{"name": "stop", "description": "rest", "condition": "norm(delta(x, 3), delta(y, 3)) < 0.15"}]}
-        )
-    )
-    ds = pointmaze_dataset(ks, pointmaze_npz)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    args = ks.Args(env_name="pointmaze-medium-navigate-v0", rules_path=str(rules))
-    mask_a = build_mask(ks, args, ds, tmp_path / "a", lambda m: None)
-    args.rules_path = str(tmp_path / "a" / "rules.json")
-    mask_b = build_mask(ks, args, ds, tmp_path / "b", lambda m: None)
-    rules_b = json.loads((tmp_path / "b" / "rules.json").read_text())["rules"]
-    assert mask_a is not None and mask_a.any() and np.array_equal(mask_a, mask_b)
-    assert rules_b[0]["name"] == "stop" and 0.001 <= rules_b[0]["fire_rate"] <= 0.3
-
-
-def test_layout_descriptions_match_environments(ks, tmp_path):
-    """The feature -> state-dimension maps in prompts/keystate/layout_*.md agree with the real observations."""
-    import ogbench
-    from keystate_data import build_cube_single
-
-    def layout(env_name):
-        return ks.read_layout(ks.Args(env_name=env_name))[1]
-
-    # pointmaze: (x, y) is the point's position
-    env = ogbench.make_env_and_datasets("pointmaze-medium-navigate-v0", env_only=True)
-    ob, _ = env.reset(seed=0, options=dict(task_id=1))
-    f = layout("pointmaze-medium-navigate-v0")
-    np.testing.assert_allclose(ob[[f["x"], f["y"]]], env.unwrapped.get_xy(), atol=1e-5)
-    giant = ks.read_layout(ks.Args(env_name="pointmaze-giant-stitch-v0"))
-    assert giant == ks.read_layout(ks.Args(env_name="pointmaze-medium-navigate-v0"))  # one layout per env family
-    # antmaze: torso x, y, unit quaternion
-    env = ogbench.make_env_and_datasets("antmaze-large-navigate-v0", env_only=True)
-    ob, _ = env.reset(seed=0, options=dict(task_id=1))
-    f = layout("antmaze-large-navigate-v0")
-    assert ob.shape == (29,) and max(f.values()) < 29
-    np.testing.assert_allclose(ob[[f["x"], f["y"]]], env.unwrapped.get_xy(), atol=1e-5)
-    for _ in range(3):  # reset noise leaves the quaternion unnormalised; MuJoCo normalises it on the first step
-        ob, *_ = env.step(env.action_space.sample())
-    assert np.linalg.norm(ob[[f["qw"], f["qx"], f["qy"], f["qz"]]]) == pytest.approx(1, abs=1e-3)
-    np.testing.assert_allclose(
-        ob[[f[k] for k in ("vx", "vy", "vz", "wx", "wy", "wz")]], env.unwrapped.data.qvel[:6], atol=1e-5
-    )
-    # cube-single: a short oracle episode (OGBench's CubePlanOracle); cube starts resting on the table
-    path = build_cube_single(tmp_path / "cube-single-play-v0.npz", episodes=1, episode_steps=60, val_episodes=0)
-    obs = np.load(path)["observations"]
-    f = layout("cube-single-play-v0")
-    assert obs.shape[1] == 28 and max(f.values()) < 28
-    assert 0.15 < obs[0, f["cube_z"]] < 0.25
-    np.testing.assert_allclose(
-        np.linalg.norm(obs[:, [f["cube_qw"], f["cube_qx"], f["cube_qy"], f["cube_qz"]]], axis=1), 1, atol=1e-3
-    )
-    np.testing.assert_allclose(obs[:, f["ee_cos_yaw"]] ** 2 + obs[:, f["ee_sin_yaw"]] ** 2, 1, atol=1e-3)
-    np.testing.assert_allclose(obs[:, f["cube_cos_yaw"]] ** 2 + obs[:, f["cube_sin_yaw"]] ** 2, 1, atol=1e-3)
-    assert np.all((obs[:, f["grip_contact"]] >= 0) & (obs[:, f["grip_contact"]] <= 1))

@@ -4,25 +4,26 @@ Drives it with the `openai` client exactly as the scripts' `--llm-backend openai
 max_tokens are small: about 14 tokens/s on one CPU thread.
 """
 
-import time
-
 import openai
 import pytest
 
 
 def make_client(server) -> openai.OpenAI:
     # Bounded: no retries, and a per-request time limit well above the few seconds a short answer takes.
-    return openai.OpenAI(base_url=server.base_url, api_key=server.api_key, timeout=60, max_retries=0)
+    return openai.OpenAI(
+        base_url=server.base_url, api_key=server.api_key, timeout=60, max_retries=0
+    )
 
 
 def test_server_is_on_loopback(openai_server):
-    assert openai_server.base_url.startswith("http://127.0.0.1:") and openai_server.base_url.endswith("/v1")
+    assert openai_server.base_url.startswith(
+        "http://127.0.0.1:"
+    ) and openai_server.base_url.endswith("/v1")
     assert openai_server.model
 
 
 def test_chat_completion_answers_sensibly(openai_server):
     client = make_client(openai_server)
-    start = time.time()
     resp = client.chat.completions.create(
         model=openai_server.model,
         messages=[
@@ -32,13 +33,11 @@ def test_chat_completion_answers_sensibly(openai_server):
         max_tokens=12,
         temperature=0,
     )
-    seconds = time.time() - start
     text = resp.choices[0].message.content
     assert resp.choices[0].message.role == "assistant"
     assert "paris" in text.lower(), f"unexpected answer {text!r}"
     assert 1 <= resp.usage.completion_tokens <= 12
     assert resp.usage.prompt_tokens > 10  # the chat template (system + user turns) was applied
-    assert seconds < 60
 
 
 def test_max_tokens_bounds_the_answer(openai_server):

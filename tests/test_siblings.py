@@ -57,7 +57,11 @@ def llm_fields(path: Path) -> list:
     for i, node in enumerate(args.body):
         if isinstance(node, ast.AnnAssign) and node.target.id.startswith("llm_"):
             doc = args.body[i + 1] if i + 1 < len(args.body) else None
-            doc = doc.value.value if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) else None
+            doc = (
+                doc.value.value
+                if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                else None
+            )
             default = ast.unparse(node.value) if node.target.id == "llm_backend" else None
             out.append((node.target.id, ast.unparse(node.annotation), default, doc))
     return out

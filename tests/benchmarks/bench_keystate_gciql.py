@@ -14,7 +14,7 @@ Its extra dependencies (ml_collections, distrax) go into a separate venv that al
     /tmp/gciql_venv/bin/pip install ml_collections distrax
 Run (from the repository root):
     /tmp/gciql_venv/bin/python tests/benchmarks/bench_keystate_gciql.py --steps 10 --rounds 3
-A local OGBench .npz can replace the default dataset (pointmaze-medium, built offline by tests/keystate_data.py):
+A local OGBench .npz can replace the default dataset (pointmaze-medium, built offline by tests/support/keystate_data.py):
     ... --env-name antmaze-large-navigate-v0 --dataset-path ~/.ogbench/data/antmaze-large-navigate-v0.npz
 """
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "support"))
 
 
 def load_ours():
@@ -44,12 +44,23 @@ def load_ours():
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--env-name", default="pointmaze-medium-navigate-v0")
-    p.add_argument("--dataset-path", default=None, help="OGBench-layout .npz (default: build pointmaze offline)")
-    p.add_argument("--episodes", type=int, default=100, help="episodes of the offline-built dataset (1001 rows each)")
+    p.add_argument(
+        "--dataset-path",
+        default=None,
+        help="OGBench-layout .npz (default: build pointmaze offline)",
+    )
+    p.add_argument(
+        "--episodes",
+        type=int,
+        default=100,
+        help="episodes of the offline-built dataset (1001 rows each)",
+    )
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=10, help="timed gradient steps per round and side")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--ogbench-impls", default=os.environ.get("OGBENCH_IMPLS", "/tmp/ogbench_ref/impls"))
+    p.add_argument(
+        "--ogbench-impls", default=os.environ.get("OGBENCH_IMPLS", "/tmp/ogbench_ref/impls")
+    )
     p.add_argument("--json-out", default=None)
     a = p.parse_args()
 
@@ -68,7 +79,9 @@ def main():
     )
 
     # ---- ours: jitted update with on-device sampling (key-state arm with a fixed rule; HER arm)
-    args = ks.resolve_presets(ks.Args(env_name=a.env_name, batch_size=a.batch_size, hidden_dims=(512, 512, 512)))
+    args = ks.resolve_presets(
+        ks.Args(env_name=a.env_name, batch_size=a.batch_size, hidden_dims=(512, 512, 512))
+    )
     feats = ks.Features(ds, {})
     key_mask = ks.compile_condition("norm(delta(s0, 3), delta(s1, 3)) < 0.3", feats)
     ours = {}
@@ -100,10 +113,14 @@ def main():
     config["discount"] = args.discount
     import ogbench
 
-    _, train, _ = ogbench.make_env_and_datasets(a.env_name, dataset_path=a.dataset_path, compact_dataset=True)
+    _, train, _ = ogbench.make_env_and_datasets(
+        a.env_name, dataset_path=a.dataset_path, compact_dataset=True
+    )
     ref_ds = GCDataset(RefDataset.create(**train), config)
     np.random.seed(0)
-    ref_agent = GCIQLAgent.create(0, ref_ds.sample(1)["observations"], ref_ds.sample(1)["actions"], config)
+    ref_agent = GCIQLAgent.create(
+        0, ref_ds.sample(1)["observations"], ref_ds.sample(1)["actions"], config
+    )
     t0 = time.time()
     ref_agent, _ = ref_agent.update(ref_ds.sample(a.batch_size))
     jax.block_until_ready(ref_agent)

@@ -74,7 +74,9 @@ class Tanh:
 
 def import_reference(impls: str):
     if not (Path(impls) / "agents" / "hiql.py").exists():
-        raise SystemExit(f"error: {impls} is not OGBench's impls/ folder (no agents/hiql.py); see the docstring")
+        raise SystemExit(
+            f"error: {impls} is not OGBench's impls/ folder (no agents/hiql.py); see the docstring"
+        )
     try:
         import distrax  # noqa: F401
     except Exception:
@@ -126,7 +128,9 @@ def actor_params(m):
 def ref_to_script_params(p):
     """OGBench ModuleDict parameters -> the script's {goal_rep, value, low_actor, high_actor} + target value."""
     params = {
-        "goal_rep": p["modules_goal_rep"]["layers_0"],  # the MLP of Sequential([MLP, LengthNormalize])
+        "goal_rep": p["modules_goal_rep"][
+            "layers_0"
+        ],  # the MLP of Sequential([MLP, LengthNormalize])
         "value": {"VmapMLP_0": p["modules_value"]["value_net"]},
         "low_actor": actor_params(p["modules_low_actor"]),
         "high_actor": actor_params(p["modules_high_actor"]),
@@ -141,12 +145,19 @@ def main():
         default=os.environ.get("OGBENCH_IMPLS"),
         help="path to OGBench's impls/ folder (or $OGBENCH_IMPLS)",
     )
-    ap.add_argument("--dataset-path", default=None, help="OGBench .npz (default: synthetic antmaze-shaped data)")
+    ap.add_argument(
+        "--dataset-path", default=None, help="OGBench .npz (default: synthetic antmaze-shaped data)"
+    )
     ap.add_argument("--episodes", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--hidden-dims", type=int, nargs="+", default=[512, 512, 512])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round and learner")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (reference, script, reference, ...)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating rounds (reference, script, reference, ...)",
+    )
     ap.add_argument(
         "--relabel",
         choices=["her", "keystate"],
@@ -161,7 +172,11 @@ def main():
 
     if a.dataset_path:
         f = np.load(a.dataset_path)
-        obs, act, term = f["observations"].astype(np.float32), f["actions"].astype(np.float32), f["terminals"]
+        obs, act, term = (
+            f["observations"].astype(np.float32),
+            f["actions"].astype(np.float32),
+            f["terminals"],
+        )
         term = term.astype(np.float32)
     else:
         obs, act, term = synthetic_dataset(a.episodes, 1001, 29, 8)
@@ -200,8 +215,12 @@ def main():
 
     # 1) Same networks, same numbers: start the script from the reference's parameters and compare.
     params, target = ref_to_script_params(agent.network.params)
-    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(state.params), "network mismatch"
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_equal(x.shape, y.shape), params, state.params)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(state.params), (
+        "network mismatch"
+    )
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_equal(x.shape, y.shape), params, state.params
+    )
     batch = ref_ds.sample(a.batch_size)
     _, ref_info = agent.total_loss(batch, agent.network.params)
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -212,11 +231,15 @@ def main():
     }
     for k, v in mine.items():
         rel = abs(float(v) - float(ref_info[k])) / max(abs(float(ref_info[k])), 1e-8)
-        print(f"[check] {k}: reference {float(ref_info[k]):.6f}  script {float(v):.6f}  rel. diff {rel:.1e}")
+        print(
+            f"[check] {k}: reference {float(ref_info[k]):.6f}  script {float(v):.6f}  rel. diff {rel:.1e}"
+        )
         assert rel < 1e-4, k
 
     # 2) Throughput, alternating rounds so that both see the same machine load.
-    state = jax.tree_util.tree_map(lambda x: x[None], state)  # the update takes a leading seed axis (one seed here)
+    state = jax.tree_util.tree_map(
+        lambda x: x[None], state
+    )  # the update takes a leading seed axis (one seed here)
 
     def run_ref(n):
         nonlocal agent

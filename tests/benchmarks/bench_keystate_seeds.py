@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "support"))
 
 
 def load(script):
@@ -53,7 +53,9 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--hidden-dims", type=int, nargs="+", default=[256, 256, 256])
-    p.add_argument("--episodes", type=int, default=20, help="episodes of the offline-built pointmaze dataset")
+    p.add_argument(
+        "--episodes", type=int, default=20, help="episodes of the offline-built pointmaze dataset"
+    )
     p.add_argument("--json-out", default=None)
     a = p.parse_args()
     from keystate_data import build_pointmaze
@@ -74,7 +76,9 @@ def main():
             )
         )
         _, ds = ks.make_env_and_dataset(args)
-        key_mask = ks.compile_condition("norm(delta(s0, 3), delta(s1, 3)) < 0.3", ks.Features(ds, {}))
+        key_mask = ks.compile_condition(
+            "norm(delta(s0, 3), delta(s1, 3)) < 0.3", ks.Features(ds, {})
+        )
         keep = ks.episode_subsets(ds, args)
         ob_dim, act_dim = ds["observations"].shape[1], ds["actions"].shape[1]
         nets, tx, _ = ks.make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))
@@ -97,10 +101,14 @@ def main():
         one = [ks.make_goal_data(ds, key_mask, keep[i : i + 1]) for i in range(a.seeds)]
         t_total = 0.0
         for i in range(a.seeds):
-            sps = steps_per_second(update, agents([i]), one[i], jnp.full(1, 0.5), 1, a.steps, a.rounds)
+            sps = steps_per_second(
+                update, agents([i]), one[i], jnp.full(1, 0.5), 1, a.steps, a.rounds
+            )
             t_total += a.steps / sps
         sequential = a.seeds * a.steps / t_total
-        out[script] = dict(vmapped_sps=vmapped, sequential_sps=sequential, ratio=vmapped / sequential)
+        out[script] = dict(
+            vmapped_sps=vmapped, sequential_sps=sequential, ratio=vmapped / sequential
+        )
         print(
             f"{script}: {a.seeds} seeds in one call {vmapped:.1f} seed-steps/s, sequential {sequential:.1f}, "
             f"ratio {vmapped / sequential:.2f} (batch {a.batch_size}, hidden {a.hidden_dims}, {jax.default_backend()})"

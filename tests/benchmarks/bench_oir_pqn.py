@@ -74,7 +74,12 @@ REFERENCE_CODE = textwrap.dedent(
 
 def run(cmd, env=None):
     proc = subprocess.run(
-        cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(map(str, cmd))}\n{proc.stdout[-4000:]}")
@@ -139,9 +144,13 @@ def main():
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--num-minibatches", type=int, default=4)
     p.add_argument("--updates", type=int, default=32, help="timed updates per run")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of the reference (median reported)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of the reference (median reported)"
+    )
     p.add_argument("--chunk-updates", type=int, default=8)
-    p.add_argument("--llm", action="store_true", help="also time --relabel llm with SmolLM2 in process")
+    p.add_argument(
+        "--llm", action="store_true", help="also time --relabel llm with SmolLM2 in process"
+    )
     p.add_argument(
         "--llm-model",
         default=str(REPO / ".cache" / "tests" / "SmolLM2-135M-Instruct"),
@@ -150,12 +159,21 @@ def main():
     args = p.parse_args()
     ref_dir = os.environ.get("OIR_PQN_REFERENCE")
     if not ref_dir or not (Path(ref_dir) / "purejaxql" / "pqn_craftax.py").exists():
-        sys.exit("set OIR_PQN_REFERENCE to a checkout of github.com/mttga/purejaxql (see the docstring)")
+        sys.exit(
+            "set OIR_PQN_REFERENCE to a checkout of github.com/mttga/purejaxql (see the docstring)"
+        )
     print(
         f"config: {args.num_envs} envs x {args.num_steps} steps/update, MLP {args.num_layers}x{args.hidden_size} "
         f"LayerNorm, {args.num_minibatches} minibatches, {args.updates} timed updates, Craftax-Classic-Symbolic"
     )
-    sizes = [args.num_envs, args.num_steps, args.updates, args.hidden_size, args.num_layers, args.num_minibatches]
+    sizes = [
+        args.num_envs,
+        args.num_steps,
+        args.updates,
+        args.hidden_size,
+        args.num_layers,
+        args.num_minibatches,
+    ]
     out = run([sys.executable, "-c", REFERENCE_CODE, ref_dir, *map(str, sizes), str(args.repeats)])
     print(out.strip().splitlines()[-1])
     m = re.search(r"reference SPS (\d+) per CPU-second (\d+)", out)

@@ -3,7 +3,7 @@
 Runs `oir_pqn.make_evaluate` unchanged, with a stand-in network whose Q-values are fresh random numbers for every env
 and step (so its greedy action is uniform), and prints what an evaluation prints: success per instruction, coverage,
 and per group (achievement / other) how often the semantic reward fired, the ground truth held, and both.
-    python tests/oir_reward_agreement.py --embed-model $(python tests/wheel_models.py minilm) --episodes 8 --steps 300
+    python tests/benchmarks/oir_reward_agreement.py --embed-model $(python tests/support/wheel_models.py minilm) --episodes 8 --steps 300
 """
 
 import argparse
@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class RandomQ:
@@ -41,7 +41,9 @@ def main():
     spec = importlib.util.spec_from_file_location("oir_pqn", REPO / "oir_pqn.py")
     oir = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(oir)
-    args = oir.Args(eval_episodes=a.episodes, eval_max_steps=a.steps, embed_model=a.embed_model, delta=a.delta)
+    args = oir.Args(
+        eval_episodes=a.episodes, eval_max_steps=a.steps, embed_model=a.embed_model, delta=a.delta
+    )
     prompts = REPO / "prompts" / "oir"
     rows = oir.read_prompt(path := prompts / "transitions.md", 4)
     keys = [oir.parse_rule(path, n, f"{field} {change}") for n, (field, change, _, _) in rows]
@@ -51,7 +53,9 @@ def main():
         evals.append((kind, text, terms, " then " in truth))
     env = oir.make_craftax_env_from_name(oir.ENV_ID, auto_reset=False)
     embed = oir.Embedder(args.embed_model, [r[2] for _, r in rows])
-    evaluate = oir.make_evaluate(env, env.default_params, RandomQ(), embed, evals, oir.as_rules(keys), args)
+    evaluate = oir.make_evaluate(
+        env, env.default_params, RandomQ(), embed, evals, oir.as_rules(keys), args
+    )
     evaluate(jax.random.PRNGKey(7), NoWriter(), 0, jax.random.PRNGKey(1))
 
 

@@ -11,38 +11,94 @@ from pathlib import Path
 BAD_INPUTS = {
     "batch-size-0": (["--batch-size", "0"], 2, r"--batch-size: must be >= 1, got 0"),
     "batch-size-negative": (["--batch-size", "-1"], 2, r"--batch-size: must be >= 1, got -1"),
-    "micro-batch-size-0": (["--micro-batch-size", "0"], 2, r"--micro-batch-size: must be >= 1, got 0"),
-    "rollouts-per-step-0": (["--rollouts-per-step", "0"], 2, r"--rollouts-per-step: must be >= 1, got 0"),
+    "micro-batch-size-0": (
+        ["--micro-batch-size", "0"],
+        2,
+        r"--micro-batch-size: must be >= 1, got 0",
+    ),
+    "rollouts-per-step-0": (
+        ["--rollouts-per-step", "0"],
+        2,
+        r"--rollouts-per-step: must be >= 1, got 0",
+    ),
     "buffer-size-0": (["--buffer-size", "0"], 2, r"--buffer-size: must be >= 1, got 0"),
     "num-demos-0": (["--num-demos", "0"], 2, r"--num-demos: must be >= 1, got 0"),
     "learning-rate-0": (["--learning-rate", "0"], 2, r"--learning-rate: must be > 0, got 0"),
-    "hsl-lambda-above-1": (["--hsl-lambda", "1.5"], 2, r"--hsl-lambda: must be in \[0, 1\], got 1.5"),
+    "hsl-lambda-above-1": (
+        ["--hsl-lambda", "1.5"],
+        2,
+        r"--hsl-lambda: must be in \[0, 1\], got 1.5",
+    ),
     "hsl-steps-below-minus-1": (["--hsl-steps", "-2"], 2, r"--hsl-steps: must be >= -1, got -2"),
     "sft-epochs-negative": (["--sft-epochs", "-1"], 2, r"--sft-epochs: must be >= 0, got -1"),
     "eval-every-negative": (["--eval-every", "-1"], 2, r"--eval-every: must be >= 0, got -1"),
-    "max-seq-len-too-short": (["--max-seq-len", "32"], 2, r"--max-seq-len: must be > 64 \(the action tokens\)"),
-    "data-dir-missing": (["--data-dir", "{missing}"], 2, r"--data-dir: must be a folder with json_2\.1\.1"),
+    "max-seq-len-too-short": (
+        ["--max-seq-len", "32"],
+        2,
+        r"--max-seq-len: must be > 64 \(the action tokens\)",
+    ),
+    "data-dir-missing": (
+        ["--data-dir", "{missing}"],
+        2,
+        r"--data-dir: must be a folder with json_2\.1\.1",
+    ),
     "output-dir-is-a-file": (["--output-dir", "{text_json}"], 2, r"--output-dir: must be a folder"),
-    "demos-path-missing": (["--demos-path", "{missing}"], 2, r"--demos-path: must be an existing file"),
-    "eto-prompts-missing": (["--eto-prompts", "{missing}"], 2, r"--eto-prompts: must be ETO's prompt folder"),
-    "model-name-missing": (["--model-name", "{missing}"], 2, r"--model-name: must be a local folder or a hub id"),
-    "resume-missing": (["--resume", "{missing}"], 2, r"--resume: must be a checkpoint, got .*missing"),
-    "demos-binary": (["--demos-path", "{binary_json}"], 1, r"binary\.json: not ETO format .*can't decode"),
-    "demos-not-json": (["--demos-path", "{text_json}"], 1, r"text\.json: not ETO format .*JSONDecodeError"),
+    "demos-path-missing": (
+        ["--demos-path", "{missing}"],
+        2,
+        r"--demos-path: must be an existing file",
+    ),
+    "eto-prompts-missing": (
+        ["--eto-prompts", "{missing}"],
+        2,
+        r"--eto-prompts: must be ETO's prompt folder",
+    ),
+    "model-name-missing": (
+        ["--model-name", "{missing}"],
+        2,
+        r"--model-name: must be a local folder or a hub id",
+    ),
+    "resume-missing": (
+        ["--resume", "{missing}"],
+        2,
+        r"--resume: must be a checkpoint, got .*missing",
+    ),
+    "demos-binary": (
+        ["--demos-path", "{binary_json}"],
+        1,
+        r"binary\.json: not ETO format .*can't decode",
+    ),
+    "demos-not-json": (
+        ["--demos-path", "{text_json}"],
+        1,
+        r"text\.json: not ETO format .*JSONDecodeError",
+    ),
     "demos-null": (["--demos-path", "{null_json}"], 1, r"null\.json: not ETO format \(TypeError"),
-    "demos-null-turn": (["--demos-path", "{null_turn_json}"], 1, r"null_turn\.json: not ETO format \(TypeError"),
+    "demos-null-turn": (
+        ["--demos-path", "{null_turn_json}"],
+        1,
+        r"null_turn\.json: not ETO format \(TypeError",
+    ),
     "demos-non-string-turn": (
         ["--demos-path", "{int_turn_json}"],
         1,
         r"int_turn\.json: a turn's 'from' or 'value' is not a string",
     ),
-    "demos-no-task-turn": (["--demos-path", "{no_task_json}"], 1, r"no_task\.json: no item has a human 'Your task"),
+    "demos-no-task-turn": (
+        ["--demos-path", "{no_task_json}"],
+        1,
+        r"no_task\.json: no item has a human 'Your task",
+    ),
     "model-name-not-a-model": (
         ["--model-name", "{empty_dir}"],
         1,
         r"empty: cannot load a tokenizer and causal LM \((OSError|ValueError)\)",
     ),
-    "resume-corrupt-state": (["--resume", "{corrupt_ckpt}"], 1, r"corrupt_ckpt: cannot load a tokenizer and causal LM"),
+    "resume-corrupt-state": (
+        ["--resume", "{corrupt_ckpt}"],
+        1,
+        r"corrupt_ckpt: cannot load a tokenizer and causal LM",
+    ),
     "llm-endpoint-down": (
         ["--relabeler", "llm", "--llm-base-url", "http://127.0.0.1:9/v1", "--llm-timeout", "3"],
         1,
@@ -51,9 +107,17 @@ BAD_INPUTS = {
 }
 DPO_BAD_INPUTS = {
     "dpo-batch-size-0": (["--dpo-batch-size", "0"], 2, r"--dpo-batch-size: must be >= 1, got 0"),
-    "dpo-iterations-negative": (["--dpo-iterations", "-1"], 2, r"--dpo-iterations: must be >= 0, got -1"),
+    "dpo-iterations-negative": (
+        ["--dpo-iterations", "-1"],
+        2,
+        r"--dpo-iterations: must be >= 0, got -1",
+    ),
     "dpo-beta-0": (["--dpo-beta", "0"], 2, r"--dpo-beta: must be > 0, got 0"),
-    "dpo-learning-rate-0": (["--dpo-learning-rate", "0"], 2, r"--dpo-learning-rate: must be > 0, got 0"),
+    "dpo-learning-rate-0": (
+        ["--dpo-learning-rate", "0"],
+        2,
+        r"--dpo-learning-rate: must be > 0, got 0",
+    ),
 }
 
 TASK = "You are in the middle of a room. Looking quickly around you, you see a shelf 1.\nYour task is to: put a mug on shelf."

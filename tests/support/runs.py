@@ -8,10 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
-def run_until_checkpoint(script: str, args: list, out: Path, exp_name: str, checkpoint: str, timeout: float = 600):
+def run_until_checkpoint(
+    script: str, args: list, out: Path, exp_name: str, checkpoint: str, timeout: float = 600
+):
     """Start `python script args --exp-name exp_name` and SIGKILL it once {out}/{exp_name}__*/checkpoints/{checkpoint}
     exists (the scripts rename a finished checkpoint into place); returns (checkpoint folder, what the run printed)."""
     log = out.parent / f"{exp_name}.log"
@@ -48,7 +50,9 @@ def short_eto_prompts() -> str:
     folder = Path(tempfile.mkdtemp(prefix="eto_prompts_"))
     (folder / "instructions").mkdir()
     (folder / "icl_examples").mkdir()
-    (folder / "instructions" / "alfworld_inst.txt").write_text('Act in the house. Answer "Thought: ...\\nAction: ...".')
+    (folder / "instructions" / "alfworld_inst.txt").write_text(
+        'Act in the house. Answer "Thought: ...\\nAction: ...".'
+    )
     turns = [
         {"role": "user", "content": "A room.\n\nYour task is to: look."},
         {"role": "assistant", "content": "Action: look"},

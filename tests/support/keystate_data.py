@@ -10,7 +10,7 @@ Files are written with np.savez_compressed in OGBench's layout: observations flo
 (N, act_dim), terminals bool (N,) with 1 on each episode's last row, qpos, qvel; plus a `-val.npz` sibling, so both
 `ogbench.make_env_and_datasets(name, dataset_path=...)` and the scripts' `--dataset-path` read them.
 
-Usage: python tests/keystate_data.py pointmaze out.npz --episodes 20 --episode-steps 201
+Usage: python tests/support/keystate_data.py pointmaze out.npz --episodes 20 --episode-steps 201
 """
 
 import argparse
@@ -26,7 +26,9 @@ def _save(path: Path, data: dict, n_train_rows: int):
     for k, v in data.items():
         arrays[k] = np.asarray(v, dtype=bool if k == "terminals" else np.float32)
     np.savez_compressed(path, **{k: v[:n_train_rows] for k, v in arrays.items()})
-    np.savez_compressed(str(path).replace(".npz", "-val.npz"), **{k: v[n_train_rows:] for k, v in arrays.items()})
+    np.savez_compressed(
+        str(path).replace(".npz", "-val.npz"), **{k: v[n_train_rows:] for k, v in arrays.items()}
+    )
     return path
 
 
@@ -55,20 +57,27 @@ def maze_cells(maze_map):
     return all_cells, vertex_cells
 
 
-def build_pointmaze(path, maze="medium", episodes=20, episode_steps=201, noise=0.5, val_episodes=2, seed=0):
+def build_pointmaze(
+    path, maze="medium", episodes=20, episode_steps=201, noise=0.5, val_episodes=2, seed=0
+):
     """A pointmaze-{maze}-navigate dataset: BFS-subgoal steering with Gaussian noise (about 3,000 env steps/s)."""
     import gymnasium
     import ogbench.locomaze  # noqa: F401  (registers the environments)
 
     rng = np.random.default_rng(seed)
-    env = gymnasium.make(f"pointmaze-{maze}-v0", terminate_at_goal=False, max_episode_steps=episode_steps)
+    env = gymnasium.make(
+        f"pointmaze-{maze}-v0", terminate_at_goal=False, max_episode_steps=episode_steps
+    )
     all_cells, vertex_cells = maze_cells(env.unwrapped.maze_map)
     data = defaultdict(list)
     n_train_rows = 0
     for ep in range(episodes + val_episodes):
         init_ij = all_cells[rng.integers(len(all_cells))]
         goal_ij = vertex_cells[rng.integers(len(vertex_cells))]
-        ob, _ = env.reset(seed=int(seed * 100_000 + ep), options=dict(task_info=dict(init_ij=init_ij, goal_ij=goal_ij)))
+        ob, _ = env.reset(
+            seed=int(seed * 100_000 + ep),
+            options=dict(task_info=dict(init_ij=init_ij, goal_ij=goal_ij)),
+        )
         done = False
         while not done:
             xy = env.unwrapped.get_xy()
@@ -92,15 +101,22 @@ def build_pointmaze(path, maze="medium", episodes=20, episode_steps=201, noise=0
     return _save(Path(path), data, n_train_rows)
 
 
-def build_cube_single(path, episodes=4, episode_steps=201, noise=0.1, noise_smoothing=0.5, val_episodes=1, seed=0):
+def build_cube_single(
+    path, episodes=4, episode_steps=201, noise=0.1, noise_smoothing=0.5, val_episodes=1, seed=0
+):
     """A cube-single-play dataset from OGBench's scripted CubePlanOracle (about 270 env steps/s)."""
     import gymnasium
     import ogbench.manipspace  # noqa: F401  (registers the environments)
     from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
 
-    np.random.seed(seed)  # the oracle and the environment's task sampling use NumPy's global generator
+    np.random.seed(
+        seed
+    )  # the oracle and the environment's task sampling use NumPy's global generator
     env = gymnasium.make(
-        "cube-single-v0", terminate_at_goal=False, mode="data_collection", max_episode_steps=episode_steps
+        "cube-single-v0",
+        terminate_at_goal=False,
+        mode="data_collection",
+        max_episode_steps=episode_steps,
     )
     oracle = CubePlanOracle(env=env, noise=noise, noise_smoothing=noise_smoothing)
     data = defaultdict(list)
@@ -126,73 +142,6 @@ def build_cube_single(path, episodes=4, episode_steps=201, noise=0.1, noise_smoo
             n_train_rows = len(data["terminals"])
     env.close()
     return _save(Path(path), data, n_train_rows)
-
-
-# ------------------------------------------------------------------------------------------------ bad inputs (issue 12)
-# What a careless or hostile user passes to keystate_*.py, the exit status (2: usage error, 1: data error) and what the
-# one `error:` line must name. "{NAME}" is a file from `write_bad_inputs`; every run starts from a valid command line
-# (pointmaze dataset, rules file, --run-dir) and the case's flags come last (the last one wins).
-BAD_INPUTS = {
-    "batch-size-0": (["--batch-size", "0"], 2, r"--batch-size: must be >= 1, got 0"),
-    "batch-size-negative": (["--batch-size", "-1"], 2, r"--batch-size: must be >= 1, got -1"),
-    "total-steps-0": (["--total-steps", "0"], 2, r"--total-steps: must be >= 1"),
-    "dataset-fraction-0": (["--dataset-fraction", "0"], 2, r"--dataset-fraction: must be in \(0, 1\]"),
-    "dataset-fraction-above-1": (["--dataset-fraction", "1.5"], 2, r"--dataset-fraction: must be in \(0, 1\]"),
-    "eval-interval-negative": (["--eval-interval", "-1"], 2, r"--eval-interval: must be >= 0"),
-    "log-interval-0": (["--log-interval", "0"], 2, r"--log-interval: must be >= 1"),
-    "p-keystate-above-1": (["--p-keystate", "1.5"], 2, r"--p-keystate: must be in \[0, 1\]"),
-    "keystate-window-0": (["--keystate-window", "0"], 2, r"--keystate-window: must be >= 1"),
-    "hidden-dims-0": (["--hidden-dims", "0"], 2, r"--hidden-dims: must be one or more sizes >= 1"),
-    "num-rules-above-cap": (["--num-rules", "17"], 2, r"--num-rules: must be in \[1, 16\]"),
-    "dataset-path-missing": (["--dataset-path", "{missing}"], 2, r"--dataset-path: must be an existing file"),
-    "rules-path-missing": (["--rules-path", "{missing}"], 2, r"--rules-path: must be an existing file"),
-    "run-dir-is-a-file": (["--run-dir", "{text_npz}"], 2, r"--run-dir: must be a folder"),
-    "unknown-env": (["--env-name", "nosuchmaze-large-navigate-v0"], 2, r"--env-name: unknown OGBench environment"),
-    "npz-corrupt-member": (["--dataset-path", "{corrupt_npz}"], 1, r"corrupt\.npz: cannot read .*CRC"),
-    "npz-object-dtype": (["--dataset-path", "{object_npz}"], 1, r"object\.npz: cannot read .*allow_pickle"),
-    "npy-renamed-npz": (["--dataset-path", "{npy_npz}"], 1, r"npy\.npz: cannot read observations"),
-    "npz-missing-keys": (["--dataset-path", "{nokeys_npz}"], 1, r"nokeys\.npz: cannot read .*observations"),
-    "text-renamed-npz": (["--dataset-path", "{text_npz}"], 1, r"text\.npz: cannot read .*pickled"),
-    "npz-wrong-shape": (["--dataset-path", "{shape_npz}"], 1, r"shape\.npz: observations, actions, terminals have"),
-    "npz-nan": (["--dataset-path", "{nan_npz}"], 1, r"nan\.npz: observations or actions hold NaN"),
-    "npz-last-row-not-terminal": (["--dataset-path", "{open_npz}"], 1, r"open\.npz: the last row is not terminal"),
-    "npz-every-row-terminal": (["--dataset-path", "{allterm_npz}"], 1, r"allterm\.npz: every row is terminal"),
-    "rules-not-json": (["--rules-path", "{text_rules}"], 1, r"text_rules\.json: no JSON object with a 'rules' list"),
-    "rules-binary": (["--rules-path", "{binary_rules}"], 1, r"binary_rules\.json: .*can't decode"),
-}
-
-
-def write_bad_inputs(folder: Path) -> dict:
-    """The files BAD_INPUTS names, for pointmaze (2-d observations and actions); returns {NAME: path}."""
-    folder.mkdir(parents=True, exist_ok=True)
-    n, term = 100, np.zeros(100, bool)
-    term[49::50] = True
-    good = dict(observations=np.ones((n, 2), np.float32), actions=np.zeros((n, 2), np.float32), terminals=term)
-    files = {"missing": folder / "missing.npz"}
-    for name, arrays in {
-        "corrupt_npz": good,
-        "object_npz": {**good, "observations": good["observations"].astype(object)},
-        "nokeys_npz": {"obs": good["observations"], "actions": good["actions"], "terminals": term},
-        "shape_npz": {**good, "observations": np.ones((n, 3), np.float32)},
-        "nan_npz": {**good, "observations": np.full((n, 2), np.nan, np.float32)},
-        "open_npz": {**good, "terminals": np.zeros(n, bool)},
-        "allterm_npz": {**good, "terminals": np.ones(n, bool)},
-    }.items():
-        files[name] = folder / (name.removesuffix("_npz") + ".npz")
-        np.savez(files[name], **arrays)  # uncompressed, allow_pickle on save: the object array is stored as a pickle
-    raw = bytearray(files["corrupt_npz"].read_bytes())  # flip bytes inside the first member's data: a bad CRC-32
-    start = raw.index(b"\x93NUMPY") + 200
-    raw[start : start + 16] = bytes(16)
-    files["corrupt_npz"].write_bytes(bytes(raw))
-    np.save(folder / "npy.npy", good["observations"])
-    files["npy_npz"] = (folder / "npy.npy").rename(folder / "npy.npz")
-    files["text_npz"] = folder / "text.npz"
-    files["text_npz"].write_text("observations,actions,terminals\n0,0,1\n")
-    files["text_rules"] = folder / "text_rules.json"
-    files["text_rules"].write_text("{'rules': [ this is not json")
-    files["binary_rules"] = folder / "binary_rules.json"
-    files["binary_rules"].write_bytes(bytes(range(128, 256)) * 4)
-    return files
 
 
 if __name__ == "__main__":

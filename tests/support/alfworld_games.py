@@ -34,14 +34,26 @@ from pathlib import Path
 
 def mangle(s: str) -> str:
     """ALFRED id mangling, as alfworld's scripts/augment_pddl_states.py:fix_pddl_str_chars ('#' = PDDL's '-')."""
-    for a, b in (("-", "_minus_"), ("#", "-"), ("|", "_bar_"), ("+", "_plus_"), (".", "_dot_"), (",", "_comma_")):
+    for a, b in (
+        ("-", "_minus_"),
+        ("#", "-"),
+        ("|", "_bar_"),
+        ("+", "_plus_"),
+        (".", "_dot_"),
+        (",", "_comma_"),
+    ):
         s = s.replace(a, b)
     return s
 
 
 def thor_id(cls: str, i: int) -> str:
     """THOR-style object id with fake coordinates; basins are "Sink|...|SinkBasin" in ALFRED."""
-    base = "%s|+%05.2f|+00.%02d|-%05.2f" % (cls.replace("Basin", ""), 99.0 - 0.25 * i, 10 + i, 0.5 * i + 0.3)
+    base = "%s|+%05.2f|+00.%02d|-%05.2f" % (
+        cls.replace("Basin", ""),
+        99.0 - 0.25 * i,
+        10 + i,
+        0.5 * i + 0.3,
+    )
     return base + "|" + cls if cls.endswith("Basin") else base
 
 
@@ -55,7 +67,9 @@ def build_problem(spec: dict, task_id: str) -> str:
     agent_loc = "loc|9|9|0|30"  # next to no receptacle: "You are in the middle of a room"
     obj_ids = [thor_id(o, 20 + j) for j, (o, _) in enumerate(spec["objects"])]
     otypes = sorted(
-        {o for o, _ in spec["objects"]} | {spec["obj"]} | ({spec["toggle"]} if spec.get("toggle") else set())
+        {o for o, _ in spec["objects"]}
+        | {spec["obj"]}
+        | ({spec["toggle"]} if spec.get("toggle") else set())
     )
     rtypes = sorted(set(spec["receptacles"]))
 
@@ -97,11 +111,14 @@ def build_problem(spec: dict, task_id: str) -> str:
     goal = glib.gdict[spec["task_type"]]["pddl"].format(
         obj=spec["obj"], recep=spec["recep"], toggle=spec.get("toggle", ""), mrecep=""
     )
-    pddl = "(define (problem plan_%s)\n(:domain alfred)\n(:objects\n    %s\n    )\n(:init\n    %s\n    )\n%s" % (
-        task_id,
-        "\n    ".join(objects),
-        "\n    ".join(init),
-        goal,
+    pddl = (
+        "(define (problem plan_%s)\n(:domain alfred)\n(:objects\n    %s\n    )\n(:init\n    %s\n    )\n%s"
+        % (
+            task_id,
+            "\n    ".join(objects),
+            "\n    ".join(init),
+            goal,
+        )
     )
     return mangle(pddl)
 
@@ -113,8 +130,12 @@ def load_logic(legacy_put: bool = False):
     domain = open(ALFRED_PDDL_PATH).read()
     grammar = open(ALFRED_TWL2_PATH).read()
     if legacy_put:
-        grammar = grammar.replace('template :: "move {o} to {r}"', 'template :: "put {o} in/on {r}"')
-        grammar = grammar.replace("You move the {o.name} to the {r.name}.", "You put the {o.name} in/on the {r.name}.")
+        grammar = grammar.replace(
+            'template :: "move {o} to {r}"', 'template :: "put {o} in/on {r}"'
+        )
+        grammar = grammar.replace(
+            "You move the {o.name} to the {r.name}.", "You put the {o.name} in/on the {r.name}."
+        )
     return domain, grammar
 
 
@@ -124,7 +145,11 @@ def write_game(split_dir: Path, spec: dict, index: int, legacy_put: bool = False
 
     domain, grammar = load_logic(legacy_put)
     task_id = "trial_T0000_%04d" % index
-    d = Path(split_dir) / ("%s-%s-None-%s-%d" % (spec["task_type"], spec["obj"], spec["recep"], index)) / task_id
+    d = (
+        Path(split_dir)
+        / ("%s-%s-None-%s-%d" % (spec["task_type"], spec["obj"], spec["recep"], index))
+        / task_id
+    )
     d.mkdir(parents=True, exist_ok=True)
     traj = {
         "task_id": task_id,
@@ -140,7 +165,9 @@ def write_game(split_dir: Path, spec: dict, index: int, legacy_put: bool = False
         "scene": {"floor_plan": "Synthetic", "scene_num": 0},
     }
     problem = build_problem(spec, task_id)
-    random.seed(index)  # add_task_to_grammar picks one of the two goal phrasings with the global RNG
+    random.seed(
+        index
+    )  # add_task_to_grammar picks one of the two goal phrasings with the global RNG
     game = {
         "pddl_domain": domain,
         "grammar": add_task_to_grammar(grammar, traj),
@@ -258,7 +285,13 @@ TINY_SPLITS = {"train": TINY_TRAIN, "valid_seen": TINY_SEEN, "valid_unseen": TIN
 ROOM_2 = ["CounterTop", "Shelf"]
 PUT_SPLITS = {
     "train": [
-        dict(task_type="pick_and_place_simple", obj="Mug", recep="Shelf", receptacles=ROOM_2, objects=[("Mug", 0)]),
+        dict(
+            task_type="pick_and_place_simple",
+            obj="Mug",
+            recep="Shelf",
+            receptacles=ROOM_2,
+            objects=[("Mug", 0)],
+        ),
         dict(
             task_type="pick_and_place_simple",
             obj="Cup",
@@ -268,10 +301,22 @@ PUT_SPLITS = {
         ),
     ],
     "valid_seen": [
-        dict(task_type="pick_and_place_simple", obj="Mug", recep="CounterTop", receptacles=ROOM_2, objects=[("Mug", 1)])
+        dict(
+            task_type="pick_and_place_simple",
+            obj="Mug",
+            recep="CounterTop",
+            receptacles=ROOM_2,
+            objects=[("Mug", 1)],
+        )
     ],
     "valid_unseen": [
-        dict(task_type="pick_and_place_simple", obj="Book", recep="Shelf", receptacles=ROOM_2, objects=[("Book", 0)])
+        dict(
+            task_type="pick_and_place_simple",
+            obj="Book",
+            recep="Shelf",
+            receptacles=ROOM_2,
+            objects=[("Book", 0)],
+        )
     ],
 }
 

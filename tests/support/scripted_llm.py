@@ -39,11 +39,15 @@ class ScriptedLLM:
 
             def do_GET(self):
                 if self.path.rstrip("/").endswith("/models"):
-                    return self._send(200, {"object": "list", "data": [{"id": server.model, "object": "model"}]})
+                    return self._send(
+                        200, {"object": "list", "data": [{"id": server.model, "object": "model"}]}
+                    )
                 self._send(404, {"error": {"message": "not found"}})
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                body = json.loads(
+                    self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}"
+                )
                 messages = body.get("messages", [])
                 server.requests.append(messages)
                 answer = server.respond(messages)

@@ -9,15 +9,31 @@ import shutil
 import socket
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 BAD_INPUTS = {
     "num-envs-0": (["--num-envs", "0"], 2, r"--num-envs: must be a positive multiple of 16, got 0"),
-    "num-envs-not-multiple": (["--num-envs", "20"], 2, r"--num-envs: must be a positive multiple of 16, got 20"),
+    "num-envs-not-multiple": (
+        ["--num-envs", "20"],
+        2,
+        r"--num-envs: must be a positive multiple of 16, got 20",
+    ),
     "num-minibatches-0": (["--num-minibatches", "0"], 2, r"--num-minibatches: must be >= 1, got 0"),
-    "num-minibatches-not-dividing": (["--num-minibatches", "7"], 2, r"--num-minibatches: must be a divisor of 480 "),
-    "total-timesteps-0": (["--total-timesteps", "0"], 2, r"--total-timesteps: must be >= 3072 \(one chunk"),
-    "total-timesteps-below-chunk": (["--total-timesteps", "100"], 2, r"--total-timesteps: must be >= 3072"),
+    "num-minibatches-not-dividing": (
+        ["--num-minibatches", "7"],
+        2,
+        r"--num-minibatches: must be a divisor of 480 ",
+    ),
+    "total-timesteps-0": (
+        ["--total-timesteps", "0"],
+        2,
+        r"--total-timesteps: must be >= 3072 \(one chunk",
+    ),
+    "total-timesteps-below-chunk": (
+        ["--total-timesteps", "100"],
+        2,
+        r"--total-timesteps: must be >= 3072",
+    ),
     "chunk-updates-0": (["--chunk-updates", "0"], 2, r"--chunk-updates: must be >= 1, got 0"),
     "num-steps-0": (["--num-steps", "0"], 2, r"--num-steps: must be >= 1, got 0"),
     "hidden-size-negative": (["--hidden-size", "-1"], 2, r"--hidden-size: must be >= 1, got -1"),
@@ -25,27 +41,67 @@ BAD_INPUTS = {
     "delta-above-1": (["--delta", "1.5"], 2, r"--delta: must be in \(-1, 1\), got 1.5"),
     "gamma-above-1": (["--gamma", "1.5"], 2, r"--gamma: must be in \[0, 1\], got 1.5"),
     "eval-every-negative": (["--eval-every", "-1"], 2, r"--eval-every: must be >= 0, got -1"),
-    "embed-model-missing": (["--embed-model", "{missing}"], 2, r"--embed-model: must be an existing folder or a hub"),
-    "prompts-dir-missing": (["--prompts-dir", "{missing}"], 2, r"--prompts-dir: must be a folder holding oir/"),
+    "embed-model-missing": (
+        ["--embed-model", "{missing}"],
+        2,
+        r"--embed-model: must be an existing folder or a hub",
+    ),
+    "prompts-dir-missing": (
+        ["--prompts-dir", "{missing}"],
+        2,
+        r"--prompts-dir: must be a folder holding oir/",
+    ),
     "resume-missing": (["--resume", "{missing}"], 2, r"--resume: must be an existing file"),
-    "embed-model-not-a-model": (["--embed-model", "{empty_dir}"], 1, r"--embed-model .*empty: cannot load it"),
-    "llm-base-url-dead": (["--relabel", "llm", "--llm-base-url", "{dead_url}"], 1, r"--llm-base-url http://127\.0"),
-    "seeds-no-separator": (["--prompts-dir", "{no_sep}"], 1, r"no_sep/oir/seed_instructions\.md: no line '---'"),
+    "embed-model-not-a-model": (
+        ["--embed-model", "{empty_dir}"],
+        1,
+        r"--embed-model .*empty: cannot load it",
+    ),
+    "llm-base-url-dead": (
+        ["--relabel", "llm", "--llm-base-url", "{dead_url}"],
+        1,
+        r"--llm-base-url http://127\.0",
+    ),
+    "seeds-no-separator": (
+        ["--prompts-dir", "{no_sep}"],
+        1,
+        r"no_sep/oir/seed_instructions\.md: no line '---'",
+    ),
     "seeds-unknown-event": (
         ["--prompts-dir", "{bad_event}"],
         1,
         r"seed_instructions\.md:\d+: bad rule 'collect_unicorn >=1'",
     ),
-    "eval-wrong-columns": (["--prompts-dir", "{bad_columns}"], 1, r"eval_instructions\.md:\d+: expected 3 columns"),
-    "relabel-bad-placeholder": (["--prompts-dir", "{bad_placeholder}"], 1, r"relabel\.md: .*placeholder.*'task'"),
-    "vocabulary-bad-change": (["--prompts-dir", "{bad_change}"], 1, r"transitions\.md:\d+: bad rule 'wood \*2'"),
-    "vocabulary-unknown-field": (["--prompts-dir", "{bad_field}"], 1, r"transitions\.md:\d+: bad rule 'mana \+'"),
+    "eval-wrong-columns": (
+        ["--prompts-dir", "{bad_columns}"],
+        1,
+        r"eval_instructions\.md:\d+: expected 3 columns",
+    ),
+    "relabel-bad-placeholder": (
+        ["--prompts-dir", "{bad_placeholder}"],
+        1,
+        r"relabel\.md: .*placeholder.*'task'",
+    ),
+    "vocabulary-bad-change": (
+        ["--prompts-dir", "{bad_change}"],
+        1,
+        r"transitions\.md:\d+: bad rule 'wood \*2'",
+    ),
+    "vocabulary-unknown-field": (
+        ["--prompts-dir", "{bad_field}"],
+        1,
+        r"transitions\.md:\d+: bad rule 'mana \+'",
+    ),
     "seed-rule-not-in-vocabulary": (
         ["--prompts-dir", "{seed_rule}"],
         1,
         r"seed_instructions\.md:\d+: 'wood >=7' is not a",
     ),
-    "eval-bad-ground-truth": (["--prompts-dir", "{bad_truth}"], 1, r"eval_instructions\.md:\d+: bad rule 'wood'"),
+    "eval-bad-ground-truth": (
+        ["--prompts-dir", "{bad_truth}"],
+        1,
+        r"eval_instructions\.md:\d+: bad rule 'wood'",
+    ),
     "prompt-binary": (["--prompts-dir", "{binary}"], 1, r"binary/oir/relabel\.md: .*can't decode"),
 }
 
@@ -69,12 +125,20 @@ def write_bad_inputs(folder: Path) -> dict:
         out[name] = str(folder / name)
 
     broken("no_sep", "seed_instructions.md", lambda b: b.replace(b"\n---\n", b"\n\n"))
-    broken("bad_event", "seed_instructions.md", lambda b: b + b"find a unicorn | collect_unicorn >=1\n")
-    broken("bad_change", "transitions.md", lambda b: b + b"wood | *2 | doubled wood | double your wood\n")
+    broken(
+        "bad_event", "seed_instructions.md", lambda b: b + b"find a unicorn | collect_unicorn >=1\n"
+    )
+    broken(
+        "bad_change",
+        "transitions.md",
+        lambda b: b + b"wood | *2 | doubled wood | double your wood\n",
+    )
     broken("bad_field", "transitions.md", lambda b: b + b"mana | + | gained mana | gain mana\n")
     broken("seed_rule", "seed_instructions.md", lambda b: b + b"get much wood | wood >=7\n")
     broken("bad_truth", "eval_instructions.md", lambda b: b + b"count | have wood | wood\n")
-    broken("bad_columns", "eval_instructions.md", lambda b: b + b"plain | a row without its checker\n")
+    broken(
+        "bad_columns", "eval_instructions.md", lambda b: b + b"plain | a row without its checker\n"
+    )
     broken("bad_placeholder", "relabel.md", lambda b: b + b"\n${task}\n")
     broken("binary", "relabel.md", lambda b: bytes(range(128, 256)) * 4)
     return out

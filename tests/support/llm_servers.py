@@ -49,7 +49,9 @@ _OFFLINE_ENV = {
 class OpenAIServer:
     base_url: str  # "http://127.0.0.1:PORT/v1", for openai.OpenAI(base_url=...)
     model: str  # the model name to send in requests
-    api_key: str = "EMPTY"  # the servers started here check no key; the openai client needs a non-empty one
+    api_key: str = (
+        "EMPTY"  # the servers started here check no key; the openai client needs a non-empty one
+    )
     engine: str = "transformers"
     log_path: Path | None = None  # the server's stdout+stderr
     startup_seconds: float = 0.0
@@ -127,7 +129,11 @@ def server_command(engine: str, model_dir: Path, port: int, served_name: str) ->
 
 
 def start_openai_server(
-    model_dir: Path, work_dir: Path, engine: str = "transformers", timeout: float = 180.0, threads: int = 1
+    model_dir: Path,
+    work_dir: Path,
+    engine: str = "transformers",
+    timeout: float = 180.0,
+    threads: int = 1,
 ) -> tuple[subprocess.Popen, OpenAIServer]:
     """Start a server process and wait until it answers /health; raises RuntimeError (with the log) otherwise."""
     if engine == "transformers":
@@ -138,7 +144,9 @@ def start_openai_server(
                 "`transformers serve` needs its serving extras: pip install fastapi==0.136.3 uvicorn==0.54.0 "
                 "starlette==1.10.0 (they are in requirements-test.txt)"
             )
-    model_dir = Path(model_dir).resolve()  # the server runs in work_dir: a relative path would not resolve there
+    model_dir = Path(
+        model_dir
+    ).resolve()  # the server runs in work_dir: a relative path would not resolve there
     work_dir.mkdir(parents=True, exist_ok=True)
     # `transformers serve` scans the Hugging Face cache for /v1/models and fails if it does not exist: give it an
     # empty private one (offline, nothing is ever downloaded into it).
@@ -225,10 +233,14 @@ def openai_server(request, tmp_path_factory):
     timeout = float(os.environ.get("RELABEL_TEST_LLM_SERVER_TIMEOUT", "180"))
     threads = int(os.environ.get("RELABEL_TEST_LLM_SERVER_THREADS", "1"))
     try:
-        proc, server = start_openai_server(Path(model_dir), work_dir, engine=engine, timeout=timeout, threads=threads)
+        proc, server = start_openai_server(
+            Path(model_dir), work_dir, engine=engine, timeout=timeout, threads=threads
+        )
     except RuntimeError as e:
         pytest.fail(str(e))
-    print(f"[openai_server] {engine} ready at {server.base_url} after {server.startup_seconds:.1f} s")
+    print(
+        f"[openai_server] {engine} ready at {server.base_url} after {server.startup_seconds:.1f} s"
+    )
     try:
         yield server
     finally:
