@@ -2,7 +2,8 @@
 
 * `keystate_hiql.py` is `keystate_gciql.py` with the HIQL learner, and `hsl_dpo.py` is `hsl_sft.py` with the DPO
   stage: every top-level function and class present in both files of a pair has identical source, except the short
-  allowlists below (the learner, and what wires it in).
+  allowlists below (the learner, and what wires it in); so has every module-level constant both files define
+  (`MAX_LAG`, `HSL_EPOCHS`, ...), but for the constants that differ by design (ALLOWED_CONSTANTS).
 * `LLMClient` (class source) and the `llm_*` fields of `Args` (names, types, help) are identical in all five scripts.
 * Each script's PEP 723 header pins exactly the versions requirements.txt pins.
 """
@@ -31,6 +32,13 @@ ALLOWED = {
 }
 
 
+# Module-level constants allowed to differ inside a pair (by design, with the reference learners).
+ALLOWED_CONSTANTS = {
+    ("keystate_gciql.py", "keystate_hiql.py"): {"EXPECTILE"},  # OGBench: GCIQL 0.9, HIQL 0.7
+    ("hsl_sft.py", "hsl_dpo.py"): set(),
+}
+
+
 def top_level(path: Path) -> dict:
     src = path.read_text()
     tree = ast.parse(src)
@@ -48,6 +56,47 @@ def test_sibling_scripts_share_their_code(pair):
     assert len(shared) >= 10, f"the pair shares only {shared}"
     differ = [n for n in shared if a[n] != b[n] and n not in ALLOWED[pair]]
     assert not differ, f"{pair[0]} and {pair[1]} differ outside the allowlist in: {differ}"
+
+
+def constants(src: str) -> dict:
+    """{NAME: value source} of the module-level assignments to UPPER_CASE names."""
+    out = {}
+    for node in ast.parse(src).body:
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets = [node.target]
+        else:
+            continue
+        for t in targets:
+            if isinstance(t, ast.Name) and t.id.isupper():
+                out[t.id] = ast.unparse(node.value)
+    return out
+
+
+def differing_constants(src_a: str, src_b: str) -> list:
+    a, b = constants(src_a), constants(src_b)
+    return sorted(n for n in set(a) & set(b) if a[n] != b[n])
+
+
+@pytest.mark.parametrize("pair", list(ALLOWED_CONSTANTS), ids=lambda p: f"{p[0]}~{p[1]}")
+def test_sibling_scripts_share_their_constants(pair):
+    a, b = ((REPO / f).read_text() for f in pair)
+    assert len(set(constants(a)) & set(constants(b))) >= 5, "the pair shares almost no constants"
+    differ = [n for n in differing_constants(a, b) if n not in ALLOWED_CONSTANTS[pair]]
+    assert not differ, f"{pair[0]} and {pair[1]} define these constants differently: {differ}"
+
+
+def test_a_changed_shared_constant_is_caught():
+    """The constant check fails when one sibling changes a shared constant (here MAX_LAG, HSL_EPOCHS)."""
+    for pair, name in [
+        (("keystate_gciql.py", "keystate_hiql.py"), "MAX_LAG"),
+        (("hsl_sft.py", "hsl_dpo.py"), "HSL_EPOCHS"),
+    ]:
+        a, b = ((REPO / f).read_text() for f in pair)
+        changed = re.sub(rf"^{name} = [^ #\n]+", f"{name} = 12345", b, count=1, flags=re.M)
+        differ = [n for n in differing_constants(a, changed) if n not in ALLOWED_CONSTANTS[pair]]
+        assert changed != b and differ == [name], (pair, name)
 
 
 def llm_fields(path: Path) -> list:

