@@ -1,16 +1,21 @@
 """Hindsight Supervised Learning (HSL) on top of SFT for an LLM agent on ALFWorld.
 
-Paper: "Spinning Straw into Gold: Relabeling LLM Agent Trajectories in Hindsight for Successful Demonstrations"
-(HSL), Sections 3.2-3.4, Appendix C (prompts, Figures 8-9) and F (hyperparameters). SFT of a Hugging Face agent on
-ground-truth demonstrations (ALFWorld's expert or an ETO-format file), then the HSL loop (Section 3.2): roll out b
-train instructions, relabel each trajectory with the goals it achieved (Section 3.3: an auxiliary LLM, Figures 8-9, or
-the PDDL oracle) into a FIFO buffer D', one step on L_HSL (Eq. 3-4). Evaluation per task type (Figure 5), with ETO's
-protocol. --resume continues exactly (save_checkpoint). Long-form notes: docs/hsl_sft.md.
+Paper: "Spinning Straw into Gold: Relabeling LLM Agent Trajectories in Hindsight for Successful
+Demonstrations" (HSL), Sections 3.2-3.4, Appendix C (prompts, Figures 8-9) and F (hyperparameters).
 
-    vllm serve meta-llama/Llama-3.3-70B-Instruct --tensor-parallel-size 8 --port 8000   # the relabeler (Section 4.1)
+SFT of a Hugging Face agent on ground-truth demonstrations (ALFWorld's expert or an ETO-format
+file), then the HSL loop (Section 3.2): roll out b train instructions, relabel each trajectory with
+the goals it achieved (Section 3.3: an auxiliary LLM, Figures 8-9, or the PDDL oracle) into a FIFO
+buffer D', one step on L_HSL (Eq. 3-4). Evaluation per task type (Figure 5), with ETO's protocol.
+--resume continues exactly (save_checkpoint). Long-form notes: docs/hsl_sft.md.
+
+    # the relabeler (Section 4.1)
+    vllm serve meta-llama/Llama-3.3-70B-Instruct --tensor-parallel-size 8 --port 8000
     python hsl_sft.py --model-name meta-llama/Llama-3.2-1B-Instruct --num-demos 800 --use-lora
-    python hsl_sft.py --relabeler oracle --ablation no_mask        # oracle relabeler; Figure 4 ablations
-    accelerate launch --multi_gpu --num_processes 4 hsl_sft.py ... # data parallel: each process takes its share
+    # oracle relabeler; Figure 4 ablations
+    python hsl_sft.py --relabeler oracle --ablation no_mask
+    # data parallel: each process takes its share
+    accelerate launch --multi_gpu --num_processes 4 hsl_sft.py ...
 """
 
 # /// script
@@ -55,37 +60,34 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-TASK_TYPES = ["pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep"]
-TASK_TYPES += [
+TASK_TYPES = [
+    "pick_and_place_simple",
+    "look_at_obj_in_light",
+    "pick_clean_then_place_in_recep",
     "pick_heat_then_place_in_recep",
     "pick_cool_then_place_in_recep",
     "pick_two_obj_and_place",
 ]
-TASK_SHORT = dict(
-    zip(TASK_TYPES, ["put", "examine", "clean", "heat", "cool", "puttwo"])
-)  # Figure 5's names
+# Figure 5's names
+TASK_SHORT = dict(zip(TASK_TYPES, ["put", "examine", "clean", "heat", "cool", "puttwo"]))
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts" / "hsl"
 # Rarely tuned, fixed here (Appendix F follows ETO / FastChat where the paper is silent):
 HSL_EPOCHS = 3.0  # length of HSL with --hsl-steps -1 ("all runs lasted 3 epochs")
-WARMUP_RATIO, WEIGHT_DECAY, MAX_GRAD_NORM = (
-    0.03,
-    0.0,
-    1.0,
-)  # cosine schedule after warm-up, AdamW, clipping
-LORA_R, LORA_DROPOUT = (
-    16,
-    0.05,
-)  # --use-lora (ours; the paper fine-tunes fully): rank, dropout; alpha = 2 * rank
-EXPERT_MAX_STEPS = (
-    60  # the hand-coded expert must win a train game within this many steps to give a demo
-)
+WARMUP_RATIO = 0.03  # cosine schedule after warm-up
+WEIGHT_DECAY = 0.0  # AdamW
+MAX_GRAD_NORM = 1.0  # gradient clipping
+# --use-lora (ours; the paper fine-tunes fully): rank and dropout; alpha = 2 * rank
+LORA_R = 16
+LORA_DROPOUT = 0.05
+# the hand-coded expert must win a train game within this many steps to give a demonstration
+EXPERT_MAX_STEPS = 60
 MAX_ACTION_TOKENS = 64  # new tokens per agent turn ("Thought: ...\nAction: ...")
-ETO_INST, ETO_ICL = (
-    "instructions/alfworld_inst.txt",
-    "icl_examples/alfworld_icl.json",
-)  # in ETO's eval_agent/prompt
+# in ETO's eval_agent/prompt
+ETO_INST = "instructions/alfworld_inst.txt"
+ETO_ICL = "icl_examples/alfworld_icl.json"
 
 
+# === Arguments ====================================================================================
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -93,29 +95,34 @@ class Args:
     seed: int = 42
     """seed of the experiment (the paper uses 42, 123 and 2026)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases ($WANDB_ENTITY picks the team)"""
+    """if toggled, this experiment will be tracked with Weights and Biases
+    ($WANDB_ENTITY picks the team)"""
     wandb_project_name: str = "llm-relabeling"
     """the wandb's project name"""
     output_dir: str = "runs"
     """TensorBoard logs, checkpoints and summary.json go to {output_dir}/{run name}"""
     # --- environment (ALFWorld) and demonstrations ---
     data_dir: Optional[str] = None
-    """ALFWorld data root holding json_2.1.1/{train,valid_seen,valid_unseen} (default: $ALFWORLD_DATA)"""
+    """ALFWorld data root holding json_2.1.1/{train,valid_seen,valid_unseen}
+    (default: $ALFWORLD_DATA)"""
     max_env_steps: int = 40
     """episode step limit T (Section 4.1: T = 40 on ALFWorld)"""
     num_demos: int = 3200
     """cap on ground-truth demonstrations (the paper's sample-efficiency study uses 800 to 3,200)"""
     demos_path: Optional[str] = None
-    """ETO-format (ShareGPT) JSON of demonstrations; default: ALFWorld's hand-coded expert plays the train games"""
+    """ETO-format (ShareGPT) JSON of demonstrations; default: ALFWorld's hand-coded expert plays
+    the train games"""
     # --- agent ---
     model_name: str = "meta-llama/Llama-3.2-1B-Instruct"
     """agent model: hub id or local Hugging Face folder (Appendix F: Llama-3.2-1B-Instruct)"""
     use_lora: bool = False
     """LoRA (peft, all linear layers) instead of full fine-tuning"""
     max_seq_len: int = 4096
-    """training sequences are cut to this many tokens; a rollout whose prompt outgrows it ends there (ETO's rule)"""
+    """training sequences are cut to this many tokens; a rollout whose prompt outgrows it ends
+    there (ETO's rule)"""
     eto_prompts: Optional[str] = None
-    """ETO's eval_agent/prompt folder (commit a2fc5da) to prompt the agent with ETO's own instruction and example"""
+    """ETO's eval_agent/prompt folder (commit a2fc5da) to prompt the agent with ETO's own
+    instruction and example"""
     rollout_temperature: float = 1.0
     """sampling temperature of training rollouts (a_t ~ pi_theta, Section 3.2); 0 = greedy"""
     # --- SFT (Appendix F, following ETO) ---
@@ -129,7 +136,8 @@ class Args:
     """epochs of SFT on the ground-truth demonstrations before HSL"""
     # --- HSL (Sections 3.2-3.4, 4.1) ---
     hsl_steps: int = -1
-    """HSL optimisation steps (-1: 3 passes over the ground-truth demos at batch_size; 0: SFT only)"""
+    """HSL optimisation steps (-1: 3 passes over the ground-truth demos at batch_size;
+    0: SFT only)"""
     rollouts_per_step: int = 18
     """b: train instructions rolled out and relabeled per HSL step"""
     buffer_size: int = 100
@@ -139,13 +147,16 @@ class Args:
     hsl_alpha: float = 0.8
     """alpha in w_d = (n_d / T_d)^alpha * n_d"""
     ablation: Literal["none", "relabel_failure", "uniform_weight", "no_mask"] = "none"
-    """Figure 4: relabel only the final goal of failed trajectories / uniform buffer weights / no irrelevant-action masking"""
+    """Figure 4: relabel only the final goal of failed trajectories / uniform buffer weights /
+    no irrelevant-action masking"""
     relabeler: Literal["llm", "oracle"] = "llm"
-    """llm: the auxiliary LLM of Section 3.3; oracle: goals and relevance from the PDDL facts (beyond the paper)"""
-    # --- LLM client (the same seven flags in every script) ------------------------------------------------------------
+    """llm: the auxiliary LLM of Section 3.3; oracle: goals and relevance from the PDDL facts
+    (beyond the paper)"""
+    # --- LLM client (the same seven flags in every script) ---
     llm_backend: Literal["openai", "transformers"] = "openai"
-    """openai: any OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp, `transformers serve`, hosted; key from
-    $OPENAI_API_KEY); transformers: the model in this process (offline runs with small local models)"""
+    """openai: any OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp, \
+`transformers serve`, hosted; key from $OPENAI_API_KEY); transformers: the model in \
+this process (offline runs with small local models)"""
     llm_model: str = "meta-llama/Llama-3.3-70B-Instruct"
     """model name sent to the endpoint, or (transformers) a hub id or local folder"""
     llm_base_url: str = "http://localhost:8000/v1"
@@ -165,8 +176,8 @@ class Args:
     """checkpoint folder to resume from ({output_dir}/{run name}/checkpoints/...)"""
 
 
-def check_args(args: Args):
-    """Usage errors as one line (`error: --flag: ...`) before anything heavy. Resolves --data-dir ($ALFWORLD_DATA)."""
+def check_args(args):
+    """Usage errors as one line (`error: --flag: ...`) before anything heavy; sets --data-dir."""
     args.data_dir = args.data_dir or os.environ.get("ALFWORLD_DATA")  # ALFWorld's own default
     hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", args.model_name) and not os.path.exists(
         args.model_name
@@ -177,8 +188,10 @@ def check_args(args: Args):
         "batch_size",
         "micro_batch_size",
         "rollouts_per_step",
+        "buffer_size",
+        "llm_max_new_tokens",
+        "llm_concurrency",
     )
-    at_least_1 += ("buffer_size", "llm_max_new_tokens", "llm_concurrency")
     at_least_0 = ("sft_epochs", "hsl_alpha", "rollout_temperature", "llm_temperature", "eval_every")
     checks = [  # (field, valid?, what it must be)
         *[(n, getattr(args, n) >= 1, ">= 1") for n in at_least_1],
@@ -218,11 +231,7 @@ def check_args(args: Args):
             "a checkpoint",
         ),
     ]
-    for (
-        name,
-        ok,
-        what,
-    ) in checks:  # a usage error: one line, exit status 2 as argparse (data errors exit 1)
+    for name, ok, what in checks:  # a usage error: exit status 2 as argparse (data errors exit 1)
         if not ok:
             print(
                 f"error: --{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}",
@@ -231,21 +240,530 @@ def check_args(args: Args):
             raise SystemExit(2)
 
 
-# === Environment (ALFWorld) ===========================================================================================
-def list_games(data_dir: str, split: str) -> list[str]:
-    """Game files of one split, collected and filtered (solvable, six task types) by alfworld's own AlfredTWEnv."""
+# === Method: hindsight relabeling (Section 3.3) ===================================================
+# A trajectory / demonstration is a plain dict (JSON-able, so D' can be checkpointed): intro
+# (room description), instruction, actions [T], observations [T] (o_{t+1} after a_t), thoughts [T]
+# or None, z [T] relevance labels (1 for ground truth), task_type, source ("expert" / "eto" /
+# "hindsight"); rollouts add won and the PDDL states.
+_W = r"([a-z][a-z ]*?)"
+_IN = r"(?:in|on|into|onto|in/on)"
+_THE = r"(?:the |a |an )?"
+_A = r"(?:a |an |some |the )?"
+# The six goal templates of ALFWorld, both phrasings each (alfworld/gen/goal_library.py, Figure 8).
+# Order matters: the specific templates are tried before plain pick-and-place.
+GOAL_PATTERNS = [
+    ("pick_two_obj_and_place", rf"^(?:put|place) two {_W}s? {_IN} {_THE}{_W}$"),
+    ("pick_two_obj_and_place", rf"^find two {_W}s? and put them {_IN} {_THE}{_W}$"),
+    ("pick_clean_then_place_in_recep", rf"^put {_A}clean {_W} {_IN} {_THE}{_W}$"),
+    ("pick_clean_then_place_in_recep", rf"^clean {_A}{_W} and put it {_IN} {_THE}{_W}$"),
+    ("pick_heat_then_place_in_recep", rf"^put {_A}hot {_W} {_IN} {_THE}{_W}$"),
+    ("pick_heat_then_place_in_recep", rf"^heat {_A}{_W} and put it {_IN} {_THE}{_W}$"),
+    ("pick_cool_then_place_in_recep", rf"^put {_A}(?:cool|cold) {_W} {_IN} {_THE}{_W}$"),
+    ("pick_cool_then_place_in_recep", rf"^cool {_A}{_W} and put it {_IN} {_THE}{_W}$"),
+    ("look_at_obj_in_light", rf"^look at {_A}{_W} under {_THE}{_W}$"),
+    ("look_at_obj_in_light", rf"^examine {_A}{_W} (?:with|under) {_THE}{_W}$"),
+    ("pick_and_place_simple", rf"^put {_A}{_W} {_IN} {_THE}{_W}$"),
+]
+GOAL_TEXT = dict(
+    zip(
+        TASK_TYPES,
+        [
+            "put a {o} in {r}",
+            "look at {o} under the {r}",
+            "put a clean {o} in {r}",
+            "put a hot {o} in {r}",
+            "put a cool {o} in {r}",
+            "put two {o} in {r}",
+        ],
+    )
+)
+LAMPS = ("desklamp", "floorlamp")
+
+
+def goal_text(goal):
+    """(task_type, obj, recep) -> the instruction I'_k."""
+    return GOAL_TEXT[goal[0]].format(o=goal[1], r=goal[2])
+
+
+def validate_goal(goal, names):
+    """(task_type, obj, recep) of a goal that matches one of the six templates and names entities
+    seen, else None."""
+    # longer: no template instance (and slow regexes)
+    if not isinstance(goal, str) or len(goal) > 200:
+        return None
+    g = re.sub(r"\s+", " ", re.sub(r"\b\d+\b", "", goal.lower())).strip().strip(".\"' ")
+
+    def singular(w):  # "mugs" -> "mug" where only "mug" was seen
+        return w[:-1] if w not in names and w.endswith("s") and w[:-1] in names else w
+
+    for task_type, pattern in GOAL_PATTERNS:  # the first template that matches decides
+        if m := re.match(pattern, g):
+            obj, recep = (singular(part.replace(" ", "")) for part in m.groups())
+            ok = (
+                obj in names
+                and recep in names
+                and (task_type != "look_at_obj_in_light" or recep in LAMPS)
+            )
+            return (task_type, obj, recep) if ok else None
+    return None
+
+
+def state_facts(state):
+    """A state's facts: ("in", obj, recep), ("holds"/"hot"/"cool"/"clean"/"toggled", obj),
+    ("opened", recep), ("at", loc)."""
+    facts = {("in", o, r) for o, r in state["inrec"]} | {("at", state["agent_loc"])}
+    return facts | {
+        (k, x)
+        for k in ("hot", "cool", "clean", "holds", "toggled", "opened")
+        for x in state.get(k, [])
+    }
+
+
+def goal_instances(state):
+    """(goal, the facts that make it hold) for every way a goal holds in a state (ALFWorld's goal
+    library definitions)."""
+    otype = state["otype"]
+    rtype = state["rtype"]
+    out = []
+    flagged = (("clean", TASK_TYPES[2]), ("hot", TASK_TYPES[3]), ("cool", TASK_TYPES[4]))
+    placed = sorted((o, r) for o, r in state["inrec"] if o in otype and r in rtype)
+    for o, r in placed:
+        out.append((("pick_and_place_simple", otype[o], rtype[r]), frozenset({("in", o, r)})))
+        out += [
+            ((tt, otype[o], rtype[r]), frozenset({("in", o, r), (k, o)}))
+            for k, tt in flagged
+            if o in state[k]
+        ]
+    for (o, r), (o2, r2) in itertools.combinations(placed, 2):
+        if r == r2 and otype[o] == otype[o2]:
+            facts = frozenset({("in", o, r), ("in", o2, r)})
+            out.append((("pick_two_obj_and_place", otype[o], rtype[r]), facts))
+    for o in state["holds"]:  # examine: holding the object where a lamp is switched on
+        for lamp in state["toggled"]:
+            where = state["rloc"].get(dict(state["inrec"]).get(lamp))
+            if o in otype and lamp in otype and where == state["agent_loc"] is not None:
+                facts = frozenset({("holds", o), ("toggled", lamp), ("at", where)})
+                out.append((("look_at_obj_in_light", otype[o], otype[lamp]), facts))
+    return out
+
+
+def oracle_goals(traj):
+    """(goal, S, facts) per goal the agent achieved (Figure 8): S = the first step it holds by
+    facts the agent made true and kept (all its `in` facts, at least one): a goal true at reset
+    counts once re-achieved; pick-two, both placed."""
+    first = {}
+    made = set()
+    prev = state_facts(traj["states"][0])
+    for t, state in enumerate(traj["states"][1:], 1):
+        cur = state_facts(state)
+        made = (made & cur) | (cur - prev)
+        for g, facts in sorted(goal_instances(state), key=str):
+            if g not in first and facts & made and all(f in made for f in facts if f[0] == "in"):
+                first[g] = (t, facts)
+        prev = cur
+    return sorted(((g, t, facts) for g, (t, facts) in first.items()), key=lambda x: x[1])
+
+
+def action_needs(action, state):
+    """The facts an ALFWorld command relies on in `state`: its object where it is (held or in its
+    receptacle), the agent where the receptacle (or lamp) is, the receptacle open if it is; `go to`
+    relies on nothing."""
+    names = re.findall(r"\b[a-z]+ \d+\b", action)
+    if not names or action.startswith("go to"):
+        return set()
+    facts = state_facts(state)
+    where = dict(state["inrec"])
+    receps = {n for n in names if n in state["rloc"]} | {where[n] for n in names[:1] if n in where}
+    needs = {("at", state["rloc"].get(r)) for r in receps}
+    needs |= {("opened", r) for r in receps if ("opened", r) in facts}
+    return needs | {f for f in facts if f[0] in ("in", "holds") and f[1] == names[0]}
+
+
+def oracle_relevance(traj, facts, S):
+    """Oracle z_{1:S} (beyond the paper): walking back from S, an action is relevant iff it made
+    true a fact the goal relies on (`facts`: those it holds by at S, from oracle_goals, computed
+    once per trajectory) or a later relevant action relies on (action_needs); exploration,
+    examine / look / inventory: z = 0."""
+    needed = set(facts)
+    z = [0] * S
+    for u in range(S - 1, -1, -1):
+        made = state_facts(traj["states"][u + 1]) - state_facts(traj["states"][u])
+        if made & needed:
+            z[u] = 1
+            needed = (needed - made) | action_needs(traj["actions"][u], traj["states"][u])
+    return z
+
+
+def extract_json_list(text):
+    """The JSON list in an LLM answer (code fences stripped, json.loads of the outermost [...]),
+    else None."""
+    text = re.sub(r"```(?:json)?", "", text or "")
+    try:  # no "[...]" leaves an empty string: a JSON error too
+        out = json.loads(text[text.find("[") : text.rfind("]") + 1])
+    except (ValueError, RecursionError):  # malformed, or hostile (huge numbers, deep nesting)
+        return None
+    return out if isinstance(out, list) else None
+
+
+def format_trajectory(traj, S=None, labels=None):
+    """A trajectory (segment) as the relabeler reads it: Step k: Action / Observation (+ Figure 8's
+    Location / Inventory)."""
+    text = f"Initial observation: {traj['intro']}\n"
+    for t in range(len(traj["actions"]) if S is None else S):
+        text += (
+            f"\nStep {t + 1}:\nAction: {traj['actions'][t]}\n"
+            f"Observation: {traj['observations'][t]}\n"
+        )
+        lab = labels[t] if labels and t < len(labels) and isinstance(labels[t], dict) else {}
+        if "location" in lab:  # the answer is untrusted: bounded, and only ever shown as text
+            text += (
+                f"Location: {str(lab['location'])[:200]}\n"
+                f"Inventory: {str(lab.get('inventory'))[:200]}\n"
+            )
+    return text.rstrip("\n")
+
+
+def chat_turns(prompts, name, **fields):
+    """A relabeler request: the system prompt (Figure 8 or 9), then our user turn with the
+    trajectory."""
+    user = string.Template(prompts[f"{name}_user"]).substitute(**fields)
+    return [{"role": "system", "content": prompts[name]}, {"role": "user", "content": user}]
+
+
+def entity_names(traj):
+    """The entities a trajectory shows ("mug" for "mug 1"): the only names a goal may use."""
+    text = " ".join([traj["intro"]] + traj["actions"] + traj["observations"]).lower()
+    return {m.group(1) for m in re.finditer(r"\b([a-z]+) \d+\b", text)}
+
+
+def segment_goals(steps, T, names, counters):
+    """Segmentation at S(I'_k) from a Figure 8 answer: the first step whose `reached_goals` holds
+    the (valid) goal."""
+    first = {}
+    for pos, st in enumerate(steps[:T]):
+        if not isinstance(st, dict):
+            continue
+        step = st.get("step", pos + 1)
+        if not (type(step) is int and 1 <= step <= T):
+            # a step the trajectory does not have: the answer is bad
+            counters["goal_inference_bad_step"] += 1
+            return []
+        reached = st.get("reached_goals")
+        if isinstance(reached, str):
+            reached = [reached]
+        elif not isinstance(reached, list):
+            reached = []
+        for g in dict.fromkeys(map(str, reached)):  # each distinct goal once per step
+            canon = validate_goal(g, names)
+            counters["goal_invalid"] += canon is None
+            if canon is not None:
+                first.setdefault(canon, step)
+    return list(first.items())
+
+
+def llm_goals(traj, answer, counters):
+    """The goals M says one trajectory achieved (Figure 8), with S(I'_k), and its per-step labels
+    (None: a failed request or no JSON list, counted)."""
+    step_labels = extract_json_list(answer)
+    bad = "goal_inference_failed_request" if answer is None else "goal_inference_bad_json"
+    counters.update({"goal_inference_calls": 1, bad: step_labels is None})
+    goals = segment_goals(step_labels or [], len(traj["actions"]), entity_names(traj), counters)
+    return goals, step_labels
+
+
+def parse_relevance(text, S):
+    """z_{1:S} from a Figure 9 answer; None unless it is a list of exactly S steps with yes/no
+    labels."""
+    items = extract_json_list(text) or []
+    labels = [
+        str(it.get("is_relevant_to_goal")).strip().lower() for it in items if isinstance(it, dict)
+    ]
+    yes_no = set(labels) <= {"yes", "no", "true", "false"}
+    if len(labels) != len(items) or len(items) != S or not yes_no:
+        return None
+    return [int(v in ("yes", "true")) for v in labels]
+
+
+def llm_relevance(trajs, jobs, step_labels, client, prompts, counters):
+    """z_{1:S} from M (Figure 9), one request per (trajectory i, goal g, S) in `jobs`, each showing
+    the segment with Figure 8's labels; None where the answer is unusable."""
+    convs = []
+    for i, g, S in jobs:
+        x = format_trajectory(trajs[i], S, step_labels[i])
+        convs.append(
+            chat_turns(prompts, "action_relevance", goal=goal_text(g), num_steps=S, trajectory=x)
+        )
+    answers = client.chat(convs) if convs else []
+    labels = [parse_relevance(ans, S) for ans, (_, _, S) in zip(answers, jobs)]
+    counters.update(relevance_calls=len(labels), relevance_unusable=sum(z is None for z in labels))
+    return labels
+
+
+def last_goal(goals, traj):
+    """Figure 4's relabel_failure ablation: failed trajectories only, their final achieved goal
+    only."""
+    return [max(goals, key=lambda g: g[1])] if goals and not traj["won"] else []
+
+
+def score_goals(goals, truth, counters):
+    """Counts the relabeler's goals against the oracle's (true / false positives, misses)."""
+    pred = {g for g, _ in goals}
+    true = {g for g, _ in truth}
+    counters.update(
+        tp=len(pred & true), fp=len(pred - true), fn=len(true - pred), goals_found=len(goals)
+    )
+    counters.update(trajectories_without_goal=not goals)
+
+
+def precision_recall(counts):
+    """Precision and recall of the LLM's validated goals against the oracle's (NaN when
+    undefined)."""
+    tp = counts["tp"]
+    fp = counts["fp"]
+    fn = counts["fn"]
+    return (
+        tp / (tp + fp) if tp + fp else float("nan"),
+        tp / (tp + fn) if tp + fn else float("nan"),
+    )
+
+
+def relabel(trajs, args, counters, client=None, prompts=None):
+    """Section 3.3: one hindsight demo per goal I'_k a trajectory achieved, cut at S(I'_k), masked
+    by z. "llm": M's goals (Figure 8) and z (Figure 9), bad answers counted and skipped, scored
+    against the oracle's goals; "oracle": goals and z from the PDDL facts."""
+    if args.relabeler == "llm":
+        convs = [
+            chat_turns(prompts, "goal_inference", trajectory=format_trajectory(t)) for t in trajs
+        ]
+        answers = client.chat(convs)
+    found = []
+    step_labels = []
+    goal_facts = []
+    for i, traj in enumerate(trajs):
+        oracle = oracle_goals(traj)  # once per trajectory
+        goal_facts.append({g: facts for g, _, facts in oracle})
+        goals = truth = [(g, S) for g, S, _ in oracle]
+        if args.relabeler == "llm":
+            goals, steps = llm_goals(traj, answers[i], counters)
+            step_labels.append(steps)
+        if args.ablation == "relabel_failure":
+            goals = last_goal(goals, traj)
+            truth = last_goal(truth, traj)
+        score_goals(goals, truth, counters)
+        found.append(goals)
+    jobs = [(i, g, S) for i, goals in enumerate(found) for g, S in goals]
+    if args.relabeler == "oracle":
+        labels = [oracle_relevance(trajs[i], goal_facts[i][g], S) for i, g, S in jobs]
+    else:  # one relevance request per (trajectory, goal); an unusable answer drops the goal
+        labels = llm_relevance(trajs, jobs, step_labels, client, prompts, counters)
+    out = [[] for _ in trajs]
+    for (i, g, S), z in zip(jobs, labels):  # (tau_S(k), I'_k, z_1:S(k))
+        if z is None:
+            continue
+        t = trajs[i]
+        # the agent's thoughts are dropped: they reasoned about the original instruction
+        demo = dict(
+            intro=t["intro"],
+            instruction=goal_text(g),
+            thoughts=None,
+            z=list(z),
+            source="hindsight",
+            goal=list(g),
+            actions=t["actions"][:S],
+            observations=t["observations"][:S],
+            task_type=g[0],
+            gamefile=t.get("gamefile"),
+        )
+        out[i].append(demo)
+    return out
+
+
+# === Method: hindsight buffer D' and demonstration weights (Section 3.4) ==========================
+def demo_weight(z, alpha):
+    """w_d = (n_d / T_d)^alpha * n_d (Section 3.4): n_d relevant actions out of T_d; optimality x
+    difficulty."""
+    n = float(sum(z))
+    T = float(len(z))
+    return (n / T) ** alpha * n if T > 0 else 0.0
+
+
+class HindsightBuffer:
+    """D': FIFO queue of size N (Section 4.1); sampling with P(d) = w_d / sum w (Eq. 3), uniform
+    under the ablation."""
+
+    def __init__(self, size, alpha, uniform):
+        self.items = collections.deque(maxlen=size)
+        self.alpha = alpha
+        self.uniform = uniform
+
+    def push_all(self, relabeled, counters):
+        """Append the relabeled demos in order (the oldest drop out); those with w_d = 0 could never
+        be drawn: skipped."""
+        new = [d for demos in relabeled for d in demos if sum(d["z"]) > 0]
+        for d in new:
+            d["weight"] = 1.0 if self.uniform else demo_weight(d["z"], self.alpha)
+        self.items.extend(new)
+        counters.update(
+            pushed=len(new), dropped_no_relevant_action=sum(map(len, relabeled)) - len(new)
+        )
+        return len(new)
+
+    def sample(self, k, rng):
+        w = np.array([d["weight"] for d in self.items], dtype=np.float64)
+        idx = rng.choice(len(self.items), size=k, replace=True, p=w / w.sum())
+        return [self.items[i] for i in idx]
+
+    def __len__(self):
+        return len(self.items)
+
+
+# === Learner: masked SFT loss and the HSL update (Eq. 3-4), data parallel through accelerate ======
+def masked_sft_loss(logits, input_ids, weights, num_actions, denom):
+    """Eq. 3 (z = 1: the SFT term of Eq. 4): sum_b (1/T_b) sum_t z_t * -log P(a_t) / denom.
+    weights (batch, seq): z_t on a_t's tokens; denom = the *full* batch size, so that
+    gradient-accumulated micro-batches add up to the batch loss."""
+    logits = logits[:, :-1].float()  # (batch, seq-1, vocab): position j predicts token j+1
+    nll = F.cross_entropy(
+        logits.transpose(1, 2), input_ids[:, 1:], reduction="none"
+    )  # (batch, seq-1)
+    w = weights[:, 1:]
+    per_seq = (nll * w).sum(-1)  # (batch,)
+    loss = (per_seq / num_actions).sum() / denom
+    return loss, {"tokens": w.gt(0).sum().item()}
+
+
+def shard(items, accelerator):
+    """This process's share of a global list (every process draws the same global batches from the
+    same seed)."""
+    return items[accelerator.process_index :: accelerator.num_processes]
+
+
+def unshard(mine, accelerator):
+    """The inverse of shard(): every process gets the whole list, in the global order (whatever the
+    process count)."""
+    W = accelerator.num_processes
+    r = accelerator.process_index
+    return [
+        x
+        for _, x in sorted(
+            gather_object([(r + W * i, x) for i, x in enumerate(mine)]), key=lambda t: t[0]
+        )
+    ]
+
+
+def micro_batches(batch, size, coef, model, accelerator, sync=True):
+    """(items, coef) micro-batches of this process's share; one all-reduce (the last, if `sync`);
+    none: a zero gradient."""
+    mine = shard(batch, accelerator)
+    chunks = [(mine[i : i + size], coef) for i in range(0, len(mine), size)] or [(batch[:1], 0.0)]
+    for j, chunk in enumerate(chunks):
+        with (
+            contextlib.nullcontext()
+            if sync and j == len(chunks) - 1
+            else accelerator.no_sync(model)
+        ):
+            yield chunk
+
+
+def accumulate_loss(model, batch, coef, args, accelerator, prefix, pad_id, sync=True):
+    """Forward/backward this process's share of a global batch (coef * loss into .grad); the global
+    loss and tokens."""
+    W = accelerator.num_processes
+    # DDP averages gradients over the W processes: dividing by W makes that average the global
+    # batch's gradient
+    denom = len(batch) / W
+    loss_sum = 0.0
+    tokens = 0
+    for items, c in micro_batches(batch, args.micro_batch_size, coef, model, accelerator, sync):
+        mb = collate(items, pad_id, accelerator.device)
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        loss, info = masked_sft_loss(
+            logits, mb["input_ids"], mb["weights"], mb["num_actions"], denom
+        )
+        accelerator.backward(c * loss)
+        if c:  # (an empty share's stand-in micro-batch counts nothing)
+            loss_sum += loss.item()
+            tokens += info["tokens"]
+    # per-process sums -> the global batch (each process's loss is W times its share of it, see
+    # denom)
+    stats = torch.tensor([loss_sum / W, tokens], dtype=torch.float64, device=accelerator.device)
+    stats = accelerator.reduce(stats, reduction="sum").tolist()
+    return {f"{prefix}/loss": stats[0], f"{prefix}/tokens": stats[1]}
+
+
+def optimizer_step(model, optimizer, scheduler, accelerator):
+    """Clip, step, schedule, zero; returns the gradient norm before clipping and the learning
+    rate."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "losses/grad_norm": float(grad_norm),
+        "charts/learning_rate": scheduler.get_last_lr()[0],
+    }
+
+
+def hsl_update(model, optimizer, scheduler, buffer, sft_batch, agent, args, accelerator, rng):
+    """One step on L_HSL = lambda L_D' + (1 - lambda) L_SFT (Eq. 4); D' drawn with P(d) ~ w_d;
+    empty D': an SFT step."""
+    _, tokenizer, prefix = agent
+    pad = tokenizer.pad_token_id
+    sft_coef = 1.0 - args.hsl_lambda if len(buffer) else 1.0
+    info = {}
+    if len(buffer):
+        batch = []
+        for d in buffer.sample(args.batch_size, rng):
+            z = [1] * len(d["z"]) if args.ablation == "no_mask" else d["z"]  # Figure 4's no_mask
+            batch.append(encode_demo(tokenizer, demo_messages(prefix, d), z, args.max_seq_len))
+        # sync=False: one gradient all-reduce per optimisation step, after L_SFT
+        info.update(
+            accumulate_loss(
+                model, batch, args.hsl_lambda, args, accelerator, "hsl", pad, sync=False
+            )
+        )
+    info.update(accumulate_loss(model, sft_batch, sft_coef, args, accelerator, "sft", pad))
+    info["losses/hsl_total"] = sft_coef * info["sft/loss"] + args.hsl_lambda * info.get(
+        "hsl/loss", 0.0
+    )
+    return {**info, **optimizer_step(model, optimizer, scheduler, accelerator)}
+
+
+def make_scheduler(optimizer, num_steps, saved=None):
+    """Linear warm-up, then cosine decay over one phase (ETO / FastChat's recipe; the paper is
+    silent)."""
+    sched = get_scheduler("cosine", optimizer, int(WARMUP_RATIO * num_steps), max(num_steps, 1))
+    # resuming inside this phase: the schedule's position, and the learning rate it had set
+    if saved:
+        sched.load_state_dict(saved)
+        for group, lr in zip(optimizer.param_groups, sched.get_last_lr()):
+            group["lr"] = lr
+    return sched
+
+
+def demo_batches(num_demos, batch_size, seed):
+    """Batches of D_train indices, epoch after epoch, each in a fresh random order (an epoch's last
+    may be short)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(num_demos).tolist()
+        yield from (order[i : i + batch_size] for i in range(0, num_demos, batch_size))
+
+
+# === Environment and data =========================================================================
+# ALFWorld games, the agent's chat format and action tokens, rollouts, and the demonstrations
+# D_train (ALFWorld's hand-coded expert, or ETO's ShareGPT file).
+def list_games(data_dir, split):
+    """Game files of one split, collected and filtered (solvable, six task types) by alfworld's own
+    AlfredTWEnv."""
     from alfworld.agents.environment.alfred_tw_env import AlfredTWEnv
 
-    # only AlfredTWEnv's file collection is used; the config is built here (the wheel ships no base_config.yaml)
-    mode = {
-        "train": "train",
-        "valid_seen": "eval_in_distribution",
-        "valid_unseen": "eval_out_of_distribution",
-    }[split]
-    key = {
-        "train": "data_path",
-        "valid_seen": "eval_id_data_path",
-        "valid_unseen": "eval_ood_data_path",
+    # only AlfredTWEnv's file collection is used; the config is built here (the wheel ships no
+    # base_config.yaml)
+    mode, key = {
+        "train": ("train", "data_path"),
+        "valid_seen": ("eval_in_distribution", "eval_id_data_path"),
+        "valid_unseen": ("eval_out_of_distribution", "eval_ood_data_path"),
     }[split]
     dataset = {
         key: os.path.join(data_dir, "json_2.1.1", split),
@@ -256,9 +774,8 @@ def list_games(data_dir: str, split: str) -> list[str]:
         "env": {"goal_desc_human_anns_prob": 0.0, "task_types": [1, 2, 3, 4, 5, 6]},
         "dataset": dataset,
     }
-    games = sorted(
-        AlfredTWEnv(config, mode).game_files
-    )  # os.walk order is filesystem-dependent: sort
+    # os.walk order is filesystem-dependent: sort
+    games = sorted(AlfredTWEnv(config, mode).game_files)
     if not games:
         raise SystemExit(
             f"error: --data-dir {data_dir}: no solvable games under json_2.1.1/{split}"
@@ -266,17 +783,19 @@ def list_games(data_dir: str, split: str) -> list[str]:
     return games
 
 
-def to_dialect(cmd: str, legacy_put: bool) -> str:
-    """Map a put command to the game's dialect: alfworld>=0.4 says "move X to Y", older data "put X in/on Y"."""
+def to_dialect(cmd, legacy_put):
+    """Map a put command to the game's dialect: alfworld>=0.4 says "move X to Y", older data "put X
+    in/on Y"."""
     m = re.match(r"^(?:move (.+?) to|put (.+?) (?:in/on|in|on|into|onto)) (.+)$", cmd)
     if not m:
         return cmd
-    obj, recep = m.group(1) or m.group(2), m.group(3)
-    return f"put {obj} in/on {recep}" if legacy_put else f"move {obj} to {recep}"
+    obj = m.group(1) or m.group(2)
+    return f"put {obj} in/on {m.group(3)}" if legacy_put else f"move {obj} to {m.group(3)}"
 
 
-def summarize_facts(facts) -> dict:
-    """Compact, JSON-able view of the PDDL state (demangled names, e.g. "mug 1") used by the oracle relabeler."""
+def summarize_facts(facts):
+    """Compact, JSON-able view of the PDDL state (demangled names, e.g. "mug 1") used by the oracle
+    relabeler."""
     s = {"otype": {}, "rtype": {}, "rloc": {}, "agent_loc": None}
     s.update({k: [] for k in ("inrec", "hot", "cool", "clean", "holds", "toggled", "opened")})
     flags = dict(
@@ -288,7 +807,8 @@ def summarize_facts(facts) -> dict:
         opened="opened",
     )
     for p in facts:
-        args, name = [a.name.strip() for a in p.arguments], p.name.lower()
+        args = [a.name.strip() for a in p.arguments]
+        name = p.name.lower()
         if name in ("objecttype", "receptacletype"):
             s["otype" if name == "objecttype" else "rtype"][args[0]] = (
                 args[1].replace("type", "").strip()
@@ -305,9 +825,10 @@ def summarize_facts(facts) -> dict:
 
 
 class ALFWorldGame:
-    """One ALFWorld game: AlfredTWEnv.init_env's wrappers around a PddlEnv that also reports the PDDL facts (oracle)."""
+    """One ALFWorld game: AlfredTWEnv.init_env's wrappers around a PddlEnv that also reports the
+    PDDL facts (oracle)."""
 
-    def __init__(self, gamefile: str, expert: bool = False):
+    def __init__(self, gamefile, expert=False):
         import textworld
         from alfworld.agents.environment.alfred_tw_env import (
             AlfredDemangler,
@@ -317,38 +838,513 @@ class ALFWorldGame:
         from textworld.envs import PddlEnv
 
         self.gamefile = gamefile
-        self.task_type = json.loads(Path(gamefile).with_name("traj_data.json").read_text())[
-            "task_type"
-        ]
+        traj_data = json.loads(Path(gamefile).with_name("traj_data.json").read_text())
+        self.task_type = traj_data["task_type"]
         env = PddlEnv(
             textworld.EnvInfos(admissible_commands=True, won=True, facts=True, extras=["gamefile"])
         )
         env = AlfredInfos(AlfredDemangler(env, shuffle=False))
         self.env = AlfredExpert(env, expert_type="handcoded") if expert else env
         self.env.load(gamefile)
-        self.legacy_put = (
-            'template :: "put {o} in/on {r}"' in json.loads(Path(gamefile).read_text())["grammar"]
-        )
+        grammar = json.loads(Path(gamefile).read_text())["grammar"]
+        self.legacy_put = 'template :: "put {o} in/on {r}"' in grammar
 
-    def reset(self) -> tuple[str, str, dict]:  # (room description, task, game state)
+    def reset(self):
+        """(room description, task, game state)"""
         self.state = self.env.reset()
         text = self.state["feedback"].replace("-= Welcome to TextWorld, ALFRED! =-", "").strip()
         intro, _, task = text.partition("Your task is to:")
         return intro.strip(), task.strip().rstrip("."), self.state
 
-    def step(
-        self, cmd: str
-    ) -> tuple[str, bool, bool, dict]:  # (observation, won, done, game state)
+    def step(self, cmd):
+        """(observation, won, done, game state)"""
         self.state, _, done = self.env.step(cmd)
         return self.state["feedback"].strip(), bool(self.state["won"]), bool(done), self.state
 
 
-GAME_POOL = collections.defaultdict(
-    list
-)  # loaded games by file, reused across rollouts (loading parses the PDDL)
+# loaded games by file, reused across rollouts (loading parses the PDDL)
+GAME_POOL = collections.defaultdict(list)
 
 
-# === LLM client: the same class, flags and errors in all five scripts =================================================
+def read_prompt(name):
+    """Prompt body after the header's `---` line (prompt file convention of this repository)."""
+    return (PROMPTS_DIR / name).read_text().split("\n---\n", 1)[1].strip()
+
+
+def agent_prefix(args, legacy_put):
+    """ETO's conversation before the task (prompt_with_icl, "conversation", one example):
+    instruction, "OK", the example; ours (prompts/hsl/) or ETO's (--eto-prompts); put in the run's
+    dialect ("put X in/on Y" = 0.4's "move X to Y")."""
+
+    def read(eto, ours):
+        return Path(args.eto_prompts, eto).read_text() if args.eto_prompts else read_prompt(ours)
+
+    inst = read(ETO_INST, "alfworld_agent.md")
+    icl = json.loads(read(ETO_ICL, "alfworld_icl.md"))[0]
+    if not legacy_put:
+        inst = inst.replace("put {obj} in/on {recep}", "move {obj} to {recep}")
+    turns = [{"role": "user", "content": inst}, {"role": "assistant", "content": "OK"}]
+    for j, turn in enumerate(icl):
+        text = re.sub(r"(?<=Action: )(.*)", lambda m: to_dialect(m[1], legacy_put), turn["content"])
+        turns.append({"role": ("user", "assistant")[j % 2], "content": text})
+    return turns
+
+
+def parse_agent_output(text):
+    """(thought, action) by ETO's rule (envs/alfworld_env.py): the action follows the first
+    "Action:" (else None)."""
+    action = re.search(r"Action:\s?(.*)", text.strip(), re.S)
+    thought = re.search(r"Thought:\s*(.*?)\s*(?:Action:|$)", text, re.S)
+    thought = (thought.group(1) or None) if thought else None
+    return thought, action.group(1).strip() if action else None
+
+
+def demo_messages(prefix, demo, with_last_obs=False):
+    """A trajectory in ETO's conversation: prefix, task (room, newline, "Your task is to: ..."),
+    Action / Observation."""
+    msgs = list(prefix) + [
+        {"role": "user", "content": f"{demo['intro']}\nYour task is to: {demo['instruction']}."}
+    ]
+    T = len(demo["actions"])
+    thoughts = demo.get("thoughts") or [None] * T
+    for t in range(T):
+        act = (f"Thought: {thoughts[t]}\n" if thoughts[t] else "") + f"Action: {demo['actions'][t]}"
+        msgs.append({"role": "assistant", "content": act})
+        if t < T - 1 or with_last_obs:
+            msgs.append({"role": "user", "content": f"Observation: {demo['observations'][t]}"})
+    return msgs
+
+
+def encode_demo(tokenizer, messages, demo_z, max_len):
+    """Token ids + weights: action t's tokens (content, end of turn) get z_t (located via prefix
+    renders), others 0."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(
+            messages[:i], tokenize=False, add_generation_prompt=True
+        )
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(upto) and upto.startswith(prefix)):
+            raise ValueError(
+                "the agent's chat template is not prefix-stable; cannot locate action tokens"
+            )
+        # content + end-of-turn marker, not the trailing newline
+        spans.append((len(prefix), len(upto.rstrip())))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    weights = [0.0] * len(ids)
+    # the prefix's assistant turns ("OK", the example) are never trained
+    z = [0.0] * (len(spans) - len(demo_z)) + list(demo_z)
+    k = 0
+    for j, (s, _) in enumerate(enc["offset_mapping"]):
+        while k < len(spans) and s >= spans[k][1]:
+            k += 1
+        if k < len(spans) and spans[k][0] <= s < spans[k][1]:
+            weights[j] = float(z[k])
+    return {"input_ids": ids[:max_len], "weights": weights[:max_len], "num_actions": len(demo_z)}
+
+
+def collate(batch, pad_id, device):
+    """Right-pad a list of encoded demos into tensors."""
+
+    def pad(key, fill):
+        return torch.nn.utils.rnn.pad_sequence([torch.tensor(b[key]) for b in batch], True, fill)
+
+    ids = pad("input_ids", pad_id)
+    lengths = torch.tensor([len(b["input_ids"]) for b in batch])
+    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    num_actions = torch.tensor([max(b["num_actions"], 1.0) for b in batch])
+    out = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        weights=pad("weights", 0.0).float(),
+        num_actions=num_actions,
+    )
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def load_agent(args):
+    """Tokenizer + causal LM (bfloat16 on GPU), full fine-tuning or LoRA; --resume: the checkpoint's
+    weights/adapter."""
+    weights = args.resume if args.resume and not args.use_lora else args.model_name
+    try:  # a folder or hub id that holds no model: a data error naming it
+        tokenizer = AutoTokenizer.from_pretrained(args.resume or args.model_name)
+        model = AutoModelForCausalLM.from_pretrained(
+            weights, dtype=torch.bfloat16 if torch.cuda.is_available() else None
+        )
+    except (OSError, ValueError) as e:
+        raise SystemExit(
+            f"error: {weights}: cannot load a tokenizer and causal LM ({type(e).__name__})"
+        ) from None
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    if args.use_lora:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if args.resume:
+            return tokenizer, PeftModel.from_pretrained(model, args.resume, is_trainable=True)
+        cfg = dict(
+            r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=LORA_DROPOUT, target_modules="all-linear"
+        )
+        model = get_peft_model(model, LoraConfig(**cfg))
+    return tokenizer, model
+
+
+@torch.no_grad()
+def rollout(gamefiles, agent, args, temperature, desc="rollout"):
+    """Play the games in parallel (one batched generate per step); each trajectory keeps every
+    step's PDDL state."""
+    model, tokenizer, prefix = agent
+    was_training = model.training
+    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    sample = (
+        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        if temperature > 0
+        else greedy
+    )
+    games = [GAME_POOL[g].pop() if GAME_POOL[g] else ALFWorldGame(g) for g in gamefiles]
+    model.eval()
+    trajs = []
+    for game in games:
+        intro, instruction, gs = game.reset()
+        t = dict(
+            intro=intro,
+            instruction=instruction,
+            actions=[],
+            observations=[],
+            thoughts=[],
+            invalid=0,
+            task_type=game.task_type,
+            gamefile=game.gamefile,
+            won=False,
+            done=False,
+            states=[summarize_facts(gs["facts"])],
+        )
+        trajs.append(t)
+    for _ in tqdm(range(args.max_env_steps), desc=desc, leave=False, disable=None):
+        prompts = {}
+        # ETO: an input too long ends the episode, failed
+        for i in [i for i, t in enumerate(trajs) if not t["done"]]:
+            msgs = demo_messages(prefix, trajs[i], with_last_obs=True)
+            prompts[i] = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)[
+                "input_ids"
+            ]
+            trajs[i]["done"] = len(prompts[i]) > args.max_seq_len - MAX_ACTION_TOKENS
+        active = [i for i in prompts if not trajs[i]["done"]]
+        if not active:
+            break
+        prompts = [prompts[i] for i in active]
+        batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(
+            model.device
+        )
+        out = model.generate(
+            **batch, max_new_tokens=MAX_ACTION_TOKENS, pad_token_id=tokenizer.pad_token_id, **sample
+        )
+        texts = tokenizer.batch_decode(
+            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        for i, text in zip(active, texts):
+            t = trajs[i]
+            game = games[i]
+            thought, action = parse_agent_output(text)
+            # ETO answers a turn without "Action:" with a format error; an empty command: "Nothing
+            # happens."
+            action = to_dialect(action, game.legacy_put) if action is not None else ""
+            t["invalid"] += action not in game.state["admissible_commands"]
+            obs, t["won"], done, gs = game.step(action)
+            t["actions"].append(action)
+            t["thoughts"].append(thought)
+            t["observations"].append(obs)
+            t["states"].append(summarize_facts(gs["facts"]))
+            t["done"] = t["won"] or done or len(t["actions"]) >= args.max_env_steps
+    for game, t in zip(games, trajs):
+        GAME_POOL[game.gamefile].append(game)
+        t["thoughts"] = t["thoughts"] if any(t["thoughts"]) else None
+    model.train(was_training)
+    return trajs
+
+
+def expert_demo(gamefile, max_steps):
+    """Play a train game with ALFWorld's hand-coded expert (AlfredExpert, HANDCODED); None when it
+    does not win."""
+    game = ALFWorldGame(gamefile, expert=True)
+    intro, instruction, gs = game.reset()
+    actions = []
+    observations = []
+    for _ in range(max_steps):
+        # the 0.4.2 expert says "move X to Y"
+        actions.append(to_dialect(gs["extra.expert_plan"][0], game.legacy_put))
+        obs, won, done, gs = game.step(actions[-1])
+        observations.append(obs)
+        if won or done:
+            break
+    if not won:
+        return None
+    return dict(
+        intro=intro,
+        instruction=instruction,
+        actions=actions,
+        observations=observations,
+        thoughts=None,
+        z=[1] * len(actions),
+        task_type=game.task_type,
+        source="expert",
+        gamefile=gamefile,
+    )
+
+
+def load_eto_demos(path):
+    """ETO's alfworld_sft.json (ShareGPT): a human task turn ("Your task is to: ..."), then
+    Action/Observation turns."""
+    # every defect of the file is a data error naming it (UnicodeDecodeError is a ValueError)
+    try:
+        data = json.loads(Path(path).read_text())
+        convs = [[(m["from"], m["value"]) for m in item["conversations"]] for item in data]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise SystemExit(
+            f"error: {path}: not ETO format ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+    if not all(isinstance(x, str) for conv in convs for turn in conv for x in turn):
+        raise SystemExit(f"error: {path}: a turn's 'from' or 'value' is not a string")
+    demos = []
+    for item, conv in zip(data, convs):
+        # the task turn: the human turn right before the first gpt turn with an action
+        acts = [
+            k
+            for k, (who, text) in enumerate(conv)
+            if who == "gpt" and re.search(r"action\s*:", text, re.I)
+        ]
+        if not acts or acts[0] == 0 or "Your task is to:" not in conv[acts[0] - 1][1]:
+            continue
+        intro, _, task = conv[acts[0] - 1][1].partition("Your task is to:")
+        turns = [parse_agent_output(text) for who, text in conv[acts[0] :: 2] if who == "gpt"]
+        obs = [re.sub(r"^Observation:\s*", "", text.strip()) for _, text in conv[acts[0] + 1 :: 2]]
+        obs += [""] * (len(turns) - len(obs))  # a demonstration may end on an action
+        thoughts, actions = map(list, zip(*[(th, a or "") for th, a in turns]))
+        intro = re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S)
+        d = dict(
+            intro=intro,
+            source="eto",
+            instruction=task.strip().split("\n")[0].rstrip("."),
+            actions=actions,
+            z=[1] * len(turns),
+            observations=obs[: len(turns)],
+            thoughts=thoughts if any(thoughts) else None,
+            task_type=item.get("id"),
+        )
+        demos.append(d)
+    if not demos:
+        raise SystemExit(
+            f"error: {path}: no item has a human 'Your task is to:' turn (not ALFWorld?)"
+        )
+    return demos
+
+
+def load_demos(args, games, legacy):
+    """D_train: --demos-path (ETO's file, as the paper), else ALFWorld's hand-coded expert on the
+    train games."""
+    # in the games' command dialect: one dialect per run (ETO's file says "put X in/on Y")
+    if args.demos_path:
+        demos = load_eto_demos(args.demos_path)[: args.num_demos]
+        return [{**d, "actions": [to_dialect(a, legacy) for a in d["actions"]]} for d in demos]
+    demos = [
+        d
+        for g in tqdm(games, desc="expert demos", disable=None)
+        if (d := expert_demo(g, EXPERT_MAX_STEPS))
+    ]
+    if not demos:
+        raise SystemExit(
+            "error: no ground-truth demonstrations (the expert won no train game; try --demos-path)"
+        )
+    return demos
+
+
+# === Evaluation, logging and checkpoints ==========================================================
+def silent(*args, **kwargs):
+    """The logger and say() of the processes other than the main one: they report nothing."""
+
+
+def make_logger(args, run_dir, main_proc):
+    """log(metrics, step) to TensorBoard in run_dir (W&B mirrors it with --track); log(None, 0)
+    closes the writer."""
+    if not main_proc:
+        return silent
+    from torch.utils.tensorboard import SummaryWriter
+
+    if args.track:  # before the writer, so that W&B patches it
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_dir.name,
+        )
+    writer = SummaryWriter(str(run_dir))
+    table = "".join(f"|{k}|{v}|\n" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+
+    def log(metrics, step):
+        if not metrics:
+            return writer.close()
+        for k, v in metrics.items():
+            writer.add_scalar(k, v, step)
+
+    return log
+
+
+def save_checkpoint(path, agent, optimizer, scheduler, state, buffer, accelerator, rng):
+    """All a resume needs: weights (adapter with LoRA), optimizer, scheduler, state + D', every
+    process's generators (Python, NumPy, torch CPU/CUDA, `rng`: games and D' batches); written to
+    {path}.tmp, then renamed (never half)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    rngs = gather_object(
+        [
+            (
+                random.getstate(),
+                np.random.get_state(),
+                torch.get_rng_state(),
+                cuda,
+                rng.bit_generator.state,
+            )
+        ]
+    )
+    if accelerator.is_main_process:
+        tmp = path.with_name(path.name + ".tmp")
+        agent[0].save_pretrained(tmp)  # the unwrapped model, and its tokenizer
+        agent[1].save_pretrained(tmp)
+        trainer = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rngs": rngs,
+        }
+        torch.save(trainer, tmp / "trainer_state.pt")
+        (tmp / "hsl_state.json").write_text(
+            json.dumps({**state, "buffer": list(buffer.items)}, default=str)
+        )
+        shutil.rmtree(path, ignore_errors=True)  # (a resumed run saves "final" again)
+        tmp.rename(path)
+        tqdm.write(f"[ckpt] saved {path}")
+
+
+def load_checkpoint(path, optimizer, state, buffer, rng, accelerator, say):
+    """Inverse of save_checkpoint (load_agent loads weights); rebuilt: SFT order (seeded), games,
+    ETO pair order."""
+    # (saved atomically: complete or absent)
+    state.update(json.loads((Path(path) / "hsl_state.json").read_text()))
+    trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    buffer.items.extend(state.pop("buffer"))  # (pushed before: weights and all)
+    py, nps, cpu, cuda, rng.bit_generator.state = trainer["rngs"][accelerator.process_index]
+    random.setstate(py)
+    np.random.set_state(nps)
+    torch.set_rng_state(cpu)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    say(
+        f"[resume] {path}: sft_steps {state['sft_steps']}, hsl_steps {state['hsl_steps']}, "
+        f"D' {len(buffer)}"
+    )
+    return trainer["scheduler"]
+
+
+def evaluate(games_by_split, agent, args, accelerator, log, step, tag, state):
+    """Greedy success rate on each evaluation split, overall and per task type (Figure 5); each
+    process plays its share."""
+    t0 = time.time()
+    results = {}
+    state["evaluations"] += 1
+    for split, games in games_by_split.items():
+        mine = shard(games, accelerator)
+        outcomes = []
+        won = collections.defaultdict(list)
+        for i in range(0, len(mine), args.rollouts_per_step):
+            trajs = rollout(mine[i : i + args.rollouts_per_step], agent, args, 0.0, f"eval {split}")
+            outcomes += [(t["task_type"], float(t["won"])) for t in trajs]
+        # (once per split: every process joins the gather)
+        for task_type, w in unshard(outcomes, accelerator):
+            won[TASK_SHORT[task_type]].append(w)
+        every = sum(won.values(), [])
+        results.update({f"{split}/success": float(np.mean(every)), f"{split}/episodes": len(every)})
+        results.update({f"{split}/success_{tt}": float(np.mean(w)) for tt, w in won.items()})
+    log({f"eval/{k}": v for k, v in results.items()}, step)
+    if accelerator.is_main_process:
+        tqdm.write(
+            f"[eval {tag}] step {step} ({time.time() - t0:.1f}s): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in results.items())
+        )
+    return results
+
+
+def hsl_report(progress, times, trajs, buffer, info, counts, counters, args, accelerator):
+    """One HSL step's metrics (into `info`) and progress line; times: start, rollout, relabel,
+    optimise (Appendix F: 11.5 / 62 / 24 s)."""
+    dt = [b - a for a, b in zip(times, times[1:])]
+    outcomes = unshard([(t["won"], t["invalid"], len(t["actions"])) for t in trajs], accelerator)
+    info.update({f"time/{k}": v for k, v in zip(("rollout", "relabel", "optimise"), dt)})
+    info["charts/rollout_success"] = float(np.mean([o[0] for o in outcomes]))
+    info["charts/invalid_action_rate"] = sum(o[1] for o in outcomes) / max(
+        sum(o[2] for o in outcomes), 1
+    )
+    info.update({"buffer/size": len(buffer), **{f"relabel/{k}": v for k, v in counts.items()}})
+    for tt in TASK_TYPES:  # what D' holds (Figure 5, top)
+        info[f"buffer/frac_{TASK_SHORT[tt]}"] = sum(
+            d["task_type"] == tt for d in buffer.items
+        ) / max(len(buffer), 1)
+    terms = "D' empty: SFT only"
+    if "hsl/loss" in info:
+        terms = f"L_D' {info['hsl/loss']:.4f}, L_SFT {info['sft/loss']:.4f}"
+    line = (
+        f"[hsl] step {progress} | rollout {dt[0]:.1f}s relabel {dt[1]:.1f}s "
+        f"optimise {dt[2]:.1f}s | success {info['charts/rollout_success']:.2f} | "
+        f"relabeled +{counts['pushed']} buffer {len(buffer)} | "
+        f"loss {info['losses/hsl_total']:.4f} ({terms})"
+    )
+    if args.relabeler == "llm":
+        sp, sr = precision_recall(counts)
+        p, r = precision_recall(counters)
+        info.update({"relabel/precision_vs_oracle": sp, "relabel/recall_vs_oracle": sr})
+        line += (
+            f" | precision {sp:.2f} recall {sr:.2f} (cum {p:.2f}/{r:.2f})"
+            " (skips: relabel/ in TensorBoard)"
+        )
+    return line
+
+
+def check_replicas(agent, buffer, accelerator, say):
+    """Data parallelism must leave every process with the same model and the same D'."""
+    if accelerator.num_processes > 1:
+        weights = float(sum(p.detach().double().sum() for p in agent[0].parameters()))
+        held = json.dumps(list(buffer.items), sort_keys=True, default=str)
+        same = len(set(gather_object([(weights, held)]))) == 1
+        say(
+            f"[accelerate] {accelerator.num_processes} processes; "
+            f"model and D' identical on all: {same}"
+        )
+
+
+def write_summary(run_dir, state, final, buffer, num_demos, args, accelerator):
+    """summary.json: the run state, the final evaluation, precision / recall against the oracle
+    (LLM relabeler) and the arguments."""
+    if accelerator.is_main_process:
+        counters = state["counters"]
+        p, r = precision_recall(counters) if args.relabeler == "llm" else (None, None)
+        summary = {
+            **state,
+            "relabeled_pushed": counters["pushed"],
+            "buffer_size": len(buffer),
+            "num_demos": num_demos,
+            "final_eval": final,
+            "precision_vs_oracle": p,
+            "recall_vs_oracle": r,
+            "args": asdict(args),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+
+# === LLM client (identical in all five scripts) ===================================================
 class LLMClient:
     """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (key from
     $OPENAI_API_KEY) or an in-process transformers model. A request that fails after its retries
@@ -432,914 +1428,40 @@ class LLMClient:
                 new_tokens = gen[:, enc["input_ids"].shape[1] :]
                 outs += self.tok.batch_decode(new_tokens, skip_special_tokens=True)
         self.failures += sum(o is None for o in outs)
-        # bounded size even when a server ignores max_tokens (about 4 characters a token, wide margin)
+        # bounded size even when a server ignores max_tokens
+        # (about 4 characters a token, wide margin)
         return [o if o is None else o[: 16 * self.args.llm_max_new_tokens] for o in outs]
 
 
-# === Hindsight relabeling (Section 3.3): goals, segmentation at S(I'_k), relevance z, oracle, precision/recall ======
-# A trajectory / demonstration is a plain dict (JSON-able, so D' can be checkpointed): intro (room description),
-# instruction, actions [T], observations [T] (o_{t+1} after a_t), thoughts [T] or None, z [T] relevance labels
-# (1 for ground truth), task_type, source ("expert" / "eto" / "hindsight"); rollouts add won and the PDDL states.
-_W = r"([a-z][a-z ]*?)"
-_IN, _THE, _A = r"(?:in|on|into|onto|in/on)", r"(?:the |a |an )?", r"(?:a |an |some |the )?"
-# The six goal templates of ALFWorld, both phrasings each (alfworld/gen/goal_library.py, Figure 8). Order matters:
-# the specific templates are tried before plain pick-and-place.
-GOAL_PATTERNS = [
-    ("pick_two_obj_and_place", rf"^(?:put|place) two {_W}s? {_IN} {_THE}{_W}$"),
-    ("pick_two_obj_and_place", rf"^find two {_W}s? and put them {_IN} {_THE}{_W}$"),
-    ("pick_clean_then_place_in_recep", rf"^put {_A}clean {_W} {_IN} {_THE}{_W}$"),
-    ("pick_clean_then_place_in_recep", rf"^clean {_A}{_W} and put it {_IN} {_THE}{_W}$"),
-    ("pick_heat_then_place_in_recep", rf"^put {_A}hot {_W} {_IN} {_THE}{_W}$"),
-    ("pick_heat_then_place_in_recep", rf"^heat {_A}{_W} and put it {_IN} {_THE}{_W}$"),
-    ("pick_cool_then_place_in_recep", rf"^put {_A}(?:cool|cold) {_W} {_IN} {_THE}{_W}$"),
-    ("pick_cool_then_place_in_recep", rf"^cool {_A}{_W} and put it {_IN} {_THE}{_W}$"),
-    ("look_at_obj_in_light", rf"^look at {_A}{_W} under {_THE}{_W}$"),
-    ("look_at_obj_in_light", rf"^examine {_A}{_W} (?:with|under) {_THE}{_W}$"),
-    ("pick_and_place_simple", rf"^put {_A}{_W} {_IN} {_THE}{_W}$"),
-]
-GOAL_TEXT = dict(
-    zip(TASK_TYPES, ["put a {o} in {r}", "look at {o} under the {r}", "put a clean {o} in {r}"])
-)
-GOAL_TEXT.update(
-    zip(TASK_TYPES[3:], ["put a hot {o} in {r}", "put a cool {o} in {r}", "put two {o} in {r}"])
-)
-LAMPS = ("desklamp", "floorlamp")
-goal_text = lambda goal: GOAL_TEXT[goal[0]].format(
-    o=goal[1], r=goal[2]
-)  # (task_type, obj, recep) -> instruction
-
-
-def validate_goal(goal, names: set[str]) -> Optional[tuple]:
-    """(task_type, obj, recep) of a goal that matches one of the six templates and names entities seen, else None."""
-    if (
-        not isinstance(goal, str) or len(goal) > 200
-    ):  # longer: no template instance (and slow regexes)
-        return None
-    g = re.sub(r"\s+", " ", re.sub(r"\b\d+\b", "", goal.lower())).strip().strip(".\"' ")
-    singular = lambda w: w[:-1] if w not in names and w.endswith("s") and w[:-1] in names else w
-    for task_type, pattern in GOAL_PATTERNS:  # the first template that matches decides
-        if m := re.match(pattern, g):
-            obj, recep = (singular(part.replace(" ", "")) for part in m.groups())
-            ok = (
-                obj in names
-                and recep in names
-                and (task_type != "look_at_obj_in_light" or recep in LAMPS)
-            )
-            return (task_type, obj, recep) if ok else None
-    return None
-
-
-def state_facts(state: dict) -> set[tuple]:
-    """A state's facts: ("in", obj, recep), ("holds"/"hot"/"cool"/"clean"/"toggled", obj), ("opened", recep), ("at", loc)."""
-    facts = {("in", o, r) for o, r in state["inrec"]} | {("at", state["agent_loc"])}
-    return facts | {
-        (k, x)
-        for k in ("hot", "cool", "clean", "holds", "toggled", "opened")
-        for x in state.get(k, [])
-    }
-
-
-def goal_instances(state: dict) -> list[tuple[tuple, frozenset]]:
-    """(goal, the facts that make it hold) for every way a goal holds in a state (ALFWorld's goal library definitions)."""
-    otype, rtype, out = state["otype"], state["rtype"], []
-    flagged = (("clean", TASK_TYPES[2]), ("hot", TASK_TYPES[3]), ("cool", TASK_TYPES[4]))
-    placed = sorted((o, r) for o, r in state["inrec"] if o in otype and r in rtype)
-    for o, r in placed:
-        out.append((("pick_and_place_simple", otype[o], rtype[r]), frozenset({("in", o, r)})))
-        out += [
-            ((tt, otype[o], rtype[r]), frozenset({("in", o, r), (k, o)}))
-            for k, tt in flagged
-            if o in state[k]
-        ]
-    for (o, r), (o2, r2) in itertools.combinations(placed, 2):
-        if r == r2 and otype[o] == otype[o2]:
-            out.append(
-                (
-                    ("pick_two_obj_and_place", otype[o], rtype[r]),
-                    frozenset({("in", o, r), ("in", o2, r)}),
-                )
-            )
-    for o in state["holds"]:  # examine: holding the object where a lamp is switched on
-        for lamp in state["toggled"]:
-            where = state["rloc"].get(dict(state["inrec"]).get(lamp))
-            if o in otype and lamp in otype and where == state["agent_loc"] is not None:
-                facts = frozenset({("holds", o), ("toggled", lamp), ("at", where)})
-                out.append((("look_at_obj_in_light", otype[o], otype[lamp]), facts))
-    return out
-
-
-def oracle_goals(traj: dict) -> list[tuple[tuple, int, frozenset]]:
-    """(goal, S, facts) per goal the agent achieved (Figure 8): S = the first step it holds by facts the agent made
-    true and kept (all its `in` facts, at least one): a goal true at reset counts once re-achieved; pick-two, both placed."""
-    first, made, prev = {}, set(), state_facts(traj["states"][0])
-    for t, state in enumerate(traj["states"][1:], 1):
-        cur = state_facts(state)
-        made = (made & cur) | (cur - prev)
-        for g, facts in sorted(goal_instances(state), key=str):
-            if g not in first and facts & made and all(f in made for f in facts if f[0] == "in"):
-                first[g] = (t, facts)
-        prev = cur
-    return sorted(((g, t, facts) for g, (t, facts) in first.items()), key=lambda x: x[1])
-
-
-def action_needs(action: str, state: dict) -> set[tuple]:
-    """The facts an ALFWorld command relies on in `state`: its object where it is (held or in its receptacle), the agent
-    where the receptacle (or lamp) is, the receptacle open if it is; `go to` relies on nothing."""
-    names = re.findall(r"\b[a-z]+ \d+\b", action)
-    if not names or action.startswith("go to"):
-        return set()
-    facts, where = state_facts(state), dict(state["inrec"])
-    receps = {n for n in names if n in state["rloc"]} | {where[n] for n in names[:1] if n in where}
-    needs = {("at", state["rloc"].get(r)) for r in receps} | {
-        ("opened", r) for r in receps if ("opened", r) in facts
-    }
-    return needs | {f for f in facts if f[0] in ("in", "holds") and f[1] == names[0]}
-
-
-def oracle_relevance(traj: dict, goal: tuple, S: int) -> list[int]:
-    """Oracle z_{1:S} (beyond the paper): walking back from S, an action is relevant iff it made true a fact the goal
-    (the facts it holds by at S) or a later relevant action relies on (action_needs); exploration, examine / look / inventory: z = 0."""
-    needed = set(next(facts for g, t, facts in oracle_goals(traj) if (g, t) == (goal, S)))
-    z = [0] * S
-    for u in range(S - 1, -1, -1):
-        made = state_facts(traj["states"][u + 1]) - state_facts(traj["states"][u])
-        if made & needed:
-            z[u], needed = 1, (needed - made) | action_needs(traj["actions"][u], traj["states"][u])
-    return z
-
-
-def extract_json_list(text: Optional[str]) -> Optional[list]:
-    """The JSON list in an LLM answer (code fences stripped, json.loads of the outermost [...]), else None."""
-    text = re.sub(r"```(?:json)?", "", text or "")
-    try:  # no "[...]" leaves an empty string: a JSON error too
-        out = json.loads(text[text.find("[") : text.rfind("]") + 1])
-    except (ValueError, RecursionError):  # malformed, or hostile (huge numbers, deep nesting)
-        return None
-    return out if isinstance(out, list) else None
-
-
-def format_trajectory(traj: dict, S: Optional[int] = None, labels: Optional[list] = None) -> str:
-    """A trajectory (segment) as the relabeler reads it: Step k: Action / Observation (+ Figure 8's Location/Inventory)."""
-    text = f"Initial observation: {traj['intro']}\n"
-    for t in range(len(traj["actions"]) if S is None else S):
-        text += f"\nStep {t + 1}:\nAction: {traj['actions'][t]}\nObservation: {traj['observations'][t]}\n"
-        lab = labels[t] if labels and t < len(labels) and isinstance(labels[t], dict) else {}
-        if "location" in lab:  # the answer is untrusted: bounded, and only ever shown as text
-            text += f"Location: {str(lab['location'])[:200]}\nInventory: {str(lab.get('inventory'))[:200]}\n"
-    return text.rstrip("\n")
-
-
-def segment_goals(
-    steps: list, T: int, names: set[str], counters: collections.Counter
-) -> list[tuple[tuple, int]]:
-    """Segmentation at S(I'_k) from a Figure 8 answer: the first step whose `reached_goals` holds the (valid) goal."""
-    first = {}
-    for pos, st in enumerate(steps[:T]):
-        if not isinstance(st, dict):
-            continue
-        step = st.get("step", pos + 1)
-        if not (
-            type(step) is int and 1 <= step <= T
-        ):  # a step the trajectory does not have: the answer is bad
-            counters["goal_inference_bad_step"] += 1
-            return []
-        reached = st.get("reached_goals")
-        reached = (
-            [reached] if isinstance(reached, str) else reached if isinstance(reached, list) else []
-        )
-        for g in dict.fromkeys(map(str, reached)):  # each distinct goal once per step
-            canon = validate_goal(g, names)
-            counters["goal_invalid"] += canon is None
-            if canon is not None:
-                first.setdefault(canon, step)
-    return list(first.items())
-
-
-def parse_relevance(text: Optional[str], S: int) -> Optional[list[int]]:
-    """z_{1:S} from a Figure 9 answer; None unless it is a list of exactly S steps with yes/no labels."""
-    items = extract_json_list(text) or []
-    labels = [
-        str(it.get("is_relevant_to_goal")).strip().lower() for it in items if isinstance(it, dict)
-    ]
-    if (
-        len(labels) != len(items)
-        or len(items) != S
-        or not set(labels) <= {"yes", "no", "true", "false"}
-    ):
-        return None
-    return [int(v in ("yes", "true")) for v in labels]
-
-
-def precision_recall(counts: collections.Counter) -> tuple[float, float]:
-    """Precision and recall of the LLM's validated goals against the oracle's (NaN when undefined)."""
-    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
-    return (
-        tp / (tp + fp) if tp + fp else float("nan"),
-        tp / (tp + fn) if tp + fn else float("nan"),
-    )
-
-
-def relabel(trajs, args, counters, client=None, prompts=None) -> list[list[dict]]:
-    """Section 3.3: one hindsight demo per goal I'_k a trajectory achieved, cut at S(I'_k), masked by z. "llm": M's goals
-    (Figure 8) and z (Figure 9), bad answers counted and skipped, scored against the oracle's goals; "oracle": PDDL facts."""
-    ask = (
-        lambda name, **kw: [  # the system prompt (Figure 8 or 9), then our user turn with the trajectory
-            {"role": "system", "content": prompts[name]},
-            {"role": "user", "content": string.Template(prompts[f"{name}_user"]).substitute(**kw)},
-        ]
-    )
-    if args.relabeler == "llm":
-        answers = client.chat(
-            [ask("goal_inference", trajectory=format_trajectory(t)) for t in trajs]
-        )
-    found, step_labels = [], []
-    for i, traj in enumerate(trajs):
-        goals = truth = [(g, S) for g, S, _ in oracle_goals(traj)]
-        if args.relabeler == "llm":
-            step_labels.append(extract_json_list(answers[i]))
-            bad = (
-                "goal_inference_failed_request" if answers[i] is None else "goal_inference_bad_json"
-            )
-            counters.update({"goal_inference_calls": 1, bad: step_labels[i] is None})
-            text = " ".join([traj["intro"]] + traj["actions"] + traj["observations"]).lower()
-            names = {
-                m.group(1) for m in re.finditer(r"\b([a-z]+) \d+\b", text)
-            }  # "mug" for "mug 1": entities seen
-            goals = segment_goals(step_labels[i] or [], len(traj["actions"]), names, counters)
-        if (
-            args.ablation == "relabel_failure"
-        ):  # Figure 4: failed trajectories only, their final achieved goal only
-            last = lambda gs: [max(gs, key=lambda g: g[1])] if gs and not traj["won"] else []
-            goals, truth = last(goals), last(truth)
-        pred, true = {g for g, _ in goals}, {g for g, _ in truth}
-        counters.update(
-            tp=len(pred & true), fp=len(pred - true), fn=len(true - pred), goals_found=len(goals)
-        )
-        counters.update(trajectories_without_goal=not goals)
-        found.append(goals)
-    jobs = [(i, g, S) for i, goals in enumerate(found) for g, S in goals]
-    if args.relabeler == "oracle":
-        labels = [oracle_relevance(trajs[i], g, S) for i, g, S in jobs]
-    else:  # one relevance request per (trajectory, goal); an unusable answer drops the goal
-        texts = [
-            format_trajectory(trajs[i], S, step_labels[i]) for i, _, S in jobs
-        ]  # with Figure 8's labels
-        convs = [
-            ask("action_relevance", goal=goal_text(g), num_steps=S, trajectory=x)
-            for (_, g, S), x in zip(jobs, texts)
-        ]
-        labels = [
-            parse_relevance(ans, S)
-            for ans, (_, _, S) in zip(client.chat(convs) if convs else [], jobs)
-        ]
-        counters.update(
-            relevance_calls=len(labels), relevance_unusable=sum(z is None for z in labels)
-        )
-    out = [[] for _ in trajs]
-    for (i, g, S), z in [
-        (job, z) for job, z in zip(jobs, labels) if z is not None
-    ]:  # (tau_S(k), I'_k, z_1:S(k))
-        t = trajs[
-            i
-        ]  # the agent's thoughts are dropped: they reasoned about the original instruction
-        d = dict(
-            intro=t["intro"],
-            instruction=goal_text(g),
-            thoughts=None,
-            z=list(z),
-            source="hindsight",
-            goal=list(g),
-        )
-        d.update(actions=t["actions"][:S], observations=t["observations"][:S], task_type=g[0])
-        out[i].append({**d, "gamefile": t.get("gamefile")})
-    return out
-
-
-# === Hindsight buffer D' (Section 3.4) ================================================================================
-def demo_weight(z: list[int], alpha: float) -> float:
-    """w_d = (n_d / T_d)^alpha * n_d (Section 3.4): n_d relevant actions out of T_d; optimality x difficulty."""
-    n, T = float(sum(z)), float(len(z))
-    return (n / T) ** alpha * n if T > 0 else 0.0
-
-
-class HindsightBuffer:
-    """D': FIFO queue of size N (Section 4.1); sampling with P(d) = w_d / sum w (Eq. 3), uniform under the ablation."""
-
-    def __init__(self, size: int, alpha: float, uniform: bool):
-        self.items = collections.deque(maxlen=size)
-        self.alpha, self.uniform = alpha, uniform
-
-    def push_all(self, relabeled: list[list[dict]], counters: collections.Counter) -> int:
-        """Append the relabeled demos in order (the oldest drop out); those with w_d = 0 could never be drawn: skipped."""
-        new = [d for demos in relabeled for d in demos if sum(d["z"]) > 0]
-        for d in new:
-            d["weight"] = 1.0 if self.uniform else demo_weight(d["z"], self.alpha)
-        self.items.extend(new)
-        counters.update(
-            pushed=len(new), dropped_no_relevant_action=sum(map(len, relabeled)) - len(new)
-        )
-        return len(new)
-
-    def sample(self, k: int, rng: np.random.Generator) -> list[dict]:
-        w = np.array([d["weight"] for d in self.items], dtype=np.float64)
-        idx = rng.choice(len(self.items), size=k, replace=True, p=w / w.sum())
-        return [self.items[i] for i in idx]
-
-    def __len__(self):
-        return len(self.items)
-
-
-# === Losses and the HSL update (Eq. 3-4), data parallel through accelerate ============================================
-def masked_sft_loss(logits, input_ids, weights, num_actions, denom: float):
-    """Eq. 3 (z = 1: the SFT term of Eq. 4): sum_b (1/T_b) sum_t z_t * -log P(a_t) / denom; weights (batch, seq): z_t on
-    a_t's tokens; denom = the *full* batch size, so gradient-accumulated micro-batches add up to the batch loss."""
-    logits = logits[:, :-1].float()  # (batch, seq-1, vocab): position j predicts token j+1
-    nll = F.cross_entropy(
-        logits.transpose(1, 2), input_ids[:, 1:], reduction="none"
-    )  # (batch, seq-1)
-    w = weights[:, 1:]
-    per_seq = (nll * w).sum(-1)  # (batch,)
-    loss = (per_seq / num_actions).sum() / denom
-    return loss, {"tokens": w.gt(0).sum().item()}
-
-
-def shard(items: list, accelerator) -> list:
-    """This process's share of a global list (every process draws the same global batches from the same seed)."""
-    return items[accelerator.process_index :: accelerator.num_processes]
-
-
-def unshard(mine: list, accelerator) -> list:
-    """The inverse of shard(): every process gets the whole list, in the global order (whatever the process count)."""
-    W, r = accelerator.num_processes, accelerator.process_index
-    return [
-        x
-        for _, x in sorted(
-            gather_object([(r + W * i, x) for i, x in enumerate(mine)]), key=lambda t: t[0]
-        )
-    ]
-
-
-def micro_batches(batch: list, size: int, coef: float, model, accelerator, sync: bool = True):
-    """(items, coef) micro-batches of this process's share; one all-reduce (the last, if `sync`); none: a zero gradient."""
-    mine = shard(batch, accelerator)
-    chunks = [(mine[i : i + size], coef) for i in range(0, len(mine), size)] or [(batch[:1], 0.0)]
-    for j, chunk in enumerate(chunks):
-        with (
-            contextlib.nullcontext()
-            if (sync and j == len(chunks) - 1)
-            else accelerator.no_sync(model)
-        ):
-            yield chunk
-
-
-def accumulate_loss(
-    model, batch, coef: float, args, accelerator, prefix: str, pad_id: int, sync: bool = True
-) -> dict:
-    """Forward/backward this process's share of a global batch (coef * loss into .grad); the global loss and tokens."""
-    W = accelerator.num_processes
-    # DDP averages gradients over the W processes: dividing by W makes that average the global batch's gradient
-    denom, loss_sum, tokens = len(batch) / W, 0.0, 0
-    for items, c in micro_batches(batch, args.micro_batch_size, coef, model, accelerator, sync):
-        mb = collate(items, pad_id, accelerator.device)
-        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-        loss, info = masked_sft_loss(
-            logits, mb["input_ids"], mb["weights"], mb["num_actions"], denom
-        )
-        accelerator.backward(c * loss)
-        if c:  # (an empty share's stand-in micro-batch counts nothing)
-            loss_sum, tokens = loss_sum + loss.item(), tokens + info["tokens"]
-    # per-process sums -> the global batch (each process's loss is W times its share of it, see denom)
-    stats = torch.tensor([loss_sum / W, tokens], dtype=torch.float64, device=accelerator.device)
-    stats = accelerator.reduce(stats, reduction="sum").tolist()
-    return {f"{prefix}/loss": stats[0], f"{prefix}/tokens": stats[1]}
-
-
-def optimizer_step(model, optimizer, scheduler, accelerator) -> dict:
-    """Clip, step, schedule, zero; returns the gradient norm before clipping and the learning rate."""
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {
-        "losses/grad_norm": float(grad_norm),
-        "charts/learning_rate": scheduler.get_last_lr()[0],
-    }
-
-
-def hsl_update(
-    model, optimizer, scheduler, buffer, sft_batch: list, agent: tuple, args, accelerator, rng
-) -> dict:
-    """One step on L_HSL = lambda L_D' + (1 - lambda) L_SFT (Eq. 4); D' drawn with P(d) ~ w_d; empty D': an SFT step."""
-    _, tokenizer, prefix = agent
-    info, pad, sft_coef = {}, tokenizer.pad_token_id, 1.0 - args.hsl_lambda if len(buffer) else 1.0
-    if len(buffer):
-        z = lambda d: [1] * len(d["z"]) if args.ablation == "no_mask" else d["z"]
-        drawn = buffer.sample(args.batch_size, rng)
-        batch = [
-            encode_demo(tokenizer, demo_messages(prefix, d), z(d), args.max_seq_len) for d in drawn
-        ]
-        # sync=False: one gradient all-reduce per optimisation step, after L_SFT
-        info.update(
-            accumulate_loss(
-                model, batch, args.hsl_lambda, args, accelerator, "hsl", pad, sync=False
-            )
-        )
-    info.update(accumulate_loss(model, sft_batch, sft_coef, args, accelerator, "sft", pad))
-    info["losses/hsl_total"] = sft_coef * info["sft/loss"] + args.hsl_lambda * info.get(
-        "hsl/loss", 0.0
-    )
-    return {**info, **optimizer_step(model, optimizer, scheduler, accelerator)}
-
-
-def make_scheduler(optimizer, num_steps: int, saved: Optional[dict] = None):
-    """Linear warm-up, then cosine decay over one phase (ETO / FastChat's recipe; the paper is silent)."""
-    sched = get_scheduler("cosine", optimizer, int(WARMUP_RATIO * num_steps), max(num_steps, 1))
-    if (
-        saved
-    ):  # resuming inside this phase: the schedule's position, and the learning rate it had set
-        sched.load_state_dict(saved)
-        for group, lr in zip(optimizer.param_groups, sched.get_last_lr()):
-            group["lr"] = lr
-    return sched
-
-
-def demo_batches(num_demos: int, batch_size: int, seed: int):
-    """Batches of D_train indices, epoch after epoch, each in a fresh random order (an epoch's last may be short)."""
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(num_demos).tolist()
-        yield from (order[i : i + batch_size] for i in range(0, num_demos, batch_size))
-
-
-# === Agent: model, chat format, action tokens, generation, rollouts ===================================================
-def read_prompt(name: str) -> str:
-    """Prompt body after the header's `---` line (prompt file convention of this repository)."""
-    return (PROMPTS_DIR / name).read_text().split("\n---\n", 1)[1].strip()
-
-
-def agent_prefix(args: Args, legacy_put: bool) -> list[dict]:
-    """ETO's conversation before the task (prompt_with_icl, "conversation", one example): instruction, "OK", the example;
-    ours (prompts/hsl/) or ETO's (--eto-prompts); put in the run's dialect ("put X in/on Y" = 0.4's "move X to Y")."""
-    read = lambda eto, ours: (
-        Path(args.eto_prompts, eto).read_text() if args.eto_prompts else read_prompt(ours)
-    )
-    inst, icl = read(ETO_INST, "alfworld_agent.md"), json.loads(read(ETO_ICL, "alfworld_icl.md"))[0]
-    inst = inst if legacy_put else inst.replace("put {obj} in/on {recep}", "move {obj} to {recep}")
-    turns = [{"role": "user", "content": inst}, {"role": "assistant", "content": "OK"}]
-    for j, turn in enumerate(icl):
-        text = re.sub(r"(?<=Action: )(.*)", lambda m: to_dialect(m[1], legacy_put), turn["content"])
-        turns.append({"role": ("user", "assistant")[j % 2], "content": text})
-    return turns
-
-
-def parse_agent_output(text: str) -> tuple[Optional[str], Optional[str]]:
-    """(thought, action) by ETO's rule (envs/alfworld_env.py): the action follows the first "Action:" (else None)."""
-    action = re.search(r"Action:\s?(.*)", text.strip(), re.S)
-    thought = re.search(r"Thought:\s*(.*?)\s*(?:Action:|$)", text, re.S)
-    return (thought.group(1) or None) if thought else None, action.group(
-        1
-    ).strip() if action else None
-
-
-def demo_messages(prefix: list[dict], demo: dict, with_last_obs: bool = False) -> list[dict]:
-    """A trajectory in ETO's conversation: prefix, task (room, newline, "Your task is to: ..."), Action / Observation."""
-    msgs = list(prefix) + [
-        {"role": "user", "content": f"{demo['intro']}\nYour task is to: {demo['instruction']}."}
-    ]
-    T = len(demo["actions"])
-    thoughts = demo.get("thoughts") or [None] * T
-    for t in range(T):
-        act = (f"Thought: {thoughts[t]}\n" if thoughts[t] else "") + f"Action: {demo['actions'][t]}"
-        msgs.append({"role": "assistant", "content": act})
-        if t < T - 1 or with_last_obs:
-            msgs.append({"role": "user", "content": f"Observation: {demo['observations'][t]}"})
-    return msgs
-
-
-def encode_demo(tokenizer, messages: list[dict], demo_z: list[float], max_len: int) -> dict:
-    """Token ids + weights: action t's tokens (content, end of turn) get z_t (located via prefix renders), others 0."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = tokenizer.apply_chat_template(
-            messages[:i], tokenize=False, add_generation_prompt=True
-        )
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (text.startswith(upto) and upto.startswith(prefix)):
-            raise ValueError(
-                "the agent's chat template is not prefix-stable; cannot locate action tokens"
-            )
-        spans.append(
-            (len(prefix), len(upto.rstrip()))
-        )  # content + end-of-turn marker, not the trailing newline
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, weights, k = enc["input_ids"], [0.0] * len(enc["input_ids"]), 0
-    z = [0.0] * (len(spans) - len(demo_z)) + list(
-        demo_z
-    )  # the prefix's assistant turns ("OK", the example) are never trained
-    for j, (s, _) in enumerate(enc["offset_mapping"]):
-        while k < len(spans) and s >= spans[k][1]:
-            k += 1
-        if k < len(spans) and spans[k][0] <= s < spans[k][1]:
-            weights[j] = float(z[k])
-    return {"input_ids": ids[:max_len], "weights": weights[:max_len], "num_actions": len(demo_z)}
-
-
-def collate(batch: list[dict], pad_id: int, device) -> dict:
-    """Right-pad a list of encoded demos into tensors."""
-    pad = lambda key, fill: torch.nn.utils.rnn.pad_sequence(
-        [torch.tensor(b[key]) for b in batch], True, fill
-    )
-    ids, lengths = pad("input_ids", pad_id), torch.tensor([len(b["input_ids"]) for b in batch])
-    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
-    num_actions = torch.tensor([max(b["num_actions"], 1.0) for b in batch])
-    out = dict(
-        input_ids=ids,
-        attention_mask=mask,
-        weights=pad("weights", 0.0).float(),
-        num_actions=num_actions,
-    )
-    return {k: v.to(device) for k, v in out.items()}
-
-
-def load_agent(args: Args):
-    """Tokenizer + causal LM (bfloat16 on GPU), full fine-tuning or LoRA; --resume: the checkpoint's weights/adapter."""
-    weights = args.resume if args.resume and not args.use_lora else args.model_name
-    try:  # a folder or hub id that holds no model: a data error naming it
-        tokenizer = AutoTokenizer.from_pretrained(args.resume or args.model_name)
-        model = AutoModelForCausalLM.from_pretrained(
-            weights, dtype=torch.bfloat16 if torch.cuda.is_available() else None
-        )
-    except (OSError, ValueError) as e:
-        raise SystemExit(
-            f"error: {weights}: cannot load a tokenizer and causal LM ({type(e).__name__})"
-        ) from None
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    if args.use_lora:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if args.resume:
-            return tokenizer, PeftModel.from_pretrained(model, args.resume, is_trainable=True)
-        cfg = dict(
-            r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=LORA_DROPOUT, target_modules="all-linear"
-        )
-        model = get_peft_model(model, LoraConfig(**cfg))
-    return tokenizer, model
-
-
-@torch.no_grad()
-def rollout(
-    gamefiles: list[str], agent: tuple, args: Args, temperature: float, desc="rollout"
-) -> list:
-    """Play the games in parallel (one batched generate per step); each trajectory keeps every step's PDDL state."""
-    (model, tokenizer, prefix), trajs, was_training = agent, [], agent[0].training
-    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    sample = (
-        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-        if temperature > 0
-        else greedy
-    )
-    games = [GAME_POOL[g].pop() if GAME_POOL[g] else ALFWorldGame(g) for g in gamefiles]
-    model.eval()
-    for game in games:
-        intro, instruction, gs = game.reset()
-        t = dict(
-            intro=intro,
-            instruction=instruction,
-            actions=[],
-            observations=[],
-            thoughts=[],
-            invalid=0,
-        )
-        trajs.append(
-            {
-                **t,
-                "task_type": game.task_type,
-                "gamefile": game.gamefile,
-                "won": False,
-                "done": False,
-            }
-        )
-        trajs[-1]["states"] = [summarize_facts(gs["facts"])]
-    for _ in tqdm(range(args.max_env_steps), desc=desc, leave=False, disable=None):
-        prompts = {}
-        for i in [
-            i for i, t in enumerate(trajs) if not t["done"]
-        ]:  # ETO: an input too long ends the episode, failed
-            msgs = demo_messages(prefix, trajs[i], with_last_obs=True)
-            prompts[i] = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)[
-                "input_ids"
-            ]
-            trajs[i]["done"] = len(prompts[i]) > args.max_seq_len - MAX_ACTION_TOKENS
-        active = [i for i in prompts if not trajs[i]["done"]]
-        if not active:
-            break
-        prompts = [prompts[i] for i in active]
-        batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(
-            model.device
-        )
-        out = model.generate(
-            **batch, max_new_tokens=MAX_ACTION_TOKENS, pad_token_id=tokenizer.pad_token_id, **sample
-        )
-        texts = tokenizer.batch_decode(
-            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-        for i, out in zip(active, texts):
-            t, game = trajs[i], games[i]
-            thought, action = parse_agent_output(out)
-            # ETO answers a turn without "Action:" with a format error; an empty command: "Nothing happens."
-            action = to_dialect(action, game.legacy_put) if action is not None else ""
-            t["invalid"] += action not in game.state["admissible_commands"]
-            obs, t["won"], done, gs = game.step(action)
-            for key, v in (("actions", action), ("thoughts", thought), ("observations", obs)):
-                t[key].append(v)
-            t["states"].append(summarize_facts(gs["facts"]))
-            t["done"] = t["won"] or done or len(t["actions"]) >= args.max_env_steps
-    for game, t in zip(games, trajs):
-        GAME_POOL[game.gamefile].append(game)
-        t["thoughts"] = t["thoughts"] if any(t["thoughts"]) else None
-    model.train(was_training)
-    return trajs
-
-
-# === Demonstrations D_train: ALFWorld's hand-coded expert, or ETO's ShareGPT file =====================================
-def expert_demo(gamefile: str, max_steps: int) -> Optional[dict]:
-    """Play a train game with ALFWorld's hand-coded expert (AlfredExpert, HANDCODED); None when it does not win."""
-    game = ALFWorldGame(gamefile, expert=True)
-    intro, instruction, gs = game.reset()
-    actions, observations = [], []
-    for _ in range(max_steps):
-        actions.append(
-            to_dialect(gs["extra.expert_plan"][0], game.legacy_put)
-        )  # the 0.4.2 expert says "move X to Y"
-        obs, won, done, gs = game.step(actions[-1])
-        observations.append(obs)
-        if won or done:
-            break
-    d = dict(
-        intro=intro,
-        instruction=instruction,
-        actions=actions,
-        observations=observations,
-        thoughts=None,
-        z=[1] * len(actions),
-    )
-    return (
-        {**d, "task_type": game.task_type, "source": "expert", "gamefile": gamefile}
-        if won
-        else None
-    )
-
-
-def load_eto_demos(path: str) -> list[dict]:
-    """ETO's alfworld_sft.json (ShareGPT): a human task turn ("Your task is to: ..."), then Action/Observation turns."""
-    try:  # every defect of the file is a data error naming it (UnicodeDecodeError is a ValueError)
-        data = json.loads(Path(path).read_text())
-        convs, demos = (
-            [[(m["from"], m["value"]) for m in item["conversations"]] for item in data],
-            [],
-        )
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise SystemExit(
-            f"error: {path}: not ETO format ({type(e).__name__}: {str(e)[:200]})"
-        ) from None
-    if not all(isinstance(x, str) for conv in convs for turn in conv for x in turn):
-        raise SystemExit(f"error: {path}: a turn's 'from' or 'value' is not a string")
-    for item, conv in zip(data, convs):
-        # the task turn: the human turn right before the first gpt turn with an action
-        acts = [
-            k
-            for k, (who, text) in enumerate(conv)
-            if who == "gpt" and re.search(r"action\s*:", text, re.I)
-        ]
-        if not acts or acts[0] == 0 or "Your task is to:" not in conv[acts[0] - 1][1]:
-            continue
-        intro, _, task = conv[acts[0] - 1][1].partition("Your task is to:")
-        turns = [parse_agent_output(text) for who, text in conv[acts[0] :: 2] if who == "gpt"]
-        obs = [re.sub(r"^Observation:\s*", "", text.strip()) for _, text in conv[acts[0] + 1 :: 2]]
-        obs += [""] * (len(turns) - len(obs))  # a demonstration may end on an action
-        thoughts, actions = map(list, zip(*[(th, a or "") for th, a in turns]))
-        d = dict(
-            intro=re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S),
-            source="eto",
-        )
-        d.update(
-            instruction=task.strip().split("\n")[0].rstrip("."), actions=actions, z=[1] * len(turns)
-        )
-        d.update(
-            observations=obs[: len(turns)],
-            thoughts=thoughts if any(thoughts) else None,
-            task_type=item.get("id"),
-        )
-        demos.append(d)
-    if not demos:
-        raise SystemExit(
-            f"error: {path}: no item has a human 'Your task is to:' turn (not ALFWorld?)"
-        )
-    return demos
-
-
-def load_demos(args: Args, games: list[str], legacy: bool) -> list[dict]:
-    """D_train: --demos-path (ETO's file, as the paper), else ALFWorld's hand-coded expert on the train games."""
-    if (
-        args.demos_path
-    ):  # in the games' command dialect: one dialect per run (ETO's file says "put X in/on Y")
-        demos = load_eto_demos(args.demos_path)[: args.num_demos]
-        return [{**d, "actions": [to_dialect(a, legacy) for a in d["actions"]]} for d in demos]
-    demos = [
-        d
-        for g in tqdm(games, desc="expert demos", disable=None)
-        if (d := expert_demo(g, EXPERT_MAX_STEPS))
-    ]
-    if not demos:
-        raise SystemExit(
-            "error: no ground-truth demonstrations (the expert won no train game; try --demos-path)"
-        )
-    return demos
-
-
-# === Logging, checkpoints and evaluation ==============================================================================
-def make_logger(args: Args, run_dir: Path, main_proc: bool):
-    """log(metrics, step) to TensorBoard in run_dir (W&B mirrors it with --track); log(None, 0) closes the writer."""
-    if not main_proc:
-        return lambda metrics, step: None
-    from torch.utils.tensorboard import SummaryWriter
-
-    if args.track:  # before the writer, so that W&B patches it
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_dir.name,
-        )
-    writer, table = (
-        SummaryWriter(str(run_dir)),
-        "".join(f"|{k}|{v}|\n" for k, v in vars(args).items()),
-    )
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    return lambda m, step: (
-        [writer.add_scalar(k, v, step) for k, v in m.items()] if m else writer.close()
-    )
-
-
-def save_checkpoint(
-    path: Path, agent: tuple, optimizer, scheduler, state: dict, buffer, accelerator, rng
-):
-    """All a resume needs: weights (adapter with LoRA), optimizer, scheduler, state + D', every process's generators
-    (Python, NumPy, torch CPU/CUDA, `rng`: games and D' batches); written to {path}.tmp, then renamed (never half)."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    rngs = gather_object(
-        [
-            (
-                random.getstate(),
-                np.random.get_state(),
-                torch.get_rng_state(),
-                cuda,
-                rng.bit_generator.state,
-            )
-        ]
-    )
-    if accelerator.is_main_process:
-        tmp = path.with_name(path.name + ".tmp")
-        agent[0].save_pretrained(tmp)  # the unwrapped model, and its tokenizer
-        agent[1].save_pretrained(tmp)
-        trainer = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rngs": rngs,
-        }
-        torch.save(trainer, tmp / "trainer_state.pt")
-        (tmp / "hsl_state.json").write_text(
-            json.dumps({**state, "buffer": list(buffer.items)}, default=str)
-        )
-        shutil.rmtree(path, ignore_errors=True)  # (a resumed run saves "final" again)
-        tmp.rename(path)
-        tqdm.write(f"[ckpt] saved {path}")
-
-
-def load_checkpoint(path: str, optimizer, state: dict, buffer, rng, accelerator, say) -> dict:
-    """Inverse of save_checkpoint (load_agent loads weights); rebuilt: SFT order (seeded), games, ETO pair order."""
-    state.update(
-        json.loads((Path(path) / "hsl_state.json").read_text())
-    )  # (saved atomically: complete or absent)
-    trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
-    buffer.items.extend(state.pop("buffer"))  # (pushed before: weights and all)
-    py, nps, cpu, cuda, rng.bit_generator.state = trainer["rngs"][accelerator.process_index]
-    for set_state, saved in zip(
-        (random.setstate, np.random.set_state, torch.set_rng_state), (py, nps, cpu)
-    ):
-        set_state(saved)
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    say(
-        f"[resume] {path}: sft_steps {state['sft_steps']}, hsl_steps {state['hsl_steps']}, D' {len(buffer)}"
-    )
-    return trainer["scheduler"]
-
-
-def evaluate(
-    games_by_split: dict, agent: tuple, args: Args, accelerator, log, step: int, tag: str, state
-) -> dict:
-    """Greedy success rate on each evaluation split, overall and per task type (Figure 5); each process plays its share."""
-    t0, results, state["evaluations"] = time.time(), {}, state["evaluations"] + 1
-    for split, games in games_by_split.items():
-        mine, outcomes, won = shard(games, accelerator), [], collections.defaultdict(list)
-        for i in range(0, len(mine), args.rollouts_per_step):
-            trajs = rollout(mine[i : i + args.rollouts_per_step], agent, args, 0.0, f"eval {split}")
-            outcomes += [(t["task_type"], float(t["won"])) for t in trajs]
-        for task_type, w in unshard(
-            outcomes, accelerator
-        ):  # (once per split: every process joins the gather)
-            won[TASK_SHORT[task_type]].append(w)
-        every = sum(won.values(), [])
-        results.update({f"{split}/success": float(np.mean(every)), f"{split}/episodes": len(every)})
-        results.update({f"{split}/success_{tt}": float(np.mean(w)) for tt, w in won.items()})
-    log({f"eval/{k}": v for k, v in results.items()}, step)
-    if accelerator.is_main_process:
-        tqdm.write(
-            f"[eval {tag}] step {step} ({time.time() - t0:.1f}s): "
-            + ", ".join(f"{k} {v:.3f}" for k, v in results.items())
-        )
-    return results
-
-
-def hsl_report(
-    progress: str, times: list, trajs: list, buffer, info: dict, counts, counters, args, accelerator
-) -> str:
-    """One HSL step's metrics (into `info`) and progress line; times: start, rollout, relabel, optimise (F: 11.5/62/24 s)."""
-    dt = [b - a for a, b in zip(times, times[1:])]
-    outcomes = unshard([(t["won"], t["invalid"], len(t["actions"])) for t in trajs], accelerator)
-    info.update({f"time/{k}": v for k, v in zip(("rollout", "relabel", "optimise"), dt)})
-    info["charts/rollout_success"] = float(np.mean([o[0] for o in outcomes]))
-    info["charts/invalid_action_rate"] = sum(o[1] for o in outcomes) / max(
-        sum(o[2] for o in outcomes), 1
-    )
-    info.update({"buffer/size": len(buffer), **{f"relabel/{k}": v for k, v in counts.items()}})
-    for tt in TASK_TYPES:  # what D' holds (Figure 5, top)
-        info[f"buffer/frac_{TASK_SHORT[tt]}"] = sum(
-            d["task_type"] == tt for d in buffer.items
-        ) / max(len(buffer), 1)
-    line = f"[hsl] step {progress} | rollout {dt[0]:.1f}s relabel {dt[1]:.1f}s optimise {dt[2]:.1f}s | success "
-    line += f"{info['charts/rollout_success']:.2f} | relabeled +{counts['pushed']} buffer {len(buffer)} | "
-    terms = (
-        f"L_D' {info['hsl/loss']:.4f}, L_SFT {info['sft/loss']:.4f}"
-        if "hsl/loss" in info
-        else "D' empty: SFT only"
-    )
-    line += f"loss {info['losses/hsl_total']:.4f} ({terms})"
-    if args.relabeler == "llm":
-        (sp, sr), (p, r) = precision_recall(counts), precision_recall(counters)
-        info.update({"relabel/precision_vs_oracle": sp, "relabel/recall_vs_oracle": sr})
-        line += f" | precision {sp:.2f} recall {sr:.2f} (cum {p:.2f}/{r:.2f}) (skips: relabel/ in TensorBoard)"
-    return line
-
-
-# === Main: SFT on D_train, then the HSL loop (Section 3.2) ============================================================
-def main():
-    args = tyro.cli(Args)
-    check_args(args)
-
-    accelerator = Accelerator()
-    main_proc = accelerator.is_main_process
-    run_dir = (
-        Path(args.output_dir)
-        / gather_object([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
-    )
-    set_seed(
-        args.seed
-    )  # Python, NumPy, torch (the agent's sampling); the environments are deterministic
-    rng = np.random.default_rng(
-        args.seed + 10_000
-    )  # the same on every process: games picked, D' batches drawn
-    say = (
-        tqdm.write if main_proc else (lambda *a, **k: None)
-    )  # progress lines from the main process only
-
-    # --- prompts, games, demonstrations, relabeler (fail early, before loading the agent) ---
-    relabel_prompts = (
-        "goal_inference",
-        "goal_inference_user",
-        "action_relevance",
-        "action_relevance_user",
-    )
+# === Main =========================================================================================
+# The phases below are shared, byte for byte, with hsl_dpo.py; main() wires them together.
+def load_inputs(args):
+    """Prompts, games, the agent's prompt prefix, D_train and the relabeler, loaded before the
+    agent so that a bad input fails at once."""
+    # Figures 8-9 and our user turns
     prompts = {
-        n: read_prompt(f"alfworld_{n}.md") for n in relabel_prompts
-    }  # Figures 8-9 and our user turns
+        n: read_prompt(f"alfworld_{n}.md")
+        for n in (
+            "goal_inference",
+            "goal_inference_user",
+            "action_relevance",
+            "action_relevance_user",
+        )
+    }
     train_games = list_games(args.data_dir, "train")
     eval_games = {s: list_games(args.data_dir, s) for s in ("valid_seen", "valid_unseen")}
     legacy = ALFWorldGame(train_games[0]).legacy_put  # one command dialect per run: the games'
     prefix = agent_prefix(args, legacy)  # ETO's instruction and in-context example
     demos = load_demos(args, train_games[: args.num_demos], legacy)
-    client = (
-        LLMClient(args) if args.relabeler == "llm" else None
-    )  # an unreachable endpoint fails now, not after SFT
+    # an unreachable endpoint fails now, not after SFT
+    client = LLMClient(args) if args.relabeler == "llm" else None
+    return prompts, train_games, eval_games, prefix, demos, client
 
-    # --- agent, optimiser, buffer D', state (or a checkpoint's) ---
+
+def load_learner(args, prefix, demos, state, rng, accelerator, say):
+    """The agent (prepared by accelerate; `agent` = its unwrapped model, tokenizer, prefix), its
+    AdamW optimiser, D_train encoded for it and its batch order, D', and with --resume the
+    checkpoint's state (and its scheduler's, returned for the phase it belongs to)."""
     tokenizer, model = load_agent(args)
     encoded = [
         encode_demo(tokenizer, demo_messages(prefix, d), d["z"], args.max_seq_len) for d in demos
@@ -1347,129 +1469,184 @@ def main():
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=WEIGHT_DECAY)
     model, optimizer = accelerator.prepare(model.train(), optimizer)
-    agent, pad = (accelerator.unwrap_model(model), tokenizer, prefix), tokenizer.pad_token_id
-    steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
-    num_sft_steps = int(round(args.sft_epochs * steps_per_epoch))
-    num_hsl_steps = (
-        args.hsl_steps if args.hsl_steps >= 0 else int(round(HSL_EPOCHS * steps_per_epoch))
-    )
+    agent = (accelerator.unwrap_model(model), tokenizer, prefix)
     buffer = HindsightBuffer(
         args.buffer_size, args.hsl_alpha, uniform=args.ablation == "uniform_weight"
     )
-    state = {"sft_steps": 0, "hsl_steps": 0, "evaluations": 0, "counters": {}}
     saved_sched = (
         load_checkpoint(args.resume, optimizer, state, buffer, rng, accelerator, say)
         if args.resume
         else None
     )
-    log = make_logger(
-        args, run_dir, main_proc
-    )  # the run folder: only now that the inputs have loaded
-    counters = state["counters"] = collections.Counter(
-        state["counters"]
-    )  # over the run (tp/fp/fn: LLM vs oracle)
-    batches = demo_batches(
-        len(encoded), args.batch_size, args.seed
-    )  # SFT, then the L_SFT term of Eq. 4
+    # over the run (tp/fp/fn: LLM vs oracle)
+    state["counters"] = collections.Counter(state["counters"])
+    # SFT, then the L_SFT term of Eq. 4; a resumed run goes on where it stopped
     batches = itertools.islice(
-        batches, state["sft_steps"] + state["hsl_steps"], None
-    )  # where a resumed run stopped
-
-    def save(name: str):
-        save_checkpoint(
-            run_dir / "checkpoints" / name, agent, optimizer, sched, state, buffer, accelerator, rng
-        )
-
-    # ---------------- phase 1: SFT on D_train (Appendix F) ----------------
-    sched = make_scheduler(
-        optimizer, num_sft_steps, saved_sched if state["hsl_steps"] == 0 else None
+        demo_batches(len(encoded), args.batch_size, args.seed),
+        state["sft_steps"] + state["hsl_steps"],
+        None,
     )
-    t0, first = time.time(), state["sft_steps"]
-    for step in tqdm(range(first, num_sft_steps), desc="sft", disable=None if main_proc else True):
-        info = accumulate_loss(
-            model, [encoded[i] for i in next(batches)], 1.0, args, accelerator, "sft", pad
-        )
+    return model, optimizer, agent, encoded, buffer, batches, saved_sched
+
+
+def sft_phase(
+    model, optimizer, agent, encoded, batches, saved_sched, state, args, accelerator, log, say, save
+):
+    """Phase 1 (Appendix F): SFT on the ground-truth demonstrations D_train; checkpoint "sft"."""
+    steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
+    num_steps = int(round(args.sft_epochs * steps_per_epoch))
+    sched = make_scheduler(optimizer, num_steps, saved_sched if state["hsl_steps"] == 0 else None)
+    t0 = time.time()
+    first = state["sft_steps"]
+    for step in tqdm(
+        range(first, num_steps),
+        desc="sft",
+        disable=None if accelerator.is_main_process else True,
+    ):
+        batch = [encoded[i] for i in next(batches)]
+        info = accumulate_loss(model, batch, 1.0, args, accelerator, "sft", agent[1].pad_token_id)
         info.update(optimizer_step(model, optimizer, sched, accelerator))
         state["sft_steps"] = step + 1
         log(info, step + 1)
-        if step == 0 or (step + 1) % steps_per_epoch == 0 or step + 1 == num_sft_steps:
+        if step == 0 or (step + 1) % steps_per_epoch == 0 or step + 1 == num_steps:
             speed = f"{(step + 1 - first) / (time.time() - t0):.2f} steps/s"
-            say(f"[sft] step {step + 1}/{num_sft_steps} loss {info['sft/loss']:.4f} ({speed})")
-    if first < num_sft_steps:
-        save("sft")
-    if args.eval_every > 0 and state["hsl_steps"] == 0:
-        evaluate(eval_games, agent, args, accelerator, log, 0, "after sft", state)
+            say(f"[sft] step {step + 1}/{num_steps} loss {info['sft/loss']:.4f} ({speed})")
+    if first < num_steps:
+        save("sft", optimizer, sched)
 
-    # ---------------- phase 2: HSL (Section 3.2): rollout -> relabel -> push to D' -> HSL update ----------------
-    sched = make_scheduler(
-        optimizer, num_hsl_steps, saved_sched if state["hsl_steps"] > 0 else None
+
+def hsl_phase(
+    model,
+    optimizer,
+    agent,
+    encoded,
+    batches,
+    saved_sched,
+    buffer,
+    games,
+    eval_games,
+    client,
+    prompts,
+    rng,
+    state,
+    args,
+    accelerator,
+    log,
+    say,
+    save,
+):
+    """Phase 2, the HSL loop (Section 3.2): rollout -> relabel -> push to D' -> one HSL update;
+    evaluation and checkpoint every --eval-every steps. Returns the scheduler."""
+    num_steps = (  # -1: HSL_EPOCHS passes over D_train
+        args.hsl_steps
+        if args.hsl_steps >= 0
+        else int(round(HSL_EPOCHS * math.ceil(len(encoded) / args.batch_size)))
     )
-    t_hsl, first = time.time(), state["hsl_steps"]
-    for step in tqdm(range(first, num_hsl_steps), desc="hsl", disable=None if main_proc else True):
-        # 1) trajectory collection: b train instructions, a_t ~ pi_theta; each process plays its share
-        t0, b = time.time(), args.rollouts_per_step
-        picked = [
-            train_games[i] for i in rng.choice(len(train_games), b, replace=len(train_games) < b)
-        ]
+    sched = make_scheduler(optimizer, num_steps, saved_sched if state["hsl_steps"] > 0 else None)
+    t_hsl = time.time()
+    first = state["hsl_steps"]
+    b = args.rollouts_per_step
+    for step in tqdm(
+        range(first, num_steps),
+        desc="hsl",
+        disable=None if accelerator.is_main_process else True,
+    ):
+        # 1) trajectory collection: b train instructions, a_t ~ pi_theta; each process its share
+        times = [time.time()]
+        picked = [games[i] for i in rng.choice(len(games), b, replace=len(games) < b)]
         trajs = rollout(shard(picked, accelerator), agent, args, args.rollout_temperature)
-        t1 = time.time()
-        # 2) relabeling with the goals actually achieved (Section 3.3); counts summed over the processes
+        times.append(time.time())
+        # 2) relabeling with the goals actually achieved (Section 3.3); counts summed over the
+        # processes
         counts = collections.Counter()
         relabeled = unshard(relabel(trajs, args, counts, client, prompts), accelerator)
         counts = sum(unshard([counts], accelerator), collections.Counter())
-        # 3) push to D': every process pushes every process's demonstrations in the global order (identical copies)
+        # 3) push to D': every process pushes every process's demonstrations in the global order
+        # (identical copies)
         buffer.push_all(relabeled, counts)
-        counters.update(counts)
-        t2 = time.time()
+        state["counters"].update(counts)
+        times.append(time.time())
         # 4) one optimisation step on L_HSL = lambda L_D' + (1 - lambda) L_SFT (Eq. 4)
         sft_batch = [encoded[i] for i in next(batches)]
         info = hsl_update(model, optimizer, sched, buffer, sft_batch, agent, args, accelerator, rng)
         state["hsl_steps"] = step + 1
+        times.append(time.time())
         # 5) log, evaluate, checkpoint
-        times, progress = [t0, t1, t2, time.time()], f"{step + 1}/{num_hsl_steps}"
-        say(hsl_report(progress, times, trajs, buffer, info, counts, counters, args, accelerator))
-        log(
-            {**info, "charts/steps_per_second": (step + 1 - first) / (time.time() - t_hsl)},
-            step + 1,
-        )
-        if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < num_hsl_steps:
-            evaluate(eval_games, agent, args, accelerator, log, step + 1, "hsl", state)
-            save(f"hsl_{step + 1}")
-
-    # ---------------- final evaluation, checkpoint and summary ----------------
-    final = evaluate(eval_games, agent, args, accelerator, log, state["hsl_steps"], "final", state)
-    if (
-        accelerator.num_processes > 1
-    ):  # data parallelism must leave every process with the same model and the same D'
-        weights = float(sum(p.detach().double().sum() for p in agent[0].parameters()))
-        same = (
-            len(
-                set(
-                    gather_object(
-                        [(weights, json.dumps(list(buffer.items), sort_keys=True, default=str))]
-                    )
-                )
-            )
-            == 1
-        )
         say(
-            f"[accelerate] {accelerator.num_processes} processes; model and D' identical on all: {same}"
+            hsl_report(
+                f"{step + 1}/{num_steps}",
+                times,
+                trajs,
+                buffer,
+                info,
+                counts,
+                state["counters"],
+                args,
+                accelerator,
+            )
         )
-    save("final")
-    if main_proc:
-        p, r = precision_recall(counters) if args.relabeler == "llm" else (None, None)
-        summary = {
-            **state,
-            "relabeled_pushed": counters["pushed"],
-            "buffer_size": len(buffer),
-            "num_demos": len(demos),
-        }
-        summary.update(
-            final_eval=final, precision_vs_oracle=p, recall_vs_oracle=r, args=asdict(args)
+        speed = (step + 1 - first) / (time.time() - t_hsl)
+        log({**info, "charts/steps_per_second": speed}, step + 1)
+        if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < num_steps:
+            evaluate(eval_games, agent, args, accelerator, log, step + 1, "hsl", state)
+            save(f"hsl_{step + 1}", optimizer, sched)
+    return sched
+
+
+def main():
+    args = tyro.cli(Args)
+    check_args(args)
+
+    accelerator = Accelerator()
+    run_dir = (  # one run name on every process: the main process's
+        Path(args.output_dir)
+        / gather_object([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
+    )
+    set_seed(args.seed)  # Python, NumPy, torch; the environments are deterministic
+    rng = np.random.default_rng(args.seed + 10_000)  # every process's: games picked, D' batches
+    say = tqdm.write if accelerator.is_main_process else silent  # from the main process only
+
+    # inputs first (they fail early), then the agent, D' and the run state (or a checkpoint's)
+    prompts, train_games, eval_games, prefix, demos, client = load_inputs(args)
+    state = {"sft_steps": 0, "hsl_steps": 0, "evaluations": 0, "counters": {}}
+    model, optimizer, agent, encoded, buffer, batches, saved_sched = load_learner(
+        args, prefix, demos, state, rng, accelerator, say
+    )
+    log = make_logger(args, run_dir, accelerator.is_main_process)  # the run folder, only now
+
+    def save(name, optimizer, sched):
+        save_checkpoint(
+            run_dir / "checkpoints" / name, agent, optimizer, sched, state, buffer, accelerator, rng
         )
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+    # what every phase reads and writes: the run state, the arguments, the processes, the outputs
+    run = dict(state=state, args=args, accelerator=accelerator, log=log, say=say, save=save)
+    sft_phase(model, optimizer, agent, encoded, batches, saved_sched, **run)
+    if args.eval_every > 0 and state["hsl_steps"] == 0:
+        evaluate(eval_games, agent, args, accelerator, log, 0, "after sft", state)
+    sched = hsl_phase(
+        model,
+        optimizer,
+        agent,
+        encoded,
+        batches,
+        saved_sched,
+        buffer,
+        train_games,
+        eval_games,
+        client,
+        prompts,
+        rng,
+        **run,
+    )
+
+    # final evaluation, checkpoint and summary
+    final = evaluate(eval_games, agent, args, accelerator, log, state["hsl_steps"], "final", state)
+    check_replicas(agent, buffer, accelerator, say)
+    save("final", optimizer, sched)
+    write_summary(run_dir, state, final, buffer, len(demos), args, accelerator)
     log(None, 0)  # closes the writer
-    accelerator.wait_for_everyone()  # every process leaves together, then the process group is torn down cleanly
+    accelerator.wait_for_everyone()  # every process leaves together, then the group is torn down
     accelerator.end_training()
 
 

@@ -1,15 +1,20 @@
 """LLM-Driven Relabeling (key-state-prioritised goal relabeling) on top of HIQL, on OGBench.
 
-Paper: Gao, Sun, Wang, Zheng, "Better Goals, Better Policies: LLM-Driven Relabeling for Offline Goal-Conditioned
-Reinforcement Learning", AAMAS 2026 extended abstract (no arXiv version). Figure 1: (1) `generate_rules`, (2)
-`compile_condition` (LLM output is never executed), (3) `keystate_goals`, (4) HIQL ("HIQL: Offline Goal-Conditioned RL
-with Latent States as Actions", arXiv 2307.11949) as OGBench's impls/agents/hiql.py, only relabeling changed.
-Self-checks: `check_rules`, `RelabelCheck` (paired TD probe). Notes: docs/keystate_hiql.md.
+Paper: Gao, Sun, Wang, Zheng, "Better Goals, Better Policies: LLM-Driven Relabeling for Offline
+Goal-Conditioned Reinforcement Learning", AAMAS 2026 extended abstract (no arXiv version).
+Figure 1: (1) `generate_rules` asks an LLM for semantic rules that describe key states;
+(2) `compile_condition` turns each rule into a discriminator (LLM output is never executed);
+(3) `keystate_goals` relabels value goals with key states of the same trajectory, within a window;
+(4) HIQL ("HIQL: Offline Goal-Conditioned RL with Latent States as Actions", arXiv 2307.11949) as
+OGBench's impls/agents/hiql.py trains on them, only relabeling changed.
+Self-checks: `check_rules` (compile time), `RelabelCheck` (relabel time, a paired TD probe).
+Notes: docs/keystate_hiql.md.
 
     vllm serve Qwen/Qwen2.5-7B-Instruct   # any OpenAI-compatible endpoint writes the rules
-    python keystate_hiql.py --env-name antmaze-large-navigate-v0 --llm-model Qwen/Qwen2.5-7B-Instruct
-    python keystate_hiql.py --relabel her --dataset-fraction 0.5 --num-seeds 4  # HER, reduced data, 4 seeds vmapped
-    python keystate_hiql.py --rules-path runs/<run>/rules.json --seed 1    # reuse one LLM call across seeds
+    python keystate_hiql.py --llm-model Qwen/Qwen2.5-7B-Instruct  # on antmaze-large-navigate-v0
+    # HER, reduced data, 4 seeds vmapped; then reuse one LLM call across seeds
+    python keystate_hiql.py --relabel her --dataset-fraction 0.5 --num-seeds 4
+    python keystate_hiql.py --rules-path runs/<run>/rules.json --seed 1
 """
 
 # /// script
@@ -59,7 +64,7 @@ from scipy.stats import t as t_dist
 from tqdm import tqdm
 
 
-# === Args =============================================================================================================
+# === Arguments ====================================================================================
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -67,19 +72,24 @@ class Args:
     seed: int = 0
     """seed of the experiment (JAX, evaluation episodes, LLM requests, --dataset-fraction subset)"""
     num_seeds: int = 1
-    """seeds --seed ... --seed + N - 1 trained in one process, vmapped (one jitted update for all)"""
+    """seeds --seed ... --seed + N - 1 trained in one process, vmapped (one jitted update for
+    all)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "llm-relabeling"
     """the wandb's project name"""
     run_dir: str = "runs"
-    """parent folder of each run's {run_dir}/{run_name}/ (TensorBoard, rules.json, TD errors, params)"""
+    """parent folder of each run's {run_dir}/{run_name}/ (TensorBoard, rules.json, TD errors,
+    params)"""
     env_name: str = "antmaze-large-navigate-v0"
-    """OGBench dataset name (environment + dataset type), e.g. antmaze-large-navigate-v0, cube-single-play-v0"""
+    """OGBench dataset name (environment + dataset type), e.g. antmaze-large-navigate-v0,
+    cube-single-play-v0"""
     dataset_path: Optional[str] = None
-    """local .npz in OGBench's layout (observations, actions, terminals); default: ogbench downloads the official one"""
+    """local .npz in OGBench's layout (observations, actions, terminals); default: ogbench downloads
+    the official one"""
     dataset_fraction: float = 1.0
-    """fraction of episodes kept (paper's reduced-data setting: 0.5); a subset per seed, the same for both arms"""
+    """fraction of episodes kept (paper's reduced-data setting: 0.5); a subset per seed, the same
+    for both arms"""
     total_steps: int = 500_000
     """number of gradient steps (paper: 500,000)"""
     batch_size: int = 1024
@@ -91,24 +101,29 @@ class Args:
     eval_episodes: int = 50
     """evaluation episodes per task (paper / OGBench protocol: 50)"""
     relabel: Literal["her", "keystate"] = "keystate"
-    """goal relabeling: OGBench's standard mixture (her) or key-state-prioritised (keystate, the paper's method)"""
+    """goal relabeling: OGBench's standard mixture (her) or key-state-prioritised (keystate, the
+    paper's method)"""
     discount: Optional[float] = None
-    """discount factor; also the geometric future-goal parameter (default: OGBench's per-env value, 0.99 or 0.995)"""
+    """discount factor; also the geometric future-goal parameter (default: OGBench's per-env value,
+    0.99 or 0.995)"""
     rules_path: Optional[str] = None
     """JSON rule set (as saved in runs/{run_name}/rules.json); skips the LLM call"""
     # Key-state knobs: the paper publishes none of these values (ours).
     num_rules: int = 3
     """number of rules asked from the LLM"""
     p_keystate: float = 0.5
-    """probability that a future-state goal is replaced by a key state within the window (initial value when adapted)"""
+    """probability that a future-state goal is replaced by a key state within the window (initial
+    value when adapted)"""
     keystate_window: int = 200
     """temporal window: key-state goals lie in (t, t + window] of the same trajectory"""
     adapt_interval: int = 1_000
-    """relabel-time self-check: steps between paired TD probes that adapt p_keystate (0: p_keystate stays fixed)"""
-    # --- LLM client (the same seven flags in every script) ------------------------------------------------------------
+    """relabel-time self-check: steps between paired TD probes that adapt p_keystate (0: p_keystate
+    stays fixed)"""
+    # --- LLM client (the same seven flags in every script) ----------------------------------------
     llm_backend: Literal["openai", "transformers"] = "openai"
-    """openai: any OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp, `transformers serve`, hosted; key from
-    $OPENAI_API_KEY); transformers: the model in this process (offline runs with small local models)"""
+    """openai: any OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp, \
+`transformers serve`, hosted; key from $OPENAI_API_KEY); transformers: the model in \
+this process (offline runs with small local models)"""
     llm_model: str = "Qwen/Qwen2.5-7B-Instruct"
     """model name sent to the endpoint, or (transformers) a hub id or local folder"""
     llm_base_url: str = "http://localhost:8000/v1"
@@ -124,41 +139,51 @@ class Args:
     hidden_dims: Tuple[int, ...] = (512, 512, 512)
     """hidden sizes of the value, subgoal-representation and both actor MLPs"""
     high_alpha: Optional[float] = None
-    """AWR temperature of the high-level actor (default: OGBench's per-env value, 3.0; antmaze-explore 10.0)"""
+    """AWR temperature of the high-level actor (default: OGBench's per-env value, 3.0;
+    antmaze-explore 10.0)"""
     low_alpha: Optional[float] = None
-    """AWR temperature of the low-level actor (default: OGBench's per-env value, 3.0; antmaze-explore 10.0)"""
+    """AWR temperature of the low-level actor (default: OGBench's per-env value, 3.0;
+    antmaze-explore 10.0)"""
     subgoal_steps: Optional[int] = None
-    """k: the subgoal is the state k steps ahead (default: OGBench's per-env value, 25; cube/scene/puzzle 10)"""
+    """k: the subgoal is the state k steps ahead (default: OGBench's per-env value, 25;
+    cube/scene/puzzle 10)"""
 
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"  # the prompt files, next to this script
 # Fixed values nobody tunes in the paper's experiments (each with the reason for its value).
-TAU, LR = 0.005, 3e-4  # soft target update rate and Adam learning rate, as OGBench
+TAU = 0.005  # soft target update rate, as OGBench
+LR = 3e-4  # Adam learning rate, as OGBench
 EXPECTILE = 0.7  # expectile of the action-free value loss, as OGBench
-REP_DIM = 10  # size of the subgoal representation phi([s; g]), as OGBench
-MAX_LAG = 20  # a rule's temporal window: nested prev/next/delta lags add up to <= 20 steps (a turn, a grasp)
-MAX_RULES = 16  # rules read from one LLM answer or one --rules-path file; the rest are dropped with a message
+# A rule's temporal window: nested prev/next/delta lags add up to <= 20 steps (a turn, a grasp).
+MAX_LAG = 20
+# Rules read from one LLM answer or one --rules-path file; the rest are dropped with a message.
+MAX_RULES = 16
 MAX_REPAIR_ROUNDS = 2  # compile-time self-check: rounds of the repair prompt for rules that failed
-RULE_MIN_FIRE, RULE_MAX_FIRE = (
-    0.001,
-    0.3,
-)  # a rule firing on (almost) no or on many states picks no *key* states
-# `RelabelCheck`'s step, z threshold and bounds (the bounds keep both HER and key-state goals in the batches).
-ADAPT_STEP, ADAPT_K0, ADAPT_Z, P_KEYSTATE_MIN, P_KEYSTATE_MAX = 0.1, 10, 2.0, 0.05, 0.9
-PER_SEED = (
-    "valid_idxs",
-    "n_valid",
-)  # goal data that differ per seed (--dataset-fraction); the dataset is shared
+# A rule firing on (almost) no or on many states picks no *key* states.
+RULE_MIN_FIRE = 0.001
+RULE_MAX_FIRE = 0.3
+# `RelabelCheck`'s step, z threshold and bounds (the bounds keep both HER and key-state goals in
+# the batches).
+ADAPT_STEP = 0.1
+ADAPT_K0 = 10
+ADAPT_Z = 2.0
+P_KEYSTATE_MIN = 0.05
+P_KEYSTATE_MAX = 0.9
+REP_DIM = 10  # size of the subgoal representation phi([s; g]), as OGBench
+# goal data that differ per seed (--dataset-fraction); the dataset is shared
+PER_SEED = ("valid_idxs", "n_valid")
 
 
 def usage_error(message: str):
-    """A usage error ends the run with one line and exit status 2, as argparse (and tyro) do; data errors exit 1."""
+    """A usage error ends the run with one line and exit status 2, as argparse (and tyro) do;
+    data errors exit 1."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
 def check_args(args: Args):
-    """Usage errors as one line (`error: --flag: ...`) before anything heavy; the rule compiler keeps its own checks."""
+    """Usage errors as one line (`error: --flag: ...`) before anything heavy; the rule compiler
+    keeps its own checks."""
     at_least_1 = (
         "total_steps",
         "batch_size",
@@ -166,23 +191,27 @@ def check_args(args: Args):
         "eval_episodes",
         "num_seeds",
         "keystate_window",
+        "llm_concurrency",
+        "llm_max_new_tokens",
     )
-    checks = [  # (field, valid?, what it must be)
-        *[
-            (n, getattr(args, n) >= 1, ">= 1")
-            for n in (*at_least_1, "llm_concurrency", "llm_max_new_tokens")
-        ],
-        *[
-            (n, getattr(args, n) >= 0, ">= 0")
-            for n in ("eval_interval", "adapt_interval", "llm_temperature")
-        ],
+    # (field, valid?, what it must be)
+    checks = [(n, getattr(args, n) >= 1, ">= 1") for n in at_least_1]
+    checks += [
+        (n, getattr(args, n) >= 0, ">= 0")
+        for n in (
+            "eval_interval",
+            "adapt_interval",
+            "llm_temperature",
+        )
+    ]
+    checks += [
         ("num_rules", 1 <= args.num_rules <= MAX_RULES, f"in [1, {MAX_RULES}]"),
         ("dataset_fraction", 0.0 < args.dataset_fraction <= 1.0, "in (0, 1]"),
         ("p_keystate", 0.0 <= args.p_keystate <= 1.0, "in [0, 1]"),
         ("discount", args.discount is None or 0.0 < args.discount < 1.0, "in (0, 1)"),
         (
             "hidden_dims",
-            len(args.hidden_dims) > 0 and min(args.hidden_dims) >= 1,
+            min(args.hidden_dims, default=0) >= 1,
             "one or more sizes >= 1",
         ),
         (
@@ -203,15 +232,14 @@ def check_args(args: Args):
 
 
 def resolve_presets(args: Args) -> Args:
-    """OGBench's per-env HIQL defaults (impls/hyperparameters.sh): subgoal steps, both alphas and the discount."""
+    """OGBench's per-env HIQL defaults (impls/hyperparameters.sh): subgoal steps, both alphas and
+    the discount."""
     env = args.env_name
-    subgoal_steps = (
-        100
-        if "humanoidmaze" in env
-        else 10
-        if any(f in env for f in ("cube", "scene", "puzzle"))
-        else 25
-    )
+    subgoal_steps = 25
+    if "humanoidmaze" in env:
+        subgoal_steps = 100
+    elif any(f in env for f in ("cube", "scene", "puzzle")):
+        subgoal_steps = 10
     alpha = 10.0 if "antmaze" in env and "explore" in env else 3.0
     discount = 0.995 if "giant" in env or "humanoidmaze" in env else 0.99
     args.high_alpha = alpha if args.high_alpha is None else args.high_alpha
@@ -223,9 +251,824 @@ def resolve_presets(args: Args) -> Args:
     return args
 
 
-# === Environment & dataset ============================================================================================
+# === Method: key-state rule generation (Section 2.1 (1)) ==========================================
+def read_prompt(path: Path) -> str:
+    """A prompt file's body: what follows its '---' line (above it: where the prompt comes from,
+    its placeholders)."""
+    return path.read_text().split("\n---\n", 1)[-1].strip()
+
+
+def read_layout(args: Args):
+    """The layout prompt prompts/keystate/layout_<family>.md whose family starts --env-name, and its
+    feature names."""
+    families = sorted((PROMPTS / "keystate").glob("layout_*.md"))
+    match = [
+        p
+        for p in families
+        if args.env_name.startswith(p.stem.removeprefix("layout_").replace("_", "-") + "-")
+    ]
+    if not match:
+        usage_error(
+            f"--env-name: no prompts/keystate/layout_*.md for {args.env_name!r} "
+            "(add one, or --relabel her)"
+        )
+    layout = read_prompt(match[0])
+    return layout, {m[1]: int(m[2]) for m in re.finditer(r"^- `(\w+)` = s(\d+)", layout, re.M)}
+
+
+def extract_rules_json(text: str) -> list:
+    """The first {"rules": [...]} object in an LLM answer or a rules file (code fences and chatter
+    tolerated)."""
+    for m in re.finditer(r"\{", text):
+        try:
+            obj = json.JSONDecoder().raw_decode(text, m.start())[0]
+        except (ValueError, RecursionError):
+            continue  # not JSON from here, or nested beyond the parser's limit
+        if isinstance(obj, dict) and isinstance(obj.get("rules"), list):
+            return [r for r in obj["rules"] if isinstance(r, dict)]
+    raise RuleError("no JSON object with a 'rules' list found")
+
+
+def generate_rules(
+    args: Args, feats: "Features", layout: str, valid_rows: np.ndarray, key_mask: np.ndarray, log
+):
+    """Section 2.1 (1): ask the LLM for rules, check them, send failures back (MAX_REPAIR_ROUNDS
+    repair prompts)."""
+    client = LLMClient(args)
+    # the layout's "Task: ..." paragraph, then its features
+    task, _, layout_features = layout.partition("\nFeatures:")
+    fields = dict(
+        env_name=args.env_name,
+        num_rules=args.num_rules,
+        observation_layout=layout_features.strip(),
+        task_description=" ".join(task.removeprefix("Task:").split()),
+        features=", ".join(feats.columns),
+        # what compiles
+        functions=", ".join(k for k in OPS if isinstance(k, str)),
+        max_lag=MAX_LAG,
+        min_fire=f"{RULE_MIN_FIRE:.1%}",
+        max_fire=f"{RULE_MAX_FIRE:.1%}",
+    )
+    prompt = Template(read_prompt(PROMPTS / "keystate" / "rule_generation.md")).substitute(fields)
+    accepted = []
+    rejected = 0
+    for round_ in range(MAX_REPAIR_ROUNDS + 1):
+        answer = client.chat([[{"role": "user", "content": prompt}]])[0]
+        if answer is None:  # counted by the client; the next round asks again
+            log(f"[rules] LLM round {round_} failed (no answer)")
+            continue
+        log(f"[rules] LLM round {round_} answered: {answer[:300]!r}")
+        try:
+            good, failures = check_rules(
+                extract_rules_json(answer), feats, valid_rows, key_mask, log
+            )
+        except RuleError as e:
+            good = []
+            failures = [dict(name="(whole answer)", condition=answer[:200], error=str(e))]
+            log(f"[rules] rejected (whole answer): {e}")
+        accepted += [g for g in good if g["condition"] not in {r["condition"] for r in accepted}]
+        rejected += len(failures)
+        if not failures or len(accepted) >= args.num_rules:
+            break
+        lines = "\n".join(f"- {f['name']}: {f['condition']!r} -> {f['error']}" for f in failures)
+        prompt = Template(read_prompt(PROMPTS / "keystate" / "rule_repair.md")).substitute(
+            fields, failures=lines
+        )
+    return accepted, dict(rejected_rules=rejected, llm_failures=client.failures)
+
+
+# === Method: rule compilation into discriminators, compile-time self-check (Section 2.1 (2)) ======
+# What a rule may use besides features and numbers: operators (by AST node type) and functions (by
+# name) -> NumPy on all states at once; /, sqrt, log, exp made total (no NaN or inf).
+# prev/next/delta(expr, k): clamped to the episode (`ev`).
+OPS = {
+    ast.Add: np.add,
+    ast.Sub: np.subtract,
+    ast.Mult: np.multiply,
+    ast.USub: np.negative,
+    ast.UAdd: np.positive,
+    ast.Div: lambda a, b: a / np.where(b == 0, 1e-8, b),
+    ast.Lt: np.less,
+    ast.LtE: np.less_equal,
+    ast.Gt: np.greater,
+    ast.GtE: np.greater_equal,
+    ast.Not: np.logical_not,
+    ast.Eq: np.equal,
+    ast.NotEq: np.not_equal,
+    ast.And: np.logical_and,
+    ast.Or: np.logical_or,
+    **{
+        name: getattr(np, name)
+        for name in (
+            "abs",
+            "sin",
+            "cos",
+            "tanh",
+            "sign",
+            "arctan2",
+            "clip",
+        )
+    },
+    "sqrt": lambda x: np.sqrt(np.abs(x)),
+    "log": lambda x: np.log(np.abs(x) + 1e-8),
+    "exp": lambda x: np.exp(np.clip(x, -50, 50)),
+    "min": np.minimum,
+    "max": np.maximum,
+    "norm": lambda *xs: np.sqrt(sum(np.square(x) for x in xs)),
+    # evaluated in `ev`
+    "prev": None,
+    "next": None,
+    "delta": None,
+}
+# Positional arguments of each function; the others take 1, norm 1 to 8.
+ARITY = {
+    "arctan2": 2,
+    "min": 2,
+    "max": 2,
+    "clip": 3,
+    "norm": None,
+    "prev": 2,
+    "next": 2,
+    "delta": 2,
+}
+# Bounds on what a rule may cost to parse and evaluate.
+MAX_EXPR_CHARS = 400
+MAX_AST_NODES = 120
+MAX_POW = 4
+
+
+class RuleError(ValueError):
+    """A rule that fails to parse, to validate or to run; the message goes back to the LLM in
+    the repair prompt."""
+
+
+class Features:
+    """What a rule may read (s0 ..., layout names, t / t_left: steps since / until episode end),
+    episode bounds."""
+
+    def __init__(self, ds: dict, names: dict):
+        obs = ds["observations"]
+        idx = np.arange(len(obs))
+        ends = np.nonzero(ds["valids"] == 0)[0]
+        ep_id = np.searchsorted(ends, idx)
+        self.ep_start = np.concatenate([[0], ends[:-1] + 1])[ep_id]
+        self.ep_end = ends[ep_id]
+        self.columns = {f"s{i}": obs[:, i] for i in range(obs.shape[1])} | {
+            k: obs[:, i] for k, i in names.items()
+        }
+        self.columns["t"] = idx - self.ep_start
+        self.columns["t_left"] = self.ep_end - idx
+
+
+def compile_condition(expr: str, feats: Features) -> np.ndarray:
+    """Section 2.1 (2): a condition -> discriminator state -> {0, 1} on all states (NumPy). The
+    evaluator is the whitelist (other syntax: RuleError; never executed); each sub-expression is
+    computed once: linear cost."""
+    if not isinstance(expr, str) or not 0 < len(expr.strip()) <= MAX_EXPR_CHARS:
+        raise RuleError(
+            f"condition must be a non-empty string of at most {MAX_EXPR_CHARS} characters"
+        )
+    try:
+        tree = ast.parse(expr.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise RuleError(f"syntax error: {e.msg}") from None
+    if sum(1 for _ in ast.walk(tree)) > MAX_AST_NODES:
+        raise RuleError(f"condition too complex (more than {MAX_AST_NODES} syntax nodes)")
+
+    def ev(node, lags):
+        # `lags`: the sum of the prev/next/delta lags above this node, checked before their
+        # argument is evaluated
+        op = OPS.get(type(getattr(node, "op", None)))
+        fn = (
+            node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None
+        )
+        # finite real numbers only: no str, bool, None, complex, 1e999, 10**400
+        if isinstance(node, ast.Constant):
+            if type(node.value) not in (int, float) or not abs(node.value) < 1e300:
+                raise RuleError(f"{ast.unparse(node)[:20]!r} is not a finite real number")
+            return np.float64(node.value)
+        if isinstance(node, ast.Name) and node.id in feats.columns:
+            return feats.columns[node.id]
+        if isinstance(node, ast.UnaryOp) and op:
+            return op(ev(node.operand, lags))
+        if isinstance(node, ast.BoolOp):
+            return functools.reduce(op, [np.asarray(ev(v, lags), dtype=bool) for v in node.values])
+        # |a|^p, odd integer p keeps a's sign
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            p = ev(node.right, lags)
+            if np.ndim(p) or not abs(p) <= MAX_POW:
+                raise RuleError(f"exponents must be numbers with |p| <= {MAX_POW}")
+            a = ev(node.left, lags)
+            return np.power(np.abs(a), p) * (np.sign(a) if p == int(p) and int(p) % 2 else 1.0)
+        if isinstance(node, ast.BinOp) and op:
+            return op(ev(node.left, lags), ev(node.right, lags))
+        # a < b <= c: pairwise, and-ed
+        if isinstance(node, ast.Compare) and all(type(o) in OPS for o in node.ops):
+            vals = [ev(v, lags) for v in [node.left, *node.comparators]]
+            return functools.reduce(
+                np.logical_and, [OPS[type(o)](a, b) for o, a, b in zip(node.ops, vals, vals[1:])]
+            )
+        if fn not in OPS:
+            raise RuleError(
+                "unknown feature, operator or function: "
+                f"{ast.unparse(getattr(node, 'func', node))[:40]}"
+            )
+        arity = ARITY.get(fn, 1)
+        args = node.args
+        if node.keywords or (len(args) != arity if arity else not 1 <= len(args) <= 8):
+            raise RuleError(f"{fn}() takes {arity or '1 to 8'} positional arguments")
+        if OPS[fn] is not None:
+            return OPS[fn](*[ev(a, lags) for a in args])
+        k = args[1].value if isinstance(args[1], ast.Constant) else None
+        # bounds the window, and so the nesting depth
+        if type(k) is not int or not 1 <= k <= MAX_LAG - lags:
+            raise RuleError(
+                f"{fn}(): lag must be an integer literal >= 1; "
+                f"nested lags may add up to {MAX_LAG} steps"
+            )
+        # a number: the same at every row
+        value = np.broadcast_to(ev(args[0], lags + k), feats.ep_start.shape)
+        rows = np.clip(
+            np.arange(len(value)) + (k if fn == "next" else -k), feats.ep_start, feats.ep_end
+        )
+        return value - value[rows] if fn == "delta" else value[rows]
+
+    with np.errstate(all="ignore"):
+        out = np.broadcast_to(np.asarray(ev(tree, 0)), feats.ep_start.shape)
+    if out.dtype != bool:
+        raise RuleError("condition is not a comparison (it must evaluate to true/false per state)")
+    return out
+
+
+def check_rules(
+    rules: list, feats: Features, valid_rows: np.ndarray, key_mask: np.ndarray, log=print
+):
+    """Compile-time self-check of <= MAX_RULES rules: parse, run, fire rate in bounds; masks OR-ed
+    into key_mask."""
+    if len(rules) > MAX_RULES:  # one cap for LLM answers and rule files
+        names = ", ".join(str(r.get("name", "?"))[:64] for r in rules[MAX_RULES : MAX_RULES + 5])
+        log(
+            f"[rules] {len(rules) - MAX_RULES} rules beyond the cap of {MAX_RULES} dropped: "
+            f"{names}, ..."
+        )
+    accepted = []
+    failures = []
+    for i, r in enumerate(rules[:MAX_RULES]):
+        name = str(r.get("name", f"rule_{i}"))[:64]
+        cond = r.get("condition")
+        try:
+            mask = compile_condition(cond, feats)
+            frac = float(mask[valid_rows].mean())
+            if not RULE_MIN_FIRE <= frac <= RULE_MAX_FIRE:
+                raise RuleError(
+                    f"fires on {frac:.2%} of states, "
+                    f"outside [{RULE_MIN_FIRE:.2%}, {RULE_MAX_FIRE:.2%}]"
+                )
+            key_mask |= mask
+            desc = str(r.get("description", ""))[:300]
+            accepted.append(dict(name=name, description=desc, condition=cond, fire_rate=frac))
+        # Anything the validator did not foresee rejects the rule instead of crashing the run.
+        except (ArithmeticError, ValueError, TypeError, RecursionError, MemoryError) as e:
+            error = (
+                str(e)
+                if isinstance(e, RuleError)
+                else f"could not be evaluated ({type(e).__name__})"
+            )
+            failures.append(
+                dict(
+                    name=name,
+                    condition=str(cond)[:MAX_EXPR_CHARS],
+                    error=error,
+                )
+            )
+            log(f"[rules] rejected {name}: {error}")
+    return accepted, failures
+
+
+def build_keystate_mask(args: Args, ds: dict, kept: np.ndarray, log):
+    """Components (1) + (2): rules (--rules-path or LLM) -> one key-state mask (None: HER), and
+    rules.json's content."""
+    layout, names = read_layout(args)
+    feats = Features(ds, names)
+    valid = (ds["valids"] > 0) & kept
+    # the union of the accepted rules' masks, OR-ed in as they compile
+    key_mask = np.zeros(len(valid), bool)
+    if args.rules_path:  # a saved rule set: the same self-check, no LLM
+        # A file that cannot be read or holds no rules is a data error: one line, exit status 1.
+        try:
+            text = Path(args.rules_path).read_text()
+            rules, failures = check_rules(extract_rules_json(text), feats, valid, key_mask, log)
+        except (OSError, RuleError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: {args.rules_path}: {e}") from None
+        stats = dict(rejected_rules=len(failures), llm_failures=0)
+    else:
+        rules, stats = generate_rules(args, feats, layout, valid, key_mask, log)
+    out = dict(
+        env_name=args.env_name,
+        features=list(feats.columns),
+        max_lag=MAX_LAG,
+        rules=rules,
+        **stats,
+    )
+    log(
+        f"[rules] {len(rules)} accepted, {stats['rejected_rules']} rejected, "
+        f"{stats['llm_failures']} failed LLM calls"
+    )
+    if not rules:
+        log(
+            "[rules] WARNING: no valid rule survived the self-check; falling back to HER relabeling"
+        )
+        return None, out
+    for r in rules:
+        log(f"[rules] accepted {r['name']} ({r['fire_rate']:.2%} of states): {r['condition']}")
+    log(
+        f"[rules] key states: {int((key_mask & valid).sum())} "
+        f"({(key_mask & valid).mean():.2%} of kept rows)"
+    )
+    return key_mask, out
+
+
+# === Method: key-state-prioritised goal relabeling (Section 2.1 (3)) ==============================
+def make_goal_data(
+    ds: dict, key_mask: Optional[np.ndarray], keep: Optional[np.ndarray] = None
+) -> dict:
+    """Device arrays the jitted sampler reads; keep (seeds, N) gives PER_SEED members a seed axis
+    (None: all rows)."""
+    ep = Features(ds, {})  # only for each row's episode bounds
+    valid = ds["valids"] > 0
+    key_idxs = np.nonzero(valid & key_mask)[0] if key_mask is not None else []
+    rows = [np.nonzero(valid & k)[0] for k in (valid[None] if keep is None else keep)]
+    padded = np.stack([np.pad(r, (0, max(map(len, rows)) - len(r)), mode="edge") for r in rows])
+    n_valid = np.array([len(r) for r in rows])
+    return {
+        "observations": jnp.asarray(ds["observations"]),  # (N, ob_dim)
+        "actions": jnp.asarray(ds["actions"]),  # (N, act_dim)
+        # ([S,] M) rows with a next state
+        "valid_idxs": jnp.asarray(padded[0] if keep is None else padded, jnp.int32),
+        # ([S,]) how many of them
+        "n_valid": jnp.asarray(n_valid[0] if keep is None else n_valid, jnp.int32),
+        # (N,) last goal row of each row's episode: its last valid row (OGBench's terminal_locs)
+        "final_idxs": jnp.asarray(np.maximum(ep.ep_end - 1, ep.ep_start), jnp.int32),
+        # (K + 1,) sorted rows that satisfy a discriminator, then N: a sentinel no window reaches
+        "key_idxs": jnp.asarray(np.append(key_idxs, len(valid)), jnp.int32),
+    }
+
+
+def keystate_goals(key, idxs, final, key_idxs, window):
+    """Section 2.1 (3): a key state drawn uniformly in (t, min(t + window, final)] -> (rows, whether
+    one exists)."""
+    lo = jnp.searchsorted(key_idxs, idxs, side="right")  # first key state strictly after t
+    hi = jnp.searchsorted(key_idxs, jnp.minimum(idxs + window, final), side="right")
+    pick = lo + jnp.floor(jax.random.uniform(key, idxs.shape) * (hi - lo)).astype(jnp.int32)
+    return key_idxs[jnp.minimum(pick, key_idxs.shape[0] - 1)], hi > lo
+
+
+def sample_goals(key, data: dict, idxs, discount, p_key, window, *, p_cur, p_traj, geometric):
+    """OGBench's GCDataset.sample_goals, with its goal mix named: the current state w.p. p_cur, a
+    future state of the same trajectory w.p. p_traj, else a random state; future offsets geometric
+    (value goals) or uniform (actor goals). Section 2.1 (3): a future-state (HER) goal becomes a key
+    state w.p. p_key when one is in the window. -> (goals, is key state, is HER goal)."""
+    k_rand, k_geom, k_mix, k_cur, k_key, k_use = jax.random.split(key, 6)
+    b = idxs.shape[0]
+    random_goals = data["valid_idxs"][jax.random.randint(k_rand, (b,), 0, data["n_valid"])]
+    final = data["final_idxs"][idxs]
+    if geometric:  # offsets in [1, inf) with success prob 1 - discount (value goals)
+        offsets = jax.random.geometric(k_geom, 1.0 - discount, (b,)).astype(jnp.int32)
+        traj_goals = jnp.minimum(idxs + offsets, final)
+    else:  # uniform over (t, final] (actor goals), rounded as in OGBench
+        u = jax.random.uniform(k_geom, (b,))
+        traj_goals = jnp.round(jnp.minimum(idxs + 1, final) * u + final * (1 - u)).astype(jnp.int32)
+    is_traj = jax.random.uniform(k_mix, (b,)) < p_traj / max(1.0 - p_cur, 1e-8)
+    key_goals, has_key = keystate_goals(k_key, idxs, final, data["key_idxs"], window)
+    is_key = is_traj & has_key & (jax.random.uniform(k_use, (b,)) < p_key)
+    # no key state in the window: the HER goal
+    goals = jnp.where(is_traj, jnp.where(is_key, key_goals, traj_goals), random_goals)
+    is_cur = jax.random.uniform(k_cur, (b,)) < p_cur
+    return jnp.where(is_cur, idxs, goals), is_key & ~is_cur, is_traj & ~is_key & ~is_cur
+
+
+def sample_batch(key, data: dict, args: Args, p_keystate):
+    """A HIQL batch (OGBench HGCDataset.sample): value goals with -1/0 rewards (gc_negative=True),
+    the low-level subgoal w = s_{min(t+k, T)}, and high-level goals g with prediction targets
+    s_{min(t+k, g)}."""
+    k_idx, k_val, k_act = jax.random.split(key, 3)
+    idxs = data["valid_idxs"][jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])]
+    window = args.keystate_window
+    obs = data["observations"]
+    k = args.subgoal_steps
+    # Value goals: OGBench's mix of 0.2 current state, 0.5 future state (geometric), 0.3 random
+    # state; the future states become key states w.p. p_keystate (Section 2.1 (3)).
+    value_goals, is_key, _ = sample_goals(
+        k_val, data, idxs, args.discount, p_keystate, window, p_cur=0.2, p_traj=0.5, geometric=True
+    )
+    # High-level goals stay OGBench's (uniform future; random w.p. actor_p_randomgoal): the paper
+    # changes only the value goals' relabeling (Section 2.1 (4)), and a key state within the window
+    # would also shorten the horizon. No future goals on explore data, half on stitch data.
+    p_traj = 1.0
+    if "explore" in args.env_name:
+        p_traj = 0.0
+    elif "stitch" in args.env_name:
+        p_traj = 0.5
+    high_goals, _, in_traj = sample_goals(
+        k_act, data, idxs, args.discount, 0.0, window, p_cur=0.0, p_traj=p_traj, geometric=False
+    )
+    low_goals = jnp.minimum(idxs + k, data["final_idxs"][idxs])
+    # The high-level target never overshoots its goal; for random goals it is s_{min(t+k, T)} (as
+    # OGBench).
+    high_targets = jnp.where(in_traj, jnp.minimum(idxs + k, high_goals), low_goals)
+    successes = (idxs == value_goals).astype(jnp.float32)
+    # compact layout: valid rows have a next row
+    return dict(
+        observations=obs[idxs],
+        next_observations=obs[idxs + 1],
+        actions=data["actions"][idxs],
+        value_goals=obs[value_goals],
+        low_actor_goals=obs[low_goals],
+        high_actor_goals=obs[high_goals],
+        high_actor_targets=obs[high_targets],
+        value_goal_is_key=is_key,
+        rewards=successes - 1.0,
+        masks=1.0 - successes,
+    )
+
+
+# === Method: relabel-time self-check, the paired TD probe (Section 2.1, Figure 2) =================
+def probe_batch(key, data: dict, args: Args):
+    """Paired TD probe (Figure 2): fresh rows, each with a key-state, a HER and a uniform goal in
+    one window (t, t+W]"""
+    k_idx, k_key, k_her, k_uni = jax.random.split(key, 4)
+    idxs = data["valid_idxs"][jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])]
+    final = data["final_idxs"][idxs]
+    obs = data["observations"]
+    key_goals, has_key = keystate_goals(k_key, idxs, final, data["key_idxs"], args.keystate_window)
+    span = jnp.maximum(jnp.minimum(idxs + args.keystate_window, final) - idxs, 1)  # |W|
+    # inverse CDF of P(k) proportional to discount^(k - 1) on k = 1 ... |W|
+    u = jax.random.uniform(k_her, idxs.shape)
+    her = jnp.ceil(jnp.log1p(-u * (1 - args.discount**span)) / jnp.log(args.discount)).astype(
+        jnp.int32
+    )
+    uniform = jnp.floor(jax.random.uniform(k_uni, idxs.shape) * span).astype(jnp.int32) + 1
+    goals = jnp.stack(
+        [
+            key_goals,  # key-state goal (the paper's relabeling)
+            idxs + jnp.clip(her, 1, span),  # HER goal: geometric future offset within the window
+            idxs + uniform,  # uniform future offset within the window
+        ]
+    )
+    ones = jnp.ones(idxs.shape)  # every goal lies strictly after t: reward -1, mask 1
+    batch = dict(
+        observations=obs[idxs],
+        next_observations=obs[idxs + 1],
+        actions=data["actions"][idxs],
+        rewards=-ones,
+        masks=ones,
+    )
+    return batch, obs[goals], goals - idxs, has_key
+
+
+class RelabelCheck:
+    """Relabel-time self-check (Section 2.1, Theorem 2.1's premise; our rule, why:
+    docs/keystate_gciql.md). Paired d = |TD_key| - |TD_HER| on the same rows; if |z| > ADAPT_Z,
+    decision k moves p_keystate by ADAPT_STEP * ADAPT_K0 / (ADAPT_K0 + k): the steps vanish, so p
+    converges instead of cycling on its own effect."""
+
+    def __init__(self, args: Args, probing: bool):
+        self.p_keystate = np.full(
+            args.num_seeds, args.p_keystate if args.relabel == "keystate" else 0.0
+        )
+        self.interval = args.adapt_interval if probing and args.relabel == "keystate" else 0
+        self.probing = probing
+        self.decisions = 0
+        self.snapshots = []
+        self.eval_interval = args.eval_interval
+
+    def adapt(self, diffs: np.ndarray, counts: np.ndarray):
+        """diffs: (S, B) paired differences, counts: (S, B) rows that count -> (mean, z) per
+        seed."""
+        n = counts.sum(1)
+        mean = (diffs * counts).sum(1) / np.maximum(n, 1)
+        var = ((diffs - mean[:, None]) ** 2 * counts).sum(1) / np.maximum(n - 1, 1)
+        # constant input: a huge |z|, a decided sign
+        z = mean / np.sqrt(var / np.maximum(n, 1) + 1e-12)
+        move = (
+            np.sign(z)
+            * (np.abs(z) > ADAPT_Z)
+            * (n >= 2)
+            * ADAPT_STEP
+            * ADAPT_K0
+            / (ADAPT_K0 + self.decisions)
+        )
+        self.p_keystate = np.clip(self.p_keystate + move, P_KEYSTATE_MIN, P_KEYSTATE_MAX)
+        self.decisions += 1
+        return mean, z
+
+    def observe(self, step: int, last: bool, probe, writer):
+        """probe() -> |TD| (S, 3, B) of key-state / HER / uniform goals, goal distances (S, 3, B),
+        counts (S, B)."""
+        adapt = self.interval and step % self.interval == 0
+        keep = (self.eval_interval and step % self.eval_interval == 0) or last
+        if self.probing and (adapt or keep):
+            td, dist, counts = map(np.asarray, probe())
+            if adapt:
+                mean, z = self.adapt(td[:, 0] - td[:, 1], counts)
+                writer.add_scalar("relabel/td_gap_key_minus_her", mean.mean(), step)
+                writer.add_scalar("relabel/td_gap_z", z.mean(), step)
+            if keep:
+                self.snapshots.append((step, td, dist, counts))
+
+    def save(self, run_dir: Path):
+        """Figure 2: mean |TD| gap key-state - HER / uniform per snapshot, bootstrap 95% CI ->
+        td_probe.npz, .png."""
+        # (T,), (T, S, 3, B), (T, S, 3, B), (T, S, B)
+        steps, td, dist, counts = (np.stack(x) for x in zip(*self.snapshots))
+        rows = counts.astype(bool)
+        rng = np.random.default_rng(0)
+        out = dict(
+            steps=steps,
+            td=td,
+            dist=dist,
+            counts=counts,
+            kinds=["keystate", "her", "uniform"],
+        )
+        out["dist_mean"] = np.array(
+            [[d[:, i][m].mean() for i in range(3)] for d, m in zip(dist, rows)]
+        )
+        for i, kind in ((1, "her"), (2, "uniform")):
+            gaps = [
+                (t[:, 0] - t[:, i])[m] if m.any() else np.full(1, np.nan) for t, m in zip(td, rows)
+            ]
+            # (T, 1000) resampled means
+            boot = [g[rng.integers(len(g), size=(1000, len(g)))].mean(1) for g in gaps]
+            mean = np.array([g.mean() for g in gaps])  # (T,)
+            ci = np.percentile(boot, [2.5, 97.5], axis=1).T  # (T, 2)
+            out |= {f"gap_{kind}_mean": mean, f"gap_{kind}_ci": ci}
+            plt.errorbar(
+                steps,
+                mean,
+                yerr=np.abs(ci.T - mean),
+                marker="o",
+                capsize=3,
+                label=f"key-state - {kind}",
+            )
+        np.savez(run_dir / "td_probe.npz", **out)
+        plt.gca().set(
+            xlabel="gradient step",
+            ylabel="mean |TD| gap, 95% CI",
+            title="paired TD probe (Figure 2)",
+        )
+        plt.legend()
+        plt.savefig(run_dir / "td_probe.png", dpi=80)
+        plt.close()
+
+
+# === Learner: HIQL (Section 2.1 (4); OGBench impls/agents/hiql.py) ================================
+class MLP(nn.Module):
+    """OGBench's MLP (Dense -> GELU -> LayerNorm, variance-scaling init; final_scale:
+    final_fc_init_scale) on inputs."""
+
+    hidden_dims: Tuple[int, ...]
+    layer_norm: bool = False
+    final_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, *inputs):
+        x = jnp.concatenate(inputs, axis=-1)
+        for i, size in enumerate(self.hidden_dims):
+            last = i + 1 == len(self.hidden_dims)
+            init = nn.initializers.variance_scaling(
+                self.final_scale if last else 1.0, "fan_avg", "uniform"
+            )
+            x = nn.Dense(size, kernel_init=init)(x)
+            if not last:
+                x = nn.LayerNorm()(nn.gelu(x)) if self.layer_norm else nn.gelu(x)
+        return x
+
+
+class GCValue(nn.Module):
+    """V(s, g), or vmapped heads (GCIQL's Q1,2(s, g, a), HIQL's V1,2(s, phi)); LayerNorm on, as
+    OGBench's values."""
+
+    hidden_dims: Tuple[int, ...]
+    ensemble: int = 1
+
+    @nn.compact
+    def __call__(self, *inputs):  # observations, goals[, actions]
+        vmap = dict(
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            axis_size=self.ensemble,
+        )
+        mlp = nn.vmap(MLP, **vmap) if self.ensemble > 1 else MLP
+        return mlp((*self.hidden_dims, 1), layer_norm=True)(*inputs).squeeze(-1)
+
+
+class AgentState(NamedTuple):
+    # the optimised parameters of every module, under one Adam (as OGBench's TrainState)
+    params: dict
+    # soft target copy of the bootstrapping network (GCIQL: the critic; HIQL: the value heads)
+    target: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def make_agent(args: Args, ob_dim: int, act_dim: int, key):
+    """HIQL's phi([s; g]), V1,2(s, phi), pi^l(a | s, phi([s; w])), pi^h(phi | s, g) under one Adam;
+    V's target copy."""
+    hd = tuple(args.hidden_dims)
+    nets = dict(
+        goal_rep=MLP((*hd, REP_DIM), layer_norm=True),  # see `phi`
+        value=GCValue(hd, 2),
+        # actors: the means of Gaussians with constant std 1, no LayerNorm (OGBench's const_std);
+        # pi^h over phi-space
+        low_actor=MLP((*hd, act_dim), final_scale=1e-2),
+        high_actor=MLP((*hd, REP_DIM), final_scale=1e-2),
+    )
+    ob = jnp.zeros((1, ob_dim))
+    rep = jnp.zeros((1, REP_DIM))
+    # example inputs that fix the shapes
+    inputs = dict(
+        goal_rep=(ob, ob),
+        value=(ob, rep),
+        low_actor=(ob, rep),
+        high_actor=(ob, ob),
+    )
+    key, *keys = jax.random.split(key, 5)
+    params = {name: nets[name].init(k, *inputs[name])["params"] for name, k in zip(nets, keys)}
+    tx = optax.adam(LR)
+    target = tree_map(jnp.copy, params["value"])  # starts equal, own buffers (donation)
+    return nets, tx, AgentState(params, target, tx.init(params), key)
+
+
+def expectile_loss(adv, diff, expectile):
+    """IQL's expectile regression |tau - 1(adv < 0)| * diff^2 (Kostrikov et al., arXiv 2110.06169).
+    GCIQL: adv = diff = Q - V; HIQL: adv is the target heads' advantage, diff each head's error."""
+    return jnp.where(adv >= 0, expectile, 1 - expectile) * diff**2
+
+
+def phi(nets: dict, rep_params, obs, goals):
+    """HIQL's subgoal representation phi([s; g]): MLP -> REP_DIM, length sqrt(REP_DIM) (OGBench's
+    LengthNormalize)."""
+    x = nets["goal_rep"].apply({"params": rep_params}, obs, goals)  # (batch, REP_DIM), of [s; g]
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True) * jnp.sqrt(REP_DIM)
+
+
+def hiql_value(nets: dict, value_params, rep_params, obs, goals):
+    """V1,2(s, phi([s; g])) -> (2, batch): one phi serves V and the low-level actor (OGBench's
+    shared goal_rep)."""
+    return nets["value"].apply({"params": value_params}, obs, phi(nets, rep_params, obs, goals))
+
+
+def value_loss(params, target_value, batch, nets: dict, discount, expectile):
+    """Action-free IQL value loss (HIQL Eq. 3): each head regresses to r + discount * mask *
+    V_target(s', g) with the expectile weight of A = q - V_target(s, g), q from the min of the
+    target heads; trains phi. Also |TD| = |q - V|."""
+    obs = batch["observations"]
+    goals = batch["value_goals"]
+    # the target heads read the current phi, not differentiated
+    rep = jax.lax.stop_gradient(params["goal_rep"])
+    # (batch,) each
+    next_v1_t, next_v2_t = hiql_value(nets, target_value, rep, batch["next_observations"], goals)
+    q = batch["rewards"] + discount * batch["masks"] * jnp.minimum(next_v1_t, next_v2_t)
+    adv = q - hiql_value(nets, target_value, rep, obs, goals).mean(0)
+    v1, v2 = hiql_value(nets, params["value"], params["goal_rep"], obs, goals)
+    q1, q2 = (batch["rewards"] + discount * batch["masks"] * nv for nv in (next_v1_t, next_v2_t))
+    loss = (
+        expectile_loss(adv, q1 - v1, expectile).mean()
+        + expectile_loss(adv, q2 - v2, expectile).mean()
+    )
+    td_abs = jax.lax.stop_gradient(jnp.abs(q - (v1 + v2) / 2))  # (batch,)
+    return loss, {
+        "value/value_loss": loss,
+        "value/v_mean": (v1 + v2).mean() / 2,
+        "td_abs": td_abs,
+    }
+
+
+def awr_loss(params, nets: dict, name, alpha, obs, subgoals, goals, mean, target):
+    """AWR (HIQL Eqs. 5-6): -min(exp(alpha * (V(subgoal, g) - V(s, g))), 100) * log N(target; mean,
+    I), V and phi frozen. subgoals: the states the advantage is measured at, s' for the low level,
+    the subgoal targets s_{min(t+k, g)} for the high level."""
+    frozen = jax.lax.stop_gradient(params)
+    v, nv = (
+        hiql_value(nets, frozen["value"], frozen["goal_rep"], s, goals).mean(0)
+        for s in (obs, subgoals)
+    )
+    # log N(target; mean, I)
+    log_prob = jnp.sum(-0.5 * (target - mean) ** 2 - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+    # A = nv - v: (batch,)
+    loss = -(jnp.minimum(jnp.exp((nv - v) * alpha), 100.0) * log_prob).mean()
+    return loss, {f"{name}/actor_loss": loss, f"{name}/adv": (nv - v).mean()}
+
+
+def low_actor_loss(params, batch, nets: dict, alpha):
+    """Low level (HIQL Eq. 6): AWR of pi^l(a | s, phi([s; w])) with A = V(s', w) - V(s, w), subgoal
+    w = s_{t+k}; phi gets no gradient here (OGBench's low_actor_rep_grad=False for state
+    observations)."""
+    obs = batch["observations"]
+    w = batch["low_actor_goals"]
+    reps = phi(nets, jax.lax.stop_gradient(params["goal_rep"]), obs, w)
+    mean = nets["low_actor"].apply({"params": params["low_actor"]}, obs, reps)  # (batch, act_dim)
+    return awr_loss(
+        params, nets, "low_actor", alpha, obs, batch["next_observations"], w, mean, batch["actions"]
+    )
+
+
+def high_actor_loss(params, batch, nets: dict, alpha):
+    """High level (HIQL Eq. 5): AWR of pi^h(phi([s; s_{t+k}]) | s, g) with A = V(s_{t+k}, g) -
+    V(s, g): the high-level actor outputs a subgoal *representation*, regressed onto the fixed phi
+    of the target state."""
+    obs = batch["observations"]
+    goals = batch["high_actor_goals"]
+    targets = batch["high_actor_targets"]
+    mean = nets["high_actor"].apply(
+        {"params": params["high_actor"]}, obs, goals
+    )  # (batch, REP_DIM)
+    target = phi(nets, jax.lax.stop_gradient(params["goal_rep"]), obs, targets)
+    return awr_loss(params, nets, "high_actor", alpha, obs, targets, goals, mean, target)
+
+
+def over_seeds(fn):
+    """fn(state, data, *args) on all seeds (leading axis) in one call: vmap on GPU/TPU, lax.map on
+    CPU (see `call`)."""
+
+    def call(state, data, *rest):
+        def one_seed(x):  # x: one seed's (state, PER_SEED data, *rest)
+            return fn(x[0], data | x[1], *x[2:])
+
+        xs = (state, {k: data[k] for k in PER_SEED}, *rest)
+        # XLA:CPU runs vmap's batched matmuls 3.5x slower per seed than this loop (measured:
+        # docs/keystate_gciql.md)
+        if jax.default_backend() == "cpu":
+            return jax.lax.map(one_seed, xs)
+        return jax.vmap(one_seed)(xs)
+
+    return call
+
+
+def make_update(args: Args, nets: dict, tx):
+    """Jitted train step for all seeds (relabeled batch on device, one Adam step, soft target
+    update), and the probe."""
+
+    def total_loss(params, target_value, batch):
+        v_loss, v_info = value_loss(params, target_value, batch, nets, args.discount, EXPECTILE)
+        l_loss, l_info = low_actor_loss(params, batch, nets, args.low_alpha)
+        h_loss, h_info = high_actor_loss(params, batch, nets, args.high_alpha)
+        return v_loss + l_loss + h_loss, {**v_info, **l_info, **h_info}
+
+    def update(state: AgentState, data: dict, p_keystate):
+        rng, k_batch = jax.random.split(state.rng)
+        batch = sample_batch(k_batch, data, args, p_keystate)
+        grads, info = jax.grad(total_loss, has_aux=True)(state.params, state.target, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # OGBench blends the value parameters from *before* this step into the target (hiql.py
+        # target_update).
+        target = tree_map(
+            lambda p, tp: TAU * p + (1 - TAU) * tp, state.params["value"], state.target
+        )
+        info["relabel/frac_keystate_goals"] = batch["value_goal_is_key"].mean()
+        del info["td_abs"]
+        return AgentState(params, target, opt_state, rng), info
+
+    def probe(state: AgentState, data: dict):
+        batch, goals, dist, counts = probe_batch(jax.random.fold_in(state.rng, 1), data, args)
+        td = jax.vmap(
+            lambda g: value_loss(
+                state.params,
+                state.target,
+                batch | {"value_goals": g},
+                nets,
+                args.discount,
+                EXPECTILE,
+            )[1]["td_abs"]
+        )
+        return td(goals), dist, counts
+
+    # the agents' state is donated: updated in place
+    return jax.jit(over_seeds(update), donate_argnums=(0,)), jax.jit(over_seeds(probe))
+
+
+def make_policy(nets: dict):
+    """OGBench's HIQL sample_actions at eval_temperature=0: the high-level mean, renormalised to
+    length sqrt(REP_DIM), is the subgoal representation the low-level actor reads; its mean, clipped
+    to [-1, 1], is the action."""
+
+    @jax.jit
+    def act(params, obs, goal):
+        rep = nets["high_actor"].apply({"params": params["high_actor"]}, obs[None], goal[None])
+        rep = rep / jnp.linalg.norm(rep, axis=-1, keepdims=True) * jnp.sqrt(REP_DIM)
+        return jnp.clip(
+            nets["low_actor"].apply({"params": params["low_actor"]}, obs[None], rep)[0], -1, 1
+        )
+
+    return act
+
+
+# === Environment and data =========================================================================
 def make_env_and_dataset(args: Args):
-    """OGBench's environment and training dataset (compact layout: row i+1 is row i's next state where valids[i])."""
+    """OGBench's environment and training dataset (compact layout: row i+1 is row i's next state
+    where valids[i])."""
     import ogbench
 
     try:
@@ -238,26 +1081,35 @@ def make_env_and_dataset(args: Args):
         args.dataset_path
         or f"the official dataset {args.env_name!r} (or pass --dataset-path for a local .npz)"
     )
-    try:  # every failure below is a data error: `error: <file>: <what is wrong>`, exit status 1
+    # Every failure below is a data error, `error: <file>: <what is wrong>` and exit status 1: not a
+    # .npz, a corrupt or object-dtype member, keys missing, download failed.
+    try:
         if args.dataset_path:
             ds = ogbench.load_dataset(args.dataset_path, compact_dataset=True)
         else:
             ds = ogbench.make_env_and_datasets(
-                args.env_name, compact_dataset=True, dataset_only=True, cur_env=env
+                args.env_name,
+                compact_dataset=True,
+                dataset_only=True,
+                cur_env=env,
             )[0]
-    except (
-        Exception
-    ) as e:  # not a .npz, a corrupt or object-dtype member, keys missing, download failed
-        why = f"{type(e).__name__}: {' '.join(str(e).split())}"  # one line, whatever the library wrote
+    except Exception as e:
+        # one line, whatever the library wrote
+        why = f"{type(e).__name__}: {' '.join(str(e).split())}"
         raise SystemExit(
             f"error: {source}: cannot read observations, actions and terminals from it ({why})"
         ) from None
-    obs, act, valids = ds["observations"], ds["actions"], ds["valids"]
-    n, shapes = obs.shape[:1], (obs.shape, act.shape, valids.shape)
+    obs = ds["observations"]
+    act = ds["actions"]
+    valids = ds["valids"]
+    n = obs.shape[:1]
+    shapes = (obs.shape, act.shape, valids.shape)
     want = ((*n, *env.observation_space.shape), (*n, *env.action_space.shape), n)
-    problems = {  # what is wrong -> whether it is (OGBench's layout: terminals = 1 on each episode's last row)
-        f"observations, actions, terminals have shapes {shapes}; {args.env_name} needs {want}": shapes
-        != want,
+    # what is wrong -> whether it is (OGBench's layout: terminals = 1 on each episode's last row)
+    problems = {
+        (
+            f"observations, actions, terminals have shapes {shapes}; {args.env_name} needs {want}"
+        ): shapes != want,
         "observations or actions hold NaN or inf": not (
             np.isfinite(obs).all() and np.isfinite(act).all()
         ),
@@ -272,7 +1124,8 @@ def make_env_and_dataset(args: Args):
 
 
 def episode_subsets(ds: dict, args: Args) -> np.ndarray:
-    """Reduced-data setting (Section 3): per seed, a --dataset-fraction of whole episodes, the same in both arms."""
+    """Reduced-data setting (Section 3): per seed, a --dataset-fraction of whole episodes, the same
+    in both arms."""
     ep_id = np.cumsum(ds["valids"] == 0) - (ds["valids"] == 0)  # episode number of each row
     n_ep = int(ep_id[-1]) + 1
     n_keep = max(1, int(round(args.dataset_fraction * n_ep)))
@@ -282,7 +1135,105 @@ def episode_subsets(ds: dict, args: Args) -> np.ndarray:
     )
 
 
-# === LLM client: the same class, flags and errors in all five scripts =================================================
+# === Evaluation, logging and checkpoints ==========================================================
+def evaluate(env, act, params, args: Args, seed: int) -> dict:
+    """OGBench protocol (5 tasks, success rate per task and overall): --eval-episodes per task
+    (env.reset(options=dict(task_id=i))); success = info['success'] at the end."""
+    results = {}
+    for task_id, task in enumerate(env.unwrapped.task_infos, start=1):
+        successes = []
+        options = dict(task_id=task_id, render_goal=False)
+        for ep in range(args.eval_episodes):
+            obs, info = env.reset(seed=seed + 1000 * task_id + ep, options=options)
+            goal = info["goal"]
+            done = False
+            while not done:
+                obs, _, terminated, truncated, info = env.step(np.asarray(act(params, obs, goal)))
+                done = terminated or truncated
+            successes.append(float(info["success"]))
+        results[f"eval/{task.get('task_name', f'task{task_id}')}_success"] = float(
+            np.mean(successes)
+        )
+    results["eval/overall_success"] = float(np.mean(list(results.values())))
+    return results
+
+
+def mean_ci(x: np.ndarray):
+    """(seeds, metrics) -> the mean over seeds and the 95% Student-t CI half-width (0: one seed)."""
+    n = len(x)
+    half_width = t_dist.ppf(0.975, n - 1) * x.std(0, ddof=1) / n**0.5 if n > 1 else 0 * x[0]
+    return x.mean(0), half_width
+
+
+def evaluate_seeds(env, act, params, args: Args, seeds, step, writer):
+    """Evaluate each seed's agent; log the mean over seeds with its 95% CI, and every seed's
+    results -> (the means and CIs, the per-seed results)."""
+    per_seed = [
+        evaluate(env, act, tree_map(lambda x: x[i], params), args, s) for i, s in enumerate(seeds)
+    ]
+    # each metric over seeds: (seeds, metrics) -> (metrics,), (metrics,)
+    mean, ci = mean_ci(np.array([list(r.values()) for r in per_seed]))
+    # (metric, mean, CI half-width)
+    stats = list(zip(per_seed[0], mean.tolist(), ci.tolist()))
+    scalars = {k: m for k, m, _ in stats} | {f"{k}_ci95": c for k, _, c in stats}
+    for k, v in (
+        scalars | {f"{k}/seed{s}": r[k] for s, r in zip(seeds, per_seed) for k in r}
+    ).items():
+        writer.add_scalar(k, v, step)
+    text = " ".join(f"{k.removeprefix('eval/')}={m:.3f}+-{c:.3f}" for k, m, c in stats)
+    tqdm.write(f"eval step={step} {text} per_seed={[r['eval/overall_success'] for r in per_seed]}")
+    return scalars, per_seed
+
+
+def make_run_dir(args: Args) -> Path:
+    """{run_dir}/{env}__{exp}__{arm}__frac{f}__seed{s}x{n}__{time}_{random}, created exclusively
+    (mkdtemp)."""
+    name = f"{args.env_name}__{args.exp_name}__{args.relabel}__frac{args.dataset_fraction:g}"
+    name += f"__seed{args.seed}x{args.num_seeds}__{time.strftime('%Y%m%d-%H%M%S')}_"
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=name, dir=args.run_dir))
+
+
+def start_logging(args: Args, run_dir: Path):
+    """TensorBoard in the run folder always, mirrored to W&B with --track; the hyperparameters as a
+    table."""
+    # imported here: a run that stops at its checks skips torch's import
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir))
+    if args.track:
+        import wandb
+
+        # entity: $WANDB_ENTITY
+        wandb.init(
+            project=args.wandb_project_name,
+            name=run_dir.name,
+            config=vars(args),
+            sync_tensorboard=True,
+            save_code=True,
+        )
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    return writer
+
+
+def log_losses(writer, step, sps, info, p_keystate, seeds):
+    """Losses (the mean over seeds), each seed's p_keystate and steps per second: TensorBoard and a
+    line."""
+    info = {
+        k if k.startswith("relabel/") else f"losses/{k}": float(v.mean()) for k, v in info.items()
+    }
+    p_key = {f"relabel/p_keystate/seed{s}": p for s, p in zip(seeds, p_keystate)}
+    for k, v in {**info, **p_key, "charts/SPS": sps}.items():
+        writer.add_scalar(k, v, step)
+    # value/value_loss=...
+    text = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in info.items())
+    tqdm.write(
+        f"step={step} SPS={sps:.1f} {text} p_keystate=" + ",".join(f"{p:.3f}" for p in p_keystate)
+    )
+
+
+# === LLM client (identical in all five scripts) ===================================================
 class LLMClient:
     """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (key from
     $OPENAI_API_KEY) or an in-process transformers model. A request that fails after its retries
@@ -366,810 +1317,55 @@ class LLMClient:
                 new_tokens = gen[:, enc["input_ids"].shape[1] :]
                 outs += self.tok.batch_decode(new_tokens, skip_special_tokens=True)
         self.failures += sum(o is None for o in outs)
-        # bounded size even when a server ignores max_tokens (about 4 characters a token, wide margin)
+        # bounded size even when a server ignores max_tokens
+        # (about 4 characters a token, wide margin)
         return [o if o is None else o[: 16 * self.args.llm_max_new_tokens] for o in outs]
 
 
-# === Key-state rules: generation (1), safe compilation into discriminators (2), compile-time self-check ===============
-# What a rule may use besides features and numbers: operators (by AST node type) and functions (by name) -> NumPy on all
-# states at once; /, sqrt, log, exp made total (no NaN or inf). prev/next/delta(expr, k): clamped to the episode (`ev`).
-OPS = {
-    **{
-        ast.Add: np.add,
-        ast.Sub: np.subtract,
-        ast.Mult: np.multiply,
-        ast.USub: np.negative,
-        ast.UAdd: np.positive,
-    },
-    ast.Div: lambda a, b: a / np.where(b == 0, 1e-8, b),
-    **{
-        ast.Lt: np.less,
-        ast.LtE: np.less_equal,
-        ast.Gt: np.greater,
-        ast.GtE: np.greater_equal,
-        ast.Not: np.logical_not,
-    },
-    **{ast.Eq: np.equal, ast.NotEq: np.not_equal, ast.And: np.logical_and, ast.Or: np.logical_or},
-    **{
-        name: getattr(np, name) for name in ("abs", "sin", "cos", "tanh", "sign", "arctan2", "clip")
-    },
-    **{"sqrt": lambda x: np.sqrt(np.abs(x)), "log": lambda x: np.log(np.abs(x) + 1e-8)},
-    "exp": lambda x: np.exp(np.clip(x, -50, 50)),
-    **{
-        "min": np.minimum,
-        "max": np.maximum,
-        "norm": lambda *xs: np.sqrt(sum(np.square(x) for x in xs)),
-    },
-    **dict.fromkeys(["prev", "next", "delta"]),  # evaluated in `ev`
-}
-ARITY = {
-    "arctan2": 2,
-    "min": 2,
-    "max": 2,
-    "clip": 3,
-    "norm": None,
-    "prev": 2,
-    "next": 2,
-    "delta": 2,
-}  # else 1
-MAX_EXPR_CHARS, MAX_AST_NODES, MAX_POW = (
-    400,
-    120,
-    4,
-)  # bounds on what a rule may cost to parse and evaluate
-
-
-class RuleError(ValueError):
-    """A rule that fails to parse, to validate or to run; the message goes back to the LLM in the repair prompt."""
-
-
-class Features:
-    """What a rule may read (s0 ..., layout names, t / t_left: steps since / until episode end), episode bounds."""
-
-    def __init__(self, ds: dict, names: dict):
-        obs, idx, ends = (
-            ds["observations"],
-            np.arange(len(ds["observations"])),
-            np.nonzero(ds["valids"] == 0)[0],
-        )
-        ep_id = np.searchsorted(ends, idx)
-        self.ep_start, self.ep_end = np.concatenate([[0], ends[:-1] + 1])[ep_id], ends[ep_id]
-        self.columns = {f"s{i}": obs[:, i] for i in range(obs.shape[1])} | {
-            k: obs[:, i] for k, i in names.items()
-        }
-        self.columns["t"], self.columns["t_left"] = idx - self.ep_start, self.ep_end - idx
-
-
-def compile_condition(expr: str, feats: Features) -> np.ndarray:
-    """Section 2.1 (2): a condition -> discriminator state -> {0, 1} on all states (NumPy). The evaluator is the
-    whitelist (other syntax: RuleError; never executed); each sub-expression is computed once: linear cost."""
-    if not isinstance(expr, str) or not 0 < len(expr.strip()) <= MAX_EXPR_CHARS:
-        raise RuleError(
-            f"condition must be a non-empty string of at most {MAX_EXPR_CHARS} characters"
-        )
-    try:
-        tree = ast.parse(expr.strip(), mode="eval").body
-    except SyntaxError as e:
-        raise RuleError(f"syntax error: {e.msg}") from None
-    if sum(1 for _ in ast.walk(tree)) > MAX_AST_NODES:
-        raise RuleError(f"condition too complex (more than {MAX_AST_NODES} syntax nodes)")
-
-    def ev(node, lags):
-        # `lags`: the sum of the prev/next/delta lags above this node, checked before their argument is evaluated
-        op = OPS.get(type(getattr(node, "op", None)))
-        fn = (
-            node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None
-        )
-        if isinstance(
-            node, ast.Constant
-        ):  # finite real numbers only: no str, bool, None, complex, 1e999, 10**400
-            if type(node.value) not in (int, float) or not abs(node.value) < 1e300:
-                raise RuleError(f"{ast.unparse(node)[:20]!r} is not a finite real number")
-            return np.float64(node.value)
-        if isinstance(node, ast.Name) and node.id in feats.columns:
-            return feats.columns[node.id]
-        if isinstance(node, ast.UnaryOp) and op:
-            return op(ev(node.operand, lags))
-        if isinstance(node, ast.BoolOp):
-            return functools.reduce(op, [np.asarray(ev(v, lags), dtype=bool) for v in node.values])
-        if isinstance(node, ast.BinOp) and isinstance(
-            node.op, ast.Pow
-        ):  # |a|^p, odd integer p keeps a's sign
-            p = ev(node.right, lags)
-            if np.ndim(p) or not abs(p) <= MAX_POW:
-                raise RuleError(f"exponents must be numbers with |p| <= {MAX_POW}")
-            a = ev(node.left, lags)
-            return np.power(np.abs(a), p) * (np.sign(a) if p == int(p) and int(p) % 2 else 1.0)
-        if isinstance(node, ast.BinOp) and op:
-            return op(ev(node.left, lags), ev(node.right, lags))
-        if isinstance(node, ast.Compare) and all(
-            type(o) in OPS for o in node.ops
-        ):  # a < b <= c: pairwise, and-ed
-            vals = [ev(v, lags) for v in [node.left, *node.comparators]]
-            return functools.reduce(
-                np.logical_and, [OPS[type(o)](a, b) for o, a, b in zip(node.ops, vals, vals[1:])]
-            )
-        if fn not in OPS:
-            raise RuleError(
-                f"unknown feature, operator or function: {ast.unparse(getattr(node, 'func', node))[:40]}"
-            )
-        arity, args = ARITY.get(fn, 1), node.args
-        if node.keywords or (len(args) != arity if arity else not 1 <= len(args) <= 8):
-            raise RuleError(f"{fn}() takes {arity or '1 to 8'} positional arguments")
-        if OPS[fn] is not None:
-            return OPS[fn](*[ev(a, lags) for a in args])
-        k = args[1].value if isinstance(args[1], ast.Constant) else None
-        if (
-            type(k) is not int or not 1 <= k <= MAX_LAG - lags
-        ):  # bounds the window, and so the nesting depth
-            raise RuleError(
-                f"{fn}(): lag must be an integer literal >= 1; nested lags may add up to {MAX_LAG} steps"
-            )
-        value = np.broadcast_to(
-            ev(args[0], lags + k), feats.ep_start.shape
-        )  # a number: the same at every row
-        rows = np.clip(
-            np.arange(len(value)) + (k if fn == "next" else -k), feats.ep_start, feats.ep_end
-        )
-        return value - value[rows] if fn == "delta" else value[rows]
-
-    with np.errstate(all="ignore"):
-        out = np.broadcast_to(np.asarray(ev(tree, 0)), feats.ep_start.shape)
-    if out.dtype != bool:
-        raise RuleError("condition is not a comparison (it must evaluate to true/false per state)")
-    return out
-
-
-def extract_rules_json(text: str) -> list:
-    """The first {"rules": [...]} object in an LLM answer or a rules file (code fences and chatter tolerated)."""
-    for m in re.finditer(r"\{", text):
-        try:
-            obj = json.JSONDecoder().raw_decode(text, m.start())[0]
-        except (
-            ValueError,
-            RecursionError,
-        ):  # not JSON from here, or nested beyond the parser's limit
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("rules"), list):
-            return [r for r in obj["rules"] if isinstance(r, dict)]
-    raise RuleError("no JSON object with a 'rules' list found")
-
-
-def check_rules(
-    rules: list, feats: Features, valid_rows: np.ndarray, key_mask: np.ndarray, log=print
-):
-    """Compile-time self-check of <= MAX_RULES rules: parse, run, fire rate in bounds; masks OR-ed into key_mask."""
-    if len(rules) > MAX_RULES:  # one cap for LLM answers and rule files
-        names = ", ".join(str(r.get("name", "?"))[:64] for r in rules[MAX_RULES : MAX_RULES + 5])
-        log(
-            f"[rules] {len(rules) - MAX_RULES} rules beyond the cap of {MAX_RULES} dropped: {names}, ..."
-        )
-    accepted, failures = [], []
-    for i, r in enumerate(rules[:MAX_RULES]):
-        name, cond = str(r.get("name", f"rule_{i}"))[:64], r.get("condition")
-        try:
-            mask = compile_condition(cond, feats)
-            frac = float(mask[valid_rows].mean())
-            if not RULE_MIN_FIRE <= frac <= RULE_MAX_FIRE:
-                raise RuleError(
-                    f"fires on {frac:.2%} of states, outside [{RULE_MIN_FIRE:.2%}, {RULE_MAX_FIRE:.2%}]"
-                )
-            key_mask |= mask
-            desc = str(r.get("description", ""))[:300]
-            accepted.append(dict(name=name, description=desc, condition=cond, fire_rate=frac))
-        # Anything the validator did not foresee rejects the rule instead of crashing the run.
-        except (ArithmeticError, ValueError, TypeError, RecursionError, MemoryError) as e:
-            error = (
-                str(e)
-                if isinstance(e, RuleError)
-                else f"could not be evaluated ({type(e).__name__})"
-            )
-            failures.append(dict(name=name, condition=str(cond)[:MAX_EXPR_CHARS], error=error))
-            log(f"[rules] rejected {name}: {error}")
-    return accepted, failures
-
-
-def read_prompt(path: Path) -> str:
-    """A prompt file's body: what follows its '---' line (above it: where the prompt comes from, its placeholders)."""
-    return path.read_text().split("\n---\n", 1)[-1].strip()
-
-
-def read_layout(args: Args):
-    """The layout prompt prompts/keystate/layout_<family>.md whose family starts --env-name, and its feature names."""
-    families = sorted((PROMPTS / "keystate").glob("layout_*.md"))
-    match = [
-        p
-        for p in families
-        if args.env_name.startswith(p.stem.removeprefix("layout_").replace("_", "-") + "-")
-    ]
-    if not match:
-        usage_error(
-            f"--env-name: no prompts/keystate/layout_*.md for {args.env_name!r} (add one, or --relabel her)"
-        )
-    layout = read_prompt(match[0])
-    return layout, {m[1]: int(m[2]) for m in re.finditer(r"^- `(\w+)` = s(\d+)", layout, re.M)}
-
-
-def generate_rules(
-    args: Args, feats: Features, layout: str, valid_rows: np.ndarray, key_mask: np.ndarray, log
-):
-    """Section 2.1 (1): ask the LLM for rules, check them, send failures back (MAX_REPAIR_ROUNDS repair prompts)."""
-    client = LLMClient(args)
-    task, _, layout_features = layout.partition(
-        "\nFeatures:"
-    )  # the layout's "Task: ..." paragraph, then its features
-    fields = dict(
-        env_name=args.env_name, num_rules=args.num_rules, observation_layout=layout_features.strip()
-    )
-    fields |= dict(
-        task_description=" ".join(task.removeprefix("Task:").split()),
-        features=", ".join(feats.columns),
-    )
-    fields |= dict(
-        functions=", ".join(k for k in OPS if isinstance(k, str)), max_lag=MAX_LAG
-    )  # what compiles
-    fields |= dict(min_fire=f"{RULE_MIN_FIRE:.1%}", max_fire=f"{RULE_MAX_FIRE:.1%}")
-    prompt = Template(read_prompt(PROMPTS / "keystate" / "rule_generation.md")).substitute(fields)
-    accepted, rejected = [], 0
-    for round_ in range(MAX_REPAIR_ROUNDS + 1):
-        answer = client.chat([[{"role": "user", "content": prompt}]])[0]
-        if answer is None:  # counted by the client; the next round asks again
-            log(f"[rules] LLM round {round_} failed (no answer)")
-            continue
-        log(f"[rules] LLM round {round_} answered: {answer[:300]!r}")
-        try:
-            good, failures = check_rules(
-                extract_rules_json(answer), feats, valid_rows, key_mask, log
-            )
-        except RuleError as e:
-            good, failures = [], [dict(name="(whole answer)", condition=answer[:200], error=str(e))]
-            log(f"[rules] rejected (whole answer): {e}")
-        accepted += [g for g in good if g["condition"] not in {r["condition"] for r in accepted}]
-        rejected += len(failures)
-        if not failures or len(accepted) >= args.num_rules:
-            break
-        lines = "\n".join(f"- {f['name']}: {f['condition']!r} -> {f['error']}" for f in failures)
-        prompt = Template(read_prompt(PROMPTS / "keystate" / "rule_repair.md")).substitute(
-            fields, failures=lines
-        )
-    return accepted, dict(rejected_rules=rejected, llm_failures=client.failures)
-
-
-def build_keystate_mask(args: Args, ds: dict, kept: np.ndarray, log):
-    """Components (1) + (2): rules (--rules-path or LLM) -> one key-state mask (None: HER), and rules.json's content."""
-    layout, names = read_layout(args)
-    feats, valid = Features(ds, names), (ds["valids"] > 0) & kept
-    key_mask = np.zeros(
-        len(valid), bool
-    )  # the union of the accepted rules' masks, OR-ed in as they compile
-    if args.rules_path:  # a saved rule set: the same self-check, no LLM
-        try:
-            text = Path(args.rules_path).read_text()
-            rules, failures = check_rules(extract_rules_json(text), feats, valid, key_mask, log)
-        except (
-            OSError,
-            RuleError,
-            UnicodeDecodeError,
-        ) as e:  # a data error: one line, exit status 1
-            raise SystemExit(f"error: {args.rules_path}: {e}") from None
-        stats = dict(rejected_rules=len(failures), llm_failures=0)
-    else:
-        rules, stats = generate_rules(args, feats, layout, valid, key_mask, log)
-    out = dict(
-        env_name=args.env_name, features=list(feats.columns), max_lag=MAX_LAG, rules=rules, **stats
-    )
-    log(
-        "[rules] {} accepted, {rejected_rules} rejected, {llm_failures} failed LLM calls".format(
-            len(rules), **stats
-        )
-    )
-    if not rules:
-        log(
-            "[rules] WARNING: no valid rule survived the self-check; falling back to HER relabeling"
-        )
-        return None, out
-    for r in rules:
-        log(f"[rules] accepted {r['name']} ({r['fire_rate']:.2%} of states): {r['condition']}")
-    log(
-        f"[rules] key states: {int((key_mask & valid).sum())} ({(key_mask & valid).mean():.2%} of kept rows)"
-    )
-    return key_mask, out
-
-
-# === Goal sampling: OGBench's HER mixture + key-state-prioritised relabeling (3) on device; relabel-time self-check ===
-def make_goal_data(
-    ds: dict, key_mask: Optional[np.ndarray], keep: Optional[np.ndarray] = None
-) -> dict:
-    """Device arrays the jitted sampler reads; keep (seeds, N) gives PER_SEED members a seed axis (None: all rows)."""
-    ep = Features(ds, {})  # only for each row's episode bounds
-    valid = ds["valids"] > 0
-    key_idxs = np.nonzero(valid & key_mask)[0] if key_mask is not None else []
-    rows = [np.nonzero(valid & k)[0] for k in (valid[None] if keep is None else keep)]
-    padded = np.stack([np.pad(r, (0, max(map(len, rows)) - len(r)), mode="edge") for r in rows])
-    n_valid = np.array([len(r) for r in rows])
-    return {
-        "observations": jnp.asarray(ds["observations"]),  # (N, ob_dim)
-        "actions": jnp.asarray(ds["actions"]),  # (N, act_dim)
-        "valid_idxs": jnp.asarray(
-            padded[0] if keep is None else padded, jnp.int32
-        ),  # ([S,] M) rows with a next state
-        "n_valid": jnp.asarray(
-            n_valid[0] if keep is None else n_valid, jnp.int32
-        ),  # ([S,]) how many of them
-        # (N,) last goal row of each row's episode: its last valid row (OGBench's terminal_locs)
-        "final_idxs": jnp.asarray(np.maximum(ep.ep_end - 1, ep.ep_start), jnp.int32),
-        # (K + 1,) sorted rows that satisfy a discriminator, then N: a sentinel that no window reaches
-        "key_idxs": jnp.asarray(np.append(key_idxs, len(valid)), jnp.int32),
-    }
-
-
-def keystate_goals(key, idxs, final, key_idxs, window):
-    """Section 2.1 (3): a key state drawn uniformly in (t, min(t + window, final)] -> (rows, whether one exists)."""
-    lo = jnp.searchsorted(key_idxs, idxs, side="right")  # first key state strictly after t
-    hi = jnp.searchsorted(key_idxs, jnp.minimum(idxs + window, final), side="right")
-    pick = lo + jnp.floor(jax.random.uniform(key, idxs.shape) * (hi - lo)).astype(jnp.int32)
-    return key_idxs[jnp.minimum(pick, key_idxs.shape[0] - 1)], hi > lo
-
-
-def sample_goals(key, data: dict, idxs, p_cur, p_traj, geom, discount, p_key, window):
-    """OGBench's GCDataset.sample_goals; HER goal -> key state w.p. p_key when one is in the window (Section 2.1 (3))"""
-    k_rand, k_geom, k_mix, k_cur, k_key, k_use = jax.random.split(key, 6)
-    b, valid_idxs = idxs.shape[0], data["valid_idxs"]
-    random_goals = valid_idxs[jax.random.randint(k_rand, (b,), 0, data["n_valid"])]
-    final = data["final_idxs"][idxs]
-    if geom:  # geometric offsets in [1, inf) with success prob 1 - discount (value goals)
-        offsets = jax.random.geometric(k_geom, 1.0 - discount, (b,)).astype(jnp.int32)
-        traj_goals = jnp.minimum(idxs + offsets, final)
-    else:  # uniform over (t, final] (actor goals), rounded as in OGBench
-        u = jax.random.uniform(k_geom, (b,))
-        traj_goals = jnp.round(jnp.minimum(idxs + 1, final) * u + final * (1 - u)).astype(jnp.int32)
-    is_traj = jax.random.uniform(k_mix, (b,)) < p_traj / max(1.0 - p_cur, 1e-8)
-    key_goals, has_key = keystate_goals(k_key, idxs, final, data["key_idxs"], window)
-    is_key = is_traj & has_key & (jax.random.uniform(k_use, (b,)) < p_key)
-    goals = jnp.where(
-        is_traj, jnp.where(is_key, key_goals, traj_goals), random_goals
-    )  # no key state: HER goal
-    is_cur = jax.random.uniform(k_cur, (b,)) < p_cur
-    return jnp.where(is_cur, idxs, goals), is_key & ~is_cur, is_traj & ~is_key & ~is_cur
-
-
-def sample_batch(key, data: dict, args: Args, p_keystate):
-    """A HIQL batch (OGBench HGCDataset.sample): value goals with -1/0 rewards (gc_negative=True), the low-level
-    subgoal w = s_{min(t+k, T)}, and high-level goals g with prediction targets s_{min(t+k, g)}."""
-    k_idx, k_val, k_act = jax.random.split(key, 3)
-    idxs = data["valid_idxs"][jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])]
-    window, obs, k = args.keystate_window, data["observations"], args.subgoal_steps
-    # Value goals: OGBench's mixture of 0.2 current state, 0.5 future state (geometric), 0.3 random state.
-    value_goals, is_key, _ = sample_goals(
-        k_val, data, idxs, 0.2, 0.5, True, args.discount, p_keystate, window
-    )
-    # High-level goals stay OGBench's (uniform future; random w.p. actor_p_randomgoal): the paper changes only the
-    # value goals' relabeling (Section 2.1 (4)), and a key state within the window would also shorten the horizon.
-    p_traj = 0.0 if "explore" in args.env_name else 0.5 if "stitch" in args.env_name else 1.0
-    high_goals, _, in_traj = sample_goals(
-        k_act, data, idxs, 0.0, p_traj, False, args.discount, 0.0, window
-    )
-    low_goals = jnp.minimum(idxs + k, data["final_idxs"][idxs])
-    # The high-level target never overshoots its goal; for random goals it is s_{min(t+k, T)} (as OGBench).
-    high_targets = jnp.where(in_traj, jnp.minimum(idxs + k, high_goals), low_goals)
-    successes = (idxs == value_goals).astype(jnp.float32)
-    batch = dict(
-        observations=obs[idxs], next_observations=obs[idxs + 1], actions=data["actions"][idxs]
-    )
-    batch |= dict(
-        value_goals=obs[value_goals],
-        low_actor_goals=obs[low_goals],
-        high_actor_goals=obs[high_goals],
-    )
-    batch |= dict(high_actor_targets=obs[high_targets], value_goal_is_key=is_key)
-    return batch | dict(
-        rewards=successes - 1.0, masks=1.0 - successes
-    )  # compact layout: valid rows have a next row
-
-
-def probe_batch(key, data: dict, args: Args):
-    """Paired TD probe (Figure 2): fresh rows, each with a key-state, a HER and a uniform goal in one window (t, t+W]"""
-    k_idx, k_key, k_her, k_uni = jax.random.split(key, 4)
-    idxs = data["valid_idxs"][jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])]
-    final, obs = data["final_idxs"][idxs], data["observations"]
-    key_goals, has_key = keystate_goals(k_key, idxs, final, data["key_idxs"], args.keystate_window)
-    span = jnp.maximum(jnp.minimum(idxs + args.keystate_window, final) - idxs, 1)  # |W|
-    # inverse CDF of P(k) proportional to discount^(k - 1) on k = 1 ... |W|
-    u = jax.random.uniform(k_her, idxs.shape)
-    her = jnp.ceil(jnp.log1p(-u * (1 - args.discount**span)) / jnp.log(args.discount)).astype(
-        jnp.int32
-    )
-    uniform = jnp.floor(jax.random.uniform(k_uni, idxs.shape) * span).astype(jnp.int32) + 1
-    goals = jnp.stack([key_goals, idxs + jnp.clip(her, 1, span), idxs + uniform])
-    batch = dict(
-        observations=obs[idxs], next_observations=obs[idxs + 1], actions=data["actions"][idxs]
-    )
-    ones = jnp.ones(idxs.shape)  # every goal lies strictly after t: reward -1, mask 1
-    return batch | dict(rewards=-ones, masks=ones), obs[goals], goals - idxs, has_key
-
-
-class RelabelCheck:
-    """Relabel-time self-check (Section 2.1, Theorem 2.1's premise; our rule, why: docs/keystate_gciql.md). Paired
-    d = |TD_key| - |TD_HER| on the same rows; if |z| > ADAPT_Z, decision k moves p_keystate by ADAPT_STEP * ADAPT_K0 /
-    (ADAPT_K0 + k): the steps vanish, so p converges instead of cycling on its own effect."""
-
-    def __init__(self, args: Args, probing: bool):
-        self.p_keystate = np.full(
-            args.num_seeds, args.p_keystate if args.relabel == "keystate" else 0.0
-        )
-        self.interval = args.adapt_interval if probing and args.relabel == "keystate" else 0
-        self.probing, self.decisions, self.snapshots, self.eval_interval = (
-            probing,
-            0,
-            [],
-            args.eval_interval,
-        )
-
-    def adapt(
-        self, diffs: np.ndarray, counts: np.ndarray
-    ):  # (S, B) paired differences, (S, B) rows that count
-        n = counts.sum(1)
-        mean = (diffs * counts).sum(1) / np.maximum(n, 1)
-        var = ((diffs - mean[:, None]) ** 2 * counts).sum(1) / np.maximum(n - 1, 1)
-        z = mean / np.sqrt(
-            var / np.maximum(n, 1) + 1e-12
-        )  # constant input: a huge |z|, a decided sign
-        move = (
-            np.sign(z)
-            * (np.abs(z) > ADAPT_Z)
-            * (n >= 2)
-            * ADAPT_STEP
-            * ADAPT_K0
-            / (ADAPT_K0 + self.decisions)
-        )
-        self.p_keystate = np.clip(self.p_keystate + move, P_KEYSTATE_MIN, P_KEYSTATE_MAX)
-        self.decisions += 1
-        return mean, z
-
-    def observe(self, step: int, last: bool, probe, writer):
-        """probe() -> |TD| (S, 3, B) of key-state / HER / uniform goals, goal distances (S, 3, B), counts (S, B)."""
-        adapt = self.interval and step % self.interval == 0
-        keep = (self.eval_interval and step % self.eval_interval == 0) or last
-        if self.probing and (adapt or keep):
-            td, dist, counts = map(np.asarray, probe())
-            if adapt:
-                mean, z = self.adapt(td[:, 0] - td[:, 1], counts)
-                writer.add_scalar("relabel/td_gap_key_minus_her", mean.mean(), step)
-                writer.add_scalar("relabel/td_gap_z", z.mean(), step)
-            self.snapshots += [(step, td, dist, counts)] if keep else []
-
-    def save(self, run_dir: Path):
-        """Figure 2: mean |TD| gap key-state - HER / uniform per snapshot, bootstrap 95% CI -> td_probe.npz, .png."""
-        steps, td, dist, counts = (
-            np.stack(x) for x in zip(*self.snapshots)
-        )  # (T,), (T, S, 3, B), ..., (T, S, B)
-        rows, rng = counts.astype(bool), np.random.default_rng(0)
-        out = dict(
-            steps=steps, td=td, dist=dist, counts=counts, kinds=["keystate", "her", "uniform"]
-        )
-        out["dist_mean"] = np.array(
-            [[d[:, i][m].mean() for i in range(3)] for d, m in zip(dist, rows)]
-        )
-        for i, kind in ((1, "her"), (2, "uniform")):
-            gaps = [
-                (t[:, 0] - t[:, i])[m] if m.any() else np.full(1, np.nan) for t, m in zip(td, rows)
-            ]
-            boot = [
-                g[rng.integers(len(g), size=(1000, len(g)))].mean(1) for g in gaps
-            ]  # (T, 1000) resampled means
-            mean, ci = (
-                np.array([g.mean() for g in gaps]),
-                np.percentile(boot, [2.5, 97.5], axis=1).T,
-            )  # (T,), (T, 2)
-            out |= {f"gap_{kind}_mean": mean, f"gap_{kind}_ci": ci}
-            plt.errorbar(
-                steps,
-                mean,
-                yerr=np.abs(ci.T - mean),
-                marker="o",
-                capsize=3,
-                label=f"key-state - {kind}",
-            )
-        np.savez(run_dir / "td_probe.npz", **out)
-        plt.gca().set(
-            xlabel="gradient step",
-            ylabel="mean |TD| gap, 95% CI",
-            title="paired TD probe (Figure 2)",
-        )
-        plt.legend()
-        plt.savefig(run_dir / "td_probe.png", dpi=80)
-        plt.close()
-
-
-# === Networks (as OGBench impls/utils/networks.py) ====================================================================
-class MLP(nn.Module):
-    """OGBench's MLP (Dense -> GELU -> LayerNorm, variance-scaling init; final_scale: final_fc_init_scale) on inputs."""
-
-    hidden_dims: Tuple[int, ...]
-    layer_norm: bool = False
-    final_scale: float = 1.0
-
-    @nn.compact
-    def __call__(self, *inputs):
-        x = jnp.concatenate(inputs, axis=-1)
-        for i, size in enumerate(self.hidden_dims):
-            last = i + 1 == len(self.hidden_dims)
-            init = nn.initializers.variance_scaling(
-                self.final_scale if last else 1.0, "fan_avg", "uniform"
-            )
-            x = nn.Dense(size, kernel_init=init)(x)
-            if not last:
-                x = nn.LayerNorm()(nn.gelu(x)) if self.layer_norm else nn.gelu(x)
-        return x
-
-
-class GCValue(nn.Module):
-    """V(s, g), or vmapped heads (GCIQL's Q1,2(s, g, a), HIQL's V1,2(s, phi)); LayerNorm on, as OGBench's values."""
-
-    hidden_dims: Tuple[int, ...]
-    ensemble: int = 1
-
-    @nn.compact
-    def __call__(self, *inputs):  # observations, goals[, actions]
-        vmap = dict(
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=None,
-            axis_size=self.ensemble,
-        )
-        mlp = nn.vmap(MLP, **vmap) if self.ensemble > 1 else MLP
-        return mlp((*self.hidden_dims, 1), layer_norm=True)(*inputs).squeeze(-1)
-
-
-class AgentState(NamedTuple):
-    params: (
-        dict  # the optimised parameters of every module, under one Adam (as OGBench's TrainState)
-    )
-    target: Any  # soft target copy of the bootstrapping network (GCIQL: the critic; HIQL: the value heads)
-    opt_state: Any
-    rng: jax.Array
-
-
-def make_agent(args: Args, ob_dim: int, act_dim: int, key):
-    """HIQL's phi([s; g]), V1,2(s, phi), pi^l(a | s, phi([s; w])), pi^h(phi | s, g) under one Adam; V's target copy."""
-    hd = tuple(args.hidden_dims)
-    nets = dict(
-        goal_rep=MLP((*hd, REP_DIM), layer_norm=True), value=GCValue(hd, 2)
-    )  # goal_rep: see `phi`
-    # actors: the means of Gaussians with constant std 1, no LayerNorm (OGBench's const_std); pi^h over phi-space
-    nets |= dict(
-        low_actor=MLP((*hd, act_dim), final_scale=1e-2),
-        high_actor=MLP((*hd, REP_DIM), final_scale=1e-2),
-    )
-    ob, rep = jnp.zeros((1, ob_dim)), jnp.zeros((1, REP_DIM))
-    inputs = dict(
-        goal_rep=(ob, ob), value=(ob, rep), low_actor=(ob, rep), high_actor=(ob, ob)
-    )  # fix the shapes
-    key, *keys = jax.random.split(key, 5)
-    params = {name: nets[name].init(k, *inputs[name])["params"] for name, k in zip(nets, keys)}
-    tx = optax.adam(LR)
-    target = tree_map(jnp.copy, params["value"])  # starts equal, own buffers (donation)
-    return nets, tx, AgentState(params, target, tx.init(params), key)
-
-
-# === Losses and update (HIQL, OGBench impls/agents/hiql.py) ===========================================================
-def expectile_loss(adv, diff, expectile):
-    """IQL expectile regression |tau - 1(adv < 0)| * diff^2 (HIQL: adv is the target heads' advantage)."""
-    return jnp.where(adv >= 0, expectile, 1 - expectile) * diff**2
-
-
-def phi(nets: dict, rep_params, obs, goals):
-    """HIQL's subgoal representation phi([s; g]): MLP -> REP_DIM, length sqrt(REP_DIM) (OGBench's LengthNormalize)."""
-    x = nets["goal_rep"].apply({"params": rep_params}, obs, goals)  # (batch, REP_DIM), of [s; g]
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True) * jnp.sqrt(REP_DIM)
-
-
-def hiql_value(nets: dict, value_params, rep_params, obs, goals):
-    """V1,2(s, phi([s; g])) -> (2, batch): one phi serves V and the low-level actor (OGBench's shared goal_rep)."""
-    return nets["value"].apply({"params": value_params}, obs, phi(nets, rep_params, obs, goals))
-
-
-def value_loss(params, target_value, batch, nets: dict, discount, expectile):
-    """Action-free IQL value loss (HIQL Eq. 3): each head regresses to r + discount * mask * V_target(s', g) with the
-    expectile weight of A = q - V_target(s, g), q from the min of the target heads; trains phi. Also |TD| = |q - V|."""
-    obs, next_obs, goals = batch["observations"], batch["next_observations"], batch["value_goals"]
-    rep = jax.lax.stop_gradient(
-        params["goal_rep"]
-    )  # the target heads read the current phi, not differentiated
-    next_v1_t, next_v2_t = hiql_value(nets, target_value, rep, next_obs, goals)  # (batch,) each
-    q = batch["rewards"] + discount * batch["masks"] * jnp.minimum(next_v1_t, next_v2_t)
-    adv = q - hiql_value(nets, target_value, rep, obs, goals).mean(0)
-    v1, v2 = hiql_value(nets, params["value"], params["goal_rep"], obs, goals)
-    q1, q2 = (batch["rewards"] + discount * batch["masks"] * nv for nv in (next_v1_t, next_v2_t))
-    loss = (
-        expectile_loss(adv, q1 - v1, expectile).mean()
-        + expectile_loss(adv, q2 - v2, expectile).mean()
-    )
-    td_abs = jax.lax.stop_gradient(jnp.abs(q - (v1 + v2) / 2))  # (batch,)
-    return loss, {"value/value_loss": loss, "value/v_mean": (v1 + v2).mean() / 2, "td_abs": td_abs}
-
-
-def awr_loss(params, nets: dict, name, alpha, obs, next_obs, goals, mean, target):
-    """AWR (HIQL Eqs. 5-6): -min(exp(alpha * (V(s', g) - V(s, g))), 100) * log N(target; mean, I), V and phi frozen."""
-    frozen = jax.lax.stop_gradient(params)
-    v, nv = (
-        hiql_value(nets, frozen["value"], frozen["goal_rep"], s, goals).mean(0)
-        for s in (obs, next_obs)
-    )
-    log_prob = jnp.sum(
-        -0.5 * (target - mean) ** 2 - 0.5 * jnp.log(2 * jnp.pi), axis=-1
-    )  # log N(target; mean, I)
-    loss = -(
-        jnp.minimum(jnp.exp((nv - v) * alpha), 100.0) * log_prob
-    ).mean()  # A = nv - v: (batch,)
-    return loss, {f"{name}/actor_loss": loss, f"{name}/adv": (nv - v).mean()}
-
-
-def low_actor_loss(params, batch, nets: dict, alpha):
-    """Low level (HIQL Eq. 6): AWR of pi^l(a | s, phi([s; w])) with A = V(s', w) - V(s, w), subgoal w = s_{t+k}; phi
-    gets no gradient here (OGBench's low_actor_rep_grad=False for state observations)."""
-    obs, w = batch["observations"], batch["low_actor_goals"]
-    reps = phi(nets, jax.lax.stop_gradient(params["goal_rep"]), obs, w)
-    mean = nets["low_actor"].apply({"params": params["low_actor"]}, obs, reps)  # (batch, act_dim)
-    return awr_loss(
-        params, nets, "low_actor", alpha, obs, batch["next_observations"], w, mean, batch["actions"]
-    )
-
-
-def high_actor_loss(params, batch, nets: dict, alpha):
-    """High level (HIQL Eq. 5): AWR of pi^h(phi([s; s_{t+k}]) | s, g) with A = V(s_{t+k}, g) - V(s, g): the high-level
-    actor outputs a subgoal *representation*, regressed onto the fixed phi of the target state."""
-    obs, goals, targets = (
-        batch["observations"],
-        batch["high_actor_goals"],
-        batch["high_actor_targets"],
-    )
-    mean = nets["high_actor"].apply(
-        {"params": params["high_actor"]}, obs, goals
-    )  # (batch, REP_DIM)
-    target = phi(nets, jax.lax.stop_gradient(params["goal_rep"]), obs, targets)
-    return awr_loss(params, nets, "high_actor", alpha, obs, targets, goals, mean, target)
-
-
-def over_seeds(fn):
-    """fn(state, data, *args) on all seeds (leading axis) in one call: vmap on GPU/TPU, lax.map on CPU (see `call`)."""
-
-    def call(state, data, *rest):
-        one_seed = lambda x: fn(
-            x[0], data | x[1], *x[2:]
-        )  # x: one seed's (state, PER_SEED data, *rest)
-        xs = (state, {k: data[k] for k in PER_SEED}, *rest)
-        # XLA:CPU runs vmap's batched matmuls 3.5x slower per seed than this loop (measured: docs/keystate_gciql.md)
-        return (
-            jax.lax.map(one_seed, xs) if jax.default_backend() == "cpu" else jax.vmap(one_seed)(xs)
-        )
-
-    return call
-
-
-def make_update(args: Args, nets: dict, tx):
-    """Jitted train step for all seeds (relabeled batch on device, one Adam step, soft target update), and the probe."""
-
-    def total_loss(params, target_value, batch):
-        v_loss, v_info = value_loss(params, target_value, batch, nets, args.discount, EXPECTILE)
-        l_loss, l_info = low_actor_loss(params, batch, nets, args.low_alpha)
-        h_loss, h_info = high_actor_loss(params, batch, nets, args.high_alpha)
-        return v_loss + l_loss + h_loss, {**v_info, **l_info, **h_info}
-
-    def update(state: AgentState, data: dict, p_keystate):
-        rng, k_batch = jax.random.split(state.rng)
-        batch = sample_batch(k_batch, data, args, p_keystate)
-        grads, info = jax.grad(total_loss, has_aux=True)(state.params, state.target, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # OGBench blends the value parameters from *before* this step into the target (hiql.py target_update).
-        target = tree_map(
-            lambda p, tp: TAU * p + (1 - TAU) * tp, state.params["value"], state.target
-        )
-        info["relabel/frac_keystate_goals"] = batch["value_goal_is_key"].mean()
-        del info["td_abs"]
-        return AgentState(params, target, opt_state, rng), info
-
-    def probe(state: AgentState, data: dict):
-        batch, goals, dist, counts = probe_batch(jax.random.fold_in(state.rng, 1), data, args)
-        loss = functools.partial(
-            value_loss, state.params, state.target, nets=nets, discount=args.discount
-        )
-        td = jax.vmap(lambda g: loss(batch | {"value_goals": g}, expectile=EXPECTILE)[1]["td_abs"])
-        return td(goals), dist, counts
-
-    return jax.jit(over_seeds(update), donate_argnums=(0,)), jax.jit(
-        over_seeds(probe)
-    )  # donated: updated in place
-
-
-def make_policy(nets: dict):
-    """OGBench's HIQL sample_actions at eval_temperature=0: the high-level mean, renormalised to length sqrt(REP_DIM),
-    is the subgoal representation the low-level actor reads; its mean, clipped to [-1, 1], is the action."""
-
-    @jax.jit
-    def act(params, obs, goal):
-        rep = nets["high_actor"].apply({"params": params["high_actor"]}, obs[None], goal[None])
-        rep = rep / jnp.linalg.norm(rep, axis=-1, keepdims=True) * jnp.sqrt(REP_DIM)
-        return jnp.clip(
-            nets["low_actor"].apply({"params": params["low_actor"]}, obs[None], rep)[0], -1, 1
-        )
-
-    return act
-
-
-# === Evaluation (OGBench protocol: 5 tasks, success rate per task and overall) and logging ============================
-def evaluate(env, act, params, args: Args, seed: int) -> dict:
-    """Run --eval-episodes per task (env.reset(options=dict(task_id=i))); success = info['success'] at the end."""
-    results = {}
-    for task_id, task in enumerate(env.unwrapped.task_infos, start=1):
-        successes, options = [], dict(task_id=task_id, render_goal=False)
-        for ep in range(args.eval_episodes):
-            obs, info = env.reset(seed=seed + 1000 * task_id + ep, options=options)
-            goal, done = info["goal"], False
-            while not done:
-                obs, _, terminated, truncated, info = env.step(np.asarray(act(params, obs, goal)))
-                done = terminated or truncated
-            successes.append(float(info["success"]))
-        results[f"eval/{task.get('task_name', f'task{task_id}')}_success"] = float(
-            np.mean(successes)
-        )
-    results["eval/overall_success"] = float(np.mean(list(results.values())))
-    return results
-
-
-def make_run_dir(args: Args) -> Path:
-    """{run_dir}/{env}__{exp}__{arm}__frac{f}__seed{s}x{n}__{time}_{random}, created exclusively (mkdtemp)."""
-    name = f"{args.env_name}__{args.exp_name}__{args.relabel}__frac{args.dataset_fraction:g}__seed{args.seed}"
-    name += f"x{args.num_seeds}__{time.strftime('%Y%m%d-%H%M%S')}_"
-    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=name, dir=args.run_dir))
-
-
-# === Main: rules -> discriminators -> key-state mask, then offline training with key-state-prioritised relabeling =====
+# === Main =========================================================================================
 def main(args: Args):
     check_args(args)
     args = resolve_presets(args)
-    seeds, log = list(range(args.seed, args.seed + args.num_seeds)), tqdm.write
-    # Seeding: each seed's JAX key, evaluation resets and episode subset derive from it; LLM requests from --seed.
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    log = tqdm.write
+    # Seeding: each seed's JAX key, evaluation resets and episode subset derive from it; LLM
+    # requests from --seed.
     env, ds = make_env_and_dataset(args)
     keep = episode_subsets(ds, args)
     log(
-        f"[data] {args.env_name}: {len(ds['valids'])} rows; kept per seed: {dict(zip(seeds, keep.sum(1).tolist()))}"
+        f"[data] {args.env_name}: {len(ds['valids'])} rows; "
+        f"kept per seed: {dict(zip(seeds, keep.sum(1).tolist()))}"
     )
-    # The HER arm compiles a --rules-path too, only for the paired TD probe (Figure 2 on an HER-trained critic); no LLM.
-    use_rules = args.relabel == "keystate" or args.rules_path
-    key_mask, rules = build_keystate_mask(args, ds, keep.any(0), log) if use_rules else (None, None)
-    run_dir = make_run_dir(
-        args
-    )  # only now: a run that fails before training leaves no folder behind
+
+    # Components (1) + (2): LLM rules -> discriminators -> one key-state mask. The HER arm compiles
+    # a --rules-path too, only for the paired TD probe (Figure 2 on an HER-trained critic); no LLM.
+    key_mask = None
+    rules = None
+    if args.relabel == "keystate" or args.rules_path:
+        key_mask, rules = build_keystate_mask(args, ds, keep.any(0), log)
+    # only now: a run that fails before training leaves no folder behind
+    run_dir = make_run_dir(args)
     if rules is not None:
         (run_dir / "rules.json").write_text(json.dumps(rules, indent=2))
-    from torch.utils.tensorboard import (
-        SummaryWriter,
-    )  # here: a run that stops at its checks skips torch's import
+    writer = start_logging(args, run_dir)
 
-    writer = SummaryWriter(str(run_dir))  # TensorBoard always; W&B mirrors it with --track
-    if args.track:
-        import wandb
-
-        run = dict(
-            project=args.wandb_project_name, name=run_dir.name, config=vars(args)
-        )  # entity: $WANDB_ENTITY
-        wandb.init(**run, sync_tensorboard=True, save_code=True)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    data, check = make_goal_data(ds, key_mask, keep), RelabelCheck(args, key_mask is not None)
-    ob_dim, act_dim = ds["observations"].shape[1], ds["actions"].shape[1]
-    nets, tx, _ = make_agent(
-        args, ob_dim, act_dim, jax.random.PRNGKey(0)
-    )  # the modules and the optimiser
-    # One agent per seed, stacked on a leading axis: parameters, Adam moments, target copy and RNG key.
+    # Component (3) runs inside the jitted update: goal data on device, p_keystate from the
+    # relabel-time self-check.
+    data = make_goal_data(ds, key_mask, keep)
+    check = RelabelCheck(args, key_mask is not None)
+    ob_dim = ds["observations"].shape[1]
+    act_dim = ds["actions"].shape[1]
+    # the modules and the optimiser
+    nets, tx, _ = make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))
+    # One agent per seed, stacked on a leading axis: parameters, Adam moments, target copy, RNG key.
     state = jax.vmap(lambda s: make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(s))[2])(
         jnp.asarray(seeds)
     )
-    (update, probe), act = make_update(args, nets, tx), make_policy(nets)
-    # Component (4): offline training; only the relabeling differs from the learner's reference implementation.
+    update, probe = make_update(args, nets, tx)
+    act = make_policy(nets)
+
+    # Component (4): offline training; only the relabeling differs from the learner's reference
+    # implementation.
     start = last_t = time.time()
     last_step = 0
     for step in tqdm(range(1, args.total_steps + 1), smoothing=0.1, dynamic_ncols=True):
@@ -1177,52 +1373,25 @@ def main(args: Args):
         last = step == args.total_steps
         check.observe(step, last, lambda: probe(state, data), writer)
         if step % args.log_interval == 0 or last:
-            sps, last_t, last_step = (step - last_step) / (time.time() - last_t), time.time(), step
-            info = {
-                k if k.startswith("relabel/") else f"losses/{k}": float(v.mean())
-                for k, v in info.items()
-            }
-            p_key = {f"relabel/p_keystate/seed{s}": p for s, p in zip(seeds, check.p_keystate)}
-            for k, v in {**info, **p_key, "charts/SPS": sps}.items():  # losses: the mean over seeds
-                writer.add_scalar(k, v, step)
-            text = " ".join(
-                f"{k.split('/', 1)[1]}={v:.4f}" for k, v in info.items()
-            )  # value/value_loss=...
-            log(
-                f"step={step} SPS={sps:.1f} {text} p_keystate="
-                + ",".join(f"{p:.3f}" for p in check.p_keystate)
-            )
+            sps = (step - last_step) / (time.time() - last_t)
+            last_t = time.time()
+            last_step = step
+            log_losses(writer, step, sps, info, check.p_keystate, seeds)
         if (args.eval_interval and step % args.eval_interval == 0) or last:
-            seed_params = [tree_map(lambda x: x[i], state.params) for i in range(len(seeds))]
-            per_seed = [
-                evaluate(env, act, params, args, s) for params, s in zip(seed_params, seeds)
-            ]
-            x, n = np.array([list(r.values()) for r in per_seed]), len(seeds)  # (seeds, metrics)
-            ci = (
-                t_dist.ppf(0.975, n - 1) * x.std(0, ddof=1) / n**0.5 if n > 1 else 0 * x[0]
-            )  # 95% Student-t half-width
-            stats = list(
-                zip(per_seed[0], x.mean(0).tolist(), ci.tolist())
-            )  # (metric, mean, CI half-width)
-            scalars = {k: m for k, m, _ in stats} | {f"{k}_ci95": c for k, _, c in stats}
-            for k, v in (
-                scalars | {f"{k}/seed{s}": r[k] for s, r in zip(seeds, per_seed) for k in r}
-            ).items():
-                writer.add_scalar(k, v, step)
-            text = " ".join(f"{k.removeprefix('eval/')}={m:.3f}+-{c:.3f}" for k, m, c in stats)
-            log(f"eval step={step} {text} per_seed={[r['eval/overall_success'] for r in per_seed]}")
+            scalars, per_seed = evaluate_seeds(env, act, state.params, args, seeds, step, writer)
             last_t = time.time()  # keep evaluation time out of the next SPS reading
     total_time = time.time() - start
+
     if check.snapshots:
         check.save(run_dir)
-    (run_dir / "params.msgpack").write_bytes(
-        serialization.to_bytes(state.params)
-    )  # leading axis: seeds
+    # leading axis: seeds
+    (run_dir / "params.msgpack").write_bytes(serialization.to_bytes(state.params))
     (run_dir / "final_eval.json").write_text(
         json.dumps(scalars | dict(seeds=seeds, per_seed=per_seed), indent=2)
     )
     log(
-        f"done: {args.total_steps} gradient steps ({len(seeds)} seeds) in {total_time:.1f}s; saved to {run_dir}"
+        f"done: {args.total_steps} gradient steps ({len(seeds)} seeds) in {total_time:.1f}s; "
+        f"saved to {run_dir}"
     )
     writer.close()
     env.close()

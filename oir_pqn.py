@@ -1,15 +1,18 @@
 """OIR: Open-ended Instruction Relabeling with LLMs, on Craftax, with a PQN learner.
 
-Paper: Zhang, Wang, Du, Fang, "Learning Instruction-Following Policies through Open-Ended Instruction Relabeling with
-Large Language Models" (arXiv 2506.20061). Learner: PQN ("Simplifying Deep Temporal Difference Learning", Gallici et
-al., arXiv 2407.04811) as mttga/purejaxql `pqn_craftax.py`: no replay buffer or target network, LayerNorm MLP, decaying
-epsilon-greedy, Q(lambda), RAdam, optimistic resets, rollout + update jitted with `lax.scan`. The loop (`main`): envs
-follow instructions from a prioritized buffer, rewarded by r = 1[cos(f_state(s_t, s_t+1), f_instr(i)) > delta] -> event
-logs -> an LLM proposes K accomplished instructions -> filter -> buffer -> PQN update on the rollout and its relabeled
-copies -> held-out evaluation. Choices where the paper is silent: "choice" here, and docs/oir_pqn.md.
+Paper: Zhang, Wang, Du, Fang, "Learning Instruction-Following Policies through Open-Ended
+Instruction Relabeling with Large Language Models" (arXiv 2506.20061). Learner: PQN ("Simplifying
+Deep Temporal Difference Learning", Gallici et al., arXiv 2407.04811) as mttga/purejaxql
+`pqn_craftax.py`: no replay buffer or target network, LayerNorm MLP, decaying epsilon-greedy,
+Q(lambda), RAdam, optimistic resets, rollout + update jitted with `lax.scan`.
 
-    python oir_pqn.py --llm-base-url http://localhost:8000/v1 --llm-model Qwen/Qwen3-8B  # after `vllm serve <model>`
-    python oir_pqn.py --relabel template --total-timesteps 1000000          # LLM-free baseline (also: --relabel none)
+The loop (`main`): envs follow instructions from a prioritized buffer, rewarded by
+r = 1[cos(f_state(s_t, s_t+1), f_instr(i)) > delta] -> event logs -> an LLM proposes K accomplished
+instructions -> filter -> buffer -> PQN update on the rollout and its relabeled copies -> held-out
+evaluation. Choices where the paper is silent: "choice" here, and docs/oir_pqn.md.
+
+    python oir_pqn.py --llm-base-url http://localhost:8000/v1 --llm-model Qwen/Qwen3-8B  # + vllm
+    python oir_pqn.py --relabel template --total-timesteps 1000000  # LLM-free (or --relabel none)
     python oir_pqn.py --resume runs/<run>/checkpoint.npz   # with the flags of the run that wrote it
 """
 
@@ -42,7 +45,7 @@ import time
 from collections import Counter, deque
 from pathlib import Path
 from string import Template
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import flax
 import flax.linen as nn
@@ -58,7 +61,104 @@ from sentence_transformers import SentenceTransformer
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+# Environment: the paper's benchmark, stepped with the PQN reference's optimistic resets.
+ENV_ID = "Craftax-Classic-Symbolic-v1"
+OPTIMISTIC_RESET_RATIO = 16  # environments per freshly generated world (purejaxql's name and value)
+PROMPT_FILES = ("relabel.md", "transitions.md", "seed_instructions.md", "eval_instructions.md")
 
+# f_state reads these numbers from a state (state_fields, in this order); transition texts are rules
+# over them (prompts/oir/transitions.md): a field went up (+), down (-), reached N (>=N) or fell
+# below N (<N).
+INVENTORY = (
+    "wood",
+    "stone",
+    "coal",
+    "iron",
+    "diamond",
+    "sapling",
+    "wood_pickaxe",
+    "stone_pickaxe",
+    "iron_pickaxe",
+    "wood_sword",
+    "stone_sword",
+    "iron_sword",
+)
+ACHIEVEMENTS = tuple(a.name.lower() for a in sorted(Achievement, key=lambda a: a.value))
+BLOCKS = (
+    "water",
+    "tree",
+    "stone",
+    "coal",
+    "iron",
+    "diamond",
+    "crafting_table",
+    "furnace",
+    "lava",
+)
+MOBS = ("cow", "zombie", "skeleton")
+PLACEABLE = ("crafting_table", "furnace", "stone", "plant")
+FIELDS = (
+    *INVENTORY,
+    *("health", "food", "drink", "energy", "sleeping", "light"),
+    *ACHIEVEMENTS,
+    *[f"facing_{b}" for b in BLOCKS],
+    *[f"near_{x}" for x in BLOCKS + MOBS],
+    *[f"placed_{b}" for b in PLACEABLE],
+)
+CHANGES = ("+", "-", ">=", "<")
+
+# LLM relabeling (paper Section 3).
+RELABEL_LOG_LEN = 128  # steps of history per env kept on device for the event log (>= 8 rollouts)
+MAX_LOG_LINES = 30  # the newest event lines sent to the LLM: short prompts, enough for K = 3
+RELABEL_TRAJS = 8  # trajectories relabeled per chunk (one LLM request each)
+RELABEL_POOL_SIZE = 32  # recently accepted instructions that relabel rollouts (FIFO): a few chunks
+# The filter: instructions are short imperative phrases; longer text is rejected.
+FILTER_MAX_WORDS = 12
+FILTER_MAX_CHARS = 80
+FILTER_DUP_SIM = 0.95  # cosine above which a proposal paraphrases an instruction already held
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d+[.):])\s*")
+_ALLOWED = re.compile(r"^[A-Za-z][A-Za-z0-9 ,'\-]*$")
+
+# Prioritized instruction buffer. Not published (choices): an instruction needs some episodes before
+# its mean return says anything; old outcomes fade so that a status follows the current policy; the
+# learning boundary is sampled most, mastered tasks least.
+STATUS_LOW = 0.1  # mean return below: Failing
+STATUS_HIGH = 0.8  # above: Mastered; between: Learning-boundary
+STATUS_MIN_EPISODES = 20
+STATUS_WINDOW = 200  # approximate number of recent instruction episodes behind the mean return
+STATUS_WEIGHTS = {  # sampling weight per status
+    "failing": 1.0,
+    "boundary": 4.0,
+    "untested": 4.0,  # fewer than STATUS_MIN_EPISODES
+    "mastered": 0.5,
+}
+
+# PQN learner.
+MAX_GRAD_NORM = 1.0  # global gradient-norm clip, as the reference
+Q_LAMBDA = 0.65  # Q(lambda) (choice: purejaxql's Atari/MinAtar value; its Craftax config: 1-step)
+EPS_START = 0.1  # epsilon-greedy, decayed linearly ...
+EPS_FINISH = 0.005
+EPS_DECAY = 0.2  # ... over 20% of the updates
+INSTR_MAX_STEPS = 500  # an instruction episode without success ends with return 0 (choice)
+
+# Evaluation and checkpoints.
+EVAL_SUCCESS_THRESHOLD = 0.1  # an instruction is covered when its success rate is above (choice)
+# Flags a resumed run may change: they do not change the training.
+RESUME_FREE = {
+    "resume",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "eval_every",
+    "eval_episodes",
+    "eval_max_steps",
+    "llm_base_url",
+    "llm_timeout",
+    "llm_concurrency",
+}
+
+
+# === Arguments ====================================================================================
 @dataclasses.dataclass
 class Args:
     exp_name: str = Path(__file__).stem
@@ -72,9 +172,11 @@ class Args:
     wandb_entity: Optional[str] = None
     """the W&B entity (team)"""
     resume: Optional[str] = None
-    """continue exactly from a checkpoint (runs/{run_name}/checkpoint.npz), with the flags of the run that wrote it"""
+    """continue exactly from a checkpoint (runs/{run_name}/checkpoint.npz), with the flags of the
+    run that wrote it"""
     prompts_dir: Optional[str] = None
-    """folder holding oir/relabel.md, oir/seed_instructions.md, oir/eval_instructions.md (default: prompts/ here)"""
+    """folder holding oir/relabel.md, oir/seed_instructions.md, oir/eval_instructions.md (default:
+    prompts/ here)"""
     total_timesteps: int = 100_000_000
     """total environment steps"""
     num_envs: int = 1024
@@ -92,21 +194,26 @@ class Args:
     num_minibatches: int = 4
     """minibatches per update (choice; the reference uses 1 with 1024x1 transitions)"""
     chunk_updates: int = 16
-    """updates per jitted chunk; the host relabels, logs and evaluates between chunks (raise it to call the LLM less)"""
+    """updates per jitted chunk; the host relabels, logs and evaluates between chunks (raise it to
+    call the LLM less)"""
     embed_model: str = "sentence-transformers/all-MiniLM-L6-v2"
     """sentence-transformers model for f_instr and the event texts: hub id or local folder"""
     reward: Literal["semantic", "gt"] = "semantic"
-    """semantic: r = 1[cos(f_state, f_instr) > delta] (the paper); gt: the instruction's labelled achievement"""
+    """semantic: r = 1[cos(f_state, f_instr) > delta] (the paper); gt: the instruction's labelled
+    achievement"""
     delta: float = 0.45
-    """cosine threshold of the semantic reward (not published: choice; the paper reports it matters a lot)"""
+    """cosine threshold of the semantic reward (not published: choice; the paper reports it matters
+    a lot)"""
     relabel: Literal["llm", "template", "none"] = "llm"
-    """llm: open-ended LLM relabeling (the paper); template: achievement names as instructions (LLM-free); none: PQN"""
+    """llm: open-ended LLM relabeling (the paper); template: achievement names as instructions
+    (LLM-free); none: PQN"""
     relabel_k: int = 3
     """K, instructions asked per trajectory (not published: choice)"""
-    # --- LLM client (the same seven flags in every script) ------------------------------------------------------------
+    # --- LLM client (the same seven flags in every script) ----------------------------------------
     llm_backend: Literal["openai", "transformers"] = "openai"
-    """openai: any OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp, `transformers serve`, hosted; key from
-    $OPENAI_API_KEY); transformers: the model in this process (offline runs with small local models)"""
+    """openai: any OpenAI-compatible endpoint (`vllm serve`, SGLang, llama.cpp, \
+`transformers serve`, hosted; key from $OPENAI_API_KEY); transformers: the model in \
+this process (offline runs with small local models)"""
     llm_model: str = "Qwen/Qwen3-8B"
     """model name sent to the endpoint, or (transformers) a hub id or local folder"""
     llm_base_url: str = "http://localhost:8000/v1"
@@ -120,7 +227,8 @@ class Args:
     llm_concurrency: int = 8
     """requests in flight (openai), or the generation batch size (transformers)"""
     eval_every: int = 50
-    """evaluate and save a checkpoint (over the previous one) every this many chunks (0 = only at the end)"""
+    """evaluate and save a checkpoint (over the previous one) every this many chunks (0 = only at
+    the end)"""
     eval_episodes: int = 16
     """episodes per held-out instruction"""
     eval_max_steps: int = 1000
@@ -128,23 +236,23 @@ class Args:
 
 
 def usage_error(message: str):
-    """A usage error ends the run with one line and exit status 2, as argparse (and tyro) do; data errors exit 1."""
+    """A usage error ends the run with one line and exit status 2, as argparse (and tyro) do; data
+    errors exit 1."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
-# Relabeled copies per update: a quarter of num_envs (choice), each one env's rollout with one achieved instruction.
-num_relabel_copies = lambda args: args.num_envs // 4 if args.relabel != "none" else 0
-PROMPT_FILES = ("relabel.md", "transitions.md", "seed_instructions.md", "eval_instructions.md")
+def num_relabel_copies(args):
+    """Relabeled copies per update: a quarter of num_envs (choice), each one env's rollout with one
+    achieved instruction."""
+    return args.num_envs // 4 if args.relabel != "none" else 0
 
 
-def check_args(args: Args, prompts: Path) -> None:
+def check_args(args, prompts):
     """Usage errors as one line (`error: --flag: ...`, exit 2) before anything heavy."""
     chunk = args.chunk_updates * args.num_envs * args.num_steps
-    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", args.embed_model)
-    rows = args.num_steps * (
-        args.num_envs + num_relabel_copies(args)
-    )  # transitions per update, split in minibatches
+    # transitions per update (the rollout and its relabeled copies), split in minibatches
+    rows = args.num_steps * (args.num_envs + num_relabel_copies(args))
     positive = "num_steps hidden_size num_layers num_minibatches chunk_updates relabel_k "
     positive += "eval_episodes eval_max_steps llm_max_new_tokens llm_concurrency"
     checks = [  # (field, valid?, what it must be)
@@ -170,7 +278,7 @@ def check_args(args: Args, prompts: Path) -> None:
         ("delta", -1 < args.delta < 1, "in (-1, 1)"),
         (
             "embed_model",
-            Path(args.embed_model).is_dir() or hub_id,
+            Path(args.embed_model).is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", args.embed_model),
             "an existing folder or a hub id (owner/name)",
         ),
         (
@@ -185,155 +293,68 @@ def check_args(args: Args, prompts: Path) -> None:
             usage_error(f"--{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}")
 
 
-# === Environment: Craftax with optimistic resets, and the transition events behind f_state ============================
-ENV_ID = "Craftax-Classic-Symbolic-v1"  # the paper's benchmark
-OPTIMISTIC_RESET_RATIO = (
-    16  # environments per freshly generated world (the PQN reference's OPTIMISTIC_RESET_RATIO)
-)
-# f_state reads these numbers from a state (state_fields, in this order); transition texts are rules over them
-# (prompts/oir/transitions.md): a field went up (+), down (-), reached N (>=N) or fell below N (<N).
-INVENTORY = (
-    "wood",
-    "stone",
-    "coal",
-    "iron",
-    "diamond",
-    "sapling",
-    "wood_pickaxe",
-    "stone_pickaxe",
-    "iron_pickaxe",
-)
-INVENTORY += ("wood_sword", "stone_sword", "iron_sword")
-ACHIEVEMENTS = tuple(a.name.lower() for a in sorted(Achievement, key=lambda a: a.value))
-BLOCKS = ("water", "tree", "stone", "coal", "iron", "diamond", "crafting_table", "furnace", "lava")
-MOBS, PLACEABLE = ("cow", "zombie", "skeleton"), ("crafting_table", "furnace", "stone", "plant")
-FIELDS = (*INVENTORY, "health", "food", "drink", "energy", "sleeping", "light", *ACHIEVEMENTS)
-FIELDS += (
-    *[f"facing_{b}" for b in BLOCKS],
-    *[f"near_{x}" for x in BLOCKS + MOBS],
-    *[f"placed_{b}" for b in PLACEABLE],
-)
-CHANGES = ("+", "-", ">=", "<")
-as_rules = lambda rules: tuple(
-    np.array(x, t) for x, t in zip(zip(*rules), (np.int32, np.int32, np.float32))
-)
-# After reset some leaves are weakly typed, after step strongly: without this every jitted function compiles twice.
-strong_types = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, x.dtype), tree)
+# === Method: transition events, the state side f_state of the semantic reward =====================
+def as_rules(rules):
+    """[(field, change, N)] -> three arrays (R,): field indices, change indices, thresholds."""
+    return tuple(np.array(x, t) for x, t in zip(zip(*rules), (np.int32, np.int32, np.float32)))
 
 
-def state_fields(s) -> jnp.ndarray:
-    """FIELDS of one Craftax-Classic state (vmap it): (F,) float32. near_*: one of the four cells next to the player."""
-    pos, block = s.player_position, lambda name: BlockType[name.upper()].value
-    at = lambda d: s.map[pos[0] + d[0], pos[1] + d[1]]
-    front, around = at(DIRECTIONS[s.player_direction]), jnp.stack([at(d) for d in DIRECTIONS[1:5]])
-    adjacent = lambda mobs: ((jnp.abs(mobs.position - pos).sum(-1) == 1) & mobs.mask).any()
-    vitals = [
+def state_fields(s):
+    """FIELDS of one Craftax-Classic state (vmap it): (F,) float32. near_*: one of the four cells
+    next to the player."""
+    pos = s.player_position
+
+    def block(name):
+        return BlockType[name.upper()].value
+
+    def at(d):
+        return s.map[pos[0] + d[0], pos[1] + d[1]]
+
+    def adjacent(mobs):
+        return ((jnp.abs(mobs.position - pos).sum(-1) == 1) & mobs.mask).any()
+
+    front = at(DIRECTIONS[s.player_direction])
+    around = jnp.stack([at(d) for d in DIRECTIONS[1:5]])
+    values = [  # in FIELDS order
+        *[getattr(s.inventory, n) for n in INVENTORY],
         s.player_health,
         s.player_food,
         s.player_drink,
         s.player_energy,
         s.is_sleeping,
         s.light_level,
+        *s.achievements,
+        *[front == block(b) for b in BLOCKS],  # facing_*
+        *[(around == block(b)).any() for b in BLOCKS],  # near_* blocks
+        *[adjacent(m) for m in (s.cows, s.zombies, s.skeletons)],  # near_* mobs
+        *[(s.map == block(b)).sum() for b in PLACEABLE],  # placed_*
     ]
-    near = [(around == block(b)).any() for b in BLOCKS] + [
-        adjacent(m) for m in (s.cows, s.zombies, s.skeletons)
-    ]
-    values = [getattr(s.inventory, n) for n in INVENTORY] + vitals + list(s.achievements)
-    values += (
-        [front == block(b) for b in BLOCKS] + near + [(s.map == block(b)).sum() for b in PLACEABLE]
-    )
     return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
 
 
 def fire(rules, prev_f, next_f):
-    """Which rules (field, change, N; arrays (..., R)) hold in transitions prev_f -> next_f (..., F): (..., R) bool."""
+    """Which rules (field, change, N; arrays (..., R)) hold in transitions prev_f -> next_f
+    (..., F): (..., R) bool."""
     field, op, n = rules
-    take = lambda f: jnp.take_along_axis(
-        f, jnp.broadcast_to(field, f.shape[:-1] + field.shape[-1:]), -1
-    )
-    a, b = take(prev_f), take(next_f)
-    changes = [b > a, b < a, (a < n) & (b >= n), (a >= n) & (b < n)]  # CHANGES order
+
+    def take(f):
+        return jnp.take_along_axis(f, jnp.broadcast_to(field, f.shape[:-1] + field.shape[-1:]), -1)
+
+    a = take(prev_f)
+    b = take(next_f)
+    changes = [  # CHANGES order
+        b > a,  # +
+        b < a,  # -
+        (a < n) & (b >= n),  # >=N: reached N from below
+        (a >= n) & (b < n),  # <N: fell below N
+    ]
     return jnp.stack([(op == i) & c for i, c in enumerate(changes)]).any(0)
 
 
-def parse_rule(path: Path, n: int, term: str):
-    """`field change` (e.g. `wood >=3`, `health +`) -> (field index, change index, N); a bad term is a data error."""
-    m = re.fullmatch(r"(\w+)\s*(\+|-|>=|<)\s*(-?\d+(?:\.\d+)?)?", term.strip())
-    if not m or m[1] not in FIELDS or (m[2] in "+-") == bool(m[3]):
-        raise SystemExit(
-            f"error: {path}:{n}: bad rule {term!r}: a field ({FIELDS[0]}, ...), then +, -, >=N or <N"
-        )
-    return FIELDS.index(m[1]), CHANGES.index(m[2]), float(m[3] or 0)
-
-
-def make_vec_env_step(env, env_params, num_envs: int):
-    """Step all envs; envs that end get one of num_envs // 16 fresh worlds (purejaxql's optimistic resets). Also returns
-    the stepped state before the reset, whose transition gives the events."""
-    num_resets = num_envs // OPTIMISTIC_RESET_RATIO
-
-    def step(rng, state, action):
-        k_step, k_reset, k_pick = jax.random.split(rng, 3)
-        obs_st, state_st, reward, done, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-            jax.random.split(k_step, num_envs), state, action, env_params
-        )
-        obs_re, state_re = jax.vmap(env.reset, in_axes=(0, None))(
-            jax.random.split(k_reset, num_resets), env_params
-        )
-        reset_idx = jnp.arange(num_resets).repeat(OPTIMISTIC_RESET_RATIO)
-        being_reset = jax.random.choice(
-            k_pick, num_envs, (num_resets,), p=done.astype(jnp.float32), replace=False
-        )
-        reset_idx = reset_idx.at[being_reset].set(jnp.arange(num_resets))
-        pick = lambda fresh, old: jnp.where(
-            done.reshape(-1, *[1] * (old.ndim - 1)), fresh[reset_idx], old
-        )
-        state = jax.tree_util.tree_map(pick, strong_types(state_re), state_st)
-        return pick(obs_re, obs_st), state, state_st, reward, done
-
-    return step
-
-
-# === LLM relabeling (paper Section 3): trajectory -> event log -> LLM proposals -> filter -> semantic reward ==========
-RELABEL_LOG_LEN = 128  # steps of per-environment history kept on device for the event log (covers >= 8 rollouts of 16)
-MAX_LOG_LINES = (
-    30  # the newest event lines sent to the LLM: short prompts, enough for K = 3 proposals
-)
-RELABEL_TRAJS = 8  # trajectories relabeled after each chunk (one LLM request each; raise --chunk-updates to ask less)
-FILTER_MAX_WORDS, FILTER_MAX_CHARS = (
-    12,
-    80,
-)  # instructions are short imperative phrases; longer text is rejected
-FILTER_DUP_SIM = (
-    0.95  # cosine above which a proposal is a paraphrase of an instruction already held
-)
-_BULLET = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d+[.):])\s*")
-_ALLOWED = re.compile(r"^[A-Za-z][A-Za-z0-9 ,'\-]*$")
-
-
-def read_prompt(path: Path, columns: int = 0):
-    """A prompt-folder file (header, `---` line, body): the body, or its `a | b` rows as (line number, [cells])."""
-    try:
-        head, sep, body = path.read_text().partition("\n---\n")
-    except (OSError, UnicodeError) as e:
-        raise SystemExit(f"error: {path}: cannot read it ({e})") from None
-    if not sep:
-        raise SystemExit(f"error: {path}: no line '---' between the header and the body")
-    lines = [
-        (n, line) for n, line in enumerate(body.splitlines(), head.count("\n") + 3) if line.strip()
-    ]
-    rows = [
-        (n, [cell.strip() for cell in line.split("|")])
-        for n, line in lines
-        if not line.lstrip().startswith("#")
-    ]
-    for n, cells in rows if columns else []:
-        if len(cells) != columns:
-            raise SystemExit(f"error: {path}:{n}: expected {columns} columns separated by '|'")
-    return rows if columns else body
-
-
-def event_log_text(events: np.ndarray, env_done: np.ndarray, texts) -> str:
-    """The trajectory as text for the LLM, a line per step with transition texts: events (L, E), env_done (L,) bool."""
+# === Method: LLM relabeling (Section 3): event log -> proposals -> filter =========================
+def event_log_text(events, env_done, texts):
+    """The trajectory as text for the LLM, a line per step with transition texts: events (L, E),
+    env_done (L,) bool."""
     lines = []
     for t in range(len(events)):
         happened = [texts[e] for e in np.flatnonzero(events[t])]
@@ -344,11 +365,11 @@ def event_log_text(events: np.ndarray, env_done: np.ndarray, texts) -> str:
     return "\n".join(lines[-MAX_LOG_LINES:]) if lines else "(nothing notable happened)"
 
 
-def parse_proposals(raw: str) -> list:
-    """LLM answer -> candidate instructions, one per line. The answer is untrusted text: only parsed, never executed."""
-    raw = re.sub(
-        r"<think>.*?(</think>|$)", "", raw, flags=re.DOTALL
-    )  # reasoning models (Qwen3) may think first
+def parse_proposals(raw):
+    """LLM answer -> candidate instructions, one per line. The answer is untrusted text: only
+    parsed, never executed."""
+    # reasoning models (Qwen3) may think first
+    raw = re.sub(r"<think>.*?(</think>|$)", "", raw, flags=re.DOTALL)
     lines = (
         _BULLET.sub("", line).strip().strip("\"'`").rstrip(".!;:").strip()
         for line in raw.splitlines()
@@ -356,25 +377,30 @@ def parse_proposals(raw: str) -> list:
     return [line for line in lines if line]
 
 
-def normalize(text: str) -> str:
-    """One key for near-duplicates (choice): lowercase, no punctuation, no articles, a crude suffix stemmer, so tense,
-    articles and plural make no new instruction ('collected a sapling' = 'collect saplings' = 'collect sapling')."""
-    stem = lambda w: (
-        re.sub(r"(ing|ed|es|s|e)$", "", w) if len(w) > 3 else w
-    )  # twice: saplings -> sapling -> sapl
+def normalize(text):
+    """One key for near-duplicates (choice): lowercase, no punctuation, no articles, a crude suffix
+    stemmer, so tense, articles and plural make no new instruction ('collected a sapling' =
+    'collect saplings' = 'collect sapling')."""
+
+    def stem(w):
+        return re.sub(r"(ing|ed|es|s|e)$", "", w) if len(w) > 3 else w
+
     return " ".join(
-        stem(stem(w))
+        stem(stem(w))  # twice: saplings -> sapling -> sapl
         for w in re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
         if w not in ("a", "an", "the", "some")
     )
 
 
-def filter_proposals(candidates, k, observed_events, held, embed, delta: float):
-    """The paper's rule-based filter (rules: our choice): at most k candidates that are short plain text, no duplicate
-    of one held (text, emb): same `normalize` key or cosine > FILTER_DUP_SIM, and grounded: their best-matching
-    transition text is above delta and observed in this log. Returns ([(text, row, emb)], rejections by reason)."""
-    rejected, accepted = Counter(), []
-    seen, held = {normalize(t) for t, _ in held}, [emb for _, emb in held]
+def filter_proposals(candidates, k, observed_events, held, embed, delta):
+    """The paper's rule-based filter (rules: our choice): at most k candidates that are short plain
+    text, no duplicate of one held (text, emb): same `normalize` key or cosine > FILTER_DUP_SIM, and
+    grounded: their best-matching transition text is above delta and observed in this log.
+    Returns ([(text, row, emb)], rejections by reason)."""
+    rejected = Counter()
+    accepted = []
+    seen = {normalize(t) for t, _ in held}
+    held = [emb for _, emb in held]
     for text in candidates:
         if len(accepted) >= k:
             reason = "over_k"
@@ -385,7 +411,8 @@ def filter_proposals(candidates, k, observed_events, held, embed, delta: float):
         elif normalize(text) in seen:
             reason = "duplicate"
         else:
-            sims = embed.events @ (emb := embed([text])[0])
+            emb = embed([text])[0]
+            sims = embed.events @ emb
             best = int(np.argmax(sims))
             if held and max(float(h @ emb) for h in held) > FILTER_DUP_SIM:
                 reason = "duplicate"
@@ -400,89 +427,61 @@ def filter_proposals(candidates, k, observed_events, held, embed, delta: float):
     return accepted, rejected
 
 
+def relabel_rollout(traj, pool_emb, pool_mask, pool_valid, num_copies, rng):
+    """Hindsight relabeling (paper Section 3), on device: num_copies random envs whose rollout
+    achieved a pool instruction, each with one of them, rewards by its mask, cut at success.
+    Returns (obs, action, emb, reward, done, env, valid)."""
+    k_env, k_ins = jax.random.split(rng)
+    hits = jnp.einsum(
+        "tne,pe->np", traj["events"].astype(jnp.float32), pool_mask.astype(jnp.float32)
+    )
+    achieved = (hits > 0) & pool_valid[None]  # (N, P)
+    score = achieved.any(-1) + 0.5 * jax.random.uniform(k_env, achieved.shape[:1])
+    env_idx = jax.lax.top_k(score, num_copies)[1]  # (R,)
+    ach = achieved[env_idx]  # (R, P)
+    choice = jnp.argmax(jnp.where(ach, jax.random.uniform(k_ins, ach.shape), -1.0), axis=-1)  # (R,)
+    emb = pool_emb[choice]  # (R, D)
+    valid = ach.any(-1)  # (R,)
+    # (T, R): the copy's instruction is achieved at that step
+    reward = (traj["events"][:, env_idx] & pool_mask[choice][None]).any(-1).astype(jnp.float32)
+    # the relabeled instruction episode ends at success
+    done = jnp.maximum(traj["env_done"][:, env_idx], reward)
+    return (
+        traj["obs"][:, env_idx],
+        traj["action"][:, env_idx],
+        emb,
+        reward,
+        done,
+        env_idx,
+        valid,
+    )
+
+
+# === Method: semantic reward r = 1[cos(f_state, f_instr) > delta] =================================
 class Embedder:
     """f_instr, and the transition texts of f_state (`events`, (E, D)): a sentence encoder."""
 
-    def __init__(self, model: str, event_texts):
+    def __init__(self, model, event_texts):
         try:
             self.model = SentenceTransformer(model, device="cpu")
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --embed-model {model}: cannot load it ({e})") from None
-        self.events = self(list(event_texts))
+        self.events = self(event_texts)
 
-    def __call__(
-        self, texts
-    ) -> np.ndarray:  # on the host, once per new instruction, never per environment step
-        return self.model.encode(list(texts), batch_size=64, normalize_embeddings=True).astype(
-            np.float32
-        )
+    def __call__(self, texts):
+        # on the host, once per new instruction, never per environment step
+        return self.model.encode(texts, batch_size=64, normalize_embeddings=True).astype(np.float32)
 
 
-def semantic_mask(instr_emb: np.ndarray, event_embs: np.ndarray, delta: float) -> np.ndarray:
-    """Which events reward this instruction: cos(f_state, f_instr) > delta (paper) and, our choice, only its best match:
-    one threshold is brittle (at 0.45 "make a wooden pickaxe" matches 3 pickaxes, "drink some water" misses its own)."""
+def semantic_mask(instr_emb, event_embs, delta):
+    """Which events reward this instruction: cos(f_state, f_instr) > delta (paper) and, our choice,
+    only its best match: one threshold is brittle (at 0.45 "make a wooden pickaxe" matches 3
+    pickaxes, "drink some water" misses its own)."""
     sims = event_embs @ instr_emb  # (E,) cosine: both sides are unit-normalised
     return (sims > delta) & (sims >= sims.max())
 
 
-def relabel(llm, prompt: Template, vocab, ec, buffer, pool, embed, args: Args, rng, tally: Counter):
-    """Paper Section 3: propose (per trajectory, the event log of the last RELABEL_LOG_LEN steps of a random env, K
-    instructions out; --relabel template: its rows' instructions) -> filter (against that trajectory) -> admit (pool and
-    buffer; a newcomer takes over the running episodes of the instruction it evicts)."""
-    active = np.flatnonzero((ring := np.asarray(ec.ring)).any((1, 2)))
-    envs = rng.choice(active, min(RELABEL_TRAJS, len(active)), replace=False)
-    events, env_done = ring[envs], np.asarray(ec.ring_done)[envs]
-    if args.relabel == "template":
-        answers = [
-            "\n".join(vocab[2][r] for r in rng.permutation(np.flatnonzero(ev.any(0))))
-            for ev in events
-        ]
-    else:
-        logs = [event_log_text(ev, d, vocab[1]) for ev, d in zip(events, env_done)]
-        prompts = [prompt.substitute(k=args.relabel_k, trajectory=log) for log in logs]
-        answers = llm.chat([[{"role": "user", "content": p}] for p in prompts])
-        tally.update(requests=len(answers), llm_failures=sum(a is None for a in answers))
-    for answer, ev in zip(answers, events):
-        if answer is None:  # a failed request, counted by the client
-            continue
-        candidates, held = (
-            parse_proposals(answer),
-            [(h.text, h.emb) for h in buffer.entries() + list(pool)],
-        )
-        observed = set(np.flatnonzero(ev.any(0)).tolist())
-        accepted, rejected = filter_proposals(
-            candidates, args.relabel_k, observed, held, embed, args.delta
-        )
-        tally.update(
-            {f"rejected_{r}": c for r, c in rejected.items()}, rejected_empty=not candidates
-        )
-        for text, row, _ in accepted:
-            pool.append(inst := make_instruction(text, row, embed, args))
-            slot, evicted = buffer.add(inst)
-            tally.update(accepted=1, added=slot is not None)
-            note = (
-                ""
-                if slot is None
-                else f"; buffer slot {slot}" + (f" (evicted {evicted!r})" if evicted else "")
-            )
-            print(f"relabel: accepted {text!r} (matches event: {vocab[1][row]}){note}")
-
-
-# === Prioritized instruction buffer (statuses, sampling, eviction) and the relabeling pool ============================
-# Not published (choices): an instruction needs some episodes before its mean return says anything; old outcomes fade
-# so that a status follows the current policy; the learning boundary is sampled most, mastered tasks least.
-STATUS_LOW, STATUS_HIGH = (
-    0.1,
-    0.8,
-)  # mean return below: Failing; above: Mastered; between: Learning-boundary
-STATUS_MIN_EPISODES = 20
-STATUS_WINDOW = 200  # approximate number of recent instruction episodes behind the mean return
-STATUS_WEIGHTS = {"failing": 1.0, "boundary": 4.0, "untested": 4.0, "mastered": 0.5}
-RELABEL_POOL_SIZE = (
-    32  # recently accepted instructions that relabel rollouts (FIFO, a deque); a few chunks' worth
-)
-
-
+# === Method: prioritized instruction buffer (statuses, sampling, eviction) ========================
 @dataclasses.dataclass
 class Instruction:
     text: str
@@ -492,89 +491,715 @@ class Instruction:
     episodes: float = 0.0
 
     @property
-    def mean_return(self) -> float:
-        return self.successes / max(
-            self.episodes, 1e-9
-        )  # an episode's return is 1 (success, the end) or 0
+    def mean_return(self):
+        # an episode's return is 1 (success, the end) or 0
+        return self.successes / max(self.episodes, 1e-9)
 
 
-def make_instruction(text: str, row: int, embed: Embedder, args: Args) -> Instruction:
-    """f_instr(i) and the events that reward i: by the semantic reward, or (--reward gt) its labelled achievement."""
+def make_instruction(text, row, embed, args):
+    """f_instr(i) and the events that reward i: by the semantic reward, or (--reward gt) its
+    labelled achievement."""
     emb = embed([text])[0]
     gt = np.arange(len(embed.events)) == row
     return Instruction(
-        text, emb, gt if args.reward == "gt" else semantic_mask(emb, embed.events, args.delta)
+        text,
+        emb,
+        gt if args.reward == "gt" else semantic_mask(emb, embed.events, args.delta),  # mask
     )
 
 
 class InstructionBuffer:
-    """B_max slots, statuses Failing / Learning-boundary / Mastered (paper Section 3). Eviction (choice): a newcomer
-    replaces the best Mastered entry, else the most-tried Failing one, else is dropped: a curriculum."""
+    """B_max slots, statuses Failing / Learning-boundary / Mastered (paper Section 3). Eviction
+    (choice): a newcomer replaces the best Mastered entry, else the most-tried Failing one, else is
+    dropped: a curriculum."""
 
-    def __init__(self, capacity: int = 10):  # B_max = 10 (paper)
+    def __init__(self, capacity=10):  # B_max = 10 (paper)
         self.slots = [None] * capacity
 
-    def status(self, e: Instruction) -> str:
+    def status(self, e):
         if e.episodes < STATUS_MIN_EPISODES:
             return "untested"
-        return (
-            "failing"
-            if e.mean_return < STATUS_LOW
-            else "mastered"
-            if e.mean_return > STATUS_HIGH
-            else "boundary"
-        )
+        if e.mean_return < STATUS_LOW:
+            return "failing"
+        if e.mean_return > STATUS_HIGH:
+            return "mastered"
+        return "boundary"
 
-    def probs(self) -> np.ndarray:
+    def probs(self):
         w = [0.0 if e is None else STATUS_WEIGHTS[self.status(e)] for e in self.slots]
         return np.array(w) / sum(w)
 
-    def update(self, successes: np.ndarray, episodes: np.ndarray):
+    def update(self, successes, episodes):
         for e, succ, n in zip(self.slots, successes, episodes):
             if e is not None:
-                e.successes, e.episodes = e.successes + float(succ), e.episodes + float(n)
+                e.successes += float(succ)
+                e.episodes += float(n)
                 if e.episodes > STATUS_WINDOW:  # forget old outcomes (approximate sliding window)
-                    e.successes, e.episodes = e.successes / 2, e.episodes / 2
+                    e.successes /= 2
+                    e.episodes /= 2
 
-    def add(self, entry: Instruction):
+    def add(self, entry):
         """Returns (slot or None, evicted text or None)."""
-        having = lambda status: [
-            i for i, e in enumerate(self.slots) if e and self.status(e) == status
-        ]
-        mastered, failing = having("mastered"), having("failing")
-        key = (
-            (lambda i: self.slots[i].mean_return)
-            if mastered
-            else (lambda i: self.slots[i].episodes)
-        )
-        victim = (
-            self.slots.index(None)
-            if None in self.slots
-            else max(mastered or failing, key=key, default=None)
-        )
+        mastered = self.having("mastered")
+        if None in self.slots:
+            victim = self.slots.index(None)
+        elif mastered:
+            victim = max(mastered, key=lambda i: self.slots[i].mean_return)
+        else:
+            victim = max(self.having("failing"), key=lambda i: self.slots[i].episodes, default=None)
         if victim is None:
             return None, None
-        old, self.slots[victim] = self.slots[victim], entry
+        old = self.slots[victim]
+        self.slots[victim] = entry
         return victim, old.text if old else None
 
-    def entries(self) -> list:
+    def having(self, status):
+        return [i for i, e in enumerate(self.slots) if e and self.status(e) == status]
+
+    def entries(self):
         return [e for e in self.slots if e is not None]
 
-    def counts(self) -> dict:
-        return {
-            status: sum(self.status(e) == status for e in self.entries())
-            for status in STATUS_WEIGHTS
-        }
+    def counts(self):
+        return {s: sum(self.status(e) == s for e in self.entries()) for s in STATUS_WEIGHTS}
 
 
-def instruction_arrays(slots: list, num_events: int, dim: int):
-    """The device's view of instructions (None = empty slot): embeddings (B, D), event masks (B, E), valid (B,)."""
+def instruction_arrays(slots, num_events, dim):
+    """The device's view of instructions (None = empty slot): embeddings (B, D), event masks (B, E),
+    valid (B,)."""
     emb = np.stack([np.zeros(dim, np.float32) if e is None else e.emb for e in slots])
     mask = np.stack([np.zeros(num_events, bool) if e is None else e.mask for e in slots])
     return emb, mask, np.array([e is not None for e in slots])
 
 
-# === LLM client: the same class, flags and errors in all five scripts =================================================
+def relabel(llm, prompts, ec, buffer, pool, embed, args, rng, tally):
+    """Paper Section 3: propose (per trajectory, the event log of the last RELABEL_LOG_LEN steps of
+    a random env, K instructions out; --relabel template: its rows' instructions) -> filter
+    (against that trajectory) -> admit (pool and buffer; a newcomer takes over the running
+    episodes of the instruction it evicts)."""
+    vocab = prompts.vocab
+    ring = np.asarray(ec.ring)
+    active = np.flatnonzero(ring.any((1, 2)))
+    envs = rng.choice(active, min(RELABEL_TRAJS, len(active)), replace=False)
+    events = ring[envs]
+    env_done = np.asarray(ec.ring_done)[envs]
+    if args.relabel == "template":
+        answers = [
+            "\n".join(vocab.instructions[r] for r in rng.permutation(np.flatnonzero(ev.any(0))))
+            for ev in events
+        ]
+    else:
+        logs = [event_log_text(ev, d, vocab.texts) for ev, d in zip(events, env_done)]
+        requests = [prompts.relabel.substitute(k=args.relabel_k, trajectory=log) for log in logs]
+        answers = llm.chat([[{"role": "user", "content": p}] for p in requests])
+        tally.update(requests=len(answers), llm_failures=sum(a is None for a in answers))
+    for answer, ev in zip(answers, events):
+        if answer is None:  # a failed request, counted by the client
+            continue
+        candidates = parse_proposals(answer)
+        held = [(h.text, h.emb) for h in buffer.entries() + list(pool)]
+        observed = set(np.flatnonzero(ev.any(0)).tolist())
+        accepted, rejected = filter_proposals(
+            candidates, args.relabel_k, observed, held, embed, args.delta
+        )
+        tally.update(
+            {f"rejected_{r}": c for r, c in rejected.items()}, rejected_empty=not candidates
+        )
+        for text, row, _ in accepted:
+            instruction = make_instruction(text, row, embed, args)
+            pool.append(instruction)
+            slot, evicted = buffer.add(instruction)
+            tally.update(accepted=1, added=slot is not None)
+            note = "" if slot is None else f"; buffer slot {slot}"
+            if evicted:
+                note += f" (evicted {evicted!r})"
+            print(f"relabel: accepted {text!r} (matches event: {vocab.texts[row]}){note}")
+
+
+# === Learner: PQN (LayerNorm MLP, Q(lambda), rollout + update in one lax.scan) ====================
+class QNetwork(nn.Module):
+    """Q(s, ., f_instr(i)): PQN's (Dense -> LayerNorm -> ReLU) x num_layers on [obs, f_instr(i)]
+    (concat: choice)."""
+
+    action_dim: int
+    hidden_size: int
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, obs, instr):
+        x = jnp.concatenate([obs, instr], axis=-1)
+        for _ in range(self.num_layers):
+            x = nn.relu(nn.LayerNorm()(nn.Dense(self.hidden_size)(x)))
+        return nn.Dense(self.action_dim)(x)
+
+
+def lambda_returns(rewards, dones, next_q_max, gamma, lam):
+    """Peng's Q(lambda) targets backwards, as PQN's `_get_target`; rewards, dones, next_q_max
+    (T, B): G_t = r_t + gamma (1 - d_t) [(1 - lam) max_a Q(s_t+1, a) + lam G_t+1], G_T-1
+    bootstrapped from next_q_max[-1]."""
+
+    def body(g_next, x):
+        r, d, nq = x
+        g = r + gamma * (1.0 - d) * ((1.0 - lam) * nq + lam * g_next)
+        return g, g
+
+    last = rewards[-1] + gamma * (1.0 - dones[-1]) * next_q_max[-1]
+    _, g = jax.lax.scan(body, last, (rewards[:-1], dones[:-1], next_q_max[:-1]), reverse=True)
+    return jnp.concatenate([g, last[None]], axis=0)
+
+
+def q_loss(params, apply_fn, obs, instr, action, target, weight):
+    """PQN's TD loss 0.5 (Q(s, a, i) - G)^2, weighted (relabeled copies without an achieved
+    instruction weigh 0)."""
+    q = apply_fn(params, obs, instr)  # (B, A)
+    q_a = jnp.take_along_axis(q, action[:, None], axis=-1)[:, 0]  # (B,)
+    wsum = jnp.maximum(weight.sum(), 1.0)
+    loss = 0.5 * (weight * jnp.square(q_a - target)).sum() / wsum
+    return loss, {
+        "losses/td_loss": loss,
+        "losses/q_values": (weight * q_a).sum() / wsum,
+    }
+
+
+def make_learn(network, args, num_copies):
+    def targets(params, q_val, last_obs, last_instr, reward, done):
+        """Q(lambda) targets of a (T, B) rollout from its Q-values at collection and Q at the
+        observation after it."""
+        q_last = network.apply(params, last_obs, last_instr).max(-1)
+        q_next = jnp.concatenate([q_val[1:].max(-1), q_last[None]], axis=0)
+        return lambda_returns(reward, done, q_next, args.gamma, Q_LAMBDA)
+
+    def learn(ts, traj, table, pool_emb, pool_mask, pool_valid, rng):
+        """One pass (the reference's NUM_EPOCHS = 1) over the rollout and its relabeled copies,
+        shuffled minibatches."""
+        T, N = traj["action"].shape
+        k, k_perm = jax.random.split(rng)
+        # Instructions travel as indices into a small table (buffer slots, then one row per
+        # relabeled copy) and are gathered per minibatch: cheaper than shuffling a (T, N, D) array.
+        target = targets(
+            ts.params,
+            traj["q_val"],
+            traj["last_obs"],
+            table[traj["slot"][-1]],
+            traj["reward"],
+            traj["done"],
+        )
+        data = [
+            traj["obs"],
+            traj["slot"],  # (T, N): rows of table
+            traj["action"],
+            target,
+            jnp.ones((T, N)),  # weight
+        ]
+        info = {}
+        if num_copies > 0:
+            obs, act, emb, rew, done, env, valid = relabel_rollout(
+                traj, pool_emb, pool_mask, pool_valid, num_copies, k
+            )
+            # Q of the copies under their new instruction (not available from the rollout): current
+            # params.
+            q = network.apply(ts.params, obs, jnp.broadcast_to(emb[None], (T, *emb.shape)))
+            target = targets(ts.params, q, traj["last_obs"][env], emb, rew, done)
+            copy_idx = jnp.broadcast_to(table.shape[0] + jnp.arange(num_copies), (T, num_copies))
+            # no achieved instruction: weight 0
+            weight = jnp.broadcast_to(valid[None].astype(jnp.float32), (T, num_copies))
+            data = [
+                jnp.concatenate(pair, 1) for pair in zip(data, [obs, copy_idx, act, target, weight])
+            ]
+            table = jnp.concatenate([table, emb], 0)
+            info = {"relabel/copies_valid": valid.sum()}
+        perm = jax.random.permutation(k_perm, T * data[0].shape[1])
+        mbs = [
+            x.reshape(-1, *x.shape[2:])[perm].reshape(args.num_minibatches, -1, *x.shape[2:])
+            for x in data
+        ]
+
+        def minibatch(ts, mb):
+            obs, idx, action, target, weight = mb
+            grad_fn = jax.value_and_grad(q_loss, has_aux=True)
+            (_, minfo), grads = grad_fn(
+                ts.params, network.apply, obs, table[idx], action, target, weight
+            )
+            return ts.apply_gradients(grads=grads), minfo
+
+        ts, minfo = jax.lax.scan(minibatch, ts, mbs)
+        return ts, {**info, **{k: v.mean() for k, v in minfo.items()}}
+
+    return learn
+
+
+def make_rollout(network, vec_step, rules, args):
+    """num_steps of all envs, each following the instruction of its buffer slot (epsilon-greedy, as
+    PQN), rewarded when an event of that instruction fires."""
+    N = args.num_envs
+    fields = jax.vmap(state_fields)
+
+    def rollout(params, ec, table_emb, table_mask, slot_logits, eps, rng):
+        def step(carry, _):
+            ec, rng = carry
+            rng, k_a, k_e, k_env, k_slot = jax.random.split(rng, 5)
+            q = network.apply(params, ec.obs, table_emb[ec.slot])  # (N, A)
+            explore = jax.random.uniform(k_e, (N,)) < eps  # epsilon-greedy (PQN)
+            action = jnp.where(explore, jax.random.randint(k_a, (N,), 0, q.shape[-1]), q.argmax(-1))
+            obs, env_state, state_st, env_done = vec_step(k_env, ec.env_state, action)
+            # (N, E) transition texts that hold
+            events = fire(rules, fields(ec.env_state), fields(state_st))
+            # r = 1[cos > delta], the cosine test done on the host (table_mask)
+            success = (events & table_mask[ec.slot]).any(-1)
+            instr_t = ec.instr_t + 1
+            idone = env_done | success | (instr_t >= INSTR_MAX_STEPS)
+            # an ended instruction episode draws its next instruction
+            new_slot = jax.random.categorical(k_slot, slot_logits, shape=(N,))
+            slot = jnp.where(idone, new_slot, ec.slot)
+            # done: the instruction episode ended (success, timeout or env end); q_val: Q at
+            # collection (for the lambda-returns)
+            tr = dict(
+                obs=ec.obs,
+                action=action,
+                reward=success.astype(jnp.float32),
+                done=idone.astype(jnp.float32),
+                env_done=env_done,
+                events=events,
+                slot=ec.slot,
+                q_val=q,
+            )
+            ec = ec.replace(
+                env_state=env_state,
+                obs=obs,
+                slot=slot,
+                instr_t=jnp.where(idone, 0, instr_t),
+            )
+            return (ec, rng), tr
+
+        (ec, _), tr = jax.lax.scan(step, (ec, rng), None, args.num_steps)
+
+        # The rollout's steps enter the event-log history (the last RELABEL_LOG_LEN steps per env).
+        def window(old, new):
+            return jnp.concatenate([old, new.swapaxes(0, 1)], 1)[:, -RELABEL_LOG_LEN:]
+
+        ec = ec.replace(
+            ring=window(ec.ring, tr["events"]),
+            ring_done=window(ec.ring_done, tr["env_done"]),
+        )
+        # (T, N, ...) each; last_obs (N, obs_dim): the observation after the rollout
+        traj = {**tr, "last_obs": ec.obs}
+
+        def per_slot(x):  # outcomes per buffer slot, (B,)
+            return jnp.zeros(table_emb.shape[0]).at[traj["slot"]].add(x)
+
+        stats = dict(slot_success=per_slot(traj["reward"]), slot_episodes=per_slot(traj["done"]))
+        return ec, traj, stats
+
+    return rollout
+
+
+def make_train_chunk(network, vec_step, rules, args, num_updates):
+    """chunk_updates x (collect a rollout, learn on it and its relabeled copies), one jitted
+    lax.scan."""
+    rollout = make_rollout(network, vec_step, rules, args)
+    learn = make_learn(network, args, num_relabel_copies(args))
+    # per update
+    eps_fn = optax.linear_schedule(EPS_START, EPS_FINISH, max(int(EPS_DECAY * num_updates), 1))
+
+    @jax.jit
+    def train_chunk(ts, ec, rng, table_emb, table_mask, slot_probs, pool):
+        def update(carry, _):
+            ts, ec, rng = carry
+            rng, k_roll, k_learn = jax.random.split(rng, 3)
+            eps = eps_fn(ts.step // args.num_minibatches)
+            ec, traj, stats = rollout(
+                ts.params, ec, table_emb, table_mask, jnp.log(slot_probs), eps, k_roll
+            )
+            ts, info = learn(ts, traj, table_emb, *pool, k_learn)
+            return (ts, ec, rng), {**info, **stats, "charts/epsilon": eps}
+
+        (ts, ec, _), infos = jax.lax.scan(update, (ts, ec, rng), None, args.chunk_updates)
+        return ts, ec, infos
+
+    return train_chunk
+
+
+def init_train(env, env_params, network, buffer, embed, args, num_chunks, rng):
+    """The learner's state (RAdam, clipped, linear decay to 0: the reference's optimiser) and the
+    envs' carry."""
+    k_init, k_env, k_slot = jax.random.split(rng, 3)
+    N = args.num_envs
+    E, D = embed.events.shape
+    obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_env, N), env_params)
+    params = network.init(k_init, obs[:1], jnp.zeros((1, D)))
+    lr = optax.linear_schedule(
+        args.lr, 1e-20, num_chunks * args.chunk_updates * args.num_minibatches
+    )
+    tx = optax.chain(optax.clip_by_global_norm(MAX_GRAD_NORM), optax.radam(learning_rate=lr))
+    ts = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
+    slot = jax.random.categorical(k_slot, jnp.log(buffer.probs()), shape=(N,))
+    return ts, EnvCarry(
+        strong_types(env_state),
+        obs,
+        slot,
+        jnp.zeros(N, jnp.int32),  # instr_t
+        jnp.zeros((N, RELABEL_LOG_LEN, E), bool),  # ring
+        jnp.zeros((N, RELABEL_LOG_LEN), bool),  # ring_done
+    )
+
+
+# === Environment and data =========================================================================
+def strong_types(tree):
+    """After reset some leaves are weakly typed, after step strongly: without this every jitted
+    function compiles twice."""
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, x.dtype), tree)
+
+
+def make_vec_env_step(env, env_params, num_envs):
+    """Step all envs; envs that end get one of num_envs // 16 fresh worlds (purejaxql's optimistic
+    resets). Also returns the stepped state before the reset, whose transition gives the events."""
+    num_resets = num_envs // OPTIMISTIC_RESET_RATIO
+
+    def step(rng, state, action):
+        k_step, k_reset, k_pick = jax.random.split(rng, 3)
+        obs_st, state_st, _, done, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+            jax.random.split(k_step, num_envs), state, action, env_params
+        )
+        obs_re, state_re = jax.vmap(env.reset, in_axes=(0, None))(
+            jax.random.split(k_reset, num_resets), env_params
+        )
+        reset_idx = jnp.arange(num_resets).repeat(OPTIMISTIC_RESET_RATIO)
+        being_reset = jax.random.choice(
+            k_pick, num_envs, (num_resets,), p=done.astype(jnp.float32), replace=False
+        )
+        reset_idx = reset_idx.at[being_reset].set(jnp.arange(num_resets))
+
+        def pick(fresh, old):
+            return jnp.where(done.reshape(-1, *[1] * (old.ndim - 1)), fresh[reset_idx], old)
+
+        state = jax.tree_util.tree_map(pick, strong_types(state_re), state_st)
+        return pick(obs_re, obs_st), state, state_st, done
+
+    return step
+
+
+@flax.struct.dataclass
+class EnvCarry:
+    env_state: object
+    obs: jnp.ndarray  # (N, obs_dim)
+    slot: jnp.ndarray  # (N,) buffer slot of the instruction each env follows
+    instr_t: jnp.ndarray  # (N,) steps into the current instruction episode
+    ring: jnp.ndarray  # (N, L, E) events of the last L steps, oldest first (for the event log)
+    ring_done: jnp.ndarray  # (N, L) env episode ended at that step
+
+
+class Vocabulary(NamedTuple):
+    """prompts/oir/transitions.md: one row per transition text."""
+
+    keys: list  # (field index, change index, N): the rule that fires the text
+    texts: list  # transition texts, embedded once (f_state's side of the semantic reward)
+    instructions: list  # the row as an instruction (--relabel template)
+
+
+class Prompts(NamedTuple):
+    """The prompt folder (prompts/oir/), read and checked before anything heavy."""
+
+    relabel: Template  # relabel.md, with placeholders k and trajectory
+    vocab: Vocabulary  # transitions.md
+    seeds: list  # seed_instructions.md: (text, vocabulary row)
+    evals: list  # eval_instructions.md: (kind, text, ground-truth rules, ordered?)
+
+
+def read_prompt(path, columns=0):
+    """A prompt-folder file (header, `---` line, body): the body, or its `a | b` rows as (line
+    number, [cells])."""
+    try:
+        head, sep, body = path.read_text().partition("\n---\n")
+    except (OSError, UnicodeError) as e:
+        raise SystemExit(f"error: {path}: cannot read it ({e})") from None
+    if not sep:
+        raise SystemExit(f"error: {path}: no line '---' between the header and the body")
+    # numbered as in the file: the body starts after the header and the `---` line
+    lines = [
+        (n, line) for n, line in enumerate(body.splitlines(), head.count("\n") + 3) if line.strip()
+    ]
+    rows = [
+        (n, [cell.strip() for cell in line.split("|")])
+        for n, line in lines
+        if not line.lstrip().startswith("#")
+    ]
+    for n, cells in rows if columns else []:
+        if len(cells) != columns:
+            raise SystemExit(f"error: {path}:{n}: expected {columns} columns separated by '|'")
+    return rows if columns else body
+
+
+def parse_rule(path, n, term):
+    """`field change` (e.g. `wood >=3`, `health +`) -> (field index, change index, N); a bad term is
+    a data error."""
+    m = re.fullmatch(r"(\w+)\s*(\+|-|>=|<)\s*(-?\d+(?:\.\d+)?)?", term.strip())
+    if not m or m[1] not in FIELDS or (m[2] in "+-") == bool(m[3]):
+        raise SystemExit(
+            f"error: {path}:{n}: bad rule {term!r}: a field ({FIELDS[0]}, ...), then +, -, >=N "
+            "or <N"
+        )
+    return FIELDS.index(m[1]), CHANGES.index(m[2]), float(m[3] or 0)
+
+
+def load_prompts(folder):
+    """The prompt folder's files; a bad file ends in one `error: <file>:<line>: ...`."""
+    relabel_prompt = Template(read_prompt(folder / "relabel.md"))
+    try:  # placeholders checked now, not at the first relabeling
+        relabel_prompt.substitute(k=1, trajectory="")
+    except (KeyError, ValueError) as e:
+        raise SystemExit(
+            f"error: {folder}/relabel.md: bad placeholder {e} (allowed: k, trajectory)"
+        ) from None
+    path = folder / "transitions.md"
+    rows = read_prompt(path, 4)
+    keys = [parse_rule(path, n, f"{field} {change}") for n, (field, change, _, _) in rows]
+    vocab = Vocabulary(
+        keys,
+        [r[2] for _, r in rows],  # texts
+        [r[3] for _, r in rows],  # instructions
+    )
+    seeds = []
+    path = folder / "seed_instructions.md"
+    for n, (text, rule) in read_prompt(path, 2):
+        key = parse_rule(path, n, rule)
+        if key not in keys:
+            raise SystemExit(f"error: {path}:{n}: {rule!r} is not a row of transitions.md")
+        seeds.append((text, keys.index(key)))
+    evals = []
+    path = folder / "eval_instructions.md"
+    for n, (kind, text, truth) in read_prompt(path, 3):
+        terms = [parse_rule(path, n, t) for t in re.split(" then | and ", truth)]
+        evals.append((kind, text, terms, " then " in truth))
+    return Prompts(relabel_prompt, vocab, seeds, evals)
+
+
+# === Evaluation, logging and checkpoints ==========================================================
+def make_evaluate(env, env_params, network, embed, rows, rules, args):
+    """Held-out (kind, text, ground-truth rules, ordered?), eval_episodes greedy episodes each in
+    fresh worlds. Success: every rule held at some step (ordered: in order). Coverage and the
+    semantic reward's agreement with success (fired in the episode or not) are reported for
+    achievement instructions and the others (counts, proximity, ...) apart."""
+    K = max(len(r[2]) for r in rows)
+    texts = [r[1] for r in rows]
+    kinds = np.array([r[0] for r in rows])
+    terms = [as_rules(r[2] + r[2][-1:] * (K - len(r[2]))) for r in rows]  # padded to K, masked
+    valid = np.arange(K)[None] < np.array([len(r[2]) for r in rows])[:, None]
+    group = np.array(
+        [
+            "achievement" if all(FIELDS[f] in ACHIEVEMENTS for f, _, _ in r[2]) else "other"
+            for r in rows
+        ]
+    )
+    text_emb = embed(texts)
+    sem_mask = np.stack([semantic_mask(e, embed.events, args.delta) for e in text_emb])  # (M, E)
+
+    def rep(x):  # one row per episode
+        return jnp.repeat(jnp.asarray(x), args.eval_episodes, 0)
+
+    emb = rep(text_emb)
+    truth = tuple(rep(np.stack(x)) for x in zip(*terms))
+    valid = rep(valid)
+    sem_mask = rep(sem_mask)
+    ordered = rep(np.array([r[3] for r in rows]))
+    n = emb.shape[0]
+    fields = jax.vmap(state_fields)
+
+    @jax.jit
+    def evaluate(params, rng):
+        rng, k = jax.random.split(rng)
+        obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k, n), env_params)
+
+        def step(carry, _):
+            obs, state, alive, got, sem, rng = carry
+            rng, k = jax.random.split(rng)
+            action = network.apply(params, obs, emb).argmax(-1)
+            obs2, state2, _, done, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+                jax.random.split(k, n), state, action, env_params
+            )
+            f0 = fields(state)
+            f1 = fields(state2)
+            # an ordered instruction's term counts once all the terms before it held
+            in_order = jnp.cumprod(
+                jnp.pad(got, ((0, 0), (1, 0)), constant_values=True)[:, :-1], 1
+            ).astype(bool)
+            got = got | (fire(truth, f0, f1) & (in_order | ~ordered[:, None]) & alive[:, None])
+            # the semantic reward would have fired
+            sem = sem | ((fire(rules, f0, f1) & sem_mask).any(-1) & alive)
+            return (obs2, state2, alive & ~done, got, sem, rng), None
+
+        init = (
+            obs,
+            strong_types(state),
+            jnp.ones(n, bool),  # alive
+            jnp.zeros(valid.shape, bool),  # got: each ground-truth rule held
+            jnp.zeros(n, bool),  # sem: the semantic reward fired
+            rng,
+        )
+        (_, _, _, got, sem, _), _ = jax.lax.scan(step, init, None, args.eval_max_steps)
+        return (
+            (got | ~valid).all(-1).reshape(-1, args.eval_episodes),  # success
+            sem.reshape(-1, args.eval_episodes),  # the semantic reward fired
+        )
+
+    def evaluate_and_log(params, writer, step, rng):
+        t0 = time.time()
+        succ, sem = (np.asarray(x) for x in evaluate(params, rng))  # (M, episodes) each
+        log_evaluation(succ, sem, texts, kinds, group, writer, step, t0)
+
+    return evaluate_and_log
+
+
+def log_evaluation(succ, sem, texts, kinds, group, writer, step, t0):
+    """Success rate per held-out instruction, coverage per kind and group, and how often the
+    semantic reward agrees with ground-truth success: to TensorBoard (`eval/`) and printed."""
+    rates = succ.mean(1)
+    covered = rates > EVAL_SUCCESS_THRESHOLD
+    lines = []
+    m = {f"eval/coverage_{k}": int(covered[kinds == k].sum()) for k in set(kinds)}
+    for g in sorted(set(group)):
+        s = sem[group == g]
+        t = succ[group == g]
+        c = covered[group == g]
+        m |= {
+            f"eval/coverage_{g}": int(c.sum()),
+            f"eval/reward_agreement_{g}": float((s == t).mean()),
+        }
+        lines.append(
+            f"{g}: coverage {c.sum()}/{c.size}; semantic reward agrees with ground truth in "
+            f"{(s == t).mean():.2f} of {s.size} episodes (semantic {s.sum()}, truth {t.sum()}, "
+            f"both {(s & t).sum()})"
+        )
+    m |= {f"eval/success/{t}": float(r) for t, r in zip(texts, rates)}
+    m |= {"eval/coverage": int(covered.sum()), "eval/mean_success": float(rates.mean())}
+    for key, v in m.items():
+        writer.add_scalar(key, v, step)
+    for kind, text, s in zip(kinds, texts, rates):
+        print(f"  eval success {s:5.2f}  [{kind}] {text}")
+    print(
+        f"eval coverage {m['eval/coverage']}/{len(rates)} (success > {EVAL_SUCCESS_THRESHOLD}) at "
+        f"step {step}, mean success {m['eval/mean_success']:.3f} ({time.time() - t0:.1f}s)\n  "
+        + "\n  ".join(lines)
+    )
+
+
+def open_run(args, run_name):
+    """runs/{run_name} (made only now: a run that fails before training leaves no folder behind),
+    W&B with --track, and the TensorBoard writer with the hyperparameters as a table."""
+    run_dir = Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=vars(args),
+            name=run_name,
+            sync_tensorboard=True,
+        )
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    return run_dir, writer
+
+
+def log_chunk(writer, chunk, step, sps, infos, buffer, tally):
+    """A chunk's throughput, losses, instruction outcomes, buffer statuses and relabel counts."""
+    succ = infos["slot_success"].sum()
+    tried = infos["slot_episodes"].sum()
+    scalars = {
+        "charts/SPS": sps[0],
+        "charts/instruction_success_rate": succ / max(tried, 1),
+    }
+    scalars |= {
+        key: v.mean()
+        for key, v in infos.items()
+        if key.startswith(("charts/", "losses/", "relabel/"))
+    }
+    scalars |= {f"buffer/{k}": c for k, c in buffer.counts().items()}
+    scalars |= {f"relabel/{k}": c for k, c in tally.items()}
+    for key, v in scalars.items():
+        writer.add_scalar(key, float(v), step)
+    print(
+        f"chunk {chunk}: step {step}, SPS {sps[0]:.0f} ({sps[1]:.0f} per CPU-second), td_loss "
+        f"{scalars['losses/td_loss']:.4f}, instruction success {succ:.0f}/{tried:.0f}, relabeled "
+        f"copies/update {scalars.get('relabel/copies_valid', 0.0):.1f}, buffer {buffer.counts()}"
+    )
+
+
+def print_summary(env_steps, gradient_steps, tally, buffer):
+    rejected = {
+        key[len("rejected_") :]: c for key, c in tally.items() if key.startswith("rejected_") and c
+    }
+    print(
+        f"done: {env_steps} env steps, {gradient_steps} gradient steps, {tally['accepted']} "
+        f"relabeled instructions accepted ({tally['requests']} LLM requests, "
+        f"{tally['llm_failures']} failed; rejected: {rejected}), "
+        f"{tally['added']} entered the buffer"
+    )
+    print(
+        "final buffer:",
+        "; ".join(f"{e.text!r} [{buffer.status(e)} {e.mean_return:.2f}]" for e in buffer.entries()),
+    )
+
+
+def instruction_to_dict(e):
+    """An Instruction (None: an empty slot) as JSON values."""
+    return e and {**vars(e), "emb": e.emb.tolist(), "mask": e.mask.tolist()}
+
+
+def instruction_from_dict(d):
+    return d and Instruction(
+        **{**d, "emb": np.array(d["emb"], np.float32), "mask": np.array(d["mask"])}
+    )
+
+
+def save_checkpoint(out, device, host, buffer, pool, step):
+    """checkpoint.npz: device state (params, optimizer incl. the LR schedule's count, step, env
+    states and event history, JAX key) as arrays, host state (chunk, NumPy generator, tally, buffer,
+    pool) as JSON; atomic rename."""
+    rows = [
+        {"text": e.text, "status": buffer.status(e), "mean_return": e.mean_return}
+        for e in buffer.entries()
+    ]
+    (out / "instruction_buffer.json").write_text(json.dumps(rows, indent=1))
+    host = {
+        **host,
+        "buffer": [instruction_to_dict(e) for e in buffer.slots],
+        "pool": [instruction_to_dict(e) for e in pool],
+    }
+    leaves = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(device))}
+    np.savez(out / "checkpoint.tmp.npz", host=np.array(json.dumps(host)), **leaves)
+    os.replace(out / "checkpoint.tmp.npz", out / "checkpoint.npz")
+    print(f"checkpoint saved to {out}/checkpoint.npz and instruction_buffer.json, step {step}")
+
+
+def load_checkpoint(path, device, args, buffer, pool):
+    """Inverse of save_checkpoint (`device`: a fresh state, for the tree structure); refills buffer
+    and pool."""
+    try:
+        with np.load(path) as f:
+            host = json.loads(str(f["host"]))
+            leaves = [f[f"leaf_{i}"] for i in range(len(f.files) - 1)]
+    except Exception as e:  # zip, JSON and key errors alike: the file is not one of our checkpoints
+        raise SystemExit(
+            f"error: {path}: not a checkpoint of this script ({type(e).__name__}: {e})"
+        ) from None
+    changed = [
+        k for k, v in host["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v
+    ]
+    if changed:
+        flag = changed[0]
+        usage_error(
+            f"--resume: {path} was written with --{flag.replace('_', '-')} {host['args'][flag]}"
+        )
+    buffer.slots = [instruction_from_dict(d) for d in host["buffer"]]
+    pool.extend(instruction_from_dict(d) for d in host["pool"])
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(device), [jnp.asarray(x) for x in leaves]
+    ), host
+
+
+# === LLM client (identical in all five scripts) ===================================================
 class LLMClient:
     """`chat(conversations) -> [answer or None]` over an OpenAI-compatible endpoint (key from
     $OPENAI_API_KEY) or an in-process transformers model. A request that fails after its retries
@@ -658,568 +1283,88 @@ class LLMClient:
                 new_tokens = gen[:, enc["input_ids"].shape[1] :]
                 outs += self.tok.batch_decode(new_tokens, skip_special_tokens=True)
         self.failures += sum(o is None for o in outs)
-        # bounded size even when a server ignores max_tokens (about 4 characters a token, wide margin)
+        # bounded size even when a server ignores max_tokens
+        # (about 4 characters a token, wide margin)
         return [o if o is None else o[: 16 * self.args.llm_max_new_tokens] for o in outs]
 
 
-# === Network: instruction-conditioned Q-network (PQN's LayerNorm MLP) =================================================
-class QNetwork(nn.Module):
-    """Q(s, ., f_instr(i)): PQN's (Dense -> LayerNorm -> ReLU) x num_layers on [obs, f_instr(i)] (concat: choice)."""
-
-    action_dim: int
-    hidden_size: int
-    num_layers: int
-
-    @nn.compact
-    def __call__(self, obs, instr):
-        x = jnp.concatenate([obs, instr], axis=-1)
-        for _ in range(self.num_layers):
-            x = nn.relu(nn.LayerNorm()(nn.Dense(self.hidden_size)(x)))
-        return nn.Dense(self.action_dim)(x)
-
-
-@flax.struct.dataclass
-class EnvCarry:
-    env_state: object
-    obs: jnp.ndarray  # (N, obs_dim)
-    slot: jnp.ndarray  # (N,) buffer slot of the instruction each env follows
-    instr_t: jnp.ndarray  # (N,) steps into the current instruction episode
-    ring: jnp.ndarray  # (N, L, E) events of the last L steps, oldest first (for the event log)
-    ring_done: jnp.ndarray  # (N, L) env episode ended at that step
-
-
-# === Losses and update ================================================================================================
-MAX_GRAD_NORM = 1.0  # global gradient-norm clip, as the reference
-Q_LAMBDA = 0.65  # lambda of the Q(lambda) returns (choice: purejaxql's Atari/MinAtar value; its Craftax config: 1-step)
-EPS_START, EPS_FINISH, EPS_DECAY = (
-    0.1,
-    0.005,
-    0.2,
-)  # epsilon-greedy, decayed linearly over 20% of the updates
-INSTR_MAX_STEPS = (
-    500  # an instruction episode without success ends with return 0 (choice: a fraction of a life)
-)
-
-
-def lambda_returns(rewards, dones, next_q_max, gamma: float, lam: float):
-    """Peng's Q(lambda) targets backwards, as PQN's `_get_target`; rewards, dones, next_q_max (T, B): G_t = r_t +
-    gamma (1 - d_t) [(1 - lam) max_a Q(s_t+1, a) + lam G_t+1], G_T-1 bootstrapped from next_q_max[-1]."""
-
-    def body(g_next, x):
-        r, d, nq = x
-        g = r + gamma * (1.0 - d) * ((1.0 - lam) * nq + lam * g_next)
-        return g, g
-
-    last = rewards[-1] + gamma * (1.0 - dones[-1]) * next_q_max[-1]
-    _, g = jax.lax.scan(body, last, (rewards[:-1], dones[:-1], next_q_max[:-1]), reverse=True)
-    return jnp.concatenate([g, last[None]], axis=0)
-
-
-def q_loss(params, apply_fn, obs, instr, action, target, weight):
-    """PQN's TD loss 0.5 (Q(s, a, i) - G)^2, weighted (relabeled copies without an achieved instruction weigh 0)."""
-    q = apply_fn(params, obs, instr)  # (B, A)
-    q_a = jnp.take_along_axis(q, action[:, None], axis=-1)[:, 0]  # (B,)
-    wsum = jnp.maximum(weight.sum(), 1.0)
-    loss = 0.5 * (weight * jnp.square(q_a - target)).sum() / wsum
-    return loss, {"losses/td_loss": loss, "losses/q_values": (weight * q_a).sum() / wsum}
-
-
-def relabel_rollout(traj: dict, pool_emb, pool_mask, pool_valid, num_copies: int, rng):
-    """Hindsight relabeling (paper Section 3): num_copies random envs whose rollout achieved a pool instruction, each
-    with one of them, rewards by its mask, cut at success. Returns (obs, action, emb, reward, done, env, valid)."""
-    k_env, k_ins = jax.random.split(rng)
-    hits = jnp.einsum(
-        "tne,pe->np", traj["events"].astype(jnp.float32), pool_mask.astype(jnp.float32)
-    )
-    achieved = (hits > 0) & pool_valid[None]  # (N, P)
-    score = achieved.any(-1) + 0.5 * jax.random.uniform(k_env, achieved.shape[:1])
-    env_idx = jax.lax.top_k(score, num_copies)[1]  # (R,)
-    ach = achieved[env_idx]  # (R, P)
-    choice = jnp.argmax(jnp.where(ach, jax.random.uniform(k_ins, ach.shape), -1.0), axis=-1)  # (R,)
-    emb, valid = pool_emb[choice], ach.any(-1)  # (R, D), (R,)
-    reward = (
-        (traj["events"][:, env_idx] & pool_mask[choice][None]).any(-1).astype(jnp.float32)
-    )  # (T, R)
-    done = jnp.maximum(
-        traj["env_done"][:, env_idx], reward
-    )  # the relabeled instruction episode ends at success
-    return traj["obs"][:, env_idx], traj["action"][:, env_idx], emb, reward, done, env_idx, valid
-
-
-def make_learn(network: QNetwork, args: Args, num_copies: int):
-    def targets(params, q_val, last_obs, last_instr, reward, done):
-        """Q(lambda) targets of a (T, B) rollout from its Q-values at collection and Q at the observation after it."""
-        q_last = network.apply(params, last_obs, last_instr).max(-1)
-        q_next = jnp.concatenate([q_val[1:].max(-1), q_last[None]], axis=0)
-        return lambda_returns(reward, done, q_next, args.gamma, Q_LAMBDA)
-
-    def learn(ts: TrainState, traj: dict, table, pool_emb, pool_mask, pool_valid, rng):
-        """One pass (the reference's NUM_EPOCHS = 1) over the rollout and its relabeled copies, shuffled minibatches."""
-        T, N = traj["action"].shape
-        k, k_perm = jax.random.split(rng)
-        # Instructions travel as indices into a small table (buffer slots, then one row per relabeled copy) and are
-        # gathered per minibatch: cheaper than shuffling a (T, N, D) array of embeddings.
-        target = targets(
-            ts.params,
-            traj["q_val"],
-            traj["last_obs"],
-            table[traj["slot"][-1]],
-            traj["reward"],
-            traj["done"],
-        )
-        data, info = (
-            [traj["obs"], traj["slot"], traj["action"], target, jnp.ones((T, N))],
-            {},
-        )  # slot (T, N): rows of table
-        if num_copies > 0:
-            obs, act, emb, rew, done, env, valid = relabel_rollout(
-                traj, pool_emb, pool_mask, pool_valid, num_copies, k
-            )
-            # Q of the copies under their new instruction (not available from the rollout): current params.
-            q = network.apply(ts.params, obs, jnp.broadcast_to(emb[None], (T, *emb.shape)))
-            target = targets(ts.params, q, traj["last_obs"][env], emb, rew, done)
-            copy_idx = jnp.broadcast_to(table.shape[0] + jnp.arange(num_copies), (T, num_copies))
-            weight = jnp.broadcast_to(
-                valid[None].astype(jnp.float32), (T, num_copies)
-            )  # no achieved instruction: 0
-            data = [
-                jnp.concatenate(pair, 1) for pair in zip(data, [obs, copy_idx, act, target, weight])
-            ]
-            table = jnp.concatenate([table, emb], 0)
-            info = {"relabel/copies_valid": valid.sum()}
-        perm = jax.random.permutation(k_perm, T * data[0].shape[1])
-        mbs = [
-            x.reshape(-1, *x.shape[2:])[perm].reshape(args.num_minibatches, -1, *x.shape[2:])
-            for x in data
-        ]
-
-        def minibatch(ts, mb):
-            obs, idx, action, target, weight = mb
-            grad_fn = jax.value_and_grad(q_loss, has_aux=True)
-            (_, minfo), grads = grad_fn(
-                ts.params, network.apply, obs, table[idx], action, target, weight
-            )
-            return ts.apply_gradients(grads=grads), minfo
-
-        ts, minfo = jax.lax.scan(minibatch, ts, mbs)
-        return ts, {**info, **{k: v.mean() for k, v in minfo.items()}}
-
-    return learn
-
-
-def make_train_chunk(network, vec_step, rules, args, num_updates: int):
-    """chunk_updates x (collect a rollout, learn on it and its relabeled copies), one jitted lax.scan."""
-    N, learn, fields = (
-        args.num_envs,
-        make_learn(network, args, num_relabel_copies(args)),
-        jax.vmap(state_fields),
-    )
-    eps_fn = optax.linear_schedule(
-        EPS_START, EPS_FINISH, max(int(EPS_DECAY * num_updates), 1)
-    )  # per update
-
-    def rollout(params, ec: EnvCarry, table_emb, table_mask, slot_logits, eps, rng):
-        def step(carry, _):
-            ec, rng = carry
-            rng, k_a, k_e, k_env, k_slot = jax.random.split(rng, 5)
-            q = network.apply(params, ec.obs, table_emb[ec.slot])  # (N, A)
-            explore = jax.random.uniform(k_e, (N,)) < eps  # epsilon-greedy (PQN)
-            action = jnp.where(explore, jax.random.randint(k_a, (N,), 0, q.shape[-1]), q.argmax(-1))
-            obs, env_state, state_st, _, env_done = vec_step(k_env, ec.env_state, action)
-            events = fire(
-                rules, fields(ec.env_state), fields(state_st)
-            )  # (N, E) transition texts that hold
-            success = (events & table_mask[ec.slot]).any(
-                -1
-            )  # r = 1[cos > delta], the cosine test done on the host
-            instr_t = ec.instr_t + 1
-            idone = env_done | success | (instr_t >= INSTR_MAX_STEPS)
-            slot = jnp.where(
-                idone, jax.random.categorical(k_slot, slot_logits, shape=(N,)), ec.slot
-            )  # draw anew
-            # done: the instruction episode ended (success, timeout or env end); q_val: Q at collection (lambda-returns)
-            tr = dict(
-                obs=ec.obs,
-                action=action,
-                reward=success.astype(jnp.float32),
-                done=idone.astype(jnp.float32),
-            )
-            tr.update(env_done=env_done, events=events, slot=ec.slot, q_val=q)
-            ec = ec.replace(
-                env_state=env_state, obs=obs, slot=slot, instr_t=jnp.where(idone, 0, instr_t)
-            )
-            return (ec, rng), tr
-
-        (ec, _), tr = jax.lax.scan(step, (ec, rng), None, args.num_steps)
-        # The rollout's steps enter the event-log history (the last RELABEL_LOG_LEN steps of each env).
-        window = lambda old, new: jnp.concatenate([old, new.swapaxes(0, 1)], 1)[
-            :, -RELABEL_LOG_LEN:
-        ]
-        ec = ec.replace(
-            ring=window(ec.ring, tr["events"]), ring_done=window(ec.ring_done, tr["env_done"])
-        )
-        traj = {
-            **tr,
-            "last_obs": ec.obs,
-        }  # (T, N, ...) each, last_obs (N, obs_dim): the observation after the rollout
-        per_slot = lambda x: (
-            jnp.zeros(table_emb.shape[0]).at[traj["slot"]].add(x)
-        )  # outcomes per buffer slot, (B,)
-        return (
-            ec,
-            traj,
-            dict(slot_success=per_slot(traj["reward"]), slot_episodes=per_slot(traj["done"])),
-        )
-
-    @jax.jit
-    def train_chunk(ts, ec, rng, table_emb, table_mask, slot_probs, pool):
-        def update(carry, _):
-            ts, ec, rng = carry
-            rng, k_roll, k_learn = jax.random.split(rng, 3)
-            eps = eps_fn(ts.step // args.num_minibatches)
-            ec, traj, stats = rollout(
-                ts.params, ec, table_emb, table_mask, jnp.log(slot_probs), eps, k_roll
-            )
-            ts, info = learn(ts, traj, table_emb, *pool, k_learn)
-            return (ts, ec, rng), {**info, **stats, "charts/epsilon": eps}
-
-        (ts, ec, _), infos = jax.lax.scan(update, (ts, ec, rng), None, args.chunk_updates)
-        return ts, ec, infos
-
-    return train_chunk
-
-
-def init_train(env, env_params, network, buffer, embed, args: Args, num_chunks: int, rng):
-    """The learner's state (RAdam, clipped, linear decay to 0: the reference's optimiser) and the envs' carry."""
-    k_init, k_env, k_slot = jax.random.split(rng, 3)
-    N, L, (E, D) = args.num_envs, RELABEL_LOG_LEN, embed.events.shape
-    obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_env, N), env_params)
-    params = network.init(k_init, obs[:1], jnp.zeros((1, D)))
-    lr = optax.linear_schedule(
-        args.lr, 1e-20, num_chunks * args.chunk_updates * args.num_minibatches
-    )
-    tx = optax.chain(optax.clip_by_global_norm(MAX_GRAD_NORM), optax.radam(learning_rate=lr))
-    ts = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
-    slot = jax.random.categorical(k_slot, jnp.log(buffer.probs()), shape=(N,))
-    ring = jnp.zeros((N, L, E), bool), jnp.zeros((N, L), bool)
-    return ts, EnvCarry(strong_types(env_state), obs, slot, jnp.zeros(N, jnp.int32), *ring)
-
-
-# === Evaluation: held-out instructions, success by ground-truth terms over the state ==================================
-EVAL_SUCCESS_THRESHOLD = (
-    0.1  # an instruction counts as covered when its success rate is above this (choice)
-)
-
-
-def make_evaluate(env, env_params, network, embed: Embedder, rows: list, rules, args: Args):
-    """Held-out (kind, text, ground-truth rules, ordered?), eval_episodes greedy episodes each in fresh worlds. Success:
-    every rule held at some step (ordered: in order). Coverage and the semantic reward's agreement with success (fired
-    in the episode or not) are reported for achievement instructions and the others (counts, proximity, ...) apart."""
-    K, texts, kinds = (
-        max(len(r[2]) for r in rows),
-        [r[1] for r in rows],
-        np.array([r[0] for r in rows]),
-    )
-    terms = [
-        as_rules(r[2] + r[2][-1:] * (K - len(r[2]))) for r in rows
-    ]  # padded to K, the padding masked
-    valid = np.arange(K)[None] < np.array([len(r[2]) for r in rows])[:, None]
-    group = np.array(
-        [
-            "achievement" if all(FIELDS[f] in ACHIEVEMENTS for f, _, _ in r[2]) else "other"
-            for r in rows
-        ]
-    )
-    sem_mask = np.stack(
-        [semantic_mask(e, embed.events, args.delta) for e in embed(texts)]
-    )  # (M, E)
-    rep = lambda x: jnp.repeat(jnp.asarray(x), args.eval_episodes, 0)
-    emb, truth = rep(embed(texts)), tuple(rep(np.stack(x)) for x in zip(*terms))
-    valid, sem_mask, ordered = rep(valid), rep(sem_mask), rep(np.array([r[3] for r in rows]))
-    n, fields = emb.shape[0], jax.vmap(state_fields)
-
-    @jax.jit
-    def evaluate(params, rng):
-        rng, k = jax.random.split(rng)
-        obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k, n), env_params)
-
-        def step(carry, _):
-            obs, state, alive, got, sem, rng = carry
-            rng, k = jax.random.split(rng)
-            action = network.apply(params, obs, emb).argmax(-1)
-            obs2, state2, _, done, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-                jax.random.split(k, n), state, action, env_params
-            )
-            f0, f1 = fields(state), fields(state2)
-            in_order = jnp.cumprod(
-                jnp.pad(got, ((0, 0), (1, 0)), constant_values=True)[:, :-1], 1
-            ).astype(bool)
-            got = got | (fire(truth, f0, f1) & (in_order | ~ordered[:, None]) & alive[:, None])
-            sem = sem | (
-                (fire(rules, f0, f1) & sem_mask).any(-1) & alive
-            )  # the semantic reward would have fired
-            return (obs2, state2, alive & ~done, got, sem, rng), None
-
-        init = (
-            obs,
-            strong_types(state),
-            jnp.ones(n, bool),
-            jnp.zeros(valid.shape, bool),
-            jnp.zeros(n, bool),
-            rng,
-        )
-        (_, _, _, got, sem, _), _ = jax.lax.scan(step, init, None, args.eval_max_steps)
-        return (got | ~valid).all(-1).reshape(-1, args.eval_episodes), sem.reshape(
-            -1, args.eval_episodes
-        )
-
-    def evaluate_and_log(params, writer, step: int, rng):
-        t0 = time.time()
-        succ, sem = (np.asarray(x) for x in evaluate(params, rng))  # (M, episodes) each
-        rates, lines = succ.mean(1), []
-        covered = rates > EVAL_SUCCESS_THRESHOLD
-        m = {f"eval/coverage_{k}": int(covered[kinds == k].sum()) for k in set(kinds)}
-        for g in sorted(set(group)):
-            s, t, c = sem[group == g], succ[group == g], covered[group == g]
-            m |= {
-                f"eval/coverage_{g}": int(c.sum()),
-                f"eval/reward_agreement_{g}": float((s == t).mean()),
-            }
-            lines.append(
-                f"{g}: coverage {c.sum()}/{c.size}; semantic reward agrees with ground truth in {(s == t).mean():.2f}"
-                f" of {s.size} episodes (semantic {s.sum()}, truth {t.sum()}, both {(s & t).sum()})"
-            )
-        m |= {f"eval/success/{t}": float(r) for t, r in zip(texts, rates)}
-        m |= {"eval/coverage": int(covered.sum()), "eval/mean_success": float(rates.mean())}
-        for key, v in m.items():
-            writer.add_scalar(key, v, step)
-        for kind, text, s in zip(kinds, texts, rates):
-            print(f"  eval success {s:5.2f}  [{kind}] {text}")
-        print(
-            f"eval coverage {m['eval/coverage']}/{len(rates)} (success > {EVAL_SUCCESS_THRESHOLD}) at step {step}, "
-            f"mean success {m['eval/mean_success']:.3f} ({time.time() - t0:.1f}s)\n  "
-            + "\n  ".join(lines)
-        )
-
-    return evaluate_and_log
-
-
-# === Checkpoints: everything a run continues from, so that --resume continues exactly ===============================
-RESUME_FREE = {
-    "resume",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "eval_every",
-    "eval_episodes",
-    "eval_max_steps",
-}
-RESUME_FREE |= {
-    "llm_base_url",
-    "llm_timeout",
-    "llm_concurrency",
-}  # a resumed run may change these: not the training
-
-
-def save_checkpoint(out: Path, device, host: dict, buffer: InstructionBuffer, pool):
-    """checkpoint.npz: device state (params, optimizer incl. the LR schedule's count, step, env states and event
-    history, JAX key) as arrays, host state (chunk, NumPy generator, tally, buffer, pool) as JSON; atomic rename."""
-    rows = [
-        {"text": e.text, "status": buffer.status(e), "mean_return": e.mean_return}
-        for e in buffer.entries()
-    ]
-    (out / "instruction_buffer.json").write_text(json.dumps(rows, indent=1))
-    as_dict = lambda e: e and {**vars(e), "emb": e.emb.tolist(), "mask": e.mask.tolist()}
-    host = {
-        **host,
-        "buffer": [as_dict(e) for e in buffer.slots],
-        "pool": [as_dict(e) for e in pool],
-    }
-    leaves = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(device))}
-    np.savez(out / "checkpoint.tmp.npz", host=np.array(json.dumps(host)), **leaves)
-    os.replace(out / "checkpoint.tmp.npz", out / "checkpoint.npz")
-
-
-def load_checkpoint(path: str, device, args: Args, buffer: InstructionBuffer, pool):
-    """Inverse of save_checkpoint (`device`: a fresh state, for the tree structure); refills buffer and pool."""
-    try:
-        with np.load(path) as f:
-            host, leaves = (
-                json.loads(str(f["host"])),
-                [f[f"leaf_{i}"] for i in range(len(f.files) - 1)],
-            )
-    except Exception as e:  # zip, JSON and key errors alike: the file is not one of our checkpoints
-        raise SystemExit(
-            f"error: {path}: not a checkpoint of this script ({type(e).__name__}: {e})"
-        ) from None
-    changed = [
-        k for k, v in host["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v
-    ]
-    if changed:
-        usage_error(
-            f"--resume: {path} was written with --{changed[0].replace('_', '-')} {host['args'][changed[0]]}"
-        )
-    from_dict = lambda d: (
-        d
-        and Instruction(**{**d, "emb": np.array(d["emb"], np.float32), "mask": np.array(d["mask"])})
-    )
-    buffer.slots = [from_dict(d) for d in host["buffer"]]
-    pool.extend(from_dict(d) for d in host["pool"])
-    return jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(device), [jnp.asarray(x) for x in leaves]
-    ), host
-
-
-# === main: rollout -> relabel via the LLM -> filter -> buffer update -> PQN update -> evaluate ========================
+# === Main =========================================================================================
 def main():
     args = tyro.cli(Args)
-    prompts = (
-        Path(args.prompts_dir) if args.prompts_dir else Path(__file__).resolve().parent / "prompts"
-    ) / "oir"
-    check_args(args, prompts)
-    llm = (
-        LLMClient(args) if args.relabel == "llm" else None
-    )  # a wrong --llm-base-url fails here, at start
-    # The prompt folder's files, read before anything heavy: a bad file ends in one `error: <file>:<line>: ...`.
-    relabel_prompt, seeds, evals = Template(read_prompt(prompts / "relabel.md")), [], []
-    try:  # placeholders checked now, not at the first relabeling
-        relabel_prompt.substitute(k=1, trajectory="")
-    except (KeyError, ValueError) as e:
-        raise SystemExit(
-            f"error: {prompts}/relabel.md: bad placeholder {e} (allowed: k, trajectory)"
-        ) from None
-    rows = read_prompt(path := prompts / "transitions.md", 4)
-    keys = [parse_rule(path, n, f"{field} {change}") for n, (field, change, _, _) in rows]
-    vocab = (
-        as_rules(keys),
-        [r[2] for _, r in rows],
-        [r[3] for _, r in rows],
-    )  # rules, texts, instructions
-    for n, (text, rule) in read_prompt(path := prompts / "seed_instructions.md", 2):
-        if (key := parse_rule(path, n, rule)) not in keys:
-            raise SystemExit(f"error: {path}:{n}: {rule!r} is not a row of transitions.md")
-        seeds.append((text, keys.index(key)))
-    for n, (kind, text, truth) in read_prompt(path := prompts / "eval_instructions.md", 3):
-        evals.append(
-            (
-                kind,
-                text,
-                [parse_rule(path, n, t) for t in re.split(" then | and ", truth)],
-                " then " in truth,
-            )
-        )
+    prompts_dir = Path(args.prompts_dir or Path(__file__).resolve().parent / "prompts") / "oir"
+    check_args(args, prompts_dir)
+    llm = LLMClient(args) if args.relabel == "llm" else None  # a wrong --llm-base-url fails here
+    prompts = load_prompts(prompts_dir)
     steps_per_chunk = args.chunk_updates * args.num_envs * args.num_steps
     num_chunks = args.total_timesteps // steps_per_chunk
-    # Seeding: NumPy for the host's choices, JAX for everything on device (and the seed goes with each LLM request).
-    np_rng, rng = np.random.default_rng(args.seed), jax.random.PRNGKey(args.seed)
+    # Seeding: NumPy for the host's choices, JAX for all on device (the LLM requests carry it too).
+    np_rng = np.random.default_rng(args.seed)
+    rng = jax.random.PRNGKey(args.seed)
 
-    # auto_reset=False: we reset optimistically ourselves (auto-reset regenerates a world every step, ~10x slower).
+    # auto_reset=False: we reset optimistically (auto-reset makes a world every step, ~10x slower).
     env = make_craftax_env_from_name(ENV_ID, auto_reset=False)
     env_params = env.default_params
-    embed = Embedder(args.embed_model, vocab[1])
-    buffer, pool, tally = InstructionBuffer(), deque(maxlen=RELABEL_POOL_SIZE), Counter()
-    for text, gt in seeds:
-        buffer.add(make_instruction(text, gt, embed, args))
+    embed = Embedder(args.embed_model, prompts.vocab.texts)
+    rules = as_rules(prompts.vocab.keys)
+    buffer = InstructionBuffer()
+    pool = deque(maxlen=RELABEL_POOL_SIZE)
+    tally = Counter()
+    for text, row in prompts.seeds:
+        buffer.add(make_instruction(text, row, embed, args))
 
     network = QNetwork(env.action_space(env_params).n, args.hidden_size, args.num_layers)
     vec_step = make_vec_env_step(env, env_params, args.num_envs)
-    train_chunk = make_train_chunk(
-        network, vec_step, vocab[0], args, num_chunks * args.chunk_updates
-    )
+    train_chunk = make_train_chunk(network, vec_step, rules, args, num_chunks * args.chunk_updates)
     rng, k = jax.random.split(rng)
     ts, ec = init_train(env, env_params, network, buffer, embed, args, num_chunks, k)
-    evaluate_and_log = make_evaluate(env, env_params, network, embed, evals, vocab[0], args)
-    start, run_name = 0, f"{ENV_ID}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if args.resume:  # rebuilt, not restored: the jitted functions, the encoder, the env's constants, the LLM client
+    evaluate_and_log = make_evaluate(env, env_params, network, embed, prompts.evals, rules, args)
+    start = 0
+    run_name = f"{ENV_ID}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.resume:  # rebuilt, not restored: the jitted functions, the encoder, the env, the LLM
         (ts, ec, rng), host = load_checkpoint(args.resume, (ts, ec, rng), args, buffer, pool)
-        start, run_name, tally = (
-            host["chunk"] + 1,
-            Path(args.resume).parent.name,
-            Counter(host["tally"]),
-        )
+        start = host["chunk"] + 1
+        run_name = Path(args.resume).parent.name
+        tally = Counter(host["tally"])
         np_rng.bit_generator.state = host["np_rng"]
         print(
             f"[resume] {args.resume}: chunk {start} of {num_chunks}, step {start * steps_per_chunk}"
         )
-    run_dir = Path("runs") / run_name
-    run_dir.mkdir(
-        parents=True, exist_ok=True
-    )  # only now: a run that fails before training leaves no folder behind
-    if args.track:
-        import wandb
-
-        kw = dict(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            config=vars(args),
-            name=run_name,
-        )
-        wandb.init(**kw, sync_tensorboard=True)
-    writer = SummaryWriter(str(run_dir))
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    run_dir, writer = open_run(args, run_name)
     print(
-        f"OIR-PQN on {ENV_ID}: {num_chunks * args.chunk_updates} updates in {num_chunks} chunks, {args.num_envs} "
-        f"envs x {args.num_steps} steps, relabel={args.relabel}, reward={args.reward}"
+        f"OIR-PQN on {ENV_ID}: {num_chunks * args.chunk_updates} updates in {num_chunks} chunks, "
+        f"{args.num_envs} envs x {args.num_steps} steps, relabel={args.relabel}, "
+        f"reward={args.reward}"
     )
 
     for chunk in tqdm(range(start, num_chunks), desc="chunks", initial=start, total=num_chunks):
-        t0, c0, global_step = time.time(), time.process_time(), (chunk + 1) * steps_per_chunk
+        t0 = time.time()
+        c0 = time.process_time()
+        global_step = (chunk + 1) * steps_per_chunk
         rng, k, k_eval = jax.random.split(rng, 3)
-        # 1. Rollout + PQN update on it and its relabeled copies, chunk_updates times, in one jitted call.
+        # 1. Rollout + PQN update on it and its relabeled copies, chunk_updates times, one jit call.
         table = (*instruction_arrays(buffer.slots, *embed.events.shape)[:2], buffer.probs())
         pool_arrays = instruction_arrays(
             list(pool) + [None] * (RELABEL_POOL_SIZE - len(pool)), *embed.events.shape
         )
         ts, ec, infos = train_chunk(ts, ec, k, *table, pool_arrays)
         infos = jax.tree_util.tree_map(np.asarray, infos)
-        buffer.update(
-            infos["slot_success"].sum(0), infos["slot_episodes"].sum(0)
-        )  # 2. statuses from ended episodes
-        # 3. Relabel: event logs of recent trajectories -> LLM proposals -> filter -> relabel pool and buffer.
+        # 2. Buffer statuses from the instruction episodes that ended.
+        buffer.update(infos["slot_success"].sum(0), infos["slot_episodes"].sum(0))
+        # 3. Relabel: event logs of recent trajectories -> LLM proposals -> filter -> pool, buffer.
         if args.relabel != "none":
-            relabel(llm, relabel_prompt, vocab, ec, buffer, pool, embed, args, np_rng, tally)
-        # Throughput of the chunk, relabeling included, evaluation excluded (the first chunk also compiles).
+            relabel(llm, prompts, ec, buffer, pool, embed, args, np_rng, tally)
+        # Throughput, relabeling included, evaluation excluded (the first chunk also compiles).
         sps = (steps_per_chunk / (time.time() - t0), steps_per_chunk / (time.process_time() - c0))
-        succ, tried = infos["slot_success"].sum(), infos["slot_episodes"].sum()
-        scalars = {"charts/SPS": sps[0], "charts/instruction_success_rate": succ / max(tried, 1)}
-        scalars |= {
-            key: v.mean()
-            for key, v in infos.items()
-            if key.startswith(("charts/", "losses/", "relabel/"))
-        }
-        scalars |= {f"buffer/{k}": c for k, c in buffer.counts().items()}
-        scalars |= {f"relabel/{k}": c for k, c in tally.items()}
-        for key, v in scalars.items():
-            writer.add_scalar(key, float(v), global_step)
-        print(
-            f"chunk {chunk}: step {global_step}, SPS {sps[0]:.0f} ({sps[1]:.0f} per CPU-second), td_loss "
-            f"{scalars['losses/td_loss']:.4f}, instruction success {succ:.0f}/{tried:.0f}, relabeled copies/update "
-            f"{scalars.get('relabel/copies_valid', 0.0):.1f}, buffer {buffer.counts()}"
-        )
+        log_chunk(writer, chunk, global_step, sps, infos, buffer, tally)
         # 4. Evaluation and a checkpoint.
         if chunk + 1 == num_chunks or (args.eval_every > 0 and (chunk + 1) % args.eval_every == 0):
             evaluate_and_log(ts.params, writer, global_step, k_eval)
             host = dict(
                 chunk=chunk, np_rng=np_rng.bit_generator.state, tally=tally, args=vars(args)
             )
-            save_checkpoint(run_dir, (ts, ec, rng), host, buffer, pool)
-            print(
-                f"checkpoint saved to {run_dir}/checkpoint.npz and instruction_buffer.json, step {global_step}"
-            )
+            save_checkpoint(run_dir, (ts, ec, rng), host, buffer, pool, global_step)
 
-    rejected = {
-        key[len("rejected_") :]: c for key, c in tally.items() if key.startswith("rejected_") and c
-    }
-    print(
-        f"done: {num_chunks * steps_per_chunk} env steps, {int(ts.step)} gradient steps, {tally['accepted']} "
-        f"relabeled instructions accepted ({tally['requests']} LLM requests, {tally['llm_failures']} failed; "
-        f"rejected: {rejected}), {tally['added']} entered the buffer"
-    )
-    print(
-        "final buffer:",
-        "; ".join(f"{e.text!r} [{buffer.status(e)} {e.mean_return:.2f}]" for e in buffer.entries()),
-    )
+    print_summary(num_chunks * steps_per_chunk, int(ts.step), tally, buffer)
     writer.close()
 
 

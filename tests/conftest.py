@@ -242,6 +242,14 @@ def run_in_process(capfd, monkeypatch):
     return _run
 
 
+def pytest_collection_modifyitems(items):
+    """With pytest-xdist (`-n 2 --dist loadgroup`, as CI runs), the tests of the real LLM server share one worker:
+    one server start (about 40 s) instead of one per worker."""
+    for item in items:
+        if "openai_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("openai_server"))
+
+
 # OpenAI-compatible server on loopback serving SmolLM2 (tests/support/llm_servers.py): fixture `openai_server`.
 from llm_servers import openai_server  # noqa: E402,F401
 

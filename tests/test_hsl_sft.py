@@ -538,7 +538,7 @@ def test_oracle_labels_what_figure8_asks(hsl, oracle_games):
     game = lambda key: next(g for g in oracle_games if key in g)
     goals = lambda traj: [(g, S) for g, S, _ in hsl.oracle_goals(traj)]
     z = lambda traj, goal: next(
-        hsl.oracle_relevance(traj, g, S) for g, S, _ in hsl.oracle_goals(traj) if g == goal
+        hsl.oracle_relevance(traj, facts, S) for g, S, facts in hsl.oracle_goals(traj) if g == goal
     )
     # the mug is on the shelf at reset: taking it off and putting it back achieves "put a mug in shelf"
     t = play(

@@ -374,7 +374,9 @@ def test_keystate_sampling_matches_slow_loop(ks):
     p_cur, p_traj, discount, p_key, window = 0.2, 0.5, 0.9, 0.7, 20
     n = 40_000
     sample = jax.jit(
-        lambda k, i: ks.sample_goals(k, data, i, p_cur, p_traj, True, discount, p_key, window)
+        lambda k, i: ks.sample_goals(
+            k, data, i, discount, p_key, window, p_cur=p_cur, p_traj=p_traj, geometric=True
+        )
     )
     slow_rng = np.random.default_rng(0)
     for idx in [
@@ -418,12 +420,12 @@ def test_keystate_sampling_matches_slow_loop(ks):
         jax.random.PRNGKey(0),
         data_none,
         jnp.full((1000,), 3, jnp.int32),
-        p_cur,
-        p_traj,
-        True,
         discount,
         1.0,
         window,
+        p_cur=p_cur,
+        p_traj=p_traj,
+        geometric=True,
     )
     assert not np.asarray(is_key).any()
 

@@ -219,7 +219,15 @@ def test_keystate_value_goals_match_slow_loop(ks):
         goals, is_key, _ = map(
             np.asarray,
             ks.sample_goals(
-                jax.random.PRNGKey(idx), data, jnp.full((n,), idx), 0.2, 0.5, True, 0.9, 0.7, 20
+                jax.random.PRNGKey(idx),
+                data,
+                jnp.full((n,), idx),
+                0.9,
+                0.7,
+                20,
+                p_cur=0.2,
+                p_traj=0.5,
+                geometric=True,
             ),
         )
         slow = [

@@ -31,23 +31,23 @@ def oir():
 
 @pytest.fixture(scope="module")
 def vocab(oir):
-    """prompts/oir/transitions.md as main() reads it: (rule keys, texts, instructions)."""
+    """prompts/oir/transitions.md as main() reads it: a Vocabulary (rule keys, texts, instructions)."""
     path = REPO / "prompts" / "oir" / "transitions.md"
     rows = oir.read_prompt(path, 4)
-    return (
-        [oir.parse_rule(path, n, f"{f} {c}") for n, (f, c, _, _) in rows],
-        [r[2] for _, r in rows],
-        [r[3] for _, r in rows],
+    return oir.Vocabulary(
+        keys=[oir.parse_rule(path, n, f"{f} {c}") for n, (f, c, _, _) in rows],
+        texts=[r[2] for _, r in rows],
+        instructions=[r[3] for _, r in rows],
     )
 
 
 @pytest.fixture(scope="module")
 def embedder(oir, minilm_dir, vocab):
-    return oir.Embedder(str(minilm_dir), vocab[1])
+    return oir.Embedder(str(minilm_dir), vocab.texts)
 
 
 def row(vocab, text: str) -> int:
-    return vocab[1].index(text)
+    return vocab.texts.index(text)
 
 
 # Small Craftax-Classic runs share these flags; JAX's persistent compilation cache (ignored by git) makes reruns fast.
@@ -105,7 +105,7 @@ def test_lambda_returns_match_loop(oir):
 def test_semantic_reward_matches_slow_reference(oir, embedder, vocab):
     """Device lookup (host-side mask, on-device any, as in the rollout) == cos(f_state, f_instr) > delta computed text
     by text, with the best-match rule; and each plain instruction is rewarded by the transition text it names."""
-    event_embs, texts = embedder.events, vocab[1]
+    event_embs, texts = embedder.events, vocab.texts
     instructions = [
         "collect wood",
         "drink some water",
@@ -171,7 +171,7 @@ def hand_built_fields(oir, changes: list):
 def test_collect_three_wood_rewarded_exactly_when_done(oir, embedder, vocab):
     """Issue 15: a non-achievement instruction is rewarded (semantic reward, and the evaluation's ground truth
     `wood >=3`) exactly at the step where a hand-built state sequence reaches three wood, and never otherwise."""
-    rules = oir.as_rules(vocab[0])
+    rules = oir.as_rules(vocab.keys)
     mask = oir.semantic_mask(embedder(["collect three wood"])[0], embedder.events, 0.45)
     truth = oir.as_rules([oir.parse_rule("test", 0, "wood >=3")])
 
@@ -233,7 +233,7 @@ def test_event_log_from_scripted_trajectory(oir, vocab):
     import jax.numpy as jnp
     from craftax.craftax_classic.constants import Action, BlockType
 
-    rules, texts = oir.as_rules(vocab[0]), vocab[1]
+    rules, texts = oir.as_rules(vocab.keys), vocab.texts
     env = oir.make_craftax_env_from_name(oir.ENV_ID, auto_reset=False)
     params = env.default_params
     _, state = env.reset(jax.random.PRNGKey(0), params)
@@ -301,8 +301,8 @@ def test_event_log_from_scripted_trajectory(oir, vocab):
 
 def test_filter_hostile_and_malformed_llm_output(oir, embedder, vocab):
     observed = {
-        vocab[0].index(oir.parse_rule("t", 0, "wood +")),
-        vocab[0].index(oir.parse_rule("t", 0, "drink +")),
+        vocab.keys.index(oir.parse_rule("t", 0, "wood +")),
+        vocab.keys.index(oir.parse_rule("t", 0, "drink +")),
     }
     raw = "\n".join(
         [
@@ -323,7 +323,7 @@ def test_filter_hostile_and_malformed_llm_output(oir, embedder, vocab):
     cands = oir.parse_proposals(raw)
     assert "Collect wood" in cands and not any("think" in c for c in cands)
     accepted, rejected = oir.filter_proposals(cands, 2, observed, [], embedder, 0.45)
-    assert [(t, vocab[1][e]) for t, e, _ in accepted] == [
+    assert [(t, vocab.texts[e]) for t, e, _ in accepted] == [
         ("Collect wood", "collected wood from a tree"),
         ("drink some water", "drank water"),
     ]
@@ -368,7 +368,7 @@ def test_near_duplicates_are_one_instruction(oir, embedder, vocab):
         "collect three wood",
     ]
     assert len({oir.normalize(t) for t in different}) == len(different)
-    observed = {vocab[0].index(oir.parse_rule("t", 0, "sapling +"))}
+    observed = {vocab.keys.index(oir.parse_rule("t", 0, "sapling +"))}
     held = [("collect a sapling", embedder(["collect a sapling"])[0])]
     accepted, rejected = oir.filter_proposals(
         ["collected a sapling", "collect saplings"], 3, observed, held, embedder, 0.45

@@ -156,9 +156,9 @@ def main():
         rng = random.Random(0)
         for _ in range(args.random_episodes):
             traj, _ = play(hsl, g, rng, args.steps)
-            for gg, S, _ in hsl.oracle_goals(traj):
+            for gg, S, facts in hsl.oracle_goals(traj):
                 relabeled[hsl.TASK_SHORT[gg[0]]] += 1
-                z = hsl.oracle_relevance(traj, gg, S)
+                z = hsl.oracle_relevance(traj, facts, S)
                 z_share.append(sum(z) / len(z))
     print(
         f"\noracle agrees with the simulator on {agree} of {len(games)} games (expert won {expert_won})"
