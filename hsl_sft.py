@@ -90,17 +90,16 @@ ETO_ICL = "icl_examples/alfworld_icl.json"
 # === Arguments ====================================================================================
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (runs go to {output_dir}/{exp_name}__{seed}__{unix time})"""
-    seed: int = 42
+    exp_name: str = Path(__file__).stem
+    """the name of this experiment (part of each run folder's name)"""
+    seed: int = 1
     """seed of the experiment (the paper uses 42, 123 and 2026)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases
-    ($WANDB_ENTITY picks the team)"""
+    """log to Weights & Biases as well (imported only when set; $WANDB_ENTITY picks the team)"""
     wandb_project_name: str = "llm-relabeling"
-    """the wandb's project name"""
-    output_dir: str = "runs"
-    """TensorBoard logs, checkpoints and summary.json go to {output_dir}/{run name}"""
+    """the W&B project name"""
+    run_dir: str = "runs"
+    """TensorBoard logs, checkpoints and summary.json go to {run_dir}/{run name}"""
     # --- environment (ALFWorld) and demonstrations ---
     data_dir: Optional[str] = None
     """ALFWorld data root holding json_2.1.1/{train,valid_seen,valid_unseen}
@@ -173,7 +172,7 @@ this process (offline runs with small local models)"""
     eval_every: int = 50
     """evaluate and checkpoint every this many HSL steps (and after SFT); 0: only at the end"""
     resume: Optional[str] = None
-    """checkpoint folder to resume from ({output_dir}/{run name}/checkpoints/...)"""
+    """checkpoint folder to resume from ({run_dir}/{run name}/checkpoints/...)"""
 
 
 def check_args(args):
@@ -210,8 +209,8 @@ def check_args(args):
             "a folder with json_2.1.1",
         ),
         (
-            "output_dir",
-            not os.path.exists(args.output_dir) or os.path.isdir(args.output_dir),
+            "run_dir",
+            not os.path.exists(args.run_dir) or os.path.isdir(args.run_dir),
             "a folder",
         ),
         (
@@ -1599,8 +1598,7 @@ def main():
 
     accelerator = Accelerator()
     run_dir = (  # one run name on every process: the main process's
-        Path(args.output_dir)
-        / gather_object([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
+        Path(args.run_dir) / gather_object([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
     )
     set_seed(args.seed)  # Python, NumPy, torch; the environments are deterministic
     rng = np.random.default_rng(args.seed + 10_000)  # every process's: games picked, D' batches

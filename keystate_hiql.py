@@ -67,17 +67,17 @@ from tqdm import tqdm
 # === Arguments ====================================================================================
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 0
+    exp_name: str = Path(__file__).stem
+    """the name of this experiment (part of each run folder's name)"""
+    seed: int = 1
     """seed of the experiment (JAX, evaluation episodes, LLM requests, --dataset-fraction subset)"""
     num_seeds: int = 1
     """seeds --seed ... --seed + N - 1 trained in one process, vmapped (one jitted update for
     all)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """log to Weights & Biases as well (imported only when set; $WANDB_ENTITY picks the team)"""
     wandb_project_name: str = "llm-relabeling"
-    """the wandb's project name"""
+    """the W&B project name"""
     run_dir: str = "runs"
     """parent folder of each run's {run_dir}/{run_name}/ (TensorBoard, rules.json, TD errors,
     params)"""
@@ -96,7 +96,7 @@ class Args:
     """batch size (OGBench: 1024)"""
     log_interval: int = 5_000
     """log losses / steps-per-second every this many steps"""
-    eval_interval: int = 100_000
+    eval_every: int = 100_000
     """evaluate every this many steps (and at the end); 0 evaluates only at the end"""
     eval_episodes: int = 50
     """evaluation episodes per task (paper / OGBench protocol: 50)"""
@@ -199,7 +199,7 @@ def check_args(args: Args):
     checks += [
         (n, getattr(args, n) >= 0, ">= 0")
         for n in (
-            "eval_interval",
+            "eval_every",
             "adapt_interval",
             "llm_temperature",
         )
@@ -740,7 +740,7 @@ class RelabelCheck:
         self.probing = probing
         self.decisions = 0
         self.snapshots = []
-        self.eval_interval = args.eval_interval
+        self.eval_every = args.eval_every
 
     def adapt(self, diffs: np.ndarray, counts: np.ndarray):
         """diffs: (S, B) paired differences, counts: (S, B) rows that count -> (mean, z) per
@@ -766,7 +766,7 @@ class RelabelCheck:
         """probe() -> |TD| (S, 3, B) of key-state / HER / uniform goals, goal distances (S, 3, B),
         counts (S, B)."""
         adapt = self.interval and step % self.interval == 0
-        keep = (self.eval_interval and step % self.eval_interval == 0) or last
+        keep = (self.eval_every and step % self.eval_every == 0) or last
         if self.probing and (adapt or keep):
             td, dist, counts = map(np.asarray, probe())
             if adapt:
@@ -1377,7 +1377,7 @@ def main(args: Args):
             last_t = time.time()
             last_step = step
             log_losses(writer, step, sps, info, check.p_keystate, seeds)
-        if (args.eval_interval and step % args.eval_interval == 0) or last:
+        if (args.eval_every and step % args.eval_every == 0) or last:
             scalars, per_seed = evaluate_seeds(env, act, state.params, args, seeds, step, writer)
             last_t = time.time()  # keep evaluation time out of the next SPS reading
     total_time = time.time() - start

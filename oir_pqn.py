@@ -148,7 +148,7 @@ RESUME_FREE = {
     "resume",
     "track",
     "wandb_project_name",
-    "wandb_entity",
+    "run_dir",
     "eval_every",
     "eval_episodes",
     "eval_max_steps",
@@ -162,18 +162,19 @@ RESUME_FREE = {
 @dataclasses.dataclass
 class Args:
     exp_name: str = Path(__file__).stem
-    """the name of this experiment"""
+    """the name of this experiment (part of each run folder's name)"""
     seed: int = 1
     """seed of the experiment (Python, NumPy, JAX, LLM sampling)"""
     track: bool = False
-    """log to Weights & Biases (imported only when set)"""
+    """log to Weights & Biases as well (imported only when set; $WANDB_ENTITY picks the team)"""
     wandb_project_name: str = "llm-relabeling"
     """the W&B project name"""
-    wandb_entity: Optional[str] = None
-    """the W&B entity (team)"""
+    run_dir: str = "runs"
+    """parent folder of the run folders: TensorBoard logs, checkpoint.npz and
+    instruction_buffer.json go to {run_dir}/{run name}"""
     resume: Optional[str] = None
-    """continue exactly from a checkpoint (runs/{run_name}/checkpoint.npz), with the flags of the
-    run that wrote it"""
+    """continue exactly from a checkpoint ({run_dir}/{run name}/checkpoint.npz), with the flags
+    of the run that wrote it"""
     prompts_dir: Optional[str] = None
     """folder holding oir/relabel.md, oir/seed_instructions.md, oir/eval_instructions.md (default:
     prompts/ here)"""
@@ -271,7 +272,7 @@ def check_args(args, prompts):
         ),
         (
             "total_timesteps",
-            args.total_timesteps >= max(chunk, 1),
+            args.total_timesteps >= chunk,  # >= 1 once the flags above hold
             f">= {chunk} (one chunk of updates)",
         ),
         ("gamma", 0 <= args.gamma <= 1, "in [0, 1]"),
@@ -287,6 +288,7 @@ def check_args(args, prompts):
             f"a folder holding oir/{PROMPT_FILES}",
         ),
         ("resume", args.resume is None or Path(args.resume).is_file(), "an existing file"),
+        ("run_dir", not Path(args.run_dir).is_file(), "a folder"),
     ]
     for name, ok, what in checks:
         if not ok:
@@ -1082,16 +1084,15 @@ def log_evaluation(succ, sem, texts, kinds, group, writer, step, t0):
 
 
 def open_run(args, run_name):
-    """runs/{run_name} (made only now: a run that fails before training leaves no folder behind),
-    W&B with --track, and the TensorBoard writer with the hyperparameters as a table."""
-    run_dir = Path("runs") / run_name
+    """{run_dir}/{run_name} (made only now: a run that fails before training leaves no folder
+    behind), W&B with --track, and the TensorBoard writer with the hyperparameters as a table."""
+    run_dir = Path(args.run_dir) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.track:
         import wandb
 
         wandb.init(
             project=args.wandb_project_name,
-            entity=args.wandb_entity,
             config=vars(args),
             name=run_name,
             sync_tensorboard=True,

@@ -45,7 +45,7 @@ KEYSTATE_SMALL = [
     "--batch-size",
     "64",
 ]
-KEYSTATE_SMALL += ["--hidden-dims", "32", "32", "--log-interval", "20", "--eval-interval", "0"]
+KEYSTATE_SMALL += ["--hidden-dims", "32", "32", "--log-interval", "20", "--eval-every", "0"]
 KEYSTATE_SMALL += ["--eval-episodes", "1", "--adapt-interval", "10"]
 OIR_TINY = [
     "--total-timesteps",
@@ -116,7 +116,7 @@ def command(request, tmp_path, bad_files):
                 lm,
                 "--relabeler",
                 "oracle",
-                "--output-dir",
+                "--run-dir",
                 runs,
             ]
         else:  # oir_pqn.py writes runs/ in its working folder

@@ -62,7 +62,7 @@ def traj(room: int, actions: list[str], won: bool = False, thoughts=None) -> dic
 
 
 def run_dir(out: Path, exp_name: str) -> Path:
-    """The one run folder {output_dir}/{exp_name}__{seed}__{time} of a smoke run."""
+    """The one run folder {run_dir}/{exp_name}__{seed}__{time} of a smoke run."""
     (path,) = out.glob(f"{exp_name}__*")
     return path
 
@@ -373,7 +373,7 @@ def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, script
         "2",
         "--dpo-iterations",
         "1",
-        "--output-dir",
+        "--run-dir",
         out,
         "--exp-name",
         "dpo_hsl",
@@ -414,7 +414,7 @@ def test_smoke_sft_hsl_dpo_and_resume(run_script, put_games, tiny_lm_dir, script
         "1",
         "--resume",
         ckpt,
-        "--output-dir",
+        "--run-dir",
         out,
         "--exp-name",
         "resumed",
@@ -455,7 +455,7 @@ def test_resume_after_sigkill_continues_exactly(
         "--max-env-steps",
         "6",
     ]
-    flags += ["--rollouts-per-step", "2", "--output-dir", out]
+    flags += ["--rollouts-per-step", "2", "--run-dir", out]
     whole = run_script(SCRIPT, *flags, "--exp-name", "whole", timeout=600).output
     ckpt, _ = run_until_checkpoint(SCRIPT, flags, out, "killed", "hsl_1")
     resumed = run_script(
@@ -500,7 +500,7 @@ def test_smoke_eto_baseline_without_hsl(run_script, put_games, tiny_lm_dir, tmp_
         "1",
         "--dpo-nll-coef",
         "0.2",
-        "--output-dir",
+        "--run-dir",
         out,
         "--exp-name",
         "eto",
@@ -547,7 +547,7 @@ def test_data_parallel_two_processes_match_one(
         "3",
         "--micro-batch-size",
         "1",
-        "--output-dir",
+        "--run-dir",
         out,
     ]  # later flags win
     # micro-batches of one example on both sides: the only difference left is the order of the gradient sum (with

@@ -36,7 +36,7 @@ def hsl():
 
 
 def run_dir(out: Path, exp_name: str) -> Path:
-    """The one run folder {output_dir}/{exp_name}__{seed}__{time} of a smoke run."""
+    """The one run folder {run_dir}/{exp_name}__{seed}__{time} of a smoke run."""
     (path,) = out.glob(f"{exp_name}__*")
     return path
 

@@ -22,7 +22,7 @@ SCRIPT = "hsl_sft.py"
 
 
 def run_dir(out: Path, exp_name: str) -> Path:
-    """The one run folder {output_dir}/{exp_name}__{seed}__{time} of a smoke run."""
+    """The one run folder {run_dir}/{exp_name}__{seed}__{time} of a smoke run."""
     (path,) = out.glob(f"{exp_name}__*")
     return path
 
@@ -67,7 +67,7 @@ def test_smoke_hsl_and_resume(run_script, put_games, tiny_lm_dir, scripted_llm, 
         "4",
         "--eval-every",
         "2",
-        "--output-dir",
+        "--run-dir",
         out,
         "--exp-name",
         "hsl",
@@ -127,7 +127,7 @@ def test_smoke_hsl_and_resume(run_script, put_games, tiny_lm_dir, scripted_llm, 
         "0",
         "--resume",
         ckpt,
-        "--output-dir",
+        "--run-dir",
         out,
         "--exp-name",
         "resumed",
@@ -164,7 +164,7 @@ def test_resume_after_sigkill_continues_exactly(
     ]
     flags += ["--hsl-steps", "3", "--rollouts-per-step", "2", "--eval-every", "1"]
     flags += ["--max-env-steps", "6"]
-    flags += ["--output-dir", out, "--seed", "3"]
+    flags += ["--run-dir", out, "--seed", "3"]
     whole = run_script(SCRIPT, *flags, "--exp-name", "whole", timeout=600).output
     ckpt, killed = run_until_checkpoint(SCRIPT, flags, out, "killed", "hsl_1")
     resumed = run_script(
@@ -215,7 +215,7 @@ def test_smoke_llm_relabeler_smollm2(run_script, put_games, tiny_lm_dir, smollm2
         "2",
         "--eval-every",
         "0",
-        "--output-dir",
+        "--run-dir",
         out,
         "--exp-name",
         "llm",
@@ -283,7 +283,7 @@ def test_data_parallel_two_processes(run_script, put_games, tiny_lm_dir, scripte
         "2048",
         "--eval-every",
         "0",
-        "--output-dir",
+        "--run-dir",
         out,
         "--seed",
         "1",

@@ -25,7 +25,7 @@ SMALL = [
     "32",
     "--log-interval",
     "20",
-    "--eval-interval",
+    "--eval-every",
     "0",
     "--eval-episodes",
     "1",

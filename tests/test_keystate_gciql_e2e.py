@@ -27,7 +27,7 @@ SMALL = [
     "32",
     "--log-interval",
     "20",
-    "--eval-interval",
+    "--eval-every",
     "0",
     "--eval-episodes",
     "1",
@@ -159,14 +159,14 @@ def test_smoke_with_rules_file(run_script, pointmaze_npz, tmp_path):
         (run_dir / "final_eval.json").read_text()
     )  # per seed, and the mean and CI over seeds
     assert (
-        final["seeds"] == [0, 1]
+        final["seeds"] == [1, 2]
         and len(final["per_seed"]) == 2
         and "eval/overall_success_ci95" in final
     )
     assert final["eval/overall_success"] == pytest.approx(
         np.mean([r["eval/overall_success"] for r in final["per_seed"]])
     )
-    assert np.load(run_dir / "td_probe.npz")["td"].shape[1] == 2 and "seed0x2__" in run_dir.name
+    assert np.load(run_dir / "td_probe.npz")["td"].shape[1] == 2 and "seed1x2__" in run_dir.name
     assert (run_dir / "params.msgpack").stat().st_size > 0
 
 

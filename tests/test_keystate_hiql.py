@@ -27,7 +27,7 @@ SMALL = [
     "32",
     "--log-interval",
     "20",
-    "--eval-interval",
+    "--eval-every",
     "0",
     "--eval-episodes",
     "1",
@@ -463,7 +463,7 @@ def test_smoke_with_rules_file(run_script, pointmaze_npz, tmp_path):
     assert (
         td["td"].shape[1:3] == (2, 3) and td["counts"].any() and np.isfinite(td["gap_her_ci"]).all()
     )
-    assert (run_dir / "td_probe.png").stat().st_size > 0 and "__frac0.5__seed0x2__" in run_dir.name
+    assert (run_dir / "td_probe.png").stat().st_size > 0 and "__frac0.5__seed1x2__" in run_dir.name
     assert (run_dir / "params.msgpack").stat().st_size > 0
     final = json.loads((run_dir / "final_eval.json").read_text())
     assert 0.0 <= final["eval/overall_success"] <= 1.0 and len(final["per_seed"]) == 2

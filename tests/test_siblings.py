@@ -145,3 +145,89 @@ def test_pep723_header_pins_equal_requirements(script):
     assert len(header) >= 5, header
     wrong = {k: v for k, v in header.items() if required.get(k) != v}
     assert not wrong, f"{script} header pins differ from requirements.txt: {wrong}"
+
+
+# --- the flags every script shares: README's table against the five `Args` classes ---
+FAMILIES = ("keystate", "oir", "hsl")
+
+
+def args_fields(path: Path) -> dict:
+    """{field: (annotation AST dump, default AST dump)} of the script's `Args` dataclass."""
+    tree = ast.parse(path.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    return {
+        n.target.id: (ast.dump(n.annotation), ast.dump(n.value))
+        for n in cls.body
+        if isinstance(n, ast.AnnAssign)
+    }
+
+
+def code_dump(text: str) -> str:
+    return ast.dump(ast.parse(text, mode="eval").body)
+
+
+def shared_flags_table() -> dict:
+    """README's rows after `<!-- shared-flags -->`: {field: (type dump, {family or None: default dump})}.
+    A default cell holds one value for all scripts, or values each followed by the families it holds for
+    in parentheses: "`50` chunks (oir), `50` HSL steps (hsl)"."""
+    text = (REPO / "README.md").read_text().split("<!-- shared-flags -->", 1)[1]
+    rows = {}
+    for line in text.strip().splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        flag, typ, default = (c.strip() for c in line.strip("|").split("|")[:3])
+        field = flag.strip("`").removeprefix("--").replace("-", "_")
+        values = {}
+        for value, note in re.findall(r"`([^`]+)`[^`(]*(?:\(([^)]*)\))?", default):
+            for family in [f for f in FAMILIES if f in note] or [None]:
+                values.setdefault(family, code_dump(value))
+        if (
+            any(values) and None in values
+        ):  # a value with no family named: only the parenthesised ones count
+            del values[None]
+        rows[field] = (code_dump(typ.strip("`")), values)
+    return rows
+
+
+def test_shared_flags_table_parses():
+    rows = shared_flags_table()
+    assert {"seed", "run_dir", "eval_every", "exp_name", "track", "llm_model"} <= set(rows)
+    assert set(rows["eval_every"][1]) == set(FAMILIES)  # one value per family
+    assert set(rows["seed"][1]) == {None}  # one value for all
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shared_flags_table_matches_args(script):
+    fields = args_fields(REPO / script)
+    family = next(f for f in FAMILIES if script.startswith(f))
+    for field, (typ, values) in shared_flags_table().items():
+        assert field in fields, f"{script} has no --{field.replace('_', '-')}"
+        assert fields[field][0] == typ, f"{script}: --{field} has another type than README's table"
+        want = values.get(family, values.get(None))
+        assert fields[field][1] == want, (
+            f"{script}: --{field} has another default than README's table"
+        )
+
+
+def test_flags_all_scripts_share_are_in_the_table():
+    common = set.intersection(*(set(args_fields(REPO / s)) for s in SCRIPTS))
+    assert common == set(shared_flags_table()), (
+        "README's shared-flags table and the flags all five share differ"
+    )
+
+
+def test_dpo_main_runs_every_phase_of_sft_main():
+    """hsl_dpo.py's `main` differs from hsl_sft.py's (the ETO rounds) but calls every function sft's `main` calls."""
+
+    def calls(path: Path) -> set:
+        tree = ast.parse(path.read_text())
+        main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+        return {
+            c.func.id
+            for c in ast.walk(main)
+            if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)
+        }
+
+    sft, dpo = calls(REPO / "hsl_sft.py"), calls(REPO / "hsl_dpo.py")
+    assert {"load_inputs", "load_learner", "sft_phase", "hsl_phase", "write_summary"} <= sft
+    assert not sft - dpo, f"hsl_dpo.py's main skips {sorted(sft - dpo)}"

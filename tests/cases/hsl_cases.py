@@ -42,7 +42,7 @@ BAD_INPUTS = {
         2,
         r"--data-dir: must be a folder with json_2\.1\.1",
     ),
-    "output-dir-is-a-file": (["--output-dir", "{text_json}"], 2, r"--output-dir: must be a folder"),
+    "run-dir-is-a-file": (["--run-dir", "{text_json}"], 2, r"--run-dir: must be a folder"),
     "demos-path-missing": (
         ["--demos-path", "{missing}"],
         2,

@@ -22,7 +22,7 @@ BAD_INPUTS = {
         2,
         r"--dataset-fraction: must be in \(0, 1\]",
     ),
-    "eval-interval-negative": (["--eval-interval", "-1"], 2, r"--eval-interval: must be >= 0"),
+    "eval-every-negative": (["--eval-every", "-1"], 2, r"--eval-every: must be >= 0"),
     "log-interval-0": (["--log-interval", "0"], 2, r"--log-interval: must be >= 1"),
     "p-keystate-above-1": (["--p-keystate", "1.5"], 2, r"--p-keystate: must be in \[0, 1\]"),
     "keystate-window-0": (["--keystate-window", "0"], 2, r"--keystate-window: must be >= 1"),
