@@ -96,6 +96,11 @@ DPO_WARMUP_RATIO = 0.1
 # === Arguments ====================================================================================
 @dataclass
 class Args:
+    """HSL with ETO's DPO stage on ALFWorld: SFT, HSL steps where an LLM relabels the agent's
+    trajectories with the goals they achieved, then DPO on ETO's exploration pairs. Defaults are
+    the paper's scale (Llama-3.2-1B, 3,200 demonstrations, a 70B relabeler: GPUs, hours);
+    README's quick start runs on a CPU."""
+
     exp_name: str = Path(__file__).stem
     """the name of this experiment (part of each run folder's name)"""
     seed: int = 1
@@ -109,13 +114,13 @@ class Args:
     # --- environment (ALFWorld) and demonstrations ---
     data_dir: Optional[str] = None
     """ALFWorld data root holding json_2.1.1/{train,valid_seen,valid_unseen}
-    (default: $ALFWORLD_DATA)"""
+    (unset: $ALFWORLD_DATA)"""
     max_env_steps: int = 40
     """episode step limit T (Section 4.1: T = 40 on ALFWorld)"""
     num_demos: int = 3200
     """cap on ground-truth demonstrations (the paper's sample-efficiency study uses 800 to 3,200)"""
     demos_path: Optional[str] = None
-    """ETO-format (ShareGPT) JSON of demonstrations; default: ALFWorld's hand-coded expert plays
+    """ETO-format (ShareGPT) JSON of demonstrations; unset: ALFWorld's hand-coded expert plays
     the train games"""
     # --- agent ---
     model_name: str = "meta-llama/Llama-3.2-1B-Instruct"

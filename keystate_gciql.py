@@ -66,13 +66,17 @@ from tqdm import tqdm
 # === Arguments ====================================================================================
 @dataclass
 class Args:
+    """GCIQL on an OGBench dataset, relabeling goals toward key states that an LLM's rules pick
+    (Gao et al., AAMAS 2026). Defaults are the paper's scale (antmaze-large, 500k steps: hours
+    on a GPU); README's quick start runs in a minute on a CPU."""
+
     exp_name: str = Path(__file__).stem
     """the name of this experiment (part of each run folder's name)"""
     seed: int = 1
     """seed of the experiment (JAX, evaluation episodes, LLM requests, --dataset-fraction subset)"""
     num_seeds: int = 1
-    """seeds --seed ... --seed + N - 1 trained in one process, vmapped (one jitted update for
-    all)"""
+    """seeds --seed ... --seed + N - 1 trained in one process, one jitted update for all (vmapped
+    on a GPU; on a CPU the seeds run one after another inside it)"""
     track: bool = False
     """log to Weights & Biases as well (imported only when set; $WANDB_ENTITY picks the team)"""
     wandb_project_name: str = "llm-relabeling"
@@ -84,7 +88,7 @@ class Args:
     """OGBench dataset name (environment + dataset type), e.g. antmaze-large-navigate-v0,
     cube-single-play-v0"""
     dataset_path: Optional[str] = None
-    """local .npz in OGBench's layout (observations, actions, terminals); default: ogbench downloads
+    """local .npz in OGBench's layout (observations, actions, terminals); unset: ogbench downloads
     the official one"""
     dataset_fraction: float = 1.0
     """fraction of episodes kept (paper's reduced-data setting: 0.5); a subset per seed, the same
@@ -103,7 +107,7 @@ class Args:
     """goal relabeling: OGBench's standard mixture (her) or key-state-prioritised (keystate, the
     paper's method)"""
     discount: Optional[float] = None
-    """discount factor; also the geometric future-goal parameter (default: OGBench's per-env value,
+    """discount factor; also the geometric future-goal parameter (unset: OGBench's per-env value,
     0.99 or 0.995)"""
     rules_path: Optional[str] = None
     """JSON rule set (as saved in runs/{run_name}/rules.json); skips the LLM call"""
@@ -138,7 +142,7 @@ this process (offline runs with small local models)"""
     hidden_dims: Tuple[int, ...] = (512, 512, 512)
     """hidden sizes of the value, critic and actor MLPs"""
     alpha: Optional[float] = None
-    """BC coefficient of the DDPG+BC actor loss (default: OGBench's per-env value: antmaze 0.3, cube
+    """BC coefficient of the DDPG+BC actor loss (unset: OGBench's per-env value: antmaze 0.3, cube
     1.0, ...)"""
 
 
@@ -794,14 +798,15 @@ class RelabelCheck:
                 mean,
                 yerr=np.abs(ci.T - mean),
                 marker="o",
-                capsize=3,
                 label=f"key-state - {kind}",
             )
         np.savez(run_dir / "td_probe.npz", **out)
+        plt.axhline(0, color="gray")  # the finding is the sign of the gap
+        # the run folder's name starts with env, experiment (learner), arm, data fraction, seeds
         plt.gca().set(
             xlabel="gradient step",
-            ylabel="mean |TD| gap, 95% CI",
-            title="paired TD probe (Figure 2)",
+            ylabel="mean |TD| gap, 95% CI (> 0: key-state goals have larger TD errors)",
+            title=run_dir.name.rsplit("__", 1)[0],
         )
         plt.legend()
         plt.savefig(run_dir / "td_probe.png", dpi=80)

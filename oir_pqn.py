@@ -161,6 +161,11 @@ RESUME_FREE = {
 # === Arguments ====================================================================================
 @dataclasses.dataclass
 class Args:
+    """PQN on Craftax-Classic, trained on instructions an LLM proposes from what the agent did,
+    rewarded by sentence-embedding similarity, drawn from a prioritized instruction buffer.
+    Defaults are the paper's scale (1e8 steps, 1024 envs: hours on a GPU); README's quick start
+    runs in minutes on a CPU."""
+
     exp_name: str = Path(__file__).stem
     """the name of this experiment (part of each run folder's name)"""
     seed: int = 1
@@ -176,7 +181,7 @@ class Args:
     """continue exactly from a checkpoint ({run_dir}/{run name}/checkpoint.npz), with the flags
     of the run that wrote it"""
     prompts_dir: Optional[str] = None
-    """folder holding oir/relabel.md, oir/seed_instructions.md, oir/eval_instructions.md (default:
+    """folder holding oir/relabel.md, oir/seed_instructions.md, oir/eval_instructions.md (unset:
     prompts/ here)"""
     total_timesteps: int = 100_000_000
     """total environment steps"""

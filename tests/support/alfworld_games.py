@@ -351,8 +351,20 @@ ORACLE_SPLITS = {
 }
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    out = build_games(sys.argv[1] if len(sys.argv) > 1 else "alfworld_tiny", TINY_SPLITS)
+    parser = argparse.ArgumentParser(
+        description="Build small real ALFWorld games offline (README's quick start)."
+    )
+    parser.add_argument("out", help="data root to write (pass it as --data-dir or $ALFWORLD_DATA)")
+    parser.add_argument(
+        "--splits",
+        choices=["tiny", "put"],
+        default="tiny",
+        help="tiny: 6 train games of all task types, 2 + 2 valid; "
+        "put: 2 + 1 + 1 two-receptacle pick-and-place games that a random agent solves in a few steps",
+    )
+    cli = parser.parse_args()
+    out = build_games(cli.out, {"tiny": TINY_SPLITS, "put": PUT_SPLITS}[cli.splits])
     print("wrote", out, sorted(str(p) for p in out.rglob("game.tw-pddl")))
     os._exit(0)
