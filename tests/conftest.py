@@ -242,12 +242,39 @@ def run_in_process(capfd, monkeypatch):
     return _run
 
 
+# The longest tests, longest first (durations of a fresh-clone CI run on the 2-core machine). Two workers take tests
+# in collection order as they free up, so starting with the longest makes them finish together: run last, the
+# hsl-sft quick start alone kept one worker busy for 110 s after the other had finished. Order only: no test
+# asserts on time.
+LONGEST_FIRST = [
+    "test_readme.py::test_quick_start_runs_as_written[hsl-dpo]",
+    "test_oir_pqn.py::test_resume_after_sigkill_continues_exactly",
+    "test_readme.py::test_quick_start_runs_as_written[hsl-sft]",
+    "test_oir_pqn.py::test_relabeling_with_scripted_llm",
+    "test_readme.py::test_quick_start_runs_as_written[keystate]",
+    "test_keystate_gciql_e2e.py::test_smoke_with_smollm2_relabeler",
+    "test_readme.py::test_quick_start_runs_as_written[oir]",
+    "test_oir_pqn.py::test_smoke_run_with_smollm2",
+    "test_llm_servers.py",
+    "test_llm_backends.py::test_openai_backend_against_a_real_engine",
+    "test_resume_after_sigkill_continues_exactly",
+    "test_data_parallel_two_processes",
+    "test_smoke_",
+]
+
+
+def longest_first_rank(item):
+    ranks = [i for i, name in enumerate(LONGEST_FIRST) if name in item.nodeid]
+    return min(ranks, default=len(LONGEST_FIRST))
+
+
 def pytest_collection_modifyitems(items):
     """With pytest-xdist (`-n 2 --dist loadgroup`, as CI runs), the tests of the real LLM server share one worker:
-    one server start (about 40 s) instead of one per worker."""
+    one server start (about 40 s) instead of one per worker. The longest tests run first (stable sort)."""
     for item in items:
         if "openai_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("openai_server"))
+    items.sort(key=longest_first_rank)
 
 
 # OpenAI-compatible server on loopback serving SmolLM2 (tests/support/llm_servers.py): fixture `openai_server`.
