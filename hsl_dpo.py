@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
@@ -118,7 +118,8 @@ class Args:
     max_env_steps: int = 40
     """episode step limit T (Section 4.1: T = 40 on ALFWorld)"""
     num_demos: int = 3200
-    """cap on ground-truth demonstrations (the paper's sample-efficiency study uses 800 to 3,200)"""
+    """cap on ground-truth demonstrations (the paper's sample-efficiency study uses
+    800 to 3,200)"""
     demos_path: Optional[str] = None
     """ETO-format (ShareGPT) JSON of demonstrations; unset: ALFWorld's hand-coded expert plays
     the train games"""
@@ -143,13 +144,14 @@ class Args:
     micro_batch_size: int = 4
     """sequences per forward/backward pass (gradient accumulation up to the batch)"""
     sft_epochs: float = 3.0
-    """epochs of SFT on the ground-truth demonstrations before HSL"""
+    """epochs of SFT on the ground-truth demonstrations before HSL (paper: 3, Appendix F; hours on
+    a GPU at the paper's scale)"""
     # --- HSL (Sections 3.2-3.4, 4.1) ---
     hsl_steps: int = -1
     """HSL optimisation steps (-1: 3 passes over the ground-truth demos at batch_size;
     0: no HSL, plain ETO)"""
     rollouts_per_step: int = 18
-    """b: train instructions rolled out and relabeled per HSL step"""
+    """b: train instructions rolled out and relabeled per HSL step (paper: 18)"""
     buffer_size: int = 100
     """N: the relabeled buffer D' is a FIFO queue of this size"""
     hsl_lambda: float = 0.3
@@ -1250,7 +1252,9 @@ def rollout(gamefiles, agent, args, temperature, desc="rollout"):
             states=[summarize_facts(gs["facts"])],
         )
         trajs.append(t)
-    for _ in tqdm(range(args.max_env_steps), desc=desc, leave=False, disable=None):
+    # a bar from the main process, in a terminal and in a log (its ETA: every episode to the cap)
+    main_process = PartialState().is_main_process
+    for _ in tqdm(range(args.max_env_steps), desc=desc, leave=False, disable=not main_process):
         prompts = {}
         # ETO: an input too long ends the episode, failed
         for i in [i for i, t in enumerate(trajs) if not t["done"]]:
@@ -1378,7 +1382,7 @@ def load_demos(args, games, legacy):
         return [{**d, "actions": [to_dialect(a, legacy) for a in d["actions"]]} for d in demos]
     demos = [
         d
-        for g in tqdm(games, desc="expert demos", disable=None)
+        for g in tqdm(games, desc="expert demos", disable=not PartialState().is_main_process)
         if (d := expert_demo(g, EXPERT_MAX_STEPS))
     ]
     if not demos:
@@ -1487,7 +1491,8 @@ def evaluate(games_by_split, agent, args, accelerator, log, step, tag, state):
         mine = shard(games, accelerator)
         outcomes = []
         won = collections.defaultdict(list)
-        for i in range(0, len(mine), args.rollouts_per_step):
+        batches = range(0, len(mine), args.rollouts_per_step)
+        for i in tqdm(batches, f"eval {split}", disable=not accelerator.is_main_process):
             trajs = rollout(mine[i : i + args.rollouts_per_step], agent, args, 0.0, f"eval {split}")
             outcomes += [(t["task_type"], float(t["won"])) for t in trajs]
         # (once per split: every process joins the gather)
@@ -1635,6 +1640,8 @@ class LLMClient:
 
     def chat(self, conversations: list) -> list:
         n = self.args.llm_concurrency
+        # a line per batch of requests: a slow model or server is never a silent wait
+        tqdm.write(f"[llm] {len(conversations)} request(s), {n} at a time: {self.args.llm_model}")
         if self.args.llm_backend == "openai":
             with concurrent.futures.ThreadPoolExecutor(n) as pool:
                 outs = list(pool.map(self.ask, conversations))
@@ -1725,10 +1732,11 @@ def sft_phase(
     sched = make_scheduler(optimizer, num_steps, saved_sched if state["hsl_steps"] == 0 else None)
     t0 = time.time()
     first = state["sft_steps"]
+    say(f"[plan] SFT: {num_steps - first} steps of {args.batch_size} of {len(encoded)} demos")
     for step in tqdm(
         range(first, num_steps),
         desc="sft",
-        disable=None if accelerator.is_main_process else True,
+        disable=not accelerator.is_main_process,
     ):
         batch = [encoded[i] for i in next(batches)]
         info = accumulate_loss(model, batch, 1.0, args, accelerator, "sft", agent[1].pad_token_id)
@@ -1773,10 +1781,14 @@ def hsl_phase(
     t_hsl = time.time()
     first = state["hsl_steps"]
     b = args.rollouts_per_step
+    say(
+        f"[plan] HSL: {num_steps - first} steps, each {b} rollouts of at most {args.max_env_steps} "
+        f"actions, then one update; evaluation every {args.eval_every} steps (0: none) and at the end"
+    )
     for step in tqdm(
         range(first, num_steps),
         desc="hsl",
-        disable=None if accelerator.is_main_process else True,
+        disable=not accelerator.is_main_process,
     ):
         # 1) trajectory collection: b train instructions, a_t ~ pi_theta; each process its share
         times = [time.time()]
@@ -1980,6 +1992,7 @@ def main():
         )
         save("hsl", optimizer, sched)
 
+    say(f"[plan] ETO: {args.dpo_iterations} rounds of exploration on the train games and DPO")
     for it in range(state["dpo_iterations"], args.dpo_iterations):  # phase 3: ETO rounds
         optimizer, sched = eto_round(it, model, optimizer, sched, agent, demos, train_games, **run)
     if args.dpo_iterations > 0:
@@ -1997,10 +2010,7 @@ def main():
             + " | ".join(f"{res.get(f'{c}/success', math.nan):.3f}" for c in eval_games)
         )
     write_summary(run_dir, state, list(results.values())[-1], buffer, len(demos), args, accelerator)
-    say(
-        f"[done] {run_dir}/summary.json: "
-        + ", ".join(f"{k} {v}" for k, v in list(state.items())[:3])
-    )
+    say(f"[done] {run_dir}/summary.json")
     log(None, 0)  # closes the writer
     accelerator.wait_for_everyone()  # every process leaves together, then the group is torn down
     accelerator.end_training()

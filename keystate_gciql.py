@@ -1089,9 +1089,9 @@ def evaluate(env, act, params, args: Args, seed: int) -> dict:
     results = {}
     for task_id, task in enumerate(env.unwrapped.task_infos, start=1):
         successes = []
-        options = dict(task_id=task_id, render_goal=False)
-        for ep in range(args.eval_episodes):
-            obs, info = env.reset(seed=seed + 1000 * task_id + ep, options=options)
+        # a bar per task: at the paper's 50 episodes an evaluation takes minutes
+        for ep in tqdm(range(args.eval_episodes), f"eval seed {seed} task {task_id}", leave=False):
+            obs, info = env.reset(seed=seed + 1000 * task_id + ep, options=dict(task_id=task_id))
             goal = info["goal"]
             done = False
             while not done:
@@ -1244,6 +1244,8 @@ class LLMClient:
 
     def chat(self, conversations: list) -> list:
         n = self.args.llm_concurrency
+        # a line per batch of requests: a slow model or server is never a silent wait
+        tqdm.write(f"[llm] {len(conversations)} request(s), {n} at a time: {self.args.llm_model}")
         if self.args.llm_backend == "openai":
             with concurrent.futures.ThreadPoolExecutor(n) as pool:
                 outs = list(pool.map(self.ask, conversations))
@@ -1283,6 +1285,10 @@ def main(args: Args):
         f"[data] {args.env_name}: {len(ds['valids'])} rows; "
         f"kept per seed: {dict(zip(seeds, keep.sum(1).tolist()))}"
     )
+    # the plan; the step bar's ETA leaves the evaluations (a bar each) out
+    log(
+        f"[plan] {args.total_steps} steps x {len(seeds)} seed(s), evaluated every {args.eval_every}"
+    )
 
     # Components (1) + (2): LLM rules -> discriminators -> one key-state mask. The HER arm compiles
     # a --rules-path too, only for the paired TD probe (Figure 2 on an HER-trained critic); no LLM.
@@ -1315,7 +1321,7 @@ def main(args: Args):
     # implementation.
     start = last_t = time.time()
     last_step = 0
-    for step in tqdm(range(1, args.total_steps + 1), smoothing=0.1, dynamic_ncols=True):
+    for step in tqdm(range(1, args.total_steps + 1)):
         state, info = update(state, data, jnp.asarray(check.p_keystate, jnp.float32))
         last = step == args.total_steps
         check.observe(step, last, lambda: probe(state, data), writer)

@@ -911,11 +911,16 @@ def expectile_loss(adv, diff, expectile):
     return jnp.where(adv >= 0, expectile, 1 - expectile) * diff**2
 
 
+def length_normalize(x):
+    """OGBench's LengthNormalize: x scaled to length sqrt(REP_DIM) along its last axis."""
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True) * jnp.sqrt(REP_DIM)
+
+
 def phi(nets: dict, rep_params, obs, goals):
     """HIQL's subgoal representation phi([s; g]): MLP -> REP_DIM, length sqrt(REP_DIM) (OGBench's
     LengthNormalize)."""
     x = nets["goal_rep"].apply({"params": rep_params}, obs, goals)  # (batch, REP_DIM), of [s; g]
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True) * jnp.sqrt(REP_DIM)
+    return length_normalize(x)
 
 
 def hiql_value(nets: dict, value_params, rep_params, obs, goals):
@@ -1062,7 +1067,7 @@ def make_policy(nets: dict):
     @jax.jit
     def act(params, obs, goal):
         rep = nets["high_actor"].apply({"params": params["high_actor"]}, obs[None], goal[None])
-        rep = rep / jnp.linalg.norm(rep, axis=-1, keepdims=True) * jnp.sqrt(REP_DIM)
+        rep = length_normalize(rep)
         return jnp.clip(
             nets["low_actor"].apply({"params": params["low_actor"]}, obs[None], rep)[0], -1, 1
         )
@@ -1147,9 +1152,9 @@ def evaluate(env, act, params, args: Args, seed: int) -> dict:
     results = {}
     for task_id, task in enumerate(env.unwrapped.task_infos, start=1):
         successes = []
-        options = dict(task_id=task_id, render_goal=False)
-        for ep in range(args.eval_episodes):
-            obs, info = env.reset(seed=seed + 1000 * task_id + ep, options=options)
+        # a bar per task: at the paper's 50 episodes an evaluation takes minutes
+        for ep in tqdm(range(args.eval_episodes), f"eval seed {seed} task {task_id}", leave=False):
+            obs, info = env.reset(seed=seed + 1000 * task_id + ep, options=dict(task_id=task_id))
             goal = info["goal"]
             done = False
             while not done:
@@ -1302,6 +1307,8 @@ class LLMClient:
 
     def chat(self, conversations: list) -> list:
         n = self.args.llm_concurrency
+        # a line per batch of requests: a slow model or server is never a silent wait
+        tqdm.write(f"[llm] {len(conversations)} request(s), {n} at a time: {self.args.llm_model}")
         if self.args.llm_backend == "openai":
             with concurrent.futures.ThreadPoolExecutor(n) as pool:
                 outs = list(pool.map(self.ask, conversations))
@@ -1341,6 +1348,10 @@ def main(args: Args):
         f"[data] {args.env_name}: {len(ds['valids'])} rows; "
         f"kept per seed: {dict(zip(seeds, keep.sum(1).tolist()))}"
     )
+    # the plan; the step bar's ETA leaves the evaluations (a bar each) out
+    log(
+        f"[plan] {args.total_steps} steps x {len(seeds)} seed(s), evaluated every {args.eval_every}"
+    )
 
     # Components (1) + (2): LLM rules -> discriminators -> one key-state mask. The HER arm compiles
     # a --rules-path too, only for the paired TD probe (Figure 2 on an HER-trained critic); no LLM.
@@ -1373,7 +1384,7 @@ def main(args: Args):
     # implementation.
     start = last_t = time.time()
     last_step = 0
-    for step in tqdm(range(1, args.total_steps + 1), smoothing=0.1, dynamic_ncols=True):
+    for step in tqdm(range(1, args.total_steps + 1)):
         state, info = update(state, data, jnp.asarray(check.p_keystate, jnp.float32))
         last = step == args.total_steps
         check.observe(step, last, lambda: probe(state, data), writer)

@@ -184,13 +184,14 @@ class Args:
     """folder holding oir/relabel.md, oir/seed_instructions.md, oir/eval_instructions.md (unset:
     prompts/ here)"""
     total_timesteps: int = 100_000_000
-    """total environment steps"""
+    """total environment steps (paper scale: 1e8, hours on a GPU; README's quick start: 12,288)"""
     num_envs: int = 1024
-    """parallel (vmapped) environments (a multiple of 16, the optimistic-reset ratio)"""
+    """parallel (vmapped) environments (a multiple of 16, the optimistic-reset ratio; paper scale:
+    1024, for a GPU)"""
     num_steps: int = 16
     """steps per environment per update (the rollout that is relabeled and learned from)"""
     hidden_size: int = 1024
-    """width of each hidden layer"""
+    """width of each hidden layer (paper scale, as the PQN reference: 1024)"""
     num_layers: int = 4
     """hidden layers (Dense -> LayerNorm -> ReLU)"""
     lr: float = 1e-4
@@ -236,9 +237,9 @@ this process (offline runs with small local models)"""
     """evaluate and save a checkpoint (over the previous one) every this many chunks (0 = only at
     the end)"""
     eval_episodes: int = 16
-    """episodes per held-out instruction"""
+    """episodes per held-out instruction (paper scale: 16)"""
     eval_max_steps: int = 1000
-    """steps per evaluation episode"""
+    """steps per evaluation episode (paper scale: 1000)"""
 
 
 def usage_error(message: str):
@@ -1102,7 +1103,7 @@ def open_run(args, run_name):
             name=run_name,
             sync_tensorboard=True,
         )
-    writer = SummaryWriter(str(run_dir))
+    writer = SummaryWriter(run_dir)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     return run_dir, writer
@@ -1134,7 +1135,9 @@ def log_chunk(writer, chunk, step, sps, infos, buffer, tally):
 
 def print_summary(env_steps, gradient_steps, tally, buffer):
     rejected = {
-        key[len("rejected_") :]: c for key, c in tally.items() if key.startswith("rejected_") and c
+        key.removeprefix("rejected_"): c
+        for key, c in tally.items()
+        if key.startswith("rejected_") and c
     }
     print(
         f"done: {env_steps} env steps, {gradient_steps} gradient steps, {tally['accepted']} "
@@ -1269,6 +1272,8 @@ class LLMClient:
 
     def chat(self, conversations: list) -> list:
         n = self.args.llm_concurrency
+        # a line per batch of requests: a slow model or server is never a silent wait
+        tqdm.write(f"[llm] {len(conversations)} request(s), {n} at a time: {self.args.llm_model}")
         if self.args.llm_backend == "openai":
             with concurrent.futures.ThreadPoolExecutor(n) as pool:
                 outs = list(pool.map(self.ask, conversations))
@@ -1336,10 +1341,12 @@ def main():
             f"[resume] {args.resume}: chunk {start} of {num_chunks}, step {start * steps_per_chunk}"
         )
     run_dir, writer = open_run(args, run_name)
+    # the plan; the chunk bar's ETA leaves the evaluations (one jitted call each) out
     print(
-        f"OIR-PQN on {ENV_ID}: {num_chunks * args.chunk_updates} updates in {num_chunks} chunks, "
-        f"{args.num_envs} envs x {args.num_steps} steps, relabel={args.relabel}, "
-        f"reward={args.reward}"
+        f"[plan] OIR-PQN on {ENV_ID}: {num_chunks * steps_per_chunk} env steps in {num_chunks} "
+        f"chunks of {args.chunk_updates} updates ({args.num_envs} envs x {args.num_steps} steps); "
+        f"relabel={args.relabel}, reward={args.reward}; evaluation every {args.eval_every} chunks "
+        f"and at the end, {len(prompts.evals)} instructions x {args.eval_episodes} episodes"
     )
 
     for chunk in tqdm(range(start, num_chunks), desc="chunks", initial=start, total=num_chunks):

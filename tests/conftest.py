@@ -248,13 +248,12 @@ def run_in_process(capfd, monkeypatch):
 # asserts on time.
 LONGEST_FIRST = [
     "test_readme.py::test_quick_start_runs_as_written[hsl-dpo]",
+    "test_readme.py::test_quick_start_runs_as_written[oir]",
     "test_oir_pqn.py::test_resume_after_sigkill_continues_exactly",
     "test_readme.py::test_quick_start_runs_as_written[hsl-sft]",
-    "test_oir_pqn.py::test_relabeling_with_scripted_llm",
     "test_readme.py::test_quick_start_runs_as_written[keystate]",
+    "test_oir_pqn.py::test_relabeling_with_scripted_llm",
     "test_keystate_gciql_e2e.py::test_smoke_with_smollm2_relabeler",
-    "test_readme.py::test_quick_start_runs_as_written[oir]",
-    "test_oir_pqn.py::test_smoke_run_with_smollm2",
     "test_llm_servers.py",
     "test_llm_backends.py::test_openai_backend_against_a_real_engine",
     "test_resume_after_sigkill_continues_exactly",

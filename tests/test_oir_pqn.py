@@ -489,36 +489,6 @@ def test_relabeling_with_scripted_llm(run_script, scripted_llm, minilm_dir, tmp_
     assert re.findall(r"checkpoint saved to .*, step (\d+)", out) == ["3072", "6144"], out[-3000:]
 
 
-def test_smoke_run_with_smollm2(run_script, smollm2_dir, minilm_dir, tmp_path):
-    """Plumbing only: the real SmolLM2 in process answers every relabel request; the run trains and evaluates."""
-    res = run_script(
-        "oir_pqn.py",
-        *TINY,
-        "--total-timesteps",
-        "3072",
-        "--llm-backend",
-        "transformers",
-        "--llm-model",
-        str(smollm2_dir),
-        "--llm-max-new-tokens",
-        "24",
-        "--embed-model",
-        str(minilm_dir),
-        timeout=600,
-        cwd=tmp_path,
-        env={**JAX_CACHE, "OMP_NUM_THREADS": "1"},
-    )
-    m = re.search(
-        r"done: \d+ env steps, (\d+) gradient steps, \d+ relabeled instructions accepted \((\d+) LLM "
-        r"requests, (\d+) failed",
-        res.output,
-    )
-    assert m and int(m.group(1)) >= 1 and int(m.group(2)) >= 1 and m.group(3) == "0", res.output[
-        -3000:
-    ]
-    assert re.search(r"eval coverage \d+/54", res.output)
-
-
 def last_event_file_scalars(run_dir: Path) -> dict:
     """{(tag, step): value} from the newest TensorBoard event file of a run folder (the resumed process's)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

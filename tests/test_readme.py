@@ -16,6 +16,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"<!-- quick-start: ([\w-]+) \(about (\d+) s\) -->\n```bash\n(.*?)\n```", re.S)
+MAIN_COMMAND = re.compile(r"<!-- main-command -->\n```bash\n(.*?)\n```", re.S)
+# What a quick start must print besides its plan: that it trained, relabeled and evaluated (the checks of the smoke
+# runs these blocks replaced). oir: SmolLM2 in process answered every relabel request.
+MUST_PRINT = {
+    "keystate": [r"^done: 200 gradient steps", r"^eval step=200 "],
+    "hsl-sft": [r"^\[eval final\] step 1 "],
+    "hsl-dpo": [r"^\[results\] DPO "],
+    "oir": [
+        r"^done: \d+ env steps, [1-9]\d* gradient steps, \d+ relabeled instructions accepted "
+        r"\([1-9]\d* LLM requests, 0 failed",
+        r"^eval coverage \d+/54 ",
+        r"^\[llm\] \d+ request\(s\), \d+ at a time: ",
+    ],
+}
 
 
 def quick_starts() -> dict:
@@ -23,6 +37,17 @@ def quick_starts() -> dict:
         name: (int(seconds), block)
         for name, seconds, block in MARKER.findall((REPO / "README.md").read_text())
     }
+
+
+def one_line(command: str) -> str:
+    return " ".join(command.replace("\\\n", " ").split())
+
+
+def test_main_command_is_the_oir_quick_start():
+    """README's one-line "Run a method" command is the install, then the OIR quick start, which the test below runs."""
+    main = MAIN_COMMAND.search((REPO / "README.md").read_text()).group(1)
+    run = main.split(" && ")[-1].removeprefix("OMP_NUM_THREADS=1 ")
+    assert one_line(run) == one_line(quick_starts()["oir"][1])
 
 
 def test_readme_has_a_quick_start_per_family():
@@ -62,3 +87,7 @@ def test_quick_start_runs_as_written(name, tmp_path):
     trainings = len(re.findall(r"^python (keystate_\w+|hsl_\w+|oir_pqn)\.py", block, re.M))
     events = list((tmp_path / "runs").glob("*/events.out.tfevents.*"))
     assert len({e.parent for e in events}) == trainings, (trainings, events, out[-2000:])
+    # each training command says what it will do at its start (steps, evaluations)
+    assert len(re.findall(r"^\[plan\] ", r.stdout + r.stderr, re.M)) >= trainings, out[-2000:]
+    for pattern in MUST_PRINT[name]:
+        assert re.search(pattern, out, re.M), (pattern, out[-3000:])
