@@ -85,7 +85,8 @@ LORA_R = 16
 LORA_DROPOUT = 0.05
 # the hand-coded expert must win a train game within this many steps to give a demonstration
 EXPERT_MAX_STEPS = 60
-MAX_ACTION_TOKENS = 64  # new tokens per agent turn ("Thought: ...\nAction: ...")
+# ETO's observation for a turn without "Action:" (envs/alfworld_env.py, verbatim): no game step
+ETO_FORMAT_ERROR = "Error Input. Your input must contains 'Action: '"
 # in ETO's eval_agent/prompt
 ETO_INST = "instructions/alfworld_inst.txt"
 ETO_ICL = "icl_examples/alfworld_icl.json"
@@ -131,6 +132,9 @@ class Args:
     max_seq_len: int = 4096
     """training sequences are cut to this many tokens; a rollout whose prompt outgrows it ends
     there (ETO's rule)"""
+    agent_max_new_tokens: int = 512
+    """new tokens per agent turn (ETO's max_new_tokens: 512); a turn cut before "Action:" gets
+    ETO's format error as its observation"""
     eto_prompts: Optional[str] = None
     """ETO's eval_agent/prompt folder (commit a2fc5da) to prompt the agent with ETO's own
     instruction and example"""
@@ -223,6 +227,7 @@ def check_args(args):
         "buffer_size",
         "llm_max_new_tokens",
         "llm_concurrency",
+        "agent_max_new_tokens",
         "dpo_batch_size",
     )
     at_least_0 = (
@@ -250,8 +255,8 @@ def check_args(args):
         ("hsl_lambda", 0.0 <= args.hsl_lambda <= 1.0, "in [0, 1]"),
         (
             "max_seq_len",
-            args.max_seq_len > MAX_ACTION_TOKENS,
-            f"> {MAX_ACTION_TOKENS} (the action tokens)",
+            args.max_seq_len > args.agent_max_new_tokens,
+            "> --agent-max-new-tokens",
         ),
         (
             "data_dir",
@@ -874,11 +879,10 @@ def dpo_loss(
     policy_rejected,
     ref_chosen,
     ref_rejected,
-    chosen_tokens,
     beta,
-    nll_coef=0.0,
-    num_pairs=None,
-    num_chosen_tokens=None,
+    nll_coef,
+    num_pairs,
+    num_chosen_tokens,
 ):
     """DPO with the sigmoid loss (Rafailov et al. 2023, Eq. 7), as ETO applies it to whole
     trajectories:
@@ -890,13 +894,9 @@ def dpo_loss(
     log pi(y|x) is summed over the agent's action tokens only (observations are the environment's,
     not the policy's). The optional NLL term on the chosen side (token mean, TRL's loss_type "sft" /
     RPO) is off in ETO (nll_coef = 0). All inputs (batch,). num_pairs / num_chosen_tokens:
-    denominators of the *full* batch, so that gradient-accumulated micro-batches add up to the
-    batch loss (default: this batch's). Returns (loss, info).
+    denominators of the *full* batch (pairs, action tokens of the y_w), so that
+    gradient-accumulated micro-batches add up to the batch loss. Returns (loss, info).
     """
-    num_pairs = float(policy_chosen.numel()) if num_pairs is None else num_pairs
-    num_chosen_tokens = (
-        float(chosen_tokens.sum().clamp_min(1)) if num_chosen_tokens is None else num_chosen_tokens
-    )
     chosen_logratio = policy_chosen - ref_chosen  # (batch,)
     rejected_logratio = policy_rejected - ref_rejected  # (batch,)
     loss_dpo = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio)).sum() / num_pairs
@@ -948,7 +948,7 @@ def accumulate_dpo_loss(model, batch, beta, nll_coef, micro_batch_size, accelera
     for chunk, c in micro_batches(batch, micro_batch_size, 1.0, model, accelerator):
         mb = pair_batch(chunk, pad_id, accelerator.device)
         B = len(chunk)
-        logps, ntok = sequence_action_logps(
+        logps, _ = sequence_action_logps(
             model, mb["input_ids"], mb["attention_mask"], mb["weights"]
         )
         ref = torch.tensor(
@@ -961,7 +961,6 @@ def accumulate_dpo_loss(model, batch, beta, nll_coef, micro_batch_size, accelera
             logps[B:],
             ref[:, 0],
             ref[:, 1],
-            ntok[:B],
             beta,
             nll_coef,
             num_pairs,
@@ -1136,9 +1135,10 @@ def demo_messages(prefix, demo, with_last_obs=False):
     ]
     T = len(demo["actions"])
     thoughts = demo.get("thoughts") or [None] * T
+    outputs = demo.get("outputs")  # a rollout's own words (ETO's history); demos: rebuilt
     for t in range(T):
         act = (f"Thought: {thoughts[t]}\n" if thoughts[t] else "") + f"Action: {demo['actions'][t]}"
-        msgs.append({"role": "assistant", "content": act})
+        msgs.append({"role": "assistant", "content": outputs[t] if outputs else act})
         if t < T - 1 or with_last_obs:
             msgs.append({"role": "user", "content": f"Observation: {demo['observations'][t]}"})
     return msgs
@@ -1244,6 +1244,7 @@ def rollout(gamefiles, agent, args, temperature, desc="rollout"):
             actions=[],
             observations=[],
             thoughts=[],
+            outputs=[],
             invalid=0,
             task_type=game.task_type,
             gamefile=game.gamefile,
@@ -1262,7 +1263,7 @@ def rollout(gamefiles, agent, args, temperature, desc="rollout"):
             prompts[i] = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)[
                 "input_ids"
             ]
-            trajs[i]["done"] = len(prompts[i]) > args.max_seq_len - MAX_ACTION_TOKENS
+            trajs[i]["done"] = len(prompts[i]) > args.max_seq_len - args.agent_max_new_tokens
         active = [i for i in prompts if not trajs[i]["done"]]
         if not active:
             break
@@ -1271,7 +1272,10 @@ def rollout(gamefiles, agent, args, temperature, desc="rollout"):
             model.device
         )
         out = model.generate(
-            **batch, max_new_tokens=MAX_ACTION_TOKENS, pad_token_id=tokenizer.pad_token_id, **sample
+            **batch,
+            max_new_tokens=args.agent_max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            **sample,
         )
         texts = tokenizer.batch_decode(
             out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
@@ -1280,15 +1284,21 @@ def rollout(gamefiles, agent, args, temperature, desc="rollout"):
             t = trajs[i]
             game = games[i]
             thought, action = parse_agent_output(text)
-            # ETO answers a turn without "Action:" with a format error; an empty command: "Nothing
-            # happens."
-            action = to_dialect(action, game.legacy_put) if action is not None else ""
+            action = action and to_dialect(action, game.legacy_put)  # None: no "Action:"
             t["invalid"] += action not in game.state["admissible_commands"]
-            obs, t["won"], done, gs = game.step(action)
-            t["actions"].append(action)
+            # as ETO: the history keeps the model's own words, and a turn without "Action:" does
+            # not step the game (its observation: ETO's format error; its action: "")
+            obs = ETO_FORMAT_ERROR
+            done = False
+            facts = t["states"][-1]
+            if action is not None:
+                obs, t["won"], done, gs = game.step(action)
+                facts = summarize_facts(gs["facts"])
+            t["outputs"].append(text)
+            t["actions"].append(action or "")
             t["thoughts"].append(thought)
             t["observations"].append(obs)
-            t["states"].append(summarize_facts(gs["facts"]))
+            t["states"].append(facts)
             t["done"] = t["won"] or done or len(t["actions"]) >= args.max_env_steps
     for game, t in zip(games, trajs):
         GAME_POOL[game.gamefile].append(game)

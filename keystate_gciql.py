@@ -805,11 +805,11 @@ class RelabelCheck:
         # the run folder's name starts with env, experiment (learner), arm, data fraction, seeds
         plt.gca().set(
             xlabel="gradient step",
-            ylabel="mean |TD| gap, 95% CI (> 0: key-state goals have larger TD errors)",
+            ylabel="|TD| gap, 95% CI (> 0: key-state goals are harder)",
             title=run_dir.name.rsplit("__", 1)[0],
         )
         plt.legend()
-        plt.savefig(run_dir / "td_probe.png", dpi=80)
+        plt.savefig(run_dir / "td_probe.png", bbox_inches="tight")  # the long y label fits
         plt.close()
 
 

@@ -201,7 +201,7 @@ def test_dpo_loss_matches_trl(dpo, tiny, nll_coef, tmp_path):
     ref_c = torch.tensor([e["ref_chosen"] for e in enc])
     ref_r = torch.tensor([e["ref_rejected"] for e in enc])
     ours, info = dpo.dpo_loss(
-        logps[:B], logps[B:], ref_c, ref_r, ntok[:B], beta=0.1, nll_coef=nll_coef
+        logps[:B], logps[B:], ref_c, ref_r, 0.1, nll_coef, B, float(ntok[:B].sum())
     )
 
     def split(e):
@@ -347,6 +347,8 @@ SMOKE = [
     "1e-3",
     "--max-seq-len",
     "2048",
+    "--agent-max-new-tokens",  # the tiny random model never stops early: the cap the suite had before ETO's 512
+    "64",
     "--eval-every",
     "0",
     "--dpo-batch-size",

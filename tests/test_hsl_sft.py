@@ -18,6 +18,7 @@ import pytest
 import torch
 from alfworld_answers import figure8, figure9, is_goal_inference
 from alfworld_games import ORACLE_SPLITS, PUT_SPLITS, TINY_SPLITS, build_games
+from alfworld_replay import verify
 
 # `scripted_llm` (a scripted OpenAI-compatible server on 127.0.0.1) comes from conftest.py.
 
@@ -193,14 +194,56 @@ def test_eto_protocol_prefix_dialect_and_long_input(hsl, put_games, tiny_lm_dir,
         AutoModelForCausalLM.from_pretrained(tiny_lm_dir),
     )
     game = hsl.list_games(str(put_games), "train")[:1]
-    short = hsl.rollout(game, (model, tok, ours), hsl.Args(max_seq_len=300, max_env_steps=2), 0.0)[
-        0
-    ]
+    short = hsl.rollout(
+        game,
+        (model, tok, ours),
+        hsl.Args(max_seq_len=300, max_env_steps=2, agent_max_new_tokens=64),
+        0.0,
+    )[0]
     assert short["actions"] == [] and short["done"] and not short["won"]
-    roomy = hsl.rollout(game, (model, tok, ours), hsl.Args(max_seq_len=8192, max_env_steps=2), 0.0)[
-        0
-    ]
+    roomy = hsl.rollout(
+        game,
+        (model, tok, ours),
+        hsl.Args(max_seq_len=8192, max_env_steps=2, agent_max_new_tokens=64),
+        0.0,
+    )[0]
     assert len(roomy["actions"]) == 2 and len(roomy["states"]) == 3  # two turns played
+
+
+def test_rollout_follows_eto_turn_protocol(hsl, put_games, tiny_lm_dir):
+    """ETO's envs/alfworld_env.py: a turn without "Action:" does not step the game and is answered with ETO's format
+    error; the next prompt holds the model's own words (not a rebuilt Thought/Action); generation is capped by
+    --agent-max-new-tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    replies = ["Thought: where is the mug?  (no action here)", "Thought: look first.\nAction: look"]
+    prompts = []
+    caps = []
+
+    def scripted_generate(input_ids, max_new_tokens, **kwargs):
+        prompts.append(tok.decode(input_ids[0]))
+        caps.append(max_new_tokens)
+        reply = tok(replies[len(prompts) - 1], add_special_tokens=False, return_tensors="pt")[
+            "input_ids"
+        ]
+        return torch.cat([input_ids, reply], 1)
+
+    model.generate = scripted_generate
+    prefix = hsl.agent_prefix(hsl.Args(), legacy_put=False)
+    game = hsl.list_games(str(put_games), "train")[:1]
+    args = hsl.Args(max_seq_len=8192, max_env_steps=2, agent_max_new_tokens=7)
+    t = hsl.rollout(game, (model, tok, prefix), args, 0.0)[0]
+    assert caps == [7, 7]
+    assert t["observations"][0] == hsl.ETO_FORMAT_ERROR and t["actions"] == ["", "look"]
+    assert t["states"][1] == t["states"][0]  # the game was not stepped
+    assert t["observations"][1] != hsl.ETO_FORMAT_ERROR and t["invalid"] == 1
+    assert t["outputs"] == [
+        tok.decode(tok(r, add_special_tokens=False)["input_ids"]) for r in replies
+    ]
+    assert replies[0] in prompts[1] and "Observation: " + hsl.ETO_FORMAT_ERROR in prompts[1]
 
 
 def test_encode_demo_marks_only_action_tokens(hsl, tiny_lm_dir):
@@ -503,6 +546,25 @@ def test_alfworld_expert_demos_and_oracle(hsl, tiny_games, tmp_path):
         1,
         1,
     ]  # the apple detour is irrelevant to the mug goal
+    # both relabels replayed on games of this room whose goal is the relabeled one: won exactly at S, and with the
+    # z = 1 actions alone; the check catches a late S and a needed action marked irrelevant
+    room = next(s for s in TINY_SPLITS["train"] if (s["obj"], s["recep"]) == ("Mug", "Shelf"))
+    for i, (goal, S, facts) in enumerate(hsl.oracle_goals(traj)):
+        z = hsl.oracle_relevance(traj, facts, S)
+        check = verify(hsl, room, traj, goal, S, z, tmp_path, i)
+        assert check["exact"] and check["relevant_won"], check
+    assert not verify(hsl, room, traj, goal, S + 1, z + [1], tmp_path, 8)["exact"]
+    dropped = [
+        1,
+        1,
+        1,
+        0,
+        1,
+        1,
+        1,
+    ]  # "move apple 1 to countertop 1" marked irrelevant for the apple goal
+    goal, S, facts = hsl.oracle_goals(traj)[0]
+    assert not verify(hsl, room, traj, goal, S, dropped[:S], tmp_path, 9)["relevant_won"]
     # the failure-only ablation keeps nothing from this successful trajectory
     failure_only = hsl.Args(relabeler="oracle", ablation="relabel_failure")
     assert hsl.relabel([traj], failure_only, collections.Counter()) == [[]]

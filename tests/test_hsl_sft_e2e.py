@@ -47,6 +47,8 @@ SMOKE = [
     "1e-3",
     "--max-seq-len",
     "2048",
+    "--agent-max-new-tokens",  # the tiny random model never stops early: the cap the suite had before ETO's 512
+    "64",
 ]
 
 
@@ -281,6 +283,8 @@ def test_data_parallel_two_processes(run_script, put_games, tiny_lm_dir, scripte
         "1e-3",
         "--max-seq-len",
         "2048",
+        "--agent-max-new-tokens",
+        "64",
         "--eval-every",
         "0",
         "--run-dir",

@@ -5,7 +5,10 @@ For every game: (1) ALFWorld's hand-coded expert plays it to the win; the oracle
 step the simulator reports `won` (agreement: goal string and S); (2) a random agent (uniform over the admissible
 commands, seeded) plays --random-episodes episodes of --steps steps; every goal the oracle finds in them is what a
 hindsight relabeler can add to D'. Prints the agreement, the relabeled goal-type distribution next to the games' own,
-and the share of actions the oracle marks relevant.
+and the share of actions the oracle marks relevant. Then every goal the oracle relabeled (from the expert's and from
+random play) is checked against the simulator by replay (tests/support/alfworld_replay.py): on a game of the same room
+whose goal is the relabeled one, the trajectory's actions must win exactly at S, and the actions marked relevant
+(z = 1) alone must still win.
 
     OMP_NUM_THREADS=1 taskset -c 0 python tests/benchmarks/bench_hsl_oracle.py --random-episodes 5 --steps 40
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 from alfworld_games import build_games  # noqa: E402
+from alfworld_replay import verify  # noqa: E402
 
 BATH = ["Toilet", "SinkBasin", "Cabinet", "CounterTop", "Shelf"]
 BED = ["Bed", "Desk", "Dresser", "SideTable", "Shelf"]
@@ -128,6 +132,8 @@ def main():
     hsl = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hsl)
     root = build_games(tempfile.mkdtemp(), {"train": NEW_ROOMS})
+    workdir = Path(tempfile.mkdtemp())
+    checks = {"expert": [], "random": []}
     games = hsl.list_games(str(root), "train")
     agree, expert_won, relabeled, own, z_share = (
         0,
@@ -146,6 +152,11 @@ def main():
         )
         goal = (spec["task_type"], spec["obj"].lower(), lamp)
         found = {gg: S for gg, S, _ in hsl.oracle_goals(traj)}
+        for gg, S, facts in hsl.oracle_goals(traj):
+            z = hsl.oracle_relevance(traj, facts, S)
+            checks["expert"].append(
+                verify(hsl, spec, traj, gg, S, z, workdir, len(sum(checks.values(), [])))
+            )
         expert_won += traj["won_at"] is not None
         ok = traj["won_at"] is not None and found.get(goal) == traj["won_at"]
         agree += ok
@@ -160,6 +171,8 @@ def main():
                 relabeled[hsl.TASK_SHORT[gg[0]]] += 1
                 z = hsl.oracle_relevance(traj, facts, S)
                 z_share.append(sum(z) / len(z))
+                index = len(sum(checks.values(), []))
+                checks["random"].append(verify(hsl, spec, traj, gg, S, z, workdir, index))
     print(
         f"\noracle agrees with the simulator on {agree} of {len(games)} games (expert won {expert_won})"
     )
@@ -175,6 +188,20 @@ def main():
     print(
         f"mean share of actions marked relevant (z = 1) per relabeled demo: {sum(z_share) / max(len(z_share), 1):.3f}"
     )
+    print("\nreplay on a game of the same room whose goal is the relabeled one:")
+    print(
+        "play | relabeled goals | simulator won exactly at S | won earlier | never won | z = 1 actions alone won"
+    )
+    for who, rows in checks.items():
+        earlier = sum(r["won_at"] is not None and r["won_at"] < r["S"] for r in rows)
+        never = sum(r["won_at"] is None for r in rows)
+        exact = sum(r["exact"] for r in rows)
+        print(
+            f"{who} | {len(rows)} | {exact} | {earlier} | {never} | {sum(r['relevant_won'] for r in rows)}"
+        )
+        for r in rows:
+            if not (r["exact"] and r["relevant_won"]):
+                print(f"  disagreement: {r}")
 
 
 if __name__ == "__main__":
