@@ -256,7 +256,7 @@ def check_args(args):
         (
             "max_seq_len",
             args.max_seq_len > args.agent_max_new_tokens,
-            "> --agent-max-new-tokens",
+            f"> --agent-max-new-tokens ({args.agent_max_new_tokens})",
         ),
         (
             "data_dir",
@@ -1651,7 +1651,7 @@ class LLMClient:
     def chat(self, conversations: list) -> list:
         n = self.args.llm_concurrency
         # a line per batch of requests: a slow model or server is never a silent wait
-        tqdm.write(f"[llm] {len(conversations)} request(s), {n} at a time: {self.args.llm_model}")
+        print(f"[llm] {len(conversations)} request(s), {n} at a time: {self.args.llm_model}")
         if self.args.llm_backend == "openai":
             with concurrent.futures.ThreadPoolExecutor(n) as pool:
                 outs = list(pool.map(self.ask, conversations))
@@ -1793,7 +1793,8 @@ def hsl_phase(
     b = args.rollouts_per_step
     say(
         f"[plan] HSL: {num_steps - first} steps, each {b} rollouts of at most {args.max_env_steps} "
-        f"actions, then one update; evaluation every {args.eval_every} steps (0: none) and at the end"
+        f"actions, then one update; evaluation every {args.eval_every} steps (0: none) and at "
+        "the end"
     )
     for step in tqdm(
         range(first, num_steps),

@@ -1245,7 +1245,7 @@ class LLMClient:
     def chat(self, conversations: list) -> list:
         n = self.args.llm_concurrency
         # a line per batch of requests: a slow model or server is never a silent wait
-        tqdm.write(f"[llm] {len(conversations)} request(s), {n} at a time: {self.args.llm_model}")
+        print(f"[llm] {len(conversations)} request(s), {n} at a time: {self.args.llm_model}")
         if self.args.llm_backend == "openai":
             with concurrent.futures.ThreadPoolExecutor(n) as pool:
                 outs = list(pool.map(self.ask, conversations))
@@ -1287,7 +1287,8 @@ def main(args: Args):
     )
     # the plan; the step bar's ETA leaves the evaluations (a bar each) out
     log(
-        f"[plan] {args.total_steps} steps x {len(seeds)} seed(s), evaluated every {args.eval_every}"
+        f"[plan] {args.total_steps} steps x {len(seeds)} seed(s); evaluation every "
+        f"{args.eval_every} steps (0: none) and at the end"
     )
 
     # Components (1) + (2): LLM rules -> discriminators -> one key-state mask. The HER arm compiles

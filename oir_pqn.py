@@ -1273,7 +1273,7 @@ class LLMClient:
     def chat(self, conversations: list) -> list:
         n = self.args.llm_concurrency
         # a line per batch of requests: a slow model or server is never a silent wait
-        tqdm.write(f"[llm] {len(conversations)} request(s), {n} at a time: {self.args.llm_model}")
+        print(f"[llm] {len(conversations)} request(s), {n} at a time: {self.args.llm_model}")
         if self.args.llm_backend == "openai":
             with concurrent.futures.ThreadPoolExecutor(n) as pool:
                 outs = list(pool.map(self.ask, conversations))
@@ -1346,7 +1346,7 @@ def main():
         f"[plan] OIR-PQN on {ENV_ID}: {num_chunks * steps_per_chunk} env steps in {num_chunks} "
         f"chunks of {args.chunk_updates} updates ({args.num_envs} envs x {args.num_steps} steps); "
         f"relabel={args.relabel}, reward={args.reward}; evaluation every {args.eval_every} chunks "
-        f"and at the end, {len(prompts.evals)} instructions x {args.eval_episodes} episodes"
+        f"(0: none) and at the end: {len(prompts.evals)} instructions x {args.eval_episodes} each"
     )
 
     for chunk in tqdm(range(start, num_chunks), desc="chunks", initial=start, total=num_chunks):

@@ -184,7 +184,7 @@ def test_smoke_with_smollm2_relabeler(run_script, pointmaze_npz, smollm2_dir, tm
         "--llm-model",
         smollm2_dir,
         "--llm-max-new-tokens",
-        "120",
+        "48",
         "--run-dir",
         tmp_path / "runs",
         timeout=480,

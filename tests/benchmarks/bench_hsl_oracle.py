@@ -10,12 +10,14 @@ random play) is checked against the simulator by replay (tests/support/alfworld_
 whose goal is the relabeled one, the trajectory's actions must win exactly at S, and the actions marked relevant
 (z = 1) alone must still win.
 
-    OMP_NUM_THREADS=1 taskset -c 0 python tests/benchmarks/bench_hsl_oracle.py --random-episodes 5 --steps 40
+    OMP_NUM_THREADS=1 taskset -c 0 python tests/benchmarks/bench_hsl_oracle.py --random-episodes 5 --steps 40 \
+        --out docs/results/hsl_oracle_replay.json
 """
 
 import argparse
 import collections
 import importlib.util
+import json
 import random
 import sys
 import tempfile
@@ -125,6 +127,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--random-episodes", type=int, default=5)
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument(
+        "--out", default=None, help="write the counts and every replay check as JSON here"
+    )
     args = p.parse_args()
     spec = importlib.util.spec_from_file_location(
         "hsl_sft", Path(__file__).resolve().parents[2] / "hsl_sft.py"
@@ -202,6 +207,20 @@ def main():
         for r in rows:
             if not (r["exact"] and r["relevant_won"]):
                 print(f"  disagreement: {r}")
+    if args.out:
+        report = dict(
+            games=len(games),
+            expert_won=expert_won,
+            oracle_agrees_with_simulator=agree,
+            random_episodes_per_game=args.random_episodes,
+            steps=args.steps,
+            relabeled_from_random=dict(relabeled),
+            games_own=dict(own),
+            mean_relevant_share=sum(z_share) / max(len(z_share), 1),
+            replay=checks,
+        )
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

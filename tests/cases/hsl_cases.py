@@ -35,7 +35,7 @@ BAD_INPUTS = {
     "max-seq-len-too-short": (
         ["--max-seq-len", "32"],
         2,
-        r"--max-seq-len: must be > 64 \(the action tokens\)",
+        r"--max-seq-len: must be > --agent-max-new-tokens \(512\), got 32",
     ),
     "data-dir-missing": (
         ["--data-dir", "{missing}"],
