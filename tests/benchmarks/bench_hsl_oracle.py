@@ -195,17 +195,21 @@ def main():
     )
     print("\nreplay on a game of the same room whose goal is the relabeled one:")
     print(
-        "play | relabeled goals | simulator won exactly at S | won earlier | never won | z = 1 actions alone won"
+        "play | relabeled goals | simulator won exactly at S | goal held at reset (simulator: won at step 1) "
+        "| won earlier otherwise | never won | z = 1 actions alone won"
     )
     for who, rows in checks.items():
-        earlier = sum(r["won_at"] is not None and r["won_at"] < r["S"] for r in rows)
+        held = sum(r["held_at_reset"] for r in rows)
+        earlier = sum(
+            r["won_at"] is not None and r["won_at"] < r["S"] and not r["held_at_reset"]
+            for r in rows
+        )
         never = sum(r["won_at"] is None for r in rows)
         exact = sum(r["exact"] for r in rows)
-        print(
-            f"{who} | {len(rows)} | {exact} | {earlier} | {never} | {sum(r['relevant_won'] for r in rows)}"
-        )
+        relevant = sum(r["relevant_won"] for r in rows)
+        print(f"{who} | {len(rows)} | {exact} | {held} | {earlier} | {never} | {relevant}")
         for r in rows:
-            if not (r["exact"] and r["relevant_won"]):
+            if not (r["exact"] or r["held_at_reset"]) or not r["relevant_won"]:
                 print(f"  disagreement: {r}")
     if args.out:
         report = dict(

@@ -4,8 +4,9 @@ A goal the oracle relabeler found in a trajectory is a claim: "these actions, up
 actions marked z = 1 are the ones that matter". The simulator can check both claims once it has a game whose goal is
 that goal. `verify` builds that game (the same room: receptacles and objects, only the goal differs; see
 alfworld_games.py) and replays:
-  1. the trajectory's actions: the simulator must report `won` exactly at step S (earlier: S is late or the goal
-     held before; never: a false positive);
+  1. the trajectory's actions: the simulator must report `won` exactly at step S (never: a false positive; earlier:
+     S is late, or the goal held at reset, `held_at_reset`: the simulator then reports `won` after any first action,
+     while the oracle counts such a goal only once the agent re-achieves it, by design);
   2. only the actions marked relevant (z = 1) up to S: the simulator must still report `won` (a needed action marked
      irrelevant fails here; irrelevant actions kept as relevant are not caught by this check).
 """
@@ -46,4 +47,12 @@ def verify(hsl, room: dict, traj: dict, goal, S: int, z, workdir: Path, index: i
     won_at = replay(hsl, gamefile, traj["actions"][:S])
     relevant = [a for a, keep in zip(traj["actions"][:S], z) if keep]
     relevant_won = replay(hsl, gamefile, relevant) is not None
-    return dict(goal=goal, S=S, won_at=won_at, exact=won_at == S, relevant_won=relevant_won)
+    held_at_reset = replay(hsl, gamefile, ["look"]) == 1  # "look" changes nothing
+    return dict(
+        goal=goal,
+        S=S,
+        won_at=won_at,
+        exact=won_at == S,
+        relevant_won=relevant_won,
+        held_at_reset=held_at_reset,
+    )
