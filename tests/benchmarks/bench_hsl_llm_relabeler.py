@@ -68,6 +68,10 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random agent")
+    p.add_argument(
+        "--plays", default="expert,random", help="which trajectories: expert, random or both"
+    )
     p.add_argument("--out", default=None, help="write the counts as JSON here")
     a = p.parse_args()
     hsl = load_hsl()
@@ -92,13 +96,16 @@ def main():
     root = build_games(tempfile.mkdtemp(), {"train": NEW_ROOMS})
     games = hsl.list_games(str(root), "train")
     trajs = {"expert": [], "random": []}
-    rng = random.Random(0)
+    rng = random.Random(a.seed)
     for g in games:
         trajs["expert"].append(play(hsl, g, "expert", 60)[0])
         for _ in range(a.random_episodes):
             trajs["random"].append(play(hsl, g, rng, a.steps)[0])
-    report = dict(model=Path(model).name, max_new_tokens=a.max_new_tokens, games=len(games))
-    for who, ts in trajs.items():
+    report = dict(
+        model=Path(model).name, max_new_tokens=a.max_new_tokens, games=len(games), seed=a.seed
+    )
+    for who in a.plays.split(","):
+        ts = trajs[who]
         counters = collections.Counter()
         t0 = time.time()
         demos = hsl.relabel(ts, args, counters, client, prompts)
