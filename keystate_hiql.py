@@ -60,7 +60,6 @@ import optax
 import tyro
 from flax import serialization
 from jax.tree_util import tree_map
-from scipy.stats import t as t_dist
 from tqdm import tqdm
 
 
@@ -698,14 +697,25 @@ def sample_batch(key, data: dict, args: Args, p_keystate):
 
 # === Method: relabel-time self-check, the paired TD probe (Section 2.1, Figure 2) =================
 def probe_batch(key, data: dict, args: Args):
-    """Paired TD probe (Figure 2): fresh rows, each with a key-state, a HER and a uniform goal in
-    one window (t, t+W]"""
+    """Paired TD probe (Figure 2): fresh rows, each with four goals in one window (t, t+W]: a key
+    state, the non-key state nearest to it (the distance-matched comparator), a HER goal and a
+    uniform goal."""
     k_idx, k_key, k_her, k_uni = jax.random.split(key, 4)
     idxs = data["valid_idxs"][jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])]
     final = data["final_idxs"][idxs]
     obs = data["observations"]
-    key_goals, has_key = keystate_goals(k_key, idxs, final, data["key_idxs"], args.keystate_window)
-    span = jnp.maximum(jnp.minimum(idxs + args.keystate_window, final) - idxs, 1)  # |W|
+    key_idxs = data["key_idxs"]
+    key_goals, has_key = keystate_goals(k_key, idxs, final, key_idxs, args.keystate_window)
+    end = jnp.minimum(idxs + args.keystate_window, final)
+    span = jnp.maximum(end - idxs, 1)  # |W|
+    # Matched: the rows at key offset k -+ 1, k -+ 2, ... in this order; the first one in the window
+    # that is no key state. Key-state - matched compares goals at (nearly) the same distance, so the
+    # gap measures key states, not distance (HER goals are nearer on average, uniform ones not).
+    near = np.arange(1, args.keystate_window + 1)
+    near = key_goals[:, None] + np.stack([-near, near], 1).reshape(-1)  # (B, 2W)
+    in_window = (near > idxs[:, None]) & (near <= end[:, None])
+    ok = in_window & (key_idxs[jnp.searchsorted(key_idxs, near)] != near)
+    matched = jnp.take_along_axis(near, jnp.argmax(ok, 1)[:, None], 1)[:, 0]
     # inverse CDF of P(k) proportional to discount^(k - 1) on k = 1 ... |W|
     u = jax.random.uniform(k_her, idxs.shape)
     her = jnp.ceil(jnp.log1p(-u * (1 - args.discount**span)) / jnp.log(args.discount)).astype(
@@ -715,6 +725,7 @@ def probe_batch(key, data: dict, args: Args):
     goals = jnp.stack(
         [
             key_goals,  # key-state goal (the paper's relabeling)
+            matched,  # the nearest non-key state to it in the window
             idxs + jnp.clip(her, 1, span),  # HER goal: geometric future offset within the window
             idxs + uniform,  # uniform future offset within the window
         ]
@@ -727,22 +738,26 @@ def probe_batch(key, data: dict, args: Args):
         rewards=-ones,
         masks=ones,
     )
-    return batch, obs[goals], goals - idxs, has_key
+    # rows that count: a key state and a non-key state in the window
+    return batch, obs[goals], goals - idxs, has_key & ok.any(1)
 
 
 class RelabelCheck:
     """Relabel-time self-check (Section 2.1, Theorem 2.1's premise; our rule, why:
-    docs/keystate_gciql.md). Paired d = |TD_key| - |TD_HER| on the same rows; if |z| > ADAPT_Z,
-    decision k moves p_keystate by ADAPT_STEP * ADAPT_K0 / (ADAPT_K0 + k): the steps vanish, so p
-    converges instead of cycling on its own effect."""
+    docs/keystate_gciql.md). Paired d = |TD_key| - |TD_matched| on the same rows; if |z| > ADAPT_Z,
+    a seed's k-th move of p_keystate is ADAPT_STEP * ADAPT_K0 / (ADAPT_K0 + k): the steps vanish, so
+    p converges instead of cycling on its own effect."""
 
     def __init__(self, args: Args, probing: bool):
         self.p_keystate = np.full(
             args.num_seeds, args.p_keystate if args.relabel == "keystate" else 0.0
         )
         self.interval = args.adapt_interval if probing and args.relabel == "keystate" else 0
+        # No decision in the first tenth of training: a barely trained critic's TD errors reflect
+        # its initialisation more than the goals (the largest moves fell at steps 100-600 before).
+        self.warmup = args.total_steps // 10
         self.probing = probing
-        self.decisions = 0
+        self.moves = np.zeros(args.num_seeds)  # per seed: decisions that moved p
         self.snapshots = []
         self.eval_every = args.eval_every
 
@@ -754,50 +769,40 @@ class RelabelCheck:
         var = ((diffs - mean[:, None]) ** 2 * counts).sum(1) / np.maximum(n - 1, 1)
         # constant input: a huge |z|, a decided sign
         z = mean / np.sqrt(var / np.maximum(n, 1) + 1e-12)
-        move = (
-            np.sign(z)
-            * (np.abs(z) > ADAPT_Z)
-            * (n >= 2)
-            * ADAPT_STEP
-            * ADAPT_K0
-            / (ADAPT_K0 + self.decisions)
+        move = np.sign(z) * (np.abs(z) > ADAPT_Z) * (n >= 2)
+        self.p_keystate = np.clip(
+            self.p_keystate + move * ADAPT_STEP * ADAPT_K0 / (ADAPT_K0 + self.moves),
+            P_KEYSTATE_MIN,
+            P_KEYSTATE_MAX,
         )
-        self.p_keystate = np.clip(self.p_keystate + move, P_KEYSTATE_MIN, P_KEYSTATE_MAX)
-        self.decisions += 1
+        # only decisions that move p shrink the step: a run of undecided probes keeps it
+        self.moves += move != 0
         return mean, z
 
     def observe(self, step: int, last: bool, probe, writer):
-        """probe() -> |TD| (S, 3, B) of key-state / HER / uniform goals, goal distances (S, 3, B),
-        counts (S, B)."""
-        adapt = self.interval and step % self.interval == 0
+        """probe() -> |TD| (S, 4, B) of key-state / matched / HER / uniform goals, goal distances
+        (S, 4, B), counts (S, B)."""
+        adapt = self.interval and step % self.interval == 0 and step > self.warmup
         keep = (self.eval_every and step % self.eval_every == 0) or last
         if self.probing and (adapt or keep):
             td, dist, counts = map(np.asarray, probe())
             if adapt:
                 mean, z = self.adapt(td[:, 0] - td[:, 1], counts)
-                writer.add_scalar("relabel/td_gap_key_minus_her", mean.mean(), step)
+                writer.add_scalar("relabel/td_gap_key_minus_matched", mean.mean(), step)
                 writer.add_scalar("relabel/td_gap_z", z.mean(), step)
             if keep:
                 self.snapshots.append((step, td, dist, counts))
 
     def save(self, run_dir: Path):
-        """Figure 2: mean |TD| gap key-state - HER / uniform per snapshot, bootstrap 95% CI ->
-        td_probe.npz, .png."""
-        # (T,), (T, S, 3, B), (T, S, 3, B), (T, S, B)
+        """Figure 2: mean |TD| gap key-state - matched / HER / uniform per snapshot, bootstrap 95%
+        CI -> td_probe.npz, .png."""
+        # (T,), (T, S, 4, B), (T, S, 4, B), (T, S, B)
         steps, td, dist, counts = (np.stack(x) for x in zip(*self.snapshots))
         rows = counts.astype(bool)
         rng = np.random.default_rng(0)
-        out = dict(
-            steps=steps,
-            td=td,
-            dist=dist,
-            counts=counts,
-            kinds=["keystate", "her", "uniform"],
-        )
-        out["dist_mean"] = np.array(
-            [[d[:, i][m].mean() for i in range(3)] for d, m in zip(dist, rows)]
-        )
-        for i, kind in ((1, "her"), (2, "uniform")):
+        kinds = ["keystate", "matched", "her", "uniform"]
+        out = dict(steps=steps, td=td, dist=dist, counts=counts, kinds=kinds)
+        for i in 1, 2, 3:
             gaps = [
                 (t[:, 0] - t[:, i])[m] if m.any() else np.full(1, np.nan) for t, m in zip(td, rows)
             ]
@@ -805,13 +810,13 @@ class RelabelCheck:
             boot = [g[rng.integers(len(g), size=(1000, len(g)))].mean(1) for g in gaps]
             mean = np.array([g.mean() for g in gaps])  # (T,)
             ci = np.percentile(boot, [2.5, 97.5], axis=1).T  # (T, 2)
-            out |= {f"gap_{kind}_mean": mean, f"gap_{kind}_ci": ci}
+            out |= {f"gap_{kinds[i]}_mean": mean, f"gap_{kinds[i]}_ci": ci}
             plt.errorbar(
                 steps,
                 mean,
                 yerr=np.abs(ci.T - mean),
                 marker="o",
-                label=f"key-state - {kind}",
+                label=f"key-state - {kinds[i]}",
             )
         np.savez(run_dir / "td_probe.npz", **out)
         plt.axhline(0, color="gray")  # the finding is the sign of the gap
@@ -1168,31 +1173,21 @@ def evaluate(env, act, params, args: Args, seed: int) -> dict:
     return results
 
 
-def mean_ci(x: np.ndarray):
-    """(seeds, metrics) -> the mean over seeds and the 95% Student-t CI half-width (0: one seed)."""
-    n = len(x)
-    half_width = t_dist.ppf(0.975, n - 1) * x.std(0, ddof=1) / n**0.5 if n > 1 else 0 * x[0]
-    return x.mean(0), half_width
-
-
 def evaluate_seeds(env, act, params, args: Args, seeds, step, writer):
-    """Evaluate each seed's agent; log the mean over seeds with its 95% CI, and every seed's
-    results -> (the means and CIs, the per-seed results)."""
+    """Evaluate each seed's agent; log the mean over seeds and every seed's results -> (the means,
+    the per-seed results). Intervals come from the per-seed results (docs/results/report.py: Wilson
+    on the pooled episodes; a Student-t interval over few seeds says little)."""
     per_seed = [
         evaluate(env, act, tree_map(lambda x: x[i], params), args, s) for i, s in enumerate(seeds)
     ]
-    # each metric over seeds: (seeds, metrics) -> (metrics,), (metrics,)
-    mean, ci = mean_ci(np.array([list(r.values()) for r in per_seed]))
-    # (metric, mean, CI half-width)
-    stats = list(zip(per_seed[0], mean.tolist(), ci.tolist()))
-    scalars = {k: m for k, m, _ in stats} | {f"{k}_ci95": c for k, _, c in stats}
+    means = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0]}
     for k, v in (
-        scalars | {f"{k}/seed{s}": r[k] for s, r in zip(seeds, per_seed) for k in r}
+        means | {f"{k}/seed{s}": r[k] for s, r in zip(seeds, per_seed) for k in r}
     ).items():
         writer.add_scalar(k, v, step)
-    text = " ".join(f"{k.removeprefix('eval/')}={m:.3f}+-{c:.3f}" for k, m, c in stats)
+    text = " ".join(f"{k.removeprefix('eval/')}={m:.3f}" for k, m in means.items())
     tqdm.write(f"eval step={step} {text} per_seed={[r['eval/overall_success'] for r in per_seed]}")
-    return scalars, per_seed
+    return means, per_seed
 
 
 def make_run_dir(args: Args) -> Path:

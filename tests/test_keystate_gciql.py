@@ -1,6 +1,7 @@
 """Unit tests of keystate_gciql.py: rule compiler (valid + hostile, its cost as counts), key-state sampling vs a slow
-loop, GCIQL losses vs a hand computation, the relabel-time self-check, in-process bad inputs (end to end:
-tests/test_keystate_gciql_e2e.py; the bad-input table: tests/test_bad_inputs.py)."""
+loop, GCIQL losses vs a hand computation, in-process bad inputs. Elsewhere: the relabel-time self-check of both
+key-state scripts (tests/test_keystate_selfcheck.py), end to end (tests/test_keystate_gciql_e2e.py), the bad-input
+table (tests/test_bad_inputs.py)."""
 
 import importlib.util
 import json
@@ -578,7 +579,7 @@ def test_update_soft_target_and_learning(ks):
     )
     assert float(info["relabel/frac_keystate_goals"][0]) == 0  # HER arm: no key goals
     td, dist, counts = probe(new, data)  # no key state anywhere: no probe row counts
-    assert td.shape == (1, 3, 32) and dist.shape == (1, 3, 32) and not np.asarray(counts).any()
+    assert td.shape == (1, 4, 32) and dist.shape == (1, 4, 32) and not np.asarray(counts).any()
 
 
 def test_num_seeds_vmapped(ks, monkeypatch):
@@ -634,84 +635,6 @@ def test_num_seeds_vmapped(ks, monkeypatch):
     for i in range(2):
         rows = np.nonzero((np.asarray(b["observations"][i])[:, None] == obs[None]).all(-1))[1]
         assert keep[i][rows].all()
-
-
-def test_relabel_check_converges(ks):
-    """Relabel-time self-check on synthetic paired TD-difference streams (no training): key goals persistently harder
-    -> p_keystate rises to its upper bound and stays; not harder -> falls and stays; constant input -> monotone (no
-    reversal); a gap that falls as p rises (training on key goals lowers their TD: the feedback that made the old
-    fixed-step rule oscillate) -> p settles near the fixed point with ever smaller moves."""
-    rng = np.random.default_rng(0)
-    args = ks.Args(num_seeds=1, p_keystate=0.5)
-
-    def run(gap, decisions=300, n=256, noise=0.05):
-        check, ps = ks.RelabelCheck(args, probing=True), []
-        for _ in range(decisions):
-            d = gap(check.p_keystate[0]) + noise * rng.standard_normal((1, n))
-            check.adapt(d, np.ones((1, n), bool))
-            ps.append(check.p_keystate[0])
-        return np.array(ps)
-
-    up, down = run(lambda p: 0.03), run(lambda p: -0.03)
-    assert up[-1] == ks.P_KEYSTATE_MAX and (up[50:] == ks.P_KEYSTATE_MAX).all()
-    assert down[-1] == ks.P_KEYSTATE_MIN and (down[100:] == ks.P_KEYSTATE_MIN).all()
-    for const in (0.02, -0.02, 0.0):  # a constant stream (zero variance) never reverses direction
-        moves = np.diff(run(lambda p: const, noise=0.0))
-        assert (moves >= 0).all() or (moves <= 0).all(), const
-    assert (run(lambda p: 0.0, noise=0.0) == 0.5).all()  # no difference: p stays where it is
-    fb = run(lambda p: 0.02 * (0.3 - p), decisions=2000, noise=0.02)  # the gap is zero at p = 0.3
-    assert abs(fb[-200:].mean() - 0.3) < 0.05 and np.abs(np.diff(fb[-200:])).max() < 0.01
-    assert np.abs(np.diff(fb[:50])).max() > 5 * np.abs(np.diff(fb[-200:])).max()  # moves shrink
-    # rows that do not count (no key state in the window) do not enter the test
-    check = ks.RelabelCheck(args, probing=True)
-    check.adapt(np.array([[1.0, -5.0, -5.0]]), np.array([[True, False, False]]))
-    assert check.p_keystate[0] == 0.5  # one row: no decision
-
-
-def test_probe_batch_is_paired_and_in_window(ks):
-    """The probe's three goals share their row and lie in the same window (t, min(t + window, final)]; the key-state
-    goal is a key state; rows without a key state in the window do not count."""
-    import jax
-
-    n_ep, ep_len = 4, 100
-    term = np.zeros(n_ep * ep_len, np.float32)
-    term[ep_len - 1 :: ep_len] = 1
-    obs = np.arange(n_ep * ep_len, dtype=np.float32)[:, None]
-    ds = compact(obs, np.zeros_like(obs), term)
-    key_mask = np.zeros(len(obs), bool)
-    key_mask[[20, 60, 150, 390]] = True
-    data = ks.make_goal_data(ds, key_mask)
-    args = ks.resolve_presets(
-        ks.Args(env_name="pointmaze-medium-navigate-v0", batch_size=4096, keystate_window=30)
-    )
-    batch, *out = ks.probe_batch(jax.random.PRNGKey(0), data, args)
-    batch, (goals, dist, counts) = (
-        {k: np.asarray(v) for k, v in batch.items()},
-        map(np.asarray, out),
-    )
-    t = batch["observations"][:, 0].astype(int)
-    final = np.asarray(data["final_idxs"])[t]
-    g = goals[..., 0].astype(int)  # (3, B) goal rows (observation = row index)
-    np.testing.assert_array_equal(
-        dist[1:], (g - t)[1:]
-    )  # (no key state: the key-state goal is a clipped sentinel)
-    want = np.array(
-        [
-            any(k in (20, 60, 150, 390) for k in range(i + 1, min(i + 30, f) + 1))
-            for i, f in zip(t, final)
-        ]
-    )
-    np.testing.assert_array_equal(counts, want)
-    assert (
-        np.isin(g[0][counts], [20, 60, 150, 390]).all()
-        and (dist[0][counts] == (g - t)[0][counts]).all()
-    )
-    assert ((g[:, counts] > t[counts]) & (g[:, counts] <= np.minimum(t + 30, final)[counts])).all()
-    assert (batch["rewards"] == -1).all() and (batch["masks"] == 1).all()
-    her, uni = dist[1][counts], dist[2][counts]
-    assert (
-        her.mean() < uni.mean()
-    )  # geometric (discount 0.99) truncated to the window vs uniform over it
 
 
 def test_run_folders_never_collide(ks, tmp_path, monkeypatch):

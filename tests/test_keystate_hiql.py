@@ -393,10 +393,10 @@ def test_update_gradients_and_soft_target(ks):
         )
         assert not all(np.allclose(x, y) for x, y in zip(before, after)), name
     assert float(info["relabel/frac_keystate_goals"][0]) == 0  # p_keystate 0: no key goals
-    # the paired probe scores the same rows under three goals with HIQL's value: |q - V| as in value_loss
+    # the paired probe scores the same rows under four goals with HIQL's value: |q - V| as in value_loss
     td, dist, counts = map(np.asarray, probe(new, data))
     assert (
-        td.shape == (1, 3, 32)
+        td.shape == (1, 4, 32)
         and counts.any()
         and (td >= 0).all()
         and not np.allclose(td[0, 0], td[0, 1])
@@ -461,7 +461,9 @@ def test_smoke_with_rules_file(run_script, pointmaze_npz, tmp_path):
     ]
     td = np.load(run_dir / "td_probe.npz")  # Figure 2 from the paired probe, both seeds
     assert (
-        td["td"].shape[1:3] == (2, 3) and td["counts"].any() and np.isfinite(td["gap_her_ci"]).all()
+        td["td"].shape[1:3] == (2, 4)
+        and td["counts"].any()
+        and np.isfinite(td["gap_matched_ci"]).all()
     )
     assert (run_dir / "td_probe.png").stat().st_size > 0 and "__frac0.5__seed1x2__" in run_dir.name
     assert (run_dir / "params.msgpack").stat().st_size > 0
