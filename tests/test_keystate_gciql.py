@@ -577,7 +577,7 @@ def test_update_soft_target_and_learning(ks):
         new.params["value"]["MLP_0"]["Dense_0"]["kernel"],
         state.params["value"]["MLP_0"]["Dense_0"]["kernel"],
     )
-    assert float(info["relabel/frac_keystate_goals"][0]) == 0  # HER arm: no key goals
+    assert float(info["relabel/frac_keystate_goals"][0, 0]) == 0  # HER arm: no key goals
     td, dist, counts = probe(new, data)  # no key state anywhere: no probe row counts
     assert td.shape == (1, 4, 32) and dist.shape == (1, 4, 32) and not np.asarray(counts).any()
 

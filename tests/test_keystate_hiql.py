@@ -392,7 +392,7 @@ def test_update_gradients_and_soft_target(ks):
             jax.tree_util.tree_leaves(new.params[name]),
         )
         assert not all(np.allclose(x, y) for x, y in zip(before, after)), name
-    assert float(info["relabel/frac_keystate_goals"][0]) == 0  # p_keystate 0: no key goals
+    assert float(info["relabel/frac_keystate_goals"][0, 0]) == 0  # p_keystate 0: no key goals
     # the paired probe scores the same rows under four goals with HIQL's value: |q - V| as in value_loss
     td, dist, counts = map(np.asarray, probe(new, data))
     assert (

@@ -192,10 +192,9 @@ def test_observe_closed_loop_decides_on_the_matched_gap(ks, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ --num-seeds
-def test_over_seeds_branches_in_the_traced_update(ks, monkeypatch):
-    """The real update and probe of 3 seeds, traced: on CPU the seeds loop inside the jit (a scan of length 3 in the
-    program; the only other scan, jnp.searchsorted's over the 43 key states, has length 6); elsewhere they are vmapped
-    (no such scan), and the numbers agree with the loop's."""
+def three_seeds(ks):
+    """Args, goal data and a fresh 3-seed agent state (a function: the update donates its input) on a
+    300-row dataset with 43 key states."""
     import jax
     import jax.numpy as jnp
 
@@ -214,24 +213,65 @@ def test_over_seeds_branches_in_the_traced_update(ks, monkeypatch):
     key_mask = np.zeros(n, bool)
     key_mask[5::7] = True
     data = ks.make_goal_data(ds, key_mask, ks.episode_subsets(ds, args))
+
+    def state():
+        return jax.vmap(lambda s: ks.make_agent(args, 2, 2, jax.random.PRNGKey(s))[2])(
+            jnp.arange(3)
+        )
+
+    nets, tx, _ = ks.make_agent(args, 2, 2, jax.random.PRNGKey(0))
+    return args, data, nets, tx, state
+
+
+def test_over_seeds_branches_in_the_traced_update(ks, monkeypatch):
+    """The real update and probe of 3 seeds, traced: on CPU the seeds loop inside the jit (a scan of length 3 in the
+    program; the other scans: jnp.searchsorted's over the 43 key states, length 6, and the update's chunk, length 1);
+    elsewhere they are vmapped (no such scan), and the numbers agree with the loop's."""
+    import jax
+    import jax.numpy as jnp
+
+    args, data, nets, tx, state = three_seeds(ks)
     p = jnp.full(3, 0.5)
     out = {}
     for backend in ("cpu", "gpu"):
         monkeypatch.setattr(ks.jax, "default_backend", lambda b=backend: b)
-        nets, tx, _ = ks.make_agent(args, 2, 2, jax.random.PRNGKey(0))
-        state = jax.vmap(lambda s: ks.make_agent(args, 2, 2, jax.random.PRNGKey(s))[2])(
-            jnp.arange(3)
-        )
         update, probe = ks.make_update(args, nets, tx)
         for name, fn, inputs in (
-            ("update", update, (state, data, p)),
-            ("probe", probe, (state, data)),
+            ("update", update, (state(), data, p)),
+            ("probe", probe, (state(), data)),
         ):
             text = str(jax.make_jaxpr(fn)(*inputs))
             assert ("length=3" in text) == (backend == "cpu"), (backend, name)
-        out[backend] = (np.asarray(probe(state, data)[0]), update(state, data, p)[1])
+        out[backend] = (np.asarray(probe(state(), data)[0]), update(state(), data, p)[1])
     np.testing.assert_allclose(out["gpu"][0], out["cpu"][0], rtol=1e-4, atol=1e-6)
     for k, v in out["cpu"][1].items():
         np.testing.assert_allclose(
             np.asarray(out["gpu"][1][k]), np.asarray(v), rtol=1e-4, atol=1e-6
         )
+
+
+def test_chunked_update_equals_one_step_calls(ks):
+    """make_update(..., chunk=4): one call runs each seed's 4 steps (one scan per seed, so its parameters stay in the
+    CPU cache) and equals 4 one-step calls: the same RNG stream, parameters equal up to float rounding, each step's
+    info (seeds, steps)."""
+    import jax
+    import jax.numpy as jnp
+
+    args, data, nets, tx, state = three_seeds(ks)
+    p = jnp.full(3, 0.5)
+    one, _ = ks.make_update(args, nets, tx)
+    four, _ = ks.make_update(args, nets, tx, 4)
+    a = state()
+    infos = []
+    for _ in range(4):
+        a, info = one(a, data, p)
+        infos.append(info)
+    b, info4 = four(state(), data, p)
+    np.testing.assert_array_equal(np.asarray(a.rng), np.asarray(b.rng))
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a.params, b.params
+    )
+    for k, v in info4.items():
+        assert v.shape == (3, 4), k
+        want = np.concatenate([np.asarray(i[k]) for i in infos], 1)
+        np.testing.assert_allclose(np.asarray(v), want, rtol=1e-4, atol=1e-6)
