@@ -11,7 +11,7 @@ Notes: docs/keystate_gciql.md.
 
     vllm serve Qwen/Qwen2.5-7B-Instruct   # any OpenAI-compatible endpoint writes the rules
     python keystate_gciql.py --llm-model Qwen/Qwen2.5-7B-Instruct  # on antmaze-large-navigate-v0
-    # HER, reduced data, 4 seeds vmapped; then reuse one LLM call across seeds
+    # HER, reduced data, 4 seeds in one process; then reuse one LLM call across seeds
     python keystate_gciql.py --relabel her --dataset-fraction 0.5 --num-seeds 4
     python keystate_gciql.py --rules-path runs/<run>/rules.json --seed 1
 """
@@ -76,7 +76,7 @@ class Args:
     """seed of the experiment (JAX, evaluation episodes, LLM requests, --dataset-fraction subset)"""
     num_seeds: int = 1
     """seeds --seed ... --seed + N - 1 trained in one process, one jitted update for all (vmapped
-    on a GPU; on a CPU the seeds run one after another inside it)"""
+    on a GPU; on a CPU each seed runs a chunk of steps inside it, then the next)"""
     track: bool = False
     """log to Weights & Biases as well (imported only when set; $WANDB_ENTITY picks the team)"""
     wandb_project_name: str = "llm-relabeling"

@@ -6,7 +6,7 @@
 
 Artifacts (docs/results/), written by `collect` from the run folders of the commands in docs/results.md:
 - keystate_cpu/<run folder>/: td_probe.npz and final_eval.json as keystate_gciql.py wrote them, and scalars.json
-  (p_keystate and evaluation success per seed, by step, read from the run's TensorBoard events). The folder name is
+  (p_keystate and evaluation success per seed and the matched TD gap, by step, from the run's TensorBoard events). The folder name is
   the run's: environment, learner, arm, data fraction, seeds.
 - oir_cpu.json: the evaluation scalars of each oir_pqn.py run, by step, read from its TensorBoard events.
 The TensorBoard events files themselves are not committed.
@@ -14,7 +14,6 @@ The TensorBoard events files themselves are not committed.
 
 import argparse
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).resolve().parent
 IMG = HERE.parent / "img"
 KEYSTATE = HERE / "keystate_cpu"
+EVAL_EPISODES = 10  # --eval-episodes of the key-state runs (per task and seed)
 OIR = HERE / "oir_cpu.json"
 OIR_TAGS = [
     "eval/coverage",
@@ -76,43 +76,16 @@ def collect(run_dirs):
         for name in ("td_probe.npz", "final_eval.json"):
             shutil.copy(run / name, out / name)
         seeds = json.loads((run / "final_eval.json").read_text())["seeds"]
-        tags = [f"relabel/p_keystate/seed{s}" for s in seeds] + [
-            f"eval/overall_success/seed{s}" for s in seeds
-        ]
+        tags = (
+            [f"relabel/p_keystate/seed{s}" for s in seeds]
+            + [f"eval/overall_success/seed{s}" for s in seeds]
+            + ["relabel/td_gap_key_minus_matched"]
+        )
         (out / "scalars.json").write_text(json.dumps(scalars(run, tags), indent=1))
         print(f"collected {out}")
     oir.sort(key=lambda r: (list(OIR_ARMS).index(r["exp_name"]), r["seed"]))
     OIR.write_text(json.dumps(oir, indent=1))
     print(f"collected {OIR}: {len(oir)} runs")
-
-
-def arm_and_fraction(run: Path):
-    """pointmaze-medium-navigate-v0__keystate_gciql__her__frac1__seed0x2__... -> ("her", "1")."""
-    return re.search(r"__(her|keystate)__frac([\d.]+)__", run.name).groups()
-
-
-def draw_td_probe(run: Path):
-    """Figure 2 of the key-state paper from one run's td_probe.npz, as keystate_gciql.py draws it."""
-    with np.load(run / "td_probe.npz") as f:
-        steps = f["steps"]
-        for kind in ("her", "uniform"):
-            mean = f[f"gap_{kind}_mean"]
-            ci = f[f"gap_{kind}_ci"]
-            plt.errorbar(
-                steps, mean, yerr=np.abs(ci.T - mean), marker="o", label=f"key-state - {kind}"
-            )
-    plt.axhline(0, color="gray")  # the finding is the sign of the gap
-    plt.gca().set(
-        xlabel="gradient step",
-        ylabel="|TD| gap, 95% CI (> 0: key-state goals are harder)",
-        title=run.name.rsplit("__", 1)[0],
-    )
-    plt.legend()
-    arm, frac = arm_and_fraction(run)
-    out = IMG / f"keystate_td_probe_{arm}_frac{frac}.png"
-    plt.savefig(out, bbox_inches="tight")
-    plt.close()
-    print(f"wrote {out}")
 
 
 def draw_oir_coverage(runs: list):
@@ -148,44 +121,150 @@ def wilson(k: int, n: int, z: float = 1.96):
     return centre - half, centre + half
 
 
-def keystate_table():
-    runs = sorted(
-        KEYSTATE.iterdir(), key=lambda r: (-float(arm_and_fraction(r)[1]), arm_and_fraction(r)[0])
-    )
-    successes = {}
-    print(
-        "| arm | data | successes @3k (of episodes) [95% Wilson] | per seed | keystate - HER per seed "
-        "| TD gap key - HER (1k / 2k / 3k) | TD gap key - uniform (1k / 2k / 3k) | distance key / HER / uniform "
-        "| p_keystate per seed @1k / @3k |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for run in runs:
-        arm, frac = arm_and_fraction(run)
-        final = json.loads((run / "final_eval.json").read_text())
-        # --eval-episodes 3 per task, 5 tasks: overall success x 15 episodes per seed
-        per_seed = [round(r["eval/overall_success"] * 15) for r in final["per_seed"]]
-        successes[arm, frac] = per_seed
-        k = sum(per_seed)
-        n = 15 * len(per_seed)
-        lo, hi = wilson(k, n)
-        diff = ""
-        if arm == "keystate":
-            diff = ", ".join(f"{a - b:+d}" for a, b in zip(per_seed, successes["her", frac]))
-        with np.load(run / "td_probe.npz") as f:
-            gaps = [
-                " / ".join(
-                    f"{m:+.3f} [{c[0]:+.3f}, {c[1]:+.3f}]"
-                    for m, c in zip(f[f"gap_{kind}_mean"], f[f"gap_{kind}_ci"])
-                )
-                for kind in ("her", "uniform")
-            ]
-            dist = " / ".join(f"{d:.0f}" for d in f["dist_mean"][-1])
+ARMS = {  # (exp name, --relabel) in the run folder's name -> the arm
+    ("keystate_gciql", "her"): "HER",
+    ("keystate_gciql_fixed", "keystate"): "key-state, p 0.5 fixed",
+    ("keystate_gciql", "keystate"): "key-state, self-check",
+}
+
+
+def arm_and_fraction(run: Path):
+    """pointmaze-medium-navigate-v0__keystate_gciql_fixed__keystate__frac0.5__seed0x4__... ->
+    ("key-state, p 0.5 fixed", "0.5")."""
+    _, exp_name, relabel, frac, _ = run.name.split("__", 4)
+    return ARMS[exp_name, relabel], frac.removeprefix("frac")
+
+
+def keystate_runs():
+    """{(arm, fraction): run folder}, in the table's order."""
+    runs = {arm_and_fraction(run): run for run in KEYSTATE.iterdir()}
+    return {
+        (arm, frac): runs[arm, frac]
+        for frac in sorted({f for _, f in runs}, key=lambda f: -float(f))
+        for arm in ARMS.values()
+        if (arm, frac) in runs
+    }
+
+
+def clustered_gap(td, counts, kind: int, rng, n_boot: int = 1000):
+    """Mean paired |TD| gap key-state - kind over the counting rows of all seeds, and its 95% CI from a
+    bootstrap clustered by seed (resample seeds, then rows within each resampled seed).
+    td: (seeds, 4, rows), counts: (seeds, rows)."""
+    gaps = [(t[0] - t[kind])[c] for t, c in zip(td, counts)]
+    boots = []
+    for _ in range(n_boot):
+        picked = [gaps[i] for i in rng.integers(len(gaps), size=len(gaps))]
+        boots.append(np.concatenate([g[rng.integers(len(g), size=len(g))] for g in picked]).mean())
+    return np.concatenate(gaps).mean(), np.percentile(boots, [2.5, 97.5])
+
+
+def successes(run: Path):
+    """Per seed: successful episodes at the last evaluation, and the episodes (5 tasks x --eval-episodes)."""
+    final = json.loads((run / "final_eval.json").read_text())
+    episodes = 5 * EVAL_EPISODES
+    return [round(r["eval/overall_success"] * episodes) for r in final["per_seed"]], episodes
+
+
+def draw_keystate(runs: dict):
+    """Figure 2 with the distance-matched comparator (key-state - matched |TD| gap over training, clustered CIs), and
+    p_keystate of the self-check arm per seed over training."""
+    rng = np.random.default_rng(0)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fracs = sorted({f for _, f in runs}, key=lambda f: -float(f))
+    for ax, frac in zip(axes, fracs):
+        for (arm, f), run in runs.items():
+            if f != frac:
+                continue
+            with np.load(run / "td_probe.npz") as z:
+                steps, td, counts = z["steps"], z["td"], z["counts"]
+            stats = [clustered_gap(td[i], counts[i], 1, rng, 300) for i in range(len(steps))]
+            mean = np.array([m for m, _ in stats])
+            ci = np.array([c for _, c in stats])
+            ax.errorbar(steps, mean, yerr=np.abs(ci.T - mean), marker="o", capsize=3, label=arm)
+        ax.axhline(0, color="gray")  # the finding is the sign of the gap
+        ax.set(
+            title=f"{float(frac):.0%} data: key-state - matched |TD| gap",
+            xlabel="gradient step",
+            ylabel="gap, 95% CI by seed clusters\n(> 0: key states harder)",
+        )
+        ax.legend(fontsize=8)
+    for (arm, frac), run in runs.items():
+        if arm != "key-state, self-check":
+            continue
         s = json.loads((run / "scalars.json").read_text())
-        p = [s[f"relabel/p_keystate/seed{seed}"] for seed in final["seeds"]]
-        p_text = ", ".join(f"{q['1000']:.2f} / {q['3000']:.2f}" for q in p)
+        for tag in sorted(t for t in s if t.startswith("relabel/p_keystate/")):
+            steps = sorted(s[tag], key=int)
+            axes[2].plot(
+                [int(k) for k in steps],
+                [s[tag][k] for k in steps],
+                linestyle="-" if frac == "1" else "--",
+                label=f"{float(frac):.0%} data, {tag.rsplit('/', 1)[1]}",
+            )
+    axes[2].set(
+        title="self-check arm: p_keystate per seed", xlabel="gradient step", ylabel="p_keystate"
+    )
+    axes[2].legend(fontsize=7, ncol=2)
+    fig.suptitle(
+        "keystate_gciql, pointmaze-medium-navigate (100 x 1,001 rows, built offline), 4 seeds, 2x128, batch 256: "
+        "CPU scale"
+    )
+    fig.tight_layout()
+    out = IMG / "keystate_matched_gap_cpu.png"
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+def keystate_table():
+    runs = keystate_runs()
+    rng = np.random.default_rng(0)
+    print(
+        "| arm | data | successes at the end (of episodes) [95% Wilson] | per seed | arm - HER per seed "
+        "| mean of the paired differences [95% bootstrap over seeds] |"
+    )
+    print("|---|---|---|---|---|---|")
+    for (arm, frac), run in runs.items():
+        per_seed, episodes = successes(run)
+        k = sum(per_seed)
+        n = episodes * len(per_seed)
+        lo, hi = wilson(k, n)
+        diff = mean_ci = "-"
+        if arm != "HER":
+            d = np.array(per_seed) - np.array(successes(runs["HER", frac])[0])
+            diff = ", ".join(f"{x:+d}" for x in d)
+            boot = [d[rng.integers(len(d), size=len(d))].mean() for _ in range(10_000)]
+            lo_d, hi_d = np.percentile(boot, [2.5, 97.5])
+            mean_ci = f"{d.mean():+.2f} [{lo_d:+.2f}, {hi_d:+.2f}]"
         print(
-            f"| {arm} | {float(frac):.0%} | {k}/{n} [{lo:.2f}, {hi:.2f}] | {per_seed} | {diff or '-'} | {gaps[0]} "
-            f"| {gaps[1]} | {dist} | {p_text} |"
+            f"| {arm} | {float(frac):.0%} | {k}/{n} [{lo:.2f}, {hi:.2f}] | {per_seed} (of {episodes}) "
+            f"| {diff} | {mean_ci} |"
+        )
+    print()
+    print(
+        "| arm | data | key - matched at each probe [95% CI clustered by seed] | key - HER (last) "
+        "| key - uniform (last) | distance key / matched / HER / uniform (last) | p_keystate per seed, first log "
+        "/ last |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for (arm, frac), run in runs.items():
+        with np.load(run / "td_probe.npz") as z:
+            steps, td, dist, counts = z["steps"], z["td"], z["dist"], z["counts"]
+        cells = []
+        for kinds, snapshots in (((1,), range(len(steps))), ((2, 3), [-1])):
+            for kind in kinds:
+                parts = []
+                for i in snapshots:
+                    m, c = clustered_gap(td[i], counts[i], kind, rng)
+                    parts.append(f"{m:+.3f} [{c[0]:+.3f}, {c[1]:+.3f}]")
+                cells.append(" / ".join(parts))
+        last = counts[-1]
+        distance = " / ".join(f"{dist[-1][:, j][last].mean():.0f}" for j in range(4))
+        s = json.loads((run / "scalars.json").read_text())
+        p = [s[t] for t in sorted(t for t in s if t.startswith("relabel/p_keystate/"))]
+        p_text = ", ".join(f"{q[min(q, key=int)]:.2f} / {q[max(q, key=int)]:.2f}" for q in p)
+        print(
+            f"| {arm} | {float(frac):.0%} | {cells[0]} (at {', '.join(f'{x // 1000}k' for x in steps)}) "
+            f"| {cells[1]} | {cells[2]} | {distance} | {p_text} |"
         )
 
 
@@ -221,8 +300,7 @@ def main():
     if args.command == "collect":
         collect(args.run_dirs)
     elif args.command == "figures":
-        for run in sorted(KEYSTATE.iterdir()):
-            draw_td_probe(run)
+        draw_keystate(keystate_runs())
         draw_oir_coverage(json.loads(OIR.read_text()))
     else:
         keystate_table()
