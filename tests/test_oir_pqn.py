@@ -82,6 +82,27 @@ def test_help(run_script):
         assert flag in res.output
 
 
+def test_evaluation_set_is_held_out(oir, vocab):
+    """No held-out evaluation instruction equals, after the near-duplicate normal form, what training can propose or
+    see (a transition text, a template instruction, a seed instruction) or an instruction of the reward-rule
+    calibration set; every kind the evaluation reports is still there."""
+    folder = REPO / "prompts" / "oir"
+    evals = oir.read_prompt(folder / "eval_instructions.md", 3)
+    seeds = [r[0] for _, r in oir.read_prompt(folder / "seed_instructions.md", 2)]
+    spec = importlib.util.spec_from_file_location(
+        "sweep", REPO / "tests" / "benchmarks" / "oir_reward_rule_sweep.py"
+    )
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    calibration = [i for items in sweep.CALIBRATION.values() for i in items]
+    seen = {oir.normalize(t) for t in vocab.texts + vocab.instructions + seeds + calibration}
+    overlap = [r[1] for _, r in evals if oir.normalize(r[1]) in seen]
+    assert not overlap, overlap
+    assert len(evals) == 54 and len({oir.normalize(r[1]) for _, r in evals}) == 54
+    kinds = {r[0] for _, r in evals}
+    assert {"plain", "paraphrase", "compound", "count", "proximity", "vitals", "sequence"} <= kinds
+
+
 def test_lambda_returns_match_loop(oir):
     rng = np.random.default_rng(0)
     T, B, gamma, lam = 7, 5, 0.9, 0.65
