@@ -1006,16 +1006,13 @@ def load_agent(args):
 
 @torch.no_grad()
 def rollout(gamefiles, agent, args, temperature, desc="rollout"):
-    """Play the games in parallel (one batched generate per step); each trajectory keeps every
-    step's PDDL state."""
+    """Play the games in parallel (one batched generate per step), keeping every PDDL state."""
     model, tokenizer, prefix = agent
     was_training = model.training
     greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    sample = (
-        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-        if temperature > 0
-        else greedy
-    )
+    sample = greedy
+    if temperature > 0:
+        sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     games = [GAME_POOL[g].pop() if GAME_POOL[g] else ALFWorldGame(g) for g in gamefiles]
     model.eval()
     trajs = []
@@ -1589,13 +1586,11 @@ def hsl_phase(
         picked = [games[i] for i in rng.choice(len(games), b, replace=len(games) < b)]
         trajs = rollout(shard(picked, accelerator), agent, args, args.rollout_temperature)
         times.append(time.time())
-        # 2) relabeling with the goals actually achieved (Section 3.3); counts summed over the
-        # processes
+        # 2) relabel with the goals actually achieved (Section 3.3); counts summed over processes
         counts = collections.Counter()
         relabeled = unshard(relabel(trajs, args, counts, client, prompts), accelerator)
         counts = sum(unshard([counts], accelerator), collections.Counter())
-        # 3) push to D': every process pushes every process's demonstrations in the global order
-        # (identical copies)
+        # 3) push to D': every process pushes all processes' demonstrations, in the global order
         buffer.push_all(relabeled, counts)
         state["counters"].update(counts)
         times.append(time.time())
