@@ -121,23 +121,29 @@ def wilson(k: int, n: int, z: float = 1.96):
     return centre - half, centre + half
 
 
-ARMS = {  # (exp name, --relabel) in the run folder's name -> the arm
-    ("keystate_gciql", "her"): "HER",
-    ("keystate_gciql_fixed", "keystate"): "key-state, p 0.5 fixed",
-    ("keystate_gciql", "keystate"): "key-state, self-check",
+ARMS = {  # (exp name after keystate_<learner>, --relabel) in the run folder's name -> the arm
+    ("", "her"): "HER",
+    ("_fixed", "keystate"): "key-state, p 0.5 fixed",
+    ("", "keystate"): "key-state, self-check",
 }
+LEARNERS = ("gciql", "hiql")
 
 
 def arm_and_fraction(run: Path):
     """pointmaze-medium-navigate-v0__keystate_gciql_fixed__keystate__frac0.5__seed0x4__... ->
-    ("key-state, p 0.5 fixed", "0.5")."""
+    ("gciql", "key-state, p 0.5 fixed", "0.5")."""
     _, exp_name, relabel, frac, _ = run.name.split("__", 4)
-    return ARMS[exp_name, relabel], frac.removeprefix("frac")
+    learner, _, suffix = exp_name.removeprefix("keystate_").partition("_")
+    return learner, ARMS["_" + suffix if suffix else "", relabel], frac.removeprefix("frac")
 
 
-def keystate_runs():
-    """{(arm, fraction): run folder}, in the table's order."""
-    runs = {arm_and_fraction(run): run for run in KEYSTATE.iterdir()}
+def keystate_runs(learner: str):
+    """{(arm, fraction): run folder} of one learner, in the table's order."""
+    runs = {}
+    for run in KEYSTATE.iterdir():
+        run_learner, arm, frac = arm_and_fraction(run)
+        if run_learner == learner:
+            runs[arm, frac] = run
     return {
         (arm, frac): runs[arm, frac]
         for frac in sorted({f for _, f in runs}, key=lambda f: -float(f))
@@ -165,7 +171,7 @@ def successes(run: Path):
     return [round(r["eval/overall_success"] * episodes) for r in final["per_seed"]], episodes
 
 
-def draw_keystate(runs: dict):
+def draw_keystate(runs: dict, learner: str):
     """Figure 2 with the distance-matched comparator (key-state - matched |TD| gap over training, clustered CIs), and
     p_keystate of the self-check arm per seed over training."""
     rng = np.random.default_rng(0)
@@ -205,18 +211,21 @@ def draw_keystate(runs: dict):
     )
     axes[2].legend(fontsize=7, ncol=2)
     fig.suptitle(
-        "keystate_gciql, pointmaze-medium-navigate (100 x 1,001 rows, built offline), 4 seeds, 2x128, batch 256: "
+        f"keystate_{learner}, pointmaze-medium-navigate (100 x 1,001 rows, built offline), 4 seeds, 2x128, batch 256: "
         "CPU scale"
     )
     fig.tight_layout()
-    out = IMG / "keystate_matched_gap_cpu.png"
+    out = IMG / f"keystate_matched_gap_cpu{'' if learner == 'gciql' else '_' + learner}.png"
     fig.savefig(out, dpi=80)
     plt.close(fig)
     print(f"wrote {out}")
 
 
-def keystate_table():
-    runs = keystate_runs()
+def keystate_table(learner: str):
+    runs = keystate_runs(learner)
+    if not runs:
+        return
+    print(f"keystate_{learner}\n")
     rng = np.random.default_rng(0)
     print(
         "| arm | data | successes at the end (of episodes) [95% Wilson] | per seed | arm - HER per seed "
@@ -300,11 +309,14 @@ def main():
     if args.command == "collect":
         collect(args.run_dirs)
     elif args.command == "figures":
-        draw_keystate(keystate_runs())
+        for learner in LEARNERS:
+            if keystate_runs(learner):
+                draw_keystate(keystate_runs(learner), learner)
         draw_oir_coverage(json.loads(OIR.read_text()))
     else:
-        keystate_table()
-        print()
+        for learner in LEARNERS:
+            keystate_table(learner)
+            print()
         oir_table()
 
 
