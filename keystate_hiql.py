@@ -1219,8 +1219,8 @@ def start_logging(args: Args, run_dir: Path):
 
 
 def log_losses(writer, step, sps, info, p_keystate, seeds):
-    """Losses (the mean over seeds), each seed's p_keystate and steps per second: TensorBoard and a
-    line."""
+    """Losses (the mean over seeds and over the last call's chunk of steps), each seed's p_keystate
+    and steps per second: TensorBoard and a line."""
     info = {
         k if k.startswith("relabel/") else f"losses/{k}": float(v.mean()) for k, v in info.items()
     }
