@@ -116,6 +116,13 @@ RELABEL_POOL_SIZE = 32  # recently accepted instructions that relabel rollouts (
 FILTER_MAX_WORDS = 12
 FILTER_MAX_CHARS = 80
 FILTER_DUP_SIM = 0.95  # cosine above which a proposal paraphrases an instruction already held
+# Sentence embeddings place an event and its negation close together ("avoid the zombie" ~ "defeated
+# a zombie", 0.71), so a proposal with a negating word is rejected unless its grounding event has
+# one too (a NegEx-style cue list, our choice; docs/results.md measures it).
+_NEGATION = re.compile(
+    r"(?i)\b(not|never|no|avoid|without|don't|stop|end|ended|escape|away|spare|los[et]|fail"
+    r"|awake)\b"
+)
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d+[.):])\s*")
 _ALLOWED = re.compile(r"^[A-Za-z][A-Za-z0-9 ,'\-]*$")
 
@@ -175,8 +182,8 @@ class Args:
     wandb_project_name: str = "llm-relabeling"
     """the W&B project name"""
     run_dir: str = "runs"
-    """parent folder of the run folders: TensorBoard logs, checkpoint.npz and
-    instruction_buffer.json go to {run_dir}/{run name}"""
+    """parent folder of the run folders: TensorBoard logs and checkpoint.npz go to
+    {run_dir}/{run name}"""
     resume: Optional[str] = None
     """continue exactly from a checkpoint ({run_dir}/{run name}/checkpoint.npz), with the flags
     of the run that wrote it"""
@@ -205,9 +212,10 @@ class Args:
     call the LLM less)"""
     embed_model: str = "sentence-transformers/all-MiniLM-L6-v2"
     """sentence-transformers model for f_instr and the event texts: hub id or local folder"""
-    reward: Literal["semantic", "gt"] = "semantic"
-    """semantic: r = 1[cos(f_state, f_instr) > delta] (the paper); gt: the instruction's labelled
-    achievement"""
+    reward: Literal["semantic", "best", "gt"] = "semantic"
+    """semantic: r = 1[cos(f_state, f_instr) > delta] for any transition text that fired (the
+    paper); best: only the instruction's most similar text counts (more precise, docs/results.md);
+    gt: the instruction's own ground truth, the transition row it names or was grounded on"""
     delta: float = 0.45
     """cosine threshold of the semantic reward (not published: choice; the paper reports it matters
     a lot)"""
@@ -403,7 +411,8 @@ def normalize(text):
 def filter_proposals(candidates, k, observed_events, held, embed, delta):
     """The paper's rule-based filter (rules: our choice): at most k candidates that are short plain
     text, no duplicate of one held (text, emb): same `normalize` key or cosine > FILTER_DUP_SIM, and
-    grounded: their best-matching transition text is above delta and observed in this log.
+    grounded: their best-matching transition text is above delta and observed in this log, and not
+    its negation.
     Returns ([(text, row, emb)], rejections by reason)."""
     rejected = Counter()
     accepted = []
@@ -426,6 +435,8 @@ def filter_proposals(candidates, k, observed_events, held, embed, delta):
                 reason = "duplicate"
             elif sims[best] <= delta or best not in observed_events:
                 reason = "not_grounded"
+            elif _NEGATION.search(text) and not _NEGATION.search(embed.texts[best]):
+                reason = "contradicts"  # e.g. "avoid the zombie" for "defeated a zombie"
             else:
                 accepted.append((text, best, emb))
                 seen.add(normalize(text))
@@ -474,19 +485,20 @@ class Embedder:
             self.model = SentenceTransformer(model, device="cpu")
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --embed-model {model}: cannot load it ({e})") from None
+        self.texts = event_texts
         self.events = self(event_texts)
 
     def __call__(self, texts):
         # on the host, once per new instruction, never per environment step
-        return self.model.encode(texts, batch_size=64, normalize_embeddings=True).astype(np.float32)
+        return self.model.encode(texts, normalize_embeddings=True).astype(np.float32)
 
 
-def semantic_mask(instr_emb, event_embs, delta):
-    """Which events reward this instruction: cos(f_state, f_instr) > delta (paper) and, our choice,
-    only its best match: one threshold is brittle (at 0.45 "make a wooden pickaxe" matches 3
-    pickaxes, "drink some water" misses its own)."""
+def semantic_mask(instr_emb, event_embs, delta, best=False):
+    """Which events reward this instruction: cos(f_state, f_instr) > delta (paper); best: only its
+    most similar event (--reward best): one threshold is brittle (at 0.45 "make a wooden pickaxe"
+    matches 3 pickaxes), and best-match was more precise on a calibration set (docs/results.md)."""
     sims = event_embs @ instr_emb  # (E,) cosine: both sides are unit-normalised
-    return (sims > delta) & (sims >= sims.max())
+    return (sims > delta) & ((sims >= sims.max()) | (not best))
 
 
 # === Method: prioritized instruction buffer (statuses, sampling, eviction) ========================
@@ -505,15 +517,12 @@ class Instruction:
 
 
 def make_instruction(text, row, embed, args):
-    """f_instr(i) and the events that reward i: by the semantic reward, or (--reward gt) its
-    labelled achievement."""
+    """f_instr(i) and the events that reward i: by the semantic reward, or (--reward gt) its own
+    ground-truth row (a seed's or template's rule; for free text, the event it was grounded on)."""
     emb = embed([text])[0]
     gt = np.arange(len(embed.events)) == row
-    return Instruction(
-        text,
-        emb,
-        gt if args.reward == "gt" else semantic_mask(emb, embed.events, args.delta),  # mask
-    )
+    semantic = semantic_mask(emb, embed.events, args.delta, args.reward == "best")
+    return Instruction(text, emb, gt if args.reward == "gt" else semantic)
 
 
 class InstructionBuffer:
@@ -585,6 +594,7 @@ def relabel(llm, prompts, ec, buffer, pool, embed, args, rng, tally):
     (against that trajectory) -> admit (pool and buffer; a newcomer takes over the running
     episodes of the instruction it evicts)."""
     vocab = prompts.vocab
+    template_rows = {text: r for r, text in enumerate(vocab.instructions)}
     ring = np.asarray(ec.ring)
     active = np.flatnonzero(ring.any((1, 2)))
     envs = rng.choice(active, min(RELABEL_TRAJS, len(active)), replace=False)
@@ -609,18 +619,17 @@ def relabel(llm, prompts, ec, buffer, pool, embed, args, rng, tally):
         accepted, rejected = filter_proposals(
             candidates, args.relabel_k, observed, held, embed, args.delta
         )
-        tally.update(
-            {f"rejected_{r}": c for r, c in rejected.items()}, rejected_empty=not candidates
-        )
+        tally.update({f"rejected_{r}": c for r, c in rejected.items()})
         for text, row, _ in accepted:
+            row = template_rows.get(text, row)  # a template names its row: its ground truth
             instruction = make_instruction(text, row, embed, args)
             pool.append(instruction)
             slot, evicted = buffer.add(instruction)
             tally.update(accepted=1, added=slot is not None)
-            note = "" if slot is None else f"; buffer slot {slot}"
-            if evicted:
-                note += f" (evicted {evicted!r})"
-            print(f"relabel: accepted {text!r} (matches event: {vocab.texts[row]}){note}")
+            print(
+                f"relabel: accepted {text!r} (matches event: {vocab.texts[row]}); buffer slot "
+                f"{slot} (None: not admitted), evicted {evicted!r}"
+            )
 
 
 # === Learner: PQN (LayerNorm MLP, Q(lambda), rollout + update in one lax.scan) ====================
@@ -990,23 +999,20 @@ def make_evaluate(env, env_params, network, embed, rows, rules, args):
     texts = [r[1] for r in rows]
     kinds = np.array([r[0] for r in rows])
     terms = [as_rules(r[2] + r[2][-1:] * (K - len(r[2]))) for r in rows]  # padded to K, masked
-    valid = np.arange(K)[None] < np.array([len(r[2]) for r in rows])[:, None]
-    group = np.array(
-        [
-            "achievement" if all(FIELDS[f] in ACHIEVEMENTS for f, _, _ in r[2]) else "other"
-            for r in rows
-        ]
-    )
     text_emb = embed(texts)
-    sem_mask = np.stack([semantic_mask(e, embed.events, args.delta) for e in text_emb])  # (M, E)
 
     def rep(x):  # one row per episode
         return jnp.repeat(jnp.asarray(x), args.eval_episodes, 0)
 
     emb = rep(text_emb)
     truth = tuple(rep(np.stack(x)) for x in zip(*terms))
-    valid = rep(valid)
-    sem_mask = rep(sem_mask)
+    valid = rep(np.arange(K)[None] < np.array([len(r[2]) for r in rows])[:, None])
+    # the rule under test (with --reward gt: the paper's)
+    sem_mask = rep(
+        np.stack(
+            [semantic_mask(e, embed.events, args.delta, args.reward == "best") for e in text_emb]
+        )
+    )
     ordered = rep(np.array([r[3] for r in rows]))
     n = emb.shape[0]
     fields = jax.vmap(state_fields)
@@ -1051,32 +1057,45 @@ def make_evaluate(env, env_params, network, embed, rows, rules, args):
     def evaluate_and_log(params, writer, step, rng):
         t0 = time.time()
         succ, sem = (np.asarray(x) for x in evaluate(params, rng))  # (M, episodes) each
-        log_evaluation(succ, sem, texts, kinds, group, writer, step, t0)
+        log_evaluation(succ, sem, texts, kinds, writer, step, t0)
 
     return evaluate_and_log
 
 
-def log_evaluation(succ, sem, texts, kinds, group, writer, step, t0):
-    """Success rate per held-out instruction, coverage per kind and group, and how often the
-    semantic reward agrees with ground-truth success: to TensorBoard (`eval/`) and printed."""
+def reward_quality(s, t):
+    """Precision, recall and Cohen's kappa of the semantic reward (s: it fired in the episode)
+    against ground-truth success t, over episodes; NaN where undefined (nothing fired, say).
+    Agreement alone would hide the errors: positives are rare."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tp = (s & t).sum()
+        chance = s.mean() * t.mean() + (1 - s.mean()) * (1 - t.mean())
+        return tp / s.sum(), tp / t.sum(), ((s == t).mean() - chance) / (1 - chance)
+
+
+def log_evaluation(succ, sem, texts, kinds, writer, step, t0):
+    """Success rate per held-out instruction, coverage per kind, and per kind the semantic reward's
+    precision, recall and kappa against ground truth: to TensorBoard (`eval/`) and printed."""
     rates = succ.mean(1)
     covered = rates > EVAL_SUCCESS_THRESHOLD
     lines = []
-    m = {f"eval/coverage_{k}": int(covered[kinds == k].sum()) for k in set(kinds)}
-    for g in sorted(set(group)):
-        s = sem[group == g]
-        t = succ[group == g]
-        c = covered[group == g]
+    m = {}
+    for kind in sorted(set(kinds)):
+        s = sem[kinds == kind]
+        t = succ[kinds == kind]
+        c = covered[kinds == kind]
+        precision, recall, kappa = reward_quality(s, t)
         m |= {
-            f"eval/coverage_{g}": int(c.sum()),
-            f"eval/reward_agreement_{g}": float((s == t).mean()),
+            f"eval/success_{kind}": float(t.mean()),
+            f"eval/coverage_{kind}": int(c.sum()),
+            f"eval/reward_precision_{kind}": precision,
+            f"eval/reward_recall_{kind}": recall,
+            f"eval/reward_kappa_{kind}": kappa,
         }
         lines.append(
-            f"{g}: coverage {c.sum()}/{c.size}; semantic reward agrees with ground truth in "
-            f"{(s == t).mean():.2f} of {s.size} episodes (semantic {s.sum()}, truth {t.sum()}, "
-            f"both {(s & t).sum()})"
+            f"{kind}: coverage {c.sum()}/{c.size}; semantic reward vs ground truth over {s.size} "
+            f"episodes: precision {precision:.2f}, recall {recall:.2f}, kappa {kappa:.2f} "
+            f"(semantic {s.sum()}, truth {t.sum()}, both {(s & t).sum()})"
         )
-    m |= {f"eval/success/{t}": float(r) for t, r in zip(texts, rates)}
     m |= {"eval/coverage": int(covered.sum()), "eval/mean_success": float(rates.mean())}
     for key, v in m.items():
         writer.add_scalar(key, v, step)
@@ -1114,7 +1133,7 @@ def log_chunk(writer, chunk, step, sps, infos, buffer, tally):
     succ = infos["slot_success"].sum()
     tried = infos["slot_episodes"].sum()
     scalars = {
-        "charts/SPS": sps[0],
+        "charts/SPS": sps,
         "charts/instruction_success_rate": succ / max(tried, 1),
     }
     scalars |= {
@@ -1127,28 +1146,20 @@ def log_chunk(writer, chunk, step, sps, infos, buffer, tally):
     for key, v in scalars.items():
         writer.add_scalar(key, float(v), step)
     print(
-        f"chunk {chunk}: step {step}, SPS {sps[0]:.0f} ({sps[1]:.0f} per CPU-second), td_loss "
+        f"chunk {chunk}: step {step}, SPS {sps:.0f}, td_loss "
         f"{scalars['losses/td_loss']:.4f}, instruction success {succ:.0f}/{tried:.0f}, relabeled "
         f"copies/update {scalars.get('relabel/copies_valid', 0.0):.1f}, buffer {buffer.counts()}"
     )
 
 
 def print_summary(env_steps, gradient_steps, tally, buffer):
-    rejected = {
-        key.removeprefix("rejected_"): c
-        for key, c in tally.items()
-        if key.startswith("rejected_") and c
-    }
     print(
         f"done: {env_steps} env steps, {gradient_steps} gradient steps, {tally['accepted']} "
         f"relabeled instructions accepted ({tally['requests']} LLM requests, "
-        f"{tally['llm_failures']} failed; rejected: {rejected}), "
-        f"{tally['added']} entered the buffer"
+        f"{tally['llm_failures']} failed), {tally['added']} entered the buffer; counts: "
+        f"{dict(tally)}"
     )
-    print(
-        "final buffer:",
-        "; ".join(f"{e.text!r} [{buffer.status(e)} {e.mean_return:.2f}]" for e in buffer.entries()),
-    )
+    print("final buffer:", [(e.text, buffer.status(e), e.mean_return) for e in buffer.entries()])
 
 
 def instruction_to_dict(e):
@@ -1166,11 +1177,6 @@ def save_checkpoint(out, device, host, buffer, pool, step):
     """checkpoint.npz: device state (params, optimizer incl. the LR schedule's count, step, env
     states and event history, JAX key) as arrays, host state (chunk, NumPy generator, tally, buffer,
     pool) as JSON; atomic rename."""
-    rows = [
-        {"text": e.text, "status": buffer.status(e), "mean_return": e.mean_return}
-        for e in buffer.entries()
-    ]
-    (out / "instruction_buffer.json").write_text(json.dumps(rows, indent=1))
     host = {
         **host,
         "buffer": [instruction_to_dict(e) for e in buffer.slots],
@@ -1179,7 +1185,7 @@ def save_checkpoint(out, device, host, buffer, pool, step):
     leaves = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(device))}
     np.savez(out / "checkpoint.tmp.npz", host=np.array(json.dumps(host)), **leaves)
     os.replace(out / "checkpoint.tmp.npz", out / "checkpoint.npz")
-    print(f"checkpoint saved to {out}/checkpoint.npz and instruction_buffer.json, step {step}")
+    print(f"checkpoint saved to {out}/checkpoint.npz, step {step}")
 
 
 def load_checkpoint(path, device, args, buffer, pool):
@@ -1351,7 +1357,6 @@ def main():
 
     for chunk in tqdm(range(start, num_chunks), desc="chunks", initial=start, total=num_chunks):
         t0 = time.time()
-        c0 = time.process_time()
         global_step = (chunk + 1) * steps_per_chunk
         rng, k, k_eval = jax.random.split(rng, 3)
         # 1. Rollout + PQN update on it and its relabeled copies, chunk_updates times, one jit call.
@@ -1367,8 +1372,9 @@ def main():
         if args.relabel != "none":
             relabel(llm, prompts, ec, buffer, pool, embed, args, np_rng, tally)
         # Throughput, relabeling included, evaluation excluded (the first chunk also compiles).
-        sps = (steps_per_chunk / (time.time() - t0), steps_per_chunk / (time.process_time() - c0))
-        log_chunk(writer, chunk, global_step, sps, infos, buffer, tally)
+        log_chunk(
+            writer, chunk, global_step, steps_per_chunk / (time.time() - t0), infos, buffer, tally
+        )
         # 4. Evaluation and a checkpoint.
         if chunk + 1 == num_chunks or (args.eval_every > 0 and (chunk + 1) % args.eval_every == 0):
             evaluate_and_log(ts.params, writer, global_step, k_eval)

@@ -5,6 +5,7 @@ semantics (good, malformed, hostile and failed answers) run end to end against a
 one smoke run with the real SmolLM2-135M-Instruct proves the in-process plumbing only.
 """
 
+import ast
 import importlib.util
 import math
 import os
@@ -137,10 +138,28 @@ def test_semantic_reward_matches_slow_reference(oir, embedder, vocab):
     instructions += ["collect three wood", "stand next to a cow", "restore your health"]
     inst_embs = embedder(instructions)
     delta = 0.45
-    table_mask = np.stack([oir.semantic_mask(e, event_embs, delta) for e in inst_embs])
+    for best in (False, True):  # the paper's rule (any text above delta), then best-match
+        check_semantic_reward(oir, event_embs, inst_embs, delta, best)
+    table_mask = np.stack([oir.semantic_mask(e, event_embs, delta, True) for e in inst_embs])
+    paper = np.stack([oir.semantic_mask(e, event_embs, delta) for e in inst_embs])
+    assert (paper >= table_mask).all() and paper.sum() > table_mask.sum()
+    expect = [
+        "collected wood from a tree",
+        "drank water",
+        "made a wooden pickaxe",
+        "placed stone",
+        "defeated a zombie",
+    ]
+    expect += ["has collected three wood", "is standing next to a cow", "recovered some health"]
+    for m, text in zip(table_mask, expect):
+        assert [texts[e] for e in np.flatnonzero(m)] == [text]
+
+
+def check_semantic_reward(oir, event_embs, inst_embs, delta, best):
+    table_mask = np.stack([oir.semantic_mask(e, event_embs, delta, best) for e in inst_embs])
     rng = np.random.default_rng(1)
-    events = rng.random((6, 9, len(texts))) < 0.08  # (T, N, E)
-    slot = rng.integers(0, len(instructions), (6, 9))
+    events = rng.random((6, 9, len(event_embs))) < 0.08  # (T, N, E)
+    slot = rng.integers(0, len(inst_embs), (6, 9))
     got = np.asarray((events & table_mask[slot]).any(-1))
 
     def cos(a, b):
@@ -152,24 +171,13 @@ def test_semantic_reward_matches_slow_reference(oir, embedder, vocab):
     for t in range(6):
         for n in range(9):
             i = slot[t, n]
-            sims = [cos(event_embs[e], inst_embs[i]) for e in range(len(texts))]
-            best = max(sims)
+            sims = [cos(event_embs[e], inst_embs[i]) for e in range(len(event_embs))]
             want[t, n] = any(
-                events[t, n, e] and sims[e] > delta and sims[e] >= best - 1e-6
-                for e in range(len(texts))
+                events[t, n, e] and sims[e] > delta and (not best or sims[e] >= max(sims) - 1e-6)
+                for e in range(len(event_embs))
             )
     np.testing.assert_array_equal(got, want)
     assert want.any() and not want.all()
-    expect = [
-        "collected wood from a tree",
-        "drank water",
-        "made a wooden pickaxe",
-        "placed stone",
-        "defeated a zombie",
-    ]
-    expect += ["has collected three wood", "is standing next to a cow", "recovered some health"]
-    for m, text in zip(table_mask, expect):
-        assert [texts[e] for e in np.flatnonzero(m)] == [text]
 
 
 def hand_built_fields(oir, changes: list):
@@ -193,7 +201,9 @@ def test_collect_three_wood_rewarded_exactly_when_done(oir, embedder, vocab):
     """Issue 15: a non-achievement instruction is rewarded (semantic reward, and the evaluation's ground truth
     `wood >=3`) exactly at the step where a hand-built state sequence reaches three wood, and never otherwise."""
     rules = oir.as_rules(vocab.keys)
-    mask = oir.semantic_mask(embedder(["collect three wood"])[0], embedder.events, 0.45)
+    # best-match: under the paper's rule "has collected two wood" would reward it too (measured in
+    # docs/results.md); this test is about when the rules fire
+    mask = oir.semantic_mask(embedder(["collect three wood"])[0], embedder.events, 0.45, True)
     truth = oir.as_rules([oir.parse_rule("test", 0, "wood >=3")])
 
     def rewards(woods):
@@ -403,6 +413,55 @@ def test_near_duplicates_are_one_instruction(oir, embedder, vocab):
     ]  # the second is a duplicate of the first
 
 
+def test_filter_rejects_opposites(oir, embedder, vocab):
+    """An instruction that negates the event it would be grounded on is rejected ("avoid the zombie"
+    embeds at 0.71 with "defeated a zombie"), while the event's own phrasings, negating words
+    included when the event has one too ("is no longer thirsty"), pass."""
+    rows = ["defeat_zombie >=1", "drink +", "near_lava >=1", "sleeping >=1", "light <0.5"]
+    rows += ["drink >=9", "health -"]
+    observed = {vocab.keys.index(oir.parse_rule("t", 0, r)) for r in rows}
+    opposites = ["avoid the zombie", "do not drink any water", "never go near the lava"]
+    opposites += ["stay awake all night", "the night ended"]
+    accepted, rejected = oir.filter_proposals(opposites, 9, observed, [], embedder, 0.45)
+    assert accepted == [] and rejected["contradicts"] >= 4, rejected
+    fine = ["defeat a zombie", "drink some water", "quench your thirst until no longer thirsty"]
+    fine += ["lose some health"]
+    accepted, rejected = oir.filter_proposals(fine, 9, observed, [], embedder, 0.45)
+    assert [t for t, _, _ in accepted] == fine, rejected
+
+
+def test_gt_reward_is_the_named_row_and_can_differ(oir, embedder, vocab):
+    """--reward gt rewards an instruction by the row it names (a template's own row), --reward
+    semantic by every text above delta and --reward best by its best match: the arms can differ.
+    A paraphrasing template relabeler (its instruction column reworded) keeps its true row."""
+    import collections
+    import types
+
+    wood = vocab.keys.index(oir.parse_rule("t", 0, "wood +"))
+    three = vocab.keys.index(oir.parse_rule("t", 0, "wood >=3"))
+    text = "gather three logs"  # the paraphrase stands for `wood +`; it embeds nearest `wood >=3`
+    assert int(np.argmax(embedder.events @ embedder([text])[0])) == three
+    instructions = list(vocab.instructions)
+    instructions[wood] = text
+    instructions[three] = "stand on top of a tall mountain"  # proposed, never grounded
+    prompts = types.SimpleNamespace(vocab=vocab._replace(instructions=instructions))
+    ring = np.zeros((1, 4, len(vocab.texts)), bool)
+    ring[0, 1, [wood, three]] = True
+    ec = types.SimpleNamespace(ring=ring, ring_done=np.zeros((1, 4), bool))
+    masks = {}
+    for reward in ("gt", "semantic", "best"):
+        args = types.SimpleNamespace(relabel="template", reward=reward, delta=0.45, relabel_k=3)
+        pool = collections.deque()
+        tally = collections.Counter()
+        buffer = oir.InstructionBuffer()
+        rng = np.random.default_rng(0)
+        oir.relabel(None, prompts, ec, buffer, pool, embedder, args, rng, tally)
+        assert [e.text for e in pool] == [text], tally
+        masks[reward] = set(np.flatnonzero(pool[0].mask).tolist())
+    assert masks["gt"] == {wood} and masks["best"] == {three}
+    assert three in masks["semantic"] and wood not in masks["semantic"]
+
+
 def scripted_relabeler(server):
     """Each distinct trajectory prompt gets the next answer kind in turn (a retried request keeps its kind): a good
     proposal (the first event of the prompt's own log, as an instruction), malformed text, a hostile answer (huge,
@@ -469,11 +528,11 @@ def test_relabeling_with_scripted_llm(run_script, scripted_llm, minilm_dir, tmp_
         assert event.startswith(text), (text, event)
     m = re.search(
         r"done: \d+ env steps, (\d+) gradient steps, (\d+) relabeled instructions accepted \((\d+) LLM "
-        r"requests, (\d+) failed; rejected: (\{.*?\})\), (\d+) entered the buffer",
+        r"requests, (\d+) failed\), (\d+) entered the buffer; counts: (\{.*?\})\n",
         out,
     )
     assert m, out[-3000:]
-    steps, n_acc, requests, failed, rejected, added = m.groups()
+    steps, n_acc, requests, failed, added, counts = m.groups()
     assert (
         int(steps) >= 1
         and int(n_acc) == len(accepted) == int(added)
@@ -481,7 +540,9 @@ def test_relabeling_with_scripted_llm(run_script, scripted_llm, minilm_dir, tmp_
     )
     assert int(failed) == sum(k == 500 for k in kinds.values()) >= 1
     assert out.count("[llm] request failed: InternalServerError") == int(failed)
-    rejected = eval(rejected)
+    rejected = {
+        k.removeprefix("rejected_"): v for k, v in ast.literal_eval(counts).items()
+    }  # the relabel tally
     assert rejected.get("too_long", 0) >= 1 and rejected.get("bad_chars", 0) >= 2, (
         rejected
     )  # hostile + malformed
@@ -499,13 +560,13 @@ def test_relabeling_with_scripted_llm(run_script, scripted_llm, minilm_dir, tmp_
         "sequence",
     } <= set(kinds)
     assert re.search(r"eval coverage \d+/54", out)
-    agree = r"; semantic reward agrees with ground truth in [\d.]+ of \d+ episodes"
-    for group in (r"achievement: coverage \d+/38", r"other: coverage \d+/16"):
-        assert re.search(group + agree, out), out[-3000:]
+    quality = r"; semantic reward vs ground truth over \d+ episodes: precision (nan|[\d.]+), "
+    quality += r"recall (nan|[\d.]+), kappa (nan|-?[\d.]+) \(semantic \d+, truth \d+, both \d+\)"
+    for kind in (r"paraphrase: coverage \d+/30", r"count: coverage \d+/\d+"):
+        assert re.search(kind + quality, out), out[-3000:]
     assert list(tmp_path.glob("runs/*/checkpoint.npz")) and list(
         tmp_path.glob("runs/*/events.out.tfevents*")
     )
-    assert list(tmp_path.glob("runs/*/instruction_buffer.json"))
     # --eval-every 1: a checkpoint after the first of the 2 chunks, and at the end
     assert re.findall(r"checkpoint saved to .*, step (\d+)", out) == ["3072", "6144"], out[-3000:]
 
@@ -518,8 +579,8 @@ def last_event_file_scalars(run_dir: Path) -> dict:
         str(max(run_dir.glob("events.out.tfevents*"), key=lambda p: p.stat().st_mtime))
     )
     ea.Reload()
-    return {
-        (tag, e.step): e.value
+    return {  # NaN (an undefined precision, say) as a string: NaN != NaN
+        (tag, e.step): "nan" if math.isnan(e.value) else e.value
         for tag in ea.Tags()["scalars"]
         if tag != "charts/SPS"
         for e in ea.Scalars(tag)
@@ -566,9 +627,6 @@ def test_resume_after_sigkill_continues_exactly(run_script, minilm_dir, tmp_path
     want, got = last_event_file_scalars(run_a), last_event_file_scalars(run_b)
     want = {key: v for key, v in want.items() if key[1] > start * 3072}
     assert any(tag == "losses/td_loss" for tag, _ in want) and got == want
-    assert (run_a / "instruction_buffer.json").read_text() == (
-        run_b / "instruction_buffer.json"
-    ).read_text()
     with np.load(run_a / "checkpoint.npz") as a, np.load(run_b / "checkpoint.npz") as b:
         leaves = [
             k for k in a.files if k.startswith("leaf_")
