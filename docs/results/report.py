@@ -8,13 +8,15 @@ Artifacts (docs/results/), written by `collect` from the run folders of the comm
 - keystate_cpu/<run folder>/: td_probe.npz and final_eval.json as keystate_gciql.py wrote them, and scalars.json
   (p_keystate and evaluation success per seed and the matched TD gap, by step, from the run's TensorBoard events). The folder name is
   the run's: environment, learner, arm, data fraction, seeds.
-- oir_cpu.json: the evaluation scalars of each oir_pqn.py run, by step, read from its TensorBoard events.
+- oir_1m_cpu.json, oir_opposites.json, oir_reward_rule_sweep.json: written by the scripts under tests/benchmarks/ named
+  in docs/results.md (the OIR tables are printed by tests/benchmarks/oir_experiment.py, called from `tables`).
 The TensorBoard events files themselves are not committed.
 """
 
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -27,20 +29,6 @@ HERE = Path(__file__).resolve().parent
 IMG = HERE.parent / "img"
 KEYSTATE = HERE / "keystate_cpu"
 EVAL_EPISODES = 10  # --eval-episodes of the key-state runs (per task and seed)
-OIR = HERE / "oir_cpu.json"
-OIR_TAGS = [
-    "eval/coverage",
-    "eval/coverage_achievement",
-    "eval/coverage_other",
-    "eval/mean_success",
-    "eval/reward_agreement_achievement",
-    "eval/reward_agreement_other",
-]
-OIR_ARMS = {
-    "pqn": "plain PQN",
-    "oir_template": "OIR, template relabeler",
-    "oir_gt": "OIR, template, ground-truth reward",
-}
 
 
 def scalars(run: Path, tags) -> dict:
@@ -57,20 +45,7 @@ def scalars(run: Path, tags) -> dict:
 
 
 def collect(run_dirs):
-    oir = json.loads(OIR.read_text()) if OIR.exists() else []
     for run in map(Path, run_dirs):
-        if run.name.startswith(
-            "Craftax"
-        ):  # Craftax-Classic-Symbolic-v1__{exp_name}__{seed}__{time}
-            _, exp_name, seed, _ = run.name.split("__")
-            s = scalars(run, OIR_TAGS)
-            steps = sorted(s["eval/coverage"])
-            oir = [r for r in oir if r["run"] != run.name]
-            oir.append(
-                dict(run=run.name, exp_name=exp_name, seed=int(seed), steps=steps)
-                | {tag: [s[tag][k] for k in steps] for tag in OIR_TAGS}
-            )
-            continue
         out = KEYSTATE / run.name
         out.mkdir(parents=True, exist_ok=True)
         for name in ("td_probe.npz", "final_eval.json"):
@@ -83,34 +58,6 @@ def collect(run_dirs):
         )
         (out / "scalars.json").write_text(json.dumps(scalars(run, tags), indent=1))
         print(f"collected {out}")
-    oir.sort(key=lambda r: (list(OIR_ARMS).index(r["exp_name"]), r["seed"]))
-    OIR.write_text(json.dumps(oir, indent=1))
-    print(f"collected {OIR}: {len(oir)} runs")
-
-
-def draw_oir_coverage(runs: list):
-    """Held-out coverage over training, per arm (mean of its seeds), achievement and other instructions apart."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    seeds = sorted({r["seed"] for r in runs})
-    for ax, (group, total) in zip(axes, (("achievement", 38), ("other", 16))):
-        for (exp_name, label), marker in zip(OIR_ARMS.items(), "osx"):
-            arm = [r for r in runs if r["exp_name"] == exp_name]
-            cov = np.mean([r[f"eval/coverage_{group}"] for r in arm], axis=0)
-            ax.plot(arm[0]["steps"], cov, marker=marker, label=label)
-        ax.set(
-            title=f"{group} instructions (of {total})",
-            xlabel="environment steps",
-            ylabel=f"covered (success > 0.1), mean of {len(seeds)} seeds",
-        )
-    axes[0].legend(fontsize=8)
-    fig.suptitle(
-        "OIR-PQN on Craftax-Classic-Symbolic at CPU scale (64 envs, 2x128 network): held-out coverage"
-    )
-    fig.tight_layout()
-    out = IMG / "oir_coverage_cpu.png"
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    print(f"wrote {out}")
 
 
 def wilson(k: int, n: int, z: float = 1.96):
@@ -277,24 +224,6 @@ def keystate_table(learner: str):
         )
 
 
-def oir_table():
-    print(
-        "| arm | seed | coverage at each evaluation: all (achievement + other) | mean success (last) "
-        "| reward agreement (last), achievement / other |"
-    )
-    print("|---|---|---|---|---|")
-    for r in json.loads(OIR.read_text()):
-        cov = " / ".join(
-            f"{a + o:.0f} ({a:.0f}+{o:.0f})"
-            for a, o in zip(r["eval/coverage_achievement"], r["eval/coverage_other"])
-        )
-        steps = " / ".join(f"{s // 1000}k" for s in r["steps"])
-        agree = f"{r['eval/reward_agreement_achievement'][-1]:.2f} / {r['eval/reward_agreement_other'][-1]:.2f}"
-        print(
-            f"| {OIR_ARMS[r['exp_name']]} | {r['seed']} | {cov} (at {steps}) | {r['eval/mean_success'][-1]:.3f} | {agree} |"
-        )
-
-
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -312,12 +241,15 @@ def main():
         for learner in LEARNERS:
             if keystate_runs(learner):
                 draw_keystate(keystate_runs(learner), learner)
-        draw_oir_coverage(json.loads(OIR.read_text()))
     else:
         for learner in LEARNERS:
             keystate_table(learner)
             print()
-        oir_table()
+        # the OIR experiment's tables (its artifact is collected from the runs' logs by the same script)
+        sys.path.insert(0, str(HERE.parents[1] / "tests" / "benchmarks"))
+        import oir_experiment
+
+        oir_experiment.table(HERE / "oir_1m_cpu.json")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 The reward of an instruction i fires at a step when one of the step's transition texts (prompts/oir/transitions.md) is
 in i's reward set. Two rules for that set, both over cosine similarities of all-MiniLM-L6-v2 embeddings:
 - paper: every transition text with cos(f_state, f_instr(i)) > delta (the OIR summaries' rule);
-- best: only the most similar transition text, if its cosine is > delta (oir_pqn.py's `semantic_mask`).
+- best: only the most similar transition text, if its cosine is > delta (oir_pqn.py's `--reward best`; the paper's rule is
+  its default `--reward semantic`).
 
 Calibration set (CALIBRATION below, written by hand for this measurement): instructions of five kinds, each with the
 transition texts that accomplish it (its true set; several when they fire together, e.g. eating a cow also raises
