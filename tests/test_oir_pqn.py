@@ -99,7 +99,7 @@ def test_evaluation_set_is_held_out(oir, vocab):
     seen = {oir.normalize(t) for t in vocab.texts + vocab.instructions + seeds + calibration}
     overlap = [r[1] for _, r in evals if oir.normalize(r[1]) in seen]
     assert not overlap, overlap
-    assert len(evals) == 54 and len({oir.normalize(r[1]) for _, r in evals}) == 54
+    assert len(evals) == 58 and len({oir.normalize(r[1]) for _, r in evals}) == 58
     kinds = {r[0] for _, r in evals}
     assert {"plain", "paraphrase", "compound", "count", "proximity", "vitals", "sequence"} <= kinds
 
@@ -462,6 +462,39 @@ def test_gt_reward_is_the_named_row_and_can_differ(oir, embedder, vocab):
     assert three in masks["semantic"] and wood not in masks["semantic"]
 
 
+def test_negated_instruction_succeeds_exactly_when_its_twin_fails(
+    oir, embedder, vocab, monkeypatch
+):
+    """A `never` ground truth (prompts/oir/eval_instructions.md) is the complement of its rules: the same worlds and
+    actions evaluated for "collect wood" and "never collect wood" succeed in exactly the opposite episodes."""
+    import jax
+    import jax.numpy as jnp
+
+    class RandomQ:  # uniform greedy actions, a function of the observation only
+        @staticmethod
+        def apply(params, obs, emb):
+            seeds = jax.lax.bitcast_convert_type(obs.sum(-1), jnp.int32)
+            return jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(params, s), (17,)))(
+                seeds
+            )
+
+    env = oir.make_craftax_env_from_name(oir.ENV_ID, auto_reset=False)
+    args = oir.Args(eval_episodes=24, eval_max_steps=60)
+    wood = [oir.parse_rule("t", 0, "wood +")]
+    got = []
+    monkeypatch.setattr(oir, "log_evaluation", lambda succ, *a: got.append(succ[0]))
+    for negated in (False, True):
+        rows = [("negation", "leave the trees alone", wood, False, negated)]
+        evaluate_and_log = oir.make_evaluate(
+            env, env.default_params, RandomQ(), embedder, rows, oir.as_rules(vocab.keys), args
+        )
+        evaluate_and_log(jax.random.PRNGKey(3), None, 0, jax.random.PRNGKey(1))
+    assert 0 < got[0].sum() < len(got[0]), got  # some episodes collect wood, some do not
+    np.testing.assert_array_equal(got[1], ~got[0])
+    loaded = oir.load_prompts(REPO / "prompts" / "oir").evals
+    assert sum(r[4] for r in loaded) == sum(r[0] == "negation" for r in loaded) >= 4
+
+
 def scripted_relabeler(server):
     """Each distinct trajectory prompt gets the next answer kind in turn (a retried request keeps its kind): a good
     proposal (the first event of the prompt's own log, as an instruction), malformed text, a hostile answer (huge,
@@ -549,9 +582,10 @@ def test_relabeling_with_scripted_llm(run_script, scripted_llm, minilm_dir, tmp_
     # Relabeled copies of later rollouts joined the Q-learning batch.
     copies = [float(x) for x in re.findall(r"relabeled copies/update ([\d.]+)", out)]
     assert copies and max(copies) > 0, out[-3000:]
-    # Evaluation (after each of the 2 chunks) printed success for all 54 held-out instructions, coverage, agreement.
+    # Evaluation (after each of the 2 chunks) printed success for all 58 held-out instructions, coverage, agreement.
     kinds = re.findall(r"eval success\s+[\d.]+\s+\[(\w+)\]", out)
-    assert len(kinds) == 2 * 54 and {
+    assert len(kinds) == 2 * 58 and {
+        "negation",
         "plain",
         "compound",
         "count",
@@ -559,7 +593,7 @@ def test_relabeling_with_scripted_llm(run_script, scripted_llm, minilm_dir, tmp_
         "vitals",
         "sequence",
     } <= set(kinds)
-    assert re.search(r"eval coverage \d+/54", out)
+    assert re.search(r"eval coverage \d+/58", out)
     quality = r"; semantic reward vs ground truth over \d+ episodes: precision (nan|[\d.]+), "
     quality += r"recall (nan|[\d.]+), kappa (nan|-?[\d.]+) \(semantic \d+, truth \d+, both \d+\)"
     for kind in (r"paraphrase: coverage \d+/30", r"count: coverage \d+/\d+"):

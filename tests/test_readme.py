@@ -26,7 +26,7 @@ MUST_PRINT = {
     "oir": [
         r"^done: \d+ env steps, [1-9]\d* gradient steps, \d+ relabeled instructions accepted "
         r"\([1-9]\d* LLM requests, 0 failed",
-        r"^eval coverage \d+/54 ",
+        r"^eval coverage \d+/58 ",
         r"^\[llm\] \d+ request\(s\), \d+ at a time: ",
     ],
 }

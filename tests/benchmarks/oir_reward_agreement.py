@@ -2,13 +2,13 @@
 
 Runs `oir_pqn.make_evaluate` unchanged, with a stand-in network whose Q-values are fresh random numbers for every env
 and step (so its greedy action is uniform), and prints what an evaluation prints: success per instruction, coverage,
-and per group (achievement / other) how often the semantic reward fired, the ground truth held, and both.
+and per kind the semantic reward's precision, recall and kappa against the ground truth.
     python tests/benchmarks/oir_reward_agreement.py --embed-model $(python tests/support/wheel_models.py minilm) --episodes 8 --steps 300
+The OIR experiment's random-policy floor (docs/results.md): --episodes 16 --steps 150.
 """
 
 import argparse
 import importlib.util
-import re
 from pathlib import Path
 
 import jax
@@ -44,15 +44,11 @@ def main():
     args = oir.Args(
         eval_episodes=a.episodes, eval_max_steps=a.steps, embed_model=a.embed_model, delta=a.delta
     )
-    prompts = REPO / "prompts" / "oir"
-    rows = oir.read_prompt(path := prompts / "transitions.md", 4)
-    keys = [oir.parse_rule(path, n, f"{field} {change}") for n, (field, change, _, _) in rows]
-    evals = []
-    for n, (kind, text, truth) in oir.read_prompt(path := prompts / "eval_instructions.md", 3):
-        terms = [oir.parse_rule(path, n, t) for t in re.split(" then | and ", truth)]
-        evals.append((kind, text, terms, " then " in truth))
+    prompts = oir.load_prompts(REPO / "prompts" / "oir")
+    evals = prompts.evals
+    keys = prompts.vocab.keys
     env = oir.make_craftax_env_from_name(oir.ENV_ID, auto_reset=False)
-    embed = oir.Embedder(args.embed_model, [r[2] for _, r in rows])
+    embed = oir.Embedder(args.embed_model, prompts.vocab.texts)
     evaluate = oir.make_evaluate(
         env, env.default_params, RandomQ(), embed, evals, oir.as_rules(keys), args
     )
