@@ -27,6 +27,9 @@ ARMS = {
     "template_gt": "OIR, template relabeler, --reward gt",
     "paraphrase": "OIR, paraphrasing relabeler",
     "paraphrase_gt": "OIR, paraphrasing relabeler, --reward gt",
+    # PQN departures (docs/oir_pqn.md): the reference's layout, 512 envs x 1 step, 1 minibatch (1-step targets)
+    "pqn_gt_ref": "plain PQN, reference layout (512 envs x 1 step, 1 minibatch)",
+    "template_ref": "OIR template relabeler, reference layout",
 }
 EPISODES = 16
 KIND_LINE = re.compile(
@@ -40,7 +43,8 @@ def parse(log: Path) -> dict:
     out = log.read_text()
     if "eval coverage" not in out:
         raise SystemExit(f"{log}: no evaluation printed")
-    rows = re.findall(r"^  eval success\s+([\d.]+)\s+\[(\w+)\] (.+)$", out, re.M)[-54:]
+    # one evaluation per run (--eval-every 0): every printed instruction line is the final evaluation's
+    rows = re.findall(r"^  eval success\s+([\d.]+)\s+\[(\w+)\] (.+)$", out, re.M)
     kinds = {
         k: dict(
             zip(
@@ -93,7 +97,12 @@ def collect(logs, out):
 
 def table(path):
     runs = json.loads(Path(path).read_text())
-    kinds = sorted({k for r in runs for k in r["kind"].values()})
+    # instructions every run was evaluated on (the evaluation set grew by 4 negations during the experiment)
+    common = set.intersection(*(set(r["success"]) for r in runs))
+    for r in runs:
+        r["success"] = {t: v for t, v in r["success"].items() if t in common}
+    print(f"{len(common)} instructions evaluated in every run")
+    kinds = sorted({r["kind"][t] for r in runs for t in common})
     base = {r["seed"]: r for r in runs if r["arm"] == "pqn_gt"}
     print(
         "| arm | seeds | episodes succeeded, pooled (Wilson 95%) | per seed: successes of 864 "
@@ -106,7 +115,7 @@ def table(path):
             continue
         per_seed = [sum(r["success"].values()) for r in rs]
         cov = [sum(v / EPISODES > 0.1 for v in r["success"].values()) for r in rs]
-        n = len(rs) * 54 * EPISODES
+        n = len(rs) * len(common) * EPISODES
         lo, hi = wilson(sum(per_seed), n)
         diff = (
             ", ".join(
