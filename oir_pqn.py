@@ -142,8 +142,8 @@ STATUS_WEIGHTS = {  # sampling weight per status
 
 # PQN learner.
 MAX_GRAD_NORM = 1.0  # global gradient-norm clip, as the reference
-# Q(lambda) (choice: purejaxql's Atari/MinAtar value; its Craftax config: 1-step targets with 1 step per
-# env per update; relabeled copies need multi-step rollouts: measured in docs/oir_pqn.md)
+# Q(lambda) (choice: purejaxql's Atari/MinAtar value; its Craftax config: 1-step targets, 1 step
+# per env per update; relabeled copies need multi-step rollouts: measured in docs/oir_pqn.md)
 Q_LAMBDA = 0.65
 EPS_START = 0.1  # epsilon-greedy, decayed linearly ...
 EPS_FINISH = 0.005
