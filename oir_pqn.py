@@ -986,7 +986,7 @@ def load_prompts(folder):
     evals = []
     path = folder / "eval_instructions.md"
     for n, (kind, text, truth) in read_prompt(path, 3):
-        rules = truth.removeprefix("never ")  # a negation: success when the rules never held
+        rules = truth.removeprefix("never ")  # a negation: success when the rules did not all hold
         terms = [parse_rule(path, n, t) for t in re.split(" then | and ", rules)]
         evals.append((kind, text, terms, " then " in truth, rules != truth))
     return Prompts(relabel_prompt, vocab, seeds, evals)

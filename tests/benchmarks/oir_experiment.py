@@ -104,15 +104,15 @@ def table(path):
     print(f"{len(common)} instructions evaluated in every run")
     kinds = sorted({r["kind"][t] for r in runs for t in common})
     base = {r["seed"]: r for r in runs if r["arm"] == "pqn_gt"}
+    # (arm, label, its runs) for every arm that has runs, in ARMS order
+    arms = [(arm, label, [r for r in runs if r["arm"] == arm]) for arm, label in ARMS.items()]
+    arms = [(arm, label, rs) for arm, label, rs in arms if rs]
     print(
         "| arm | seeds | episodes succeeded, pooled (Wilson 95%) | per seed: successes of 864 "
         "| per seed: covered of 54 | minus plain PQN, per seed (successes) |"
     )
     print("|---|---|---|---|---|---|")
-    for arm, label in ARMS.items():
-        rs = [r for r in runs if r["arm"] == arm]
-        if not rs:
-            continue
+    for arm, label, rs in arms:
         per_seed = [sum(r["success"].values()) for r in rs]
         cov = [sum(v / EPISODES > 0.1 for v in r["success"].values()) for r in rs]
         n = len(rs) * len(common) * EPISODES
@@ -131,10 +131,7 @@ def table(path):
     print()
     print("| arm | " + " | ".join(f"{k} success (pooled)" for k in kinds) + " |")
     print("|---|" + "---|" * len(kinds))
-    for arm, label in ARMS.items():
-        rs = [r for r in runs if r["arm"] == arm]
-        if not rs:
-            continue
+    for _, label, rs in arms:
         cells = []
         for k in kinds:
             texts = [t for t, kk in rs[0]["kind"].items() if kk == k]
@@ -144,10 +141,7 @@ def table(path):
     print()
     print("| arm | " + " | ".join(f"{k} P / R / k" for k in kinds) + " |")
     print("|---|" + "---|" * len(kinds))
-    for arm, label in ARMS.items():
-        rs = [r for r in runs if r["arm"] == arm]
-        if not rs:
-            continue
+    for _, label, rs in arms:
         cells = []
         for k in kinds:  # pooled over seeds from the episode counts
             sem = sum(r["per_kind"][k]["semantic"] for r in rs)
