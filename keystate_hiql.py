@@ -177,6 +177,29 @@ REP_DIM = 10  # size of the subgoal representation phi([s; g]), as OGBench
 # goal data that differ per seed (--dataset-fraction); the dataset is shared
 PER_SEED = ("valid_idxs", "n_valid")
 
+# Declared range [low, high] (inclusive) of every int and float flag: what a real run could need.
+# NaN and +-inf fail every range; every size of a tuple flag must lie in it. A new numeric field
+# needs an entry (tests/test_bad_inputs.py fails otherwise).
+RANGES = [
+    # seed + num_seeds - 1 stays an int32 (the seeds are a jnp array); env resets add < 10**6
+    (0, 2**30, ["seed"]),
+    # seeds share one jitted update; one LLM request per rule round, so no need for concurrency
+    (1, 64, ["num_seeds", "llm_concurrency"]),
+    (0.001, 1.0, ["dataset_fraction"]),
+    (1, 10**9, ["total_steps", "log_interval"]),
+    (0, 10**9, ["eval_every", "adapt_interval"]),
+    # batch x width: 2**16 x 2**14 floats are 4 GB per layer, what one GPU could still hold;
+    # OGBench's longest episodes have 4,001 steps (the window)
+    (1, 2**16, ["batch_size", "keystate_window", "llm_max_new_tokens"]),
+    (1, 2**14, ["hidden_dims", "eval_episodes", "subgoal_steps"]),
+    (1, MAX_RULES, ["num_rules"]),
+    (0.0, 1.0, ["p_keystate"]),
+    (0.5, 0.9999, ["discount"]),
+    (0.0, 1000.0, ["high_alpha", "low_alpha"]),
+    (1.0, 86400.0, ["llm_timeout"]),
+    (0.0, 2.0, ["llm_temperature"]),  # the OpenAI API's range
+]
+
 
 def usage_error(message: str):
     """A usage error ends the run with one line and exit status 2, as argparse (and tyro) do;
@@ -186,53 +209,15 @@ def usage_error(message: str):
 
 
 def check_args(args: Args):
-    """Usage errors as one line (`error: --flag: ...`) before anything heavy; the rule compiler
-    keeps its own checks."""
-    at_least_1 = (
-        "total_steps",
-        "batch_size",
-        "log_interval",
-        "eval_episodes",
-        "num_seeds",
-        "keystate_window",
-        "llm_concurrency",
-        "llm_max_new_tokens",
-    )
-    # (field, valid?, what it must be)
-    checks = [(n, getattr(args, n) >= 1, ">= 1") for n in at_least_1]
-    checks += [
-        (n, getattr(args, n) >= 0, ">= 0")
-        for n in (
-            "eval_every",
-            "adapt_interval",
-            "llm_temperature",
-        )
-    ]
-    checks += [
-        ("num_rules", 1 <= args.num_rules <= MAX_RULES, f"in [1, {MAX_RULES}]"),
-        ("dataset_fraction", 0.0 < args.dataset_fraction <= 1.0, "in (0, 1]"),
-        ("p_keystate", 0.0 <= args.p_keystate <= 1.0, "in [0, 1]"),
-        ("discount", args.discount is None or 0.0 < args.discount < 1.0, "in (0, 1)"),
-        (
-            "hidden_dims",
-            min(args.hidden_dims, default=0) >= 1,
-            "one or more sizes >= 1",
-        ),
-        (
-            "dataset_path",
-            args.dataset_path is None or Path(args.dataset_path).is_file(),
-            "an existing file",
-        ),
-        (
-            "rules_path",
-            args.rules_path is None or Path(args.rules_path).is_file(),
-            "an existing file",
-        ),
-        ("run_dir", not Path(args.run_dir).exists() or Path(args.run_dir).is_dir(), "a folder"),
-    ]
-    for name, ok, what in checks:
-        if not ok:
-            usage_error(f"--{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}")
+    """Usage errors as one line (`error: --flag: ...`) before anything heavy; files are checked
+    where they are read, the rule compiler keeps its own checks."""
+    for low, high, names in RANGES:
+        for name in names:
+            value = getattr(args, name)
+            values = value if isinstance(value, tuple) else [value]
+            # `not low <= v <= high` also holds for NaN; None is unset (the per-env default)
+            if any(v is not None and not low <= v <= high for v in values):
+                usage_error(f"--{name.replace('_', '-')}: must be in [{low}, {high}], got {value}")
 
 
 def resolve_presets(args: Args) -> Args:
@@ -250,8 +235,6 @@ def resolve_presets(args: Args) -> Args:
     args.low_alpha = alpha if args.low_alpha is None else args.low_alpha
     args.subgoal_steps = subgoal_steps if args.subgoal_steps is None else args.subgoal_steps
     args.discount = discount if args.discount is None else args.discount
-    if args.subgoal_steps < 1:  # checked here, where the per-env value is known
-        usage_error(f"--subgoal-steps: must be >= 1, got {args.subgoal_steps}")
     return args
 
 
@@ -283,13 +266,16 @@ def read_layout(args: Args):
 def extract_rules_json(text: str) -> list:
     """The first {"rules": [...]} object in an LLM answer or a rules file (code fences and chatter
     tolerated)."""
-    for m in re.finditer(r"\{", text):
+    # Only objects that open with their "rules" key are tried, at most MAX_RULES of them: a try
+    # may scan the rest of the text, so the cost stays linear in its size (a 1 MB file of "{"
+    # took minutes when every "{" was tried).
+    for m in list(re.finditer(r'\{\s*"rules"\s*:', text))[:MAX_RULES]:
         try:
             obj = json.JSONDecoder().raw_decode(text, m.start())[0]
         except (ValueError, RecursionError):
             continue  # not JSON from here, or nested beyond the parser's limit
-        if isinstance(obj, dict) and isinstance(obj.get("rules"), list):
-            return [r for r in obj["rules"] if isinstance(r, dict)]
+        if isinstance(obj["rules"], list):
+            return obj["rules"]
     raise RuleError("no JSON object with a 'rules' list found")
 
 
@@ -456,14 +442,16 @@ def compile_condition(expr: str, feats: Features) -> np.ndarray:
         if isinstance(node, ast.UnaryOp) and op:
             return op(ev(node.operand, lags))
         if isinstance(node, ast.BoolOp):
-            return functools.reduce(op, [np.asarray(ev(v, lags), dtype=bool) for v in node.values])
+            values = [np.asarray(ev(v, lags), dtype=bool) for v in node.values]
+            return functools.reduce(op, values)
         # |a|^p, odd integer p keeps a's sign
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
             p = ev(node.right, lags)
             if np.ndim(p) or not abs(p) <= MAX_POW:
                 raise RuleError(f"exponents must be numbers with |p| <= {MAX_POW}")
             a = ev(node.left, lags)
-            return np.power(np.abs(a), p) * (np.sign(a) if p == int(p) and int(p) % 2 else 1.0)
+            sign = np.sign(a) if p == int(p) and int(p) % 2 else 1.0
+            return np.power(np.abs(a), p) * sign
         if isinstance(node, ast.BinOp) and op:
             return op(ev(node.left, lags), ev(node.right, lags))
         # a < b <= c: pairwise, and-ed
@@ -510,14 +498,12 @@ def check_rules(
     """Compile-time self-check of <= MAX_RULES rules: parse, run, fire rate in bounds; masks OR-ed
     into key_mask."""
     if len(rules) > MAX_RULES:  # one cap for LLM answers and rule files
-        names = ", ".join(str(r.get("name", "?"))[:64] for r in rules[MAX_RULES : MAX_RULES + 5])
-        log(
-            f"[rules] {len(rules) - MAX_RULES} rules beyond the cap of {MAX_RULES} dropped: "
-            f"{names}, ..."
-        )
+        log(f"[rules] {len(rules) - MAX_RULES} rules beyond the cap of {MAX_RULES} dropped")
     accepted = []
     failures = []
     for i, r in enumerate(rules[:MAX_RULES]):
+        if not isinstance(r, dict):  # e.g. a bare condition string: no rule object, rejected
+            r = {}
         name = str(r.get("name", f"rule_{i}"))[:64]
         cond = r.get("condition")
         try:
@@ -596,7 +582,8 @@ def make_goal_data(
     valid = ds["valids"] > 0
     key_idxs = np.nonzero(valid & key_mask)[0] if key_mask is not None else []
     rows = [np.nonzero(valid & k)[0] for k in (valid[None] if keep is None else keep)]
-    padded = np.stack([np.pad(r, (0, max(map(len, rows)) - len(r)), mode="edge") for r in rows])
+    longest = max(map(len, rows))
+    padded = np.stack([np.pad(r, (0, longest - len(r)), mode="edge") for r in rows])
     n_valid = np.array([len(r) for r in rows])
     return {
         "observations": jnp.asarray(ds["observations"]),  # (N, ob_dim)
@@ -650,14 +637,23 @@ def sample_batch(key, data: dict, args: Args, p_keystate):
     the low-level subgoal w = s_{min(t+k, T)}, and high-level goals g with prediction targets
     s_{min(t+k, g)}."""
     k_idx, k_val, k_act = jax.random.split(key, 3)
-    idxs = data["valid_idxs"][jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])]
+    draws = jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])
+    idxs = data["valid_idxs"][draws]
     window = args.keystate_window
     obs = data["observations"]
     k = args.subgoal_steps
     # Value goals: OGBench's mix of 0.2 current state, 0.5 future state (geometric), 0.3 random
     # state; the future states become key states w.p. p_keystate (Section 2.1 (3)).
     value_goals, is_key, _ = sample_goals(
-        k_val, data, idxs, args.discount, p_keystate, window, p_cur=0.2, p_traj=0.5, geometric=True
+        k_val,
+        data,
+        idxs,
+        args.discount,
+        p_keystate,
+        window,
+        p_cur=0.2,
+        p_traj=0.5,
+        geometric=True,
     )
     # High-level goals stay OGBench's (uniform future; random w.p. actor_p_randomgoal): the paper
     # changes only the value goals' relabeling (Section 2.1 (4)), and a key state within the window
@@ -696,7 +692,8 @@ def probe_batch(key, data: dict, args: Args):
     state, the non-key state nearest to it (the distance-matched comparator), a HER goal and a
     uniform goal."""
     k_idx, k_key, k_her, k_uni = jax.random.split(key, 4)
-    idxs = data["valid_idxs"][jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])]
+    draws = jax.random.randint(k_idx, (args.batch_size,), 0, data["n_valid"])
+    idxs = data["valid_idxs"][draws]
     final = data["final_idxs"][idxs]
     obs = data["observations"]
     key_idxs = data["key_idxs"]
@@ -810,11 +807,10 @@ class RelabelCheck:
             )
         np.savez(run_dir / "td_probe.npz", **out)
         plt.axhline(0, color="gray")  # the finding is the sign of the gap
-        # the run folder's name starts with env, experiment (learner), arm, data fraction, seeds
+        # the run folder's name (env, experiment, arm, data fraction, seeds) says which run it is
         plt.gca().set(
             xlabel="gradient step",
             ylabel="|TD| gap, 95% CI (> 0: key-state goals are harder)",
-            title=run_dir.name.rsplit("__", 1)[0],
         )
         plt.legend()
         plt.savefig(run_dir / "td_probe.png", bbox_inches="tight")  # the long y label fits
@@ -894,7 +890,9 @@ def make_agent(args: Args, ob_dim: int, act_dim: int, key):
         high_actor=(ob, ob),
     )
     key, *keys = jax.random.split(key, 5)
-    params = {name: nets[name].init(k, *inputs[name])["params"] for name, k in zip(nets, keys)}
+    params = {}
+    for name, k in zip(nets, keys):
+        params[name] = nets[name].init(k, *inputs[name])["params"]
     tx = optax.adam(LR)
     target = tree_map(jnp.copy, params["value"])  # starts equal, own buffers (donation)
     return nets, tx, AgentState(params, target, tx.init(params), key)
@@ -921,7 +919,8 @@ def phi(nets: dict, rep_params, obs, goals):
 def hiql_value(nets: dict, value_params, rep_params, obs, goals):
     """V1,2(s, phi([s; g])) -> (2, batch): one phi serves V and the low-level actor (OGBench's
     shared goal_rep)."""
-    return nets["value"].apply({"params": value_params}, obs, phi(nets, rep_params, obs, goals))
+    rep = phi(nets, rep_params, obs, goals)
+    return nets["value"].apply({"params": value_params}, obs, rep)
 
 
 def value_loss(params, target_value, batch, nets: dict, discount, expectile):
@@ -937,15 +936,17 @@ def value_loss(params, target_value, batch, nets: dict, discount, expectile):
     q = batch["rewards"] + discount * batch["masks"] * jnp.minimum(next_v1_t, next_v2_t)
     adv = q - hiql_value(nets, target_value, rep, obs, goals).mean(0)
     v1, v2 = hiql_value(nets, params["value"], params["goal_rep"], obs, goals)
-    q1, q2 = (batch["rewards"] + discount * batch["masks"] * nv for nv in (next_v1_t, next_v2_t))
+    q1 = batch["rewards"] + discount * batch["masks"] * next_v1_t
+    q2 = batch["rewards"] + discount * batch["masks"] * next_v2_t
     loss = (
         expectile_loss(adv, q1 - v1, expectile).mean()
         + expectile_loss(adv, q2 - v2, expectile).mean()
     )
-    td_abs = jax.lax.stop_gradient(jnp.abs(q - (v1 + v2) / 2))  # (batch,)
+    v = (v1 + v2) / 2
+    td_abs = jax.lax.stop_gradient(jnp.abs(q - v))  # (batch,)
     return loss, {
         "value/value_loss": loss,
-        "value/v_mean": (v1 + v2).mean() / 2,
+        "value/v_mean": v.mean(),
         "td_abs": td_abs,
     }
 
@@ -960,10 +961,13 @@ def awr_loss(params, nets: dict, name, alpha, obs, subgoals, goals, mean, target
         for s in (obs, subgoals)
     )
     # log N(target; mean, I)
-    log_prob = jnp.sum(-0.5 * (target - mean) ** 2 - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
-    # A = nv - v: (batch,)
-    loss = -(jnp.minimum(jnp.exp((nv - v) * alpha), 100.0) * log_prob).mean()
-    return loss, {f"{name}/actor_loss": loss, f"{name}/adv": (nv - v).mean()}
+    squared_error = (target - mean) ** 2
+    log_prob = jnp.sum(-0.5 * squared_error - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+    # AWR weights exp(A * alpha), A = nv - v: (batch,), capped at 100 as OGBench
+    adv = nv - v
+    weights = jnp.minimum(jnp.exp(adv * alpha), 100.0)
+    loss = -(weights * log_prob).mean()
+    return loss, {f"{name}/actor_loss": loss, f"{name}/adv": adv.mean()}
 
 
 def low_actor_loss(params, batch, nets: dict, alpha):
@@ -1054,7 +1058,10 @@ def make_update(args: Args, nets: dict, tx, chunk: int = 1):
         # A seed's `chunk` steps run before the next seed's: its parameters stay in the CPU cache
         # (seeds interleaved step by step ran 0.69x as fast as one seed per process:
         # tests/benchmarks/bench_keystate_seeds.py).
-        return jax.lax.scan(lambda s, _: update(s, data, p_keystate), state, length=chunk)
+        def step(s, _):
+            return update(s, data, p_keystate)
+
+        return jax.lax.scan(step, state, length=chunk)
 
     # the agents' state is donated: updated in place
     return jax.jit(over_seeds(steps), donate_argnums=(0,)), jax.jit(over_seeds(probe))
@@ -1067,11 +1074,11 @@ def make_policy(nets: dict):
 
     @jax.jit
     def act(params, obs, goal):
-        rep = nets["high_actor"].apply({"params": params["high_actor"]}, obs[None], goal[None])
-        rep = length_normalize(rep)
-        return jnp.clip(
-            nets["low_actor"].apply({"params": params["low_actor"]}, obs[None], rep)[0], -1, 1
-        )
+        high = {"params": params["high_actor"]}
+        rep = length_normalize(nets["high_actor"].apply(high, obs[None], goal[None]))
+        low = {"params": params["low_actor"]}
+        action = nets["low_actor"].apply(low, obs[None], rep)[0]
+        return jnp.clip(action, -1, 1)
 
     return act
 
@@ -1121,8 +1128,8 @@ def make_env_and_dataset(args: Args):
         (
             f"observations, actions, terminals have shapes {shapes}; {args.env_name} needs {want}"
         ): shapes != want,
-        "observations or actions hold NaN or inf": not (
-            np.isfinite(obs).all() and np.isfinite(act).all()
+        "observations, actions or terminals hold NaN or inf": not all(
+            np.isfinite(x).all() for x in (obs, act, valids)
         ),
         "the last row is not terminal (each episode ends with terminals = 1)": valids[-1:].any(),
         "every row is terminal: no transition to learn from": not valids.any(),
@@ -1141,9 +1148,11 @@ def episode_subsets(ds: dict, args: Args) -> np.ndarray:
     n_ep = int(ep_id[-1]) + 1
     n_keep = max(1, int(round(args.dataset_fraction * n_ep)))
     seeds = range(args.seed, args.seed + args.num_seeds)
-    return np.stack(
-        [np.isin(ep_id, np.random.default_rng(s).permutation(n_ep)[:n_keep]) for s in seeds]
-    )
+    masks = []
+    for s in seeds:
+        episodes = np.random.default_rng(s).permutation(n_ep)[:n_keep]
+        masks.append(np.isin(ep_id, episodes))
+    return np.stack(masks)
 
 
 # === Evaluation, logging and checkpoints ==========================================================
@@ -1162,9 +1171,7 @@ def evaluate(env, act, params, args: Args, seed: int) -> dict:
                 obs, _, terminated, truncated, info = env.step(np.asarray(act(params, obs, goal)))
                 done = terminated or truncated
             successes.append(float(info["success"]))
-        results[f"eval/{task.get('task_name', f'task{task_id}')}_success"] = float(
-            np.mean(successes)
-        )
+        results[f"eval/{task['task_name']}_success"] = float(np.mean(successes))
     results["eval/overall_success"] = float(np.mean(list(results.values())))
     return results
 
@@ -1173,9 +1180,10 @@ def evaluate_seeds(env, act, params, args: Args, seeds, step, writer):
     """Evaluate each seed's agent; log the mean over seeds and every seed's results -> (the means,
     the per-seed results). Intervals come from the per-seed results (docs/results/report.py: Wilson
     on the pooled episodes; a Student-t interval over few seeds says little)."""
-    per_seed = [
-        evaluate(env, act, tree_map(lambda x: x[i], params), args, s) for i, s in enumerate(seeds)
-    ]
+    per_seed = []
+    for i, seed in enumerate(seeds):
+        seed_params = tree_map(lambda x: x[i], params)  # the leading axis holds the seeds
+        per_seed.append(evaluate(env, act, seed_params, args, seed))
     means = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0]}
     for k, v in (
         means | {f"{k}/seed{s}": r[k] for s, r in zip(seeds, per_seed) for k in r}
@@ -1191,8 +1199,11 @@ def make_run_dir(args: Args) -> Path:
     (mkdtemp)."""
     name = f"{args.env_name}__{args.exp_name}__{args.relabel}__frac{args.dataset_fraction:g}"
     name += f"__seed{args.seed}x{args.num_seeds}__{time.strftime('%Y%m%d-%H%M%S')}_"
-    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=name, dir=args.run_dir))
+    try:
+        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=name, dir=args.run_dir))
+    except OSError as e:  # a file, a read-only place, /proc/...
+        raise SystemExit(f"error: --run-dir: cannot create the run folder ({e})")
 
 
 def start_logging(args: Args, run_dir: Path):
@@ -1224,6 +1235,9 @@ def log_losses(writer, step, sps, info, p_keystate, seeds):
     info = {
         k if k.startswith("relabel/") else f"losses/{k}": float(v.mean()) for k, v in info.items()
     }
+    # before any parameters are saved (the data and flags are checked, so this is a divergence)
+    if not np.isfinite(list(info.values())).all():
+        raise SystemExit(f"error: step {step}: a loss is not finite: {info}")
     p_key = {f"relabel/p_keystate/seed{s}": p for s, p in zip(seeds, p_keystate)}
     for k, v in {**info, **p_key, "charts/SPS": sps}.items():
         writer.add_scalar(k, v, step)
@@ -1335,15 +1349,7 @@ def main(args: Args):
     # requests from --seed.
     env, ds = make_env_and_dataset(args)
     keep = episode_subsets(ds, args)
-    log(
-        f"[data] {args.env_name}: {len(ds['valids'])} rows; "
-        f"kept per seed: {dict(zip(seeds, keep.sum(1).tolist()))}"
-    )
-    # the plan; the step bar's ETA leaves the evaluations (a bar each) out
-    log(
-        f"[plan] {args.total_steps} steps x {len(seeds)} seed(s); evaluation every "
-        f"{args.eval_every} steps (0: none) and at the end"
-    )
+    log(f"[data] {args.env_name}: {len(ds['valids'])} rows; kept per seed: {keep.sum(1).tolist()}")
 
     # Components (1) + (2): LLM rules -> discriminators -> one key-state mask. The HER arm compiles
     # a --rules-path too, only for the paired TD probe (Figure 2 on an HER-trained critic); no LLM.

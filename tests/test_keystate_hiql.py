@@ -97,10 +97,10 @@ def test_presets_follow_ogbench(ks, capsys):
         == 7
     )
     with pytest.raises(SystemExit) as e:
-        ks.resolve_presets(ks.Args(subgoal_steps=0))
+        ks.check_args(ks.Args(subgoal_steps=0))  # its declared range; unset: the per-env value
     assert (
         e.value.code == 2
-        and capsys.readouterr().err == "error: --subgoal-steps: must be >= 1, got 0\n"
+        and capsys.readouterr().err == "error: --subgoal-steps: must be in [1, 16384], got 0\n"
     )
 
 

@@ -34,8 +34,11 @@ ALLOWED = {
 
 # Module-level constants allowed to differ inside a pair (by design, with the reference learners).
 ALLOWED_CONSTANTS = {
-    ("keystate_gciql.py", "keystate_hiql.py"): {"EXPECTILE"},  # OGBench: GCIQL 0.9, HIQL 0.7
-    ("hsl_sft.py", "hsl_dpo.py"): set(),
+    ("keystate_gciql.py", "keystate_hiql.py"): {
+        "EXPECTILE",
+        "RANGES",
+    },  # EXPECTILE: GCIQL 0.9, HIQL 0.7 (OGBench)
+    ("hsl_sft.py", "hsl_dpo.py"): {"RANGES"},  # the DPO flags have ranges too
 }
 
 

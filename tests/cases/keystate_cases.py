@@ -9,36 +9,42 @@ from pathlib import Path
 import numpy as np
 
 BAD_INPUTS = {
-    "batch-size-0": (["--batch-size", "0"], 2, r"--batch-size: must be >= 1, got 0"),
-    "batch-size-negative": (["--batch-size", "-1"], 2, r"--batch-size: must be >= 1, got -1"),
-    "total-steps-0": (["--total-steps", "0"], 2, r"--total-steps: must be >= 1"),
+    "batch-size-0": (["--batch-size", "0"], 2, r"--batch-size: must be in \[1, 65536\], got 0"),
+    "batch-size-negative": (
+        ["--batch-size", "-1"],
+        2,
+        r"--batch-size: must be in \[1, 65536\], got -1",
+    ),
+    "total-steps-0": (["--total-steps", "0"], 2, r"--total-steps: must be in \[1, 1000000000\]"),
     "dataset-fraction-0": (
         ["--dataset-fraction", "0"],
         2,
-        r"--dataset-fraction: must be in \(0, 1\]",
+        r"--dataset-fraction: must be in \[0.001, 1.0\]",
     ),
     "dataset-fraction-above-1": (
         ["--dataset-fraction", "1.5"],
         2,
-        r"--dataset-fraction: must be in \(0, 1\]",
+        r"--dataset-fraction: must be in \[0.001, 1.0\]",
     ),
-    "eval-every-negative": (["--eval-every", "-1"], 2, r"--eval-every: must be >= 0"),
-    "log-interval-0": (["--log-interval", "0"], 2, r"--log-interval: must be >= 1"),
-    "p-keystate-above-1": (["--p-keystate", "1.5"], 2, r"--p-keystate: must be in \[0, 1\]"),
-    "keystate-window-0": (["--keystate-window", "0"], 2, r"--keystate-window: must be >= 1"),
-    "hidden-dims-0": (["--hidden-dims", "0"], 2, r"--hidden-dims: must be one or more sizes >= 1"),
+    "eval-every-negative": (["--eval-every", "-1"], 2, r"--eval-every: must be in \[0, "),
+    "log-interval-0": (["--log-interval", "0"], 2, r"--log-interval: must be in \[1, "),
+    "p-keystate-above-1": (["--p-keystate", "1.5"], 2, r"--p-keystate: must be in \[0.0, 1.0\]"),
+    "keystate-window-0": (["--keystate-window", "0"], 2, r"--keystate-window: must be in \[1, "),
+    "hidden-dims-0": (["--hidden-dims", "0"], 2, r"--hidden-dims: must be in \[1, 16384\]"),
     "num-rules-above-cap": (["--num-rules", "17"], 2, r"--num-rules: must be in \[1, 16\]"),
-    "dataset-path-missing": (
-        ["--dataset-path", "{missing}"],
-        2,
-        r"--dataset-path: must be an existing file",
+    # paths are checked where they are read: a data error
+    "dataset-path-missing": (["--dataset-path", "{missing}"], 1, r"missing\.npz: cannot read"),
+    "rules-path-missing": (["--rules-path", "{missing}"], 1, r"missing\.npz: .*No such file"),
+    "run-dir-is-a-file": (
+        ["--run-dir", "{text_npz}"],
+        1,
+        r"--run-dir: cannot create the run folder .*File exists",
     ),
-    "rules-path-missing": (
-        ["--rules-path", "{missing}"],
-        2,
-        r"--rules-path: must be an existing file",
+    "run-dir-under-proc": (
+        ["--run-dir", "/proc/no_such_process/runs"],
+        1,
+        r"--run-dir: cannot create the run folder",
     ),
-    "run-dir-is-a-file": (["--run-dir", "{text_npz}"], 2, r"--run-dir: must be a folder"),
     "unknown-env": (
         ["--env-name", "nosuchmaze-large-navigate-v0"],
         2,
@@ -66,7 +72,16 @@ BAD_INPUTS = {
         1,
         r"shape\.npz: observations, actions, terminals have",
     ),
-    "npz-nan": (["--dataset-path", "{nan_npz}"], 1, r"nan\.npz: observations or actions hold NaN"),
+    "npz-nan": (
+        ["--dataset-path", "{nan_npz}"],
+        1,
+        r"nan\.npz: observations, actions or terminals hold NaN",
+    ),
+    "npz-nan-terminals": (
+        ["--dataset-path", "{nanterm_npz}"],
+        1,
+        r"nanterm\.npz: observations, actions or terminals hold NaN",
+    ),
     "npz-last-row-not-terminal": (
         ["--dataset-path", "{open_npz}"],
         1,
@@ -86,7 +101,7 @@ BAD_INPUTS = {
 }
 
 HIQL_BAD_INPUTS = {
-    "subgoal-steps-0": (["--subgoal-steps", "0"], 2, r"--subgoal-steps: must be >= 1")
+    "subgoal-steps-0": (["--subgoal-steps", "0"], 2, r"--subgoal-steps: must be in \[1, 16384\]")
 }
 
 
@@ -107,6 +122,7 @@ def write_bad_inputs(folder: Path) -> dict:
         "nokeys_npz": {"obs": good["observations"], "actions": good["actions"], "terminals": term},
         "shape_npz": {**good, "observations": np.ones((n, 3), np.float32)},
         "nan_npz": {**good, "observations": np.full((n, 2), np.nan, np.float32)},
+        "nanterm_npz": {**good, "terminals": np.where(term, 1.0, np.nan)},
         "open_npz": {**good, "terminals": np.zeros(n, bool)},
         "allterm_npz": {**good, "terminals": np.ones(n, bool)},
     }.items():
