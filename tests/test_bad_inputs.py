@@ -8,8 +8,14 @@ real subprocesses (`run_script`), to prove the user's path end to end: a usage e
 after the data loaded.
 """
 
+import ast
+import inspect
 import json
+import math
 import re
+import runpy
+import shutil
+from pathlib import Path
 
 import pytest
 from hsl_cases import BAD_INPUTS as HSL_BAD_INPUTS
@@ -18,6 +24,8 @@ from keystate_cases import BAD_INPUTS as KEYSTATE_BAD_INPUTS
 from keystate_cases import HIQL_BAD_INPUTS, write_bad_inputs
 from oir_cases import BAD_INPUTS as OIR_BAD_INPUTS
 from oir_cases import write_bad_inputs as write_oir_bad_inputs
+
+REPO = Path(__file__).resolve().parents[1]
 
 TABLES = {
     "keystate_gciql.py": KEYSTATE_BAD_INPUTS,
@@ -86,13 +94,11 @@ def bad_files(tmp_path_factory):
 
 
 @pytest.fixture
-def command(request, tmp_path, bad_files):
-    """(script, argv, cwd, the run folder that must not appear, (status, regex)) of one case: a valid command line
-    for the script, then the case's flags (the last one wins)."""
+def base_command(request, tmp_path):
+    """(argv, cwd, run folder) of a valid small run of a script: each case adds its flags after it (the last one
+    wins)."""
 
-    def build(script: str, case: str):
-        flags, status, named = TABLES[script][case]
-        flags = [f.format(**bad_files[script.split("_")[0]]) for f in flags]
+    def build(script: str):
         runs, cwd = tmp_path / "runs", None
         if script.startswith("keystate"):
             rules = tmp_path / "rules.json"
@@ -130,6 +136,20 @@ def command(request, tmp_path, bad_files):
                 "--llm-timeout",
                 "5",
             ]
+        return base, cwd, runs
+
+    return build
+
+
+@pytest.fixture
+def command(base_command, bad_files):
+    """(argv, cwd, the run folder that must not appear, (status, regex)) of one table case: a valid command line for
+    the script, then the case's flags."""
+
+    def build(script: str, case: str):
+        flags, status, named = TABLES[script][case]
+        flags = [f.format(**bad_files[script.split("_")[0]]) for f in flags]
+        base, cwd, runs = base_command(script)
         return [*base, *flags], cwd, runs, (status, named)
 
     return build
@@ -168,3 +188,213 @@ def test_every_table_names_its_subprocess_cases():
     """The subprocess cases are cases of the tables (a renamed case cannot silently drop out)."""
     for script, cases in SUBPROCESS.items():
         assert set(cases) <= set(TABLES[script]), script
+
+
+# ------------------------------------------------------------------------------- cases generated from Args and RANGES
+# Every int and float field of each script's Args, read from the source (no import at collection), gets values
+# outside any range a run could need, and every path field gets broken files: a new field is covered the day it is
+# added, without anyone writing a case. The exact bounds are tested next to them (test_declared_ranges_are_exact).
+SCRIPTS = ["keystate_gciql.py", "keystate_hiql.py"]  # INTERIM: the others join as their RANGES land
+# What each str field of Args is. A new str field fails test_every_str_field_is_classified until it is added here.
+PATH_FIELDS = {
+    "keystate": {"run_dir": "out", "dataset_path": "file", "rules_path": "file"},
+    "hsl": {
+        "run_dir": "out",
+        "data_dir": "folder",
+        "demos_path": "file",
+        "model_name": "model",
+        "eto_prompts": "folder",
+        "resume": "folder",
+    },
+    "oir": {"run_dir": "out", "resume": "file", "prompts_dir": "folder", "embed_model": "model"},
+}
+# names, URLs and hub ids (llm_model is a name sent to the endpoint with the default backend)
+OTHER_STR_FIELDS = {"exp_name", "wandb_project_name", "env_name", "llm_model", "llm_base_url"}
+OUTSIDE = {
+    "int": ["-1000000000000", "1" + "0" * 30],
+    "float": ["-1e30", "1e30", "inf", "-inf", "nan"],
+}
+
+
+def args_fields(script: str) -> dict:
+    """{field: annotation source} of the script's Args dataclass."""
+    tree = ast.parse((REPO / script).read_text())
+    args = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    return {
+        n.target.id: ast.unparse(n.annotation) for n in args.body if isinstance(n, ast.AnnAssign)
+    }
+
+
+def numeric_kind(annotation: str):
+    """'int' / 'float' for int, float, Optional[...] of them and Tuple[int, ...]; None otherwise."""
+    return next((k for k in ("int", "float") if re.search(rf"\b{k}\b", annotation)), None)
+
+
+NUMERIC_CASES = [
+    (script, field, value)
+    for script in SCRIPTS
+    for field, annotation in args_fields(script).items()
+    if numeric_kind(annotation)
+    for value in OUTSIDE[numeric_kind(annotation)]
+]
+
+
+@pytest.mark.parametrize(
+    "script,field,value",
+    NUMERIC_CASES,
+    ids=[f"{s.removesuffix('.py')}-{f}={v[:8]}" for s, f, v in NUMERIC_CASES],
+)
+def test_generated_numeric_flag_outside_every_range(
+    run_in_process, base_command, script, field, value
+):
+    base, cwd, runs = base_command(script)
+    flag = "--" + field.replace("_", "-")
+    check(run_in_process(script, *base, flag, value, cwd=cwd), runs, (2, re.escape(flag)))
+
+
+def broken_files(folder: Path) -> dict:
+    """name -> a file whose content no reader may accept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    content = {
+        "empty": b"",
+        "binary": bytes(range(256)) * 16,
+        "nested-json": b"[" * 100_000,
+        "nested-object": b'{"a": ' * 100_000,
+    }
+    files = {}
+    for name, data in content.items():
+        files[name] = folder / f"{name}.json"
+        files[name].write_bytes(data)
+    return files
+
+
+def spoiled_copy(template: Path, out: Path, data: bytes) -> Path:
+    """A copy of a folder with every file's content replaced by `data` (names kept, so the reader opens them)."""
+    shutil.copytree(template, out)
+    for f in out.rglob("*"):
+        if f.is_file():
+            f.write_bytes(data)
+    return out
+
+
+def folder_template(script: str, field: str, request, tmp_path: Path) -> Path:
+    """A valid folder for a folder field, to spoil: what the script reads from it, with the right names."""
+    if field == "data_dir":
+        return Path(request.getfixturevalue("put_games"))
+    if field == "eto_prompts":
+        from runs import short_eto_prompts
+
+        return Path(short_eto_prompts())
+    if field == "prompts_dir":
+        return REPO / "prompts"
+    checkpoint = (
+        tmp_path / "checkpoint_template"
+    )  # hsl_sft.py's checkpoint folder: its state file first
+    checkpoint.mkdir()
+    (checkpoint / "hsl_state.json").write_text("{}")
+    return checkpoint
+
+
+PATH_VARIANTS = {
+    "file": ["missing", "a-folder", "empty", "binary", "nested-json", "nested-object"],
+    "out": ["a-file", "under-proc"],
+    "folder": ["missing", "a-file", "empty-folder", "empty", "binary", "nested-json"],
+    "model": ["missing", "a-file", "empty-folder", "binary"],
+}
+PATH_CASES = [
+    (script, field, variant)
+    for script in SCRIPTS
+    for field, kind in PATH_FIELDS[script.split("_")[0]].items()
+    for variant in PATH_VARIANTS[kind]
+]
+
+
+@pytest.mark.parametrize(
+    "script,field,variant",
+    PATH_CASES,
+    ids=[f"{s.removesuffix('.py')}-{f}-{v}" for s, f, v in PATH_CASES],
+)
+def test_generated_broken_path(
+    run_in_process, base_command, request, tmp_path, script, field, variant
+):
+    """Each path field given a place or a file that cannot serve: one `error:` line naming the flag or the file,
+    exit 1 or 2, no traceback, no run folder."""
+    base, cwd, runs = base_command(script)
+    kind = PATH_FIELDS[script.split("_")[0]][field]
+    files = broken_files(tmp_path / "broken")
+    if variant == "missing":
+        value = tmp_path / "no_such_place" / "x"
+    elif variant == "a-folder" or variant == "empty-folder":
+        value = tmp_path / "a_folder"
+        value.mkdir()
+    elif variant == "a-file":
+        value = files["binary"]
+    elif variant == "under-proc":
+        value = Path("/proc/no_such_process/runs")
+    elif kind == "folder":
+        data = files[variant].read_bytes()
+        template = folder_template(script, field, request, tmp_path)
+        value = spoiled_copy(template, tmp_path / f"spoiled_{field}", data)
+    else:
+        value = files[variant]
+    if field == "run_dir":
+        runs = tmp_path / "no_run_folder_expected"
+    result = run_in_process(script, *base, "--" + field.replace("_", "-"), value, cwd=cwd)
+    named = f"--{field.replace('_', '-')}|{re.escape(str(value))}"
+    status, _ = result.returncode, None
+    assert status in (1, 2), (status, result.output[-3000:])
+    check(result, runs, (status, named))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_str_field_is_classified(script):
+    """A new str field is a path (and gets generated cases) or a name: it cannot go untested by omission."""
+    paths = PATH_FIELDS[script.split("_")[0]]
+    for field, annotation in args_fields(script).items():
+        if re.search(r"\bstr\b", annotation):
+            assert field in paths or field in OTHER_STR_FIELDS, f"{script}: classify Args.{field}"
+    assert set(paths) <= set(args_fields(script)), script
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_declared_ranges_are_exact(script, request, capsys):
+    """RANGES covers every numeric field exactly once; check_args rejects the nearest value outside each bound (usage
+    error naming the flag) and does not reject the bounds themselves on range grounds."""
+    module = runpy.run_path(str(REPO / script), run_name="ranges")
+    numeric = {f for f, a in args_fields(script).items() if numeric_kind(a)}
+    declared = [name for _, _, names in module["RANGES"] for name in names]
+    assert sorted(declared) == sorted(numeric), set(declared) ^ numeric
+    base = {}
+    if script.startswith("hsl"):
+        base = dict(
+            data_dir=str(request.getfixturevalue("put_games")),
+            model_name=str(request.getfixturevalue("tiny_lm_dir")),
+        )
+    elif script.startswith("oir"):
+        base = dict(embed_model=str(request.getfixturevalue("minilm_dir")))
+    check_args = module["check_args"]
+    extra = [REPO / "prompts"] if len(inspect.signature(check_args).parameters) > 1 else []
+    annotations = args_fields(script)
+
+    def error_for(name, value):
+        if "Tuple" in annotations[name]:
+            value = (value,)
+        try:
+            check_args(module["Args"](**base, **{name: value}), *extra)
+        except SystemExit as e:
+            return e.code, capsys.readouterr().err
+        return 0, ""
+
+    for low, high, names in module["RANGES"]:
+        for name in names:
+            flag = "--" + name.replace("_", "-")
+            if numeric_kind(annotations[name]) == "int":
+                outside = [low - 1, high + 1]
+            else:
+                outside = [math.nextafter(low, -math.inf), math.nextafter(high, math.inf)]
+            for value in outside:
+                code, err = error_for(name, value)
+                assert code == 2 and f"error: {flag}: must be in" in err, (name, value, err)
+            for value in (low, high):
+                code, err = error_for(name, value)
+                assert f"{flag}: must be in" not in err, (name, value, err)
