@@ -46,6 +46,7 @@ import re
 import shutil
 import string
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,6 +80,9 @@ MAX_GRAD_NORM = 1.0  # gradient clipping
 # --use-lora (ours; the paper fine-tunes fully): rank and dropout; alpha = 2 * rank
 LORA_R = 16
 LORA_DROPOUT = 0.05
+# SFT checkpoints every this many steps (a kill mid-SFT resumes there; at the paper's scale, about
+# an epoch)
+SFT_CHECKPOINT_EVERY = 100
 # the hand-coded expert must win a train game within this many steps to give a demonstration
 EXPERT_MAX_STEPS = 60
 # ETO's observation for a turn without "Action:" (envs/alfworld_env.py, verbatim): no game step
@@ -186,30 +190,49 @@ this process (offline runs with small local models)"""
     """checkpoint folder to resume from ({run_dir}/{run name}/checkpoints/...)"""
 
 
+# Declared range [low, high] (inclusive) of every int and float flag: what a real run could need.
+# NaN and +-inf fail every range. A new numeric field needs an entry here (tests/test_bad_inputs.py
+# fails otherwise).
+RANGES = [
+    # seeds: what NumPy, torch and the OpenAI API all accept (a count here only bounds a loop)
+    (0, 2**32 - 1, ["seed", "eval_every"]),
+    (
+        1,
+        2**16,
+        [
+            "max_env_steps",
+            "rollouts_per_step",
+            "llm_concurrency",
+            "batch_size",
+            "micro_batch_size",
+            "buffer_size",
+            "num_demos",
+            "max_seq_len",
+            "agent_max_new_tokens",
+            "llm_max_new_tokens",
+        ],
+    ),
+    (-1, 10**9, ["hsl_steps"]),  # -1: HSL_EPOCHS passes over D_train
+    (0.0, 1000.0, ["sft_epochs"]),
+    (0.0, 1.0, ["hsl_lambda"]),
+    (0.0, 10.0, ["hsl_alpha", "rollout_temperature", "llm_temperature"]),
+    (1e-9, 1.0, ["learning_rate"]),
+    (1.0, 86400.0, ["llm_timeout"]),  # seconds per request
+]
+
+
 def check_args(args):
     """Usage errors as one line (`error: --flag: ...`) before anything heavy; sets --data-dir."""
     args.data_dir = args.data_dir or os.environ.get("ALFWORLD_DATA")  # ALFWorld's own default
     hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", args.model_name) and not os.path.exists(
         args.model_name
     )
-    at_least_1 = (
-        "max_env_steps",
-        "num_demos",
-        "batch_size",
-        "micro_batch_size",
-        "rollouts_per_step",
-        "buffer_size",
-        "llm_max_new_tokens",
-        "llm_concurrency",
-        "agent_max_new_tokens",
-    )
-    at_least_0 = ("sft_epochs", "hsl_alpha", "rollout_temperature", "llm_temperature", "eval_every")
-    checks = [  # (field, valid?, what it must be)
-        *[(n, getattr(args, n) >= 1, ">= 1") for n in at_least_1],
-        *[(n, getattr(args, n) >= 0, ">= 0") for n in at_least_0],
-        ("learning_rate", args.learning_rate > 0, "> 0"),
-        ("hsl_steps", args.hsl_steps >= -1, ">= -1"),
-        ("hsl_lambda", 0.0 <= args.hsl_lambda <= 1.0, "in [0, 1]"),
+    checks = [  # (field, valid?, what it must be); `low <= v <= high` also rejects NaN
+        *[
+            (name, low <= getattr(args, name) <= high, f"in [{low}, {high}]")
+            for low, high, names in RANGES
+            for name in names
+        ],
         (
             "max_seq_len",
             args.max_seq_len > args.agent_max_new_tokens,
@@ -219,11 +242,6 @@ def check_args(args):
             "data_dir",
             os.path.isdir(os.path.join(args.data_dir or "", "json_2.1.1")),
             "a folder with json_2.1.1",
-        ),
-        (
-            "run_dir",
-            not os.path.exists(args.run_dir) or os.path.isdir(args.run_dir),
-            "a folder",
         ),
         (
             "demos_path",
@@ -249,6 +267,26 @@ def check_args(args):
                 file=sys.stderr,
             )
             raise SystemExit(2)
+    # {run_dir} must be creatable and writable (exit 1 otherwise): a folder is made, then removed,
+    # in its nearest existing parent; nothing is left behind
+    parent = Path(args.run_dir).absolute()
+    while not parent.exists():
+        parent = parent.parent
+    with data_error("--run-dir", f"cannot create or write {args.run_dir}"):
+        os.rmdir(tempfile.mkdtemp(dir=parent))
+
+
+@contextlib.contextmanager
+def data_error(path, what):
+    """A guard around the reading of a user-given file: a defect of its content (not UTF-8, not
+    JSON, nested too deep, the wrong structure; a damaged checkpoint) becomes one line naming the
+    file, exit status 1, never a traceback."""
+    try:
+        yield
+    # RuntimeError: RecursionError (deep nesting) and torch.load's damaged archives; LookupError:
+    # KeyError, IndexError
+    except (OSError, ValueError, RuntimeError, TypeError, LookupError) as e:
+        raise SystemExit(f"error: {path}: {what} ({type(e).__name__}: {str(e)[:200]})")
 
 
 # === Method: hindsight relabeling (Section 3.3) ===================================================
@@ -288,7 +326,7 @@ GOAL_TEXT = dict(
         ],
     )
 )
-LAMPS = ("desklamp", "floorlamp")
+LAMPS = {"desklamp", "floorlamp"}
 
 
 def goal_text(goal):
@@ -296,26 +334,25 @@ def goal_text(goal):
     return GOAL_TEXT[goal[0]].format(o=goal[1], r=goal[2])
 
 
-def validate_goal(goal, names):
-    """(task_type, obj, recep) of a goal that matches one of the six templates and names entities
-    seen, else None."""
+def validate_goal(goal, objects, receptacles):
+    """(task_type, obj, recep) of a goal (a string) that matches one of the six templates and names
+    entities of the game in their roles (game_entities), else None."""
     # longer: no template instance (and slow regexes)
-    if not isinstance(goal, str) or len(goal) > 200:
+    if len(goal) > 200:
         return None
     g = re.sub(r"\s+", " ", re.sub(r"\b\d+\b", "", goal.lower())).strip().strip(".\"' ")
 
-    def singular(w):  # "mugs" -> "mug" where only "mug" was seen
-        return w[:-1] if w not in names and w.endswith("s") and w[:-1] in names else w
+    def singular(w, known):  # "mugs" -> "mug" where only "mug" is known
+        return w[:-1] if w not in known and w.endswith("s") and w[:-1] in known else w
 
     for task_type, pattern in GOAL_PATTERNS:  # the first template that matches decides
         if m := re.match(pattern, g):
-            obj, recep = (singular(part.replace(" ", "")) for part in m.groups())
-            ok = (
-                obj in names
-                and recep in names
-                and (task_type != "look_at_obj_in_light" or recep in LAMPS)
-            )
-            return (task_type, obj, recep) if ok else None
+            # the type check: "put a countertop in shelf" names a receptacle as the object; the
+            # "receptacle" of examine is a lamp, an object of the game
+            where = objects & LAMPS if task_type == "look_at_obj_in_light" else receptacles
+            obj = singular(m[1].replace(" ", ""), objects)
+            recep = singular(m[2].replace(" ", ""), where)
+            return (task_type, obj, recep) if obj in objects and recep in where else None
     return None
 
 
@@ -441,10 +478,11 @@ def chat_turns(prompts, name, **fields):
     return [{"role": "system", "content": prompts[name]}, {"role": "user", "content": user}]
 
 
-def entity_names(traj):
-    """The entities a trajectory shows ("mug" for "mug 1"): the only names a goal may use."""
-    text = " ".join([traj["intro"]] + traj["actions"] + traj["observations"]).lower()
-    return {m.group(1) for m in re.finditer(r"\b([a-z]+) \d+\b", text)}
+def game_entities(traj):
+    """(objects, receptacles): the types of the trajectory's game by its PDDL facts ("mug" for
+    "mug 1"), the only names a goal may use, each in its role (validate_goal)."""
+    state = traj["states"][0]
+    return set(state["otype"].values()), set(state["rtype"].values())
 
 
 def segment_goals(steps, T, names, counters):
@@ -465,7 +503,7 @@ def segment_goals(steps, T, names, counters):
         elif not isinstance(reached, list):
             reached = []
         for g in dict.fromkeys(map(str, reached)):  # each distinct goal once per step
-            canon = validate_goal(g, names)
+            canon = validate_goal(g, *names)
             counters["goal_invalid"] += canon is None
             if canon is not None:
                 first.setdefault(canon, step)
@@ -478,7 +516,7 @@ def llm_goals(traj, answer, counters):
     step_labels = extract_json_list(answer)
     bad = "goal_inference_failed_request" if answer is None else "goal_inference_bad_json"
     counters.update({"goal_inference_calls": 1, bad: step_labels is None})
-    goals = segment_goals(step_labels or [], len(traj["actions"]), entity_names(traj), counters)
+    goals = segment_goals(step_labels or [], len(traj["actions"]), game_entities(traj), counters)
     return goals, step_labels
 
 
@@ -521,21 +559,20 @@ def score_goals(goals, truth, counters):
     pred = {g for g, _ in goals}
     true = {g for g, _ in truth}
     counters.update(
-        tp=len(pred & true), fp=len(pred - true), fn=len(true - pred), goals_found=len(goals)
+        tp=len(pred & true),
+        fp=len(pred - true),
+        fn=len(true - pred),
+        goals_found=len(goals),
+        trajectories_without_goal=not goals,
     )
-    counters.update(trajectories_without_goal=not goals)
 
 
 def precision_recall(counts):
     """Precision and recall of the LLM's validated goals against the oracle's (NaN when
     undefined)."""
     tp = counts["tp"]
-    fp = counts["fp"]
-    fn = counts["fn"]
-    return (
-        tp / (tp + fp) if tp + fp else float("nan"),
-        tp / (tp + fn) if tp + fn else float("nan"),
-    )
+    # precision tp / (tp + fp), recall tp / (tp + fn)
+    return [tp / n if n else math.nan for n in (tp + counts["fp"], tp + counts["fn"])]
 
 
 def relabel(trajs, args, counters, client=None, prompts=None):
@@ -573,19 +610,20 @@ def relabel(trajs, args, counters, client=None, prompts=None):
             continue
         t = trajs[i]
         # the agent's thoughts are dropped: they reasoned about the original instruction
-        demo = dict(
-            intro=t["intro"],
-            instruction=goal_text(g),
-            thoughts=None,
-            z=list(z),
-            source="hindsight",
-            goal=list(g),
-            actions=t["actions"][:S],
-            observations=t["observations"][:S],
-            task_type=g[0],
-            gamefile=t.get("gamefile"),
+        out[i].append(
+            dict(
+                intro=t["intro"],
+                instruction=goal_text(g),
+                thoughts=None,
+                z=list(z),
+                source="hindsight",
+                goal=list(g),
+                actions=t["actions"][:S],
+                observations=t["observations"][:S],
+                task_type=g[0],
+                gamefile=t.get("gamefile"),
+            )
         )
-        out[i].append(demo)
     return out
 
 
@@ -593,9 +631,8 @@ def relabel(trajs, args, counters, client=None, prompts=None):
 def demo_weight(z, alpha):
     """w_d = (n_d / T_d)^alpha * n_d (Section 3.4): n_d relevant actions out of T_d; optimality x
     difficulty."""
-    n = float(sum(z))
-    T = float(len(z))
-    return (n / T) ** alpha * n if T > 0 else 0.0
+    n = sum(z)
+    return (n / len(z)) ** alpha * n  # (a hindsight demo has S >= 1 steps)
 
 
 class HindsightBuffer:
@@ -621,7 +658,7 @@ class HindsightBuffer:
 
     def sample(self, k, rng):
         w = np.array([d["weight"] for d in self.items], dtype=np.float64)
-        idx = rng.choice(len(self.items), size=k, replace=True, p=w / w.sum())
+        idx = rng.choice(len(self.items), size=k, p=w / w.sum())  # (with replacement)
         return [self.items[i] for i in idx]
 
     def __len__(self):
@@ -654,12 +691,8 @@ def unshard(mine, accelerator):
     process count)."""
     W = accelerator.num_processes
     r = accelerator.process_index
-    return [
-        x
-        for _, x in sorted(
-            gather_object([(r + W * i, x) for i, x in enumerate(mine)]), key=lambda t: t[0]
-        )
-    ]
+    # (the global positions are distinct: sorting never compares the items themselves)
+    return [x for _, x in sorted(gather_object([(r + W * i, x) for i, x in enumerate(mine)]))]
 
 
 def micro_batches(batch, size, coef, model, accelerator, sync=True):
@@ -702,15 +735,21 @@ def accumulate_loss(model, batch, coef, args, accelerator, prefix, pad_id, sync=
     return {f"{prefix}/loss": stats[0], f"{prefix}/tokens": stats[1]}
 
 
-def optimizer_step(model, optimizer, scheduler, accelerator):
+def optimizer_step(model, optimizer, scheduler, accelerator, loss):
     """Clip, step, schedule, zero; returns the gradient norm before clipping and the learning
-    rate."""
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    rate. A NaN or infinite loss or gradient (a learning rate too high, bad data) stops the run
+    before the update, with one line: no checkpoint of corrupt weights is ever written."""
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM))
+    if not math.isfinite(loss + grad_norm):  # (finite iff both are)
+        raise SystemExit(
+            f"error: step {scheduler.last_epoch + 1}: loss is {loss} (gradient norm {grad_norm}); "
+            "stopped before this update: lower the learning rate?"
+        )
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {
-        "losses/grad_norm": float(grad_norm),
+        "losses/grad_norm": grad_norm,
         "charts/learning_rate": scheduler.get_last_lr()[0],
     }
 
@@ -734,10 +773,9 @@ def hsl_update(model, optimizer, scheduler, buffer, sft_batch, agent, args, acce
             )
         )
     info.update(accumulate_loss(model, sft_batch, sft_coef, args, accelerator, "sft", pad))
-    info["losses/hsl_total"] = sft_coef * info["sft/loss"] + args.hsl_lambda * info.get(
-        "hsl/loss", 0.0
-    )
-    return {**info, **optimizer_step(model, optimizer, scheduler, accelerator)}
+    loss = sft_coef * info["sft/loss"] + args.hsl_lambda * info.get("hsl/loss", 0.0)
+    info["losses/hsl_total"] = loss
+    return {**info, **optimizer_step(model, optimizer, scheduler, accelerator, loss)}
 
 
 def make_scheduler(optimizer, num_steps, saved=None):
@@ -785,8 +823,9 @@ def list_games(data_dir, split):
         "env": {"goal_desc_human_anns_prob": 0.0, "task_types": [1, 2, 3, 4, 5, 6]},
         "dataset": dataset,
     }
-    # os.walk order is filesystem-dependent: sort
-    games = sorted(AlfredTWEnv(config, mode).game_files)
+    # alfworld reads each game's traj_data.json; os.walk order is filesystem-dependent: sort
+    with data_error(data_dir, "cannot read ALFWorld's game files"):
+        games = sorted(AlfredTWEnv(config, mode).game_files)
     if not games:
         raise SystemExit(
             f"error: --data-dir {data_dir}: no solvable games under json_2.1.1/{split}"
@@ -807,8 +846,6 @@ def to_dialect(cmd, legacy_put):
 def summarize_facts(facts):
     """Compact, JSON-able view of the PDDL state (demangled names, e.g. "mug 1") used by the oracle
     relabeler."""
-    s = {"otype": {}, "rtype": {}, "rloc": {}, "agent_loc": None}
-    s.update({k: [] for k in ("inrec", "hot", "cool", "clean", "holds", "toggled", "opened")})
     flags = dict(
         ishot="hot",
         iscool="cool",
@@ -817,6 +854,8 @@ def summarize_facts(facts):
         holds="holds",
         opened="opened",
     )
+    s = {"otype": {}, "rtype": {}, "rloc": {}, "agent_loc": None}
+    s.update({k: [] for k in ["inrec", *flags.values()]})
     for p in facts:
         args = [a.name.strip() for a in p.arguments]
         name = p.name.lower()
@@ -857,8 +896,8 @@ class ALFWorldGame:
         env = AlfredInfos(AlfredDemangler(env, shuffle=False))
         self.env = AlfredExpert(env, expert_type="handcoded") if expert else env
         self.env.load(gamefile)
-        grammar = json.loads(Path(gamefile).read_text())["grammar"]
-        self.legacy_put = 'template :: "put {o} in/on {r}"' in grammar
+        # data older than alfworld 0.4: the grammar's put template is "put {o} in/on {r}"
+        self.legacy_put = "put {o} in/on {r}" in Path(gamefile).read_text()
 
     def reset(self):
         """(room description, task, game state)"""
@@ -890,14 +929,17 @@ def agent_prefix(args, legacy_put):
     def read(eto, ours):
         return Path(args.eto_prompts, eto).read_text() if args.eto_prompts else read_prompt(ours)
 
-    inst = read(ETO_INST, "alfworld_agent.md")
-    icl = json.loads(read(ETO_ICL, "alfworld_icl.md"))[0]
-    if not legacy_put:
-        inst = inst.replace("put {obj} in/on {recep}", "move {obj} to {recep}")
-    turns = [{"role": "user", "content": inst}, {"role": "assistant", "content": "OK"}]
-    for j, turn in enumerate(icl):
-        text = re.sub(r"(?<=Action: )(.*)", lambda m: to_dialect(m[1], legacy_put), turn["content"])
-        turns.append({"role": ("user", "assistant")[j % 2], "content": text})
+    with data_error(args.eto_prompts or PROMPTS_DIR, "not ETO's prompt folder"):
+        inst = read(ETO_INST, "alfworld_agent.md")
+        icl = json.loads(read(ETO_ICL, "alfworld_icl.md"))[0]
+        if not legacy_put:
+            inst = inst.replace("put {obj} in/on {recep}", "move {obj} to {recep}")
+        turns = [{"role": "user", "content": inst}, {"role": "assistant", "content": "OK"}]
+        for j, turn in enumerate(icl):
+            text = re.sub(
+                r"(?<=Action: )(.*)", lambda m: to_dialect(m[1], legacy_put), turn["content"]
+            )
+            turns.append({"role": ("user", "assistant")[j % 2], "content": text})
     return turns
 
 
@@ -966,8 +1008,7 @@ def collate(batch, pad_id, device):
         return torch.nn.utils.rnn.pad_sequence([torch.tensor(b[key]) for b in batch], True, fill)
 
     ids = pad("input_ids", pad_id)
-    lengths = torch.tensor([len(b["input_ids"]) for b in batch])
-    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    mask = (pad("input_ids", -1) >= 0).long()  # 1 on a demo's tokens, 0 on the padding
     num_actions = torch.tensor([max(b["num_actions"], 1.0) for b in batch])
     out = dict(
         input_ids=ids,
@@ -982,25 +1023,22 @@ def load_agent(args):
     """Tokenizer + causal LM (bfloat16 on GPU), full fine-tuning or LoRA; --resume: the checkpoint's
     weights/adapter."""
     weights = args.resume if args.resume and not args.use_lora else args.model_name
-    try:  # a folder or hub id that holds no model: a data error naming it
+    # a folder or hub id that holds no model: a data error naming it
+    with data_error(weights, "cannot load a tokenizer and causal LM"):
         tokenizer = AutoTokenizer.from_pretrained(args.resume or args.model_name)
         model = AutoModelForCausalLM.from_pretrained(
             weights, dtype=torch.bfloat16 if torch.cuda.is_available() else None
         )
-    except (OSError, ValueError) as e:
-        raise SystemExit(
-            f"error: {weights}: cannot load a tokenizer and causal LM ({type(e).__name__})"
-        ) from None
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     if args.use_lora:
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if args.resume:
             return tokenizer, PeftModel.from_pretrained(model, args.resume, is_trainable=True)
-        cfg = dict(
+        cfg = LoraConfig(
             r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=LORA_DROPOUT, target_modules="all-linear"
         )
-        model = get_peft_model(model, LoraConfig(**cfg))
+        model = get_peft_model(model, cfg)
     return tokenizer, model
 
 
@@ -1008,9 +1046,7 @@ def load_agent(args):
 def rollout(gamefiles, agent, args, temperature, desc="rollout"):
     """Play the games in parallel (one batched generate per step), keeping every PDDL state."""
     model, tokenizer, prefix = agent
-    was_training = model.training
-    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    sample = greedy
+    sample = dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # greedy
     if temperature > 0:
         sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     games = [GAME_POOL[g].pop() if GAME_POOL[g] else ALFWorldGame(g) for g in gamefiles]
@@ -1018,21 +1054,22 @@ def rollout(gamefiles, agent, args, temperature, desc="rollout"):
     trajs = []
     for game in games:
         intro, instruction, gs = game.reset()
-        t = dict(
-            intro=intro,
-            instruction=instruction,
-            actions=[],
-            observations=[],
-            thoughts=[],
-            outputs=[],
-            invalid=0,
-            task_type=game.task_type,
-            gamefile=game.gamefile,
-            won=False,
-            done=False,
-            states=[summarize_facts(gs["facts"])],
+        trajs.append(
+            dict(
+                intro=intro,
+                instruction=instruction,
+                actions=[],
+                observations=[],
+                thoughts=[],
+                outputs=[],
+                invalid=0,
+                task_type=game.task_type,
+                gamefile=game.gamefile,
+                won=False,
+                done=False,
+                states=[summarize_facts(gs["facts"])],
+            )
         )
-        trajs.append(t)
     # a bar from the main process, in a terminal and in a log (its ETA: every episode to the cap)
     main_process = PartialState().is_main_process
     for _ in tqdm(range(args.max_env_steps), desc=desc, leave=False, disable=not main_process):
@@ -1083,7 +1120,7 @@ def rollout(gamefiles, agent, args, temperature, desc="rollout"):
     for game, t in zip(games, trajs):
         GAME_POOL[game.gamefile].append(game)
         t["thoughts"] = t["thoughts"] if any(t["thoughts"]) else None
-    model.train(was_training)
+    model.train()  # (rollouts happen during training)
     return trajs
 
 
@@ -1119,43 +1156,47 @@ def expert_demo(gamefile, max_steps):
 def load_eto_demos(path):
     """ETO's alfworld_sft.json (ShareGPT): a human task turn ("Your task is to: ..."), then
     Action/Observation turns."""
-    # every defect of the file is a data error naming it (UnicodeDecodeError is a ValueError)
-    try:
-        data = json.loads(Path(path).read_text())
-        convs = [[(m["from"], m["value"]) for m in item["conversations"]] for item in data]
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise SystemExit(
-            f"error: {path}: not ETO format ({type(e).__name__}: {str(e)[:200]})"
-        ) from None
-    if not all(isinstance(x, str) for conv in convs for turn in conv for x in turn):
-        raise SystemExit(f"error: {path}: a turn's 'from' or 'value' is not a string")
     demos = []
-    for item, conv in zip(data, convs):
-        # the task turn: the human turn right before the first gpt turn with an action
-        acts = [
-            k
-            for k, (who, text) in enumerate(conv)
-            if who == "gpt" and re.search(r"action\s*:", text, re.I)
-        ]
-        if not acts or acts[0] == 0 or "Your task is to:" not in conv[acts[0] - 1][1]:
-            continue
-        intro, _, task = conv[acts[0] - 1][1].partition("Your task is to:")
-        turns = [parse_agent_output(text) for who, text in conv[acts[0] :: 2] if who == "gpt"]
-        obs = [re.sub(r"^Observation:\s*", "", text.strip()) for _, text in conv[acts[0] + 1 :: 2]]
-        obs += [""] * (len(turns) - len(obs))  # a demonstration may end on an action
-        thoughts, actions = map(list, zip(*[(th, a or "") for th, a in turns]))
-        intro = re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S)
-        d = dict(
-            intro=intro,
-            source="eto",
-            instruction=task.strip().split("\n")[0].rstrip("."),
-            actions=actions,
-            z=[1] * len(turns),
-            observations=obs[: len(turns)],
-            thoughts=thoughts if any(thoughts) else None,
-            task_type=item.get("id"),
-        )
-        demos.append(d)
+    # every defect of the file is a data error naming it
+    with data_error(path, "not ETO format"):
+        for i, item in enumerate(json.loads(Path(path).read_text())):
+            conv = [(m["from"], m["value"]) for m in item["conversations"]]
+            # human and agent take turns (any other order would pair actions with the wrong
+            # observations), each turn a string
+            roles = [who for who, text in conv if isinstance(text, str)]
+            if roles != [("human", "gpt")[k % 2] for k in range(len(conv))]:
+                raise SystemExit(
+                    f"error: {path}: conversation {i}: turns must alternate human, gpt, human, "
+                    f"..., each a string; got {roles[:12]}"
+                )
+            # the task turn: the human turn right before the first gpt turn with an action
+            acts = [
+                k
+                for k, (who, text) in enumerate(conv)
+                if who == "gpt" and re.search(r"action\s*:", text, re.I)
+            ]
+            if not acts or "Your task is to:" not in conv[acts[0] - 1][1]:
+                continue
+            intro, _, task = conv[acts[0] - 1][1].partition("Your task is to:")
+            turns = [parse_agent_output(text) for _, text in conv[acts[0] :: 2]]
+            obs = [
+                re.sub(r"^Observation:\s*", "", text.strip()) for _, text in conv[acts[0] + 1 :: 2]
+            ]
+            obs += [""] * (len(turns) - len(obs))  # a demonstration may end on an action
+            thoughts, actions = map(list, zip(*[(th, a or "") for th, a in turns]))
+            intro = re.sub(r"^.*?(You are in the middle)", r"\1", intro.strip(), flags=re.S)
+            demos.append(
+                dict(
+                    intro=intro,
+                    source="eto",
+                    instruction=task.strip().split("\n")[0].rstrip("."),
+                    actions=actions,
+                    z=[1] * len(turns),
+                    observations=obs[: len(turns)],
+                    thoughts=thoughts if any(thoughts) else None,
+                    task_type=item.get("id"),
+                )
+            )
     if not demos:
         raise SystemExit(
             f"error: {path}: no item has a human 'Your task is to:' turn (not ALFWorld?)"
@@ -1236,12 +1277,14 @@ def save_checkpoint(path, agent, optimizer, scheduler, state, buffer, accelerato
         tmp = path.with_name(path.name + ".tmp")
         agent[0].save_pretrained(tmp)  # the unwrapped model, and its tokenizer
         agent[1].save_pretrained(tmp)
-        trainer = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rngs": rngs,
-        }
-        torch.save(trainer, tmp / "trainer_state.pt")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rngs": rngs,
+            },
+            tmp / "trainer_state.pt",
+        )
         (tmp / "hsl_state.json").write_text(
             json.dumps({**state, "buffer": list(buffer.items)}, default=str)
         )
@@ -1253,11 +1296,12 @@ def save_checkpoint(path, agent, optimizer, scheduler, state, buffer, accelerato
 def load_checkpoint(path, optimizer, state, buffer, rng, accelerator, say):
     """Inverse of save_checkpoint (load_agent loads weights); rebuilt: SFT order (seeded), games,
     ETO pair order."""
-    # (saved atomically: complete or absent)
-    state.update(json.loads((Path(path) / "hsl_state.json").read_text()))
-    trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
-    buffer.items.extend(state.pop("buffer"))  # (pushed before: weights and all)
+    # (saved atomically: complete or absent, unless damaged since)
+    with data_error(path, "not a complete checkpoint"):
+        state.update(json.loads((Path(path) / "hsl_state.json").read_text()))
+        buffer.items.extend(state.pop("buffer"))  # (pushed before: weights and all)
+        trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(trainer["optimizer"])
     py, nps, cpu, cuda, rng.bit_generator.state = trainer["rngs"][accelerator.process_index]
     random.setstate(py)
     np.random.set_state(nps)
@@ -1394,7 +1438,7 @@ class LLMClient:
                     f"error: --llm-base-url {args.llm_base_url}: no OpenAI-compatible server "
                     f"answers ({type(e).__name__}); start one (e.g. `vllm serve MODEL`) or use "
                     "--llm-backend transformers"
-                ) from None
+                )
             return
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1405,7 +1449,7 @@ class LLMClient:
         except (OSError, ValueError) as e:
             raise SystemExit(
                 f"error: --llm-model {args.llm_model}: cannot load it with transformers ({e})"
-            ) from None
+            )
         self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
         self.kw = dict(
@@ -1516,7 +1560,8 @@ def load_learner(args, prefix, demos, state, rng, accelerator, say):
 def sft_phase(
     model, optimizer, agent, encoded, batches, saved_sched, state, args, accelerator, log, say, save
 ):
-    """Phase 1 (Appendix F): SFT on the ground-truth demonstrations D_train; checkpoint "sft"."""
+    """Phase 1 (Appendix F): SFT on the ground-truth demonstrations D_train; checkpoints
+    "sft_{step}" every SFT_CHECKPOINT_EVERY steps, "sft" at the end."""
     steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
     num_steps = int(round(args.sft_epochs * steps_per_epoch))
     sched = make_scheduler(optimizer, num_steps, saved_sched if state["hsl_steps"] == 0 else None)
@@ -1530,12 +1575,14 @@ def sft_phase(
     ):
         batch = [encoded[i] for i in next(batches)]
         info = accumulate_loss(model, batch, 1.0, args, accelerator, "sft", agent[1].pad_token_id)
-        info.update(optimizer_step(model, optimizer, sched, accelerator))
+        info.update(optimizer_step(model, optimizer, sched, accelerator, info["sft/loss"]))
         state["sft_steps"] = step + 1
         log(info, step + 1)
         if step == 0 or (step + 1) % steps_per_epoch == 0 or step + 1 == num_steps:
             speed = f"{(step + 1 - first) / (time.time() - t0):.2f} steps/s"
             say(f"[sft] step {step + 1}/{num_steps} loss {info['sft/loss']:.4f} ({speed})")
+        if (step + 1) % SFT_CHECKPOINT_EVERY == 0 and step + 1 < num_steps:
+            save(f"sft_{step + 1}", optimizer, sched)
     if first < num_steps:
         save("sft", optimizer, sched)
 

@@ -1276,7 +1276,7 @@ class LLMClient:
                     f"error: --llm-base-url {args.llm_base_url}: no OpenAI-compatible server "
                     f"answers ({type(e).__name__}); start one (e.g. `vllm serve MODEL`) or use "
                     "--llm-backend transformers"
-                ) from None
+                )
             return
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1287,7 +1287,7 @@ class LLMClient:
         except (OSError, ValueError) as e:
             raise SystemExit(
                 f"error: --llm-model {args.llm_model}: cannot load it with transformers ({e})"
-            ) from None
+            )
         self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
         self.kw = dict(

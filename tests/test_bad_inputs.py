@@ -194,7 +194,7 @@ def test_every_table_names_its_subprocess_cases():
 # Every int and float field of each script's Args, read from the source (no import at collection), gets values
 # outside any range a run could need, and every path field gets broken files: a new field is covered the day it is
 # added, without anyone writing a case. The exact bounds are tested next to them (test_declared_ranges_are_exact).
-SCRIPTS = ["keystate_gciql.py", "keystate_hiql.py"]  # INTERIM: the others join as their RANGES land
+SCRIPTS = list(TABLES)
 # What each str field of Args is. A new str field fails test_every_str_field_is_classified until it is added here.
 PATH_FIELDS = {
     "keystate": {"run_dir": "out", "dataset_path": "file", "rules_path": "file"},

@@ -9,6 +9,7 @@ import collections
 import copy
 import importlib.util
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -302,15 +303,17 @@ def test_dpo_steps_raise_the_preference_margin(dpo, tiny):
 # Smoke runs (end to end, as a user runs the script)
 # ----------------------------------------------------------------------------------------------------------------------
 def any_goal(messages) -> str:
-    """Scripted relabeler (tests/support/scripted_llm.py) that fills D' from any trajectory: Figure 8 names a template goal
-    built from the first two entities the trajectory mentions, reached at step 1; Figure 9: every step relevant."""
+    """Scripted relabeler (tests/support/scripted_llm.py) that fills D' from any trajectory of the put games: Figure 8
+    names "put a mug in <the first receptacle the trajectory mentions>" (every put train game holds a mug, and the
+    room description names only receptacles: a goal that passes the type check against the game's facts), reached at
+    step 1; Figure 9: every step relevant."""
     text = messages[1]["content"]
     steps = len(re.findall(r"^Step \d+:", text, re.M))
     if "goal-inference" not in messages[0]["content"]:
         return json.dumps([{"step": k + 1, "is_relevant_to_goal": "yes"} for k in range(steps)])
-    a, b = re.findall(r"\b([a-z]+) \d+\b", text)[:2]
+    recep = re.findall(r"\b([a-z]+) \d+\b", text)[0]
     return json.dumps(
-        [{"step": k + 1, "reached_goals": [f"put a {a} in {b}"]} for k in range(steps)]
+        [{"step": k + 1, "reached_goals": [f"put a mug in {recep}"]} for k in range(steps)]
     )
 
 
@@ -573,3 +576,38 @@ def test_data_parallel_two_processes_match_one(
     # the two processes' gradients of one-example micro-batches add up in the order one process adds them (0.0 measured;
     # with 2 threads in the one-process run it was 1e-4: AdamW turns last-bit noise in near-zero gradients into steps)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_dpo_loss_stops_before_the_round_checkpoint(
+    dpo, monkeypatch, put_games, tiny_lm_dir, tmp_path
+):
+    """Issue 25 item 4: a NaN DPO loss stops the run at that step with one line, before the update, and the round's
+    checkpoint (dpo_iter_1) is never written. In this process: main() with a command line, a one-step round."""
+    dpo_loss = dpo.dpo_loss
+
+    def nan_loss(*args):
+        loss, info = dpo_loss(*args)
+        return loss * float("nan"), {**info, "dpo/loss": math.nan}
+
+    monkeypatch.setattr(dpo, "dpo_loss", nan_loss)
+    out = tmp_path / "runs"
+    argv = [
+        "--data-dir",
+        put_games,
+        "--model-name",
+        tiny_lm_dir,
+        "--relabeler",
+        "oracle",
+        "--run-dir",
+        out,
+    ]
+    argv += [*SMOKE, "--hsl-steps", "0", "--dpo-iterations", "1", "--max-env-steps", "1"]
+    argv += ["--agent-max-new-tokens", "4", "--dpo-batch-size", "4"]
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *map(str, argv)])
+    with pytest.raises(SystemExit) as e:
+        dpo.main()
+    assert re.fullmatch(
+        r"error: step 1: loss is nan \(gradient norm nan\); stopped .*", e.value.code
+    ), e.value
+    (run,) = out.iterdir()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["sft"]

@@ -11,6 +11,7 @@ tested on scripted play of real games. Relabeling semantics (good, malformed and
 import collections
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from alfworld_answers import figure8, figure9, is_goal_inference
 from alfworld_games import ORACLE_SPLITS, PUT_SPLITS, TINY_SPLITS, build_games
 from alfworld_replay import verify
+from runs import short_eto_prompts, tb_scalars
 
 # `scripted_llm` (a scripted OpenAI-compatible server on 127.0.0.1) comes from conftest.py.
 
@@ -274,7 +276,7 @@ def test_encode_demo_marks_only_action_tokens(hsl, tiny_lm_dir):
 
 
 def test_segmentation_at_first_achievement(hsl):
-    names = {"mug", "shelf", "apple", "countertop", "cabinet"}
+    names = ({"mug", "apple"}, {"shelf", "countertop", "cabinet"})  # (objects, receptacles)
     steps = [
         {"step": 1, "reached_goals": []},
         {"step": 2, "reached_goals": ["put a mug in shelf"]},
@@ -385,19 +387,13 @@ def test_parse_relevance(hsl):
 
 
 def test_validate_goal_templates(hsl):
-    names = {
-        "mug",
-        "shelf",
-        "sinkbasin",
-        "microwave",
-        "desklamp",
-        "book",
-        "cup",
-        "apple",
-        "countertop",
-        "fridge",
-    }
-    v = hsl.validate_goal
+    objects = {"mug", "desklamp", "book", "cup", "apple"}
+    receptacles = {"shelf", "sinkbasin", "microwave", "countertop", "fridge"}
+
+    def v(goal, names):
+        return hsl.validate_goal(goal, *names)
+
+    names = (objects, receptacles)
     assert v("put a mug in shelf", names) == ("pick_and_place_simple", "mug", "shelf")
     assert v("Put some mug 1 on shelf 1.", names) == ("pick_and_place_simple", "mug", "shelf")
     assert v("put a clean mug in shelf", names) == (
@@ -439,7 +435,14 @@ def test_validate_goal_templates(hsl):
     assert v("put a toaster in shelf", names) is None  # hallucinated object
     assert v("put a mug in garbagecan", names) is None  # hallucinated receptacle
     assert v("make coffee", names) is None  # no template
-    assert v(42, names) is None
+    # the type check (issue 25): an object must be an object of the game, a receptacle a receptacle
+    assert v("put a countertop in shelf", names) is None  # a receptacle as the object
+    assert v("put a mug in cup", names) is None  # an object as the receptacle
+    assert v("put two countertops in shelf", names) is None
+    assert v("heat some microwave and put it in fridge", names) is None
+    assert v("look at book under the shelf", names) is None  # the light must be a lamp object
+    assert v("look at book under the desklamp", (objects - {"desklamp"}, receptacles)) is None
+    assert v("put two mugs in shelf", names) == ("pick_two_obj_and_place", "mug", "shelf")
 
 
 def test_agent_output_parsing_and_dialects(hsl):
@@ -737,6 +740,19 @@ def test_load_eto_format(hsl, tmp_path):
         "On the cabinet 1, you see a mug 1.",
         "You pick up the mug 1 from the cabinet 1.",
     ]
+    # issue 25: turns that do not alternate (two gpt turns, then two human turns) pair actions with the wrong
+    # observations: one error line naming the file and the conversation, not a silent misaligned demo
+    turns = item["conversations"]
+    swapped = {"id": "b", "conversations": turns[:4] + [turns[5], turns[4], turns[6], turns[7]]}
+    path.write_text(json.dumps([item, swapped]))
+    with pytest.raises(
+        SystemExit, match=r"eto\.json: conversation 1: turns must alternate human, gpt"
+    ):
+        hsl.load_eto_demos(str(path))
+    # and a file nested too deep for the JSON decoder: one line too
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SystemExit, match=r"eto\.json: not ETO format \(RecursionError"):
+        hsl.load_eto_demos(str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -834,6 +850,22 @@ def test_llm_relabeling_scripted_answers_fill_d_prime(hsl, scripted_llm):
     )
 
 
+def test_llm_relabeling_rejects_goals_of_the_wrong_types(hsl, scripted_llm):
+    """Issue 25: goals are type-checked against the game's PDDL facts. "put a countertop in shelf" (a receptacle as
+    the object) and "put a mug in mug" (an object as the receptacle) name entities the trajectory shows, but are no
+    goal: counted as invalid, never in D'; the valid goal of the same answer is kept."""
+    goals = ["put a countertop in shelf", "put a mug in mug", "put some mug 1 on shelf 1"]
+    scripted_llm.respond = lambda m: (
+        figure8({2: goals}, 2) if is_goal_inference(m) else figure9(["no", "yes"])
+    )
+    counters = collections.Counter()
+    (demos,) = hsl.relabel(
+        [mug_traj()], hsl.Args(), counters, scripted_client(hsl, scripted_llm), relabel_prompts(hsl)
+    )
+    assert [d["instruction"] for d in demos] == ["put a mug in shelf"]
+    assert counters["goal_invalid"] == 2 and counters["relevance_calls"] == 1
+
+
 def test_llm_relabeling_bad_answers_are_counted_and_dropped(hsl, scripted_llm, capsys):
     """Malformed JSON, goals outside the templates or naming unseen objects, hostile/huge answers, HTTP 500 and
     unusable relevance answers: each counted, nothing enters D', no traceback."""
@@ -903,3 +935,114 @@ def test_bad_inputs_give_clear_errors(hsl, tmp_path, monkeypatch, capsys):
     args = hsl.Args(llm_backend="openai", llm_base_url="http://127.0.0.1:9/v1", llm_timeout=3)
     with pytest.raises(SystemExit, match="no OpenAI-compatible server answers"):
         hsl.LLMClient(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs in this process (main() with a command line): checkpoints during SFT, a non-finite loss
+# ----------------------------------------------------------------------------------------------------------------------
+def run_main(hsl, monkeypatch, put_games, tiny_lm_dir, out, *flags):
+    """hsl.main() on the put games with the tiny LM: SFT only (2 demos, batch 1: 2 steps an epoch), no HSL, a final
+    evaluation of one step per game."""
+    argv = [
+        "--data-dir",
+        put_games,
+        "--model-name",
+        tiny_lm_dir,
+        "--relabeler",
+        "oracle",
+        "--run-dir",
+        out,
+    ]
+    argv += ["--eto-prompts", short_eto_prompts(), "--num-demos", "2", "--batch-size", "1"]
+    argv += [
+        "--micro-batch-size",
+        "1",
+        "--hsl-steps",
+        "0",
+        "--eval-every",
+        "0",
+        "--max-env-steps",
+        "1",
+    ]
+    argv += [
+        "--agent-max-new-tokens",
+        "4",
+        "--max-seq-len",
+        "2048",
+        "--learning-rate",
+        "1e-3",
+        "--seed",
+        "2",
+    ]
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *map(str, argv + list(flags))])
+    hsl.main()
+
+
+def test_sft_checkpoints_resume_exactly(hsl, monkeypatch, put_games, tiny_lm_dir, tmp_path):
+    """Issue 25 item 5: SFT saves a checkpoint every SFT_CHECKPOINT_EVERY steps, so that a run killed mid-SFT resumes
+    there: the resumed run's SFT losses, gradient norms and learning rates equal the uninterrupted run's, bit for bit.
+    A damaged checkpoint file is one error line."""
+    monkeypatch.setattr(hsl, "SFT_CHECKPOINT_EVERY", 2)
+    out = tmp_path / "runs"
+    run_main(
+        hsl, monkeypatch, put_games, tiny_lm_dir, out, "--sft-epochs", "3", "--exp-name", "whole"
+    )
+    whole = run_dir(out, "whole")
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == [
+        "final",
+        "sft",
+        "sft_2",
+        "sft_4",
+    ]
+    ckpt = whole / "checkpoints" / "sft_2"
+    assert json.loads((ckpt / "hsl_state.json").read_text())["sft_steps"] == 2
+    flags = ["--sft-epochs", "3", "--exp-name", "resumed", "--resume", ckpt]
+    run_main(hsl, monkeypatch, put_games, tiny_lm_dir, out, *flags)
+    resumed = run_dir(out, "resumed")
+    for tag in ("sft/loss", "losses/grad_norm", "charts/learning_rate"):
+        assert (
+            len(tb_scalars(whole, tag)) == 6
+            and tb_scalars(resumed, tag) == tb_scalars(whole, tag)[2:]
+        ), tag
+    # a checkpoint damaged since (a truncated state file): one line naming it, exit status 1
+    state = ckpt / "hsl_state.json"
+    state.write_text(state.read_text()[:20])
+    with pytest.raises(SystemExit) as e:
+        run_main(
+            hsl,
+            monkeypatch,
+            put_games,
+            tiny_lm_dir,
+            out,
+            *flags[:2],
+            "--exp-name",
+            "bad",
+            "--resume",
+            ckpt,
+        )
+    assert re.fullmatch(
+        r"error: .*sft_2: not a complete checkpoint \(JSONDecodeError: .*", e.value.code
+    ), e.value
+
+
+def test_non_finite_loss_stops_before_any_checkpoint(
+    hsl, monkeypatch, put_games, tiny_lm_dir, tmp_path
+):
+    """Issue 25 item 4: a NaN loss (here: the SFT loss times NaN) stops the run at that step with one line, before the
+    update, and no checkpoint of corrupt weights is written."""
+    masked_sft_loss = hsl.masked_sft_loss
+
+    def nan_loss(*args):
+        loss, info = masked_sft_loss(*args)
+        return loss * float("nan"), info
+
+    monkeypatch.setattr(hsl, "masked_sft_loss", nan_loss)
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        run_main(
+            hsl, monkeypatch, put_games, tiny_lm_dir, out, "--sft-epochs", "1", "--exp-name", "nan"
+        )
+    assert re.fullmatch(
+        r"error: step 1: loss is nan \(gradient norm nan\); stopped .*", e.value.code
+    ), e.value
+    assert not list(out.glob("*/checkpoints"))

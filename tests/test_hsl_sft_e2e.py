@@ -12,7 +12,7 @@ import math
 import re
 from pathlib import Path
 
-from alfworld_answers import any_goal, scripted_relabeler
+from alfworld_answers import any_goal, figure8, is_goal_inference, scripted_relabeler
 from runs import run_until_checkpoint, short_eto_prompts, tb_scalars
 
 # `scripted_llm` (a scripted OpenAI-compatible server on 127.0.0.1) comes from conftest.py.
@@ -30,6 +30,18 @@ def run_dir(out: Path, exp_name: str) -> Path:
 # ----------------------------------------------------------------------------------------------------------------------
 # Smoke runs (end to end, as a user runs the script)
 # ----------------------------------------------------------------------------------------------------------------------
+def mug_goal(messages) -> str:
+    """A scripted relabeler that fills D' from any trajectory on the put games: `any_goal` (tests/support), but its
+    Figure 8 goal passes the type check against the game's facts: "put a mug in <the first receptacle the trajectory
+    mentions>" (every put train game holds a mug; the room description names only receptacles)."""
+    if not is_goal_inference(messages):
+        return any_goal(messages)
+    text = messages[1]["content"]
+    steps = len(re.findall(r"^Step \d+:", text, re.M))
+    recep = re.findall(r"\b([a-z]+) \d+\b", text)[0]
+    return figure8({1: [f"put a mug in {recep}"]}, steps)
+
+
 SMOKE = [
     "--eto-prompts",  # ETO's prompt layout, a few tokens: short sequences for the byte-level tiny tokenizer
     short_eto_prompts(),
@@ -54,7 +66,7 @@ SMOKE = [
 
 def test_smoke_hsl_and_resume(run_script, put_games, tiny_lm_dir, scripted_llm, tmp_path):
     """SFT, evaluation, HSL steps whose relabeled demos fill D' and train through L_D', checkpoints, and resume."""
-    scripted_llm.respond = any_goal
+    scripted_llm.respond = mug_goal
     out = tmp_path / "runs"
     r = run_script(
         "hsl_sft.py",
@@ -153,7 +165,7 @@ def test_resume_after_sigkill_continues_exactly(
     resumed to step 3, give the same per-step losses (TensorBoard, bit for bit), the same games and pushes, and the
     same final D' and counters: every generator (games picked, agent sampling, D' batches, SFT order) continues."""
     scripted_llm.respond = (
-        any_goal  # D' fills from any trajectory, so D' sampling is part of every step
+        mug_goal  # D' fills from any trajectory, so D' sampling is part of every step
     )
     out = tmp_path / "runs"
     flags = [
@@ -257,7 +269,7 @@ def test_data_parallel_two_processes(run_script, put_games, tiny_lm_dir, scripte
     """Multi-process training through accelerate (run here on 2 CPU processes with gloo, as `accelerate launch` runs it
     on GPUs): every process takes its share of each global batch, so SFT gives the weights one process gives; the HSL
     loop (uneven shares: 3 rollouts and batches of 3 over 2 processes) ends with the same model and D' on both."""
-    scripted_llm.respond = any_goal  # both processes relabel through the same scripted server
+    scripted_llm.respond = mug_goal  # both processes relabel through the same scripted server
     out = tmp_path / "runs"
     common = [
         "--eto-prompts",
