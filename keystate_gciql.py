@@ -264,15 +264,15 @@ def read_layout(args: Args):
 def extract_rules_json(text: str) -> list:
     """The first {"rules": [...]} object in an LLM answer or a rules file (code fences and chatter
     tolerated)."""
-    # Only objects that open with their "rules" key are tried, at most MAX_RULES of them: a try
-    # may scan the rest of the text, so the cost stays linear in its size (a 1 MB file of "{"
-    # took minutes when every "{" was tried).
-    for m in list(re.finditer(r'\{\s*"rules"\s*:', text))[:MAX_RULES]:
+    # Only a "{" with a "rules" key before any other "{" is tried (rules.json starts with
+    # "env_name"), at most MAX_RULES of them: a try may scan the rest of the text, so the cost stays
+    # linear in its size (a 1 MB file of "{" took minutes when every "{" was tried).
+    for m in list(re.finditer(r'\{[^{]*?"rules"\s*:', text))[:MAX_RULES]:
         try:
             obj = json.JSONDecoder().raw_decode(text, m.start())[0]
         except (ValueError, RecursionError):
             continue  # not JSON from here, or nested beyond the parser's limit
-        if isinstance(obj["rules"], list):
+        if isinstance(obj.get("rules"), list):
             return obj["rules"]
     raise RuleError("no JSON object with a 'rules' list found")
 

@@ -751,6 +751,9 @@ def test_rule_extraction_is_linear_in_the_text(ks, monkeypatch):
     tries.clear()
     good = '{"rules": [{"name": "a", "condition": "x > 1"}]}'
     assert ks.extract_rules_json("{" * 100_000 + good) == [{"name": "a", "condition": "x > 1"}]
+    # as the scripts save it (rules.json: env_name first), and behind an object that has no rules
+    saved = '{"env_name": "e", "rules": [{"name": "a", "condition": "x > 1"}], "rejected_rules": 0}'
+    assert ks.extract_rules_json('{"a": 1} "rules": ' + saved)[0]["name"] == "a"
 
 
 def test_rule_entries_of_the_wrong_type_are_rejected_and_counted(ks, monkeypatch):

@@ -790,7 +790,7 @@ def last_event_file_scalars(run_dir: Path) -> dict:
     }
 
 
-def test_resume_after_sigkill_continues_exactly(run_script, minilm_dir, tmp_path):
+def test_resume_after_sigkill_continues_exactly(run_script, run_in_process, minilm_dir, tmp_path):
     """Issue 12 part 4: a run of 3 chunks, and a run killed with SIGKILL right after its first checkpoint and resumed
     to 3 chunks, log identical losses and metrics for every chunk after the checkpoint and end with identical
     parameters, instruction buffer and relabel counts (--relabel template: the LLM-free relabeler, deterministic)."""
@@ -839,18 +839,8 @@ def test_resume_after_sigkill_continues_exactly(run_script, minilm_dir, tmp_path
         out.index("done:") :
     ]  # counts of accepted/rejected proposals and the final buffer
     assert tail(resumed.output) == tail(full.output)
-    # A checkpoint cannot be resumed with flags that change the computation.
-    r = run_script(
-        "oir_pqn.py",
-        *flags,
-        "--resume",
-        ckpt,
-        "--lr",
-        "0.001",
-        check=False,
-        cwd=tmp_path / "b",
-        env=env,
-    )
+    # A checkpoint cannot be resumed with flags that change the computation (in process: no new interpreter).
+    r = run_in_process("oir_pqn.py", *flags, "--resume", ckpt, "--lr", "0.001", cwd=tmp_path / "b")
     assert r.returncode == 2 and "error: --resume: " in r.output and "--lr 0.0001" in r.output, (
         r.output[-2000:]
     )
