@@ -1281,6 +1281,11 @@ def main(args: Args):
     env, ds = make_env_and_dataset(args)
     keep = episode_subsets(ds, args)
     log(f"[data] {args.env_name}: {len(ds['valids'])} rows; kept per seed: {keep.sum(1).tolist()}")
+    # the plan; the step bar's ETA leaves the evaluations (a bar each) out
+    log(
+        f"[plan] {args.total_steps} steps x {len(seeds)} seed(s); evaluation every "
+        f"{args.eval_every} steps (0: none) and at the end"
+    )
 
     # Components (1) + (2): LLM rules -> discriminators -> one key-state mask. The HER arm compiles
     # a --rules-path too, only for the paired TD probe (Figure 2 on an HER-trained critic); no LLM.

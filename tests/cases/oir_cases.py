@@ -82,16 +82,7 @@ BAD_INPUTS = {
         2,
         r"--llm-timeout: must be in \[1, 65536\], got inf",
     ),
-    "run-dir-unwritable": (
-        ["--run-dir", "/proc/oir-runs"],
-        1,
-        r"--run-dir: cannot create the run folder .*/proc/oir-runs",
-    ),
-    "run-dir-under-a-file": (
-        ["--run-dir", "{a_file}/runs"],
-        1,
-        r"--run-dir: cannot create the run folder .*Not a directory.*a_file/runs",
-    ),
+    # --run-dir: the generated cases of tests/test_bad_inputs.py (a file, under /proc)
     "embed-model-missing": (
         ["--embed-model", "{missing}"],
         2,
