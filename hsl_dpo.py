@@ -368,7 +368,7 @@ def validate_goal(goal, objects, receptacles):
     # longer: no template instance (and slow regexes)
     if len(goal) > 200:
         return None
-    g = re.sub(r"\s+", " ", re.sub(r"\b\d+\b", "", goal.lower())).strip().strip(".\"' ")
+    g = re.sub(r"\s+", " ", re.sub(r"\b\d+\b", "", goal.lower())).strip(".\"' ")
 
     def singular(w, known):  # "mugs" -> "mug" where only "mug" is known
         return w[:-1] if w not in known and w.endswith("s") and w[:-1] in known else w
@@ -502,8 +502,10 @@ def format_trajectory(traj, S=None, labels=None):
 def chat_turns(prompts, name, **fields):
     """A relabeler request: the system prompt (Figure 8 or 9), then our user turn with the
     trajectory."""
-    user = string.Template(prompts[f"{name}_user"]).substitute(**fields)
-    return [{"role": "system", "content": prompts[name]}, {"role": "user", "content": user}]
+    return [
+        {"role": "system", "content": prompts[name]},
+        {"role": "user", "content": string.Template(prompts[f"{name}_user"]).substitute(**fields)},
+    ]
 
 
 def game_entities(traj):
@@ -566,9 +568,14 @@ def llm_relevance(trajs, jobs, step_labels, client, prompts, counters):
     the segment with Figure 8's labels; None where the answer is unusable."""
     convs = []
     for i, g, S in jobs:
-        x = format_trajectory(trajs[i], S, step_labels[i])
         convs.append(
-            chat_turns(prompts, "action_relevance", goal=goal_text(g), num_steps=S, trajectory=x)
+            chat_turns(
+                prompts,
+                "action_relevance",
+                goal=goal_text(g),
+                num_steps=S,
+                trajectory=format_trajectory(trajs[i], S, step_labels[i]),
+            )
         )
     answers = client.chat(convs) if convs else []
     labels = [parse_relevance(ans, S) for ans, (_, _, S) in zip(answers, jobs)]
@@ -608,10 +615,9 @@ def relabel(trajs, args, counters, client=None, prompts=None):
     by z. "llm": M's goals (Figure 8) and z (Figure 9), bad answers counted and skipped, scored
     against the oracle's goals; "oracle": goals and z from the PDDL facts."""
     if args.relabeler == "llm":
-        convs = [
-            chat_turns(prompts, "goal_inference", trajectory=format_trajectory(t)) for t in trajs
-        ]
-        answers = client.chat(convs)
+        answers = client.chat(
+            [chat_turns(prompts, "goal_inference", trajectory=format_trajectory(t)) for t in trajs]
+        )
     found = []
     step_labels = []
     goal_facts = []
@@ -643,9 +649,9 @@ def relabel(trajs, args, counters, client=None, prompts=None):
                 intro=t["intro"],
                 instruction=goal_text(g),
                 thoughts=None,
-                z=list(z),
+                z=z,
                 source="hindsight",
-                goal=list(g),
+                goal=g,
                 actions=t["actions"][:S],
                 observations=t["observations"][:S],
                 task_type=g[0],
@@ -682,10 +688,9 @@ class HindsightBuffer:
         counters.update(
             pushed=len(new), dropped_no_relevant_action=sum(map(len, relabeled)) - len(new)
         )
-        return len(new)
 
     def sample(self, k, rng):
-        w = np.array([d["weight"] for d in self.items], dtype=np.float64)
+        w = np.array([d["weight"] for d in self.items])
         idx = rng.choice(len(self.items), size=k, p=w / w.sum())  # (with replacement)
         return [self.items[i] for i in idx]
 
@@ -704,8 +709,7 @@ def masked_sft_loss(logits, input_ids, weights, num_actions, denom):
     )  # (batch, seq-1)
     w = weights[:, 1:]
     per_seq = (nll * w).sum(-1)  # (batch,)
-    loss = (per_seq / num_actions).sum() / denom
-    return loss, {"tokens": w.gt(0).sum().item()}
+    return (per_seq / num_actions).sum() / denom, {"tokens": w.gt(0).sum().item()}
 
 
 def shard(items, accelerator):
@@ -1016,14 +1020,13 @@ def list_games(data_dir, split):
         "valid_seen": ("eval_in_distribution", "eval_id_data_path"),
         "valid_unseen": ("eval_out_of_distribution", "eval_ood_data_path"),
     }[split]
-    dataset = {
-        key: os.path.join(data_dir, "json_2.1.1", split),
-        "num_train_games": -1,
-        "num_eval_games": -1,
-    }
     config = {
         "env": {"goal_desc_human_anns_prob": 0.0, "task_types": [1, 2, 3, 4, 5, 6]},
-        "dataset": dataset,
+        "dataset": {
+            key: os.path.join(data_dir, "json_2.1.1", split),
+            "num_train_games": -1,
+            "num_eval_games": -1,
+        },
     }
     # alfworld reads each game's traj_data.json; os.walk order is filesystem-dependent: sort
     with data_error(data_dir, "cannot read ALFWorld's game files"):
@@ -1092,10 +1095,8 @@ class ALFWorldGame:
         self.gamefile = gamefile
         traj_data = json.loads(Path(gamefile).with_name("traj_data.json").read_text())
         self.task_type = traj_data["task_type"]
-        env = PddlEnv(
-            textworld.EnvInfos(admissible_commands=True, won=True, facts=True, extras=["gamefile"])
-        )
-        env = AlfredInfos(AlfredDemangler(env, shuffle=False))
+        env = PddlEnv(textworld.EnvInfos(admissible_commands=True, won=True, facts=True))
+        env = AlfredInfos(AlfredDemangler(env))  # (names not shuffled: the default)
         self.env = AlfredExpert(env, expert_type="handcoded") if expert else env
         self.env.load(gamefile)
         # data older than alfworld 0.4: the grammar's put template is "put {o} in/on {r}"
@@ -1104,7 +1105,7 @@ class ALFWorldGame:
     def reset(self):
         """(room description, task, game state)"""
         self.state = self.env.reset()
-        text = self.state["feedback"].replace("-= Welcome to TextWorld, ALFRED! =-", "").strip()
+        text = self.state["feedback"].replace("-= Welcome to TextWorld, ALFRED! =-", "")
         intro, _, task = text.partition("Your task is to:")
         return intro.strip(), task.strip().rstrip("."), self.state
 
@@ -1157,7 +1158,7 @@ def parse_agent_output(text):
 def demo_messages(prefix, demo, with_last_obs=False):
     """A trajectory in ETO's conversation: prefix, task (room, newline, "Your task is to: ..."),
     Action / Observation."""
-    msgs = list(prefix) + [
+    msgs = prefix + [
         {"role": "user", "content": f"{demo['intro']}\nYour task is to: {demo['instruction']}."}
     ]
     T = len(demo["actions"])
@@ -1193,13 +1194,13 @@ def encode_demo(tokenizer, messages, demo_z, max_len):
     ids = enc["input_ids"]
     weights = [0.0] * len(ids)
     # the prefix's assistant turns ("OK", the example) are never trained
-    z = [0.0] * (len(spans) - len(demo_z)) + list(demo_z)
+    z = [0.0] * (len(spans) - len(demo_z)) + demo_z
     k = 0
     for j, (s, _) in enumerate(enc["offset_mapping"]):
         while k < len(spans) and s >= spans[k][1]:
             k += 1
         if k < len(spans) and spans[k][0] <= s < spans[k][1]:
-            weights[j] = float(z[k])
+            weights[j] = z[k]
     return {"input_ids": ids[:max_len], "weights": weights[:max_len], "num_actions": len(demo_z)}
 
 
@@ -1209,14 +1210,11 @@ def collate(batch, pad_id, device):
     def pad(key, fill):
         return torch.nn.utils.rnn.pad_sequence([torch.tensor(b[key]) for b in batch], True, fill)
 
-    ids = pad("input_ids", pad_id)
-    mask = (pad("input_ids", -1) >= 0).long()  # 1 on a demo's tokens, 0 on the padding
-    num_actions = torch.tensor([max(b["num_actions"], 1.0) for b in batch])
     out = dict(
-        input_ids=ids,
-        attention_mask=mask,
+        input_ids=pad("input_ids", pad_id),
+        attention_mask=(pad("input_ids", -1) >= 0).long(),  # 1 on a demo's tokens, 0 on the padding
         weights=pad("weights", 0.0).float(),
-        num_actions=num_actions,
+        num_actions=torch.tensor([max(b["num_actions"], 1.0) for b in batch]),
     )
     return {k: v.to(device) for k, v in out.items()}
 
@@ -1242,6 +1240,33 @@ def load_agent(args):
         )
         model = get_peft_model(model, cfg)
     return tokenizer, model
+
+
+def check_memory(args, model):
+    """Usage error when one training micro-batch cannot fit in the device's memory (a GPU's, else
+    the RAM); called before the model moves there."""
+    # Ours (the paper is silent). What the flags allow a step to need, counting only what is
+    # certainly allocated: a micro-batch (at most --batch-size sequences) padded to --max-seq-len
+    # tokens, which HSL's relabeled trajectories reach (a rollout ends only when its prompt
+    # outgrows it); the weights; for the trainable ones (all without --use-lora) gradients and
+    # AdamW's two moments, as many bytes each; the fp32 logits of masked_sft_loss and
+    # cross_entropy's fp32 log-softmax, 8 bytes per sequence x position x vocabulary entry.
+    # Activations and the KV cache come on top. Under DDP each process holds one such micro-batch.
+    need = sum(p.nbytes * (1 + 3 * p.requires_grad) for p in model.parameters())
+    need += (
+        min(args.micro_batch_size, args.batch_size) * args.max_seq_len * model.config.vocab_size * 8
+    )
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if torch.cuda.is_available():
+        have = torch.cuda.mem_get_info()[1]
+    if need > have:
+        print(
+            f"error: --micro-batch-size x --max-seq-len: one micro-batch needs {need / 2**30:.1f} "
+            f"GiB, this machine has {have / 2**30:.1f} GiB (weights, optimiser, fp32 logits of a "
+            f"{model.config.vocab_size}-token vocabulary at --max-seq-len)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
 
 
 @torch.no_grad()
@@ -1273,23 +1298,25 @@ def rollout(gamefiles, agent, args, temperature, desc="rollout"):
             )
         )
     # a bar from the main process, in a terminal and in a log (its ETA: every episode to the cap)
-    main_process = PartialState().is_main_process
-    for _ in tqdm(range(args.max_env_steps), desc=desc, leave=False, disable=not main_process):
+    for _ in tqdm(
+        range(args.max_env_steps),
+        desc=desc,
+        leave=False,
+        disable=not PartialState().is_main_process,
+    ):
         prompts = {}
         # ETO: an input too long ends the episode, failed
         for i in [i for i, t in enumerate(trajs) if not t["done"]]:
-            msgs = demo_messages(prefix, trajs[i], with_last_obs=True)
-            prompts[i] = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)[
-                "input_ids"
-            ]
+            prompts[i] = tokenizer.apply_chat_template(
+                demo_messages(prefix, trajs[i], with_last_obs=True), add_generation_prompt=True
+            )["input_ids"]
             trajs[i]["done"] = len(prompts[i]) > args.max_seq_len - args.agent_max_new_tokens
         active = [i for i in prompts if not trajs[i]["done"]]
         if not active:
             break
-        prompts = [prompts[i] for i in active]
-        batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(
-            model.device
-        )
+        batch = tokenizer.pad(
+            {"input_ids": [prompts[i] for i in active]}, padding_side="left", return_tensors="pt"
+        ).to(model.device)
         out = model.generate(
             **batch,
             max_new_tokens=args.agent_max_new_tokens,
@@ -1308,17 +1335,15 @@ def rollout(gamefiles, agent, args, temperature, desc="rollout"):
             # as ETO: the history keeps the model's own words, and a turn without "Action:" does
             # not step the game (its observation: ETO's format error; its action: "")
             obs = ETO_FORMAT_ERROR
-            done = False
             facts = t["states"][-1]
-            if action is not None:
-                obs, t["won"], done, gs = game.step(action)
+            if action is not None:  # (done: won or lost; the step limit T is the loop's bound)
+                obs, t["won"], t["done"], gs = game.step(action)
                 facts = summarize_facts(gs["facts"])
             t["outputs"].append(text)
             t["actions"].append(action or "")
             t["thoughts"].append(thought)
             t["observations"].append(obs)
             t["states"].append(facts)
-            t["done"] = t["won"] or done or len(t["actions"]) >= args.max_env_steps
     for game, t in zip(games, trajs):
         GAME_POOL[game.gamefile].append(game)
         t["thoughts"] = t["thoughts"] if any(t["thoughts"]) else None
@@ -1394,7 +1419,7 @@ def load_eto_demos(path):
                     instruction=task.strip().split("\n")[0].rstrip("."),
                     actions=actions,
                     z=[1] * len(turns),
-                    observations=obs[: len(turns)],
+                    observations=obs,
                     thoughts=thoughts if any(thoughts) else None,
                     task_type=item.get("id"),
                 )
@@ -1447,8 +1472,10 @@ def make_logger(args, run_dir, main_proc):
             name=run_dir.name,
         )
     writer = SummaryWriter(str(run_dir))
-    table = "".join(f"|{k}|{v}|\n" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "".join(f"|{k}|{v}|\n" for k, v in vars(args).items()),
+    )
 
     def log(metrics, step):
         if not metrics:
@@ -1463,14 +1490,13 @@ def save_checkpoint(path, agent, optimizer, scheduler, state, buffer, accelerato
     """All a resume needs: weights (adapter with LoRA), optimizer, scheduler, state + D', every
     process's generators (Python, NumPy, torch CPU/CUDA, `rng`: games and D' batches); written to
     {path}.tmp, then renamed (never half)."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     rngs = gather_object(
         [
             (
                 random.getstate(),
                 np.random.get_state(),
                 torch.get_rng_state(),
-                cuda,
+                torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 rng.bit_generator.state,
             )
         ]
@@ -1527,16 +1553,19 @@ def evaluate(games_by_split, agent, args, accelerator, log, step, tag, state):
         mine = shard(games, accelerator)
         outcomes = []
         won = collections.defaultdict(list)
-        batches = range(0, len(mine), args.rollouts_per_step)
-        for i in tqdm(batches, f"eval {split}", disable=not accelerator.is_main_process):
+        for i in tqdm(
+            range(0, len(mine), args.rollouts_per_step),
+            f"eval {split}",
+            disable=not accelerator.is_main_process,
+        ):
             trajs = rollout(mine[i : i + args.rollouts_per_step], agent, args, 0.0, f"eval {split}")
-            outcomes += [(t["task_type"], float(t["won"])) for t in trajs]
+            outcomes += [(t["task_type"], t["won"]) for t in trajs]
         # (once per split: every process joins the gather)
         for task_type, w in unshard(outcomes, accelerator):
             won[TASK_SHORT[task_type]].append(w)
         every = sum(won.values(), [])
-        results.update({f"{split}/success": float(np.mean(every)), f"{split}/episodes": len(every)})
-        results.update({f"{split}/success_{tt}": float(np.mean(w)) for tt, w in won.items()})
+        results.update({f"{split}/success": np.mean(every), f"{split}/episodes": len(every)})
+        results.update({f"{split}/success_{tt}": np.mean(w) for tt, w in won.items()})
     log({f"eval/{k}": v for k, v in results.items()}, step)
     if accelerator.is_main_process:
         tqdm.write(
@@ -1552,7 +1581,7 @@ def hsl_report(progress, times, trajs, buffer, info, counts, counters, args, acc
     dt = [b - a for a, b in zip(times, times[1:])]
     outcomes = unshard([(t["won"], t["invalid"], len(t["actions"])) for t in trajs], accelerator)
     info.update({f"time/{k}": v for k, v in zip(("rollout", "relabel", "optimise"), dt)})
-    info["charts/rollout_success"] = float(np.mean([o[0] for o in outcomes]))
+    info["charts/rollout_success"] = np.mean([o[0] for o in outcomes])
     info["charts/invalid_action_rate"] = sum(o[1] for o in outcomes) / max(
         sum(o[2] for o in outcomes), 1
     )
@@ -1682,8 +1711,6 @@ class LLMClient:
             with concurrent.futures.ThreadPoolExecutor(n) as pool:
                 outs = list(pool.map(self.ask, conversations))
         else:  # in process, --llm-concurrency is the generation batch size
-            import torch
-
             outs = []
             for i in range(0, len(conversations), n):
                 enc = self.tok.apply_chat_template(
@@ -1693,8 +1720,7 @@ class LLMClient:
                     return_tensors="pt",
                     return_dict=True,
                 ).to(self.model.device)
-                with torch.no_grad():
-                    gen = self.model.generate(**enc, **self.kw)
+                gen = self.model.generate(**enc, **self.kw)  # no gradients (generate's own no_grad)
                 new_tokens = gen[:, enc["input_ids"].shape[1] :]
                 outs += self.tok.batch_decode(new_tokens, skip_special_tokens=True)
         self.failures += sum(o is None for o in outs)
@@ -1733,6 +1759,7 @@ def load_learner(args, prefix, demos, state, rng, accelerator, say):
     AdamW optimiser, D_train encoded for it and its batch order, D', and with --resume the
     checkpoint's state (and its scheduler's, returned for the phase it belongs to)."""
     tokenizer, model = load_agent(args)
+    check_memory(args, model)  # before the GPU holds anything
     encoded = [
         encode_demo(tokenizer, demo_messages(prefix, d), d["z"], args.max_seq_len) for d in demos
     ]
@@ -1765,7 +1792,7 @@ def sft_phase(
     """Phase 1 (Appendix F): SFT on the ground-truth demonstrations D_train; checkpoints
     "sft_{step}" every SFT_CHECKPOINT_EVERY steps, "sft" at the end."""
     steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
-    num_steps = int(round(args.sft_epochs * steps_per_epoch))
+    num_steps = round(args.sft_epochs * steps_per_epoch)
     sched = make_scheduler(optimizer, num_steps, saved_sched if state["hsl_steps"] == 0 else None)
     t0 = time.time()
     first = state["sft_steps"]
@@ -1814,7 +1841,7 @@ def hsl_phase(
     num_steps = (  # -1: HSL_EPOCHS passes over D_train
         args.hsl_steps
         if args.hsl_steps >= 0
-        else int(round(HSL_EPOCHS * math.ceil(len(encoded) / args.batch_size)))
+        else round(HSL_EPOCHS * math.ceil(len(encoded) / args.batch_size))
     )
     sched = make_scheduler(optimizer, num_steps, saved_sched if state["hsl_steps"] > 0 else None)
     t_hsl = time.time()
@@ -1881,7 +1908,7 @@ def dpo_updates(model, kept, it, beta, lr, agent, state, args, accelerator, log,
     params = [p for p in agent[0].parameters() if p.requires_grad]
     optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY))
     per_epoch = math.ceil(len(kept) / args.dpo_batch_size)
-    round_steps = max(1, int(round(args.dpo_epochs * per_epoch)))
+    round_steps = max(1, round(args.dpo_epochs * per_epoch))
     sched = get_scheduler(
         "constant_with_warmup",
         optimizer,

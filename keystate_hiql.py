@@ -224,17 +224,17 @@ def resolve_presets(args: Args) -> Args:
     """OGBench's per-env HIQL defaults (impls/hyperparameters.sh): subgoal steps, both alphas and
     the discount."""
     env = args.env_name
-    subgoal_steps = 25
-    if "humanoidmaze" in env:
-        subgoal_steps = 100
-    elif any(f in env for f in ("cube", "scene", "puzzle")):
-        subgoal_steps = 10
+    if args.subgoal_steps is None:
+        args.subgoal_steps = 25
+        if "humanoidmaze" in env:
+            args.subgoal_steps = 100
+        elif any(f in env for f in ("cube", "scene", "puzzle")):
+            args.subgoal_steps = 10
     alpha = 10.0 if "antmaze" in env and "explore" in env else 3.0
-    discount = 0.995 if "giant" in env or "humanoidmaze" in env else 0.99
     args.high_alpha = alpha if args.high_alpha is None else args.high_alpha
     args.low_alpha = alpha if args.low_alpha is None else args.low_alpha
-    args.subgoal_steps = subgoal_steps if args.subgoal_steps is None else args.subgoal_steps
-    args.discount = discount if args.discount is None else args.discount
+    if args.discount is None:
+        args.discount = 0.995 if "giant" in env or "humanoidmaze" in env else 0.99
     return args
 
 
@@ -304,8 +304,7 @@ def generate_rules(
     rejected = 0
     for round_ in range(MAX_REPAIR_ROUNDS + 1):
         answer = client.chat([[{"role": "user", "content": prompt}]])[0]
-        if answer is None:  # counted by the client; the next round asks again
-            log(f"[rules] LLM round {round_} failed (no answer)")
+        if answer is None:  # printed and counted by the client; the next round asks again
             continue
         log(f"[rules] LLM round {round_} answered: {answer[:300]!r}")
         try:
@@ -782,37 +781,27 @@ class RelabelCheck:
                 self.snapshots.append((step, td, dist, counts))
 
     def save(self, run_dir: Path):
-        """Figure 2: mean |TD| gap key-state - matched / HER / uniform per snapshot, bootstrap 95%
-        CI -> td_probe.npz, .png."""
+        """Figure 2 -> td_probe.npz, .png: per snapshot and seed, the mean paired |TD| gap key-state
+        - matched / HER / uniform over the rows that count (NaN: none). The figure draws the matched
+        gap, one line per seed: the spread across seeds is its uncertainty (pooling rows of several
+        seeds into one interval would hide it); docs/results/report.py adds 95% CIs clustered by
+        seed."""
         # (T,), (T, S, 4, B), (T, S, 4, B), (T, S, B)
         steps, td, dist, counts = (np.stack(x) for x in zip(*self.snapshots))
-        rng = np.random.default_rng(0)
         kinds = ["keystate", "matched", "her", "uniform"]
         out = dict(steps=steps, td=td, dist=dist, counts=counts, kinds=kinds)
         for i in 1, 2, 3:
-            gaps = [
-                (t[:, 0] - t[:, i])[m] if m.any() else np.full(1, np.nan)
-                for t, m in zip(td, counts)
-            ]
-            # (T, 1000) resampled means
-            boot = [g[rng.integers(len(g), size=(1000, len(g)))].mean(1) for g in gaps]
-            mean = np.array([g.mean() for g in gaps])  # (T,)
-            ci = np.percentile(boot, [2.5, 97.5], axis=1).T  # (T, 2)
-            out |= {f"gap_{kinds[i]}_mean": mean, f"gap_{kinds[i]}_ci": ci}
-            plt.errorbar(
-                steps,
-                mean,
-                yerr=np.abs(ci.T - mean),
-                label=f"key-state - {kinds[i]}",
-            )
+            gap = (td[:, :, 0] - td[:, :, i]) * counts
+            with np.errstate(invalid="ignore"):  # 0 / 0: no row counts
+                out[f"gap_{kinds[i]}"] = gap.sum(-1) / counts.sum(-1)
         np.savez(run_dir / "td_probe.npz", **out)
+        plt.plot(steps, out["gap_matched"], marker="o")  # (T, S): a line per seed
         plt.axhline(0, color="gray")  # the finding is the sign of the gap
         # the run folder's name (env, experiment, arm, data fraction, seeds) says which run it is
         plt.gca().set(
             xlabel="gradient step",
-            ylabel="|TD| gap, 95% CI (> 0: key-state goals are harder)",
+            ylabel="key-state - matched |TD| gap per seed\n(> 0: key-state goals are harder)",
         )
-        plt.legend()
         plt.savefig(run_dir / "td_probe.png", bbox_inches="tight")  # the long y label fits
         plt.close()
 
@@ -870,7 +859,7 @@ class AgentState(NamedTuple):
 
 def make_agent(args: Args, ob_dim: int, act_dim: int, key):
     """HIQL's phi([s; g]), V1,2(s, phi), pi^l(a | s, phi([s; w])), pi^h(phi | s, g) under one Adam;
-    V's target copy."""
+    V's target copy (key None: the state is None)."""
     hd = tuple(args.hidden_dims)
     nets = dict(
         goal_rep=MLP((*hd, REP_DIM), layer_norm=True),  # see `phi`
@@ -889,11 +878,13 @@ def make_agent(args: Args, ob_dim: int, act_dim: int, key):
         low_actor=(ob, rep),
         high_actor=(ob, ob),
     )
+    tx = optax.adam(LR)
+    if key is None:  # the modules and the optimiser only: no parameters allocated
+        return nets, tx, None
     key, *keys = jax.random.split(key, 5)
     params = {}
     for name, k in zip(nets, keys):
         params[name] = nets[name].init(k, *inputs[name])["params"]
-    tx = optax.adam(LR)
     target = tree_map(jnp.copy, params["value"])  # starts equal, own buffers (donation)
     return nets, tx, AgentState(params, target, tx.init(params), key)
 
@@ -1065,6 +1056,27 @@ def make_update(args: Args, nets: dict, tx, chunk: int = 1):
 
     # the agents' state is donated: updated in place
     return jax.jit(over_seeds(steps), donate_argnums=(0,)), jax.jit(over_seeds(probe))
+
+
+def check_memory(jitted, *inputs):
+    """jitted compiled for inputs (shapes suffice). Ends the run with one line when XLA's memory
+    plan for it exceeds the device's memory (RAM on CPU): flags whose product cannot fit (seeds
+    x batch x widths, batch x window) stop before anything is allocated, not in an out-of-memory
+    error or the kernel's OOM killer mid-run. The check is ours (the paper and OGBench have
+    none)."""
+    compiled = jitted.lower(*inputs).compile()
+    plan = compiled.memory_analysis()
+    # a lower bound: the update's outputs are the donated state (updated in place), the probe's
+    # are small
+    need = plan.argument_size_in_bytes + plan.temp_size_in_bytes
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # none on CPU
+    limit = limit or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > limit:
+        usage_error(
+            "--num-seeds x --batch-size x --hidden-dims, --keystate-window: a step needs "
+            f"{need / 2**30:.1f} GiB, this machine has {limit / 2**30:.1f} GiB"
+        )
+    return compiled
 
 
 def make_policy(nets: dict):
@@ -1318,8 +1330,6 @@ class LLMClient:
             with concurrent.futures.ThreadPoolExecutor(n) as pool:
                 outs = list(pool.map(self.ask, conversations))
         else:  # in process, --llm-concurrency is the generation batch size
-            import torch
-
             outs = []
             for i in range(0, len(conversations), n):
                 enc = self.tok.apply_chat_template(
@@ -1329,8 +1339,7 @@ class LLMClient:
                     return_tensors="pt",
                     return_dict=True,
                 ).to(self.model.device)
-                with torch.no_grad():
-                    gen = self.model.generate(**enc, **self.kw)
+                gen = self.model.generate(**enc, **self.kw)  # no gradients (generate's own no_grad)
                 new_tokens = gen[:, enc["input_ids"].shape[1] :]
                 outs += self.tok.batch_decode(new_tokens, skip_special_tokens=True)
         self.failures += sum(o is None for o in outs)
@@ -1345,8 +1354,6 @@ def main(args: Args):
     args = resolve_presets(args)
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     log = tqdm.write
-    # Seeding: each seed's JAX key, evaluation resets and episode subset derive from it; LLM
-    # requests from --seed.
     env, ds = make_env_and_dataset(args)
     keep = episode_subsets(ds, args)
     log(f"[data] {args.env_name}: {len(ds['valids'])} rows; kept per seed: {keep.sum(1).tolist()}")
@@ -1362,28 +1369,32 @@ def main(args: Args):
     rules = None
     if args.relabel == "keystate" or args.rules_path:
         key_mask, rules = build_keystate_mask(args, ds, keep.any(0), log)
+    # Component (3) runs inside the jitted update (goal data on device; p from the self-check)
+    data = make_goal_data(ds, key_mask, keep)
+    check = RelabelCheck(args, key_mask is not None)
+    ob_dim = ds["observations"].shape[1]
+    act_dim = ds["actions"].shape[1]
+    nets, tx, _ = make_agent(args, ob_dim, act_dim, None)
+
+    # One agent per seed, stacked on a leading axis: parameters, Adam moments, target copy, RNG key.
+    @jax.vmap
+    def init(seed):
+        return make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(seed))[2]
+
+    # steps per jitted call: a divisor of 100 and of every interval, so that logs, probes and
+    # evaluations fall between calls
+    chunk = math.gcd(100, args.total_steps, args.log_interval, args.eval_every, args.adapt_interval)
+    update, probe = make_update(args, nets, tx, chunk)
+    # compiled for the agents' shapes before any of them is allocated
+    shapes = jax.eval_shape(init, jnp.asarray(seeds))
+    update = check_memory(update, shapes, data, check.p_keystate)
+    probe = check_memory(probe, shapes, data)
     # only now: a run that fails before training leaves no folder behind
     run_dir = make_run_dir(args)
     if rules is not None:
         (run_dir / "rules.json").write_text(json.dumps(rules, indent=2))
     writer = start_logging(args, run_dir)
-
-    # Component (3) runs inside the jitted update: goal data on device, p_keystate from the
-    # relabel-time self-check.
-    data = make_goal_data(ds, key_mask, keep)
-    check = RelabelCheck(args, key_mask is not None)
-    ob_dim = ds["observations"].shape[1]
-    act_dim = ds["actions"].shape[1]
-    # the modules and the optimiser
-    nets, tx, _ = make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(0))
-    # One agent per seed, stacked on a leading axis: parameters, Adam moments, target copy, RNG key.
-    state = jax.vmap(lambda s: make_agent(args, ob_dim, act_dim, jax.random.PRNGKey(s))[2])(
-        jnp.asarray(seeds)
-    )
-    # steps per jitted call: a divisor of 100 and of every interval, so that logs, probes and
-    # evaluations fall between calls
-    chunk = math.gcd(100, args.total_steps, args.log_interval, args.eval_every, args.adapt_interval)
-    update, probe = make_update(args, nets, tx, chunk)
+    state = init(jnp.asarray(seeds))
     act = make_policy(nets)
 
     # Component (4): offline training; only the relabeling differs from the learner's reference
@@ -1391,7 +1402,7 @@ def main(args: Args):
     start = last_t = time.time()
     last_step = 0
     for step in tqdm(range(chunk, args.total_steps + 1, chunk)):
-        state, info = update(state, data, jnp.asarray(check.p_keystate, jnp.float32))
+        state, info = update(state, data, check.p_keystate)
         last = step == args.total_steps
         check.observe(step, last, lambda: probe(state, data), writer)
         if step % args.log_interval == 0 or last:

@@ -479,7 +479,7 @@ def filter_proposals(candidates, k, observed_events, held, embed, delta):
     return accepted, rejected
 
 
-def relabel_rollout(traj, pool_emb, pool_mask, pool_valid, num_copies, rng):
+def relabel_rollout(traj, pool_emb, pool_mask, num_copies, rng):
     """Hindsight relabeling (paper Section 3), on device: num_copies random envs whose rollout
     achieved a pool instruction, each with one of them, rewards by its mask, cut at success.
     Returns (obs, action, emb, reward, done, env, valid)."""
@@ -487,7 +487,7 @@ def relabel_rollout(traj, pool_emb, pool_mask, pool_valid, num_copies, rng):
     hits = jnp.einsum(
         "tne,pe->np", traj["events"].astype(jnp.float32), pool_mask.astype(jnp.float32)
     )
-    achieved = (hits > 0) & pool_valid[None]  # (N, P)
+    achieved = hits > 0  # (N, P); an empty pool slot has an empty mask: never achieved
     score = achieved.any(-1) + 0.5 * jax.random.uniform(k_env, achieved.shape[:1])
     env_idx = jax.lax.top_k(score, num_copies)[1]  # (R,)
     ach = achieved[env_idx]  # (R, P)
@@ -610,15 +610,23 @@ class InstructionBuffer:
         return [e for e in self.slots if e is not None]
 
     def counts(self):
-        return {s: sum(self.status(e) == s for e in self.entries()) for s in STATUS_WEIGHTS}
+        return {s: len(self.having(s)) for s in STATUS_WEIGHTS}
 
 
 def instruction_arrays(slots, num_events, dim):
-    """The device's view of instructions (None = empty slot): embeddings (B, D), event masks (B, E),
-    valid (B,)."""
+    """The device's view of instructions (None = empty slot: zero rows, no event rewards or achieves
+    it): embeddings (B, D), event masks (B, E)."""
     emb = np.stack([np.zeros(dim, np.float32) if e is None else e.emb for e in slots])
     mask = np.stack([np.zeros(num_events, bool) if e is None else e.mask for e in slots])
-    return emb, mask, np.array([e is not None for e in slots])
+    return emb, mask
+
+
+def device_tables(buffer, pool, embed):
+    """train_chunk's inputs from the host: the buffer's embeddings, event masks and sampling
+    probabilities, and the relabel pool's arrays (padded to RELABEL_POOL_SIZE)."""
+    emb, mask = instruction_arrays(buffer.slots, *embed.events.shape)
+    padded = list(pool) + [None] * (RELABEL_POOL_SIZE - len(pool))
+    return emb, mask, buffer.probs(), instruction_arrays(padded, *embed.events.shape)
 
 
 def relabel(llm, prompts, ec, buffer, pool, embed, args, rng, tally):
@@ -684,17 +692,16 @@ class QNetwork(nn.Module):
 
 def lambda_returns(rewards, dones, next_q_max, gamma, lam):
     """Peng's Q(lambda) targets backwards, as PQN's `_get_target`; rewards, dones, next_q_max
-    (T, B): G_t = r_t + gamma (1 - d_t) [(1 - lam) max_a Q(s_t+1, a) + lam G_t+1], G_T-1
-    bootstrapped from next_q_max[-1]."""
+    (T, B): G_t = r_t + gamma (1 - d_t) [(1 - lam) max_a Q(s_t+1, a) + lam G_t+1], G_T =
+    next_q_max[-1], so that G_T-1 bootstraps from max_a Q(s_T, a) alone."""
 
     def body(g_next, x):
         r, d, nq = x
         g = r + gamma * (1.0 - d) * ((1.0 - lam) * nq + lam * g_next)
         return g, g
 
-    last = rewards[-1] + gamma * (1.0 - dones[-1]) * next_q_max[-1]
-    _, g = jax.lax.scan(body, last, (rewards[:-1], dones[:-1], next_q_max[:-1]), reverse=True)
-    return jnp.concatenate([g, last[None]], axis=0)
+    _, g = jax.lax.scan(body, next_q_max[-1], (rewards, dones, next_q_max), reverse=True)
+    return g
 
 
 def q_loss(params, apply_fn, obs, instr, action, target, weight):
@@ -711,22 +718,22 @@ def q_loss(params, apply_fn, obs, instr, action, target, weight):
 
 
 def make_learn(network, args, num_copies):
-    def targets(params, q_val, last_obs, last_instr, reward, done):
-        """Q(lambda) targets of a (T, B) rollout from its Q-values at collection and Q at the
-        observation after it."""
-        q_last = network.apply(params, last_obs, last_instr).max(-1)
-        q_next = jnp.concatenate([q_val[1:].max(-1), q_last[None]], axis=0)
-        return lambda_returns(reward, done, q_next, args.gamma, Q_LAMBDA)
-
-    def learn(ts, traj, table, pool_emb, pool_mask, pool_valid, rng):
+    def learn(ts, traj, table, pool_emb, pool_mask, rng):
         """One pass (the reference's NUM_EPOCHS = 1) over the rollout and its relabeled copies,
         shuffled minibatches."""
-        T, N = traj["action"].shape
+
+        def targets(q_val, last_obs, last_instr, reward, done):
+            """Q(lambda) targets of a (T, B) rollout from its Q-values at collection and Q (current
+            params) at the observation after it."""
+            q_last = network.apply(ts.params, last_obs, last_instr).max(-1)
+            q_next = jnp.concatenate([q_val[1:].max(-1), q_last[None]], axis=0)
+            return lambda_returns(reward, done, q_next, args.gamma, Q_LAMBDA)
+
+        T = len(traj["action"])
         k, k_perm = jax.random.split(rng)
         # Instructions travel as indices into a small table (buffer slots, then one row per
         # relabeled copy) and are gathered per minibatch: cheaper than shuffling a (T, N, D) array.
         target = targets(
-            ts.params,
             traj["q_val"],
             traj["last_obs"],
             table[traj["slot"][-1]],
@@ -738,20 +745,20 @@ def make_learn(network, args, num_copies):
             traj["slot"],  # (T, N): rows of table
             traj["action"],
             target,
-            jnp.ones((T, N)),  # weight
+            jnp.ones_like(target),  # weight
         ]
         info = {}
         if num_copies > 0:
             obs, act, emb, rew, done, env, valid = relabel_rollout(
-                traj, pool_emb, pool_mask, pool_valid, num_copies, k
+                traj, pool_emb, pool_mask, num_copies, k
             )
             # Q of the copies under their new instruction (not available from the rollout): current
             # params.
             q = network.apply(ts.params, obs, jnp.broadcast_to(emb[None], (T, *emb.shape)))
-            target = targets(ts.params, q, traj["last_obs"][env], emb, rew, done)
+            target = targets(q, traj["last_obs"][env], emb, rew, done)
             copy_idx = jnp.broadcast_to(table.shape[0] + jnp.arange(num_copies), (T, num_copies))
-            # no achieved instruction: weight 0
-            weight = jnp.broadcast_to(valid[None].astype(jnp.float32), (T, num_copies))
+            # no achieved instruction: weight 0 (bool, made float by the concatenation below)
+            weight = jnp.broadcast_to(valid, (T, num_copies))
             data = [
                 jnp.concatenate(pair, 1) for pair in zip(data, [obs, copy_idx, act, target, weight])
             ]
@@ -799,7 +806,6 @@ def make_rollout(network, vec_step, rules, args):
             idone = env_done | success | (instr_t >= INSTR_MAX_STEPS)
             # an ended instruction episode draws its next instruction
             new_slot = jax.random.categorical(k_slot, slot_logits, shape=(N,))
-            slot = jnp.where(idone, new_slot, ec.slot)
             # done: the instruction episode ended (success, timeout or env end); q_val: Q at
             # collection (for the lambda-returns)
             tr = dict(
@@ -815,7 +821,7 @@ def make_rollout(network, vec_step, rules, args):
             ec = ec.replace(
                 env_state=env_state,
                 obs=obs,
-                slot=slot,
+                slot=jnp.where(idone, new_slot, ec.slot),
                 instr_t=jnp.where(idone, 0, instr_t),
             )
             return (ec, rng), tr
@@ -868,13 +874,31 @@ def make_train_chunk(network, vec_step, rules, args, num_updates):
     return train_chunk
 
 
+def check_memory(jitted, *inputs):
+    """jitted compiled for inputs (shapes suffice). Ends the run with one line when XLA's memory
+    plan for it exceeds the device's memory (RAM on CPU): flags whose product cannot fit (envs x
+    steps, width x layers) stop before anything is allocated, not in an out-of-memory error or
+    the kernel's OOM killer mid-run. The check is ours (the summaries and PQN have none)."""
+    compiled = jitted.lower(*inputs).compile()
+    plan = compiled.memory_analysis()
+    need = plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # none on CPU
+    limit = limit or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > limit:
+        usage_error(
+            "--num-envs x --num-steps, --hidden-size x --num-layers: a chunk of updates needs "
+            f"{need / 2**30:.1f} GiB, this machine has {limit / 2**30:.1f} GiB"
+        )
+    return compiled
+
+
 def init_train(env, env_params, network, buffer, embed, args, num_chunks, rng):
     """The learner's state (RAdam, clipped, linear decay to 0: the reference's optimiser) and the
     envs' carry."""
     k_init, k_env, k_slot = jax.random.split(rng, 3)
     N = args.num_envs
     E, D = embed.events.shape
-    obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_env, N), env_params)
+    obs, env_state = reset_envs(env, env_params, k_env, N)
     params = network.init(k_init, obs[:1], jnp.zeros((1, D)))
     lr = optax.linear_schedule(
         args.lr, 1e-20, num_chunks * args.chunk_updates * args.num_minibatches
@@ -899,6 +923,11 @@ def strong_types(tree):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, x.dtype), tree)
 
 
+def reset_envs(env, env_params, rng, n):
+    """n fresh worlds: (obs, states), batched."""
+    return jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(rng, n), env_params)
+
+
 def make_vec_env_step(env, env_params, num_envs):
     """Step all envs; envs that end get one of num_envs // 16 fresh worlds (purejaxql's optimistic
     resets). Also returns the stepped state before the reset, whose transition gives the events."""
@@ -909,9 +938,7 @@ def make_vec_env_step(env, env_params, num_envs):
         obs_st, state_st, _, done, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
             jax.random.split(k_step, num_envs), state, action, env_params
         )
-        obs_re, state_re = jax.vmap(env.reset, in_axes=(0, None))(
-            jax.random.split(k_reset, num_resets), env_params
-        )
+        obs_re, state_re = reset_envs(env, env_params, k_reset, num_resets)
         reset_idx = jnp.arange(num_resets).repeat(OPTIMISTIC_RESET_RATIO)
         being_reset = jax.random.choice(
             k_pick, num_envs, (num_resets,), p=done.astype(jnp.float32), replace=False
@@ -1033,27 +1060,25 @@ def make_evaluate(env, env_params, network, embed, rows, rules, args):
     terms = [as_rules(t + t[-1:] * (K - len(t))) for t in truths]  # padded to K, masked
     text_emb = embed(texts)
 
-    def rep(x):  # one row per episode
+    def rep(x):  # one row per episode (x: an array, or a sequence of rows)
         return jnp.repeat(jnp.asarray(x), args.eval_episodes, 0)
 
     emb = rep(text_emb)
-    truth = tuple(rep(np.stack(x)) for x in zip(*terms))
+    truth = tuple(rep(x) for x in zip(*terms))
     valid = rep(np.arange(K)[None] < np.array([len(t) for t in truths])[:, None])
     # the rule under test (with --reward gt: the paper's)
     sem_mask = rep(
-        np.stack(
-            [semantic_mask(e, embed.events, args.delta, args.reward == "best") for e in text_emb]
-        )
+        [semantic_mask(e, embed.events, args.delta, args.reward == "best") for e in text_emb]
     )
-    ordered = rep(np.array(ordered))
-    negated = rep(np.array(negated))
+    ordered = rep(ordered)
+    negated = rep(negated)
     n = emb.shape[0]
     fields = jax.vmap(state_fields)
 
     @jax.jit
     def evaluate(params, rng):
         rng, k = jax.random.split(rng)
-        obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k, n), env_params)
+        obs, state = reset_envs(env, env_params, k, n)
 
         def step(carry, _):
             obs, state, alive, got, sem, rng = carry
@@ -1166,9 +1191,7 @@ def open_run(args, run_name):
 def log_chunk(writer, chunk, step, sps, infos, buffer, tally):
     """A chunk's throughput, losses, instruction outcomes, buffer statuses and relabel counts; a
     non-finite loss ends the run (exit 1)."""
-    succ = infos["slot_success"].sum()
-    tried = infos["slot_episodes"].sum()
-    # the instruction success of training is printed; the held-out evaluation is what is logged
+    # the instruction success of training (slot_*) is printed; the held-out evaluation is logged
     scalars = {"charts/SPS": sps} | {
         key: v.mean()
         for key, v in infos.items()
@@ -1177,17 +1200,17 @@ def log_chunk(writer, chunk, step, sps, infos, buffer, tally):
     scalars |= {f"buffer/{k}": c for k, c in buffer.counts().items()}
     scalars |= {f"relabel/{k}": c for k, c in tally.items()}
     for key, v in scalars.items():
-        writer.add_scalar(key, float(v), step)
+        writer.add_scalar(key, v, step)  # NumPy or Python numbers, as in log_evaluation
     print(
         f"chunk {chunk}: step {step}, SPS {sps:.0f}, td_loss "
-        f"{scalars['losses/td_loss']:.4f}, instruction success {succ:.0f}/{tried:.0f}, relabeled "
+        f"{scalars['losses/td_loss']:.4f}, instruction success "
+        f"{infos['slot_success'].sum():.0f}/{infos['slot_episodes'].sum():.0f}, relabeled "
         f"copies/update {scalars.get('relabel/copies_valid', 0.0):.1f}, buffer {buffer.counts()}"
     )
     if not np.isfinite(scalars["losses/td_loss"]):  # diverged: stop before a checkpoint saves it
         raise SystemExit(
             f"error: update {(chunk + 1) * len(infos['losses/td_loss'])}: loss is "
-            f"{scalars['losses/td_loss']} (chunk "
-            f"{chunk} diverged; nothing of it is saved)"
+            f"{scalars['losses/td_loss']} (chunk {chunk} diverged; nothing of it is saved)"
         )
 
 
@@ -1221,8 +1244,9 @@ def save_checkpoint(out, device, host, buffer, pool, step):
         "buffer": [instruction_to_dict(e) for e in buffer.slots],
         "pool": [instruction_to_dict(e) for e in pool],
     }
-    leaves = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(device))}
-    np.savez(out / "checkpoint.tmp.npz", host=np.array(json.dumps(host)), **leaves)
+    # np.savez makes every value a NumPy array (host: a 0-d string)
+    leaves = {f"leaf_{i}": x for i, x in enumerate(jax.tree_util.tree_leaves(device))}
+    np.savez(out / "checkpoint.tmp.npz", host=json.dumps(host), **leaves)
     os.replace(out / "checkpoint.tmp.npz", out / "checkpoint.npz")
     print(f"checkpoint saved to {out}/checkpoint.npz, step {step}")
 
@@ -1237,10 +1261,14 @@ def load_checkpoint(path, device, args, buffer, pool, tally, np_rng):
         for flag, value in host["args"].items():  # flags that change the training must match
             if flag not in RESUME_FREE and getattr(args, flag, value) != value:
                 usage_error(f"--resume: {path} was written with --{flag.replace('_', '-')} {value}")
-        # a wrong number of arrays: ValueError
-        device = jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(device), [jnp.asarray(x) for x in leaves]
-        )
+        # arrays that do not fit this run (another count, shape or dtype: another script's, or
+        # hand-edited) fail here, not in the compiled train_chunk; np.dtype's on both sides (the
+        # fresh state's step is a Python int)
+        fresh, tree = jax.tree_util.tree_flatten(device)
+        shapes = [(x.shape, x.dtype) for x in map(jnp.asarray, fresh)]
+        if [(x.shape, x.dtype) for x in leaves] != shapes:
+            raise ValueError("arrays of other shapes than this run's")
+        device = jax.tree_util.tree_unflatten(tree, [jnp.asarray(x) for x in leaves])
         buffer.slots = [instruction_from_dict(d) for d in host["buffer"]]
         pool.extend(instruction_from_dict(d) for d in host["pool"])
         tally.update(host["tally"])
@@ -1332,8 +1360,6 @@ class LLMClient:
             with concurrent.futures.ThreadPoolExecutor(n) as pool:
                 outs = list(pool.map(self.ask, conversations))
         else:  # in process, --llm-concurrency is the generation batch size
-            import torch
-
             outs = []
             for i in range(0, len(conversations), n):
                 enc = self.tok.apply_chat_template(
@@ -1343,8 +1369,7 @@ class LLMClient:
                     return_tensors="pt",
                     return_dict=True,
                 ).to(self.model.device)
-                with torch.no_grad():
-                    gen = self.model.generate(**enc, **self.kw)
+                gen = self.model.generate(**enc, **self.kw)  # no gradients (generate's own no_grad)
                 new_tokens = gen[:, enc["input_ids"].shape[1] :]
                 outs += self.tok.batch_decode(new_tokens, skip_special_tokens=True)
         self.failures += sum(o is None for o in outs)
@@ -1382,6 +1407,9 @@ def main():
     train_chunk = make_train_chunk(network, vec_step, rules, args, num_chunks * args.chunk_updates)
     rng, k = jax.random.split(rng)
     ts, ec = init_train(env, env_params, network, buffer, embed, args, num_chunks, k)
+    # The learner's state fits (RANGES: <= 1e9 parameters); a chunk's rollouts and minibatches
+    # (envs x steps x observation) may not: checked before the first chunk allocates them.
+    train_chunk = check_memory(train_chunk, ts, ec, k, *device_tables(buffer, pool, embed))
     evaluate_and_log = make_evaluate(env, env_params, network, embed, prompts.evals, rules, args)
     start = 0
     run_name = f"{ENV_ID}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -1407,18 +1435,14 @@ def main():
         global_step = (chunk + 1) * steps_per_chunk
         rng, k, k_eval = jax.random.split(rng, 3)
         # 1. Rollout + PQN update on it and its relabeled copies, chunk_updates times, one jit call.
-        table = (*instruction_arrays(buffer.slots, *embed.events.shape)[:2], buffer.probs())
-        pool_arrays = instruction_arrays(
-            list(pool) + [None] * (RELABEL_POOL_SIZE - len(pool)), *embed.events.shape
-        )
-        ts, ec, infos = train_chunk(ts, ec, k, *table, pool_arrays)
+        ts, ec, infos = train_chunk(ts, ec, k, *device_tables(buffer, pool, embed))
         infos = jax.tree_util.tree_map(np.asarray, infos)
         # 2. Buffer statuses from the instruction episodes that ended.
         buffer.update(infos["slot_success"].sum(0), infos["slot_episodes"].sum(0))
         # 3. Relabel: event logs of recent trajectories -> LLM proposals -> filter -> pool, buffer.
         if args.relabel != "none":
             relabel(llm, prompts, ec, buffer, pool, embed, args, np_rng, tally)
-        # Throughput, relabeling included, evaluation excluded (the first chunk also compiles).
+        # Throughput, relabeling included, evaluation excluded (train_chunk was compiled above).
         log_chunk(
             writer, chunk, global_step, steps_per_chunk / (time.time() - t0), infos, buffer, tally
         )

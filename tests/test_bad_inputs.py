@@ -402,3 +402,42 @@ def test_declared_ranges_are_exact(script, request, capsys):
             for value in (low, high):
                 code, err = error_for(name, value)
                 assert f"{flag}: must be in" not in err, (name, value, err)
+
+
+# ------------------------------------------------------------------------------- flag products beyond the memory
+# Each flag within its range, their product beyond the device's memory: the JAX scripts compile their jitted step for
+# the run's shapes and check XLA's memory plan against the device (RAM on a CPU) before any of it is allocated.
+@pytest.mark.parametrize("script", ["keystate_gciql.py", "keystate_hiql.py", "oir_pqn.py"])
+def test_memory_check_rejects_a_plan_beyond_the_machine(script, capsys):
+    """check_memory, given shapes only: a step whose plan needs 4 TiB (beyond any machine) is one `error:` line
+    naming the flags, exit 2; a step that fits comes back compiled, and computes."""
+    import jax
+    import jax.numpy as jnp
+
+    check_memory = runpy.run_path(str(REPO / script), run_name="memory")["check_memory"]
+    step = jax.jit(lambda x: (x @ x.T).argmax(1))  # a (n, n) temporary
+    assert check_memory(step, jnp.eye(3))(jnp.eye(3)).tolist() == [0, 1, 2]
+    with pytest.raises(SystemExit) as e:
+        check_memory(step, jax.ShapeDtypeStruct((2**20, 8), jnp.float32))  # 2**40 floats
+    assert e.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(
+        r"error: --num-(seeds|envs) x .*needs 409\d\.\d GiB, this machine has [\d.]+ GiB", line
+    )
+
+
+def test_flag_product_beyond_memory_stops_before_training(run_in_process, base_command):
+    """The wiring, end to end (keystate_hiql.py's main is the same code, tests/test_siblings.py): 64 seeds x 65,536
+    rows x 16,384 units need petabytes; the agents' state is only traced, never allocated; one line, no run folder."""
+    base, cwd, runs = base_command("keystate_gciql.py")
+    huge = ["--num-seeds", "64", "--batch-size", "65536", "--hidden-dims", "16384", "16384"]
+    one_step = [
+        "--total-steps",
+        "1",
+        "--log-interval",
+        "1",
+        "--adapt-interval",
+        "0",
+    ]  # the cheapest compile
+    result = run_in_process("keystate_gciql.py", *base, *huge, *one_step, cwd=cwd)
+    check(result, runs, (2, r"--num-seeds x --batch-size x --hidden-dims.* needs \d+\.\d GiB"))

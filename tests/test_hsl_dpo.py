@@ -95,6 +95,26 @@ def test_help(run_script):
 # ----------------------------------------------------------------------------------------------------------------------
 # ETO pair construction
 # ----------------------------------------------------------------------------------------------------------------------
+def test_memory_check_rejects_flags_that_cannot_fit(dpo, tiny_lm_dir, monkeypatch, capsys):
+    """Issue 25 item 1, shared with hsl_sft.py: micro-batch x sequence length x vocabulary that cannot fit in the device's
+    memory is one `error:` line, exit status 2, as soon as load_learner has the agent; the smoke runs' flags pass."""
+    args = dpo.Args(
+        model_name=str(tiny_lm_dir), micro_batch_size=65536, batch_size=65536, max_seq_len=65536
+    )
+    agent = dpo.load_agent(args)
+    monkeypatch.setattr(dpo, "load_agent", lambda args: agent)
+    capsys.readouterr()  # (transformers' loading bar)
+    with pytest.raises(SystemExit) as e:
+        dpo.load_learner(args, None, [], {}, None, None, None)
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --micro-batch-size x --max-seq-len: ")
+    smoke = dpo.Args(
+        model_name=str(tiny_lm_dir), micro_batch_size=2, batch_size=2, max_seq_len=2048
+    )
+    dpo.check_memory(smoke, agent[1])  # SMOKE's flags: no exit
+
+
 def test_build_dpo_pairs_hand_built(dpo, tiny):
     tok = tiny[0]
     demos = [

@@ -76,13 +76,10 @@ def test_demo_weight_and_buffer_sampling(hsl):
     buf = hsl.HindsightBuffer(size=3, alpha=0.8, uniform=False)
     demos = [{"actions": ["a"] * len(z), "z": z} for z in ([1, 0], [1, 1, 1, 1], [0, 1, 1], [1, 1])]
     counts = collections.Counter()
-    assert (
-        buf.push_all([[{"actions": ["a"], "z": [0]}]], counts) == 0
-    )  # nothing relevant: never drawable, skipped
-    assert buf.push_all([demos[:1], demos[1:]], counts) == 4 and counts == {
-        "pushed": 4,
-        "dropped_no_relevant_action": 1,
-    }
+    buf.push_all([[{"actions": ["a"], "z": [0]}]], counts)
+    assert len(buf) == 0  # nothing relevant: never drawable, skipped
+    buf.push_all([demos[:1], demos[1:]], counts)
+    assert counts == {"pushed": 4, "dropped_no_relevant_action": 1}
     assert len(buf) == 3 and buf.items[0] is demos[1]  # FIFO: the oldest left
     w = [hsl.demo_weight(d["z"], 0.8) for d in demos[1:]]
     assert [d["weight"] for d in buf.items] == pytest.approx(w)
@@ -845,9 +842,8 @@ def test_llm_relabeling_scripted_answers_fill_d_prime(hsl, scripted_llm):
     )
     assert "Location: shelf 1" in rel_msgs[1]["content"]
     buf = hsl.HindsightBuffer(10, 0.8, uniform=False)
-    assert buf.push_all([demos], counters) == 1 and buf.items[0]["weight"] == pytest.approx(
-        0.5**0.8
-    )
+    buf.push_all([demos], counters)
+    assert len(buf) == 1 and buf.items[0]["weight"] == pytest.approx(0.5**0.8)
 
 
 def test_llm_relabeling_rejects_goals_of_the_wrong_types(hsl, scripted_llm):
@@ -935,6 +931,33 @@ def test_bad_inputs_give_clear_errors(hsl, tmp_path, monkeypatch, capsys):
     args = hsl.Args(llm_backend="openai", llm_base_url="http://127.0.0.1:9/v1", llm_timeout=3)
     with pytest.raises(SystemExit, match="no OpenAI-compatible server answers"):
         hsl.LLMClient(args)
+
+
+def test_memory_check_rejects_flags_that_cannot_fit(hsl, tiny_lm_dir, monkeypatch, capsys):
+    """Issue 25 item 1: --micro-batch-size x --max-seq-len x the vocabulary (fp32 logits), plus the weights and AdamW's
+    state, is checked against the device's memory as soon as load_learner has the agent (before anything else it does:
+    its other arguments are never touched): one `error:` line, exit status 2. The tests' own flags pass, with and
+    without LoRA."""
+    big = hsl.Args(
+        model_name=str(tiny_lm_dir), micro_batch_size=65536, batch_size=65536, max_seq_len=65536
+    )
+    agent = hsl.load_agent(big)
+    monkeypatch.setattr(hsl, "load_agent", lambda args: agent)
+    capsys.readouterr()  # (transformers' loading bar)
+    with pytest.raises(SystemExit) as e:
+        hsl.load_learner(big, None, [], {}, None, None, None)
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert re.fullmatch(
+        r"error: --micro-batch-size x --max-seq-len: .* needs [\d.]+ GiB, this machine has [\d.]+ GiB .*",
+        err[0],
+    )
+    monkeypatch.undo()
+    # run_main's flags, then the defaults: no exit
+    for flags in (dict(micro_batch_size=1, batch_size=1, max_seq_len=2048), {}):
+        for use_lora in (False, True):
+            args = hsl.Args(model_name=str(tiny_lm_dir), use_lora=use_lora, **flags)
+            hsl.check_memory(args, hsl.load_agent(args)[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

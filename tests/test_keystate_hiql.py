@@ -463,7 +463,8 @@ def test_smoke_with_rules_file(run_script, pointmaze_npz, tmp_path):
     assert (
         td["td"].shape[1:3] == (2, 4)
         and td["counts"].any()
-        and np.isfinite(td["gap_matched_ci"]).all()
+        and td["gap_matched"].shape == (len(td["steps"]), 2)
+        and np.isfinite(td["gap_matched"]).any()
     )
     assert (run_dir / "td_probe.png").stat().st_size > 0 and "__frac0.5__seed1x2__" in run_dir.name
     assert (run_dir / "params.msgpack").stat().st_size > 0

@@ -88,11 +88,13 @@ def test_damaged_checkpoint_is_one_error_line(oir, tmp_path):
     """Issue 25: --resume with an empty, truncated or garbage file, or a checkpoint whose `host` JSON is broken, nested
     100,000 levels deep or has an entry of the wrong type, or whose arrays do not fit the run, ends in one
     `error: <file>: not a checkpoint of this script (...)` line (exit 1), never a traceback; changed flags stay a usage
-    error; a good checkpoint loads."""
+    error; a good checkpoint loads. Arrays that do not fit: another count, or one leaf of another shape or dtype (a
+    hand-edited checkpoint, another script's); the fitting ones round-trip (float32, int32, bool, uint32 keys)."""
     import collections
     import json
 
-    device = (np.zeros(3, np.float32), np.arange(4, dtype=np.int32))  # stands for (ts, ec, rng)
+    jnp = oir.jnp  # stands for (ts, ec, rng): jax arrays of the dtypes the real state has
+    device = (jnp.zeros(3), jnp.arange(4), jnp.ones(2, bool), oir.jax.random.PRNGKey(0))
     args = oir.Args()
     state = np.random.default_rng(0).bit_generator.state
     host = dict(chunk=2, np_rng=state, tally={"accepted": 1}, args=vars(args))
@@ -105,8 +107,9 @@ def test_damaged_checkpoint_is_one_error_line(oir, tmp_path):
         out = oir.load_checkpoint(path, device, flags, buffer, pool, tally, rng)
         return out, tally, rng
 
-    (_, start), tally, rng = load(tmp_path / "checkpoint.npz")
+    (loaded, start), tally, rng = load(tmp_path / "checkpoint.npz")
     assert start == 3 and tally == {"accepted": 1} and rng.bit_generator.state == state
+    assert [(x.dtype, x.tolist()) for x in loaded] == [(x.dtype, x.tolist()) for x in device]
     with np.load(tmp_path / "checkpoint.npz") as f:
         saved = json.loads(str(f["host"]))
     hosts = {
@@ -121,16 +124,25 @@ def test_damaged_checkpoint_is_one_error_line(oir, tmp_path):
     files = {"empty": b"", "truncated": good[: len(good) // 2], "garbage": bytes(range(256)) * 16}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
+    leaves = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(device)}
     for name, text in hosts.items():
-        np.savez(tmp_path / f"{name}.npz", host=np.array(text), leaf_0=device[0], leaf_1=device[1])
-    np.savez(tmp_path / "shapes.npz", host=np.array(json.dumps(saved)), leaf_0=np.zeros(5))
-    for name in [*files, *(f"{n}.npz" for n in hosts), "shapes.npz"]:
+        np.savez(tmp_path / f"{name}.npz", host=np.array(text), **leaves)
+    np.savez(tmp_path / "count.npz", host=np.array(json.dumps(saved)), leaf_0=np.zeros(5))
+    unfit = {  # a valid checkpoint with one leaf changed: it would load, then fail in train_chunk
+        "shape": {**leaves, "leaf_1": np.arange(5, dtype=np.int32)},
+        "dtype": {**leaves, "leaf_1": np.arange(4, dtype=np.float32)},
+    }
+    for name, arrays in unfit.items():
+        np.savez(tmp_path / f"{name}.npz", host=np.array(json.dumps(saved)), **arrays)
+    for name in [*files, *(f"{n}.npz" for n in [*hosts, "count", *unfit])]:
         with pytest.raises(SystemExit) as e:
             load(tmp_path / name)
         assert str(e.value.code).startswith(f"error: {tmp_path / name}: not a checkpoint"), (
             name,
             e.value,
         )
+        if name.removesuffix(".npz") in unfit:
+            assert "arrays of other shapes than this run's" in str(e.value.code), e.value
     with pytest.raises(SystemExit) as e:
         load(tmp_path / "checkpoint.npz", oir.Args(lr=0.5))
     assert e.value.code == 2
@@ -155,6 +167,13 @@ def test_non_finite_loss_stops_the_run_before_a_checkpoint(
 
     monkeypatch.setattr(oir, "init_train", lambda *a: (state, state))  # (ts, ec) stand-ins
     monkeypatch.setattr(oir, "make_train_chunk", lambda *a: fake_train_chunk)
+    checked = []  # main checks the chunk's memory plan on the state it trains, before the first chunk
+
+    def check_memory(jitted, *inputs):
+        checked.append((jitted, inputs[:2]))
+        return jitted
+
+    monkeypatch.setattr(oir, "check_memory", check_memory)
     monkeypatch.setattr(oir, "make_evaluate", lambda *a: lambda *b: None)
     flags = [*TINY, "--relabel", "none", "--eval-every", "1", "--embed-model", minilm_dir]
     monkeypatch.setattr(sys, "argv", ["oir_pqn.py", *map(str, flags)])
@@ -165,6 +184,7 @@ def test_non_finite_loss_stops_the_run_before_a_checkpoint(
         str(e.value.code)
         == "error: update 16: loss is nan (chunk 1 diverged; nothing of it is saved)"
     )
+    assert checked == [(fake_train_chunk, (state, state))]
     out = capsys.readouterr().out
     assert "chunk 0: step 3072" in out and out.count("checkpoint saved") == 1, out
     (ckpt,) = tmp_path.glob("runs/*/checkpoint.npz")
@@ -341,9 +361,9 @@ def test_instruction_buffer_status_sampling_eviction(oir):
     wbuf.add(mk("z"))
     wbuf.update(np.array([0]), np.array([300]))
     assert wbuf.slots[0].episodes == 150
-    # The device's view: empty slots are zero rows and invalid.
-    emb, mask, valid = oir.instruction_arrays([None, mk("w")], 2, 3)
-    assert emb.shape == (2, 3) and mask.shape == (2, 2) and valid.tolist() == [False, True]
+    # The device's view: empty slots are zero rows (an empty mask: nothing rewards or achieves them).
+    emb, mask = oir.instruction_arrays([None, mk("w")], 2, 3)
+    assert emb.shape == (2, 3) and mask.shape == (2, 2) and not (emb[0].any() or mask[0].any())
 
 
 def test_event_log_from_scripted_trajectory(oir, vocab):
