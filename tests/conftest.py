@@ -253,7 +253,6 @@ LONGEST_FIRST = [
     "test_readme.py::test_quick_start_runs_as_written[hsl-sft]",
     "test_readme.py::test_quick_start_runs_as_written[keystate]",
     "test_oir_pqn.py::test_relabeling_with_scripted_llm",
-    "test_keystate_gciql_e2e.py::test_smoke_with_smollm2_relabeler",
     "test_llm_servers.py",
     "test_llm_backends.py::test_openai_backend_against_a_real_engine",
     "test_resume_after_sigkill_continues_exactly",

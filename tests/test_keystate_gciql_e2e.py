@@ -171,31 +171,28 @@ def test_smoke_with_rules_file(run_script, pointmaze_npz, tmp_path):
     assert (run_dir / "params.msgpack").stat().st_size > 0
 
 
-def test_smoke_with_smollm2_relabeler(run_script, pointmaze_npz, smollm2_dir, tmp_path):
-    """Plumbing only: the real SmolLM2-135M-Instruct (in process) gets the rule prompt and answers; whatever it writes
-    goes through the compiler and the self-check, and the run trains and evaluates (a weak model's rules may all be
-    rejected: then HER). Relabeling semantics are tested with the scripted endpoint below."""
-    r = run_script(
-        SCRIPT,
-        *SMALL,
-        "--dataset-path",
-        pointmaze_npz,
-        "--llm-backend",
-        "transformers",
-        "--llm-model",
-        smollm2_dir,
-        "--llm-max-new-tokens",
-        "48",
-        "--run-dir",
-        tmp_path / "runs",
-        timeout=480,
-        env={"OMP_NUM_THREADS": "1"},
+def test_smollm2_rules_go_through_the_compiler(ks, pointmaze_npz, smollm2_dir, tmp_path):
+    """Plumbing only, in process: the real SmolLM2-135M-Instruct gets the rule prompt and answers; whatever it writes
+    goes through the extraction, the compiler and the self-check (a weak model's rules may all be rejected: then HER,
+    no key-state mask). Training on the rules is the code test_smoke_with_rules_file runs; relabeling semantics are
+    tested with the scripted endpoint below."""
+    import torch
+
+    torch.set_num_threads(1)
+    args = ks.Args(
+        env_name="pointmaze-medium-navigate-v0",
+        llm_backend="transformers",
+        llm_model=str(smollm2_dir),
+        llm_max_new_tokens=48,
     )
-    assert "[rules] LLM round 0 answered" in r.output and "failed LLM calls" in r.output
-    saved, _ = check_smoke_output(r.output, tmp_path / "runs", expect_keystate=False)
+    logs = []
+    mask = build_mask(ks, args, pointmaze_dataset(ks, pointmaze_npz), tmp_path, logs.append)
+    assert any(m.startswith("[rules] LLM round 0 answered") for m in logs)
+    saved = json.loads((tmp_path / "rules.json").read_text())
     assert saved["llm_failures"] == 0 and all(
         0.001 <= x["fire_rate"] <= 0.3 for x in saved["rules"]
     )
+    assert (mask is None) == (saved["rules"] == [])
 
 
 STOP_RULE = {
