@@ -41,6 +41,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -337,6 +338,15 @@ def check_args(args):
     for name, ok, what in checks:
         if not ok:
             usage_error(f"--{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}")
+    # {run_dir} must be creatable and writable (exit 1), known before the learner compiles: a folder
+    # is made, then removed, in its nearest existing parent; nothing is left behind
+    parent = Path(args.run_dir).absolute()
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent))
+    except OSError as e:  # under a file, /proc/..., a read-only place
+        raise SystemExit(f"error: --run-dir: cannot create the run folder ({e})")
 
 
 # === Method: transition events, the state side f_state of the semantic reward =====================
@@ -1168,11 +1178,7 @@ def log_evaluation(succ, sem, texts, kinds, writer, step, t0):
 def open_run(args, run_name):
     """{run_dir}/{run_name} (made only now: a run that fails before training leaves no folder
     behind), W&B with --track, and the TensorBoard writer with the hyperparameters as a table."""
-    run_dir = Path(args.run_dir) / run_name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # under a file, /proc/..., a read-only place
-        raise SystemExit(f"error: --run-dir: cannot create the run folder ({e})")
+    run_dir = Path(args.run_dir) / run_name  # made by the writer (check_args made sure it can be)
     if args.track:
         import wandb
 
@@ -1183,8 +1189,10 @@ def open_run(args, run_name):
             sync_tensorboard=True,
         )
     writer = SummaryWriter(run_dir)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()),
+    )
     return run_dir, writer
 
 
@@ -1407,9 +1415,6 @@ def main():
     train_chunk = make_train_chunk(network, vec_step, rules, args, num_chunks * args.chunk_updates)
     rng, k = jax.random.split(rng)
     ts, ec = init_train(env, env_params, network, buffer, embed, args, num_chunks, k)
-    # The learner's state fits (RANGES: <= 1e9 parameters); a chunk's rollouts and minibatches
-    # (envs x steps x observation) may not: checked before the first chunk allocates them.
-    train_chunk = check_memory(train_chunk, ts, ec, k, *device_tables(buffer, pool, embed))
     evaluate_and_log = make_evaluate(env, env_params, network, embed, prompts.evals, rules, args)
     start = 0
     run_name = f"{ENV_ID}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -1421,6 +1426,9 @@ def main():
         print(
             f"[resume] {args.resume}: chunk {start} of {num_chunks}, step {start * steps_per_chunk}"
         )
+    # The learner's state fits (RANGES: <= 1e9 parameters); a chunk's rollouts and minibatches
+    # (envs x steps x observation) may not: checked before the first chunk allocates them.
+    train_chunk = check_memory(train_chunk, ts, ec, k, *device_tables(buffer, pool, embed))
     run_dir, writer = open_run(args, run_name)
     # the plan; the chunk bar's ETA leaves the evaluations (one jitted call each) out
     print(
