@@ -1388,7 +1388,8 @@ def main(args: Args):
     # compiled for the agents' shapes before any of them is allocated
     shapes = jax.eval_shape(init, jnp.asarray(seeds))
     update = check_memory(update, shapes, data, check.p_keystate)
-    probe = check_memory(probe, shapes, data)
+    if check.probing:  # the paired TD probe runs only with a key-state mask
+        probe = check_memory(probe, shapes, data)
     # only now: a run that fails before training leaves no folder behind
     run_dir = make_run_dir(args)
     if rules is not None:
