@@ -92,9 +92,6 @@ def test_help(run_script):
         assert flag in r.output
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# ETO pair construction
-# ----------------------------------------------------------------------------------------------------------------------
 def test_memory_check_rejects_flags_that_cannot_fit(dpo, tiny_lm_dir, monkeypatch, capsys):
     """Issue 25 item 1, shared with hsl_sft.py: micro-batch x sequence length x vocabulary that cannot fit in the device's
     memory is one `error:` line, exit status 2, as soon as load_learner has the agent; the smoke runs' flags pass."""
@@ -115,6 +112,9 @@ def test_memory_check_rejects_flags_that_cannot_fit(dpo, tiny_lm_dir, monkeypatc
     dpo.check_memory(smoke, agent[1])  # SMOKE's flags: no exit
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# ETO pair construction
+# ----------------------------------------------------------------------------------------------------------------------
 def test_build_dpo_pairs_hand_built(dpo, tiny):
     tok = tiny[0]
     demos = [
